@@ -1,0 +1,57 @@
+//! The gRPC edge: generated types, wire <-> domain conversion and the one error map.
+//! This is the only module that knows tonic and protobuf; domain modules never see them.
+
+mod accounts;
+pub mod status;
+
+pub use accounts::AccountsApi;
+pub use status::to_status;
+
+use tonic::{Request, Status};
+
+use crate::auth::Principal;
+
+/// Generated protobuf and tonic code for package `dmpay.v1`.
+pub mod pb {
+    #![allow(
+        clippy::all,
+        clippy::pedantic,
+        clippy::unwrap_used,
+        clippy::expect_used
+    )]
+    tonic::include_proto!("dmpay.v1");
+}
+
+/// Descriptor set served by reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dmpay_descriptor");
+
+/// The verified caller of this request. The auth interceptor puts it there; a request
+/// without one never reaches a handler, so its absence is a wiring bug.
+pub fn principal<T>(req: &Request<T>) -> Result<&Principal, Status> {
+    req.extensions()
+        .get::<Principal>()
+        .ok_or_else(|| Status::unauthenticated("missing credentials"))
+}
+
+/// Microseconds since the epoch to a protobuf timestamp.
+pub fn timestamp(us: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: us.div_euclid(1_000_000),
+        nanos: (us.rem_euclid(1_000_000) * 1000) as i32,
+    }
+}
+
+/// A protobuf timestamp to microseconds since the epoch, for optional time filters.
+pub fn timestamp_us(field: &str, ts: &prost_types::Timestamp) -> crate::error::Result<i64> {
+    if !(0..1_000_000_000).contains(&ts.nanos) {
+        return Err(crate::error::Error::invalid(
+            field,
+            "nanos must be within 0..1e9",
+        ));
+    }
+    ts.seconds
+        .checked_mul(1_000_000)
+        .and_then(|s| s.checked_add(i64::from(ts.nanos / 1000)))
+        .filter(|us| *us >= 0)
+        .ok_or_else(|| crate::error::Error::invalid(field, "out of range"))
+}

@@ -1,0 +1,104 @@
+//! The domain error shared by every domain module. It says whose fault a failure is and
+//! carries what the caller may see; `api::status` is the one place that turns it into a
+//! gRPC status. Domain code never builds a `tonic::Status` itself.
+
+use std::fmt;
+
+/// One invalid field, in the shape of `google.rpc.BadRequest.FieldViolation`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: String,
+    pub description: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The caller sent something malformed; nothing was changed.
+    #[error("invalid argument: {}", describe(.0))]
+    InvalidArgument(Vec<FieldViolation>),
+    /// The thing does not exist, or the caller may not know that it exists.
+    #[error("{0}")]
+    NotFound(String),
+    /// An idempotency key or a unique name is already taken by a different request.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The request is well-formed but the state does not allow it (insufficient funds,
+    /// frozen account). `reason` is the machine-readable `ErrorInfo.reason`.
+    #[error("{message}")]
+    FailedPrecondition {
+        reason: &'static str,
+        message: String,
+    },
+    /// The caller is known but may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// No valid credentials.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A limit was reached (queue full, rate or amount limit). `reason` as above.
+    #[error("{message}")]
+    ResourceExhausted {
+        reason: &'static str,
+        message: String,
+    },
+    /// A dependency (the database) is out of reach; the caller may retry.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or an unexpected failure. The chain is logged server-side once; the caller
+    /// sees only a generic message.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+fn describe(violations: &[FieldViolation]) -> String {
+    violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Error::InvalidArgument(vec![FieldViolation {
+            field: field.into(),
+            description: description.into(),
+        }])
+    }
+
+    pub fn not_found(what: impl fmt::Display) -> Self {
+        Error::NotFound(format!("{what} not found"))
+    }
+
+    pub fn internal(err: impl Into<anyhow::Error>) -> Self {
+        Error::Internal(err.into())
+    }
+
+    /// Prefixes every field path, for validators reused inside a larger message
+    /// (`postings[3].amount`).
+    pub fn within(self, prefix: &str) -> Self {
+        match self {
+            Error::InvalidArgument(vs) => Error::InvalidArgument(
+                vs.into_iter()
+                    .map(|v| FieldViolation {
+                        field: if v.field.is_empty() {
+                            prefix.to_string()
+                        } else {
+                            format!("{prefix}.{}", v.field)
+                        },
+                        description: v.description,
+                    })
+                    .collect(),
+            ),
+            other => other,
+        }
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(err: sqlx::Error) -> Self {
+        crate::store::classify(err)
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

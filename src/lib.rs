@@ -1,0 +1,24 @@
+//! dmpay: one-click payments inside direct messages.
+//!
+//! Module map (domain modules never import tonic; `api` is the only place that knows
+//! the wire):
+//!
+//! - `config`    settings from the environment and an optional TOML file
+//! - `error`     the domain error shared by every module
+//! - `auth`      bearer-JWT verification, scopes, dev token minting
+//! - `store`     the two database backends (SQLite, PostgreSQL), migrations, error mapping
+//! - `accounts`  platform users: tier, frozen status, audit trail
+//! - `api`       tonic services: protobuf <-> domain, errors -> gRPC status
+//! - `telemetry` logs, Prometheus metrics, the per-call log line
+//! - `server`    startup: build, bind, serve, graceful shutdown
+//! - `cli`       the `dmpay` command line
+
+pub mod accounts;
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod server;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,215 @@
+//! Startup: builds the application from a `Config`, binds its own listeners (so tests ask
+//! for port 0 and get the real server) and serves until a shutdown signal.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
+
+use crate::accounts::Accounts;
+use crate::api::pb::accounts_server::AccountsServer;
+use crate::api::{AccountsApi, FILE_DESCRIPTOR_SET};
+use crate::auth::{AuthInterceptor, Verifier};
+use crate::config::Config;
+use crate::store::Db;
+use crate::telemetry::{serve_metrics, CallLogLayer, Metrics};
+
+/// How long shutdown waits for in-flight calls before giving up on them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How often the database is pinged to keep the health status true.
+const HEALTH_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A built, bound, migrated server that has not started serving yet.
+pub struct Application {
+    config: Config,
+    db: Db,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    metrics: Metrics,
+    verifier: Verifier,
+}
+
+impl Application {
+    /// Connects to the database, runs migrations and binds the listeners.
+    pub async fn build(config: Config) -> anyhow::Result<Application> {
+        let verifier = Verifier::from_config(&config)?;
+        let db = Db::connect(&config).await?;
+        db.migrate().await?;
+        let listener = TcpListener::bind(config.grpc_addr).await?;
+        let metrics_listener = match config.metrics_addr {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        let metrics = Metrics::new();
+        metrics.set_db(db.clone());
+        Ok(Application {
+            config,
+            db,
+            listener,
+            metrics_listener,
+            metrics,
+            verifier,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.config.grpc_addr)
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight calls
+    /// finish (up to `SHUTDOWN_GRACE`) and closes the pool.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Application {
+            config,
+            db,
+            listener,
+            metrics_listener,
+            metrics,
+            verifier,
+        } = self;
+        let addr = listener.local_addr()?;
+
+        let metrics_task = metrics_listener.map(|l| {
+            if let Ok(a) = l.local_addr() {
+                tracing::info!(addr = %a, "metrics on http://{a}/metrics");
+            }
+            tokio::spawn(serve_metrics(l, metrics.clone()))
+        });
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let auth = AuthInterceptor::new(verifier);
+        let size_max = config.grpc_message_size_max;
+        let accounts = AccountsServer::new(AccountsApi::new(Accounts::new(db.clone())))
+            .max_decoding_message_size(size_max)
+            .max_encoding_message_size(size_max);
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+
+        set_serving(&health, true).await;
+        let probe_task = tokio::spawn(health_probe(db.clone(), health.clone()));
+
+        tracing::info!(addr = %addr, backend = db.backend(), "dmpay serving gRPC on {addr}");
+
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = Server::builder()
+            .timeout(config.grpc_call_timeout)
+            .max_concurrent_streams(Some(config.grpc_concurrent_streams_max))
+            .tcp_nodelay(true)
+            .layer(CallLogLayer::new(metrics.clone()))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(InterceptedService::new(accounts, auth.clone()))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = stop_rx.await;
+            });
+        let mut server = tokio::spawn(server);
+
+        tokio::select! {
+            result = &mut server => {
+                probe_task.abort();
+                result??;
+                return Ok(());
+            }
+            () = shutdown => {}
+        }
+        tracing::info!("shutdown requested: draining in-flight calls");
+        set_serving(&health, false).await;
+        let _ = stop_tx.send(());
+        match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+            Ok(result) => result??,
+            Err(_) => {
+                tracing::warn!(
+                    "in-flight calls did not finish within {SHUTDOWN_GRACE:?}; stopping anyway"
+                );
+                server.abort();
+            }
+        }
+        probe_task.abort();
+        if let Some(task) = metrics_task {
+            task.abort();
+        }
+        db.close().await;
+        tracing::info!("dmpay stopped");
+        Ok(())
+    }
+}
+
+async fn set_serving(health: &HealthReporter, serving: bool) {
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(service_name::<AccountsServer<AccountsApi>>(), status)
+        .await;
+}
+
+fn service_name<S: tonic::server::NamedService>() -> &'static str {
+    S::NAME
+}
+
+/// Keeps health true to the database: NOT_SERVING while it cannot be reached, SERVING
+/// again as soon as it answers, without a restart.
+async fn health_probe(db: Db, health: HealthReporter) {
+    let mut serving = true;
+    let mut tick = tokio::time::interval(HEALTH_PROBE_INTERVAL);
+    loop {
+        tick.tick().await;
+        let ok = tokio::time::timeout(HEALTH_PROBE_INTERVAL, db.ping())
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if ok != serving {
+            if ok {
+                tracing::info!("database reachable again: SERVING");
+            } else {
+                tracing::warn!("database unreachable: NOT_SERVING");
+            }
+            set_serving(&health, ok).await;
+            serving = ok;
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

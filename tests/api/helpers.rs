@@ -1,0 +1,226 @@
+//! The test harness: every test starts the real server in-process on 127.0.0.1:0 with a
+//! fresh database (a new SQLite file, or a new PostgreSQL database when
+//! `DMPAY_TEST_POSTGRES_URL` is set) and talks to it through the generated clients.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use dmpay::config::Config;
+use dmpay::server::Application;
+use tonic::transport::Channel;
+use tonic::Request;
+
+pub use dmpay::api::pb;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub channel: Channel,
+    pub config: Config,
+    pub backend: Backend,
+    pub db: dmpay::store::Db,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    pg_database: Option<(String, String)>,
+    _dir: tempfile::TempDir,
+}
+
+fn log_init() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        dmpay::telemetry::init_logging(dmpay::config::LogFormat::Pretty);
+    }
+}
+
+/// Replaces the database name in a PostgreSQL URL.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let host_end = base[scheme_end..]
+        .find('/')
+        .map(|i| i + scheme_end)
+        .unwrap_or(base.len());
+    let mut out = format!("{}/{}", &base[..host_end], name);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+pub fn postgres_url() -> Option<String> {
+    std::env::var("DMPAY_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|s| !s.is_empty())
+}
+
+impl TestApp {
+    pub async fn spawn(backend: Backend) -> Option<TestApp> {
+        Self::spawn_with(backend, &[]).await
+    }
+
+    /// Starts a server with extra `DMPAY_*` settings. Returns None (the test skips) for
+    /// PostgreSQL when no test database is configured, unless CI requires it.
+    pub async fn spawn_with(backend: Backend, extra: &[(&str, &str)]) -> Option<TestApp> {
+        log_init();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut pg_database = None;
+        let url = match backend {
+            Backend::Sqlite => format!("sqlite://{}", dir.path().join("dmpay.db").display()),
+            Backend::Postgres => {
+                let Some(admin_url) = postgres_url() else {
+                    if std::env::var_os("DMPAY_TEST_REQUIRE_POSTGRES").is_some() {
+                        panic!(
+                            "DMPAY_TEST_REQUIRE_POSTGRES is set but DMPAY_TEST_POSTGRES_URL is not"
+                        );
+                    }
+                    eprintln!("skipped: set DMPAY_TEST_POSTGRES_URL to run the PostgreSQL tests");
+                    return None;
+                };
+                let name = format!("dmpay_t_{}", uuid::Uuid::new_v4().simple());
+                let admin = sqlx::PgPool::connect(&admin_url)
+                    .await
+                    .expect("connect to DMPAY_TEST_POSTGRES_URL");
+                sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+                    .execute(&admin)
+                    .await
+                    .expect("create database");
+                admin.close().await;
+                pg_database = Some((admin_url.clone(), name.clone()));
+                with_database(&admin_url, &name)
+            }
+        };
+        let mut env: HashMap<String, String> = HashMap::from([
+            ("DMPAY_GRPC_ADDR".into(), "127.0.0.1:0".into()),
+            ("DMPAY_METRICS_ADDR".into(), "127.0.0.1:0".into()),
+            ("DMPAY_DATABASE_URL".into(), url),
+            ("DMPAY_DB_POOL_SIZE".into(), "8".into()),
+        ]);
+        for (k, v) in extra {
+            env.insert((*k).into(), (*v).into());
+        }
+        let config = Config::load_from(&env, None).expect("config");
+        let app = Application::build(config.clone()).await.expect("build app");
+        let addr = app.local_addr();
+        let metrics_addr = app.metrics_addr();
+        let db = app.db().clone();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until(async move {
+            let _ = stop_rx.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect");
+        Some(TestApp {
+            addr,
+            metrics_addr,
+            channel,
+            config,
+            backend,
+            db,
+            stop: Some(stop_tx),
+            server: Some(server),
+            pg_database,
+            _dir: dir,
+        })
+    }
+
+    /// A token for `sub` with `scope`, signed with the server's dev secret.
+    pub fn token(&self, sub: &str, scope: &str) -> String {
+        dmpay::auth::mint_dev_token(&self.config, sub, scope, Duration::from_secs(600))
+            .expect("mint")
+    }
+
+    pub fn accounts(&self) -> pb::accounts_client::AccountsClient<Channel> {
+        pb::accounts_client::AccountsClient::new(self.channel.clone())
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("join").expect("server result");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some((admin_url, name)) = self.pg_database.take() {
+            // Drop the per-test database from a thread of its own: Drop cannot await,
+            // and the test's runtime may already be shutting down.
+            let _ = std::thread::spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(async {
+                    if let Ok(admin) = sqlx::PgPool::connect(&admin_url).await {
+                        let _ = sqlx::query(&format!(
+                            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                        ))
+                        .execute(&admin)
+                        .await;
+                        admin.close().await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// Wraps a message with a bearer token.
+pub fn authed<T>(msg: T, token: &str) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii token"),
+    );
+    req
+}
+
+/// Runs each named `async fn(TestApp)` once on SQLite and once on PostgreSQL.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let app = $crate::helpers::TestApp::spawn($crate::helpers::Backend::Sqlite).await.expect("sqlite app");
+                    super::$name(app).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(app) = $crate::helpers::TestApp::spawn($crate::helpers::Backend::Postgres).await {
+                        super::$name(app).await;
+                    }
+                }
+            )*
+        }
+    };
+}

@@ -1,0 +1,10 @@
+//! Integration tests: one binary, every test against the real server on both backends.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[allow(dead_code)]
+mod helpers;
+
+mod accounts;
+mod auth;
+mod ops;

@@ -12,11 +12,7 @@ use crate::store::Db;
 use crate::telemetry::init_logging;
 
 #[derive(Parser)]
-#[command(
-    name = "dmpay",
-    version,
-    about = "One-click payments inside direct messages"
-)]
+#[command(name = "dmpay", version, about = "One-click payments inside direct messages")]
 struct Cli {
     /// Optional TOML file with settings (environment variables win).
     #[arg(long, global = true, env = "DMPAY_CONFIG")]
@@ -82,8 +78,5 @@ pub fn main() -> ExitCode {
 }
 
 fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(fut)
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(fut)
 }

@@ -8,6 +8,9 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use crate::ledger::EngineConfig;
+use crate::money::{Currencies, Currency};
+
 /// The HS256 secret used when none is configured. It is public (it is in this file), so
 /// production mode refuses to start with it.
 pub const DEV_JWT_SECRET: &str = "dmpay-dev-secret-do-not-use-in-production";
@@ -47,6 +50,14 @@ pub struct Config {
     pub db_pool_size: u32,
     /// How long a caller waits for a free connection before UNAVAILABLE.
     pub db_acquire_timeout: Duration,
+    /// Currencies accepted anywhere in the API.
+    pub currencies: Currencies,
+    /// The posting engine's batching and queue bounds.
+    pub engine: EngineConfig,
+    /// How often pending ledger entries past their timeout are expired.
+    pub ledger_expiry_interval: Duration,
+    /// How long idempotency keys are kept (at least 7 days).
+    pub idempotency_retention: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +89,13 @@ struct FileConfig {
     grpc_call_timeout: Option<String>,
     db_pool_size: Option<String>,
     db_acquire_timeout: Option<String>,
+    currencies: Option<String>,
+    ledger_batch_size_max: Option<String>,
+    ledger_commit_wait: Option<String>,
+    ledger_queue_capacity: Option<String>,
+    ledger_workers: Option<String>,
+    ledger_expiry_interval: Option<String>,
+    idempotency_retention: Option<String>,
 }
 
 /// Where raw string settings come from, so tests can load without touching the process
@@ -110,35 +128,28 @@ impl Config {
     pub fn load_from(source: &dyn Source, file: Option<&Path>) -> Result<Self, ConfigError> {
         let file_cfg = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-                    path: path.display().to_string(),
-                    detail: e.to_string(),
-                })?;
-                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::File {
-                    path: path.display().to_string(),
-                    detail: e.to_string(),
-                })?
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError::File { path: path.display().to_string(), detail: e.to_string() })?;
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| ConfigError::File { path: path.display().to_string(), detail: e.to_string() })?
             }
             None => FileConfig::default(),
         };
-        let pick = |var: &str, from_file: &Option<String>| -> Option<String> {
-            source.get(var).or_else(|| from_file.clone())
-        };
+        let pick =
+            |var: &str, from_file: &Option<String>| -> Option<String> { source.get(var).or_else(|| from_file.clone()) };
 
         let grpc_addr = parse_addr(
             "DMPAY_GRPC_ADDR",
-            &pick("DMPAY_GRPC_ADDR", &file_cfg.grpc_addr)
-                .unwrap_or_else(|| "127.0.0.1:50051".into()),
+            &pick("DMPAY_GRPC_ADDR", &file_cfg.grpc_addr).unwrap_or_else(|| "127.0.0.1:50051".into()),
         )?;
-        let metrics_raw = pick("DMPAY_METRICS_ADDR", &file_cfg.metrics_addr)
-            .unwrap_or_else(|| "127.0.0.1:9464".into());
+        let metrics_raw = pick("DMPAY_METRICS_ADDR", &file_cfg.metrics_addr).unwrap_or_else(|| "127.0.0.1:9464".into());
         let metrics_addr = if metrics_raw.eq_ignore_ascii_case("off") {
             None
         } else {
             Some(parse_addr("DMPAY_METRICS_ADDR", &metrics_raw)?)
         };
-        let database_url = pick("DMPAY_DATABASE_URL", &file_cfg.database_url)
-            .unwrap_or_else(|| "sqlite://var/dmpay.db".into());
+        let database_url =
+            pick("DMPAY_DATABASE_URL", &file_cfg.database_url).unwrap_or_else(|| "sqlite://var/dmpay.db".into());
         if !(database_url.starts_with("sqlite:")
             || database_url.starts_with("postgres://")
             || database_url.starts_with("postgresql://"))
@@ -148,10 +159,7 @@ impl Config {
                 detail: "must start with sqlite:// or postgres://".into(),
             });
         }
-        let env = match pick("DMPAY_ENV", &file_cfg.env)
-            .as_deref()
-            .unwrap_or("development")
-        {
+        let env = match pick("DMPAY_ENV", &file_cfg.env).as_deref().unwrap_or("development") {
             "development" | "dev" => Environment::Development,
             "production" | "prod" => Environment::Production,
             other => {
@@ -161,12 +169,9 @@ impl Config {
                 })
             }
         };
-        let jwt_hs256_secret = pick("DMPAY_JWT_HS256_SECRET", &file_cfg.jwt_hs256_secret)
-            .unwrap_or_else(|| DEV_JWT_SECRET.into());
-        let log_format = match pick("DMPAY_LOG_FORMAT", &file_cfg.log_format)
-            .as_deref()
-            .unwrap_or("pretty")
-        {
+        let jwt_hs256_secret =
+            pick("DMPAY_JWT_HS256_SECRET", &file_cfg.jwt_hs256_secret).unwrap_or_else(|| DEV_JWT_SECRET.into());
+        let log_format = match pick("DMPAY_LOG_FORMAT", &file_cfg.log_format).as_deref().unwrap_or("pretty") {
             "pretty" => LogFormat::Pretty,
             "json" => LogFormat::Json,
             other => {
@@ -183,28 +188,19 @@ impl Config {
             database_url: SecretString::from(database_url),
             env,
             jwt_hs256_secret: SecretString::from(jwt_hs256_secret),
-            jwt_public_keys: pick("DMPAY_JWT_PUBLIC_KEYS", &file_cfg.jwt_public_keys)
-                .map(PathBuf::from),
-            jwt_issuer: pick("DMPAY_JWT_ISSUER", &file_cfg.jwt_issuer)
-                .unwrap_or_else(|| "dmpay-dev".into()),
-            jwt_audience: pick("DMPAY_JWT_AUDIENCE", &file_cfg.jwt_audience)
-                .unwrap_or_else(|| "dmpay".into()),
+            jwt_public_keys: pick("DMPAY_JWT_PUBLIC_KEYS", &file_cfg.jwt_public_keys).map(PathBuf::from),
+            jwt_issuer: pick("DMPAY_JWT_ISSUER", &file_cfg.jwt_issuer).unwrap_or_else(|| "dmpay-dev".into()),
+            jwt_audience: pick("DMPAY_JWT_AUDIENCE", &file_cfg.jwt_audience).unwrap_or_else(|| "dmpay".into()),
             log_format,
             grpc_message_size_max: parse_num(
                 "DMPAY_GRPC_MESSAGE_SIZE_MAX",
-                pick(
-                    "DMPAY_GRPC_MESSAGE_SIZE_MAX",
-                    &file_cfg.grpc_message_size_max,
-                ),
+                pick("DMPAY_GRPC_MESSAGE_SIZE_MAX", &file_cfg.grpc_message_size_max),
                 1024 * 1024,
                 1024..=64 * 1024 * 1024,
             )?,
             grpc_concurrent_streams_max: parse_num(
                 "DMPAY_GRPC_CONCURRENT_STREAMS_MAX",
-                pick(
-                    "DMPAY_GRPC_CONCURRENT_STREAMS_MAX",
-                    &file_cfg.grpc_concurrent_streams_max,
-                ),
+                pick("DMPAY_GRPC_CONCURRENT_STREAMS_MAX", &file_cfg.grpc_concurrent_streams_max),
                 256,
                 1..=10_000,
             )?,
@@ -224,7 +220,52 @@ impl Config {
                 pick("DMPAY_DB_ACQUIRE_TIMEOUT", &file_cfg.db_acquire_timeout),
                 Duration::from_secs(3),
             )?,
+            currencies: parse_currencies(pick("DMPAY_CURRENCIES", &file_cfg.currencies))?,
+            engine: EngineConfig {
+                batch_size_max: parse_num(
+                    "DMPAY_LEDGER_BATCH_SIZE_MAX",
+                    pick("DMPAY_LEDGER_BATCH_SIZE_MAX", &file_cfg.ledger_batch_size_max),
+                    EngineConfig::default().batch_size_max,
+                    1..=4096,
+                )?,
+                commit_wait: parse_duration(
+                    "DMPAY_LEDGER_COMMIT_WAIT",
+                    pick("DMPAY_LEDGER_COMMIT_WAIT", &file_cfg.ledger_commit_wait),
+                    EngineConfig::default().commit_wait,
+                )?,
+                queue_capacity: parse_num(
+                    "DMPAY_LEDGER_QUEUE_CAPACITY",
+                    pick("DMPAY_LEDGER_QUEUE_CAPACITY", &file_cfg.ledger_queue_capacity),
+                    EngineConfig::default().queue_capacity,
+                    1..=1_000_000,
+                )?,
+                workers: parse_num(
+                    "DMPAY_LEDGER_WORKERS",
+                    pick("DMPAY_LEDGER_WORKERS", &file_cfg.ledger_workers),
+                    EngineConfig::default().workers,
+                    1..=64,
+                )?,
+            },
+            ledger_expiry_interval: parse_duration(
+                "DMPAY_LEDGER_EXPIRY_INTERVAL",
+                pick("DMPAY_LEDGER_EXPIRY_INTERVAL", &file_cfg.ledger_expiry_interval),
+                Duration::from_secs(1),
+            )?,
+            idempotency_retention: parse_duration(
+                "DMPAY_IDEMPOTENCY_RETENTION",
+                pick("DMPAY_IDEMPOTENCY_RETENTION", &file_cfg.idempotency_retention),
+                Duration::from_secs(7 * 86_400),
+            )?,
         };
+        if config.engine.commit_wait > Duration::from_millis(100) {
+            return Err(ConfigError::Invalid { name: "DMPAY_LEDGER_COMMIT_WAIT", detail: "at most 100ms".into() });
+        }
+        if config.idempotency_retention < Duration::from_secs(7 * 86_400) {
+            return Err(ConfigError::Invalid {
+                name: "DMPAY_IDEMPOTENCY_RETENTION",
+                detail: "at least 7 days: clients may retry for a week".into(),
+            });
+        }
         config.check_production()?;
         Ok(config)
     }
@@ -234,15 +275,12 @@ impl Config {
         if self.env != Environment::Production {
             return Ok(());
         }
-        if self.jwt_public_keys.is_none() && self.jwt_hs256_secret.expose_secret() == DEV_JWT_SECRET
-        {
+        if self.jwt_public_keys.is_none() && self.jwt_hs256_secret.expose_secret() == DEV_JWT_SECRET {
             return Err(ConfigError::Production(
-                "the development JWT secret: set DMPAY_JWT_HS256_SECRET or DMPAY_JWT_PUBLIC_KEYS"
-                    .into(),
+                "the development JWT secret: set DMPAY_JWT_HS256_SECRET or DMPAY_JWT_PUBLIC_KEYS".into(),
             ));
         }
-        if self.jwt_hs256_secret.expose_secret() == DEV_JWT_SECRET && self.jwt_public_keys.is_some()
-        {
+        if self.jwt_hs256_secret.expose_secret() == DEV_JWT_SECRET && self.jwt_public_keys.is_some() {
             // Public keys are configured; the dev HS256 secret would still verify tokens
             // anyone can mint, so it must not stay enabled beside them.
             return Err(ConfigError::Production(
@@ -262,6 +300,24 @@ impl Config {
     }
 }
 
+fn parse_currencies(raw: Option<String>) -> Result<Currencies, ConfigError> {
+    let Some(raw) = raw else { return Ok(Currencies::all()) };
+    let mut enabled = Vec::new();
+    for code in raw.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+        let currency = Currency::from_code(code).ok_or_else(|| ConfigError::Invalid {
+            name: "DMPAY_CURRENCIES",
+            detail: format!("unknown currency {code:?}"),
+        })?;
+        if !enabled.contains(&currency) {
+            enabled.push(currency);
+        }
+    }
+    if enabled.is_empty() {
+        return Err(ConfigError::Invalid { name: "DMPAY_CURRENCIES", detail: "at least one currency".into() });
+    }
+    Ok(Currencies::new(enabled))
+}
+
 fn parse_addr(name: &'static str, raw: &str) -> Result<SocketAddr, ConfigError> {
     raw.parse().map_err(|_| ConfigError::Invalid {
         name,
@@ -279,10 +335,10 @@ where
     T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
 {
     let Some(raw) = raw else { return Ok(default) };
-    let value: T = raw.trim().parse().map_err(|_| ConfigError::Invalid {
-        name,
-        detail: format!("expected a number, got {raw:?}"),
-    })?;
+    let value: T = raw
+        .trim()
+        .parse()
+        .map_err(|_| ConfigError::Invalid { name, detail: format!("expected a number, got {raw:?}") })?;
     if !range.contains(&value) {
         return Err(ConfigError::Invalid {
             name,
@@ -292,11 +348,7 @@ where
     Ok(value)
 }
 
-fn parse_duration(
-    name: &'static str,
-    raw: Option<String>,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
+fn parse_duration(name: &'static str, raw: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
     let Some(raw) = raw else { return Ok(default) };
     humantime::parse_duration(raw.trim()).map_err(|e| ConfigError::Invalid {
         name,
@@ -310,10 +362,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -333,10 +382,7 @@ mod tests {
         let err = Config::load_from(&env(&[("DMPAY_ENV", "production")]), None).unwrap_err();
         assert!(matches!(err, ConfigError::Production(_)), "{err}");
         let ok = Config::load_from(
-            &env(&[
-                ("DMPAY_ENV", "production"),
-                ("DMPAY_JWT_HS256_SECRET", "a-real-secret-from-a-vault"),
-            ]),
+            &env(&[("DMPAY_ENV", "production"), ("DMPAY_JWT_HS256_SECRET", "a-real-secret-from-a-vault")]),
             None,
         );
         assert!(ok.is_ok());
@@ -348,8 +394,7 @@ mod tests {
         assert!(c.metrics_addr.is_none());
         let err = Config::load_from(&env(&[("DMPAY_GRPC_ADDR", "nope")]), None).unwrap_err();
         assert!(err.to_string().contains("DMPAY_GRPC_ADDR"));
-        let err =
-            Config::load_from(&env(&[("DMPAY_DATABASE_URL", "mysql://x")]), None).unwrap_err();
+        let err = Config::load_from(&env(&[("DMPAY_DATABASE_URL", "mysql://x")]), None).unwrap_err();
         assert!(err.to_string().contains("DMPAY_DATABASE_URL"));
     }
 
@@ -357,11 +402,7 @@ mod tests {
     fn toml_file_is_read_and_env_wins() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dmpay.toml");
-        std::fs::write(
-            &path,
-            "grpc_addr = \"127.0.0.1:6000\"\njwt_issuer = \"from-file\"\n",
-        )
-        .unwrap();
+        std::fs::write(&path, "grpc_addr = \"127.0.0.1:6000\"\njwt_issuer = \"from-file\"\n").unwrap();
         let c = Config::load_from(&env(&[("DMPAY_JWT_ISSUER", "from-env")]), Some(&path)).unwrap();
         assert_eq!(c.grpc_addr.port(), 6000);
         assert_eq!(c.jwt_issuer, "from-env");

@@ -25,10 +25,7 @@ pub enum Error {
     /// The request is well-formed but the state does not allow it (insufficient funds,
     /// frozen account). `reason` is the machine-readable `ErrorInfo.reason`.
     #[error("{message}")]
-    FailedPrecondition {
-        reason: &'static str,
-        message: String,
-    },
+    FailedPrecondition { reason: &'static str, message: String },
     /// The caller is known but may not do this.
     #[error("{0}")]
     PermissionDenied(String),
@@ -37,10 +34,10 @@ pub enum Error {
     Unauthenticated(String),
     /// A limit was reached (queue full, rate or amount limit). `reason` as above.
     #[error("{message}")]
-    ResourceExhausted {
-        reason: &'static str,
-        message: String,
-    },
+    ResourceExhausted { reason: &'static str, message: String },
+    /// A concurrent request got there first; retrying with the same key resolves it.
+    #[error("conflicting concurrent request; retry with the same idempotency key")]
+    Aborted,
     /// A dependency (the database) is out of reach; the caller may retry.
     #[error("{0}")]
     Unavailable(String),
@@ -51,19 +48,12 @@ pub enum Error {
 }
 
 fn describe(violations: &[FieldViolation]) -> String {
-    violations
-        .iter()
-        .map(|v| format!("{}: {}", v.field, v.description))
-        .collect::<Vec<_>>()
-        .join("; ")
+    violations.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; ")
 }
 
 impl Error {
     pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
-        Error::InvalidArgument(vec![FieldViolation {
-            field: field.into(),
-            description: description.into(),
-        }])
+        Error::InvalidArgument(vec![FieldViolation { field: field.into(), description: description.into() }])
     }
 
     pub fn not_found(what: impl fmt::Display) -> Self {
@@ -74,6 +64,27 @@ impl Error {
         Error::Internal(err.into())
     }
 
+    /// A copy for a second caller waiting on the same outcome (a duplicate request in
+    /// one batch). The internal cause is carried as text.
+    pub fn duplicate(&self) -> Error {
+        match self {
+            Error::InvalidArgument(v) => Error::InvalidArgument(v.clone()),
+            Error::NotFound(m) => Error::NotFound(m.clone()),
+            Error::AlreadyExists(m) => Error::AlreadyExists(m.clone()),
+            Error::FailedPrecondition { reason, message } => {
+                Error::FailedPrecondition { reason, message: message.clone() }
+            }
+            Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
+            Error::Unauthenticated(m) => Error::Unauthenticated(m.clone()),
+            Error::ResourceExhausted { reason, message } => {
+                Error::ResourceExhausted { reason, message: message.clone() }
+            }
+            Error::Aborted => Error::Aborted,
+            Error::Unavailable(m) => Error::Unavailable(m.clone()),
+            Error::Internal(e) => Error::Internal(anyhow::anyhow!("{e:#}")),
+        }
+    }
+
     /// Prefixes every field path, for validators reused inside a larger message
     /// (`postings[3].amount`).
     pub fn within(self, prefix: &str) -> Self {
@@ -81,11 +92,7 @@ impl Error {
             Error::InvalidArgument(vs) => Error::InvalidArgument(
                 vs.into_iter()
                     .map(|v| FieldViolation {
-                        field: if v.field.is_empty() {
-                            prefix.to_string()
-                        } else {
-                            format!("{prefix}.{}", v.field)
-                        },
+                        field: if v.field.is_empty() { prefix.to_string() } else { format!("{prefix}.{}", v.field) },
                         description: v.description,
                     })
                     .collect(),

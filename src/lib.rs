@@ -7,7 +7,9 @@
 //! - `error`     the domain error shared by every module
 //! - `auth`      bearer-JWT verification, scopes, dev token minting
 //! - `store`     the two database backends (SQLite, PostgreSQL), migrations, error mapping
+//! - `money`     currencies, exact amounts in minor units, strict parsing
 //! - `accounts`  platform users: tier, frozen status, audit trail
+//! - `ledger`    the double-entry ledger and its batching posting engine
 //! - `api`       tonic services: protobuf <-> domain, errors -> gRPC status
 //! - `telemetry` logs, Prometheus metrics, the per-call log line
 //! - `server`    startup: build, bind, serve, graceful shutdown
@@ -19,6 +21,8 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod ledger;
+pub mod money;
 pub mod server;
 pub mod store;
 pub mod telemetry;

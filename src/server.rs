@@ -13,9 +13,11 @@ use tonic_health::server::HealthReporter;
 
 use crate::accounts::Accounts;
 use crate::api::pb::accounts_server::AccountsServer;
-use crate::api::{AccountsApi, FILE_DESCRIPTOR_SET};
+use crate::api::pb::ledger_server::LedgerServer;
+use crate::api::{AccountsApi, LedgerApi, FILE_DESCRIPTOR_SET};
 use crate::auth::{AuthInterceptor, Verifier};
 use crate::config::Config;
+use crate::ledger::{maintenance, Engine, Ledger};
 use crate::store::Db;
 use crate::telemetry::{serve_metrics, CallLogLayer, Metrics};
 
@@ -33,7 +35,15 @@ pub struct Application {
     metrics_listener: Option<TcpListener>,
     metrics: Metrics,
     verifier: Verifier,
+    engine: Engine,
+    ledger: Ledger,
 }
+
+/// Every dmpay service, for health reporting.
+const SERVICE_NAMES: &[&str] = &[
+    <AccountsServer<AccountsApi> as tonic::server::NamedService>::NAME,
+    <LedgerServer<LedgerApi> as tonic::server::NamedService>::NAME,
+];
 
 impl Application {
     /// Connects to the database, runs migrations and binds the listeners.
@@ -48,14 +58,10 @@ impl Application {
         };
         let metrics = Metrics::new();
         metrics.set_db(db.clone());
-        Ok(Application {
-            config,
-            db,
-            listener,
-            metrics_listener,
-            metrics,
-            verifier,
-        })
+        let (engine, engine_handle) = Engine::start(db.clone(), config.engine.clone());
+        let ledger = Ledger::new(db.clone(), config.currencies.clone(), engine_handle);
+        ledger.accounts().ensure_system_accounts().await?;
+        Ok(Application { config, db, listener, metrics_listener, metrics, verifier, engine, ledger })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -63,29 +69,21 @@ impl Application {
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_listener
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
+        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn db(&self) -> &Db {
         &self.db
     }
 
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight calls
     /// finish (up to `SHUTDOWN_GRACE`) and closes the pool.
-    pub async fn run_until(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
-        let Application {
-            config,
-            db,
-            listener,
-            metrics_listener,
-            metrics,
-            verifier,
-        } = self;
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Application { config, db, listener, metrics_listener, metrics, verifier, engine, ledger } = self;
         let addr = listener.local_addr()?;
 
         let metrics_task = metrics_listener.map(|l| {
@@ -101,6 +99,15 @@ impl Application {
         let accounts = AccountsServer::new(AccountsApi::new(Accounts::new(db.clone())))
             .max_decoding_message_size(size_max)
             .max_encoding_message_size(size_max);
+        let ledger_api = LedgerServer::new(LedgerApi::new(ledger.clone()))
+            .max_decoding_message_size(size_max)
+            .max_encoding_message_size(size_max);
+        let maintenance_task = tokio::spawn(maintenance::run(
+            db.clone(),
+            ledger.engine().clone(),
+            config.ledger_expiry_interval,
+            config.idempotency_retention,
+        ));
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .build_v1()?;
@@ -119,6 +126,7 @@ impl Application {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(InterceptedService::new(accounts, auth.clone()))
+            .add_service(InterceptedService::new(ledger_api, auth.clone()))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 let _ = stop_rx.await;
             });
@@ -127,6 +135,9 @@ impl Application {
         tokio::select! {
             result = &mut server => {
                 probe_task.abort();
+                maintenance_task.abort();
+                drop(ledger);
+                engine.shutdown().await;
                 result??;
                 return Ok(());
             }
@@ -138,13 +149,15 @@ impl Application {
         match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
             Ok(result) => result??,
             Err(_) => {
-                tracing::warn!(
-                    "in-flight calls did not finish within {SHUTDOWN_GRACE:?}; stopping anyway"
-                );
+                tracing::warn!("in-flight calls did not finish within {SHUTDOWN_GRACE:?}; stopping anyway");
                 server.abort();
             }
         }
         probe_task.abort();
+        maintenance_task.abort();
+        // Calls are done: commit whatever is still queued in the posting engine.
+        drop(ledger);
+        engine.shutdown().await;
         if let Some(task) = metrics_task {
             task.abort();
         }
@@ -155,19 +168,11 @@ impl Application {
 }
 
 async fn set_serving(health: &HealthReporter, serving: bool) {
-    let status = if serving {
-        tonic_health::ServingStatus::Serving
-    } else {
-        tonic_health::ServingStatus::NotServing
-    };
+    let status = if serving { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
     health.set_service_status("", status).await;
-    health
-        .set_service_status(service_name::<AccountsServer<AccountsApi>>(), status)
-        .await;
-}
-
-fn service_name<S: tonic::server::NamedService>() -> &'static str {
-    S::NAME
+    for name in SERVICE_NAMES {
+        health.set_service_status(*name, status).await;
+    }
 }
 
 /// Keeps health true to the database: NOT_SERVING while it cannot be reached, SERVING
@@ -177,9 +182,7 @@ async fn health_probe(db: Db, health: HealthReporter) {
     let mut tick = tokio::time::interval(HEALTH_PROBE_INTERVAL);
     loop {
         tick.tick().await;
-        let ok = tokio::time::timeout(HEALTH_PROBE_INTERVAL, db.ping())
-            .await
-            .is_ok_and(|r| r.is_ok());
+        let ok = tokio::time::timeout(HEALTH_PROBE_INTERVAL, db.ping()).await.is_ok_and(|r| r.is_ok());
         if ok != serving {
             if ok {
                 tracing::info!("database reachable again: SERVING");

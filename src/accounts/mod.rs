@@ -24,19 +24,10 @@ impl UserId {
             return Err(Error::invalid(field, "required"));
         }
         if raw.len() > USER_ID_LEN_MAX {
-            return Err(Error::invalid(
-                field,
-                format!("at most {USER_ID_LEN_MAX} characters"),
-            ));
+            return Err(Error::invalid(field, format!("at most {USER_ID_LEN_MAX} characters")));
         }
-        if !raw
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-        {
-            return Err(Error::invalid(
-                field,
-                "only letters, digits, '_', '.' and '-' are allowed",
-            ));
+        if !raw.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')) {
+            return Err(Error::invalid(field, "only letters, digits, '_', '.' and '-' are allowed"));
         }
         Ok(UserId(raw.to_owned()))
     }
@@ -70,9 +61,7 @@ impl Tier {
         match s {
             "unverified" => Ok(Tier::Unverified),
             "verified" => Ok(Tier::Verified),
-            other => Err(Error::internal(anyhow::anyhow!(
-                "unknown tier {other:?} in accounts"
-            ))),
+            other => Err(Error::internal(anyhow::anyhow!("unknown tier {other:?} in accounts"))),
         }
     }
 }
@@ -95,9 +84,7 @@ impl Status {
         match s {
             "active" => Ok(Status::Active),
             "frozen" => Ok(Status::Frozen),
-            other => Err(Error::internal(anyhow::anyhow!(
-                "unknown status {other:?} in accounts"
-            ))),
+            other => Err(Error::internal(anyhow::anyhow!("unknown status {other:?} in accounts"))),
         }
     }
 }
@@ -117,10 +104,7 @@ pub fn parse_text(field: &str, raw: &str, len_max: usize, required: bool) -> Res
         return Err(Error::invalid(field, "required"));
     }
     if raw.chars().count() > len_max {
-        return Err(Error::invalid(
-            field,
-            format!("at most {len_max} characters"),
-        ));
+        return Err(Error::invalid(field, format!("at most {len_max} characters")));
     }
     if raw.chars().any(char::is_control) {
         return Err(Error::invalid(field, "control characters are not allowed"));
@@ -184,9 +168,7 @@ impl Accounts {
         .execute(pool)
         .await
         .map(|_| ()))?;
-        self.get(user_id)
-            .await?
-            .ok_or_else(|| Error::internal(anyhow::anyhow!("account vanished after insert")))
+        self.get(user_id).await?.ok_or_else(|| Error::internal(anyhow::anyhow!("account vanished after insert")))
     }
 
     /// Creates or updates an account. An empty display name or no tier keeps the
@@ -234,13 +216,7 @@ impl Accounts {
 
     /// Sets the status and writes the audit record in one transaction. The account is
     /// created first if the platform never upserted it.
-    pub async fn set_status(
-        &self,
-        actor: &str,
-        user_id: &UserId,
-        status: Status,
-        reason: &str,
-    ) -> Result<Account> {
+    pub async fn set_status(&self, actor: &str, user_id: &UserId, status: Status, reason: &str) -> Result<Account> {
         self.ensure(user_id).await?;
         let now = now_us();
         let action = match status {
@@ -291,9 +267,6 @@ mod tests {
         assert!(parse_text("reason", "fraud\n", 10, true).is_err());
         assert!(parse_text("reason", "  ", 10, true).is_err());
         assert!(parse_text("reason", &"é".repeat(11), 10, true).is_err());
-        assert_eq!(
-            parse_text("reason", "é".repeat(10).as_str(), 10, true).unwrap(),
-            "é".repeat(10)
-        );
+        assert_eq!(parse_text("reason", "é".repeat(10).as_str(), 10, true).unwrap(), "é".repeat(10));
     }
 }

@@ -54,40 +54,25 @@ impl AccountsApi {
     ) -> Result<pb::Account, Error> {
         let user_id = UserId::parse("user_id", user_id)?;
         let reason = parse_text("reason", reason, accounts::REASON_LEN_MAX, true)?;
-        let account = self
-            .accounts
-            .set_status(actor, &user_id, status, &reason)
-            .await?;
+        let account = self.accounts.set_status(actor, &user_id, status, &reason).await?;
         Ok(account_to_wire(account))
     }
 }
 
 #[tonic::async_trait]
 impl pb::accounts_server::Accounts for AccountsApi {
-    async fn upsert_account(
-        &self,
-        req: Request<pb::UpsertAccountRequest>,
-    ) -> ApiResult<pb::Account> {
+    async fn upsert_account(&self, req: Request<pb::UpsertAccountRequest>) -> ApiResult<pb::Account> {
         let caller = principal(&req)?;
         caller.require(scope::ACCOUNTS_ADMIN).map_err(to_status)?;
         let r = req.get_ref();
         let result = async {
             let user_id = UserId::parse("user_id", &r.user_id)?;
-            let name = parse_text(
-                "display_name",
-                &r.display_name,
-                accounts::DISPLAY_NAME_LEN_MAX,
-                false,
-            )?;
+            let name = parse_text("display_name", &r.display_name, accounts::DISPLAY_NAME_LEN_MAX, false)?;
             let tier = tier_from_wire(r.tier)?;
-            self.accounts
-                .upsert(&caller.sub, &user_id, &name, tier)
-                .await
+            self.accounts.upsert(&caller.sub, &user_id, &name, tier).await
         }
         .await;
-        result
-            .map(|a| Response::new(account_to_wire(a)))
-            .map_err(to_status)
+        result.map(|a| Response::new(account_to_wire(a))).map_err(to_status)
     }
 
     async fn get_account(&self, req: Request<pb::GetAccountRequest>) -> ApiResult<pb::Account> {
@@ -95,9 +80,7 @@ impl pb::accounts_server::Accounts for AccountsApi {
         let user_id = UserId::parse("user_id", &req.get_ref().user_id).map_err(to_status)?;
         let is_self = caller.sub == user_id.as_str();
         if !is_self && !caller.has(scope::ACCOUNTS_ADMIN) {
-            return Err(Status::permission_denied(
-                "you may read only your own account",
-            ));
+            return Err(Status::permission_denied("you may read only your own account"));
         }
         // A user reading their own account is its first use; an admin looking up a
         // user the platform never upserted learns that it does not exist.
@@ -109,15 +92,10 @@ impl pb::accounts_server::Accounts for AccountsApi {
                 .await
                 .and_then(|a| a.ok_or_else(|| Error::not_found(format!("account {user_id}"))))
         };
-        account
-            .map(|a| Response::new(account_to_wire(a)))
-            .map_err(to_status)
+        account.map(|a| Response::new(account_to_wire(a))).map_err(to_status)
     }
 
-    async fn freeze_account(
-        &self,
-        req: Request<pb::FreezeAccountRequest>,
-    ) -> ApiResult<pb::Account> {
+    async fn freeze_account(&self, req: Request<pb::FreezeAccountRequest>) -> ApiResult<pb::Account> {
         let caller = principal(&req)?;
         caller.require(scope::ACCOUNTS_ADMIN).map_err(to_status)?;
         let r = req.get_ref();
@@ -127,10 +105,7 @@ impl pb::accounts_server::Accounts for AccountsApi {
             .map_err(to_status)
     }
 
-    async fn unfreeze_account(
-        &self,
-        req: Request<pb::UnfreezeAccountRequest>,
-    ) -> ApiResult<pb::Account> {
+    async fn unfreeze_account(&self, req: Request<pb::UnfreezeAccountRequest>) -> ApiResult<pb::Account> {
         let caller = principal(&req)?;
         caller.require(scope::ACCOUNTS_ADMIN).map_err(to_status)?;
         let r = req.get_ref();

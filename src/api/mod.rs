@@ -2,9 +2,12 @@
 //! This is the only module that knows tonic and protobuf; domain modules never see them.
 
 mod accounts;
+mod ledger;
+pub mod money;
 pub mod status;
 
 pub use accounts::AccountsApi;
+pub use ledger::LedgerApi;
 pub use status::to_status;
 
 use tonic::{Request, Status};
@@ -13,12 +16,7 @@ use crate::auth::Principal;
 
 /// Generated protobuf and tonic code for package `dmpay.v1`.
 pub mod pb {
-    #![allow(
-        clippy::all,
-        clippy::pedantic,
-        clippy::unwrap_used,
-        clippy::expect_used
-    )]
+    #![allow(clippy::all, clippy::pedantic, clippy::unwrap_used, clippy::expect_used)]
     tonic::include_proto!("dmpay.v1");
 }
 
@@ -28,26 +26,18 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dmpa
 /// The verified caller of this request. The auth interceptor puts it there; a request
 /// without one never reaches a handler, so its absence is a wiring bug.
 pub fn principal<T>(req: &Request<T>) -> Result<&Principal, Status> {
-    req.extensions()
-        .get::<Principal>()
-        .ok_or_else(|| Status::unauthenticated("missing credentials"))
+    req.extensions().get::<Principal>().ok_or_else(|| Status::unauthenticated("missing credentials"))
 }
 
 /// Microseconds since the epoch to a protobuf timestamp.
 pub fn timestamp(us: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: us.div_euclid(1_000_000),
-        nanos: (us.rem_euclid(1_000_000) * 1000) as i32,
-    }
+    prost_types::Timestamp { seconds: us.div_euclid(1_000_000), nanos: (us.rem_euclid(1_000_000) * 1000) as i32 }
 }
 
 /// A protobuf timestamp to microseconds since the epoch, for optional time filters.
 pub fn timestamp_us(field: &str, ts: &prost_types::Timestamp) -> crate::error::Result<i64> {
     if !(0..1_000_000_000).contains(&ts.nanos) {
-        return Err(crate::error::Error::invalid(
-            field,
-            "nanos must be within 0..1e9",
-        ));
+        return Err(crate::error::Error::invalid(field, "nanos must be within 0..1e9"));
     }
     ts.seconds
         .checked_mul(1_000_000)

@@ -37,6 +37,7 @@ pub fn to_status(err: Error) -> Status {
             message,
             ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new()),
         ),
+        Error::Aborted => Status::aborted(Error::Aborted.to_string()),
         Error::Unavailable(message) => Status::unavailable(message),
         Error::Internal(cause) => {
             // The whole chain is logged once, here; the caller learns nothing internal.
@@ -65,22 +66,15 @@ mod tests {
 
     #[test]
     fn internal_hides_the_cause() {
-        let status = to_status(Error::internal(anyhow::anyhow!(
-            "relation \"secret_table\" does not exist"
-        )));
+        let status = to_status(Error::internal(anyhow::anyhow!("relation \"secret_table\" does not exist")));
         assert_eq!(status.code(), Code::Internal);
         assert!(!status.message().contains("secret_table"));
     }
 
     #[test]
     fn failed_precondition_has_error_info_reason() {
-        let status = to_status(Error::FailedPrecondition {
-            reason: "INSUFFICIENT_FUNDS",
-            message: "insufficient funds".into(),
-        });
-        assert_eq!(
-            status.get_error_details().error_info().unwrap().reason,
-            "INSUFFICIENT_FUNDS"
-        );
+        let status =
+            to_status(Error::FailedPrecondition { reason: "INSUFFICIENT_FUNDS", message: "insufficient funds".into() });
+        assert_eq!(status.get_error_details().error_info().unwrap().reason, "INSUFFICIENT_FUNDS");
     }
 }

@@ -21,24 +21,13 @@ struct MintClaims<'a> {
 
 /// Signs a token for `sub` with `scope` (space-separated) valid for `ttl`. Refused in
 /// production mode: production tokens come from the platform's identity service.
-pub fn mint_dev_token(
-    config: &Config,
-    sub: &str,
-    scope: &str,
-    ttl: Duration,
-) -> anyhow::Result<String> {
+pub fn mint_dev_token(config: &Config, sub: &str, scope: &str, ttl: Duration) -> anyhow::Result<String> {
     anyhow::ensure!(
         config.env != Environment::Production,
         "dmpay token is refused in production mode (DMPAY_ENV=production)"
     );
-    anyhow::ensure!(
-        config.hs256_enabled(),
-        "HS256 is switched off (DMPAY_JWT_HS256_SECRET=off)"
-    );
-    anyhow::ensure!(
-        !sub.is_empty() && sub.len() <= 128,
-        "--sub must be 1 to 128 characters"
-    );
+    anyhow::ensure!(config.hs256_enabled(), "HS256 is switched off (DMPAY_JWT_HS256_SECRET=off)");
+    anyhow::ensure!(!sub.is_empty() && sub.len() <= 128, "--sub must be 1 to 128 characters");
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let claims = MintClaims {
         sub,

@@ -92,24 +92,17 @@ impl Verifier {
             return Err(KeyError("no JWT verification key configured".into()));
         }
         Ok(Verifier {
-            inner: Arc::new(Inner {
-                keys,
-                issuer: config.jwt_issuer.clone(),
-                audience: config.jwt_audience.clone(),
-            }),
+            inner: Arc::new(Inner { keys, issuer: config.jwt_issuer.clone(), audience: config.jwt_audience.clone() }),
         })
     }
 
     /// Checks an `authorization` header value and returns the caller.
     pub fn verify_header(&self, header: Option<&str>) -> Result<Principal, Error> {
-        let header = header
-            .ok_or_else(|| Error::Unauthenticated("missing authorization: Bearer token".into()))?;
+        let header = header.ok_or_else(|| Error::Unauthenticated("missing authorization: Bearer token".into()))?;
         let token = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
-            .ok_or_else(|| {
-                Error::Unauthenticated("authorization must be \"Bearer <token>\"".into())
-            })?
+            .ok_or_else(|| Error::Unauthenticated("authorization must be \"Bearer <token>\"".into()))?
             .trim();
         self.verify(token)
     }
@@ -119,14 +112,11 @@ impl Verifier {
             return Err(Error::Unauthenticated("empty bearer token".into()));
         }
         if token.len() > TOKEN_LEN_MAX {
-            return Err(Error::Unauthenticated(format!(
-                "token longer than {TOKEN_LEN_MAX} bytes"
-            )));
+            return Err(Error::Unauthenticated(format!("token longer than {TOKEN_LEN_MAX} bytes")));
         }
         // An `alg` that jsonwebtoken does not know, `none` included, fails here.
-        let header = jsonwebtoken::decode_header(token).map_err(|_| {
-            Error::Unauthenticated("malformed token or unsupported algorithm".into())
-        })?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| Error::Unauthenticated("malformed token or unsupported algorithm".into()))?;
         let key = self.pick_key(header.alg, header.kid.as_deref())?;
 
         let mut validation = Validation::new(key.alg);
@@ -152,27 +142,15 @@ impl Verifier {
         })?;
         let sub = data.claims.sub;
         if sub.is_empty() || sub.len() > 128 {
-            return Err(Error::Unauthenticated(
-                "token sub must be 1 to 128 characters".into(),
-            ));
+            return Err(Error::Unauthenticated("token sub must be 1 to 128 characters".into()));
         }
-        Ok(Principal {
-            sub,
-            scopes: data
-                .claims
-                .scope
-                .split_whitespace()
-                .map(str::to_owned)
-                .collect(),
-        })
+        Ok(Principal { sub, scopes: data.claims.scope.split_whitespace().map(str::to_owned).collect() })
     }
 
     fn pick_key(&self, alg: Algorithm, kid: Option<&str>) -> Result<&keys::Key, Error> {
         let mut same_alg = self.inner.keys.iter().filter(|k| k.alg == alg).peekable();
         if same_alg.peek().is_none() {
-            return Err(Error::Unauthenticated(format!(
-                "algorithm {alg:?} not accepted"
-            )));
+            return Err(Error::Unauthenticated(format!("algorithm {alg:?} not accepted")));
         }
         match kid {
             // A kid that matches no key of that algorithm is refused rather than tried
@@ -180,9 +158,7 @@ impl Verifier {
             Some(kid) if self.inner.keys.iter().any(|k| k.kid.is_some()) => same_alg
                 .find(|k| k.kid.as_deref() == Some(kid))
                 .ok_or_else(|| Error::Unauthenticated("unknown key id (kid)".into())),
-            _ => same_alg
-                .next()
-                .ok_or_else(|| Error::Unauthenticated(format!("algorithm {alg:?} not accepted"))),
+            _ => same_alg.next().ok_or_else(|| Error::Unauthenticated(format!("algorithm {alg:?} not accepted"))),
         }
     }
 }
@@ -203,15 +179,13 @@ impl AuthInterceptor {
 impl tonic::service::Interceptor for AuthInterceptor {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         let header = match req.metadata().get("authorization") {
-            Some(v) => Some(v.to_str().map_err(|_| {
-                tonic::Status::unauthenticated("authorization header is not ASCII")
-            })?),
+            Some(v) => {
+                Some(v.to_str().map_err(|_| tonic::Status::unauthenticated("authorization header is not ASCII"))?)
+            }
             None => None,
         };
-        let principal = self
-            .verifier
-            .verify_header(header)
-            .map_err(|e| tonic::Status::unauthenticated(e.to_string()))?;
+        let principal =
+            self.verifier.verify_header(header).map_err(|e| tonic::Status::unauthenticated(e.to_string()))?;
         if let Some(slot) = req.extensions().get::<crate::telemetry::CallSlot>() {
             let _ = slot.sub.set(principal.sub.clone());
         }

@@ -14,9 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use secrecy::ExposeSecret;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::ConnectOptions;
 
 use crate::config::Config;
@@ -52,19 +50,10 @@ impl Db {
     /// Opens the pool described by `DMPAY_DATABASE_URL`. For SQLite the file and its
     /// folder are created when missing.
     pub async fn connect(config: &Config) -> anyhow::Result<Db> {
-        Self::connect_url(
-            config.database_url.expose_secret(),
-            config.db_pool_size,
-            config.db_acquire_timeout,
-        )
-        .await
+        Self::connect_url(config.database_url.expose_secret(), config.db_pool_size, config.db_acquire_timeout).await
     }
 
-    pub async fn connect_url(
-        url: &str,
-        pool_size: u32,
-        acquire_timeout: Duration,
-    ) -> anyhow::Result<Db> {
+    pub async fn connect_url(url: &str, pool_size: u32, acquire_timeout: Duration) -> anyhow::Result<Db> {
         if url.starts_with("sqlite:") {
             let path = sqlite_path(url);
             if let Some(parent) = Path::new(path).parent() {
@@ -139,29 +128,22 @@ impl Db {
 }
 
 fn sqlite_path(url: &str) -> &str {
-    let rest = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-        .unwrap_or(url);
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
     rest.split('?').next().unwrap_or(rest)
 }
 
 /// Now, in microseconds since the Unix epoch.
 pub fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)).unwrap_or(0)
 }
 
 /// Turns a driver error into a domain error: outages and lock contention the caller may
 /// retry become UNAVAILABLE; everything else is INTERNAL (and is logged by the api layer).
 pub fn classify(err: sqlx::Error) -> Error {
     match &err {
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_) => Error::Unavailable("database unavailable, retry later".into()),
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
+            Error::Unavailable("database unavailable, retry later".into())
+        }
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
             // PostgreSQL: 40001 serialization failure, 40P01 deadlock, 08* connection,

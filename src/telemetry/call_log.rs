@@ -35,10 +35,7 @@ impl CallLogLayer {
 impl<S> Layer<S> for CallLogLayer {
     type Service = CallLog<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        CallLog {
-            inner,
-            metrics: self.metrics.clone(),
-        }
+        CallLog { inner, metrics: self.metrics.clone() }
     }
 }
 
@@ -57,8 +54,7 @@ fn request_id(req: &Request<impl Sized>) -> HeaderValue {
         })
         .cloned()
         .unwrap_or_else(|| {
-            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-                .unwrap_or(HeaderValue::from_static("unknown"))
+            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).unwrap_or(HeaderValue::from_static("unknown"))
         })
 }
 
@@ -100,9 +96,7 @@ where
 {
     type Response = Response<RB>;
     type Error = S::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
-    >;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)

@@ -15,9 +15,7 @@ use tokio::net::TcpListener;
 use crate::store::Db;
 
 /// Upper bounds of the latency histogram, in seconds.
-const LATENCY_BUCKETS_S: [f64; 12] = [
-    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
-];
+const LATENCY_BUCKETS_S: [f64; 12] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0];
 
 /// Largest HTTP request head read from a scraper.
 const HTTP_REQUEST_LEN_MAX: usize = 8 * 1024;
@@ -84,10 +82,7 @@ impl Metrics {
             out.push_str("# HELP dmpay_grpc_calls_total gRPC calls by method and status code.\n");
             out.push_str("# TYPE dmpay_grpc_calls_total counter\n");
             for ((method, code), n) in &reg.calls {
-                let _ = writeln!(
-                    out,
-                    "dmpay_grpc_calls_total{{method=\"{method}\",code=\"{code}\"}} {n}"
-                );
+                let _ = writeln!(out, "dmpay_grpc_calls_total{{method=\"{method}\",code=\"{code}\"}} {n}");
             }
             out.push_str("# HELP dmpay_grpc_call_seconds gRPC call latency by method.\n");
             out.push_str("# TYPE dmpay_grpc_call_seconds histogram\n");
@@ -99,38 +94,19 @@ impl Metrics {
                         h.buckets[i]
                     );
                 }
-                let _ = writeln!(
-                    out,
-                    "dmpay_grpc_call_seconds_bucket{{method=\"{method}\",le=\"+Inf\"}} {}",
-                    h.count
-                );
-                let _ = writeln!(
-                    out,
-                    "dmpay_grpc_call_seconds_sum{{method=\"{method}\"}} {}",
-                    h.sum_s
-                );
-                let _ = writeln!(
-                    out,
-                    "dmpay_grpc_call_seconds_count{{method=\"{method}\"}} {}",
-                    h.count
-                );
+                let _ = writeln!(out, "dmpay_grpc_call_seconds_bucket{{method=\"{method}\",le=\"+Inf\"}} {}", h.count);
+                let _ = writeln!(out, "dmpay_grpc_call_seconds_sum{{method=\"{method}\"}} {}", h.sum_s);
+                let _ = writeln!(out, "dmpay_grpc_call_seconds_count{{method=\"{method}\"}} {}", h.count);
             }
             for (name, n) in &reg.counters {
-                let _ = writeln!(
-                    out,
-                    "# TYPE dmpay_{name}_total counter\ndmpay_{name}_total {n}"
-                );
+                let _ = writeln!(out, "# TYPE dmpay_{name}_total counter\ndmpay_{name}_total {n}");
             }
         }
         if let Ok(db) = self.db.lock() {
             if let Some(db) = db.as_ref() {
                 out.push_str("# HELP dmpay_db_connections_in_use Database connections checked out of the pool.\n");
                 out.push_str("# TYPE dmpay_db_connections_in_use gauge\n");
-                let _ = writeln!(
-                    out,
-                    "dmpay_db_connections_in_use {}",
-                    db.connections_in_use()
-                );
+                let _ = writeln!(out, "dmpay_db_connections_in_use {}", db.connections_in_use());
             }
         }
         out
@@ -149,9 +125,7 @@ pub async fn serve_metrics(listener: TcpListener, metrics: Metrics) {
             let mut head = Vec::with_capacity(512);
             let mut buf = [0u8; 1024];
             let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while !head.windows(4).any(|w| w == b"\r\n\r\n")
-                    && head.len() < HTTP_REQUEST_LEN_MAX
-                {
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < HTTP_REQUEST_LEN_MAX {
                     let n = socket.read(&mut buf).await?;
                     if n == 0 {
                         break;
@@ -164,12 +138,11 @@ pub async fn serve_metrics(listener: TcpListener, metrics: Metrics) {
             if !matches!(read, Ok(Ok(()))) {
                 return;
             }
-            let (status, body) =
-                if head.starts_with(b"GET /metrics ") || head.starts_with(b"GET /metrics?") {
-                    ("200 OK", metrics.render())
-                } else {
-                    ("404 Not Found", "not found; try GET /metrics\n".to_owned())
-                };
+            let (status, body) = if head.starts_with(b"GET /metrics ") || head.starts_with(b"GET /metrics?") {
+                ("200 OK", metrics.render())
+            } else {
+                ("404 Not Found", "not found; try GET /metrics\n".to_owned())
+            };
             let response = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()

@@ -13,10 +13,7 @@ use crate::helpers::{authed, pb, Backend, TestApp};
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
 fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
 fn claims(sub: &str, scope: &str) -> serde_json::Value {
@@ -24,12 +21,7 @@ fn claims(sub: &str, scope: &str) -> serde_json::Value {
 }
 
 fn sign_hs256(claims: &serde_json::Value, secret: &[u8]) -> String {
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        claims,
-        &EncodingKey::from_secret(secret),
-    )
-    .unwrap()
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(secret)).unwrap()
 }
 
 fn dev_secret() -> &'static [u8] {
@@ -37,17 +29,12 @@ fn dev_secret() -> &'static [u8] {
 }
 
 async fn get_self(app: &TestApp, token: Option<&str>) -> Result<pb::Account, tonic::Status> {
-    let msg = pb::GetAccountRequest {
-        user_id: "alice".into(),
-    };
+    let msg = pb::GetAccountRequest { user_id: "alice".into() };
     let req = match token {
         Some(t) => authed(msg, t),
         None => tonic::Request::new(msg),
     };
-    app.accounts()
-        .get_account(req)
-        .await
-        .map(|r| r.into_inner())
+    app.accounts().get_account(req).await.map(|r| r.into_inner())
 }
 
 async fn token_matrix(app: TestApp) {
@@ -75,12 +62,7 @@ async fn token_matrix(app: TestApp) {
     // A valid signature over a payload, with the payload then swapped.
     let tampered = {
         let parts: Vec<&str> = good.split('.').collect();
-        format!(
-            "{}.{}.{}",
-            parts[0],
-            b64.encode(claims("alice", "accounts:admin").to_string()),
-            parts[2]
-        )
+        format!("{}.{}.{}", parts[0], b64.encode(claims("alice", "accounts:admin").to_string()), parts[2])
     };
 
     let cases: Vec<(&str, Option<String>)> = vec![
@@ -91,10 +73,7 @@ async fn token_matrix(app: TestApp) {
         ("wrong iss", Some(sign_hs256(&wrong_iss, dev_secret()))),
         ("wrong aud", Some(sign_hs256(&wrong_aud, dev_secret()))),
         ("no exp", Some(sign_hs256(&no_exp, dev_secret()))),
-        (
-            "wrong secret",
-            Some(sign_hs256(&claims("alice", ""), b"guessed-secret")),
-        ),
+        ("wrong secret", Some(sign_hs256(&claims("alice", ""), b"guessed-secret"))),
         ("alg none", Some(alg_none)),
         ("tampered payload", Some(tampered)),
         ("huge token", Some("a".repeat(9000))),
@@ -105,66 +84,34 @@ async fn token_matrix(app: TestApp) {
     }
 
     // Not a Bearer scheme at all.
-    let mut req = tonic::Request::new(pb::GetAccountRequest {
-        user_id: "alice".into(),
-    });
-    req.metadata_mut()
-        .insert("authorization", format!("Basic {good}").parse().unwrap());
-    assert_eq!(
-        app.accounts().get_account(req).await.unwrap_err().code(),
-        Code::Unauthenticated
-    );
+    let mut req = tonic::Request::new(pb::GetAccountRequest { user_id: "alice".into() });
+    req.metadata_mut().insert("authorization", format!("Basic {good}").parse().unwrap());
+    assert_eq!(app.accounts().get_account(req).await.unwrap_err().code(), Code::Unauthenticated);
 }
 
 async fn scopes_and_ownership(app: TestApp) {
     let alice = app.token("alice", "payments:read payments:write");
     // Another user's account.
-    let err = app
-        .accounts()
-        .get_account(authed(
-            pb::GetAccountRequest {
-                user_id: "bob".into(),
-            },
-            &alice,
-        ))
-        .await
-        .unwrap_err();
+    let err =
+        app.accounts().get_account(authed(pb::GetAccountRequest { user_id: "bob".into() }, &alice)).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     // A missing scope, for each admin RPC.
     let err = app
         .accounts()
-        .upsert_account(authed(
-            pb::UpsertAccountRequest {
-                user_id: "alice".into(),
-                ..Default::default()
-            },
-            &alice,
-        ))
+        .upsert_account(authed(pb::UpsertAccountRequest { user_id: "alice".into(), ..Default::default() }, &alice))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("accounts:admin"));
     let err = app
         .accounts()
-        .freeze_account(authed(
-            pb::FreezeAccountRequest {
-                user_id: "alice".into(),
-                reason: "x".into(),
-            },
-            &alice,
-        ))
+        .freeze_account(authed(pb::FreezeAccountRequest { user_id: "alice".into(), reason: "x".into() }, &alice))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     let err = app
         .accounts()
-        .unfreeze_account(authed(
-            pb::UnfreezeAccountRequest {
-                user_id: "alice".into(),
-                reason: "x".into(),
-            },
-            &alice,
-        ))
+        .unfreeze_account(authed(pb::UnfreezeAccountRequest { user_id: "alice".into(), reason: "x".into() }, &alice))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
@@ -172,14 +119,9 @@ async fn scopes_and_ownership(app: TestApp) {
 
 async fn rs256_only(backend: Backend) {
     let public = format!("{FIXTURES}/rs256-public.pem");
-    let Some(app) = TestApp::spawn_with(
-        backend,
-        &[
-            ("DMPAY_JWT_PUBLIC_KEYS", public.as_str()),
-            ("DMPAY_JWT_HS256_SECRET", "off"),
-        ],
-    )
-    .await
+    let Some(app) =
+        TestApp::spawn_with(backend, &[("DMPAY_JWT_PUBLIC_KEYS", public.as_str()), ("DMPAY_JWT_HS256_SECRET", "off")])
+            .await
     else {
         return;
     };
@@ -190,9 +132,7 @@ async fn rs256_only(backend: Backend) {
         &EncodingKey::from_rsa_pem(&private).unwrap(),
     )
     .unwrap();
-    get_self(&app, Some(&rs))
-        .await
-        .expect("RS256 token is accepted");
+    get_self(&app, Some(&rs)).await.expect("RS256 token is accepted");
 
     // Algorithm confusion: an HS256 token whose HMAC key is the RSA public key.
     let public_bytes = std::fs::read(&public).unwrap();
@@ -201,10 +141,7 @@ async fn rs256_only(backend: Backend) {
     assert_eq!(err.code(), Code::Unauthenticated);
     // And HS256 with the dev secret is off too.
     let dev = sign_hs256(&claims("alice", ""), dev_secret());
-    assert_eq!(
-        get_self(&app, Some(&dev)).await.unwrap_err().code(),
-        Code::Unauthenticated
-    );
+    assert_eq!(get_self(&app, Some(&dev)).await.unwrap_err().code(), Code::Unauthenticated);
 }
 
 mod rs256 {

@@ -45,10 +45,7 @@ fn with_database(url: &str, name: &str) -> String {
         None => (url, None),
     };
     let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let host_end = base[scheme_end..]
-        .find('/')
-        .map(|i| i + scheme_end)
-        .unwrap_or(base.len());
+    let host_end = base[scheme_end..].find('/').map(|i| i + scheme_end).unwrap_or(base.len());
     let mut out = format!("{}/{}", &base[..host_end], name);
     if let Some(q) = query {
         out.push('?');
@@ -58,9 +55,7 @@ fn with_database(url: &str, name: &str) -> String {
 }
 
 pub fn postgres_url() -> Option<String> {
-    std::env::var("DMPAY_TEST_POSTGRES_URL")
-        .ok()
-        .filter(|s| !s.is_empty())
+    std::env::var("DMPAY_TEST_POSTGRES_URL").ok().filter(|s| !s.is_empty())
 }
 
 impl TestApp {
@@ -79,21 +74,14 @@ impl TestApp {
             Backend::Postgres => {
                 let Some(admin_url) = postgres_url() else {
                     if std::env::var_os("DMPAY_TEST_REQUIRE_POSTGRES").is_some() {
-                        panic!(
-                            "DMPAY_TEST_REQUIRE_POSTGRES is set but DMPAY_TEST_POSTGRES_URL is not"
-                        );
+                        panic!("DMPAY_TEST_REQUIRE_POSTGRES is set but DMPAY_TEST_POSTGRES_URL is not");
                     }
                     eprintln!("skipped: set DMPAY_TEST_POSTGRES_URL to run the PostgreSQL tests");
                     return None;
                 };
                 let name = format!("dmpay_t_{}", uuid::Uuid::new_v4().simple());
-                let admin = sqlx::PgPool::connect(&admin_url)
-                    .await
-                    .expect("connect to DMPAY_TEST_POSTGRES_URL");
-                sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-                    .execute(&admin)
-                    .await
-                    .expect("create database");
+                let admin = sqlx::PgPool::connect(&admin_url).await.expect("connect to DMPAY_TEST_POSTGRES_URL");
+                sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&admin).await.expect("create database");
                 admin.close().await;
                 pg_database = Some((admin_url.clone(), name.clone()));
                 with_database(&admin_url, &name)
@@ -104,6 +92,7 @@ impl TestApp {
             ("DMPAY_METRICS_ADDR".into(), "127.0.0.1:0".into()),
             ("DMPAY_DATABASE_URL".into(), url),
             ("DMPAY_DB_POOL_SIZE".into(), "8".into()),
+            ("DMPAY_LEDGER_EXPIRY_INTERVAL".into(), "200ms".into()),
         ]);
         for (k, v) in extra {
             env.insert((*k).into(), (*v).into());
@@ -139,8 +128,7 @@ impl TestApp {
 
     /// A token for `sub` with `scope`, signed with the server's dev secret.
     pub fn token(&self, sub: &str, scope: &str) -> String {
-        dmpay::auth::mint_dev_token(&self.config, sub, scope, Duration::from_secs(600))
-            .expect("mint")
+        dmpay::auth::mint_dev_token(&self.config, sub, scope, Duration::from_secs(600)).expect("mint")
     }
 
     pub fn accounts(&self) -> pb::accounts_client::AccountsClient<Channel> {
@@ -167,19 +155,14 @@ impl Drop for TestApp {
             // Drop the per-test database from a thread of its own: Drop cannot await,
             // and the test's runtime may already be shutting down.
             let _ = std::thread::spawn(move || {
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                else {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
                     return;
                 };
                 rt.block_on(async {
                     if let Ok(admin) = sqlx::PgPool::connect(&admin_url).await {
-                        let _ = sqlx::query(&format!(
-                            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-                        ))
-                        .execute(&admin)
-                        .await;
+                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                            .execute(&admin)
+                            .await;
                         admin.close().await;
                     }
                 });
@@ -192,10 +175,7 @@ impl Drop for TestApp {
 /// Wraps a message with a bearer token.
 pub fn authed<T>(msg: T, token: &str) -> Request<T> {
     let mut req = Request::new(msg);
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("ascii token"),
-    );
+    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("ascii token"));
     req
 }
 
@@ -223,4 +203,70 @@ macro_rules! backend_tests {
             )*
         }
     };
+}
+
+pub const LEDGER_SCOPES: &str = "ledger:write ledger:read";
+
+impl TestApp {
+    pub fn ledger(&self) -> pb::ledger_client::LedgerClient<Channel> {
+        pb::ledger_client::LedgerClient::new(self.channel.clone())
+    }
+
+    /// Counts rows of a table.
+    pub async fn count(&self, table: &str) -> i64 {
+        let sql = format!("SELECT COUNT(*) FROM {table}");
+        dmpay::with_db!(&self.db, pool => sqlx::query_scalar::<_, i64>(&sql).fetch_one(pool).await).expect("count")
+    }
+
+    /// Runs the ledger verification against this app's database.
+    pub async fn verify(&self) -> dmpay::ledger::verify::Report {
+        dmpay::ledger::verify::verify(&self.db).await.expect("verify")
+    }
+}
+
+pub fn usd(amount: &str) -> Option<pb::Money> {
+    Some(pb::Money { currency: "USD".into(), amount: amount.into() })
+}
+
+pub fn posting(code: &str, debit: bool, amount: &str) -> pb::Posting {
+    pb::Posting {
+        account_code: code.into(),
+        direction: if debit { pb::Direction::Debit } else { pb::Direction::Credit } as i32,
+        amount: usd(amount),
+    }
+}
+
+/// A two-posting USD entry from `from` (debited) to `to` (credited).
+pub fn transfer(key: &str, from: &str, to: &str, amount: &str) -> pb::PostEntryRequest {
+    pb::PostEntryRequest {
+        idempotency_key: key.into(),
+        kind: "transfer".into(),
+        postings: vec![posting(from, true, amount), posting(to, false, amount)],
+        ..Default::default()
+    }
+}
+
+/// Funds a user's USD wallet from the treasury.
+pub async fn fund(app: &TestApp, token: &str, user: &str, amount: &str) -> pb::Entry {
+    app.ledger()
+        .post_entry(authed(
+            transfer(
+                &format!("fund-{user}-{amount}"),
+                "platform:treasury:USD",
+                &format!("user:{user}:wallet:USD"),
+                amount,
+            ),
+            token,
+        ))
+        .await
+        .expect("fund")
+        .into_inner()
+}
+
+pub async fn balance(app: &TestApp, token: &str, code: &str) -> pb::LedgerBalance {
+    app.ledger()
+        .get_ledger_balance(authed(pb::GetLedgerBalanceRequest { account_code: code.into(), as_of: None }, token))
+        .await
+        .expect("balance")
+        .into_inner()
 }

@@ -7,4 +7,5 @@ mod helpers;
 
 mod accounts;
 mod auth;
+mod ledger;
 mod ops;

@@ -19,9 +19,7 @@ async fn health_and_reflection_need_no_token(app: TestApp) {
     let mut health = HealthClient::new(app.channel.clone());
     for service in ["", "dmpay.v1.Accounts"] {
         let status = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
+            .check(HealthCheckRequest { service: service.into() })
             .await
             .expect("health check")
             .into_inner()
@@ -34,16 +32,9 @@ async fn health_and_reflection_need_no_token(app: TestApp) {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut stream = reflection
-        .server_reflection_info(tokio_stream::iter(vec![request]))
-        .await
-        .expect("reflection")
-        .into_inner();
-    let response = stream
-        .message()
-        .await
-        .expect("message")
-        .expect("one response");
+    let mut stream =
+        reflection.server_reflection_info(tokio_stream::iter(vec![request])).await.expect("reflection").into_inner();
+    let response = stream.message().await.expect("message").expect("one response");
     let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
         panic!("unexpected reflection response");
     };
@@ -53,66 +44,37 @@ async fn health_and_reflection_need_no_token(app: TestApp) {
 
 async fn request_id_is_echoed_and_metrics_count_calls(app: TestApp) {
     let token = app.token("alice", "");
-    let mut req = authed(
-        pb::GetAccountRequest {
-            user_id: "alice".into(),
-        },
-        &token,
-    );
-    req.metadata_mut()
-        .insert("x-request-id", "req-12345".parse().unwrap());
+    let mut req = authed(pb::GetAccountRequest { user_id: "alice".into() }, &token);
+    req.metadata_mut().insert("x-request-id", "req-12345".parse().unwrap());
     let resp = app.accounts().get_account(req).await.expect("call");
     assert_eq!(resp.metadata().get("x-request-id").unwrap(), "req-12345");
 
     // Without one, the server makes one up.
     let resp = app
         .accounts()
-        .get_account(authed(
-            pb::GetAccountRequest {
-                user_id: "alice".into(),
-            },
-            &token,
-        ))
+        .get_account(authed(pb::GetAccountRequest { user_id: "alice".into() }, &token))
         .await
         .expect("call");
     assert!(!resp.metadata().get("x-request-id").unwrap().is_empty());
-    let _ = app
-        .accounts()
-        .get_account(pb::GetAccountRequest {
-            user_id: "alice".into(),
-        })
-        .await;
+    let _ = app.accounts().get_account(pb::GetAccountRequest { user_id: "alice".into() }).await;
 
     let body = scrape(app.metrics_addr.expect("metrics on")).await;
-    assert!(
-        body.contains(
-            "dmpay_grpc_calls_total{method=\"/dmpay.v1.Accounts/GetAccount\",code=\"OK\"} 2"
-        ),
-        "{body}"
-    );
+    assert!(body.contains("dmpay_grpc_calls_total{method=\"/dmpay.v1.Accounts/GetAccount\",code=\"OK\"} 2"), "{body}");
     assert!(body.contains("code=\"UNAUTHENTICATED\"} 1"), "{body}");
     assert!(body.contains("dmpay_grpc_call_seconds_bucket"), "{body}");
     assert!(body.contains("dmpay_db_connections_in_use"), "{body}");
 }
 
 async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut socket = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect metrics");
-    socket
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    let mut socket = tokio::net::TcpStream::connect(addr).await.expect("connect metrics");
+    socket.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     let mut out = String::new();
     socket.read_to_string(&mut out).await.unwrap();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     out
 }
 
-backend_tests!(
-    health_and_reflection_need_no_token,
-    request_id_is_echoed_and_metrics_count_calls
-);
+backend_tests!(health_and_reflection_need_no_token, request_id_is_echoed_and_metrics_count_calls);
 
 /// SIGTERM while calls are in flight: they complete, and the process exits 0. The calls
 /// are held in flight by taking SQLite's write lock from the test, so the server's
@@ -125,10 +87,7 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
         .arg("serve")
         .env("DMPAY_GRPC_ADDR", "127.0.0.1:0")
         .env("DMPAY_METRICS_ADDR", "off")
-        .env(
-            "DMPAY_DATABASE_URL",
-            format!("sqlite://{}", db_path.display()),
-        )
+        .env("DMPAY_DATABASE_URL", format!("sqlite://{}", db_path.display()))
         .env("DMPAY_LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
@@ -141,10 +100,7 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
         while let Some(line) = lines.next_line().await.unwrap() {
             let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             if let Some(addr) = v.get("addr").and_then(|a| a.as_str()) {
-                if v.get("message")
-                    .and_then(|m| m.as_str())
-                    .is_some_and(|m| m.contains("serving gRPC"))
-                {
+                if v.get("message").and_then(|m| m.as_str()).is_some_and(|m| m.contains("serving gRPC")) {
                     return addr.to_string();
                 }
             }
@@ -156,25 +112,14 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
-    let config =
-        dmpay::config::Config::load_from(&std::collections::HashMap::<String, String>::new(), None)
-            .unwrap();
-    let token =
-        dmpay::auth::mint_dev_token(&config, "ops", "accounts:admin", Duration::from_secs(600))
-            .unwrap();
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let config = dmpay::config::Config::load_from(&std::collections::HashMap::<String, String>::new(), None).unwrap();
+    let token = dmpay::auth::mint_dev_token(&config, "ops", "accounts:admin", Duration::from_secs(600)).unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
 
     // Hold the write lock.
     let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&db_path);
     let mut blocker = sqlx::ConnectOptions::connect(&options).await.unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut blocker)
-        .await
-        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut blocker).await.unwrap();
 
     let mut calls = Vec::new();
     for i in 0..4 {
@@ -183,10 +128,7 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
         calls.push(tokio::spawn(async move {
             client
                 .upsert_account(authed(
-                    pb::UpsertAccountRequest {
-                        user_id: format!("u{i}"),
-                        ..Default::default()
-                    },
+                    pb::UpsertAccountRequest { user_id: format!("u{i}"), ..Default::default() },
                     &token,
                 ))
                 .await
@@ -194,10 +136,7 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = child.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
+    let killed = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(killed.success());
     tokio::time::sleep(Duration::from_millis(300)).await;
     sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
@@ -206,9 +145,6 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
         let account = call.await.unwrap().expect("in-flight call completes");
         assert!(account.into_inner().user_id.starts_with('u'));
     }
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("exit in time")
-        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("exit in time").unwrap();
     assert!(status.success(), "exit status {status:?}");
 }

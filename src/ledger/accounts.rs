@@ -1,0 +1,216 @@
+//! Ledger accounts: creation, lookup by code (cached: an account never changes apart
+//! from its balances), wallets created on first use, and the system accounts.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use super::model::{AccountCode, AccountType, Balance, LedgerAccount};
+use crate::accounts::UserId;
+use crate::error::{Error, Result};
+use crate::money::{Currencies, Currency};
+use crate::store::{is_unique_violation, now_us, Db};
+use crate::with_db;
+
+/// Accounts kept in the lookup cache; past this the cache starts over, so memory stays
+/// bounded however many wallets exist.
+const CACHE_ACCOUNTS_MAX: usize = 200_000;
+
+/// System accounts created for every enabled currency at startup.
+pub const SYSTEM_ACCOUNTS: &[(&str, AccountType)] = &[
+    // Money the card processor owes dmpay for captured charges.
+    ("processor:sandbox:clearing", AccountType::Asset),
+    // dmpay's bank account where processor settlements land.
+    ("platform:settlement_bank", AccountType::Asset),
+    // Cash put into the platform from outside (top-ups, test funding).
+    ("platform:treasury", AccountType::Asset),
+    ("platform:fees", AccountType::Income),
+    ("platform:processor_fees", AccountType::Expense),
+    // Unexplained differences parked until finance resolves them.
+    ("platform:suspense", AccountType::Liability),
+];
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct AccountRow {
+    pub id: i64,
+    pub code: String,
+    #[sqlx(rename = "type")]
+    pub account_type: String,
+    pub currency: String,
+    pub allow_negative: bool,
+    pub created_at_us: i64,
+}
+
+impl TryFrom<AccountRow> for LedgerAccount {
+    type Error = Error;
+    fn try_from(row: AccountRow) -> Result<Self> {
+        Ok(LedgerAccount {
+            id: row.id,
+            currency: Currency::from_code(&row.currency).ok_or_else(|| {
+                Error::internal(anyhow::anyhow!("unknown currency {} in ledger_accounts", row.currency))
+            })?,
+            code: AccountCode::from_db(row.code),
+            account_type: AccountType::from_db(&row.account_type)?,
+            allow_negative: row.allow_negative,
+            created_at_us: row.created_at_us,
+        })
+    }
+}
+
+const SELECT_BY_CODE: &str =
+    "SELECT id, code, type, currency, allow_negative, created_at_us FROM ledger_accounts WHERE code = $1";
+
+pub struct AccountStore {
+    db: Db,
+    currencies: Currencies,
+    cache: RwLock<HashMap<String, LedgerAccount>>,
+}
+
+impl AccountStore {
+    pub fn new(db: Db, currencies: Currencies) -> Self {
+        AccountStore { db, currencies, cache: RwLock::new(HashMap::new()) }
+    }
+
+    pub fn currencies(&self) -> &Currencies {
+        &self.currencies
+    }
+
+    /// Creates the system accounts of every enabled currency (idempotent).
+    pub async fn ensure_system_accounts(&self) -> Result<()> {
+        for currency in self.currencies.enabled() {
+            for (name, account_type) in SYSTEM_ACCOUNTS {
+                // System accounts may go negative: they stand for the outside world.
+                self.insert_if_missing(&AccountCode::system(name, *currency), *account_type, *currency, true).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn insert_if_missing(
+        &self,
+        code: &AccountCode,
+        account_type: AccountType,
+        currency: Currency,
+        allow_negative: bool,
+    ) -> Result<()> {
+        with_db!(&self.db, pool => sqlx::query(
+            "INSERT INTO ledger_accounts (code, type, currency, allow_negative, credit_normal, created_at_us) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (code) DO NOTHING",
+        )
+        .bind(code.as_str())
+        .bind(account_type.as_str())
+        .bind(currency.code())
+        .bind(allow_negative)
+        .bind(account_type.credit_normal())
+        .bind(now_us())
+        .execute(pool)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// `CreateLedgerAccount`: a new account; an existing code is ALREADY_EXISTS unless
+    /// it was created with exactly these settings (a retry).
+    pub async fn create(
+        &self,
+        code: AccountCode,
+        account_type: AccountType,
+        currency: Currency,
+        allow_negative: bool,
+    ) -> Result<LedgerAccount> {
+        if code.as_str().starts_with("user:") {
+            return Err(Error::invalid("code", "codes starting with \"user:\" are reserved for wallets"));
+        }
+        let inserted = with_db!(&self.db, pool => sqlx::query(
+            "INSERT INTO ledger_accounts (code, type, currency, allow_negative, credit_normal, created_at_us) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(code.as_str())
+        .bind(account_type.as_str())
+        .bind(currency.code())
+        .bind(allow_negative)
+        .bind(account_type.credit_normal())
+        .bind(now_us())
+        .execute(pool)
+        .await
+        .map(|_| ()));
+        match inserted {
+            Ok(()) => {}
+            Err(e) if is_unique_violation(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let account = self
+            .fetch(&code)
+            .await?
+            .ok_or_else(|| Error::internal(anyhow::anyhow!("account vanished after insert")))?;
+        if account.account_type != account_type
+            || account.currency != currency
+            || account.allow_negative != allow_negative
+        {
+            return Err(Error::AlreadyExists(format!("ledger account {code} already exists with other settings")));
+        }
+        Ok(account)
+    }
+
+    async fn fetch(&self, code: &AccountCode) -> Result<Option<LedgerAccount>> {
+        let row: Option<AccountRow> = with_db!(&self.db, pool => sqlx::query_as(SELECT_BY_CODE)
+            .bind(code.as_str())
+            .fetch_optional(pool)
+            .await)?;
+        let account = row.map(LedgerAccount::try_from).transpose()?;
+        if let Some(a) = &account {
+            if let Ok(mut cache) = self.cache.write() {
+                if cache.len() >= CACHE_ACCOUNTS_MAX {
+                    cache.clear();
+                }
+                cache.insert(a.code.as_str().to_owned(), a.clone());
+            }
+        }
+        Ok(account)
+    }
+
+    /// Looks an account up by code; a wallet code creates the wallet on first use
+    /// (`create_wallets`). Unknown accounts are NOT_FOUND.
+    pub async fn resolve(&self, field: &str, code: &AccountCode, create_wallets: bool) -> Result<LedgerAccount> {
+        if let Ok(cache) = self.cache.read() {
+            if let Some(a) = cache.get(code.as_str()) {
+                return Ok(a.clone());
+            }
+        }
+        if let Some(a) = self.fetch(code).await? {
+            return Ok(a);
+        }
+        if create_wallets {
+            if let Some((user, ccy)) = code.as_wallet() {
+                UserId::parse(field, user)?;
+                let currency = self.currencies.parse(field, ccy)?;
+                // Wallets are liabilities (the platform owes the user) and never negative.
+                self.insert_if_missing(code, AccountType::Liability, currency, false).await?;
+                if let Some(a) = self.fetch(code).await? {
+                    return Ok(a);
+                }
+            }
+        }
+        Err(Error::NotFound(format!("{field}: ledger account {code} not found")))
+    }
+
+    /// The wallet of `user` in `currency`, created on first use.
+    pub async fn wallet(&self, user: &UserId, currency: Currency) -> Result<LedgerAccount> {
+        self.resolve("wallet", &AccountCode::wallet(user, currency), true).await
+    }
+
+    /// A system account of `currency`.
+    pub async fn system(&self, name: &str, currency: Currency) -> Result<LedgerAccount> {
+        self.resolve("account", &AccountCode::system(name, currency), false).await
+    }
+
+    /// The materialized balance of one account.
+    pub async fn balance(&self, account_id: i64) -> Result<Balance> {
+        let row: (i64, i64, i64, i64) = with_db!(&self.db, pool => sqlx::query_as(
+            "SELECT posted_debits, posted_credits, pending_debits, pending_credits FROM ledger_accounts WHERE id = $1",
+        )
+        .bind(account_id)
+        .fetch_one(pool)
+        .await)?;
+        Ok(Balance { posted_debits: row.0, posted_credits: row.1, pending_debits: row.2, pending_credits: row.3 })
+    }
+}

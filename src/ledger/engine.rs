@@ -1,0 +1,799 @@
+//! The posting engine: the single write path for every ledger entry.
+//!
+//! Callers submit commands to a bounded queue (full = RESOURCE_EXHAUSTED, never
+//! unbounded memory). Workers take whatever is queued, up to `batch_size_max`, waiting at
+//! most `commit_wait` for more, and commit the batch in one database transaction:
+//!
+//! 1. lock the balance rows of every account in the batch, in ascending id order, so
+//!    batches of any number of processes never deadlock;
+//! 2. insert the idempotency keys (sorted), which also serializes concurrent duplicates
+//!    across processes: the second waits for the first and then sees its key;
+//! 3. decide each command on its own against the locked balances, in memory
+//!    (`decide`): an overdraft rejects that command only, never its neighbours;
+//! 4. take a contiguous block of the gap-free sequence (one row, locked last);
+//! 5. write postings, entries and one net balance update per account with set-based
+//!    statements, and delete the keys of rejected commands; commit.
+//!
+//! Lock order is always accounts, then idempotency keys, then the sequence row, in
+//! every process, so there is no cycle. If the database refuses a batch (a trigger or
+//! constraint, which would mean a bug the code checks missed), each command is retried
+//! alone so only the culprit fails. Shutdown stops intake and drains the queue.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
+
+use super::model::{Balance, Direction, Entry, EntryStatus, Metadata, Posting};
+use crate::error::{Error, Result};
+use crate::money::Money;
+use crate::store::{now_us, Db};
+
+/// Engine settings (`DMPAY_LEDGER_*`).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most commands committed in one transaction.
+    pub batch_size_max: usize,
+    /// Longest wait for more commands once one is in hand.
+    pub commit_wait: Duration,
+    /// Commands waiting beyond this many are refused with RESOURCE_EXHAUSTED.
+    pub queue_capacity: usize,
+    /// Batches committed concurrently by this process.
+    pub workers: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            batch_size_max: 256,
+            commit_wait: Duration::from_micros(200),
+            queue_capacity: 20_000,
+            workers: 2,
+        }
+    }
+}
+
+/// A new entry whose postings are validated, resolved and balanced.
+#[derive(Debug, Clone)]
+pub struct NewEntry {
+    pub kind: String,
+    pub description: String,
+    pub metadata: Metadata,
+    pub postings: Vec<Posting>,
+    /// `Some(seconds)` reserves the entry as pending with that timeout.
+    pub pending_timeout_s: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// Post the pending entry; `Some(minor)` posts part of a two-posting entry.
+    Post(Option<i64>),
+    Void,
+    Expire,
+}
+
+#[derive(Debug, Clone)]
+pub enum Op {
+    Post(NewEntry),
+    /// Resolve a pending entry (read beforehand, with its postings).
+    Resolve {
+        pending: Entry,
+        action: Resolution,
+    },
+    /// Post the mirror of a posted entry (read beforehand).
+    Reverse {
+        original: Entry,
+        description: String,
+    },
+}
+
+/// A caller's idempotency key with the hash of the request it came with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idem {
+    pub key: String,
+    pub operation: &'static str,
+    pub request_hash: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The command was applied now.
+    Created(Entry),
+    /// The key was used before with the same request: this is the entry it produced.
+    Replayed(String),
+}
+
+pub(crate) struct Command {
+    pub caller: String,
+    pub idem: Option<Idem>,
+    pub op: Op,
+    reply: oneshot::Sender<Result<Outcome>>,
+}
+
+/// Cheap to clone; every clone submits to the same queue.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl EngineHandle {
+    pub async fn submit(&self, caller: &str, idem: Option<Idem>, op: Op) -> Result<Outcome> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command { caller: caller.to_owned(), idem, op, reply };
+        self.tx.try_send(cmd).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Error::ResourceExhausted {
+                reason: "LEDGER_QUEUE_FULL",
+                message: "the ledger is at capacity; retry with the same idempotency key".into(),
+            },
+            mpsc::error::TrySendError::Closed(_) => Error::Unavailable("the ledger is shutting down".into()),
+        })?;
+        rx.await.map_err(|_| Error::Unavailable("the ledger engine stopped".into()))?
+    }
+}
+
+/// The running engine; `shutdown` drains the queue and waits for the workers.
+pub struct Engine {
+    stop: watch::Sender<bool>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Engine {
+    pub fn start(db: Db, config: EngineConfig) -> (Engine, EngineHandle) {
+        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let (stop, stop_rx) = watch::channel(false);
+        let rx = Arc::new(Mutex::new(rx));
+        let workers = (0..config.workers.max(1))
+            .map(|_| {
+                let worker = Worker { db: db.clone(), config: config.clone(), rx: rx.clone(), stop: stop_rx.clone() };
+                tokio::spawn(worker.run())
+            })
+            .collect();
+        (Engine { stop, workers }, EngineHandle { tx })
+    }
+
+    /// Refuses new commands, commits everything already queued, then returns.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for w in self.workers {
+            let _ = w.await;
+        }
+    }
+}
+
+struct Worker {
+    db: Db,
+    config: EngineConfig,
+    rx: Arc<Mutex<mpsc::Receiver<Command>>>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        loop {
+            let batch = {
+                // One worker gathers at a time, so batches stay as large as the load
+                // allows; the others commit meanwhile.
+                let mut rx = self.rx.lock().await;
+                if *self.stop.borrow() {
+                    rx.close();
+                }
+                let first = tokio::select! {
+                    cmd = rx.recv() => cmd,
+                    _ = self.stop.changed() => {
+                        rx.close();
+                        rx.recv().await
+                    }
+                };
+                let Some(first) = first else { return };
+                let mut batch = vec![first];
+                let deadline = tokio::time::Instant::now() + self.config.commit_wait;
+                while batch.len() < self.config.batch_size_max {
+                    match rx.try_recv() {
+                        Ok(cmd) => batch.push(cmd),
+                        Err(mpsc::error::TryRecvError::Disconnected) => break,
+                        Err(mpsc::error::TryRecvError::Empty) => {
+                            if self.config.commit_wait.is_zero() {
+                                break;
+                            }
+                            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                                Ok(Some(cmd)) => batch.push(cmd),
+                                _ => break,
+                            }
+                        }
+                    }
+                }
+                batch
+            };
+            process_batch(&self.db, batch).await;
+        }
+    }
+}
+
+/// Balance state of one locked account during a batch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AccountState {
+    pub credit_normal: bool,
+    pub allow_negative: bool,
+    pub balance: Balance,
+    /// Net change made by this batch's accepted commands.
+    pub delta: Balance,
+}
+
+/// One row of `ledger_postings` to write.
+#[derive(Debug, Clone)]
+pub(crate) struct PostingRow {
+    pub idx: i16,
+    pub posting: Posting,
+    pub pending: bool,
+}
+
+/// An accepted command, ready to write.
+#[derive(Debug, Clone)]
+pub(crate) struct Draft {
+    pub id: String,
+    pub kind: String,
+    pub description: String,
+    pub metadata_json: String,
+    pub metadata: Metadata,
+    pub status: EntryStatus,
+    pub postings: Vec<PostingRow>,
+    pub pending_entry_id: Option<String>,
+    pub reverses_entry_id: Option<String>,
+    pub expires_at_us: Option<i64>,
+    pub created_by: String,
+    pub sequence: i64,
+}
+
+impl Draft {
+    pub fn to_entry(&self, created_at_us: i64) -> Entry {
+        Entry {
+            id: self.id.clone(),
+            sequence: self.sequence,
+            kind: self.kind.clone(),
+            description: self.description.clone(),
+            metadata: self.metadata.clone(),
+            status: self.status,
+            postings: self.postings.iter().map(|p| p.posting.clone()).collect(),
+            pending_entry_id: self.pending_entry_id.clone(),
+            reverses_entry_id: self.reverses_entry_id.clone(),
+            expires_at_us: self.expires_at_us,
+            created_at_us,
+        }
+    }
+}
+
+pub(crate) enum Decision {
+    Accept(Draft),
+    Reject(Error),
+    /// Another process committed this idempotency key first; answered after commit.
+    KeyTaken,
+}
+
+/// What the transaction needs to know about a batch before deciding.
+pub(crate) struct Plan<'a> {
+    pub cmds: Vec<&'a Command>,
+    /// Every account the batch touches, ascending: the lock order.
+    pub account_ids: Vec<i64>,
+    /// Pending entries the batch resolves, and entries it reverses.
+    pub resolve_targets: Vec<String>,
+    pub reverse_targets: Vec<String>,
+    /// Indexes into `cmds` of commands with keys, sorted by (caller, key): the key
+    /// insertion order.
+    pub keyed: Vec<usize>,
+    /// The id each command's entry gets if accepted, known before deciding so the
+    /// idempotency record can name it.
+    pub entry_ids: Vec<String>,
+    pub now_us: i64,
+}
+
+impl<'a> Plan<'a> {
+    fn new(cmds: Vec<&'a Command>) -> Self {
+        let mut ids = Vec::new();
+        let mut resolve_targets = Vec::new();
+        let mut reverse_targets = Vec::new();
+        for cmd in &cmds {
+            match &cmd.op {
+                Op::Post(e) => ids.extend(e.postings.iter().map(|p| p.account_id)),
+                Op::Resolve { pending, .. } => {
+                    ids.extend(pending.postings.iter().map(|p| p.account_id));
+                    resolve_targets.push(pending.id.clone());
+                }
+                Op::Reverse { original, .. } => {
+                    ids.extend(original.postings.iter().map(|p| p.account_id));
+                    reverse_targets.push(original.id.clone());
+                }
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        let mut keyed: Vec<usize> = (0..cmds.len()).filter(|i| cmds[*i].idem.is_some()).collect();
+        keyed.sort_by(|a, b| {
+            let ka = (&cmds[*a].caller, cmds[*a].idem.as_ref().map(|i| &i.key));
+            let kb = (&cmds[*b].caller, cmds[*b].idem.as_ref().map(|i| &i.key));
+            ka.cmp(&kb)
+        });
+        let entry_ids = (0..cmds.len()).map(|_| new_entry_id()).collect();
+        Plan { cmds, account_ids: ids, resolve_targets, reverse_targets, keyed, entry_ids, now_us: now_us() }
+    }
+
+    /// Decides every command in order against the locked balances. Pure: no I/O.
+    pub fn decide(
+        &self,
+        accounts: &mut HashMap<i64, AccountState>,
+        resolved: &HashSet<String>,
+        reversed: &HashSet<String>,
+        keys_taken: &HashSet<usize>,
+    ) -> Vec<Decision> {
+        let mut resolved_now: HashSet<&str> = HashSet::new();
+        let mut reversed_now: HashSet<&str> = HashSet::new();
+        let mut out = Vec::with_capacity(self.cmds.len());
+        for (i, cmd) in self.cmds.iter().enumerate() {
+            if keys_taken.contains(&i) {
+                out.push(Decision::KeyTaken);
+                continue;
+            }
+            let decision = match &cmd.op {
+                Op::Post(new) => self.decide_post(i, new, accounts),
+                Op::Resolve { pending, action } => {
+                    if resolved.contains(&pending.id) || resolved_now.contains(pending.id.as_str()) {
+                        Decision::Reject(Error::FailedPrecondition {
+                            reason: "ENTRY_NOT_PENDING",
+                            message: format!("entry {} is no longer pending", pending.id),
+                        })
+                    } else {
+                        let d = self.decide_resolve(i, pending, *action, accounts);
+                        if matches!(d, Decision::Accept(_)) {
+                            resolved_now.insert(pending.id.as_str());
+                        }
+                        d
+                    }
+                }
+                Op::Reverse { original, description } => {
+                    if reversed.contains(&original.id) || reversed_now.contains(original.id.as_str()) {
+                        Decision::Reject(Error::FailedPrecondition {
+                            reason: "ALREADY_REVERSED",
+                            message: format!("entry {} is already reversed", original.id),
+                        })
+                    } else {
+                        let d = self.decide_reverse(i, original, description, accounts);
+                        if matches!(d, Decision::Accept(_)) {
+                            reversed_now.insert(original.id.as_str());
+                        }
+                        d
+                    }
+                }
+            };
+            out.push(decision);
+        }
+        out
+    }
+
+    fn decide_post(&self, i: usize, new: &NewEntry, accounts: &mut HashMap<i64, AccountState>) -> Decision {
+        let pending = new.pending_timeout_s.is_some();
+        let effects: Vec<Effect> = new
+            .postings
+            .iter()
+            .map(|p| Effect {
+                account_id: p.account_id,
+                direction: p.direction,
+                amount: p.amount.minor(),
+                kind: if pending { EffectKind::Reserve } else { EffectKind::Post },
+            })
+            .collect();
+        if let Err(e) = apply(accounts, &effects, &new.postings) {
+            return Decision::Reject(e);
+        }
+        let rows = new
+            .postings
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PostingRow { idx: i as i16, posting: p.clone(), pending })
+            .collect();
+        Decision::Accept(Draft {
+            id: self.entry_ids[i].clone(),
+            kind: new.kind.clone(),
+            description: new.description.clone(),
+            metadata_json: metadata_json(&new.metadata),
+            metadata: new.metadata.clone(),
+            status: if pending { EntryStatus::Pending } else { EntryStatus::Posted },
+            postings: rows,
+            pending_entry_id: None,
+            reverses_entry_id: None,
+            expires_at_us: new.pending_timeout_s.map(|s| self.now_us.saturating_add(i64::from(s) * 1_000_000)),
+            created_by: self.cmds[i].caller.clone(),
+            sequence: 0,
+        })
+    }
+
+    fn decide_resolve(
+        &self,
+        i: usize,
+        pending: &Entry,
+        action: Resolution,
+        accounts: &mut HashMap<i64, AccountState>,
+    ) -> Decision {
+        if action != Resolution::Expire && pending.expires_at_us.is_some_and(|t| t <= self.now_us) {
+            return Decision::Reject(Error::FailedPrecondition {
+                reason: "ENTRY_EXPIRED",
+                message: format!("pending entry {} has expired", pending.id),
+            });
+        }
+        let mut effects: Vec<Effect> = pending
+            .postings
+            .iter()
+            .map(|p| Effect {
+                account_id: p.account_id,
+                direction: p.direction,
+                amount: p.amount.minor(),
+                kind: EffectKind::Release,
+            })
+            .collect();
+        let posted: Vec<Posting> = match action {
+            Resolution::Post(None) => pending.postings.clone(),
+            Resolution::Post(Some(minor)) => pending
+                .postings
+                .iter()
+                .map(|p| Posting { amount: Money::from_minor(p.amount.currency(), minor), ..p.clone() })
+                .collect(),
+            Resolution::Void | Resolution::Expire => Vec::new(),
+        };
+        effects.extend(posted.iter().map(|p| Effect {
+            account_id: p.account_id,
+            direction: p.direction,
+            amount: p.amount.minor(),
+            kind: EffectKind::Post,
+        }));
+        if let Err(e) = apply(accounts, &effects, &pending.postings) {
+            return Decision::Reject(e);
+        }
+        let (status, kind) = match action {
+            Resolution::Post(_) => (EntryStatus::Posted, format!("{}.post", pending.kind)),
+            Resolution::Void => (EntryStatus::Voided, format!("{}.void", pending.kind)),
+            Resolution::Expire => (EntryStatus::Expired, format!("{}.expire", pending.kind)),
+        };
+        Decision::Accept(Draft {
+            id: self.entry_ids[i].clone(),
+            kind: truncate_kind(kind),
+            description: pending.description.clone(),
+            metadata_json: metadata_json(&pending.metadata),
+            metadata: pending.metadata.clone(),
+            status,
+            postings: posted
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| PostingRow { idx: i as i16, posting: p, pending: false })
+                .collect(),
+            pending_entry_id: Some(pending.id.clone()),
+            reverses_entry_id: None,
+            expires_at_us: None,
+            created_by: self.cmds[i].caller.clone(),
+            sequence: 0,
+        })
+    }
+
+    fn decide_reverse(
+        &self,
+        i: usize,
+        original: &Entry,
+        description: &str,
+        accounts: &mut HashMap<i64, AccountState>,
+    ) -> Decision {
+        let mirrored: Vec<Posting> =
+            original.postings.iter().map(|p| Posting { direction: p.direction.opposite(), ..p.clone() }).collect();
+        let effects: Vec<Effect> = mirrored
+            .iter()
+            .map(|p| Effect {
+                account_id: p.account_id,
+                direction: p.direction,
+                amount: p.amount.minor(),
+                kind: EffectKind::Post,
+            })
+            .collect();
+        if let Err(e) = apply(accounts, &effects, &mirrored) {
+            return Decision::Reject(e);
+        }
+        Decision::Accept(Draft {
+            id: self.entry_ids[i].clone(),
+            kind: truncate_kind(format!("{}.reversal", original.kind)),
+            description: description.to_owned(),
+            metadata_json: metadata_json(&original.metadata),
+            metadata: original.metadata.clone(),
+            status: EntryStatus::Posted,
+            postings: mirrored
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| PostingRow { idx: i as i16, posting: p, pending: false })
+                .collect(),
+            pending_entry_id: None,
+            reverses_entry_id: Some(original.id.clone()),
+            expires_at_us: None,
+            created_by: self.cmds[i].caller.clone(),
+            sequence: 0,
+        })
+    }
+}
+
+fn truncate_kind(mut kind: String) -> String {
+    kind.truncate(super::model::KIND_LEN_MAX);
+    kind
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EffectKind {
+    Post,
+    Reserve,
+    Release,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Effect {
+    account_id: i64,
+    direction: Direction,
+    amount: i64,
+    kind: EffectKind,
+}
+
+fn field_of(balance: &mut Balance, direction: Direction, kind: EffectKind) -> &mut i64 {
+    match (kind, direction) {
+        (EffectKind::Post, Direction::Debit) => &mut balance.posted_debits,
+        (EffectKind::Post, Direction::Credit) => &mut balance.posted_credits,
+        (_, Direction::Debit) => &mut balance.pending_debits,
+        (_, Direction::Credit) => &mut balance.pending_credits,
+    }
+}
+
+/// Applies one command's effects to the batch state, or leaves it untouched and says why
+/// not. Every step is checked arithmetic.
+fn apply(accounts: &mut HashMap<i64, AccountState>, effects: &[Effect], postings: &[Posting]) -> Result<()> {
+    let mut scratch: BTreeMap<i64, AccountState> = BTreeMap::new();
+    for e in effects {
+        let state = match scratch.get_mut(&e.account_id) {
+            Some(s) => s,
+            None => {
+                let s = *accounts
+                    .get(&e.account_id)
+                    .ok_or_else(|| Error::internal(anyhow::anyhow!("account {} not locked", e.account_id)))?;
+                scratch.entry(e.account_id).or_insert(s)
+            }
+        };
+        let signed = if e.kind == EffectKind::Release { -e.amount } else { e.amount };
+        let overflow = || Error::FailedPrecondition {
+            reason: "BALANCE_LIMIT",
+            message: "the balance would exceed what the ledger can hold".into(),
+        };
+        let total = field_of(&mut state.balance, e.direction, e.kind);
+        *total = total.checked_add(signed).ok_or_else(overflow)?;
+        if *total < 0 {
+            return Err(Error::internal(anyhow::anyhow!("release beyond reservation on account {}", e.account_id)));
+        }
+        let delta = field_of(&mut state.delta, e.direction, e.kind);
+        *delta = delta.checked_add(signed).ok_or_else(overflow)?;
+    }
+    for (id, state) in &scratch {
+        if state.allow_negative {
+            continue;
+        }
+        let available = state.balance.available(state.credit_normal).ok_or_else(|| Error::FailedPrecondition {
+            reason: "BALANCE_LIMIT",
+            message: "the balance would exceed what the ledger can hold".into(),
+        })?;
+        if available < 0 {
+            let code = postings
+                .iter()
+                .find(|p| p.account_id == *id)
+                .map(|p| p.account_code.to_string())
+                .unwrap_or_else(|| id.to_string());
+            let short = postings
+                .iter()
+                .find(|p| p.account_id == *id)
+                .map(|p| p.amount.currency())
+                .map_or_else(|| (-available).to_string(), |c| Money::from_minor(c, -available).amount_string());
+            return Err(Error::FailedPrecondition {
+                reason: "INSUFFICIENT_FUNDS",
+                message: format!("insufficient funds in {code}: short by {short}"),
+            });
+        }
+    }
+    for (id, state) in scratch {
+        accounts.insert(id, state);
+    }
+    Ok(())
+}
+
+fn new_entry_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+fn metadata_json(metadata: &Metadata) -> String {
+    serde_json::to_string(metadata).unwrap_or_else(|_| "{}".into())
+}
+
+/// The outcome of one batch transaction: a decision per command of the plan.
+pub(crate) type BatchResult = std::result::Result<Vec<Decision>, sqlx::Error>;
+
+async fn process_batch(db: &Db, batch: Vec<Command>) {
+    // Duplicates inside the batch: the first of each (caller, key) leads; a later one
+    // with the same request follows it, with another request it is ALREADY_EXISTS.
+    let mut leaders: HashMap<(String, String), usize> = HashMap::new();
+    let mut followers: Vec<(Command, usize)> = Vec::new();
+    let mut lead: Vec<Command> = Vec::with_capacity(batch.len());
+    for cmd in batch {
+        if let Some(idem) = &cmd.idem {
+            let k = (cmd.caller.clone(), idem.key.clone());
+            if let Some(&li) = leaders.get(&k) {
+                let same = lead[li].idem.as_ref().is_some_and(|l| l.request_hash == idem.request_hash);
+                if same {
+                    followers.push((cmd, li));
+                } else {
+                    let _ = cmd.reply.send(Err(key_reused(&idem.key)));
+                }
+                continue;
+            }
+            leaders.insert(k, lead.len());
+        }
+        lead.push(cmd);
+    }
+
+    // Keys committed earlier: answer without a write transaction.
+    let existing = match lookup_keys(db, &lead).await {
+        Ok(found) => found,
+        Err(e) => {
+            let err = crate::store::classify(e);
+            for cmd in lead {
+                let _ = cmd.reply.send(Err(err.duplicate()));
+            }
+            for (cmd, _) in followers {
+                let _ = cmd.reply.send(Err(err.duplicate()));
+            }
+            return;
+        }
+    };
+
+    let mut results: Vec<Option<Result<Outcome>>> = (0..lead.len()).map(|_| None).collect();
+    let mut to_run: Vec<usize> = Vec::with_capacity(lead.len());
+    for (i, cmd) in lead.iter().enumerate() {
+        match cmd.idem.as_ref().and_then(|k| existing.get(&(cmd.caller.clone(), k.key.clone())).map(|r| (k, r))) {
+            Some((idem, record)) => results[i] = Some(replay(idem, record)),
+            None => to_run.push(i),
+        }
+    }
+
+    if !to_run.is_empty() {
+        let run: Vec<&Command> = to_run.iter().map(|i| &lead[*i]).collect();
+        let outcomes = run_transaction(db, run).await;
+        for (slot, outcome) in to_run.iter().zip(outcomes) {
+            results[*slot] = Some(outcome);
+        }
+        // Keys another process committed while this batch waited for them.
+        let taken: Vec<usize> =
+            to_run.iter().copied().filter(|i| matches!(results[*i], Some(Err(Error::Aborted)))).collect();
+        if !taken.is_empty() {
+            let again: Vec<&Command> = taken.iter().map(|i| &lead[*i]).collect();
+            match lookup_keys_of(db, &again).await {
+                Ok(found) => {
+                    for i in taken {
+                        let cmd = &lead[i];
+                        let answer = cmd
+                            .idem
+                            .as_ref()
+                            .and_then(|k| found.get(&(cmd.caller.clone(), k.key.clone())).map(|r| replay(k, r)))
+                            .unwrap_or_else(|| {
+                                Err(Error::Unavailable("concurrent request with this key; retry".into()))
+                            });
+                        results[i] = Some(answer);
+                    }
+                }
+                Err(e) => {
+                    let err = crate::store::classify(e);
+                    for i in taken {
+                        results[i] = Some(Err(err.duplicate()));
+                    }
+                }
+            }
+        }
+    }
+
+    // Followers get what their leader got.
+    let mut follower_answers: Vec<(Command, Result<Outcome>)> = Vec::with_capacity(followers.len());
+    for (cmd, li) in followers {
+        let answer = match &results[li] {
+            Some(Ok(Outcome::Created(entry))) => Ok(Outcome::Replayed(entry.id.clone())),
+            Some(Ok(Outcome::Replayed(id))) => Ok(Outcome::Replayed(id.clone())),
+            Some(Err(e)) => Err(e.duplicate()),
+            None => Err(Error::internal(anyhow::anyhow!("leader without a result"))),
+        };
+        follower_answers.push((cmd, answer));
+    }
+    for (cmd, result) in lead.into_iter().zip(results) {
+        let _ =
+            cmd.reply.send(result.unwrap_or_else(|| Err(Error::internal(anyhow::anyhow!("command without a result")))));
+    }
+    for (cmd, answer) in follower_answers {
+        let _ = cmd.reply.send(answer);
+    }
+}
+
+fn key_reused(key: &str) -> Error {
+    Error::AlreadyExists(format!(
+        "idempotency_key {key:?} was already used with a different request; use a new key for a new request"
+    ))
+}
+
+/// A committed idempotency record.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct KeyRecord {
+    pub caller: String,
+    pub key: String,
+    pub operation: String,
+    pub request_hash: String,
+    pub result_id: String,
+}
+
+fn replay(idem: &Idem, record: &KeyRecord) -> Result<Outcome> {
+    if record.request_hash == idem.request_hash && record.operation == idem.operation {
+        Ok(Outcome::Replayed(record.result_id.clone()))
+    } else {
+        Err(key_reused(&idem.key))
+    }
+}
+
+async fn lookup_keys(
+    db: &Db,
+    cmds: &[Command],
+) -> std::result::Result<HashMap<(String, String), KeyRecord>, sqlx::Error> {
+    let refs: Vec<&Command> = cmds.iter().collect();
+    lookup_keys_of(db, &refs).await
+}
+
+async fn lookup_keys_of(
+    db: &Db,
+    cmds: &[&Command],
+) -> std::result::Result<HashMap<(String, String), KeyRecord>, sqlx::Error> {
+    let pairs: Vec<(String, String)> =
+        cmds.iter().filter_map(|c| c.idem.as_ref().map(|k| (c.caller.clone(), k.key.clone()))).collect();
+    if pairs.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let records = match db {
+        Db::Postgres(pool) => super::batch_pg::lookup_keys(pool, &pairs).await?,
+        Db::Sqlite(pool) => super::batch_sqlite::lookup_keys(pool, &pairs).await?,
+    };
+    Ok(records.into_iter().map(|r| ((r.caller.clone(), r.key.clone()), r)).collect())
+}
+
+/// Runs the batch transaction and turns decisions into answers. Keys another process
+/// took first come back as `Error::Aborted` for the caller above to look up.
+async fn run_transaction(db: &Db, cmds: Vec<&Command>) -> Vec<Result<Outcome>> {
+    let plan = Plan::new(cmds);
+    let created_at_us = plan.now_us;
+    let result: BatchResult = match db {
+        Db::Postgres(pool) => super::batch_pg::commit(pool, &plan).await,
+        Db::Sqlite(pool) => super::batch_sqlite::commit(pool, &plan).await,
+    };
+    match result {
+        Ok(decisions) => decisions
+            .into_iter()
+            .map(|d| match d {
+                Decision::Accept(draft) => Ok(Outcome::Created(draft.to_entry(created_at_us))),
+                Decision::Reject(e) => Err(e),
+                Decision::KeyTaken => Err(Error::Aborted),
+            })
+            .collect(),
+        Err(e) => {
+            let err = crate::store::classify(e);
+            if plan.cmds.len() > 1 && matches!(err, Error::Internal(_)) {
+                // The database refused the batch. Retry one by one so only the command
+                // at fault fails.
+                tracing::error!(error = %format!("{err:#}"), size = plan.cmds.len(), "ledger batch refused; retrying commands one by one");
+                let mut out = Vec::with_capacity(plan.cmds.len());
+                for cmd in plan.cmds {
+                    out.extend(Box::pin(run_transaction(db, vec![cmd])).await);
+                }
+                out
+            } else {
+                plan.cmds.iter().map(|_| Err(err.duplicate())).collect()
+            }
+        }
+    }
+}

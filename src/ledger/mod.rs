@@ -1,0 +1,245 @@
+//! The double-entry ledger: the book of record for every cent dmpay moves.
+//!
+//! - `model`      accounts, postings, entries, balances and their validation
+//! - `accounts`   account lookup (cached), wallets on first use, system accounts
+//! - `engine`     the batching posting engine, the single write path
+//! - `batch_pg`, `batch_sqlite`  the engine's transaction on each backend
+//! - `read`       entries, listings and point-in-time balances
+//! - `verify`     recompute everything from postings and report differences
+//! - `maintenance` pending-entry expiry and idempotency-key retention
+//! - `bench`      `dmpay bench ledger`: the engine against naive per-transfer SQL
+
+pub mod accounts;
+mod batch_pg;
+mod batch_sqlite;
+pub mod engine;
+pub mod maintenance;
+pub mod model;
+pub mod read;
+pub mod verify;
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+pub use accounts::AccountStore;
+pub use engine::{Engine, EngineConfig, EngineHandle, Idem, NewEntry, Op, Outcome, Resolution};
+pub use model::*;
+
+use crate::error::{Error, Result};
+use crate::money::{Currencies, Money};
+use crate::store::Db;
+
+/// A posting as the caller names it, before its account is resolved.
+#[derive(Debug, Clone)]
+pub struct PostingInput {
+    pub account_code: AccountCode,
+    pub direction: Direction,
+    pub amount: Money,
+}
+
+/// `PostEntry` after wire parsing.
+#[derive(Debug, Clone)]
+pub struct PostEntryInput {
+    pub idempotency_key: String,
+    pub kind: String,
+    pub description: String,
+    pub postings: Vec<PostingInput>,
+    pub metadata: Metadata,
+    pub pending: bool,
+    /// 0 means the default.
+    pub pending_timeout_s: u32,
+}
+
+/// The ledger service: validation, then the engine for writes and `read` for reads.
+#[derive(Clone)]
+pub struct Ledger {
+    db: Db,
+    accounts: Arc<AccountStore>,
+    engine: EngineHandle,
+}
+
+fn hash_request(parts: &serde_json::Value) -> String {
+    let digest = Sha256::digest(parts.to_string().as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Ledger {
+    pub fn new(db: Db, currencies: Currencies, engine: EngineHandle) -> Self {
+        Ledger { accounts: Arc::new(AccountStore::new(db.clone(), currencies)), db, engine }
+    }
+
+    pub fn accounts(&self) -> &AccountStore {
+        &self.accounts
+    }
+
+    pub fn engine(&self) -> &EngineHandle {
+        &self.engine
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    async fn finish(&self, outcome: Outcome) -> Result<Entry> {
+        match outcome {
+            Outcome::Created(entry) => Ok(entry),
+            Outcome::Replayed(id) => self.get_entry(&id).await,
+        }
+    }
+
+    /// Validates, resolves accounts (creating wallets on first use) and checks the
+    /// postings balance, then submits the entry to the engine.
+    pub async fn post_entry(&self, caller: &str, input: PostEntryInput) -> Result<Entry> {
+        check_idempotency_key("idempotency_key", &input.idempotency_key)?;
+        check_kind("kind", &input.kind)?;
+        crate::accounts::parse_text("description", &input.description, DESCRIPTION_LEN_MAX, false)?;
+        check_metadata("metadata", &input.metadata)?;
+        if input.postings.len() < 2 {
+            return Err(Error::invalid("postings", "an entry needs at least two postings"));
+        }
+        if input.postings.len() > POSTINGS_MAX {
+            return Err(Error::invalid("postings", format!("at most {POSTINGS_MAX} postings")));
+        }
+        if input.pending_timeout_s > PENDING_TIMEOUT_MAX_S {
+            return Err(Error::invalid(
+                "pending_timeout_seconds",
+                format!("at most {PENDING_TIMEOUT_MAX_S} (30 days)"),
+            ));
+        }
+        if !input.pending && input.pending_timeout_s != 0 {
+            return Err(Error::invalid("pending_timeout_seconds", "only for pending entries"));
+        }
+        let mut postings = Vec::with_capacity(input.postings.len());
+        for (i, p) in input.postings.iter().enumerate() {
+            let account = self.accounts.resolve(&format!("postings[{i}].account_code"), &p.account_code, true).await?;
+            if account.currency != p.amount.currency() {
+                return Err(Error::invalid(
+                    format!("postings[{i}].amount.currency"),
+                    format!("account {} is in {}, not {}", account.code, account.currency, p.amount.currency()),
+                ));
+            }
+            postings.push(Posting {
+                account_id: account.id,
+                account_code: account.code,
+                direction: p.direction,
+                amount: p.amount,
+            });
+        }
+        check_balanced("postings", &postings)?;
+
+        let timeout = input.pending.then_some(if input.pending_timeout_s == 0 {
+            PENDING_TIMEOUT_DEFAULT_S
+        } else {
+            input.pending_timeout_s
+        });
+        let request_hash = hash_request(&serde_json::json!({
+            "kind": input.kind,
+            "description": input.description,
+            "postings": postings.iter().map(|p| (p.account_code.as_str(), p.direction.as_db(), p.amount.currency().code(), p.amount.minor())).collect::<Vec<_>>(),
+            "metadata": input.metadata,
+            "pending": timeout,
+        }));
+        let idem = Idem { key: input.idempotency_key, operation: "post_entry", request_hash };
+        let op = Op::Post(NewEntry {
+            kind: input.kind,
+            description: input.description,
+            metadata: input.metadata,
+            postings,
+            pending_timeout_s: timeout,
+        });
+        let outcome = self.engine.submit(caller, Some(idem), op).await?;
+        self.finish(outcome).await
+    }
+
+    /// Posts a pending entry, fully or (for a two-posting entry) partially.
+    pub async fn post_pending(&self, caller: &str, entry_id: &str, key: &str, amount: Option<Money>) -> Result<Entry> {
+        check_idempotency_key("idempotency_key", key)?;
+        let pending = self.pending_entry(entry_id).await?;
+        let partial = match amount {
+            None => None,
+            Some(m) => {
+                if pending.postings.len() != 2 {
+                    return Err(Error::invalid("amount", "a partial post needs an entry with exactly two postings"));
+                }
+                let reserved = pending.postings[0].amount;
+                if m.currency() != reserved.currency() {
+                    return Err(Error::invalid(
+                        "amount.currency",
+                        format!("the entry is in {}, not {}", reserved.currency(), m.currency()),
+                    ));
+                }
+                if m.minor() > reserved.minor() {
+                    return Err(Error::invalid("amount", format!("at most the reserved {}", reserved.amount_string())));
+                }
+                Some(m.minor())
+            }
+        };
+        let request_hash = hash_request(&serde_json::json!({"entry": entry_id, "amount": partial}));
+        let idem = Idem { key: key.to_owned(), operation: "post_pending", request_hash };
+        let outcome =
+            self.engine.submit(caller, Some(idem), Op::Resolve { pending, action: Resolution::Post(partial) }).await?;
+        self.finish(outcome).await
+    }
+
+    /// Releases a pending entry's reservation without moving money.
+    pub async fn void_pending(&self, caller: &str, entry_id: &str, key: &str) -> Result<Entry> {
+        check_idempotency_key("idempotency_key", key)?;
+        let pending = self.pending_entry(entry_id).await?;
+        let request_hash = hash_request(&serde_json::json!({"entry": entry_id}));
+        let idem = Idem { key: key.to_owned(), operation: "void_pending", request_hash };
+        let outcome = self.engine.submit(caller, Some(idem), Op::Resolve { pending, action: Resolution::Void }).await?;
+        self.finish(outcome).await
+    }
+
+    /// Posts the mirror of a posted entry.
+    pub async fn reverse(&self, caller: &str, entry_id: &str, key: &str, reason: &str) -> Result<Entry> {
+        check_idempotency_key("idempotency_key", key)?;
+        crate::accounts::parse_text("reason", reason, DESCRIPTION_LEN_MAX, true)?;
+        let original = self.get_entry_field("entry_id", entry_id).await?;
+        if original.status != EntryStatus::Posted || original.postings.is_empty() {
+            return Err(Error::FailedPrecondition {
+                reason: "ENTRY_NOT_POSTED",
+                message: format!("entry {entry_id} is not a posted entry; void a pending entry instead"),
+            });
+        }
+        if original.pending_entry_id.is_none() && original.expires_at_us.is_some() {
+            return Err(Error::FailedPrecondition {
+                reason: "ENTRY_NOT_POSTED",
+                message: format!("entry {entry_id} is a reservation; reverse the entry that posted it"),
+            });
+        }
+        let request_hash = hash_request(&serde_json::json!({"entry": entry_id, "reason": reason}));
+        let idem = Idem { key: key.to_owned(), operation: "reverse_entry", request_hash };
+        let op = Op::Reverse { original, description: reason.to_owned() };
+        let outcome = self.engine.submit(caller, Some(idem), op).await?;
+        self.finish(outcome).await
+    }
+
+    async fn pending_entry(&self, entry_id: &str) -> Result<Entry> {
+        let entry = self.get_entry_field("entry_id", entry_id).await?;
+        if entry.expires_at_us.is_none() {
+            return Err(Error::FailedPrecondition {
+                reason: "ENTRY_NOT_PENDING",
+                message: format!("entry {entry_id} is not a pending entry"),
+            });
+        }
+        // Whether it is still pending is decided by the engine under its locks, after
+        // an idempotent replay of this very request has had its chance.
+        Ok(entry)
+    }
+
+    async fn get_entry_field(&self, field: &str, entry_id: &str) -> Result<Entry> {
+        if entry_id.is_empty() {
+            return Err(Error::invalid(field, "required"));
+        }
+        if entry_id.len() > 64 {
+            return Err(Error::invalid(field, "not an entry id"));
+        }
+        self.get_entry(entry_id).await
+    }
+
+    pub async fn get_entry(&self, entry_id: &str) -> Result<Entry> {
+        read::get_entry(&self.db, entry_id).await?.ok_or_else(|| Error::NotFound(format!("entry {entry_id} not found")))
+    }
+}

@@ -614,10 +614,10 @@ async fn tampering_is_refused_by_the_database(app: TestApp) {
     // An unbalanced entry written by hand, bypassing the code, in one transaction.
     let unbalanced = dmpay::with_db!(&app.db, pool => {
         let mut tx = pool.begin().await.unwrap();
-        let r1 = sqlx::query(&format!(
+        let r1 = sqlx::query(
             "INSERT INTO ledger_postings (entry_id, idx, account_id, direction, amount, currency, pending, sequence, created_at_us) \
              SELECT 'forged', 0, id, 'D', 500, 'USD', FALSE, 2, 0 FROM ledger_accounts WHERE code = 'platform:treasury:USD'"
-        ))
+        )
         .execute(&mut *tx)
         .await;
         let r2 = sqlx::query(&format!(

@@ -27,6 +27,16 @@ enum Command {
     Serve,
     /// Run the database migrations and exit.
     Migrate,
+    /// Ledger maintenance.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Print a development token signed with the configured HS256 secret.
     Token {
         /// Subject: the user or service id.
@@ -38,6 +48,32 @@ enum Command {
         /// Lifetime, e.g. 15m, 1h, 7d.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Recompute every balance from postings, check every entry; exit 1 if anything is off.
+    Verify,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// The posting engine in-process against naive per-transfer transactions, on the
+    /// configured database (use a scratch database: it writes benchmark accounts).
+    Ledger {
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Length of each of the four runs.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Accounts for the uniform load.
+        #[arg(long, default_value_t = 1000)]
+        accounts: usize,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
 }
 
@@ -59,6 +95,40 @@ pub fn main() -> ExitCode {
             let app = Application::build(config).await?;
             app.run_until(shutdown_signal()).await
         }),
+        Command::Ledger { command: LedgerCommand::Verify } => {
+            return match run_async(async move { ledger_verify(&config).await }) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("dmpay: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Command::Bench { command: BenchCommand::Ledger { clients, duration, accounts, json } } => {
+            run_async(async move {
+                init_logging(config.log_format);
+                anyhow::ensure!((1..=1024).contains(&clients), "--clients must be 1 to 1024");
+                anyhow::ensure!((2..=1_000_000).contains(&accounts), "--accounts must be 2 to 1000000");
+                let pool_size = config.db_pool_size.max(clients.min(90) as u32);
+                let db = Db::connect_url(
+                    secrecy::ExposeSecret::expose_secret(&config.database_url),
+                    pool_size,
+                    Duration::from_secs(30),
+                )
+                .await?;
+                db.migrate().await?;
+                let options =
+                    crate::ledger::bench::BenchOptions { clients, duration, accounts, engine: config.engine.clone() };
+                let report = crate::ledger::bench::run(db.clone(), options).await?;
+                print!("{}", report.table());
+                if let Some(path) = json {
+                    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+                }
+                db.close().await;
+                Ok(())
+            })
+        }
         Command::Migrate => run_async(async move {
             init_logging(config.log_format);
             let db = Db::connect(&config).await?;
@@ -77,6 +147,29 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+async fn ledger_verify(config: &Config) -> anyhow::Result<bool> {
+    let db = Db::connect(config).await?;
+    let report = crate::ledger::verify::verify(&db).await?;
+    println!("accounts checked: {}", report.accounts_checked);
+    println!("entries checked:  {}", report.entries_checked);
+    if report.ok() {
+        println!("ledger OK: every balance matches its postings, every entry balances, no sequence gaps");
+    } else {
+        println!("{} problem(s):", report.problems.len());
+        for p in &report.problems {
+            println!(
+                "  {:<18} account={} entry={} {}",
+                p.kind,
+                p.account_code.as_deref().unwrap_or("-"),
+                p.entry_id.as_deref().unwrap_or("-"),
+                p.detail
+            );
+        }
+    }
+    db.close().await;
+    Ok(report.ok())
+}
+
+fn run_async<T>(fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(fut)
 }

@@ -14,8 +14,10 @@ use super::model::Balance;
 pub(crate) async fn lookup_keys(pool: &PgPool, pairs: &[(String, String)]) -> Result<Vec<KeyRecord>, sqlx::Error> {
     let (callers, keys): (Vec<&str>, Vec<&str>) = pairs.iter().map(|(c, k)| (c.as_str(), k.as_str())).unzip();
     sqlx::query_as(
-        "SELECT caller, key, operation, request_hash, result_id FROM idempotency_keys \
-         WHERE (caller, key) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))",
+        // LATERAL keeps this one primary-key probe per key, never a scan of the table.
+        "SELECT i.caller, i.key, i.operation, i.request_hash, i.result_id \
+         FROM UNNEST($1::text[], $2::text[]) AS t(c, k) \
+         CROSS JOIN LATERAL (SELECT * FROM idempotency_keys WHERE caller = t.c AND key = t.k LIMIT 1) i",
     )
     .bind(callers)
     .bind(keys)
@@ -120,22 +122,10 @@ pub(crate) async fn commit(pool: &PgPool, plan: &Plan<'_>) -> BatchResult {
     // 4. Decide, in memory.
     let mut decisions = plan.decide(&mut accounts, &resolved, &reversed, &keys_taken);
 
-    // 5. Sequence numbers for the accepted entries, one contiguous block.
+    // 5. Sequence block, postings, entries and balances in one statement: one round
+    //    trip whatever the batch size. Its AFTER STATEMENT triggers see all of it.
     let accepted = decisions.iter().filter(|d| matches!(d, Decision::Accept(_))).count() as i64;
     if accepted > 0 {
-        let last: i64 = sqlx::query_scalar(
-            "UPDATE ledger_sequence SET last_value = last_value + $1 WHERE id = 1 RETURNING last_value",
-        )
-        .bind(accepted)
-        .fetch_one(&mut *tx)
-        .await?;
-        let mut next = last - accepted + 1;
-        for d in decisions.iter_mut() {
-            if let Decision::Accept(draft) = d {
-                draft.sequence = next;
-                next += 1;
-            }
-        }
         let drafts: Vec<&Draft> = decisions
             .iter()
             .filter_map(|d| match d {
@@ -143,9 +133,14 @@ pub(crate) async fn commit(pool: &PgPool, plan: &Plan<'_>) -> BatchResult {
                 _ => None,
             })
             .collect();
-        write_postings(&mut tx, &drafts, plan.now_us).await?;
-        write_entries(&mut tx, &drafts, plan.now_us).await?;
-        write_balances(&mut tx, &accounts).await?;
+        let base = write_batch(&mut tx, &drafts, &accounts, accepted, plan.now_us).await?;
+        let mut next = base + 1;
+        for d in decisions.iter_mut() {
+            if let Decision::Accept(draft) = d {
+                draft.sequence = next;
+                next += 1;
+            }
+        }
     }
 
     // 6. Rejected commands leave no key behind: a retry may succeed later.
@@ -169,117 +164,103 @@ pub(crate) async fn commit(pool: &PgPool, plan: &Plan<'_>) -> BatchResult {
     Ok(decisions)
 }
 
-async fn write_postings(
+/// Writes every accepted entry of the batch and returns the sequence base: entry `k`
+/// (1-based, in decision order) gets sequence `base + k`.
+async fn write_batch(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     drafts: &[&Draft],
+    accounts: &HashMap<i64, AccountState>,
+    accepted: i64,
     now_us: i64,
-) -> Result<(), sqlx::Error> {
+) -> Result<i64, sqlx::Error> {
     let n: usize = drafts.iter().map(|d| d.postings.len()).sum();
-    if n == 0 {
-        return Ok(());
-    }
-    let mut entry_ids = Vec::with_capacity(n);
-    let mut idxs = Vec::with_capacity(n);
-    let mut account_ids = Vec::with_capacity(n);
-    let mut directions = Vec::with_capacity(n);
-    let mut amounts = Vec::with_capacity(n);
-    let mut currencies = Vec::with_capacity(n);
-    let mut pendings = Vec::with_capacity(n);
-    let mut sequences = Vec::with_capacity(n);
-    for d in drafts {
+    let mut p_entry = Vec::with_capacity(n);
+    let mut p_idx = Vec::with_capacity(n);
+    let mut p_account = Vec::with_capacity(n);
+    let mut p_direction = Vec::with_capacity(n);
+    let mut p_amount = Vec::with_capacity(n);
+    let mut p_currency = Vec::with_capacity(n);
+    let mut p_pending = Vec::with_capacity(n);
+    let mut p_ordinal = Vec::with_capacity(n);
+    for (k, d) in drafts.iter().enumerate() {
         for p in &d.postings {
-            entry_ids.push(d.id.as_str());
-            idxs.push(p.idx);
-            account_ids.push(p.posting.account_id);
-            directions.push(p.posting.direction.as_db());
-            amounts.push(p.posting.amount.minor());
-            currencies.push(p.posting.amount.currency().code());
-            pendings.push(p.pending);
-            sequences.push(d.sequence);
+            p_entry.push(d.id.as_str());
+            p_idx.push(p.idx);
+            p_account.push(p.posting.account_id);
+            p_direction.push(p.posting.direction.as_db());
+            p_amount.push(p.posting.amount.minor());
+            p_currency.push(p.posting.amount.currency().code());
+            p_pending.push(p.pending);
+            p_ordinal.push(k as i64 + 1);
         }
     }
-    sqlx::query(
-        "INSERT INTO ledger_postings (entry_id, idx, account_id, direction, amount, currency, pending, sequence, created_at_us) \
-         SELECT e, i, a, d, m, c, p, s, $9 FROM UNNEST($1::text[], $2::int2[], $3::int8[], $4::text[], $5::int8[], $6::text[], $7::bool[], $8::int8[]) \
-         AS t(e, i, a, d, m, c, p, s)",
-    )
-    .bind(&entry_ids)
-    .bind(&idxs)
-    .bind(&account_ids)
-    .bind(&directions)
-    .bind(&amounts)
-    .bind(&currencies)
-    .bind(&pendings)
-    .bind(&sequences)
-    .bind(now_us)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-async fn write_entries(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    drafts: &[&Draft],
-    now_us: i64,
-) -> Result<(), sqlx::Error> {
-    let ids: Vec<&str> = drafts.iter().map(|d| d.id.as_str()).collect();
-    let sequences: Vec<i64> = drafts.iter().map(|d| d.sequence).collect();
-    let kinds: Vec<&str> = drafts.iter().map(|d| d.kind.as_str()).collect();
-    let descriptions: Vec<&str> = drafts.iter().map(|d| d.description.as_str()).collect();
-    let metadata: Vec<&str> = drafts.iter().map(|d| d.metadata_json.as_str()).collect();
-    let statuses: Vec<&str> = drafts.iter().map(|d| d.status.as_str()).collect();
-    let pending_ids: Vec<Option<&str>> = drafts.iter().map(|d| d.pending_entry_id.as_deref()).collect();
-    let reverses: Vec<Option<&str>> = drafts.iter().map(|d| d.reverses_entry_id.as_deref()).collect();
-    let expires: Vec<Option<i64>> = drafts.iter().map(|d| d.expires_at_us).collect();
-    let created_by: Vec<&str> = drafts.iter().map(|d| d.created_by.as_str()).collect();
-    sqlx::query(
-        "INSERT INTO ledger_entries (id, sequence, kind, description, metadata, status, pending_entry_id, \
-         reverses_entry_id, expires_at_us, created_by, created_at_us) \
-         SELECT i, s, k, d, m, st, p, r, x, c, $11 FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], \
-         $5::text[], $6::text[], $7::text[], $8::text[], $9::int8[], $10::text[]) AS t(i, s, k, d, m, st, p, r, x, c)",
-    )
-    .bind(&ids)
-    .bind(&sequences)
-    .bind(&kinds)
-    .bind(&descriptions)
-    .bind(&metadata)
-    .bind(&statuses)
-    .bind(&pending_ids)
-    .bind(&reverses)
-    .bind(&expires)
-    .bind(&created_by)
-    .bind(now_us)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-/// One net update per account, whatever number of entries touched it.
-async fn write_balances(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    accounts: &HashMap<i64, AccountState>,
-) -> Result<(), sqlx::Error> {
+    let e_id: Vec<&str> = drafts.iter().map(|d| d.id.as_str()).collect();
+    let e_ordinal: Vec<i64> = (1..=drafts.len() as i64).collect();
+    let e_kind: Vec<&str> = drafts.iter().map(|d| d.kind.as_str()).collect();
+    let e_description: Vec<&str> = drafts.iter().map(|d| d.description.as_str()).collect();
+    let e_metadata: Vec<&str> = drafts.iter().map(|d| d.metadata_json.as_str()).collect();
+    let e_status: Vec<&str> = drafts.iter().map(|d| d.status.as_str()).collect();
+    let e_pending: Vec<Option<&str>> = drafts.iter().map(|d| d.pending_entry_id.as_deref()).collect();
+    let e_reverses: Vec<Option<&str>> = drafts.iter().map(|d| d.reverses_entry_id.as_deref()).collect();
+    let e_expires: Vec<Option<i64>> = drafts.iter().map(|d| d.expires_at_us).collect();
+    let e_by: Vec<&str> = drafts.iter().map(|d| d.created_by.as_str()).collect();
+    // One net update per account, whatever number of entries touched it.
     let changed: Vec<(i64, Balance)> =
         accounts.iter().filter(|(_, s)| s.delta != Balance::default()).map(|(id, s)| (*id, s.delta)).collect();
-    if changed.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<i64> = changed.iter().map(|c| c.0).collect();
-    let pd: Vec<i64> = changed.iter().map(|c| c.1.posted_debits).collect();
-    let pc: Vec<i64> = changed.iter().map(|c| c.1.posted_credits).collect();
-    let qd: Vec<i64> = changed.iter().map(|c| c.1.pending_debits).collect();
-    let qc: Vec<i64> = changed.iter().map(|c| c.1.pending_credits).collect();
-    sqlx::query(
-        "UPDATE ledger_accounts a SET posted_debits = a.posted_debits + d.pd, posted_credits = a.posted_credits + d.pc, \
-         pending_debits = a.pending_debits + d.qd, pending_credits = a.pending_credits + d.qc, version = a.version + 1 \
-         FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[]) AS d(id, pd, pc, qd, qc) WHERE a.id = d.id",
+    let b_id: Vec<i64> = changed.iter().map(|c| c.0).collect();
+    let b_pd: Vec<i64> = changed.iter().map(|c| c.1.posted_debits).collect();
+    let b_pc: Vec<i64> = changed.iter().map(|c| c.1.posted_credits).collect();
+    let b_qd: Vec<i64> = changed.iter().map(|c| c.1.pending_debits).collect();
+    let b_qc: Vec<i64> = changed.iter().map(|c| c.1.pending_credits).collect();
+
+    sqlx::query_scalar(
+        "WITH seq AS ( \
+           UPDATE ledger_sequence SET last_value = last_value + $1 WHERE id = 1 RETURNING last_value - $1 AS base \
+         ), postings AS ( \
+           INSERT INTO ledger_postings (entry_id, idx, account_id, direction, amount, currency, pending, sequence, created_at_us) \
+           SELECT t.e, t.i, t.a, t.d, t.m, t.c, t.p, seq.base + t.o, $2 \
+           FROM UNNEST($3::text[], $4::int2[], $5::int8[], $6::text[], $7::int8[], $8::text[], $9::bool[], $10::int8[]) \
+             AS t(e, i, a, d, m, c, p, o), seq \
+         ), entries AS ( \
+           INSERT INTO ledger_entries (id, sequence, kind, description, metadata, status, pending_entry_id, \
+             reverses_entry_id, expires_at_us, created_by, created_at_us) \
+           SELECT t.i, seq.base + t.o, t.k, t.d, t.m, t.st, t.p, t.r, t.x, t.c, $2 \
+           FROM UNNEST($11::text[], $12::int8[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], \
+             $18::text[], $19::int8[], $20::text[]) AS t(i, o, k, d, m, st, p, r, x, c), seq \
+         ), balances AS ( \
+           UPDATE ledger_accounts a SET posted_debits = a.posted_debits + d.pd, \
+             posted_credits = a.posted_credits + d.pc, pending_debits = a.pending_debits + d.qd, \
+             pending_credits = a.pending_credits + d.qc, version = a.version + 1 \
+           FROM UNNEST($21::int8[], $22::int8[], $23::int8[], $24::int8[], $25::int8[]) AS d(id, pd, pc, qd, qc) \
+           WHERE a.id = d.id AND a.id = ANY ($21::int8[]) \
+         ) \
+         SELECT base FROM seq",
     )
-    .bind(&ids)
-    .bind(&pd)
-    .bind(&pc)
-    .bind(&qd)
-    .bind(&qc)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    .bind(accepted)
+    .bind(now_us)
+    .bind(&p_entry)
+    .bind(&p_idx)
+    .bind(&p_account)
+    .bind(&p_direction)
+    .bind(&p_amount)
+    .bind(&p_currency)
+    .bind(&p_pending)
+    .bind(&p_ordinal)
+    .bind(&e_id)
+    .bind(&e_ordinal)
+    .bind(&e_kind)
+    .bind(&e_description)
+    .bind(&e_metadata)
+    .bind(&e_status)
+    .bind(&e_pending)
+    .bind(&e_reverses)
+    .bind(&e_expires)
+    .bind(&e_by)
+    .bind(&b_id)
+    .bind(&b_pd)
+    .bind(&b_pc)
+    .bind(&b_qd)
+    .bind(&b_qc)
+    .fetch_one(&mut **tx)
+    .await
 }

@@ -205,7 +205,10 @@ impl Worker {
                 }
                 batch
             };
+            let size = batch.len();
+            let started = std::time::Instant::now();
             process_batch(&self.db, batch).await;
+            tracing::trace!(size, elapsed_us = started.elapsed().as_micros() as u64, "ledger batch");
         }
     }
 }
@@ -635,29 +638,10 @@ async fn process_batch(db: &Db, batch: Vec<Command>) {
         lead.push(cmd);
     }
 
-    // Keys committed earlier: answer without a write transaction.
-    let existing = match lookup_keys(db, &lead).await {
-        Ok(found) => found,
-        Err(e) => {
-            let err = crate::store::classify(e);
-            for cmd in lead {
-                let _ = cmd.reply.send(Err(err.duplicate()));
-            }
-            for (cmd, _) in followers {
-                let _ = cmd.reply.send(Err(err.duplicate()));
-            }
-            return;
-        }
-    };
-
+    // Keys committed earlier are found by the transaction itself (its key insert
+    // conflicts) and answered after it; no separate lookup round trip up front.
     let mut results: Vec<Option<Result<Outcome>>> = (0..lead.len()).map(|_| None).collect();
-    let mut to_run: Vec<usize> = Vec::with_capacity(lead.len());
-    for (i, cmd) in lead.iter().enumerate() {
-        match cmd.idem.as_ref().and_then(|k| existing.get(&(cmd.caller.clone(), k.key.clone())).map(|r| (k, r))) {
-            Some((idem, record)) => results[i] = Some(replay(idem, record)),
-            None => to_run.push(i),
-        }
-    }
+    let to_run: Vec<usize> = (0..lead.len()).collect();
 
     if !to_run.is_empty() {
         let run: Vec<&Command> = to_run.iter().map(|i| &lead[*i]).collect();
@@ -665,7 +649,8 @@ async fn process_batch(db: &Db, batch: Vec<Command>) {
         for (slot, outcome) in to_run.iter().zip(outcomes) {
             results[*slot] = Some(outcome);
         }
-        // Keys another process committed while this batch waited for them.
+        // Keys committed before, by an earlier batch or another process: a replay of
+        // the original result, or ALREADY_EXISTS for a different request.
         let taken: Vec<usize> =
             to_run.iter().copied().filter(|i| matches!(results[*i], Some(Err(Error::Aborted)))).collect();
         if !taken.is_empty() {
@@ -736,14 +721,6 @@ fn replay(idem: &Idem, record: &KeyRecord) -> Result<Outcome> {
     } else {
         Err(key_reused(&idem.key))
     }
-}
-
-async fn lookup_keys(
-    db: &Db,
-    cmds: &[Command],
-) -> std::result::Result<HashMap<(String, String), KeyRecord>, sqlx::Error> {
-    let refs: Vec<&Command> = cmds.iter().collect();
-    lookup_keys_of(db, &refs).await
 }
 
 async fn lookup_keys_of(

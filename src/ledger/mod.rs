@@ -12,6 +12,7 @@
 pub mod accounts;
 mod batch_pg;
 mod batch_sqlite;
+pub mod bench;
 pub mod engine;
 pub mod maintenance;
 pub mod model;

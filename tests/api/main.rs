@@ -8,4 +8,5 @@ mod helpers;
 mod accounts;
 mod auth;
 mod ledger;
+mod ledger_props;
 mod ops;

@@ -32,6 +32,11 @@ enum Command {
         #[command(subcommand)]
         command: LedgerCommand,
     },
+    /// Card vault maintenance.
+    Vault {
+        #[command(subcommand)]
+        command: VaultCommand,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -55,6 +60,14 @@ enum Command {
 enum LedgerCommand {
     /// Recompute every balance from postings, check every entry; exit 1 if anything is off.
     Verify,
+}
+
+#[derive(Subcommand)]
+enum VaultCommand {
+    /// Re-wrap every card's data key under DMPAY_VAULT_ACTIVE_KEK. Online and resumable:
+    /// run it again after an interruption. Afterwards the old KEK can be removed from
+    /// DMPAY_VAULT_KEKS.
+    Rotate,
 }
 
 #[derive(Subcommand)]
@@ -129,6 +142,26 @@ pub fn main() -> ExitCode {
                 Ok(())
             })
         }
+        Command::Vault { command: VaultCommand::Rotate } => run_async(async move {
+            init_logging(config.log_format);
+            let db = Db::connect(&config).await?;
+            db.migrate().await?;
+            let keys = std::sync::Arc::new(config.key_ring()?);
+            let active = keys.active_kek().to_owned();
+            let processor =
+                std::sync::Arc::new(crate::processor::sandbox::Sandbox::new(db.clone(), config.sandbox.clone()));
+            let vault = crate::vault::Vault::new(
+                db.clone(),
+                keys,
+                processor,
+                crate::accounts::Accounts::new(db.clone()),
+                config.vault.clone(),
+            );
+            let n = vault.rotate("cli:vault-rotate").await?;
+            println!("re-wrapped {n} data keys under KEK {active}; every card is now under it");
+            db.close().await;
+            Ok(())
+        }),
         Command::Migrate => run_async(async move {
             init_logging(config.log_format);
             let db = Db::connect(&config).await?;

@@ -10,6 +10,9 @@ use serde::Deserialize;
 
 use crate::ledger::EngineConfig;
 use crate::money::{Currencies, Currency};
+use crate::processor::sandbox::SandboxConfig;
+use crate::vault::keys::{KeyRing, DEV_FINGERPRINT_KEY, DEV_KEKS};
+use crate::vault::VaultConfig;
 
 /// The HS256 secret used when none is configured. It is public (it is in this file), so
 /// production mode refuses to start with it.
@@ -58,6 +61,13 @@ pub struct Config {
     pub ledger_expiry_interval: Duration,
     /// How long idempotency keys are kept (at least 7 days).
     pub idempotency_retention: Duration,
+    /// `id:base64key,...` key-encryption keys of the card vault.
+    pub vault_keks: SecretString,
+    /// The KEK new records are wrapped under (default: the first).
+    pub vault_active_kek: Option<String>,
+    pub vault_fingerprint_key: SecretString,
+    pub vault: VaultConfig,
+    pub sandbox: SandboxConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +106,14 @@ struct FileConfig {
     ledger_workers: Option<String>,
     ledger_expiry_interval: Option<String>,
     idempotency_retention: Option<String>,
+    vault_keks: Option<String>,
+    vault_active_kek: Option<String>,
+    vault_fingerprint_key: Option<String>,
+    vault_unlinked_ttl: Option<String>,
+    vault_tokenize_per_hour_max: Option<String>,
+    sandbox_latency: Option<String>,
+    sandbox_timeout_rate: Option<String>,
+    sandbox_error_rate: Option<String>,
 }
 
 /// Where raw string settings come from, so tests can load without touching the process
@@ -256,6 +274,42 @@ impl Config {
                 pick("DMPAY_IDEMPOTENCY_RETENTION", &file_cfg.idempotency_retention),
                 Duration::from_secs(7 * 86_400),
             )?,
+            vault_keks: SecretString::from(
+                pick("DMPAY_VAULT_KEKS", &file_cfg.vault_keks).unwrap_or_else(|| DEV_KEKS.into()),
+            ),
+            vault_active_kek: pick("DMPAY_VAULT_ACTIVE_KEK", &file_cfg.vault_active_kek),
+            vault_fingerprint_key: SecretString::from(
+                pick("DMPAY_VAULT_FINGERPRINT_KEY", &file_cfg.vault_fingerprint_key)
+                    .unwrap_or_else(|| DEV_FINGERPRINT_KEY.into()),
+            ),
+            vault: VaultConfig {
+                unlinked_ttl: parse_duration(
+                    "DMPAY_VAULT_UNLINKED_TTL",
+                    pick("DMPAY_VAULT_UNLINKED_TTL", &file_cfg.vault_unlinked_ttl),
+                    VaultConfig::default().unlinked_ttl,
+                )?,
+                tokenize_per_hour_max: parse_num(
+                    "DMPAY_VAULT_TOKENIZE_PER_HOUR_MAX",
+                    pick("DMPAY_VAULT_TOKENIZE_PER_HOUR_MAX", &file_cfg.vault_tokenize_per_hour_max),
+                    VaultConfig::default().tokenize_per_hour_max,
+                    1..=100_000,
+                )?,
+            },
+            sandbox: SandboxConfig {
+                latency: parse_duration(
+                    "DMPAY_SANDBOX_LATENCY",
+                    pick("DMPAY_SANDBOX_LATENCY", &file_cfg.sandbox_latency),
+                    Duration::ZERO,
+                )?,
+                timeout_rate: parse_rate(
+                    "DMPAY_SANDBOX_TIMEOUT_RATE",
+                    pick("DMPAY_SANDBOX_TIMEOUT_RATE", &file_cfg.sandbox_timeout_rate),
+                )?,
+                error_rate: parse_rate(
+                    "DMPAY_SANDBOX_ERROR_RATE",
+                    pick("DMPAY_SANDBOX_ERROR_RATE", &file_cfg.sandbox_error_rate),
+                )?,
+            },
         };
         if config.engine.commit_wait > Duration::from_millis(100) {
             return Err(ConfigError::Invalid { name: "DMPAY_LEDGER_COMMIT_WAIT", detail: "at most 100ms".into() });
@@ -287,7 +341,19 @@ impl Config {
                 "the development JWT secret beside DMPAY_JWT_PUBLIC_KEYS: set DMPAY_JWT_HS256_SECRET=off".into(),
             ));
         }
+        let ring =
+            self.key_ring().map_err(|e| ConfigError::Invalid { name: "DMPAY_VAULT_KEKS", detail: e.to_string() })?;
+        if ring.uses_dev_keys() {
+            return Err(ConfigError::Production(
+                "the development vault keys: set DMPAY_VAULT_KEKS and DMPAY_VAULT_FINGERPRINT_KEY".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// The vault's keys, checked.
+    pub fn key_ring(&self) -> Result<KeyRing, crate::vault::keys::KeyError> {
+        KeyRing::new(&self.vault_keks, self.vault_active_kek.as_deref(), &self.vault_fingerprint_key)
     }
 
     pub fn is_sqlite(&self) -> bool {
@@ -298,6 +364,18 @@ impl Config {
     pub fn hs256_enabled(&self) -> bool {
         self.jwt_hs256_secret.expose_secret() != "off"
     }
+}
+
+fn parse_rate(name: &'static str, raw: Option<String>) -> Result<f64, ConfigError> {
+    let Some(raw) = raw else { return Ok(0.0) };
+    let rate: f64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| ConfigError::Invalid { name, detail: format!("expected 0.0 to 1.0, got {raw:?}") })?;
+    if !(0.0..=1.0).contains(&rate) {
+        return Err(ConfigError::Invalid { name, detail: format!("expected 0.0 to 1.0, got {raw:?}") });
+    }
+    Ok(rate)
 }
 
 fn parse_currencies(raw: Option<String>) -> Result<Currencies, ConfigError> {
@@ -381,11 +459,21 @@ mod tests {
     fn production_refuses_the_dev_secret() {
         let err = Config::load_from(&env(&[("DMPAY_ENV", "production")]), None).unwrap_err();
         assert!(matches!(err, ConfigError::Production(_)), "{err}");
+        let real_jwt = ("DMPAY_JWT_HS256_SECRET", "a-real-secret-from-a-vault");
+        let err = Config::load_from(&env(&[("DMPAY_ENV", "production"), real_jwt]), None).unwrap_err();
+        assert!(err.to_string().contains("vault"), "{err}");
+        let kek = format!("prod-1:{}", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7u8; 32]));
+        let fp = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [8u8; 32]);
         let ok = Config::load_from(
-            &env(&[("DMPAY_ENV", "production"), ("DMPAY_JWT_HS256_SECRET", "a-real-secret-from-a-vault")]),
+            &env(&[
+                ("DMPAY_ENV", "production"),
+                real_jwt,
+                ("DMPAY_VAULT_KEKS", &kek),
+                ("DMPAY_VAULT_FINGERPRINT_KEY", &fp),
+            ]),
             None,
         );
-        assert!(ok.is_ok());
+        assert!(ok.is_ok(), "{:?}", ok.err());
     }
 
     #[test]

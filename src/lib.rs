@@ -10,6 +10,9 @@
 //! - `money`     currencies, exact amounts in minor units, strict parsing
 //! - `accounts`  platform users: tier, frozen status, audit trail
 //! - `ledger`    the double-entry ledger and its batching posting engine
+//! - `vault`     card validation, envelope encryption, fingerprints, payment methods
+//! - `processor` the card-processor trait and the built-in sandbox processor
+//! - `dates`     UTC calendar arithmetic for expiries, reports and timestamps
 //! - `api`       tonic services: protobuf <-> domain, errors -> gRPC status
 //! - `telemetry` logs, Prometheus metrics, the per-call log line
 //! - `server`    startup: build, bind, serve, graceful shutdown
@@ -20,9 +23,12 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod dates;
 pub mod error;
 pub mod ledger;
 pub mod money;
+pub mod processor;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod vault;

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -14,12 +15,16 @@ use tonic_health::server::HealthReporter;
 use crate::accounts::Accounts;
 use crate::api::pb::accounts_server::AccountsServer;
 use crate::api::pb::ledger_server::LedgerServer;
-use crate::api::{AccountsApi, LedgerApi, FILE_DESCRIPTOR_SET};
+use crate::api::pb::payment_methods_server::PaymentMethodsServer;
+use crate::api::{AccountsApi, LedgerApi, PaymentMethodsApi, FILE_DESCRIPTOR_SET};
 use crate::auth::{AuthInterceptor, Verifier};
 use crate::config::Config;
 use crate::ledger::{maintenance, Engine, Ledger};
+use crate::processor::sandbox::Sandbox;
+use crate::processor::CardProcessor;
 use crate::store::Db;
 use crate::telemetry::{serve_metrics, CallLogLayer, Metrics};
+use crate::vault::Vault;
 
 /// How long shutdown waits for in-flight calls before giving up on them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -37,12 +42,14 @@ pub struct Application {
     verifier: Verifier,
     engine: Engine,
     ledger: Ledger,
+    vault: Arc<Vault>,
 }
 
 /// Every dmpay service, for health reporting.
 const SERVICE_NAMES: &[&str] = &[
     <AccountsServer<AccountsApi> as tonic::server::NamedService>::NAME,
     <LedgerServer<LedgerApi> as tonic::server::NamedService>::NAME,
+    <PaymentMethodsServer<PaymentMethodsApi> as tonic::server::NamedService>::NAME,
 ];
 
 impl Application {
@@ -61,7 +68,10 @@ impl Application {
         let (engine, engine_handle) = Engine::start(db.clone(), config.engine.clone());
         let ledger = Ledger::new(db.clone(), config.currencies.clone(), engine_handle);
         ledger.accounts().ensure_system_accounts().await?;
-        Ok(Application { config, db, listener, metrics_listener, metrics, verifier, engine, ledger })
+        let keys = Arc::new(config.key_ring()?);
+        let processor: Arc<dyn CardProcessor> = Arc::new(Sandbox::new(db.clone(), config.sandbox.clone()));
+        let vault = Arc::new(Vault::new(db.clone(), keys, processor, Accounts::new(db.clone()), config.vault.clone()));
+        Ok(Application { config, db, listener, metrics_listener, metrics, verifier, engine, ledger, vault })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -80,10 +90,14 @@ impl Application {
         &self.ledger
     }
 
+    pub fn vault(&self) -> &Arc<Vault> {
+        &self.vault
+    }
+
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight calls
     /// finish (up to `SHUTDOWN_GRACE`) and closes the pool.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Application { config, db, listener, metrics_listener, metrics, verifier, engine, ledger } = self;
+        let Application { config, db, listener, metrics_listener, metrics, verifier, engine, ledger, vault } = self;
         let addr = listener.local_addr()?;
 
         let metrics_task = metrics_listener.map(|l| {
@@ -102,6 +116,10 @@ impl Application {
         let ledger_api = LedgerServer::new(LedgerApi::new(ledger.clone()))
             .max_decoding_message_size(size_max)
             .max_encoding_message_size(size_max);
+        let methods_api = PaymentMethodsServer::new(PaymentMethodsApi::new(vault.clone()))
+            .max_decoding_message_size(size_max)
+            .max_encoding_message_size(size_max);
+        let purge_task = tokio::spawn(purge_unlinked(vault.clone()));
         let maintenance_task = tokio::spawn(maintenance::run(
             db.clone(),
             ledger.engine().clone(),
@@ -127,6 +145,7 @@ impl Application {
             .add_service(reflection)
             .add_service(InterceptedService::new(accounts, auth.clone()))
             .add_service(InterceptedService::new(ledger_api, auth.clone()))
+            .add_service(InterceptedService::new(methods_api, auth.clone()))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 let _ = stop_rx.await;
             });
@@ -136,6 +155,7 @@ impl Application {
             result = &mut server => {
                 probe_task.abort();
                 maintenance_task.abort();
+                purge_task.abort();
                 drop(ledger);
                 engine.shutdown().await;
                 result??;
@@ -155,6 +175,7 @@ impl Application {
         }
         probe_task.abort();
         maintenance_task.abort();
+        purge_task.abort();
         // Calls are done: commit whatever is still queued in the posting engine.
         drop(ledger);
         engine.shutdown().await;
@@ -191,6 +212,17 @@ async fn health_probe(db: Db, health: HealthReporter) {
             }
             set_serving(&health, ok).await;
             serving = ok;
+        }
+    }
+}
+
+/// Deletes expired unlinked card tokens every minute.
+async fn purge_unlinked(vault: Arc<Vault>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        if let Err(e) = vault.purge(None).await {
+            tracing::warn!(error = %e, "purging expired card tokens failed; will retry");
         }
     }
 }

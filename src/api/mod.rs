@@ -4,10 +4,12 @@
 mod accounts;
 mod ledger;
 pub mod money;
+mod payment_methods;
 pub mod status;
 
 pub use accounts::AccountsApi;
 pub use ledger::LedgerApi;
+pub use payment_methods::PaymentMethodsApi;
 pub use status::to_status;
 
 use tonic::{Request, Status};

@@ -26,6 +26,7 @@ pub struct TestApp {
     pub config: Config,
     pub backend: Backend,
     pub db: dmpay::store::Db,
+    pub vault: std::sync::Arc<dmpay::vault::Vault>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     pg_database: Option<(String, String)>,
@@ -102,6 +103,7 @@ impl TestApp {
         let addr = app.local_addr();
         let metrics_addr = app.metrics_addr();
         let db = app.db().clone();
+        let vault = app.vault().clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(app.run_until(async move {
             let _ = stop_rx.await;
@@ -119,6 +121,7 @@ impl TestApp {
             config,
             backend,
             db,
+            vault,
             stop: Some(stop_tx),
             server: Some(server),
             pg_database,
@@ -269,4 +272,62 @@ pub async fn balance(app: &TestApp, token: &str, code: &str) -> pb::LedgerBalanc
         .await
         .expect("balance")
         .into_inner()
+}
+
+pub const METHOD_SCOPES: &str = "methods:write";
+
+impl TestApp {
+    pub fn methods(&self) -> pb::payment_methods_client::PaymentMethodsClient<Channel> {
+        pb::payment_methods_client::PaymentMethodsClient::new(self.channel.clone())
+    }
+
+    /// Tokenizes a card for the token's owner; CVC 4 digits for Amex, else 3.
+    pub async fn tokenize(&self, token: &str, number: &str) -> Result<pb::PaymentMethod, tonic::Status> {
+        let amex = number.starts_with("34") || number.starts_with("37");
+        self.methods()
+            .tokenize_card(authed(
+                pb::TokenizeCardRequest {
+                    card_number: number.into(),
+                    exp_month: 12,
+                    exp_year: 2034,
+                    cvc: if amex { "7314".into() } else { "731".into() },
+                    holder_name: "Test Holder".into(),
+                    postal_code: "10115".into(),
+                },
+                token,
+            ))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Tokenizes and links a card.
+    pub async fn add_card(
+        &self,
+        token: &str,
+        number: &str,
+        make_default: bool,
+    ) -> Result<pb::PaymentMethod, tonic::Status> {
+        let pm = self.tokenize(token, number).await?;
+        self.methods()
+            .link_payment_method(authed(pb::LinkPaymentMethodRequest { token: pm.token, make_default }, token))
+            .await
+            .map(|r| r.into_inner())
+    }
+}
+
+/// A Luhn-valid 16-digit Visa number distinct for each `n`.
+pub fn visa(n: u32) -> String {
+    let body = format!("4{:014}", 100_000 + n);
+    let mut sum = 0;
+    for (i, c) in body.chars().rev().enumerate() {
+        let mut d = c.to_digit(10).unwrap();
+        if i % 2 == 0 {
+            d *= 2;
+            if d > 9 {
+                d -= 9;
+            }
+        }
+        sum += d;
+    }
+    format!("{body}{}", (10 - sum % 10) % 10)
 }

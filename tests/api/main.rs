@@ -10,3 +10,5 @@ mod auth;
 mod ledger;
 mod ledger_props;
 mod ops;
+mod secrets;
+mod vault;

@@ -1,0 +1,143 @@
+//! The card-processor boundary. dmpay talks to a processor only through `CardProcessor`;
+//! the built-in `sandbox` behaves like a real one and a real processor plugs in behind
+//! the same trait.
+//!
+//! Every call carries an idempotency key derived from the dmpay operation, so a retry
+//! can never charge twice. A call whose outcome is unknown (`ProcessorError::Unknown`:
+//! timeout, connection lost) is never retried blindly: the caller records it and
+//! resolves it later with `lookup`.
+
+pub mod sandbox;
+
+use async_trait::async_trait;
+
+use crate::money::Money;
+use crate::vault::card::{Cvc, Pan};
+
+/// The card as the processor needs it for one call.
+#[derive(Debug, Clone, Copy)]
+pub struct CardDetails<'a> {
+    pub pan: &'a Pan,
+    pub exp_month: u32,
+    pub exp_year: u32,
+    /// Present only for the verification at link time.
+    pub cvc: Option<&'a Cvc>,
+}
+
+/// Why the issuer or the processor said no. `reason()` is the machine-readable
+/// `ErrorInfo.reason` callers see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeclineCode {
+    CardDeclined,
+    InsufficientFunds,
+    LostCard,
+    StolenCard,
+    CardExpired,
+    IncorrectCvc,
+    Fraud,
+}
+
+impl DeclineCode {
+    pub fn reason(self) -> &'static str {
+        match self {
+            DeclineCode::CardDeclined => "CARD_DECLINED",
+            DeclineCode::InsufficientFunds => "INSUFFICIENT_FUNDS",
+            DeclineCode::LostCard => "LOST_CARD",
+            DeclineCode::StolenCard => "STOLEN_CARD",
+            DeclineCode::CardExpired => "CARD_EXPIRED",
+            DeclineCode::IncorrectCvc => "INCORRECT_CVC",
+            DeclineCode::Fraud => "FRAUD_SUSPECTED",
+        }
+    }
+
+    pub fn from_reason(s: &str) -> Option<Self> {
+        Some(match s {
+            "CARD_DECLINED" => DeclineCode::CardDeclined,
+            "INSUFFICIENT_FUNDS" => DeclineCode::InsufficientFunds,
+            "LOST_CARD" => DeclineCode::LostCard,
+            "STOLEN_CARD" => DeclineCode::StolenCard,
+            "CARD_EXPIRED" => DeclineCode::CardExpired,
+            "INCORRECT_CVC" => DeclineCode::IncorrectCvc,
+            "FRAUD_SUSPECTED" => DeclineCode::Fraud,
+            _ => return None,
+        })
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            DeclineCode::CardDeclined => "the card was declined",
+            DeclineCode::InsufficientFunds => "the card has insufficient funds",
+            DeclineCode::LostCard => "the card was reported lost",
+            DeclineCode::StolenCard => "the card was reported stolen",
+            DeclineCode::CardExpired => "the card has expired",
+            DeclineCode::IncorrectCvc => "the security code is incorrect",
+            DeclineCode::Fraud => "the payment was blocked as suspected fraud",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProcessorError {
+    /// The card was declined; nothing was charged.
+    #[error("{}", .0.message())]
+    Declined(DeclineCode),
+    /// The processor answered with an error; nothing was charged.
+    #[error("processor error: {0}")]
+    Failed(String),
+    /// No answer: the call may or may not have happened. Resolve with `lookup`.
+    #[error("processor outcome unknown")]
+    Unknown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallKind {
+    Verify,
+    Authorize,
+    Capture,
+    Void,
+    Refund,
+}
+
+impl CallKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallKind::Verify => "verify",
+            CallKind::Authorize => "authorize",
+            CallKind::Capture => "capture",
+            CallKind::Void => "void",
+            CallKind::Refund => "refund",
+        }
+    }
+}
+
+/// What the processor recorded for an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallRecord {
+    pub idempotency_key: String,
+    pub kind: String,
+    pub reference: String,
+    pub amount: Option<Money>,
+    /// `Ok(())` for a success, else why it failed.
+    pub outcome: Result<(), ProcessorError>,
+}
+
+#[async_trait]
+pub trait CardProcessor: Send + Sync {
+    /// The processor's name in account codes and reports (`sandbox`).
+    fn name(&self) -> &'static str;
+    /// Zero-amount verification, with the CVC. Returns the processor reference.
+    async fn verify(&self, key: &str, card: CardDetails<'_>) -> Result<String, ProcessorError>;
+    /// Reserves `amount` on the card. Returns the authorization reference.
+    async fn authorize(&self, key: &str, card: CardDetails<'_>, amount: Money) -> Result<String, ProcessorError>;
+    /// Captures (part of) an authorization. Returns the capture reference.
+    async fn capture(&self, key: &str, authorization: &str, amount: Money) -> Result<String, ProcessorError>;
+    /// Releases an authorization.
+    async fn void(&self, key: &str, authorization: &str) -> Result<String, ProcessorError>;
+    /// Refunds (part of) a capture. Returns the refund reference.
+    async fn refund(&self, key: &str, capture: &str, amount: Money) -> Result<String, ProcessorError>;
+    /// What happened to the call made with `key`, if it reached the processor.
+    async fn lookup(&self, key: &str) -> Result<Option<CallRecord>, ProcessorError>;
+    /// The settlement report of one UTC day (`YYYY-MM-DD`), as CSV with the columns
+    /// processor_reference, type, amount, fee, net, currency, created_at.
+    async fn settlement_report(&self, date: &str) -> Result<String, ProcessorError>;
+}

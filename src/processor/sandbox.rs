@@ -1,0 +1,369 @@
+//! The sandbox card processor: behaves like a real one, in-process, persisted in dmpay's
+//! database (its own `sandbox_processor_calls` table) so its records and settlement
+//! reports survive restarts.
+//!
+//! Test cards with fixed outcomes (any other valid card approves):
+//!
+//! | card | outcome |
+//! |---|---|
+//! | 4242424242424242, 5555555555554444, 2223003122003222, 378282246310005 | approve |
+//! | 4000000000000002 | generic decline |
+//! | 4000000000009995 | insufficient funds |
+//! | 4000000000009987 | lost card |
+//! | 4000000000009979 | stolen card |
+//! | 4000000000000069 | expired card |
+//! | 4000000000000127 | incorrect CVC |
+//! | 4000000000000119 | processing error |
+//! | 4000000000000341 | verifies, then every charge declines |
+//! | 4100000000000019 | blocked as fraud |
+//!
+//! Faults for tests: a fixed latency, a timeout rate (the call may or may not have been
+//! processed, the caller hears nothing) and an error rate (a processing error, nothing
+//! happens).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rand::Rng;
+
+use super::{CallKind, CallRecord, CardDetails, CardProcessor, DeclineCode, ProcessorError};
+use crate::dates;
+use crate::money::{Currency, Money};
+use crate::store::{is_unique_violation, now_us, Db};
+use crate::with_db;
+
+/// Fault injection settings (`DMPAY_SANDBOX_*`).
+#[derive(Debug, Clone, Default)]
+pub struct SandboxConfig {
+    pub latency: Duration,
+    /// 0.0 to 1.0.
+    pub timeout_rate: f64,
+    /// 0.0 to 1.0.
+    pub error_rate: f64,
+}
+
+/// Processing fee on captures: 2.9% (half up) plus 30 minor units at two decimals.
+const FEE_BASIS_POINTS: i64 = 290;
+
+pub fn capture_fee(amount: Money) -> i64 {
+    let exp = amount.currency().exponent();
+    let fixed = if exp >= 2 { 30 * 10_i64.pow(exp - 2) } else { 30 };
+    let pct = (i128::from(amount.minor()) * i128::from(FEE_BASIS_POINTS) + 5_000) / 10_000;
+    (pct as i64).saturating_add(fixed).min(amount.minor())
+}
+
+pub struct Sandbox {
+    db: Db,
+    config: SandboxConfig,
+}
+
+#[derive(sqlx::FromRow)]
+struct CallRow {
+    idempotency_key: String,
+    kind: String,
+    reference: String,
+    amount: Option<i64>,
+    currency: Option<String>,
+    status: String,
+    decline_code: Option<String>,
+}
+
+fn outcome_of(row: &CallRow) -> Result<(), ProcessorError> {
+    match row.status.as_str() {
+        "succeeded" => Ok(()),
+        "declined" => Err(ProcessorError::Declined(
+            row.decline_code.as_deref().and_then(DeclineCode::from_reason).unwrap_or(DeclineCode::CardDeclined),
+        )),
+        _ => Err(ProcessorError::Failed("processing error".into())),
+    }
+}
+
+fn money_of(row: &CallRow) -> Option<Money> {
+    Some(Money::from_minor(Currency::from_code(row.currency.as_deref()?)?, row.amount?))
+}
+
+/// What a card does at verification and at a charge.
+fn card_outcome(pan: &str, charging: bool) -> Result<(), Result<DeclineCode, ()>> {
+    match pan {
+        "4000000000000002" => Err(Ok(DeclineCode::CardDeclined)),
+        "4000000000009995" => Err(Ok(DeclineCode::InsufficientFunds)),
+        "4000000000009987" => Err(Ok(DeclineCode::LostCard)),
+        "4000000000009979" => Err(Ok(DeclineCode::StolenCard)),
+        "4000000000000069" => Err(Ok(DeclineCode::CardExpired)),
+        "4000000000000127" => Err(Ok(DeclineCode::IncorrectCvc)),
+        "4000000000000119" => Err(Err(())),
+        "4000000000000341" if charging => Err(Ok(DeclineCode::CardDeclined)),
+        "4100000000000019" => Err(Ok(DeclineCode::Fraud)),
+        _ => Ok(()),
+    }
+}
+
+struct NewCall<'a> {
+    key: &'a str,
+    kind: CallKind,
+    related: Option<&'a str>,
+    amount: Option<Money>,
+    fee: i64,
+    outcome: Result<(), ProcessorError>,
+    last4: Option<&'a str>,
+}
+
+impl Sandbox {
+    pub fn new(db: Db, config: SandboxConfig) -> Self {
+        Sandbox { db, config }
+    }
+
+    async fn find(&self, key: &str) -> Result<Option<CallRow>, ProcessorError> {
+        with_db!(&self.db, pool => sqlx::query_as::<_, CallRow>(
+            "SELECT idempotency_key, kind, reference, amount, currency, status, decline_code \
+             FROM sandbox_processor_calls WHERE idempotency_key = $1",
+        )
+        .bind(key)
+        .fetch_optional(pool)
+        .await)
+        .map_err(|_| ProcessorError::Failed("sandbox storage unavailable".into()))
+    }
+
+    async fn find_reference(&self, reference: &str) -> Result<Option<CallRow>, ProcessorError> {
+        with_db!(&self.db, pool => sqlx::query_as::<_, CallRow>(
+            "SELECT idempotency_key, kind, reference, amount, currency, status, decline_code \
+             FROM sandbox_processor_calls WHERE reference = $1",
+        )
+        .bind(reference)
+        .fetch_optional(pool)
+        .await)
+        .map_err(|_| ProcessorError::Failed("sandbox storage unavailable".into()))
+    }
+
+    /// Records a call; a concurrent call with the same key wins and is returned instead.
+    async fn record(&self, call: NewCall<'_>) -> Result<CallRow, ProcessorError> {
+        let reference = format!("sbx_{}", uuid::Uuid::new_v4().simple());
+        let (status, code) = match &call.outcome {
+            Ok(()) => ("succeeded", None),
+            Err(ProcessorError::Declined(c)) => ("declined", Some(c.reason())),
+            Err(_) => ("failed", None),
+        };
+        let inserted = with_db!(&self.db, pool => sqlx::query(
+            "INSERT INTO sandbox_processor_calls (idempotency_key, kind, reference, related_reference, amount, currency, \
+             fee, status, decline_code, card_last4, created_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(call.key)
+        .bind(call.kind.as_str())
+        .bind(&reference)
+        .bind(call.related)
+        .bind(call.amount.map(|m| m.minor()))
+        .bind(call.amount.map(|m| m.currency().code()))
+        .bind(call.fee)
+        .bind(status)
+        .bind(code)
+        .bind(call.last4)
+        .bind(now_us())
+        .execute(pool)
+        .await
+        .map(|_| ()));
+        if let Err(e) = &inserted {
+            if !is_unique_violation(e) {
+                return Err(ProcessorError::Failed("sandbox storage unavailable".into()));
+            }
+        }
+        self.find(call.key).await?.ok_or_else(|| ProcessorError::Failed("sandbox lost a record".into()))
+    }
+
+    /// Latency, then maybe an injected fault. `Err(true)` means "time out after
+    /// processing", `Err(false)` "time out before", and a processing error is returned
+    /// as such.
+    async fn faults(&self) -> Result<(), Result<bool, ProcessorError>> {
+        if !self.config.latency.is_zero() {
+            tokio::time::sleep(self.config.latency).await;
+        }
+        let roll: f64 = rand::thread_rng().gen();
+        if roll < self.config.timeout_rate {
+            return Err(Ok(rand::thread_rng().gen_bool(0.5)));
+        }
+        if roll < self.config.timeout_rate + self.config.error_rate {
+            return Err(Err(ProcessorError::Failed("injected processing error".into())));
+        }
+        Ok(())
+    }
+
+    /// Runs one call: replays a recorded key, applies faults, records the outcome.
+    async fn call(&self, call: NewCall<'_>) -> Result<String, ProcessorError> {
+        if let Some(row) = self.find(call.key).await? {
+            return outcome_of(&row).map(|()| row.reference);
+        }
+        match self.faults().await {
+            Ok(()) => {}
+            Err(Ok(processed)) => {
+                if processed {
+                    self.record(call).await?;
+                }
+                return Err(ProcessorError::Unknown);
+            }
+            Err(Err(e)) => return Err(e),
+        }
+        let row = self.record(call).await?;
+        outcome_of(&row).map(|()| row.reference)
+    }
+
+    fn card_result(card: &CardDetails<'_>, charging: bool) -> Result<(), ProcessorError> {
+        match card_outcome(card.pan.expose(), charging) {
+            Ok(()) => Ok(()),
+            Err(Ok(code)) => Err(ProcessorError::Declined(code)),
+            Err(Err(())) => Err(ProcessorError::Failed("processing error".into())),
+        }
+    }
+}
+
+#[async_trait]
+impl CardProcessor for Sandbox {
+    fn name(&self) -> &'static str {
+        "sandbox"
+    }
+
+    async fn verify(&self, key: &str, card: CardDetails<'_>) -> Result<String, ProcessorError> {
+        let outcome = Self::card_result(&card, false);
+        let last4 = card.pan.last4().to_owned();
+        self.call(NewCall {
+            key,
+            kind: CallKind::Verify,
+            related: None,
+            amount: None,
+            fee: 0,
+            outcome,
+            last4: Some(&last4),
+        })
+        .await
+    }
+
+    async fn authorize(&self, key: &str, card: CardDetails<'_>, amount: Money) -> Result<String, ProcessorError> {
+        let outcome = Self::card_result(&card, true);
+        let last4 = card.pan.last4().to_owned();
+        self.call(NewCall {
+            key,
+            kind: CallKind::Authorize,
+            related: None,
+            amount: Some(amount),
+            fee: 0,
+            outcome,
+            last4: Some(&last4),
+        })
+        .await
+    }
+
+    async fn capture(&self, key: &str, authorization: &str, amount: Money) -> Result<String, ProcessorError> {
+        let auth = self.find_reference(authorization).await?;
+        let outcome = match &auth {
+            Some(a) if a.kind == "authorize" && a.status == "succeeded" => match money_of(a) {
+                Some(m) if m.currency() == amount.currency() && amount.minor() <= m.minor() => Ok(()),
+                _ => Err(ProcessorError::Failed("capture exceeds the authorization".into())),
+            },
+            _ => Err(ProcessorError::Failed("no such authorization".into())),
+        };
+        let fee = if outcome.is_ok() { capture_fee(amount) } else { 0 };
+        self.call(NewCall {
+            key,
+            kind: CallKind::Capture,
+            related: Some(authorization),
+            amount: Some(amount),
+            fee,
+            outcome,
+            last4: None,
+        })
+        .await
+    }
+
+    async fn void(&self, key: &str, authorization: &str) -> Result<String, ProcessorError> {
+        let auth = self.find_reference(authorization).await?;
+        let outcome = match auth {
+            Some(a) if a.kind == "authorize" => Ok(()),
+            _ => Err(ProcessorError::Failed("no such authorization".into())),
+        };
+        self.call(NewCall {
+            key,
+            kind: CallKind::Void,
+            related: Some(authorization),
+            amount: None,
+            fee: 0,
+            outcome,
+            last4: None,
+        })
+        .await
+    }
+
+    async fn refund(&self, key: &str, capture: &str, amount: Money) -> Result<String, ProcessorError> {
+        let cap = self.find_reference(capture).await?;
+        let outcome = match &cap {
+            Some(c) if c.kind == "capture" && c.status == "succeeded" => match money_of(c) {
+                Some(m) if m.currency() == amount.currency() && amount.minor() <= m.minor() => Ok(()),
+                _ => Err(ProcessorError::Failed("refund exceeds the capture".into())),
+            },
+            _ => Err(ProcessorError::Failed("no such capture".into())),
+        };
+        self.call(NewCall {
+            key,
+            kind: CallKind::Refund,
+            related: Some(capture),
+            amount: Some(amount),
+            fee: 0,
+            outcome,
+            last4: None,
+        })
+        .await
+    }
+
+    async fn lookup(&self, key: &str) -> Result<Option<CallRecord>, ProcessorError> {
+        Ok(self.find(key).await?.map(|row| CallRecord {
+            idempotency_key: row.idempotency_key.clone(),
+            kind: row.kind.clone(),
+            reference: row.reference.clone(),
+            amount: money_of(&row),
+            outcome: outcome_of(&row),
+        }))
+    }
+
+    async fn settlement_report(&self, date: &str) -> Result<String, ProcessorError> {
+        let (y, m, d) =
+            dates::parse_date(date).ok_or_else(|| ProcessorError::Failed("date must be YYYY-MM-DD".into()))?;
+        let from = dates::day_start_us(y, m, d);
+        let to = from + 86_400 * 1_000_000;
+        let rows: Vec<(String, String, i64, String, i64, i64)> = with_db!(&self.db, pool => sqlx::query_as(
+            "SELECT reference, kind, amount, currency, fee, created_at_us FROM sandbox_processor_calls \
+             WHERE kind IN ('capture', 'refund') AND status = 'succeeded' AND created_at_us >= $1 AND created_at_us < $2 \
+             ORDER BY created_at_us, reference",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(pool)
+        .await)
+        .map_err(|_| ProcessorError::Failed("sandbox storage unavailable".into()))?;
+        let mut csv = String::from("processor_reference,type,amount,fee,net,currency,created_at\n");
+        for (reference, kind, amount, currency, fee, at) in rows {
+            let Some(c) = Currency::from_code(&currency) else { continue };
+            let (signed, fee) = if kind == "refund" { (-amount, 0) } else { (amount, fee) };
+            let net = signed - fee;
+            csv.push_str(&format!(
+                "{reference},{kind},{},{},{},{currency},{}\n",
+                Money::from_minor(c, signed).amount_string(),
+                Money::from_minor(c, fee).amount_string(),
+                Money::from_minor(c, net).amount_string(),
+                dates::rfc3339(at)
+            ));
+        }
+        Ok(csv)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fees_round_half_up_and_never_exceed_the_amount() {
+        let usd = Currency::from_code("USD").unwrap();
+        assert_eq!(capture_fee(Money::from_minor(usd, 10_000)), 290 + 30);
+        assert_eq!(capture_fee(Money::from_minor(usd, 1_000)), 29 + 30);
+        assert_eq!(capture_fee(Money::from_minor(usd, 20)), 20);
+        let jpy = Currency::from_code("JPY").unwrap();
+        assert_eq!(capture_fee(Money::from_minor(jpy, 1_000)), 29 + 30);
+    }
+}

@@ -1,0 +1,664 @@
+//! The payment-method vault: tokenizes cards, keeps card numbers unreadable at rest,
+//! links them to accounts after a verification at the processor, and hands a card to
+//! the processor when money must be pulled. Every access to card data is audited.
+//!
+//! - `card`  secret types (PAN, CVC) and card validation
+//! - `keys`  envelope encryption, key rotation, fingerprints
+
+pub mod card;
+pub mod keys;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+
+use self::card::{Brand, Cvc, Pan};
+use self::keys::{KeyRing, Sealed};
+use crate::accounts::{parse_text, Accounts, UserId};
+use crate::dates;
+use crate::error::{Error, Result};
+use crate::processor::{CardDetails, CardProcessor, ProcessorError};
+use crate::store::{now_us, Db};
+use crate::with_db;
+
+/// Active (linked) methods per account.
+pub const ACTIVE_METHODS_MAX: i64 = 10;
+pub const HOLDER_NAME_LEN_MAX: usize = 100;
+pub const POSTAL_CODE_LEN_MAX: usize = 16;
+/// CVCs held in memory between tokenization and link, at most. Past this the oldest are
+/// dropped (their link asks for a new tokenization).
+const CVC_CACHE_MAX: usize = 100_000;
+/// Records re-wrapped per transaction by `rotate`.
+const ROTATE_BATCH: i64 = 200;
+
+#[derive(Debug, Clone)]
+pub struct VaultConfig {
+    /// How long an unlinked token lives.
+    pub unlinked_ttl: Duration,
+    /// Tokenization attempts per account per hour.
+    pub tokenize_per_hour_max: i64,
+}
+
+impl Default for VaultConfig {
+    fn default() -> Self {
+        VaultConfig { unlinked_ttl: Duration::from_secs(15 * 60), tokenize_per_hour_max: 20 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MethodStatus {
+    Unlinked,
+    Active,
+    Removed,
+}
+
+impl MethodStatus {
+    fn from_db(s: &str) -> Result<Self> {
+        Ok(match s {
+            "unlinked" => MethodStatus::Unlinked,
+            "active" => MethodStatus::Active,
+            "removed" => MethodStatus::Removed,
+            other => return Err(Error::internal(anyhow::anyhow!("unknown method status {other:?}"))),
+        })
+    }
+}
+
+/// A payment method as its owner may see it: never more than brand and last four.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentMethod {
+    pub token: String,
+    pub user_id: String,
+    pub brand: Brand,
+    pub last4: String,
+    pub exp_month: u32,
+    pub exp_year: u32,
+    pub holder_name: String,
+    pub status: MethodStatus,
+    pub is_default: bool,
+    pub created_at_us: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct MethodRow {
+    token: String,
+    user_id: String,
+    brand: String,
+    last4: String,
+    exp_month: i32,
+    exp_year: i32,
+    holder_name: String,
+    status: String,
+    is_default: bool,
+    created_at_us: i64,
+    expires_at_us: Option<i64>,
+}
+
+impl MethodRow {
+    fn into_method(self) -> Result<PaymentMethod> {
+        Ok(PaymentMethod {
+            brand: Brand::from_db(&self.brand)?,
+            status: MethodStatus::from_db(&self.status)?,
+            token: self.token,
+            user_id: self.user_id,
+            last4: self.last4,
+            exp_month: self.exp_month as u32,
+            exp_year: self.exp_year as u32,
+            holder_name: self.holder_name,
+            is_default: self.is_default,
+            created_at_us: self.created_at_us,
+        })
+    }
+
+    fn expired(&self, now: i64) -> bool {
+        self.status == "unlinked" && self.expires_at_us.is_some_and(|t| t <= now)
+    }
+}
+
+/// token, user, KEK id, wrapped DEK, PAN ciphertext.
+type SealedRow = (String, String, String, Vec<u8>, Vec<u8>);
+
+const METHOD_COLUMNS: &str =
+    "token, user_id, brand, last4, exp_month, exp_year, holder_name, status, is_default, created_at_us, expires_at_us";
+
+/// `TokenizeCard` input, straight from the wire; validated here.
+pub struct TokenizeInput<'a> {
+    pub card_number: &'a str,
+    pub exp_month: u32,
+    pub exp_year: u32,
+    pub cvc: &'a str,
+    pub holder_name: &'a str,
+    pub postal_code: &'a str,
+}
+
+/// The card of an active method, decrypted for one processor call.
+pub struct ChargeableCard {
+    pub token: String,
+    pub pan: Pan,
+    pub exp_month: u32,
+    pub exp_year: u32,
+}
+
+impl ChargeableCard {
+    pub fn details(&self) -> CardDetails<'_> {
+        CardDetails { pan: &self.pan, exp_month: self.exp_month, exp_year: self.exp_year, cvc: None }
+    }
+}
+
+pub struct Vault {
+    db: Db,
+    keys: Arc<KeyRing>,
+    processor: Arc<dyn CardProcessor>,
+    accounts: Accounts,
+    config: VaultConfig,
+    /// CVCs between tokenization and link, in memory only (never stored), with the
+    /// time they stop being usable. A std mutex: held for a map operation, never
+    /// across an await.
+    cvcs: Mutex<HashMap<String, (Cvc, Instant)>>,
+}
+
+fn not_found() -> Error {
+    Error::NotFound("payment method not found (unknown, expired or another account's)".into())
+}
+
+fn new_token() -> String {
+    let mut bytes = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    format!("pm_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+fn check_token(token: &str) -> Result<()> {
+    if token.is_empty() {
+        return Err(Error::invalid("token", "required"));
+    }
+    if token.len() != 35 || !token.starts_with("pm_") || !token[3..].bytes().all(|b| b.is_ascii_hexdigit()) {
+        // A malformed token cannot exist; NOT_FOUND keeps it indistinguishable from
+        // another account's token.
+        return Err(not_found());
+    }
+    Ok(())
+}
+
+fn today() -> (u32, u32) {
+    let (y, m, _) = dates::ymd(now_us());
+    (y as u32, m)
+}
+
+impl Vault {
+    pub fn new(
+        db: Db,
+        keys: Arc<KeyRing>,
+        processor: Arc<dyn CardProcessor>,
+        accounts: Accounts,
+        config: VaultConfig,
+    ) -> Self {
+        Vault { db, keys, processor, accounts, config, cvcs: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn processor(&self) -> &Arc<dyn CardProcessor> {
+        &self.processor
+    }
+
+    async fn audit(&self, actor: &str, action: &str, token: &str, result: &str, detail: &str) -> Result<()> {
+        with_db!(&self.db, pool => sqlx::query(
+            "INSERT INTO audit_log (actor, action, target, reason, result, at_us) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(actor)
+        .bind(action)
+        .bind(format!("pm:{token}"))
+        .bind(detail)
+        .bind(result)
+        .bind(now_us())
+        .execute(pool)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+
+    async fn recent_attempts(&self, user: &UserId) -> Result<i64> {
+        let since = now_us() - 3_600_000_000;
+        let n = with_db!(&self.db, pool => sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM audit_log WHERE actor = $1 AND action = 'card.tokenize' AND at_us > $2",
+        )
+        .bind(user.as_str())
+        .bind(since)
+        .fetch_one(pool)
+        .await)?;
+        Ok(n)
+    }
+
+    fn remember_cvc(&self, token: &str, cvc: Cvc) {
+        if let Ok(mut cache) = self.cvcs.lock() {
+            let now = Instant::now();
+            cache.retain(|_, (_, until)| *until > now);
+            if cache.len() >= CVC_CACHE_MAX {
+                if let Some(oldest) = cache.iter().min_by_key(|(_, (_, until))| *until).map(|(k, _)| k.clone()) {
+                    cache.remove(&oldest);
+                }
+            }
+            cache.insert(token.to_owned(), (cvc, now + self.config.unlinked_ttl));
+        }
+    }
+
+    fn take_cvc(&self, token: &str) -> Option<Cvc> {
+        let mut cache = self.cvcs.lock().ok()?;
+        let (cvc, until) = cache.remove(token)?;
+        (until > Instant::now()).then_some(cvc)
+    }
+
+    async fn row(&self, user: &UserId, token: &str) -> Result<Option<MethodRow>> {
+        let sql = format!("SELECT {METHOD_COLUMNS} FROM payment_methods WHERE token = $1 AND user_id = $2");
+        let row: Option<MethodRow> = with_db!(&self.db, pool => sqlx::query_as(&sql).bind(token).bind(user.as_str()).fetch_optional(pool).await)?;
+        Ok(row.filter(|r| !r.expired(now_us())))
+    }
+
+    /// `TokenizeCard`: validates, encrypts and stores the card unlinked. The same card
+    /// tokenized again by the same account returns its existing method.
+    pub async fn tokenize(&self, user: &UserId, input: TokenizeInput<'_>) -> Result<PaymentMethod> {
+        if self.recent_attempts(user).await? >= self.config.tokenize_per_hour_max {
+            return Err(Error::ResourceExhausted {
+                reason: "TOKENIZE_RATE_LIMIT",
+                message: format!(
+                    "at most {} card tokenizations per hour per account; try again later",
+                    self.config.tokenize_per_hour_max
+                ),
+            });
+        }
+        let validated = card::validate(input.card_number, input.exp_month, input.exp_year, input.cvc, today())
+            .and_then(|c| {
+                let holder = parse_text("holder_name", input.holder_name, HOLDER_NAME_LEN_MAX, false)?;
+                let postal = input.postal_code.trim();
+                if postal.len() > POSTAL_CODE_LEN_MAX
+                    || !postal.bytes().all(|b| b.is_ascii_alphanumeric() || b == b' ' || b == b'-')
+                {
+                    return Err(Error::invalid(
+                        "postal_code",
+                        format!("up to {POSTAL_CODE_LEN_MAX} letters, digits, spaces and dashes"),
+                    ));
+                }
+                Ok((c, holder, postal.to_owned()))
+            });
+        let (card, holder, postal) = match validated {
+            Ok(v) => v,
+            Err(e) => {
+                // Failed attempts count against the rate limit: card testing is many
+                // failures. The detail names the field, never the value.
+                let field = match &e {
+                    Error::InvalidArgument(v) => v.first().map(|f| f.field.clone()).unwrap_or_default(),
+                    _ => String::new(),
+                };
+                self.audit(user.as_str(), "card.tokenize", "-", "invalid", &field).await?;
+                return Err(e);
+            }
+        };
+        self.accounts.ensure(user).await?;
+        let fingerprint = self.keys.fingerprint(&card.pan);
+        let now = now_us();
+
+        // The same card on this account: reuse it (dedup by fingerprint).
+        let sql = format!(
+            "SELECT {METHOD_COLUMNS} FROM payment_methods WHERE user_id = $1 AND fingerprint = $2 AND status <> 'removed'"
+        );
+        let existing: Option<MethodRow> = with_db!(&self.db, pool => sqlx::query_as(&sql)
+            .bind(user.as_str())
+            .bind(&fingerprint)
+            .fetch_optional(pool)
+            .await)?;
+        if let Some(row) = existing {
+            if row.expired(now) {
+                self.purge(Some(&row.token)).await?;
+            } else {
+                if row.status == "unlinked" {
+                    self.remember_cvc(&row.token, card.cvc.clone());
+                }
+                self.audit(user.as_str(), "card.tokenize", &row.token, "duplicate", "same card already vaulted")
+                    .await?;
+                return row.into_method();
+            }
+        }
+
+        let token = new_token();
+        let sealed = self.keys.seal_pan(&card.pan, &token, user.as_str());
+        let expires = now + i64::try_from(self.config.unlinked_ttl.as_micros()).unwrap_or(i64::MAX);
+        let sql = format!(
+            "INSERT INTO payment_methods (token, user_id, brand, last4, exp_month, exp_year, holder_name, postal_code, \
+             fingerprint, status, is_default, kek_id, wrapped_dek, pan_ciphertext, created_at_us, expires_at_us) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'unlinked', FALSE, $10, $11, $12, $13, $14) \
+             RETURNING {METHOD_COLUMNS}"
+        );
+        let row: MethodRow = with_db!(&self.db, pool => {
+            let mut tx = pool.begin().await?;
+            let row = sqlx::query_as(&sql)
+                .bind(&token)
+                .bind(user.as_str())
+                .bind(card.brand.as_str())
+                .bind(card.pan.last4())
+                .bind(card.exp_month as i32)
+                .bind(card.exp_year as i32)
+                .bind(&holder)
+                .bind(&postal)
+                .bind(&fingerprint)
+                .bind(&sealed.kek_id)
+                .bind(&sealed.wrapped_dek)
+                .bind(&sealed.ciphertext)
+                .bind(now)
+                .bind(expires)
+                .fetch_one(&mut *tx)
+                .await?;
+            sqlx::query("INSERT INTO audit_log (actor, action, target, reason, result, at_us) VALUES ($1, 'card.tokenize', $2, $3, 'ok', $4)")
+                .bind(user.as_str())
+                .bind(format!("pm:{token}"))
+                .bind(format!("{} ****{}", card.brand.as_str(), card.pan.last4()))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(row)
+        })?;
+        self.remember_cvc(&token, card.cvc);
+        row.into_method()
+    }
+
+    /// Decrypts a method's PAN for one processor call, and audits the access.
+    async fn open(&self, actor: &str, token: &str, user: &str, purpose: &str) -> Result<Pan> {
+        let sealed: Option<(String, Vec<u8>, Vec<u8>)> = with_db!(&self.db, pool => sqlx::query_as(
+            "SELECT kek_id, wrapped_dek, pan_ciphertext FROM payment_methods WHERE token = $1 AND user_id = $2",
+        )
+        .bind(token)
+        .bind(user)
+        .fetch_optional(pool)
+        .await)?;
+        let (kek_id, wrapped_dek, ciphertext) = sealed.ok_or_else(not_found)?;
+        let result = self.keys.open_pan(&Sealed { kek_id, wrapped_dek, ciphertext }, token, user);
+        let outcome = if result.is_ok() { "ok" } else { "failed" };
+        self.audit(actor, "card.decrypt", token, outcome, purpose).await?;
+        result.map_err(|e| Error::internal(anyhow::anyhow!("vault decrypt of {token}: {e}")))
+    }
+
+    /// `LinkPaymentMethod`: verifies the card at the processor with the CVC given at
+    /// tokenization, then links it. The first linked method becomes the default.
+    pub async fn link(&self, user: &UserId, token: &str, make_default: bool) -> Result<PaymentMethod> {
+        check_token(token)?;
+        let row = self.row(user, token).await?.ok_or_else(not_found)?;
+        match row.status.as_str() {
+            "removed" => {
+                return Err(Error::FailedPrecondition {
+                    reason: "PAYMENT_METHOD_REMOVED",
+                    message: "this payment method was removed; tokenize the card again".into(),
+                })
+            }
+            "active" => {
+                // Linking twice is a retry.
+                return if make_default { self.set_default(user, token).await } else { row.into_method() };
+            }
+            _ => {}
+        }
+        let active: i64 = with_db!(&self.db, pool => sqlx::query_scalar(
+            "SELECT COUNT(*) FROM payment_methods WHERE user_id = $1 AND status = 'active'",
+        )
+        .bind(user.as_str())
+        .fetch_one(pool)
+        .await)?;
+        if active >= ACTIVE_METHODS_MAX {
+            return Err(Error::ResourceExhausted {
+                reason: "PAYMENT_METHOD_LIMIT",
+                message: format!("at most {ACTIVE_METHODS_MAX} active payment methods; remove one first"),
+            });
+        }
+        let cvc = self.take_cvc(token).ok_or_else(|| Error::FailedPrecondition {
+            reason: "CVC_UNAVAILABLE",
+            message: "the security code is no longer available; tokenize the card again".into(),
+        })?;
+        let pan = self.open(user.as_str(), token, user.as_str(), "verify").await?;
+        let details =
+            CardDetails { pan: &pan, exp_month: row.exp_month as u32, exp_year: row.exp_year as u32, cvc: Some(&cvc) };
+        let key = format!("verify:{token}");
+        let verified = match self.processor.verify(&key, details).await {
+            Err(ProcessorError::Unknown) => match self.processor.lookup(&key).await {
+                Ok(Some(record)) => record.outcome.map(|()| record.reference),
+                _ => Err(ProcessorError::Unknown),
+            },
+            other => other,
+        };
+        match verified {
+            Ok(_) => {}
+            Err(ProcessorError::Declined(code)) => {
+                self.audit(user.as_str(), "card.link", token, "declined", code.reason()).await?;
+                return Err(Error::FailedPrecondition { reason: code.reason(), message: code.message().into() });
+            }
+            Err(e) => {
+                // Nothing was decided: keep the CVC so the user can simply retry.
+                self.remember_cvc(token, cvc);
+                self.audit(user.as_str(), "card.link", token, "error", &e.to_string()).await?;
+                return Err(Error::Unavailable("the card processor did not answer; retry".into()));
+            }
+        }
+        drop(cvc);
+        let now = now_us();
+        with_db!(&self.db, pool => {
+            let mut tx = pool.begin().await?;
+            let has_default: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM payment_methods WHERE user_id = $1 AND is_default",
+            )
+            .bind(user.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+            let default = make_default || has_default == 0;
+            if default {
+                sqlx::query("UPDATE payment_methods SET is_default = FALSE WHERE user_id = $1 AND is_default")
+                    .bind(user.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query(
+                "UPDATE payment_methods SET status = 'active', is_default = $3, linked_at_us = $4, expires_at_us = NULL \
+                 WHERE token = $1 AND user_id = $2 AND status = 'unlinked'",
+            )
+            .bind(token)
+            .bind(user.as_str())
+            .bind(default)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("INSERT INTO audit_log (actor, action, target, reason, result, at_us) VALUES ($1, 'card.link', $2, '', 'ok', $3)")
+                .bind(user.as_str())
+                .bind(format!("pm:{token}"))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(())
+        })?;
+        self.row(user, token).await?.ok_or_else(not_found)?.into_method()
+    }
+
+    pub async fn list(&self, user: &UserId, include_removed: bool) -> Result<Vec<PaymentMethod>> {
+        let sql = format!(
+            "SELECT {METHOD_COLUMNS} FROM payment_methods WHERE user_id = $1 ORDER BY created_at_us DESC, token LIMIT 200"
+        );
+        let rows: Vec<MethodRow> =
+            with_db!(&self.db, pool => sqlx::query_as(&sql).bind(user.as_str()).fetch_all(pool).await)?;
+        let now = now_us();
+        rows.into_iter()
+            .filter(|r| !r.expired(now) && (include_removed || r.status != "removed"))
+            .map(MethodRow::into_method)
+            .collect()
+    }
+
+    pub async fn set_default(&self, user: &UserId, token: &str) -> Result<PaymentMethod> {
+        check_token(token)?;
+        let row = self.row(user, token).await?.ok_or_else(not_found)?;
+        if row.status != "active" {
+            return Err(Error::FailedPrecondition {
+                reason: "PAYMENT_METHOD_NOT_ACTIVE",
+                message: "only a linked, active payment method can be the default".into(),
+            });
+        }
+        with_db!(&self.db, pool => {
+            let mut tx = pool.begin().await?;
+            sqlx::query("UPDATE payment_methods SET is_default = FALSE WHERE user_id = $1 AND is_default")
+                .bind(user.as_str())
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE payment_methods SET is_default = TRUE WHERE token = $1 AND user_id = $2")
+                .bind(token)
+                .bind(user.as_str())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(())
+        })?;
+        self.audit(user.as_str(), "card.set_default", token, "ok", "").await?;
+        self.row(user, token).await?.ok_or_else(not_found)?.into_method()
+    }
+
+    /// Removes a method (kept for history, never charged again). Removing the default
+    /// promotes the most recently linked active method.
+    pub async fn remove(&self, user: &UserId, token: &str) -> Result<PaymentMethod> {
+        check_token(token)?;
+        let row = self.row(user, token).await?.ok_or_else(not_found)?;
+        if row.status == "removed" {
+            return row.into_method();
+        }
+        let now = now_us();
+        with_db!(&self.db, pool => {
+            let mut tx = pool.begin().await?;
+            sqlx::query(
+                "UPDATE payment_methods SET status = 'removed', is_default = FALSE, removed_at_us = $3, expires_at_us = NULL \
+                 WHERE token = $1 AND user_id = $2",
+            )
+            .bind(token)
+            .bind(user.as_str())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if row.is_default {
+                let next: Option<String> = sqlx::query_scalar(
+                    "SELECT token FROM payment_methods WHERE user_id = $1 AND status = 'active' \
+                     ORDER BY linked_at_us DESC, token DESC LIMIT 1",
+                )
+                .bind(user.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(next) = next {
+                    sqlx::query("UPDATE payment_methods SET is_default = TRUE WHERE token = $1")
+                        .bind(next)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            sqlx::query("INSERT INTO audit_log (actor, action, target, reason, result, at_us) VALUES ($1, 'card.remove', $2, '', 'ok', $3)")
+                .bind(user.as_str())
+                .bind(format!("pm:{token}"))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(())
+        })?;
+        self.row(user, token).await?.ok_or_else(not_found)?.into_method()
+    }
+
+    /// The card to charge: the given token, else the default. Only active methods.
+    pub async fn chargeable(&self, user: &UserId, token: Option<&str>, purpose: &str) -> Result<ChargeableCard> {
+        let row = match token {
+            Some(t) => {
+                check_token(t)?;
+                self.row(user, t).await?.ok_or_else(not_found)?
+            }
+            None => {
+                let sql = format!("SELECT {METHOD_COLUMNS} FROM payment_methods WHERE user_id = $1 AND is_default");
+                let row: Option<MethodRow> =
+                    with_db!(&self.db, pool => sqlx::query_as(&sql).bind(user.as_str()).fetch_optional(pool).await)?;
+                row.ok_or_else(|| Error::FailedPrecondition {
+                    reason: "NO_PAYMENT_METHOD",
+                    message: "no default payment method; link a card first".into(),
+                })?
+            }
+        };
+        if row.status != "active" {
+            return Err(Error::FailedPrecondition {
+                reason: "PAYMENT_METHOD_NOT_ACTIVE",
+                message: "this payment method is not linked or was removed".into(),
+            });
+        }
+        let pan = self.open(user.as_str(), &row.token, user.as_str(), purpose).await?;
+        Ok(ChargeableCard { token: row.token, pan, exp_month: row.exp_month as u32, exp_year: row.exp_year as u32 })
+    }
+
+    /// A risk signal: how many distinct accounts hold the card behind this token.
+    pub async fn accounts_sharing_card(&self, token: &str) -> Result<i64> {
+        let n = with_db!(&self.db, pool => sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(DISTINCT user_id) FROM payment_methods WHERE fingerprint = \
+             (SELECT fingerprint FROM payment_methods WHERE token = $1)",
+        )
+        .bind(token)
+        .fetch_one(pool)
+        .await)?;
+        Ok(n)
+    }
+
+    /// Deletes unlinked methods past their expiry (all, or one token). They never held
+    /// money, and deleting unneeded card data is the point.
+    pub async fn purge(&self, token: Option<&str>) -> Result<u64> {
+        let now = now_us();
+        let n = with_db!(&self.db, pool => sqlx::query(
+            "DELETE FROM payment_methods WHERE status = 'unlinked' AND expires_at_us <= $1 AND ($2 IS NULL OR token = $2)",
+        )
+        .bind(now)
+        .bind(token)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected()))?;
+        Ok(n)
+    }
+
+    /// Re-wraps every data key not under the active KEK, in batches; resumable (it
+    /// picks up whatever is left) and online (one short transaction per batch).
+    pub async fn rotate(&self, actor: &str) -> Result<u64> {
+        let active = self.keys.active_kek().to_owned();
+        let mut total = 0u64;
+        loop {
+            let rows: Vec<SealedRow> = with_db!(&self.db, pool => sqlx::query_as(
+                "SELECT token, user_id, kek_id, wrapped_dek, pan_ciphertext FROM payment_methods \
+                 WHERE kek_id <> $1 ORDER BY token LIMIT $2",
+            )
+            .bind(&active)
+            .bind(ROTATE_BATCH)
+            .fetch_all(pool)
+            .await)?;
+            if rows.is_empty() {
+                break;
+            }
+            let mut updates = Vec::with_capacity(rows.len());
+            for (token, user, kek_id, wrapped_dek, ciphertext) in rows {
+                let sealed = Sealed { kek_id: kek_id.clone(), wrapped_dek, ciphertext };
+                let rewrapped = self
+                    .keys
+                    .rewrap(&sealed, &token, &user)
+                    .map_err(|e| Error::internal(anyhow::anyhow!("rotating {token}: {e}")))?;
+                updates.push((token, kek_id, rewrapped));
+            }
+            let n = updates.len() as u64;
+            with_db!(&self.db, pool => {
+                let mut tx = pool.begin().await?;
+                for (token, old_kek, sealed) in &updates {
+                    // Only if nobody rotated it meanwhile.
+                    sqlx::query("UPDATE payment_methods SET kek_id = $2, wrapped_dek = $3 WHERE token = $1 AND kek_id = $4")
+                        .bind(token)
+                        .bind(&sealed.kek_id)
+                        .bind(&sealed.wrapped_dek)
+                        .bind(old_kek)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(())
+            })?;
+            total += n;
+        }
+        self.audit(actor, "vault.rotate", "*", "ok", &format!("{total} data keys re-wrapped under {active}")).await?;
+        Ok(total)
+    }
+}

@@ -10,6 +10,8 @@ use serde::Deserialize;
 
 use crate::ledger::EngineConfig;
 use crate::money::{Currencies, Currency};
+use crate::payments::model::TierLimits;
+use crate::payments::PaymentsConfig;
 use crate::processor::sandbox::SandboxConfig;
 use crate::vault::keys::{KeyRing, DEV_FINGERPRINT_KEY, DEV_KEKS};
 use crate::vault::VaultConfig;
@@ -68,6 +70,7 @@ pub struct Config {
     pub vault_fingerprint_key: SecretString,
     pub vault: VaultConfig,
     pub sandbox: SandboxConfig,
+    pub payments: PaymentsConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +117,13 @@ struct FileConfig {
     sandbox_latency: Option<String>,
     sandbox_timeout_rate: Option<String>,
     sandbox_error_rate: Option<String>,
+    limit_unverified_payment_max: Option<String>,
+    limit_unverified_daily_max: Option<String>,
+    limit_verified_payment_max: Option<String>,
+    limit_verified_daily_max: Option<String>,
+    card_fee_bps: Option<String>,
+    card_fee_fixed_minor: Option<String>,
+    payments_resolve_after: Option<String>,
 }
 
 /// Where raw string settings come from, so tests can load without touching the process
@@ -309,6 +319,56 @@ impl Config {
                     "DMPAY_SANDBOX_ERROR_RATE",
                     pick("DMPAY_SANDBOX_ERROR_RATE", &file_cfg.sandbox_error_rate),
                 )?,
+            },
+            payments: {
+                let d = PaymentsConfig::default();
+                let limit = |name: &'static str, raw: &Option<String>, default: i64| {
+                    parse_num(name, pick(name, raw), default, 1..=1_000_000_000)
+                };
+                PaymentsConfig {
+                    unverified: TierLimits {
+                        payment_max: limit(
+                            "DMPAY_LIMIT_UNVERIFIED_PAYMENT_MAX",
+                            &file_cfg.limit_unverified_payment_max,
+                            d.unverified.payment_max,
+                        )?,
+                        daily_max: limit(
+                            "DMPAY_LIMIT_UNVERIFIED_DAILY_MAX",
+                            &file_cfg.limit_unverified_daily_max,
+                            d.unverified.daily_max,
+                        )?,
+                    },
+                    verified: TierLimits {
+                        payment_max: limit(
+                            "DMPAY_LIMIT_VERIFIED_PAYMENT_MAX",
+                            &file_cfg.limit_verified_payment_max,
+                            d.verified.payment_max,
+                        )?,
+                        daily_max: limit(
+                            "DMPAY_LIMIT_VERIFIED_DAILY_MAX",
+                            &file_cfg.limit_verified_daily_max,
+                            d.verified.daily_max,
+                        )?,
+                    },
+                    card_fee_bps: parse_num(
+                        "DMPAY_CARD_FEE_BPS",
+                        pick("DMPAY_CARD_FEE_BPS", &file_cfg.card_fee_bps),
+                        0,
+                        0..=2_000,
+                    )?,
+                    card_fee_fixed_minor: parse_num(
+                        "DMPAY_CARD_FEE_FIXED_MINOR",
+                        pick("DMPAY_CARD_FEE_FIXED_MINOR", &file_cfg.card_fee_fixed_minor),
+                        0,
+                        0..=100_000,
+                    )?,
+                    resolve_after_s: parse_duration(
+                        "DMPAY_PAYMENTS_RESOLVE_AFTER",
+                        pick("DMPAY_PAYMENTS_RESOLVE_AFTER", &file_cfg.payments_resolve_after),
+                        Duration::from_secs(d.resolve_after_s as u64),
+                    )?
+                    .as_secs() as i64,
+                }
             },
         };
         if config.engine.commit_wait > Duration::from_millis(100) {

@@ -12,6 +12,7 @@
 //! - `ledger`    the double-entry ledger and its batching posting engine
 //! - `vault`     card validation, envelope encryption, fingerprints, payment methods
 //! - `processor` the card-processor trait and the built-in sandbox processor
+//! - `payments`  one-click DM payments: sends, limits, settlement, event outbox
 //! - `dates`     UTC calendar arithmetic for expiries, reports and timestamps
 //! - `api`       tonic services: protobuf <-> domain, errors -> gRPC status
 //! - `telemetry` logs, Prometheus metrics, the per-call log line
@@ -27,6 +28,7 @@ pub mod dates;
 pub mod error;
 pub mod ledger;
 pub mod money;
+pub mod payments;
 pub mod processor;
 pub mod server;
 pub mod store;

@@ -16,10 +16,12 @@ use crate::accounts::Accounts;
 use crate::api::pb::accounts_server::AccountsServer;
 use crate::api::pb::ledger_server::LedgerServer;
 use crate::api::pb::payment_methods_server::PaymentMethodsServer;
-use crate::api::{AccountsApi, LedgerApi, PaymentMethodsApi, FILE_DESCRIPTOR_SET};
+use crate::api::pb::payments_server::PaymentsServer;
+use crate::api::{AccountsApi, LedgerApi, PaymentMethodsApi, PaymentsApi, FILE_DESCRIPTOR_SET};
 use crate::auth::{AuthInterceptor, Verifier};
 use crate::config::Config;
 use crate::ledger::{maintenance, Engine, Ledger};
+use crate::payments::Payments;
 use crate::processor::sandbox::Sandbox;
 use crate::processor::CardProcessor;
 use crate::store::Db;
@@ -43,6 +45,7 @@ pub struct Application {
     engine: Engine,
     ledger: Ledger,
     vault: Arc<Vault>,
+    payments: Arc<Payments>,
 }
 
 /// Every dmpay service, for health reporting.
@@ -50,6 +53,7 @@ const SERVICE_NAMES: &[&str] = &[
     <AccountsServer<AccountsApi> as tonic::server::NamedService>::NAME,
     <LedgerServer<LedgerApi> as tonic::server::NamedService>::NAME,
     <PaymentMethodsServer<PaymentMethodsApi> as tonic::server::NamedService>::NAME,
+    <PaymentsServer<PaymentsApi> as tonic::server::NamedService>::NAME,
 ];
 
 impl Application {
@@ -71,7 +75,14 @@ impl Application {
         let keys = Arc::new(config.key_ring()?);
         let processor: Arc<dyn CardProcessor> = Arc::new(Sandbox::new(db.clone(), config.sandbox.clone()));
         let vault = Arc::new(Vault::new(db.clone(), keys, processor, Accounts::new(db.clone()), config.vault.clone()));
-        Ok(Application { config, db, listener, metrics_listener, metrics, verifier, engine, ledger, vault })
+        let payments = Arc::new(Payments::new(
+            db.clone(),
+            ledger.clone(),
+            vault.clone(),
+            Accounts::new(db.clone()),
+            config.payments.clone(),
+        ));
+        Ok(Application { config, db, listener, metrics_listener, metrics, verifier, engine, ledger, vault, payments })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -94,10 +105,15 @@ impl Application {
         &self.vault
     }
 
+    pub fn payments(&self) -> &Arc<Payments> {
+        &self.payments
+    }
+
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight calls
     /// finish (up to `SHUTDOWN_GRACE`) and closes the pool.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Application { config, db, listener, metrics_listener, metrics, verifier, engine, ledger, vault } = self;
+        let Application { config, db, listener, metrics_listener, metrics, verifier, engine, ledger, vault, payments } =
+            self;
         let addr = listener.local_addr()?;
 
         let metrics_task = metrics_listener.map(|l| {
@@ -120,6 +136,10 @@ impl Application {
             .max_decoding_message_size(size_max)
             .max_encoding_message_size(size_max);
         let purge_task = tokio::spawn(purge_unlinked(vault.clone()));
+        let payments_api = PaymentsServer::new(PaymentsApi::new(payments.clone()))
+            .max_decoding_message_size(size_max)
+            .max_encoding_message_size(size_max);
+        let resolver_task = tokio::spawn(payments.as_ref().clone().run_resolver(Duration::from_secs(2)));
         let maintenance_task = tokio::spawn(maintenance::run(
             db.clone(),
             ledger.engine().clone(),
@@ -146,6 +166,7 @@ impl Application {
             .add_service(InterceptedService::new(accounts, auth.clone()))
             .add_service(InterceptedService::new(ledger_api, auth.clone()))
             .add_service(InterceptedService::new(methods_api, auth.clone()))
+            .add_service(InterceptedService::new(payments_api, auth.clone()))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 let _ = stop_rx.await;
             });
@@ -156,6 +177,8 @@ impl Application {
                 probe_task.abort();
                 maintenance_task.abort();
                 purge_task.abort();
+                resolver_task.abort();
+                drop(payments);
                 drop(ledger);
                 engine.shutdown().await;
                 result??;
@@ -176,6 +199,8 @@ impl Application {
         probe_task.abort();
         maintenance_task.abort();
         purge_task.abort();
+        resolver_task.abort();
+        drop(payments);
         // Calls are done: commit whatever is still queued in the posting engine.
         drop(ledger);
         engine.shutdown().await;

@@ -5,11 +5,13 @@ mod accounts;
 mod ledger;
 pub mod money;
 mod payment_methods;
+mod payments;
 pub mod status;
 
 pub use accounts::AccountsApi;
 pub use ledger::LedgerApi;
 pub use payment_methods::PaymentMethodsApi;
+pub use payments::PaymentsApi;
 pub use status::to_status;
 
 use tonic::{Request, Status};

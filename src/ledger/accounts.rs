@@ -15,15 +15,20 @@ use crate::with_db;
 /// bounded however many wallets exist.
 const CACHE_ACCOUNTS_MAX: usize = 200_000;
 
+/// The processor clearing account's name (per currency: `processor:sandbox:clearing:USD`).
+pub const SYSTEM_CLEARING: &str = "processor:sandbox:clearing";
+/// The platform's fee income account's name.
+pub const SYSTEM_FEES: &str = "platform:fees";
+
 /// System accounts created for every enabled currency at startup.
 pub const SYSTEM_ACCOUNTS: &[(&str, AccountType)] = &[
     // Money the card processor owes dmpay for captured charges.
-    ("processor:sandbox:clearing", AccountType::Asset),
+    (SYSTEM_CLEARING, AccountType::Asset),
     // dmpay's bank account where processor settlements land.
     ("platform:settlement_bank", AccountType::Asset),
     // Cash put into the platform from outside (top-ups, test funding).
     ("platform:treasury", AccountType::Asset),
-    ("platform:fees", AccountType::Income),
+    (SYSTEM_FEES, AccountType::Income),
     ("platform:processor_fees", AccountType::Expense),
     // Unexplained differences parked until finance resolves them.
     ("platform:suspense", AccountType::Liability),

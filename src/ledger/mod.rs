@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-pub use accounts::AccountStore;
+pub use accounts::{AccountStore, SYSTEM_CLEARING, SYSTEM_FEES};
 pub use engine::{Engine, EngineConfig, EngineHandle, Idem, NewEntry, Op, Outcome, Resolution};
 pub use model::*;
 

@@ -27,6 +27,7 @@ pub struct TestApp {
     pub backend: Backend,
     pub db: dmpay::store::Db,
     pub vault: std::sync::Arc<dmpay::vault::Vault>,
+    pub ledger_handle: dmpay::ledger::Ledger,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     pg_database: Option<(String, String)>,
@@ -104,6 +105,7 @@ impl TestApp {
         let metrics_addr = app.metrics_addr();
         let db = app.db().clone();
         let vault = app.vault().clone();
+        let ledger_handle = app.ledger().clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(app.run_until(async move {
             let _ = stop_rx.await;
@@ -122,6 +124,7 @@ impl TestApp {
             backend,
             db,
             vault,
+            ledger_handle,
             stop: Some(stop_tx),
             server: Some(server),
             pg_database,
@@ -330,4 +333,48 @@ pub fn visa(n: u32) -> String {
         sum += d;
     }
     format!("{body}{}", (10 - sum % 10) % 10)
+}
+
+pub const PAY_SCOPES: &str = "payments:write payments:read methods:write";
+
+impl TestApp {
+    pub fn payments(&self) -> pb::payments_client::PaymentsClient<Channel> {
+        pb::payments_client::PaymentsClient::new(self.channel.clone())
+    }
+
+    /// Sends `amount` USD from the token's owner to `to`.
+    pub async fn send(
+        &self,
+        token: &str,
+        key: &str,
+        to: &str,
+        amount: &str,
+        funding: pb::FundingSource,
+    ) -> Result<pb::Payment, tonic::Status> {
+        self.payments()
+            .send_payment(authed(
+                pb::SendPaymentRequest {
+                    idempotency_key: key.into(),
+                    recipient_id: to.into(),
+                    amount: usd(amount),
+                    note: "lunch".into(),
+                    conversation_id: "conv-1".into(),
+                    message_id: format!("msg-{key}"),
+                    funding_source: funding as i32,
+                    payment_method_token: String::new(),
+                },
+                token,
+            ))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn wallet(&self, user: &str) -> pb::Balance {
+        let t = self.token(user, PAY_SCOPES);
+        self.payments()
+            .get_balance(authed(pb::GetBalanceRequest { currency: "USD".into() }, &t))
+            .await
+            .expect("balance")
+            .into_inner()
+    }
 }

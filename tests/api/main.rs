@@ -10,5 +10,6 @@ mod auth;
 mod ledger;
 mod ledger_props;
 mod ops;
+mod payments;
 mod secrets;
 mod vault;

@@ -1,0 +1,72 @@
+-- DM payments and their event outbox. Amounts are INTEGER minor units.
+
+CREATE TABLE payments (
+    payment_id           TEXT PRIMARY KEY,
+    sender_id            TEXT NOT NULL,
+    recipient_id         TEXT NOT NULL,
+    currency             TEXT NOT NULL,
+    amount               INTEGER NOT NULL CHECK (amount > 0),
+    -- The split: wallet part + card part = amount; the fee is charged on top, to the card.
+    wallet_amount        INTEGER NOT NULL CHECK (wallet_amount >= 0),
+    card_amount          INTEGER NOT NULL CHECK (card_amount >= 0),
+    fee_amount           INTEGER NOT NULL DEFAULT 0 CHECK (fee_amount >= 0),
+    refunded_amount      INTEGER NOT NULL DEFAULT 0 CHECK (refunded_amount >= 0),
+    status               TEXT NOT NULL CHECK (status IN ('pending', 'settled', 'failed', 'partially_refunded', 'refunded')),
+    funding_source       TEXT NOT NULL CHECK (funding_source IN ('auto', 'balance', 'card')),
+    payment_method_token TEXT,
+    note                 TEXT NOT NULL DEFAULT '',
+    conversation_id      TEXT NOT NULL DEFAULT '',
+    message_id           TEXT NOT NULL DEFAULT '',
+    request_id           TEXT,
+    failure_reason       TEXT NOT NULL DEFAULT '',
+    failure_message      TEXT NOT NULL DEFAULT '',
+    idempotency_key      TEXT NOT NULL,
+    request_hash         TEXT NOT NULL,
+    -- Processor references of the card part, once known.
+    authorization_ref    TEXT,
+    capture_ref          TEXT,
+    created_at_us        INTEGER NOT NULL,
+    updated_at_us        INTEGER NOT NULL,
+    settled_at_us        INTEGER,
+    UNIQUE (sender_id, idempotency_key),
+    CHECK (wallet_amount + card_amount = amount),
+    CHECK (refunded_amount <= amount),
+    CHECK (sender_id <> recipient_id)
+) STRICT;
+CREATE INDEX payments_sender ON payments (sender_id, created_at_us);
+CREATE INDEX payments_recipient ON payments (recipient_id, created_at_us);
+CREATE INDEX payments_conversation ON payments (conversation_id, created_at_us);
+CREATE INDEX payments_pending ON payments (updated_at_us) WHERE status = 'pending';
+
+-- The outbox: one row per state change, written in the transaction of that change,
+-- numbered without gaps by the single counter row below.
+CREATE TABLE payment_event_sequence (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    last_value INTEGER NOT NULL
+) STRICT;
+INSERT INTO payment_event_sequence (id, last_value) VALUES (1, 0);
+
+CREATE TABLE payment_events (
+    sequence        INTEGER PRIMARY KEY,
+    event_type      TEXT NOT NULL,
+    payment_id      TEXT,
+    request_id      TEXT,
+    -- The two participants, for per-user streams.
+    party_a         TEXT NOT NULL,
+    party_b         TEXT NOT NULL,
+    conversation_id TEXT NOT NULL DEFAULT '',
+    -- The payment or request as it was after the change, JSON.
+    snapshot        TEXT NOT NULL,
+    occurred_at_us  INTEGER NOT NULL
+) STRICT;
+CREATE INDEX payment_events_party_a ON payment_events (party_a, sequence);
+CREATE INDEX payment_events_party_b ON payment_events (party_b, sequence);
+
+CREATE TRIGGER payment_events_no_update BEFORE UPDATE ON payment_events
+BEGIN
+    SELECT RAISE(ABORT, 'table payment_events is append-only');
+END;
+CREATE TRIGGER payment_events_no_delete BEFORE DELETE ON payment_events
+BEGIN
+    SELECT RAISE(ABORT, 'table payment_events is append-only');
+END;

@@ -1,0 +1,140 @@
+//! `dmpay.v1.Payments`.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response};
+
+use super::money::{positive, to_wire};
+use super::pb;
+use super::status::ApiResult;
+use super::{principal, timestamp, to_status};
+use crate::accounts::UserId;
+use crate::auth::{scope, Principal};
+use crate::error::{Error, Result};
+use crate::money::Money;
+use crate::payments::{model, FundingSource, Payment, PaymentStatus, Payments, SendInput};
+
+pub struct PaymentsApi {
+    payments: Arc<Payments>,
+}
+
+impl PaymentsApi {
+    pub fn new(payments: Arc<Payments>) -> Self {
+        PaymentsApi { payments }
+    }
+}
+
+fn user(caller: &Principal, needed: &str) -> Result<UserId> {
+    caller.require(needed)?;
+    UserId::parse("sub", &caller.sub)
+}
+
+pub(crate) fn payment_to_wire(p: Payment) -> Result<pb::Payment> {
+    let currency = p.currency()?;
+    let money = |minor: i64| Some(to_wire(Money::from_minor(currency, minor)));
+    Ok(pb::Payment {
+        amount: money(p.amount),
+        card_funded_amount: money(p.card_amount),
+        refunded_amount: money(p.refunded_amount),
+        fee: money(p.fee_amount),
+        status: match p.status {
+            PaymentStatus::Pending => pb::PaymentStatus::Pending,
+            PaymentStatus::Settled => pb::PaymentStatus::Settled,
+            PaymentStatus::Failed => pb::PaymentStatus::Failed,
+            PaymentStatus::PartiallyRefunded => pb::PaymentStatus::PartiallyRefunded,
+            PaymentStatus::Refunded => pb::PaymentStatus::Refunded,
+        } as i32,
+        created_at: Some(timestamp(p.created_at_us)),
+        settled_at: p.settled_at_us.map(timestamp),
+        payment_id: p.payment_id,
+        sender_id: p.sender_id,
+        recipient_id: p.recipient_id,
+        note: p.note,
+        conversation_id: p.conversation_id,
+        message_id: p.message_id,
+        request_id: p.request_id.unwrap_or_default(),
+        failure_reason: p.failure_reason,
+    })
+}
+
+fn funding_from_wire(raw: i32) -> Result<FundingSource> {
+    match pb::FundingSource::try_from(raw) {
+        Ok(pb::FundingSource::Auto) => Ok(FundingSource::Auto),
+        Ok(pb::FundingSource::Balance) => Ok(FundingSource::Balance),
+        Ok(pb::FundingSource::Card) => Ok(FundingSource::Card),
+        Err(_) => Err(Error::invalid("funding_source", format!("unknown funding source {raw}"))),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::payments_server::Payments for PaymentsApi {
+    async fn send_payment(&self, req: Request<pb::SendPaymentRequest>) -> ApiResult<pb::Payment> {
+        let caller = principal(&req)?;
+        let r = req.get_ref();
+        let result = async {
+            let sender = user(caller, scope::PAYMENTS_WRITE)?;
+            let input = SendInput {
+                idempotency_key: r.idempotency_key.clone(),
+                recipient: model::parse_recipient(&r.recipient_id)?,
+                amount: positive("amount", r.amount.as_ref(), self.payments.ledger().accounts().currencies())?,
+                note: r.note.clone(),
+                conversation_id: r.conversation_id.clone(),
+                message_id: r.message_id.clone(),
+                funding: funding_from_wire(r.funding_source)?,
+                payment_method_token: (!r.payment_method_token.is_empty()).then(|| r.payment_method_token.clone()),
+            };
+            payment_to_wire(self.payments.send(&sender, input).await?)
+        }
+        .await;
+        result.map(Response::new).map_err(to_status)
+    }
+
+    async fn get_payment(&self, req: Request<pb::GetPaymentRequest>) -> ApiResult<pb::Payment> {
+        let caller = principal(&req)?;
+        let id = &req.get_ref().payment_id;
+        let result =
+            async { payment_to_wire(self.payments.get(&user(caller, scope::PAYMENTS_READ)?, id).await?) }.await;
+        result.map(Response::new).map_err(to_status)
+    }
+
+    async fn list_payments(&self, req: Request<pb::ListPaymentsRequest>) -> ApiResult<pb::ListPaymentsResponse> {
+        let caller = principal(&req)?;
+        let r = req.get_ref();
+        let result = async {
+            let me = user(caller, scope::PAYMENTS_READ)?;
+            let (rows, next) = self.payments.list(&me, &r.conversation_id, r.page_size, &r.page_token).await?;
+            Ok(pb::ListPaymentsResponse {
+                payments: rows.into_iter().map(payment_to_wire).collect::<Result<Vec<_>>>()?,
+                next_page_token: next.unwrap_or_default(),
+            })
+        }
+        .await;
+        result.map(Response::new).map_err(to_status)
+    }
+
+    async fn get_balance(&self, req: Request<pb::GetBalanceRequest>) -> ApiResult<pb::Balance> {
+        let caller = principal(&req)?;
+        let code = &req.get_ref().currency;
+        let result = async {
+            let me = user(caller, scope::PAYMENTS_READ)?;
+            let accounts = self.payments.ledger().accounts();
+            let currency = accounts.currencies().parse("currency", code)?;
+            // Reading is not a first use: a wallet that does not exist yet reads as zero.
+            let code = crate::ledger::AccountCode::wallet(&me, currency);
+            let balance = match accounts.resolve("currency", &code, false).await {
+                Ok(w) => accounts.balance(w.id).await?,
+                Err(Error::NotFound(_)) => crate::ledger::Balance::default(),
+                Err(e) => return Err(e),
+            };
+            let posted = balance.posted(true).unwrap_or(0);
+            Ok(pb::Balance {
+                currency: currency.code().to_owned(),
+                posted: Some(to_wire(Money::from_minor(currency, posted))),
+                pending: Some(to_wire(Money::from_minor(currency, balance.pending_debits))),
+                available: Some(to_wire(Money::from_minor(currency, balance.available(true).unwrap_or(0)))),
+            })
+        }
+        .await;
+        result.map(Response::new).map_err(to_status)
+    }
+}

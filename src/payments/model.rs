@@ -1,0 +1,238 @@
+//! Payment types and the validation of what a sender asks for.
+
+use serde::{Deserialize, Serialize};
+
+use crate::accounts::{Tier, UserId};
+use crate::error::{Error, Result};
+use crate::money::Currency;
+
+pub const NOTE_LEN_MAX: usize = 280;
+pub const OPAQUE_ID_LEN_MAX: usize = 128;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FundingSource {
+    Auto,
+    Balance,
+    Card,
+}
+
+impl FundingSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FundingSource::Auto => "auto",
+            FundingSource::Balance => "balance",
+            FundingSource::Card => "card",
+        }
+    }
+
+    pub fn from_db(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" => FundingSource::Auto,
+            "balance" => FundingSource::Balance,
+            "card" => FundingSource::Card,
+            other => return Err(Error::internal(anyhow::anyhow!("unknown funding source {other:?}"))),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PaymentStatus {
+    Pending,
+    Settled,
+    Failed,
+    PartiallyRefunded,
+    Refunded,
+}
+
+impl PaymentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PaymentStatus::Pending => "pending",
+            PaymentStatus::Settled => "settled",
+            PaymentStatus::Failed => "failed",
+            PaymentStatus::PartiallyRefunded => "partially_refunded",
+            PaymentStatus::Refunded => "refunded",
+        }
+    }
+
+    pub fn from_db(s: &str) -> Result<Self> {
+        Ok(match s {
+            "pending" => PaymentStatus::Pending,
+            "settled" => PaymentStatus::Settled,
+            "failed" => PaymentStatus::Failed,
+            "partially_refunded" => PaymentStatus::PartiallyRefunded,
+            "refunded" => PaymentStatus::Refunded,
+            other => return Err(Error::internal(anyhow::anyhow!("unknown payment status {other:?}"))),
+        })
+    }
+}
+
+/// A payment as stored and returned. Amounts in minor units of `currency`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payment {
+    pub payment_id: String,
+    pub sender_id: String,
+    pub recipient_id: String,
+    pub currency: String,
+    pub amount: i64,
+    pub wallet_amount: i64,
+    pub card_amount: i64,
+    pub fee_amount: i64,
+    pub refunded_amount: i64,
+    pub status: PaymentStatus,
+    pub funding_source: FundingSource,
+    pub payment_method_token: Option<String>,
+    pub note: String,
+    pub conversation_id: String,
+    pub message_id: String,
+    pub request_id: Option<String>,
+    pub failure_reason: String,
+    pub failure_message: String,
+    pub authorization_ref: Option<String>,
+    pub capture_ref: Option<String>,
+    pub created_at_us: i64,
+    pub settled_at_us: Option<i64>,
+}
+
+impl Payment {
+    pub fn currency(&self) -> Result<Currency> {
+        Currency::from_code(&self.currency)
+            .ok_or_else(|| Error::internal(anyhow::anyhow!("unknown currency {} on a payment", self.currency)))
+    }
+
+    pub fn involves(&self, user: &str) -> bool {
+        self.sender_id == user || self.recipient_id == user
+    }
+
+    /// The error a FAILED payment answers with, so a retry returns the same error.
+    pub fn failure(&self) -> Option<Error> {
+        (self.status == PaymentStatus::Failed).then(|| Error::FailedPrecondition {
+            reason: reason_static(&self.failure_reason),
+            message: self.failure_message.clone(),
+        })
+    }
+}
+
+/// `ErrorInfo.reason` is a `&'static str`; map the stored text back to one.
+fn reason_static(reason: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "INSUFFICIENT_FUNDS",
+        "CARD_DECLINED",
+        "LOST_CARD",
+        "STOLEN_CARD",
+        "CARD_EXPIRED",
+        "INCORRECT_CVC",
+        "FRAUD_SUSPECTED",
+        "NO_PAYMENT_METHOD",
+        "PAYMENT_METHOD_NOT_ACTIVE",
+        "PROCESSING_ERROR",
+    ];
+    KNOWN.iter().find(|k| **k == reason).copied().unwrap_or("PAYMENT_FAILED")
+}
+
+/// Notes: up to 280 characters, no control characters.
+pub fn check_note(field: &str, note: &str) -> Result<()> {
+    crate::accounts::parse_text(field, note, NOTE_LEN_MAX, false).map(|_| ())
+}
+
+/// Conversation and message ids: opaque, up to 128 characters, printable.
+pub fn check_opaque(field: &str, id: &str) -> Result<()> {
+    if id.chars().count() > OPAQUE_ID_LEN_MAX {
+        return Err(Error::invalid(field, format!("at most {OPAQUE_ID_LEN_MAX} characters")));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(Error::invalid(field, "control characters are not allowed"));
+    }
+    Ok(())
+}
+
+/// Per-payment and rolling 24-hour limits of a tier, in major units (applied in every
+/// currency at its own exponent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TierLimits {
+    pub payment_max: i64,
+    pub daily_max: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct PaymentsConfig {
+    pub unverified: TierLimits,
+    pub verified: TierLimits,
+    /// Card-funding fee: basis points of the card part, plus a fixed amount in minor units.
+    pub card_fee_bps: i64,
+    pub card_fee_fixed_minor: i64,
+    /// A pending payment untouched this long is picked up by the resolver.
+    pub resolve_after_s: i64,
+}
+
+impl Default for PaymentsConfig {
+    fn default() -> Self {
+        PaymentsConfig {
+            unverified: TierLimits { payment_max: 250, daily_max: 500 },
+            verified: TierLimits { payment_max: 5_000, daily_max: 10_000 },
+            card_fee_bps: 0,
+            card_fee_fixed_minor: 0,
+            resolve_after_s: 10,
+        }
+    }
+}
+
+impl PaymentsConfig {
+    pub fn limits(&self, tier: Tier) -> TierLimits {
+        match tier {
+            Tier::Unverified => self.unverified,
+            Tier::Verified => self.verified,
+        }
+    }
+
+    /// The fee on a card part: rounded half up, so wallet part + card part + fee is
+    /// exactly what the sender pays.
+    pub fn card_fee(&self, card_minor: i64) -> i64 {
+        if card_minor == 0 {
+            return 0;
+        }
+        let pct = (i128::from(card_minor) * i128::from(self.card_fee_bps) + 5_000) / 10_000;
+        i64::try_from(pct).unwrap_or(i64::MAX).saturating_add(self.card_fee_fixed_minor)
+    }
+}
+
+/// A limit in major units as minor units of `currency`.
+pub fn major_to_minor(major: i64, currency: Currency) -> i64 {
+    major.saturating_mul(10_i64.pow(currency.exponent()))
+}
+
+pub fn parse_recipient(raw: &str) -> Result<UserId> {
+    UserId::parse("recipient_id", raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fee_rounds_half_up_and_is_zero_without_a_card_part() {
+        let c = PaymentsConfig { card_fee_bps: 290, card_fee_fixed_minor: 30, ..Default::default() };
+        assert_eq!(c.card_fee(0), 0);
+        assert_eq!(c.card_fee(1000), 29 + 30);
+        assert_eq!(c.card_fee(50), 1 + 30);
+        assert_eq!(PaymentsConfig::default().card_fee(1000), 0);
+    }
+
+    #[test]
+    fn limits_scale_with_the_currency() {
+        let usd = Currency::from_code("USD").unwrap();
+        let jpy = Currency::from_code("JPY").unwrap();
+        assert_eq!(major_to_minor(250, usd), 25_000);
+        assert_eq!(major_to_minor(250, jpy), 250);
+    }
+
+    #[test]
+    fn notes_and_ids() {
+        assert!(check_note("note", &"n".repeat(280)).is_ok());
+        assert!(check_note("note", &"n".repeat(281)).is_err());
+        assert!(check_note("note", "a\u{1b}b").is_err());
+        assert!(check_opaque("conversation_id", &"c".repeat(129)).is_err());
+    }
+}

@@ -1,0 +1,302 @@
+//! Payment rows and the event outbox. Every status change and its event are written in
+//! one transaction; events are numbered by one counter row, so the sequence has no gaps.
+
+use super::model::{FundingSource, Payment, PaymentStatus};
+use crate::error::{Error, Result};
+use crate::store::{is_unique_violation, now_us, Db};
+use crate::with_db;
+
+#[derive(Clone, sqlx::FromRow)]
+struct PaymentRow {
+    payment_id: String,
+    sender_id: String,
+    recipient_id: String,
+    currency: String,
+    amount: i64,
+    wallet_amount: i64,
+    card_amount: i64,
+    fee_amount: i64,
+    refunded_amount: i64,
+    status: String,
+    funding_source: String,
+    payment_method_token: Option<String>,
+    note: String,
+    conversation_id: String,
+    message_id: String,
+    request_id: Option<String>,
+    failure_reason: String,
+    failure_message: String,
+    authorization_ref: Option<String>,
+    capture_ref: Option<String>,
+    created_at_us: i64,
+    settled_at_us: Option<i64>,
+}
+
+impl TryFrom<PaymentRow> for Payment {
+    type Error = Error;
+    fn try_from(r: PaymentRow) -> Result<Self> {
+        Ok(Payment {
+            status: PaymentStatus::from_db(&r.status)?,
+            funding_source: FundingSource::from_db(&r.funding_source)?,
+            payment_id: r.payment_id,
+            sender_id: r.sender_id,
+            recipient_id: r.recipient_id,
+            currency: r.currency,
+            amount: r.amount,
+            wallet_amount: r.wallet_amount,
+            card_amount: r.card_amount,
+            fee_amount: r.fee_amount,
+            refunded_amount: r.refunded_amount,
+            payment_method_token: r.payment_method_token,
+            note: r.note,
+            conversation_id: r.conversation_id,
+            message_id: r.message_id,
+            request_id: r.request_id,
+            failure_reason: r.failure_reason,
+            failure_message: r.failure_message,
+            authorization_ref: r.authorization_ref,
+            capture_ref: r.capture_ref,
+            created_at_us: r.created_at_us,
+            settled_at_us: r.settled_at_us,
+        })
+    }
+}
+
+const COLUMNS: &str = "payment_id, sender_id, recipient_id, currency, amount, wallet_amount, card_amount, fee_amount, \
+     refunded_amount, status, funding_source, payment_method_token, note, conversation_id, message_id, request_id, \
+     failure_reason, failure_message, authorization_ref, capture_ref, created_at_us, settled_at_us";
+
+/// Appends an event inside the caller's transaction, with the next sequence number.
+/// The counter row's lock, held to commit, is what keeps the sequence gap-free.
+macro_rules! append_event {
+    ($tx:expr, $event_type:expr, $p:expr) => {{
+        let seq: i64 = sqlx::query_scalar(
+            "UPDATE payment_event_sequence SET last_value = last_value + 1 WHERE id = 1 RETURNING last_value",
+        )
+        .fetch_one(&mut *$tx)
+        .await?;
+        let snapshot = serde_json::to_string($p).unwrap_or_else(|_| "{}".into());
+        sqlx::query(
+            "INSERT INTO payment_events (sequence, event_type, payment_id, request_id, party_a, party_b, \
+             conversation_id, snapshot, occurred_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(seq)
+        .bind($event_type)
+        .bind(&$p.payment_id)
+        .bind(&$p.request_id)
+        .bind(&$p.sender_id)
+        .bind(&$p.recipient_id)
+        .bind(&$p.conversation_id)
+        .bind(snapshot)
+        .bind(now_us())
+        .execute(&mut *$tx)
+        .await?;
+        seq
+    }};
+}
+
+pub struct PaymentStore {
+    db: Db,
+}
+
+pub enum Inserted {
+    New(Payment),
+    /// Another request with the same key got there first.
+    Existing(Payment),
+}
+
+impl PaymentStore {
+    pub fn new(db: Db) -> Self {
+        PaymentStore { db }
+    }
+
+    pub async fn get(&self, payment_id: &str) -> Result<Option<Payment>> {
+        let sql = format!("SELECT {COLUMNS} FROM payments WHERE payment_id = $1");
+        let row: Option<PaymentRow> =
+            with_db!(&self.db, pool => sqlx::query_as(&sql).bind(payment_id).fetch_optional(pool).await)?;
+        row.map(Payment::try_from).transpose()
+    }
+
+    pub async fn by_key(&self, sender: &str, key: &str) -> Result<Option<(Payment, String)>> {
+        let sql = format!("SELECT {COLUMNS}, request_hash FROM payments WHERE sender_id = $1 AND idempotency_key = $2");
+        let row: Option<PaymentRowWithHash> = with_db!(&self.db, pool => sqlx::query_as(&sql)
+            .bind(sender)
+            .bind(key)
+            .fetch_optional(pool)
+            .await)?;
+        row.map(|r| Ok((Payment::try_from(r.row)?, r.request_hash))).transpose()
+    }
+
+    /// Inserts a new payment with its first event.
+    pub async fn insert(&self, p: &Payment, key: &str, request_hash: &str) -> Result<Inserted> {
+        let event = if p.status == PaymentStatus::Failed { "payment.failed" } else { "payment.created" };
+        // An async block, so `?` inside stops here and the unique violation of a
+        // concurrent duplicate can be told apart below.
+        let result = with_db!(&self.db, pool => async {
+            let mut tx = pool.begin().await?;
+            sqlx::query(
+                "INSERT INTO payments (payment_id, sender_id, recipient_id, currency, amount, wallet_amount, card_amount, \
+                 fee_amount, status, funding_source, payment_method_token, note, conversation_id, message_id, request_id, \
+                 failure_reason, failure_message, idempotency_key, request_hash, created_at_us, updated_at_us) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $20)",
+            )
+            .bind(&p.payment_id)
+            .bind(&p.sender_id)
+            .bind(&p.recipient_id)
+            .bind(&p.currency)
+            .bind(p.amount)
+            .bind(p.wallet_amount)
+            .bind(p.card_amount)
+            .bind(p.fee_amount)
+            .bind(p.status.as_str())
+            .bind(p.funding_source.as_str())
+            .bind(&p.payment_method_token)
+            .bind(&p.note)
+            .bind(&p.conversation_id)
+            .bind(&p.message_id)
+            .bind(&p.request_id)
+            .bind(&p.failure_reason)
+            .bind(&p.failure_message)
+            .bind(key)
+            .bind(request_hash)
+            .bind(p.created_at_us)
+            .execute(&mut *tx)
+            .await?;
+            append_event!(tx, event, p);
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(())
+        }
+        .await);
+        match result {
+            Ok(()) => Ok(Inserted::New(p.clone())),
+            Err(e) if is_unique_violation(&e) => {
+                let (existing, _) = self
+                    .by_key(&p.sender_id, key)
+                    .await?
+                    .ok_or_else(|| Error::internal(anyhow::anyhow!("payment key conflict without a row")))?;
+                Ok(Inserted::Existing(existing))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records processor references as they become known (no event: not a state change).
+    pub async fn set_refs(&self, payment_id: &str, authorization: Option<&str>, capture: Option<&str>) -> Result<()> {
+        with_db!(&self.db, pool => sqlx::query(
+            "UPDATE payments SET authorization_ref = COALESCE($2, authorization_ref), capture_ref = COALESCE($3, capture_ref), \
+             updated_at_us = $4 WHERE payment_id = $1",
+        )
+        .bind(payment_id)
+        .bind(authorization)
+        .bind(capture)
+        .bind(now_us())
+        .execute(pool)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Moves a pending payment to SETTLED or FAILED with its event; a payment already
+    /// finished is returned as it is (the resolver and the caller may race).
+    pub async fn finish(
+        &self,
+        payment_id: &str,
+        status: PaymentStatus,
+        reason: &str,
+        message: &str,
+    ) -> Result<Payment> {
+        let now = now_us();
+        let settled_at = (status == PaymentStatus::Settled).then_some(now);
+        let event = match status {
+            PaymentStatus::Settled => "payment.settled",
+            _ => "payment.failed",
+        };
+        let sql = format!("SELECT {COLUMNS} FROM payments WHERE payment_id = $1");
+        let row: Option<PaymentRow> = with_db!(&self.db, pool => {
+            let mut tx = pool.begin().await?;
+            let done = sqlx::query(
+                "UPDATE payments SET status = $2, failure_reason = $3, failure_message = $4, settled_at_us = $5, \
+                 updated_at_us = $6 WHERE payment_id = $1 AND status = 'pending'",
+            )
+            .bind(payment_id)
+            .bind(status.as_str())
+            .bind(reason)
+            .bind(message)
+            .bind(settled_at)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            let row: Option<PaymentRow> = sqlx::query_as(&sql).bind(payment_id).fetch_optional(&mut *tx).await?;
+            if done.rows_affected() == 1 {
+                if let Some(r) = &row {
+                    let p = Payment::try_from(r.clone()).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+                    append_event!(tx, event, &p);
+                }
+            }
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(row)
+        })?;
+        row.map(Payment::try_from)
+            .transpose()?
+            .ok_or_else(|| Error::internal(anyhow::anyhow!("payment {payment_id} vanished")))
+    }
+
+    /// The caller's payments, newest first, optionally in one conversation.
+    pub async fn list(
+        &self,
+        user: &str,
+        conversation: &str,
+        before: (i64, String),
+        limit: i64,
+    ) -> Result<Vec<Payment>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM payments WHERE (sender_id = $1 OR recipient_id = $1) \
+             AND ($2 = '' OR conversation_id = $2) \
+             AND (created_at_us < $3 OR (created_at_us = $3 AND payment_id < $4)) \
+             ORDER BY created_at_us DESC, payment_id DESC LIMIT $5"
+        );
+        let rows: Vec<PaymentRow> = with_db!(&self.db, pool => sqlx::query_as(&sql)
+            .bind(user)
+            .bind(conversation)
+            .bind(before.0)
+            .bind(&before.1)
+            .bind(limit)
+            .fetch_all(pool)
+            .await)?;
+        rows.into_iter().map(Payment::try_from).collect()
+    }
+
+    /// What the sender moved in `currency` since `since_us`, failed payments excepted.
+    pub async fn sent_since(&self, sender: &str, currency: &str, since_us: i64) -> Result<i64> {
+        let sum: Option<i64> = with_db!(&self.db, pool => sqlx::query_scalar(
+            "SELECT CAST(SUM(amount) AS BIGINT) FROM payments WHERE sender_id = $1 AND currency = $2 \
+             AND created_at_us > $3 AND status <> 'failed'",
+        )
+        .bind(sender)
+        .bind(currency)
+        .bind(since_us)
+        .fetch_one(pool)
+        .await)?;
+        Ok(sum.unwrap_or(0))
+    }
+
+    /// Pending payments nobody has touched for `idle_us`.
+    pub async fn stale_pending(&self, idle_us: i64, limit: i64) -> Result<Vec<Payment>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM payments WHERE status = 'pending' AND updated_at_us < $1 ORDER BY updated_at_us LIMIT $2"
+        );
+        let rows: Vec<PaymentRow> = with_db!(&self.db, pool => sqlx::query_as(&sql)
+            .bind(now_us() - idle_us)
+            .bind(limit)
+            .fetch_all(pool)
+            .await)?;
+        rows.into_iter().map(Payment::try_from).collect()
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct PaymentRowWithHash {
+    #[sqlx(flatten)]
+    row: PaymentRow,
+    request_hash: String,
+}

@@ -36,7 +36,48 @@ CREATE TABLE payments (
 CREATE INDEX payments_sender ON payments (sender_id, created_at_us);
 CREATE INDEX payments_recipient ON payments (recipient_id, created_at_us);
 CREATE INDEX payments_conversation ON payments (conversation_id, created_at_us);
+-- A request is paid at most once: one live payment per request.
+CREATE UNIQUE INDEX payments_one_per_request ON payments (request_id) WHERE request_id IS NOT NULL AND status <> 'failed';
 CREATE INDEX payments_pending ON payments (updated_at_us) WHERE status = 'pending';
+
+-- Requests for money: one payer, paid at most once (payment_id set once), expiring.
+CREATE TABLE payment_requests (
+    request_id      TEXT PRIMARY KEY,
+    requester_id    TEXT NOT NULL,
+    payer_id        TEXT NOT NULL,
+    currency        TEXT NOT NULL,
+    amount          BIGINT NOT NULL CHECK (amount > 0),
+    note            TEXT NOT NULL DEFAULT '',
+    conversation_id TEXT NOT NULL DEFAULT '',
+    message_id      TEXT NOT NULL DEFAULT '',
+    status          TEXT NOT NULL CHECK (status IN ('open', 'paid', 'declined', 'cancelled', 'expired')),
+    payment_id      TEXT UNIQUE,
+    idempotency_key TEXT NOT NULL,
+    request_hash    TEXT NOT NULL,
+    created_at_us   BIGINT NOT NULL,
+    expires_at_us   BIGINT NOT NULL,
+    updated_at_us   BIGINT NOT NULL,
+    UNIQUE (requester_id, idempotency_key),
+    CHECK (requester_id <> payer_id),
+    CHECK ((status = 'paid') = (payment_id IS NOT NULL))
+);
+CREATE INDEX payment_requests_open ON payment_requests (expires_at_us) WHERE status = 'open';
+CREATE INDEX payment_requests_payer ON payment_requests (payer_id, created_at_us);
+
+-- Refunds of a payment, by its recipient, back to the sender's wallet.
+CREATE TABLE payment_refunds (
+    refund_id       TEXT PRIMARY KEY,
+    payment_id      TEXT NOT NULL REFERENCES payments (payment_id),
+    amount          BIGINT NOT NULL CHECK (amount > 0),
+    reason          TEXT NOT NULL DEFAULT '',
+    status          TEXT NOT NULL CHECK (status IN ('pending', 'completed', 'failed')),
+    idempotency_key TEXT NOT NULL,
+    request_hash    TEXT NOT NULL,
+    created_by      TEXT NOT NULL,
+    created_at_us   BIGINT NOT NULL,
+    UNIQUE (created_by, idempotency_key)
+);
+CREATE INDEX payment_refunds_payment ON payment_refunds (payment_id);
 
 -- The outbox: one row per state change, written in the transaction of that change,
 -- numbered without gaps by the single counter row below.

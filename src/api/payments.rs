@@ -12,6 +12,7 @@ use crate::accounts::UserId;
 use crate::auth::{scope, Principal};
 use crate::error::{Error, Result};
 use crate::money::Money;
+use crate::payments::requests::{PaymentRequest, RequestInput, RequestStatus};
 use crate::payments::{model, FundingSource, Payment, PaymentStatus, Payments, SendInput};
 
 pub struct PaymentsApi {
@@ -57,6 +58,29 @@ pub(crate) fn payment_to_wire(p: Payment) -> Result<pb::Payment> {
     })
 }
 
+pub(crate) fn request_to_wire(r: PaymentRequest) -> Result<pb::PaymentRequest> {
+    let currency = r.currency()?;
+    Ok(pb::PaymentRequest {
+        amount: Some(to_wire(Money::from_minor(currency, r.amount))),
+        status: match r.status {
+            RequestStatus::Open => pb::RequestStatus::Open,
+            RequestStatus::Paid => pb::RequestStatus::Paid,
+            RequestStatus::Declined => pb::RequestStatus::Declined,
+            RequestStatus::Cancelled => pb::RequestStatus::Cancelled,
+            RequestStatus::Expired => pb::RequestStatus::Expired,
+        } as i32,
+        created_at: Some(timestamp(r.created_at_us)),
+        expires_at: Some(timestamp(r.expires_at_us)),
+        request_id: r.request_id,
+        requester_id: r.requester_id,
+        payer_id: r.payer_id,
+        note: r.note,
+        conversation_id: r.conversation_id,
+        message_id: r.message_id,
+        payment_id: r.payment_id.unwrap_or_default(),
+    })
+}
+
 fn funding_from_wire(raw: i32) -> Result<FundingSource> {
     match pb::FundingSource::try_from(raw) {
         Ok(pb::FundingSource::Auto) => Ok(FundingSource::Auto),
@@ -82,6 +106,7 @@ impl pb::payments_server::Payments for PaymentsApi {
                 message_id: r.message_id.clone(),
                 funding: funding_from_wire(r.funding_source)?,
                 payment_method_token: (!r.payment_method_token.is_empty()).then(|| r.payment_method_token.clone()),
+                request_id: None,
             };
             payment_to_wire(self.payments.send(&sender, input).await?)
         }
@@ -133,6 +158,84 @@ impl pb::payments_server::Payments for PaymentsApi {
                 pending: Some(to_wire(Money::from_minor(currency, balance.pending_debits))),
                 available: Some(to_wire(Money::from_minor(currency, balance.available(true).unwrap_or(0)))),
             })
+        }
+        .await;
+        result.map(Response::new).map_err(to_status)
+    }
+
+    async fn request_payment(&self, req: Request<pb::RequestPaymentRequest>) -> ApiResult<pb::PaymentRequest> {
+        let caller = principal(&req)?;
+        let r = req.get_ref();
+        let result = async {
+            let requester = user(caller, scope::PAYMENTS_WRITE)?;
+            let input = RequestInput {
+                idempotency_key: r.idempotency_key.clone(),
+                payer: UserId::parse("payer_id", &r.payer_id)?,
+                amount: positive("amount", r.amount.as_ref(), self.payments.ledger().accounts().currencies())?,
+                note: r.note.clone(),
+                conversation_id: r.conversation_id.clone(),
+                message_id: r.message_id.clone(),
+                expires_in_s: r.expires_in_seconds,
+            };
+            request_to_wire(self.payments.request(&requester, input).await?)
+        }
+        .await;
+        result.map(Response::new).map_err(to_status)
+    }
+
+    async fn pay_request(&self, req: Request<pb::PayRequestRequest>) -> ApiResult<pb::Payment> {
+        let caller = principal(&req)?;
+        let r = req.get_ref();
+        let result = async {
+            let payer = user(caller, scope::PAYMENTS_WRITE)?;
+            crate::ledger::check_idempotency_key("idempotency_key", &r.idempotency_key)?;
+            let funding = funding_from_wire(r.funding_source)?;
+            let token = (!r.payment_method_token.is_empty()).then(|| r.payment_method_token.clone());
+            let paid =
+                self.payments.pay_request(&payer, &r.request_id, r.idempotency_key.clone(), funding, token).await?;
+            payment_to_wire(paid)
+        }
+        .await;
+        result.map(Response::new).map_err(to_status)
+    }
+
+    async fn decline_request(&self, req: Request<pb::DeclineRequestRequest>) -> ApiResult<pb::PaymentRequest> {
+        let caller = principal(&req)?;
+        let id = &req.get_ref().request_id;
+        let result =
+            async { request_to_wire(self.payments.decline_request(&user(caller, scope::PAYMENTS_WRITE)?, id).await?) }
+                .await;
+        result.map(Response::new).map_err(to_status)
+    }
+
+    async fn cancel_request(&self, req: Request<pb::CancelRequestRequest>) -> ApiResult<pb::PaymentRequest> {
+        let caller = principal(&req)?;
+        let id = &req.get_ref().request_id;
+        let result =
+            async { request_to_wire(self.payments.cancel_request(&user(caller, scope::PAYMENTS_WRITE)?, id).await?) }
+                .await;
+        result.map(Response::new).map_err(to_status)
+    }
+
+    async fn get_payment_request(&self, req: Request<pb::GetPaymentRequestRequest>) -> ApiResult<pb::PaymentRequest> {
+        let caller = principal(&req)?;
+        let id = &req.get_ref().request_id;
+        let result =
+            async { request_to_wire(self.payments.get_request(&user(caller, scope::PAYMENTS_READ)?, id).await?) }.await;
+        result.map(Response::new).map_err(to_status)
+    }
+
+    async fn refund_payment(&self, req: Request<pb::RefundPaymentRequest>) -> ApiResult<pb::Payment> {
+        let caller = principal(&req)?;
+        let r = req.get_ref();
+        let result = async {
+            let me = user(caller, scope::PAYMENTS_WRITE)?;
+            let amount = super::money::optional_positive(
+                "amount",
+                r.amount.as_ref(),
+                self.payments.ledger().accounts().currencies(),
+            )?;
+            payment_to_wire(self.payments.refund(&me, &r.payment_id, &r.idempotency_key, amount, &r.reason).await?)
         }
         .await;
         result.map(Response::new).map_err(to_status)

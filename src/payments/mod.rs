@@ -12,6 +12,8 @@
 //! picks up payments left pending (a crash, or a processor outcome that was unknown).
 
 pub mod model;
+pub mod refunds;
+pub mod requests;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -45,6 +47,8 @@ pub struct SendInput {
     pub message_id: String,
     pub funding: FundingSource,
     pub payment_method_token: Option<String>,
+    /// Set when this send pays a request.
+    pub request_id: Option<String>,
 }
 
 #[derive(Clone)]
@@ -74,7 +78,7 @@ impl Payments {
     }
 
     /// Replays a payment for a retry: the payment, or the error it failed with.
-    fn replay(p: Payment) -> Result<Payment> {
+    pub(crate) fn replay(p: Payment) -> Result<Payment> {
         match p.failure() {
             Some(e) => Err(e),
             None => Ok(p),
@@ -96,6 +100,7 @@ impl Payments {
             "message": input.message_id,
             "funding": input.funding.as_str(),
             "token": input.payment_method_token,
+            "request": input.request_id,
         }));
         if let Some((existing, existing_hash)) = self.store.by_key(sender.as_str(), &input.idempotency_key).await? {
             if existing_hash != request_hash {
@@ -182,7 +187,7 @@ impl Payments {
             note: input.note,
             conversation_id: input.conversation_id,
             message_id: input.message_id,
-            request_id: None,
+            request_id: input.request_id.clone(),
             failure_reason: String::new(),
             failure_message: String::new(),
             authorization_ref: None,
@@ -473,6 +478,16 @@ impl Payments {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(resolved = n, "resolved pending payments"),
                 Err(e) => tracing::warn!(error = %e, "payment resolver failed; will retry"),
+            }
+            match self.expire_requests().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(expired = n, "expired payment requests"),
+                Err(e) => tracing::warn!(error = %e, "request expiry failed; will retry"),
+            }
+            match self.resolve_refunds().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(resolved = n, "resolved pending refunds"),
+                Err(e) => tracing::warn!(error = %e, "refund resolver failed; will retry"),
             }
         }
     }

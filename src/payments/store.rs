@@ -7,7 +7,7 @@ use crate::store::{is_unique_violation, now_us, Db};
 use crate::with_db;
 
 #[derive(Clone, sqlx::FromRow)]
-struct PaymentRow {
+pub(crate) struct PaymentRow {
     payment_id: String,
     sender_id: String,
     recipient_id: String,
@@ -62,37 +62,66 @@ impl TryFrom<PaymentRow> for Payment {
     }
 }
 
-const COLUMNS: &str = "payment_id, sender_id, recipient_id, currency, amount, wallet_amount, card_amount, fee_amount, \
+pub(crate) const COLUMNS: &str =
+    "payment_id, sender_id, recipient_id, currency, amount, wallet_amount, card_amount, fee_amount, \
      refunded_amount, status, funding_source, payment_method_token, note, conversation_id, message_id, request_id, \
      failure_reason, failure_message, authorization_ref, capture_ref, created_at_us, settled_at_us";
 
 /// Appends an event inside the caller's transaction, with the next sequence number.
 /// The counter row's lock, held to commit, is what keeps the sequence gap-free.
+/// `$e` is an `EventFields`.
 macro_rules! append_event {
-    ($tx:expr, $event_type:expr, $p:expr) => {{
+    ($tx:expr, $e:expr) => {{
+        let e: &EventFields = $e;
         let seq: i64 = sqlx::query_scalar(
             "UPDATE payment_event_sequence SET last_value = last_value + 1 WHERE id = 1 RETURNING last_value",
         )
         .fetch_one(&mut *$tx)
         .await?;
-        let snapshot = serde_json::to_string($p).unwrap_or_else(|_| "{}".into());
         sqlx::query(
             "INSERT INTO payment_events (sequence, event_type, payment_id, request_id, party_a, party_b, \
              conversation_id, snapshot, occurred_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(seq)
-        .bind($event_type)
-        .bind(&$p.payment_id)
-        .bind(&$p.request_id)
-        .bind(&$p.sender_id)
-        .bind(&$p.recipient_id)
-        .bind(&$p.conversation_id)
-        .bind(snapshot)
+        .bind(e.event_type)
+        .bind(&e.payment_id)
+        .bind(&e.request_id)
+        .bind(&e.party_a)
+        .bind(&e.party_b)
+        .bind(&e.conversation_id)
+        .bind(&e.snapshot)
         .bind(now_us())
         .execute(&mut *$tx)
         .await?;
         seq
     }};
+}
+pub(crate) use append_event;
+
+/// What an outbox row records.
+pub struct EventFields {
+    pub event_type: &'static str,
+    pub payment_id: Option<String>,
+    pub request_id: Option<String>,
+    pub party_a: String,
+    pub party_b: String,
+    pub conversation_id: String,
+    /// The payment or request after the change, JSON.
+    pub snapshot: String,
+}
+
+impl EventFields {
+    pub fn payment(event_type: &'static str, p: &Payment) -> Self {
+        EventFields {
+            event_type,
+            payment_id: Some(p.payment_id.clone()),
+            request_id: p.request_id.clone(),
+            party_a: p.sender_id.clone(),
+            party_b: p.recipient_id.clone(),
+            conversation_id: p.conversation_id.clone(),
+            snapshot: serde_json::to_string(p).unwrap_or_else(|_| "{}".into()),
+        }
+    }
 }
 
 pub struct PaymentStore {
@@ -128,6 +157,10 @@ impl PaymentStore {
     }
 
     /// Inserts a new payment with its first event.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
     pub async fn insert(&self, p: &Payment, key: &str, request_hash: &str) -> Result<Inserted> {
         let event = if p.status == PaymentStatus::Failed { "payment.failed" } else { "payment.created" };
         // An async block, so `?` inside stops here and the unique violation of a
@@ -162,20 +195,22 @@ impl PaymentStore {
             .bind(p.created_at_us)
             .execute(&mut *tx)
             .await?;
-            append_event!(tx, event, p);
+            append_event!(tx, &EventFields::payment(event, p));
             tx.commit().await?;
             Ok::<_, sqlx::Error>(())
         }
         .await);
         match result {
             Ok(()) => Ok(Inserted::New(p.clone())),
-            Err(e) if is_unique_violation(&e) => {
-                let (existing, _) = self
-                    .by_key(&p.sender_id, key)
-                    .await?
-                    .ok_or_else(|| Error::internal(anyhow::anyhow!("payment key conflict without a row")))?;
-                Ok(Inserted::Existing(existing))
-            }
+            Err(e) if is_unique_violation(&e) => match self.by_key(&p.sender_id, key).await? {
+                Some((existing, _)) => Ok(Inserted::Existing(existing)),
+                // Not the key: the request this payment would pay has a live payment.
+                None if p.request_id.is_some() => Err(Error::FailedPrecondition {
+                    reason: "REQUEST_NOT_OPEN",
+                    message: "this request is already paid or being paid".into(),
+                }),
+                None => Err(Error::internal(anyhow::anyhow!("payment insert conflict without a row"))),
+            },
             Err(e) => Err(e.into()),
         }
     }
@@ -230,7 +265,17 @@ impl PaymentStore {
             if done.rows_affected() == 1 {
                 if let Some(r) = &row {
                     let p = Payment::try_from(r.clone()).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-                    append_event!(tx, event, &p);
+                    append_event!(tx, &EventFields::payment(event, &p));
+                    if let (Some(request_id), PaymentStatus::Settled) = (&p.request_id, status) {
+                        let sql = format!("UPDATE payment_requests SET status = 'paid', payment_id = $2, updated_at_us = $3 \
+                             WHERE request_id = $1 AND status = 'open' RETURNING {}", super::requests::REQUEST_COLUMNS);
+                        let paid: Option<super::requests::RequestRow> =
+                            sqlx::query_as(&sql).bind(request_id).bind(&p.payment_id).bind(now).fetch_optional(&mut *tx).await?;
+                        if let Some(req) = paid {
+                            let req = super::requests::PaymentRequest::try_from(req).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+                            append_event!(tx, &req.event("request.paid"));
+                        }
+                    }
                 }
             }
             tx.commit().await?;

@@ -28,6 +28,7 @@ pub struct TestApp {
     pub db: dmpay::store::Db,
     pub vault: std::sync::Arc<dmpay::vault::Vault>,
     pub ledger_handle: dmpay::ledger::Ledger,
+    pub payments_service: std::sync::Arc<dmpay::payments::Payments>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     pg_database: Option<(String, String)>,
@@ -106,6 +107,7 @@ impl TestApp {
         let db = app.db().clone();
         let vault = app.vault().clone();
         let ledger_handle = app.ledger().clone();
+        let payments_service = app.payments().clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(app.run_until(async move {
             let _ = stop_rx.await;
@@ -125,6 +127,7 @@ impl TestApp {
             db,
             vault,
             ledger_handle,
+            payments_service,
             stop: Some(stop_tx),
             server: Some(server),
             pg_database,

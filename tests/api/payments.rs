@@ -369,6 +369,7 @@ async fn unknown_card_outcome_resolves_to_one_charge(app: TestApp) {
         message_id: String::new(),
         funding: dmpay::payments::FundingSource::Card,
         payment_method_token: None,
+        request_id: None,
     };
     let pending = payments_with(flaky.clone()).send(&sender, input()).await.unwrap();
     assert_eq!(pending.status, dmpay::payments::PaymentStatus::Pending);
@@ -402,3 +403,234 @@ backend_tests!(
     concurrent_sends_never_overdraw,
     unknown_card_outcome_resolves_to_one_charge,
 );
+
+async fn request(
+    app: &TestApp,
+    requester: &str,
+    key: &str,
+    payer: &str,
+    amount: &str,
+    expires_s: u32,
+) -> Result<pb::PaymentRequest, tonic::Status> {
+    let t = app.token(requester, PAY_SCOPES);
+    app.payments()
+        .request_payment(authed(
+            pb::RequestPaymentRequest {
+                idempotency_key: key.into(),
+                payer_id: payer.into(),
+                amount: usd(amount),
+                note: "dinner".into(),
+                conversation_id: "conv-r".into(),
+                message_id: format!("m-{key}"),
+                expires_in_seconds: expires_s,
+            },
+            &t,
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn pay(app: &TestApp, payer: &str, request_id: &str, key: &str) -> Result<pb::Payment, tonic::Status> {
+    let t = app.token(payer, PAY_SCOPES);
+    app.payments()
+        .pay_request(authed(
+            pb::PayRequestRequest { request_id: request_id.into(), idempotency_key: key.into(), ..Default::default() },
+            &t,
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn requests_pay_decline_cancel_expire(app: TestApp) {
+    fund_user(&app, "bob", "100.00").await;
+    let r = request(&app, "alice", "r1", "bob", "30.00", 0).await.unwrap();
+    assert_eq!(r.status, pb::RequestStatus::Open as i32);
+    let week = r.expires_at.unwrap().seconds - r.created_at.unwrap().seconds;
+    assert_eq!(week, 7 * 86_400);
+    assert_eq!(request(&app, "alice", "r1", "bob", "30.00", 0).await.unwrap().request_id, r.request_id, "idempotent");
+    // Only the payer pays; outsiders do not even see it.
+    let err = pay(&app, "alice", &r.request_id, "p0").await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = pay(&app, "mallory", &r.request_id, "p0").await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let paid = pay(&app, "bob", &r.request_id, "p1").await.unwrap();
+    assert_eq!(paid.status, pb::PaymentStatus::Settled as i32);
+    assert_eq!(paid.request_id, r.request_id);
+    assert_eq!(paid.recipient_id, "alice");
+    // The retry returns the same payment; a second pay is refused.
+    assert_eq!(pay(&app, "bob", &r.request_id, "p1").await.unwrap().payment_id, paid.payment_id);
+    let err = pay(&app, "bob", &r.request_id, "p2").await.unwrap_err();
+    assert_eq!(reason(&err), "REQUEST_NOT_OPEN");
+    let alice = app.token("alice", PAY_SCOPES);
+    let seen = app
+        .payments()
+        .get_payment_request(authed(pb::GetPaymentRequestRequest { request_id: r.request_id.clone() }, &alice))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(seen.status, pb::RequestStatus::Paid as i32);
+    assert_eq!(seen.payment_id, paid.payment_id);
+    assert_eq!(amt(&app.wallet("alice").await.posted), "30.00");
+
+    // Decline by the payer; cancel by the requester; each only by its party.
+    let d = request(&app, "alice", "r2", "bob", "5.00", 0).await.unwrap();
+    let bob = app.token("bob", PAY_SCOPES);
+    let err = app
+        .payments()
+        .cancel_request(authed(pb::CancelRequestRequest { request_id: d.request_id.clone() }, &bob))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let declined = app
+        .payments()
+        .decline_request(authed(pb::DeclineRequestRequest { request_id: d.request_id.clone() }, &bob))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(declined.status, pb::RequestStatus::Declined as i32);
+    assert_eq!(reason(&pay(&app, "bob", &d.request_id, "p3").await.unwrap_err()), "REQUEST_NOT_OPEN");
+    let c = request(&app, "alice", "r3", "bob", "5.00", 0).await.unwrap();
+    let cancelled = app
+        .payments()
+        .cancel_request(authed(pb::CancelRequestRequest { request_id: c.request_id.clone() }, &alice))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.status, pb::RequestStatus::Cancelled as i32);
+
+    // Expiry: a request that lived one second.
+    let e = request(&app, "alice", "r4", "bob", "5.00", 1).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(reason(&pay(&app, "bob", &e.request_id, "p4").await.unwrap_err()), "REQUEST_EXPIRED");
+    assert_eq!(app.payments_service.expire_requests().await.unwrap(), 1);
+    let expired = app
+        .payments()
+        .get_payment_request(authed(pb::GetPaymentRequestRequest { request_id: e.request_id.clone() }, &bob))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(expired.status, pb::RequestStatus::Expired as i32);
+
+    // Bad input.
+    let err = request(&app, "alice", "r5", "alice", "5.00", 0).await.unwrap_err();
+    assert!(err.message().contains("payer_id"));
+    let err = request(&app, "alice", "r6", "bob", "5.00", 31 * 86_400).await.unwrap_err();
+    assert!(err.message().contains("expires_in_seconds"));
+    // Every change wrote its event, in one gap-free sequence.
+    let (n, max): (i64, Option<i64>) = dmpay::with_db!(&app.db, pool => sqlx::query_as("SELECT COUNT(*), MAX(sequence) FROM payment_events").fetch_one(pool).await).unwrap();
+    assert_eq!(Some(n), max);
+    let types: Vec<String> = dmpay::with_db!(&app.db, pool => sqlx::query_scalar("SELECT DISTINCT event_type FROM payment_events").fetch_all(pool).await).unwrap();
+    for t in [
+        "request.created",
+        "request.paid",
+        "request.declined",
+        "request.cancelled",
+        "request.expired",
+        "payment.settled",
+    ] {
+        assert!(types.iter().any(|x| x == t), "{t} missing from {types:?}");
+    }
+}
+
+async fn refunds_full_partial_and_never_more(app: TestApp) {
+    fund_user(&app, "alice", "100.00").await;
+    let alice = app.token("alice", PAY_SCOPES);
+    let bob = app.token("bob", PAY_SCOPES);
+    let p = app.send(&alice, "r-1", "bob", "40.00", Balance).await.unwrap();
+    let refund = |key: &'static str, amount: Option<&'static str>, who: String| {
+        let app_payments = app.payments();
+        let id = p.payment_id.clone();
+        async move {
+            let mut c = app_payments;
+            c.refund_payment(authed(
+                pb::RefundPaymentRequest {
+                    payment_id: id,
+                    idempotency_key: key.into(),
+                    amount: amount.and_then(usd),
+                    reason: "returned".into(),
+                },
+                &who,
+            ))
+            .await
+            .map(|r| r.into_inner())
+        }
+    };
+    // Only the recipient refunds.
+    assert_eq!(refund("x", None, alice.clone()).await.unwrap_err().code(), Code::PermissionDenied);
+    let part = refund("rf1", Some("15.00"), bob.clone()).await.unwrap();
+    assert_eq!(part.status, pb::PaymentStatus::PartiallyRefunded as i32);
+    assert_eq!(amt(&part.refunded_amount), "15.00");
+    assert_eq!(
+        refund("rf1", Some("15.00"), bob.clone()).await.unwrap().refunded_amount,
+        part.refunded_amount,
+        "idempotent"
+    );
+    let err = refund("rf2", Some("25.01"), bob.clone()).await.unwrap_err();
+    assert_eq!(reason(&err), "REFUND_EXCEEDS_PAYMENT");
+    let full = refund("rf3", None, bob.clone()).await.unwrap();
+    assert_eq!(full.status, pb::PaymentStatus::Refunded as i32);
+    assert_eq!(amt(&full.refunded_amount), "40.00");
+    assert_eq!(amt(&app.wallet("alice").await.posted), "100.00");
+    assert_eq!(amt(&app.wallet("bob").await.posted), "0.00");
+    let err = refund("rf4", Some("0.01"), bob.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    // Concurrent refunds can never exceed the payment.
+    let p2 = app.send(&alice, "r-2", "bob", "10.00", Balance).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let mut c = app.payments();
+        let t = bob.clone();
+        let id = p2.payment_id.clone();
+        tasks.push(tokio::spawn(async move {
+            c.refund_payment(authed(
+                pb::RefundPaymentRequest {
+                    payment_id: id,
+                    idempotency_key: format!("c{i}"),
+                    amount: usd("3.00"),
+                    reason: String::new(),
+                },
+                &t,
+            ))
+            .await
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        if t.await.unwrap().is_ok() {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 3, "3 x 3.00 fit in 10.00, a fourth does not");
+    // A recipient who spent the money cannot refund it.
+    let p3 = app.send(&alice, "r-3", "carol", "5.00", Balance).await.unwrap();
+    let carol = app.token("carol", PAY_SCOPES);
+    app.send(&carol, "spend", "dave", "5.00", Balance).await.unwrap();
+    let err = app
+        .payments()
+        .refund_payment(authed(
+            pb::RefundPaymentRequest {
+                payment_id: p3.payment_id.clone(),
+                idempotency_key: "k".into(),
+                ..Default::default()
+            },
+            &carol,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "INSUFFICIENT_FUNDS");
+    let after = app
+        .payments()
+        .get_payment(authed(pb::GetPaymentRequest { payment_id: p3.payment_id.clone() }, &carol))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(amt(&after.refunded_amount), "0.00");
+    assert_eq!(after.status, pb::PaymentStatus::Settled as i32);
+    assert!(app.verify().await.ok());
+}
+
+mod requests_and_refunds {
+    use super::*;
+    backend_tests!(requests_pay_decline_cancel_expire, refunds_full_partial_and_never_more);
+}

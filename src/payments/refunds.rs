@@ -1,0 +1,246 @@
+//! Refunds: the recipient gives back all or part of a payment, into the sender's wallet.
+//!
+//! The refunded amount is reserved on the payment first (a conditional update that can
+//! never exceed the payment, so concurrent refunds cannot over-refund), then the ledger
+//! moves the money; if the recipient's wallet cannot cover it, the reservation is undone.
+
+use sha2::{Digest, Sha256};
+
+use super::store::{append_event, EventFields, PaymentRow, COLUMNS};
+use super::{model, Payment, PaymentStatus, Payments};
+use crate::accounts::UserId;
+use crate::error::{Error, Result};
+use crate::ledger::{AccountCode, Direction, PostEntryInput, PostingInput};
+use crate::money::Money;
+use crate::store::{is_unique_violation, now_us};
+use crate::with_db;
+
+#[derive(sqlx::FromRow)]
+struct RefundRow {
+    refund_id: String,
+    payment_id: String,
+    amount: i64,
+    status: String,
+    request_hash: String,
+}
+
+fn status_after(amount: i64, refunded: i64) -> &'static str {
+    if refunded == 0 {
+        PaymentStatus::Settled.as_str()
+    } else if refunded >= amount {
+        PaymentStatus::Refunded.as_str()
+    } else {
+        PaymentStatus::PartiallyRefunded.as_str()
+    }
+}
+
+impl Payments {
+    pub async fn refund(
+        &self,
+        recipient: &UserId,
+        payment_id: &str,
+        idempotency_key: &str,
+        amount: Option<Money>,
+        reason: &str,
+    ) -> Result<Payment> {
+        crate::ledger::check_idempotency_key("idempotency_key", idempotency_key)?;
+        model::check_note("reason", reason)?;
+        let payment = self.get(recipient, payment_id).await?;
+        if payment.recipient_id != recipient.as_str() {
+            return Err(Error::PermissionDenied("only the recipient can refund a payment".into()));
+        }
+        let currency = payment.currency()?;
+        if let Some(m) = amount {
+            if m.currency() != currency {
+                return Err(Error::invalid("amount.currency", format!("the payment is in {currency}")));
+            }
+        }
+        let request_hash: String = Sha256::digest(
+            serde_json::json!({"payment": payment_id, "amount": amount.map(|m| m.minor()), "reason": reason})
+                .to_string()
+                .as_bytes(),
+        )
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+        let existing: Option<RefundRow> = with_db!(self.store.db(), pool => sqlx::query_as(
+            "SELECT refund_id, payment_id, amount, status, request_hash FROM payment_refunds \
+             WHERE created_by = $1 AND idempotency_key = $2",
+        )
+        .bind(recipient.as_str())
+        .bind(idempotency_key)
+        .fetch_optional(pool)
+        .await)?;
+        if let Some(r) = existing {
+            if r.request_hash != request_hash || r.payment_id != payment_id {
+                return Err(Error::AlreadyExists(format!(
+                    "idempotency_key {idempotency_key:?} was already used for a different refund"
+                )));
+            }
+            return match r.status.as_str() {
+                "failed" => Err(Error::FailedPrecondition {
+                    reason: "INSUFFICIENT_FUNDS",
+                    message: "the refund failed: your wallet could not cover it".into(),
+                }),
+                "pending" => self.finish_refund(&r.refund_id, &r.payment_id, r.amount).await,
+                _ => self.get(recipient, payment_id).await,
+            };
+        }
+        if !matches!(payment.status, PaymentStatus::Settled | PaymentStatus::PartiallyRefunded) {
+            return Err(Error::FailedPrecondition {
+                reason: "PAYMENT_NOT_REFUNDABLE",
+                message: format!("a {} payment cannot be refunded", payment.status.as_str()),
+            });
+        }
+        let left = payment.amount - payment.refunded_amount;
+        let minor = amount.map_or(left, |m| m.minor());
+        if minor > left || left == 0 {
+            return Err(Error::FailedPrecondition {
+                reason: "REFUND_EXCEEDS_PAYMENT",
+                message: format!("at most {} is left to refund", Money::from_minor(currency, left)),
+            });
+        }
+
+        // Reserve: the condition keeps refunds within the payment under any concurrency.
+        let refund_id = format!("rf_{}", uuid::Uuid::now_v7().simple());
+        let now = now_us();
+        let sql = format!(
+            "UPDATE payments SET refunded_amount = refunded_amount + $2, \
+             status = CASE WHEN refunded_amount + $2 >= amount THEN 'refunded' ELSE 'partially_refunded' END, \
+             updated_at_us = $3 \
+             WHERE payment_id = $1 AND refunded_amount + $2 <= amount AND status IN ('settled', 'partially_refunded') \
+             RETURNING {COLUMNS}"
+        );
+        let reserved = with_db!(self.store.db(), pool => async {
+            let mut tx = pool.begin().await?;
+            let row: Option<PaymentRow> =
+                sqlx::query_as(&sql).bind(payment_id).bind(minor).bind(now).fetch_optional(&mut *tx).await?;
+            let Some(row) = row else {
+                return Ok::<_, sqlx::Error>(false);
+            };
+            sqlx::query(
+                "INSERT INTO payment_refunds (refund_id, payment_id, amount, reason, status, idempotency_key, request_hash, \
+                 created_by, created_at_us) VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $8)",
+            )
+            .bind(&refund_id)
+            .bind(payment_id)
+            .bind(minor)
+            .bind(reason)
+            .bind(idempotency_key)
+            .bind(&request_hash)
+            .bind(recipient.as_str())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            let p = Payment::try_from(row).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+            append_event!(tx, &EventFields::payment("payment.refunded", &p));
+            tx.commit().await?;
+            Ok(true)
+        }
+        .await);
+        match reserved {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(Error::FailedPrecondition {
+                    reason: "REFUND_EXCEEDS_PAYMENT",
+                    message: "the payment has less left to refund".into(),
+                })
+            }
+            // A concurrent retry with the same key: answer as that one.
+            Err(e) if is_unique_violation(&e) => {
+                return Box::pin(self.refund(recipient, payment_id, idempotency_key, amount, reason)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.finish_refund(&refund_id, payment_id, minor).await
+    }
+
+    /// Moves the refunded money in the ledger and completes the refund, or undoes the
+    /// reservation when the recipient's wallet cannot cover it. Idempotent.
+    async fn finish_refund(&self, refund_id: &str, payment_id: &str, minor: i64) -> Result<Payment> {
+        let payment = self.store.get(payment_id).await?.ok_or_else(|| Error::not_found("payment"))?;
+        let currency = payment.currency()?;
+        let amount = Money::from_minor(currency, minor);
+        let from = AccountCode::wallet(&UserId::parse("recipient_id", &payment.recipient_id)?, currency);
+        let to = AccountCode::wallet(&UserId::parse("sender_id", &payment.sender_id)?, currency);
+        let posted = self
+            .ledger
+            .post_entry(
+                "payments",
+                PostEntryInput {
+                    idempotency_key: format!("refund:{refund_id}"),
+                    kind: "dm_refund".into(),
+                    description: String::new(),
+                    postings: vec![
+                        PostingInput { account_code: from, direction: Direction::Debit, amount },
+                        PostingInput { account_code: to, direction: Direction::Credit, amount },
+                    ],
+                    metadata: [
+                        ("payment_id".to_string(), payment_id.to_string()),
+                        ("refund_id".to_string(), refund_id.to_string()),
+                    ]
+                    .into(),
+                    pending: false,
+                    pending_timeout_s: 0,
+                },
+            )
+            .await;
+        let failed = match posted {
+            Ok(_) => false,
+            Err(Error::FailedPrecondition { .. }) => true,
+            Err(e) => return Err(e),
+        };
+        let sql = format!("SELECT {COLUMNS} FROM payments WHERE payment_id = $1");
+        with_db!(self.store.db(), pool => {
+            let mut tx = pool.begin().await?;
+            let done = sqlx::query("UPDATE payment_refunds SET status = $2 WHERE refund_id = $1 AND status = 'pending'")
+                .bind(refund_id)
+                .bind(if failed { "failed" } else { "completed" })
+                .execute(&mut *tx)
+                .await?;
+            if failed && done.rows_affected() == 1 {
+                let p: PaymentRow = sqlx::query_as(&sql).bind(payment_id).fetch_one(&mut *tx).await?;
+                let current = Payment::try_from(p).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+                let refunded = current.refunded_amount - minor;
+                sqlx::query("UPDATE payments SET refunded_amount = $2, status = $3, updated_at_us = $4 WHERE payment_id = $1")
+                    .bind(payment_id)
+                    .bind(refunded)
+                    .bind(status_after(current.amount, refunded))
+                    .bind(now_us())
+                    .execute(&mut *tx)
+                    .await?;
+                let p: PaymentRow = sqlx::query_as(&sql).bind(payment_id).fetch_one(&mut *tx).await?;
+                let after = Payment::try_from(p).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+                append_event!(tx, &EventFields::payment("payment.refund_failed", &after));
+            }
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(())
+        })?;
+        if failed {
+            return Err(Error::FailedPrecondition {
+                reason: "INSUFFICIENT_FUNDS",
+                message: "the refund failed: your wallet could not cover it".into(),
+            });
+        }
+        self.store.get(payment_id).await?.ok_or_else(|| Error::not_found("payment"))
+    }
+
+    /// Finishes refunds left pending by a crash.
+    pub async fn resolve_refunds(&self) -> Result<usize> {
+        let idle = now_us() - self.config.resolve_after_s * 1_000_000;
+        let rows: Vec<(String, String, i64)> = with_db!(self.store.db(), pool => sqlx::query_as(
+            "SELECT refund_id, payment_id, amount FROM payment_refunds WHERE status = 'pending' AND created_at_us < $1 LIMIT 100",
+        )
+        .bind(idle)
+        .fetch_all(pool)
+        .await)?;
+        let mut n = 0;
+        for (refund_id, payment_id, amount) in rows {
+            match self.finish_refund(&refund_id, &payment_id, amount).await {
+                Ok(_) | Err(Error::FailedPrecondition { .. }) => n += 1,
+                Err(e) => tracing::warn!(refund_id = %refund_id, error = %e, "pending refund not resolved yet"),
+            }
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,399 @@
+//! Payment requests: a requester asks a payer in a DM; the payer pays with one tap
+//! (at most once), declines, or lets it expire; the requester may cancel.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::store::{append_event, EventFields};
+use super::{model, FundingSource, Payment, Payments, SendInput};
+use crate::accounts::{Status as AccountStatus, UserId};
+use crate::error::{Error, Result};
+use crate::money::{Currency, Money};
+use crate::store::{is_unique_violation, now_us};
+use crate::with_db;
+
+pub const EXPIRES_DEFAULT_S: u32 = 7 * 86_400;
+pub const EXPIRES_MAX_S: u32 = 30 * 86_400;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestStatus {
+    Open,
+    Paid,
+    Declined,
+    Cancelled,
+    Expired,
+}
+
+impl RequestStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestStatus::Open => "open",
+            RequestStatus::Paid => "paid",
+            RequestStatus::Declined => "declined",
+            RequestStatus::Cancelled => "cancelled",
+            RequestStatus::Expired => "expired",
+        }
+    }
+
+    fn from_db(s: &str) -> Result<Self> {
+        Ok(match s {
+            "open" => RequestStatus::Open,
+            "paid" => RequestStatus::Paid,
+            "declined" => RequestStatus::Declined,
+            "cancelled" => RequestStatus::Cancelled,
+            "expired" => RequestStatus::Expired,
+            other => return Err(Error::internal(anyhow::anyhow!("unknown request status {other:?}"))),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentRequest {
+    pub request_id: String,
+    pub requester_id: String,
+    pub payer_id: String,
+    pub currency: String,
+    pub amount: i64,
+    pub note: String,
+    pub conversation_id: String,
+    pub message_id: String,
+    pub status: RequestStatus,
+    pub payment_id: Option<String>,
+    pub created_at_us: i64,
+    pub expires_at_us: i64,
+}
+
+impl PaymentRequest {
+    pub fn currency(&self) -> Result<Currency> {
+        Currency::from_code(&self.currency)
+            .ok_or_else(|| Error::internal(anyhow::anyhow!("unknown currency {} on a request", self.currency)))
+    }
+
+    pub(crate) fn event(&self, event_type: &'static str) -> EventFields {
+        EventFields {
+            event_type,
+            payment_id: self.payment_id.clone(),
+            request_id: Some(self.request_id.clone()),
+            party_a: self.requester_id.clone(),
+            party_b: self.payer_id.clone(),
+            conversation_id: self.conversation_id.clone(),
+            snapshot: serde_json::to_string(self).unwrap_or_else(|_| "{}".into()),
+        }
+    }
+}
+
+#[derive(Clone, sqlx::FromRow)]
+pub(crate) struct RequestRow {
+    request_id: String,
+    requester_id: String,
+    payer_id: String,
+    currency: String,
+    amount: i64,
+    note: String,
+    conversation_id: String,
+    message_id: String,
+    status: String,
+    payment_id: Option<String>,
+    created_at_us: i64,
+    expires_at_us: i64,
+}
+
+impl TryFrom<RequestRow> for PaymentRequest {
+    type Error = Error;
+    fn try_from(r: RequestRow) -> Result<Self> {
+        Ok(PaymentRequest {
+            status: RequestStatus::from_db(&r.status)?,
+            request_id: r.request_id,
+            requester_id: r.requester_id,
+            payer_id: r.payer_id,
+            currency: r.currency,
+            amount: r.amount,
+            note: r.note,
+            conversation_id: r.conversation_id,
+            message_id: r.message_id,
+            payment_id: r.payment_id,
+            created_at_us: r.created_at_us,
+            expires_at_us: r.expires_at_us,
+        })
+    }
+}
+
+pub(crate) const REQUEST_COLUMNS: &str =
+    "request_id, requester_id, payer_id, currency, amount, note, conversation_id, \
+     message_id, status, payment_id, created_at_us, expires_at_us";
+
+/// `RequestPayment` after wire parsing.
+pub struct RequestInput {
+    pub idempotency_key: String,
+    pub payer: UserId,
+    pub amount: Money,
+    pub note: String,
+    pub conversation_id: String,
+    pub message_id: String,
+    pub expires_in_s: u32,
+}
+
+fn not_found(id: &str) -> Error {
+    Error::NotFound(format!("payment request {id} not found"))
+}
+
+impl Payments {
+    async fn request_row(&self, request_id: &str) -> Result<Option<PaymentRequest>> {
+        let sql = format!("SELECT {REQUEST_COLUMNS} FROM payment_requests WHERE request_id = $1");
+        let row: Option<RequestRow> =
+            with_db!(self.store.db(), pool => sqlx::query_as(&sql).bind(request_id).fetch_optional(pool).await)?;
+        row.map(PaymentRequest::try_from).transpose()
+    }
+
+    /// A request the user takes part in; others get NOT_FOUND.
+    pub async fn get_request(&self, user: &UserId, request_id: &str) -> Result<PaymentRequest> {
+        if request_id.is_empty() {
+            return Err(Error::invalid("request_id", "required"));
+        }
+        match self.request_row(request_id).await? {
+            Some(r) if r.requester_id == user.as_str() || r.payer_id == user.as_str() => Ok(r),
+            _ => Err(not_found(request_id)),
+        }
+    }
+
+    pub async fn request(&self, requester: &UserId, input: RequestInput) -> Result<PaymentRequest> {
+        crate::ledger::check_idempotency_key("idempotency_key", &input.idempotency_key)?;
+        model::check_note("note", &input.note)?;
+        model::check_opaque("conversation_id", &input.conversation_id)?;
+        model::check_opaque("message_id", &input.message_id)?;
+        if input.expires_in_s > EXPIRES_MAX_S {
+            return Err(Error::invalid("expires_in_seconds", format!("at most {EXPIRES_MAX_S} (30 days)")));
+        }
+        if &input.payer == requester {
+            return Err(Error::invalid("payer_id", "you cannot request money from yourself"));
+        }
+        let expires_in = if input.expires_in_s == 0 { EXPIRES_DEFAULT_S } else { input.expires_in_s };
+        let currency = input.amount.currency();
+        let request_hash: String = Sha256::digest(
+            serde_json::json!({
+                "payer": input.payer.as_str(), "currency": currency.code(), "amount": input.amount.minor(),
+                "note": input.note, "conversation": input.conversation_id, "message": input.message_id,
+                "expires": expires_in,
+            })
+            .to_string()
+            .as_bytes(),
+        )
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+        let by_key = format!(
+            "SELECT {REQUEST_COLUMNS}, request_hash FROM payment_requests WHERE requester_id = $1 AND idempotency_key = $2"
+        );
+        let lookup = || async {
+            let found: Option<RequestRowWithHash> = with_db!(self.store.db(), pool => sqlx::query_as(&by_key)
+                .bind(requester.as_str())
+                .bind(&input.idempotency_key)
+                .fetch_optional(pool)
+                .await)?;
+            found.map(|f| Ok::<_, Error>((PaymentRequest::try_from(f.row)?, f.request_hash))).transpose()
+        };
+        let replay = |(r, hash): (PaymentRequest, String)| {
+            if hash == request_hash {
+                Ok(r)
+            } else {
+                Err(Error::AlreadyExists(format!(
+                    "idempotency_key {:?} was already used for a different request",
+                    input.idempotency_key
+                )))
+            }
+        };
+        if let Some(found) = lookup().await? {
+            return replay(found);
+        }
+        let me = self.accounts.ensure(requester).await?;
+        self.accounts.ensure(&input.payer).await?;
+        if me.status == AccountStatus::Frozen {
+            return Err(Error::FailedPrecondition {
+                reason: "ACCOUNT_FROZEN",
+                message: "your account is frozen".into(),
+            });
+        }
+        let now = now_us();
+        let req = PaymentRequest {
+            request_id: format!("req_{}", uuid::Uuid::now_v7().simple()),
+            requester_id: requester.to_string(),
+            payer_id: input.payer.to_string(),
+            currency: currency.code().to_owned(),
+            amount: input.amount.minor(),
+            note: input.note.clone(),
+            conversation_id: input.conversation_id.clone(),
+            message_id: input.message_id.clone(),
+            status: RequestStatus::Open,
+            payment_id: None,
+            created_at_us: now,
+            expires_at_us: now + i64::from(expires_in) * 1_000_000,
+        };
+        let inserted = with_db!(self.store.db(), pool => async {
+            let mut tx = pool.begin().await?;
+            sqlx::query(
+                "INSERT INTO payment_requests (request_id, requester_id, payer_id, currency, amount, note, conversation_id, \
+                 message_id, status, idempotency_key, request_hash, created_at_us, expires_at_us, updated_at_us) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'open', $9, $10, $11, $12, $11)",
+            )
+            .bind(&req.request_id)
+            .bind(&req.requester_id)
+            .bind(&req.payer_id)
+            .bind(&req.currency)
+            .bind(req.amount)
+            .bind(&req.note)
+            .bind(&req.conversation_id)
+            .bind(&req.message_id)
+            .bind(&input.idempotency_key)
+            .bind(&request_hash)
+            .bind(req.created_at_us)
+            .bind(req.expires_at_us)
+            .execute(&mut *tx)
+            .await?;
+            append_event!(tx, &req.event("request.created"));
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(())
+        }
+        .await);
+        match inserted {
+            Ok(()) => Ok(req),
+            Err(e) if is_unique_violation(&e) => replay(
+                lookup()
+                    .await?
+                    .ok_or_else(|| Error::internal(anyhow::anyhow!("request key conflict without a row")))?,
+            ),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Moves an open request to `to`, by `actor`, who must be `party` of it.
+    async fn close_request(&self, actor: &UserId, request_id: &str, to: RequestStatus) -> Result<PaymentRequest> {
+        let req = self.get_request(actor, request_id).await?;
+        let allowed = match to {
+            RequestStatus::Declined => req.payer_id == actor.as_str(),
+            RequestStatus::Cancelled => req.requester_id == actor.as_str(),
+            _ => false,
+        };
+        if !allowed {
+            return Err(Error::PermissionDenied(match to {
+                RequestStatus::Declined => "only the payer can decline a request".into(),
+                _ => "only the requester can cancel a request".into(),
+            }));
+        }
+        if req.status == to {
+            return Ok(req);
+        }
+        self.transition(&req, to, if to == RequestStatus::Declined { "request.declined" } else { "request.cancelled" })
+            .await?
+            .ok_or_else(|| Error::FailedPrecondition {
+                reason: "REQUEST_NOT_OPEN",
+                message: format!("the request is {}", req.status.as_str()),
+            })
+    }
+
+    /// open -> `to` with its event, in one transaction; None if it was not open.
+    async fn transition(
+        &self,
+        req: &PaymentRequest,
+        to: RequestStatus,
+        event: &'static str,
+    ) -> Result<Option<PaymentRequest>> {
+        let sql = format!(
+            "UPDATE payment_requests SET status = $2, updated_at_us = $3 WHERE request_id = $1 AND status = 'open' \
+             RETURNING {REQUEST_COLUMNS}"
+        );
+        let row: Option<RequestRow> = with_db!(self.store.db(), pool => {
+            let mut tx = pool.begin().await?;
+            let row: Option<RequestRow> =
+                sqlx::query_as(&sql).bind(&req.request_id).bind(to.as_str()).bind(now_us()).fetch_optional(&mut *tx).await?;
+            if let Some(r) = &row {
+                let updated = PaymentRequest::try_from(r.clone()).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+                append_event!(tx, &updated.event(event));
+            }
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(row)
+        })?;
+        row.map(PaymentRequest::try_from).transpose()
+    }
+
+    pub async fn decline_request(&self, payer: &UserId, request_id: &str) -> Result<PaymentRequest> {
+        self.close_request(payer, request_id, RequestStatus::Declined).await
+    }
+
+    pub async fn cancel_request(&self, requester: &UserId, request_id: &str) -> Result<PaymentRequest> {
+        self.close_request(requester, request_id, RequestStatus::Cancelled).await
+    }
+
+    /// The one-tap pay of a request by its payer: a send to the requester, linked to the
+    /// request, which the database lets succeed at most once.
+    pub async fn pay_request(
+        &self,
+        payer: &UserId,
+        request_id: &str,
+        idempotency_key: String,
+        funding: FundingSource,
+        token: Option<String>,
+    ) -> Result<Payment> {
+        let req = self.get_request(payer, request_id).await?;
+        if req.payer_id != payer.as_str() {
+            return Err(Error::PermissionDenied("only the payer can pay a request".into()));
+        }
+        // A retry of the pay that went through returns that payment.
+        if let Some((existing, _)) = self.store.by_key(payer.as_str(), &idempotency_key).await? {
+            if existing.request_id.as_deref() == Some(request_id) {
+                return Self::replay(existing);
+            }
+        }
+        match req.status {
+            RequestStatus::Open if req.expires_at_us > now_us() => {}
+            RequestStatus::Open => {
+                return Err(Error::FailedPrecondition {
+                    reason: "REQUEST_EXPIRED",
+                    message: "the request has expired".into(),
+                })
+            }
+            other => {
+                return Err(Error::FailedPrecondition {
+                    reason: "REQUEST_NOT_OPEN",
+                    message: format!("the request is {}", other.as_str()),
+                })
+            }
+        }
+        let input = SendInput {
+            idempotency_key,
+            recipient: UserId::parse("requester_id", &req.requester_id)?,
+            amount: Money::from_minor(req.currency()?, req.amount),
+            note: req.note.clone(),
+            conversation_id: req.conversation_id.clone(),
+            message_id: req.message_id.clone(),
+            funding,
+            payment_method_token: token,
+            request_id: Some(req.request_id.clone()),
+        };
+        self.send(payer, input).await
+    }
+
+    /// Expires open requests past their time, each with its event.
+    pub async fn expire_requests(&self) -> Result<usize> {
+        let sql = format!(
+            "SELECT {REQUEST_COLUMNS} FROM payment_requests WHERE status = 'open' AND expires_at_us <= $1 LIMIT 200"
+        );
+        let rows: Vec<RequestRow> =
+            with_db!(self.store.db(), pool => sqlx::query_as(&sql).bind(now_us()).fetch_all(pool).await)?;
+        let mut n = 0;
+        for row in rows {
+            let req = PaymentRequest::try_from(row)?;
+            if self.transition(&req, RequestStatus::Expired, "request.expired").await?.is_some() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct RequestRowWithHash {
+    #[sqlx(flatten)]
+    row: RequestRow,
+    request_hash: String,
+}

@@ -1,8 +1,11 @@
 //! `dmpay.v1.Payments`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use tonic::{Request, Response};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
 
 use super::money::{positive, to_wire};
 use super::pb;
@@ -13,15 +16,98 @@ use crate::auth::{scope, Principal};
 use crate::error::{Error, Result};
 use crate::money::Money;
 use crate::payments::requests::{PaymentRequest, RequestInput, RequestStatus};
-use crate::payments::{model, FundingSource, Payment, PaymentStatus, Payments, SendInput};
+use crate::payments::{events, model, FundingSource, Payment, PaymentStatus, Payments, SendInput};
+
+/// Watchers served at once by this process; beyond it, RESOURCE_EXHAUSTED.
+const WATCHERS_MAX: usize = 10_000;
+/// Events queued toward one watcher's connection.
+const WATCH_BUFFER: usize = 64;
+/// A watcher this far behind the newest event is disconnected (it resumes from its
+/// last sequence with a new call).
+const WATCH_LAG_MAX: i64 = 50_000;
+/// A consumer that takes longer than this to accept the next event is disconnected.
+const WATCH_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a watcher looks for events committed by other processes.
+const WATCH_POLL: Duration = Duration::from_millis(250);
 
 pub struct PaymentsApi {
     payments: Arc<Payments>,
+    watchers: Arc<Semaphore>,
 }
 
 impl PaymentsApi {
     pub fn new(payments: Arc<Payments>) -> Self {
-        PaymentsApi { payments }
+        PaymentsApi { payments, watchers: Arc::new(Semaphore::new(WATCHERS_MAX)) }
+    }
+}
+
+fn event_to_wire(e: events::Event) -> Result<pb::PaymentEvent> {
+    Ok(pb::PaymentEvent {
+        sequence: e.sequence,
+        r#type: e.event_type,
+        payment: e.payment.map(payment_to_wire).transpose()?,
+        request: e.request.map(request_to_wire).transpose()?,
+        occurred_at: Some(timestamp(e.occurred_at_us)),
+    })
+}
+
+/// Streams events to one watcher until it disconnects or falls too far behind.
+async fn watch_loop(
+    payments: Arc<Payments>,
+    user: Option<String>,
+    conversation: String,
+    mut cursor: i64,
+    tx: mpsc::Sender<std::result::Result<pb::PaymentEvent, Status>>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let mut wake = payments.events_hub().subscribe();
+    loop {
+        let page = match events::read(payments.db(), user.as_deref(), &conversation, cursor).await {
+            Ok(page) => page,
+            Err(e) => {
+                let _ = tx.send(Err(to_status(e))).await;
+                return;
+            }
+        };
+        let full = page.len() as i64 >= events::PAGE_MAX;
+        for event in page {
+            let sequence = event.sequence;
+            let wire = match event_to_wire(event) {
+                Ok(w) => w,
+                Err(e) => {
+                    let _ = tx.send(Err(to_status(e))).await;
+                    return;
+                }
+            };
+            match tokio::time::timeout(WATCH_SEND_TIMEOUT, tx.send(Ok(wire))).await {
+                Ok(Ok(())) => cursor = sequence,
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    let _ = tx.try_send(Err(Status::resource_exhausted(format!(
+                        "the stream fell behind; resume with after_sequence={cursor}"
+                    ))));
+                    return;
+                }
+            }
+        }
+        if full {
+            if let Ok(latest) = events::latest(payments.db()).await {
+                if latest - cursor > WATCH_LAG_MAX {
+                    let _ = tx
+                        .send(Err(Status::resource_exhausted(format!(
+                            "more than {WATCH_LAG_MAX} events behind; resume with after_sequence={cursor}"
+                        ))))
+                        .await;
+                    return;
+                }
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = wake.changed() => {}
+            _ = tokio::time::sleep(WATCH_POLL) => {}
+            _ = tx.closed() => return,
+        }
     }
 }
 
@@ -239,5 +325,29 @@ impl pb::payments_server::Payments for PaymentsApi {
         }
         .await;
         result.map(Response::new).map_err(to_status)
+    }
+
+    type WatchPaymentsStream = ReceiverStream<std::result::Result<pb::PaymentEvent, Status>>;
+
+    async fn watch_payments(&self, req: Request<pb::WatchPaymentsRequest>) -> ApiResult<Self::WatchPaymentsStream> {
+        let caller = principal(&req)?;
+        let r = req.get_ref();
+        let user = if caller.has(scope::PAYMENTS_WATCH_ALL) {
+            None
+        } else {
+            Some(user(caller, scope::PAYMENTS_READ).map_err(to_status)?.to_string())
+        };
+        model::check_opaque("conversation_id", &r.conversation_id).map_err(to_status)?;
+        if r.after_sequence < 0 {
+            return Err(to_status(Error::invalid("after_sequence", "must not be negative")));
+        }
+        let permit = self
+            .watchers
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Status::resource_exhausted("too many watchers; retry later"))?;
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        tokio::spawn(watch_loop(self.payments.clone(), user, r.conversation_id.clone(), r.after_sequence, tx, permit));
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

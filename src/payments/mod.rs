@@ -11,6 +11,7 @@
 //! it can be resumed from any point: by the caller's retry, or by the resolver that
 //! picks up payments left pending (a crash, or a processor outcome that was unknown).
 
+pub mod events;
 pub mod model;
 pub mod refunds;
 pub mod requests;
@@ -494,6 +495,14 @@ impl Payments {
 
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+
+    pub fn events_hub(&self) -> &events::EventHub {
+        self.store.hub()
+    }
+
+    pub fn db(&self) -> &Db {
+        self.store.db()
     }
 }
 

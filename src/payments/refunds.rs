@@ -139,7 +139,7 @@ impl Payments {
         }
         .await);
         match reserved {
-            Ok(true) => {}
+            Ok(true) => self.store.notify(),
             Ok(false) => {
                 return Err(Error::FailedPrecondition {
                     reason: "REFUND_EXCEEDS_PAYMENT",
@@ -216,6 +216,7 @@ impl Payments {
             tx.commit().await?;
             Ok::<_, sqlx::Error>(())
         })?;
+        self.store.notify();
         if failed {
             return Err(Error::FailedPrecondition {
                 reason: "INSUFFICIENT_FUNDS",

@@ -256,7 +256,10 @@ impl Payments {
         }
         .await);
         match inserted {
-            Ok(()) => Ok(req),
+            Ok(()) => {
+                self.store.notify();
+                Ok(req)
+            }
             Err(e) if is_unique_violation(&e) => replay(
                 lookup()
                     .await?
@@ -313,6 +316,7 @@ impl Payments {
             tx.commit().await?;
             Ok::<_, sqlx::Error>(row)
         })?;
+        self.store.notify();
         row.map(PaymentRequest::try_from).transpose()
     }
 

@@ -126,6 +126,7 @@ impl EventFields {
 
 pub struct PaymentStore {
     db: Db,
+    hub: super::events::EventHub,
 }
 
 pub enum Inserted {
@@ -136,7 +137,7 @@ pub enum Inserted {
 
 impl PaymentStore {
     pub fn new(db: Db) -> Self {
-        PaymentStore { db }
+        PaymentStore { db, hub: super::events::EventHub::default() }
     }
 
     pub async fn get(&self, payment_id: &str) -> Result<Option<Payment>> {
@@ -159,6 +160,15 @@ impl PaymentStore {
     /// Inserts a new payment with its first event.
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// Wakes this process's watchers after an event committed.
+    pub fn notify(&self) {
+        self.hub.notify();
+    }
+
+    pub fn hub(&self) -> &super::events::EventHub {
+        &self.hub
     }
 
     pub async fn insert(&self, p: &Payment, key: &str, request_hash: &str) -> Result<Inserted> {
@@ -201,7 +211,10 @@ impl PaymentStore {
         }
         .await);
         match result {
-            Ok(()) => Ok(Inserted::New(p.clone())),
+            Ok(()) => {
+                self.notify();
+                Ok(Inserted::New(p.clone()))
+            }
             Err(e) if is_unique_violation(&e) => match self.by_key(&p.sender_id, key).await? {
                 Some((existing, _)) => Ok(Inserted::Existing(existing)),
                 // Not the key: the request this payment would pay has a live payment.
@@ -281,6 +294,7 @@ impl PaymentStore {
             tx.commit().await?;
             Ok::<_, sqlx::Error>(row)
         })?;
+        self.notify();
         row.map(Payment::try_from)
             .transpose()?
             .ok_or_else(|| Error::internal(anyhow::anyhow!("payment {payment_id} vanished")))

@@ -634,3 +634,103 @@ mod requests_and_refunds {
     use super::*;
     backend_tests!(requests_pay_decline_cancel_expire, refunds_full_partial_and_never_more);
 }
+
+async fn next_events(stream: &mut tonic::Streaming<pb::PaymentEvent>, n: usize) -> Vec<pb::PaymentEvent> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let next =
+            tokio::time::timeout(std::time::Duration::from_secs(10), stream.message()).await.expect("event in time");
+        out.push(next.expect("stream ok").expect("stream open"));
+    }
+    out
+}
+
+async fn watch(app: &TestApp, token: &str, after: i64, conversation: &str) -> tonic::Streaming<pb::PaymentEvent> {
+    app.payments()
+        .watch_payments(authed(
+            pb::WatchPaymentsRequest { conversation_id: conversation.into(), after_sequence: after },
+            token,
+        ))
+        .await
+        .expect("watch")
+        .into_inner()
+}
+
+async fn watchers_see_their_events_once_in_order(app: TestApp) {
+    fund_user(&app, "alice", "500.00").await;
+    fund_user(&app, "carol", "500.00").await;
+    let alice = app.token("alice", PAY_SCOPES);
+    let bob = app.token("bob", PAY_SCOPES);
+    let carol = app.token("carol", PAY_SCOPES);
+    // Events before the watcher connects.
+    for i in 0..3 {
+        app.send(&alice, &format!("before-{i}"), "bob", "1.00", Balance).await.unwrap();
+    }
+    // Someone else's traffic, which bob must never see.
+    app.send(&carol, "other-0", "dave", "1.00", Balance).await.unwrap();
+    let mut stream = watch(&app, &bob, 0, "").await;
+    // During and after: a burst while connected.
+    let burst = {
+        let app_alice = alice.clone();
+        let client = app.payments();
+        tokio::spawn(async move {
+            let mut c = client;
+            for i in 0..10 {
+                c.send_payment(authed(
+                    pb::SendPaymentRequest {
+                        idempotency_key: format!("burst-{i}"),
+                        recipient_id: "bob".into(),
+                        amount: usd("1.00"),
+                        conversation_id: "conv-1".into(),
+                        ..Default::default()
+                    },
+                    &app_alice,
+                ))
+                .await
+                .unwrap();
+            }
+        })
+    };
+    app.send(&carol, "other-1", "dave", "1.00", Balance).await.unwrap();
+    burst.await.unwrap();
+    // 13 payments to bob, each created and settled: 26 events.
+    let first = next_events(&mut stream, 20).await;
+    drop(stream);
+    let last_seen = first.last().unwrap().sequence;
+    // Resume from the last sequence seen.
+    let mut resumed = watch(&app, &bob, last_seen, "").await;
+    let rest = next_events(&mut resumed, 6).await;
+    let all: Vec<pb::PaymentEvent> = first.into_iter().chain(rest).collect();
+    let seqs: Vec<i64> = all.iter().map(|e| e.sequence).collect();
+    let mut sorted = seqs.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(seqs, sorted, "in order, no duplicates");
+    assert_eq!(all.len(), 26);
+    for e in &all {
+        let p = e.payment.as_ref().expect("payment event");
+        assert!(p.sender_id == "bob" || p.recipient_id == "bob", "bob saw someone else's event: {e:?}");
+    }
+    assert_eq!(all.iter().filter(|e| e.r#type == "payment.settled").count(), 13);
+    // Nothing more for bob.
+    assert!(tokio::time::timeout(std::time::Duration::from_millis(600), resumed.message()).await.is_err());
+
+    // One conversation only.
+    let mut conv = watch(&app, &bob, 0, "conv-1").await;
+    let in_conv = next_events(&mut conv, 20).await;
+    assert!(in_conv.iter().all(|e| e.payment.as_ref().unwrap().conversation_id == "conv-1"));
+    // The chat backend with payments:watch_all sees everyone's, carol's included.
+    let backend = app.token("chat-backend", "payments:watch_all");
+    let mut all_users = watch(&app, &backend, 0, "").await;
+    let everything = next_events(&mut all_users, 30).await;
+    assert!(everything.iter().any(|e| e.payment.as_ref().is_some_and(|p| p.sender_id == "carol")));
+    // Without payments:read, no stream.
+    let none = app.token("bob", "payments:write");
+    let err = app.payments().watch_payments(authed(pb::WatchPaymentsRequest::default(), &none)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+mod watch_stream {
+    use super::*;
+    backend_tests!(watchers_see_their_events_once_in_order);
+}

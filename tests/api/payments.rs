@@ -734,3 +734,38 @@ mod watch_stream {
     use super::*;
     backend_tests!(watchers_see_their_events_once_in_order);
 }
+
+async fn card_fee_is_charged_and_parts_sum(backend: Backend) {
+    let Some(app) =
+        TestApp::spawn_with(backend, &[("DMPAY_CARD_FEE_BPS", "290"), ("DMPAY_CARD_FEE_FIXED_MINOR", "30")]).await
+    else {
+        return;
+    };
+    let alice = app.token("alice", PAY_SCOPES);
+    app.add_card(&alice, "4242424242424242", true).await.unwrap();
+    fund_user(&app, "alice", "2.50").await;
+    // 10.00 = 2.50 from the wallet + 7.50 from the card; fee 2.9% of 7.50 = 0.2175 -> 0.22, + 0.30.
+    let p = app.send(&alice, "fee-1", "bob", "10.00", Auto).await.unwrap();
+    assert_eq!(amt(&p.card_funded_amount), "7.50");
+    assert_eq!(amt(&p.fee), "0.52");
+    assert_eq!(amt(&app.wallet("bob").await.posted), "10.00");
+    assert_eq!(amt(&app.wallet("alice").await.posted), "0.00");
+    let t = app.token("svc", LEDGER_SCOPES);
+    assert_eq!(amt(&balance(&app, &t, "platform:fees:USD").await.posted), "0.52");
+    // The card paid exactly the card part plus the fee.
+    assert_eq!(amt(&balance(&app, &t, "processor:sandbox:clearing:USD").await.posted), "8.02");
+    let charged: i64 = dmpay::with_db!(&app.db, pool => sqlx::query_scalar("SELECT amount FROM sandbox_processor_calls WHERE kind = 'capture'").fetch_one(pool).await).unwrap();
+    assert_eq!(charged, 802);
+    assert!(app.verify().await.ok());
+}
+
+mod fees {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::card_fee_is_charged_and_parts_sum(super::Backend::Sqlite).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        super::card_fee_is_charged_and_parts_sum(super::Backend::Postgres).await;
+    }
+}

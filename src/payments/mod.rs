@@ -249,7 +249,10 @@ impl Payments {
                     postings,
                     metadata,
                     pending,
-                    pending_timeout_s: 0,
+                    // A hold lives as long as the ledger allows (30 days), so the
+                    // resolver has time to finish a payment whose card outcome is
+                    // unknown; it is posted or voided long before that.
+                    pending_timeout_s: if pending { crate::ledger::PENDING_TIMEOUT_MAX_S } else { 0 },
                 },
             )
             .await
@@ -354,13 +357,45 @@ impl Payments {
             return Err(Error::Unavailable("the payment is being settled; retry with the same key".into()));
         }
         if let Some(h) = &hold {
-            if let Err(e) = self.ledger.post_pending(ACTOR, &h.id, &key(&payment.payment_id, "post_hold"), None).await {
-                if !matches!(&e, Error::FailedPrecondition { reason: "ENTRY_NOT_PENDING", .. }) {
-                    return Err(e);
-                }
-            }
+            self.move_wallet_part(&payment, h, sender_wallet, recipient_wallet, wallet_part).await?;
         }
         self.store.finish(&payment.payment_id, PaymentStatus::Settled, "", "").await
+    }
+
+    /// Moves the held wallet part to the recipient by posting the hold. Should the hold
+    /// have expired meanwhile, the wallet part moves as a transfer of its own instead, so
+    /// the recipient always gets the whole payment once the card part is in.
+    async fn move_wallet_part(
+        &self,
+        payment: &Payment,
+        hold: &Entry,
+        sender_wallet: AccountCode,
+        recipient_wallet: AccountCode,
+        wallet_part: Money,
+    ) -> Result<()> {
+        match self.ledger.post_pending(ACTOR, &hold.id, &key(&payment.payment_id, "post_hold"), None).await {
+            Ok(_) => Ok(()),
+            Err(Error::FailedPrecondition { reason: "ENTRY_NOT_PENDING" | "ENTRY_EXPIRED", .. }) => {
+                let current = self.ledger.get_entry(&hold.id).await?;
+                if current.status == crate::ledger::EntryStatus::Posted {
+                    return Ok(());
+                }
+                tracing::warn!(payment_id = %payment.payment_id, "hold no longer pending; moving the wallet part directly");
+                self.entry(
+                    payment,
+                    "wallet_transfer",
+                    "dm_payment",
+                    vec![
+                        posting(sender_wallet, Direction::Debit, wallet_part),
+                        posting(recipient_wallet, Direction::Credit, wallet_part),
+                    ],
+                    false,
+                )
+                .await
+                .map(|_| ())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Authorizes and captures the card part. A call whose outcome is unknown is looked

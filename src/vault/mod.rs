@@ -327,7 +327,7 @@ impl Vault {
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'unlinked', FALSE, $10, $11, $12, $13, $14) \
              RETURNING {METHOD_COLUMNS}"
         );
-        let row: MethodRow = with_db!(&self.db, pool => {
+        let inserted: std::result::Result<MethodRow, sqlx::Error> = with_db!(&self.db, pool => async {
             let mut tx = pool.begin().await?;
             let row = sqlx::query_as(&sql)
                 .bind(&token)
@@ -355,7 +355,29 @@ impl Vault {
                 .await?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>(row)
-        })?;
+        }
+        .await);
+        let row = match inserted {
+            Ok(row) => row,
+            // The same card, tokenized concurrently by the same account: one method.
+            Err(e) if crate::store::is_unique_violation(&e) => {
+                let sql = format!(
+                    "SELECT {METHOD_COLUMNS} FROM payment_methods WHERE user_id = $1 AND fingerprint = $2 AND status <> 'removed'"
+                );
+                let existing: Option<MethodRow> = with_db!(&self.db, pool => sqlx::query_as(&sql)
+                    .bind(user.as_str())
+                    .bind(&fingerprint)
+                    .fetch_optional(pool)
+                    .await)?;
+                let existing =
+                    existing.ok_or_else(|| Error::internal(anyhow::anyhow!("card conflict without a row")))?;
+                if existing.status == "unlinked" {
+                    self.remember_cvc(&existing.token, card.cvc);
+                }
+                return existing.into_method();
+            }
+            Err(e) => return Err(e.into()),
+        };
         self.remember_cvc(&token, card.cvc);
         row.into_method()
     }

@@ -131,6 +131,33 @@ async fn same_card_is_one_method_and_sharing_is_a_signal(app: TestApp) {
     assert_ne!(bobs.token, first.token);
     assert_eq!(app.vault.accounts_sharing_card(&first.token).await.unwrap(), 2);
     assert_eq!(app.count("payment_methods").await, 2);
+
+    // The same card tokenized concurrently by one account is still one method.
+    let erin = app.token("erin", METHOD_SCOPES);
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let mut c = app.methods();
+        let t = erin.clone();
+        tasks.push(tokio::spawn(async move {
+            c.tokenize_card(authed(
+                pb::TokenizeCardRequest {
+                    card_number: "5555555555554444".into(),
+                    exp_month: 12,
+                    exp_year: 2034,
+                    cvc: "123".into(),
+                    ..Default::default()
+                },
+                &t,
+            ))
+            .await
+            .map(|r| r.into_inner().token)
+        }));
+    }
+    let mut tokens = std::collections::HashSet::new();
+    for t in tasks {
+        tokens.insert(t.await.unwrap().expect("no error for a concurrent duplicate"));
+    }
+    assert_eq!(tokens.len(), 1);
 }
 
 async fn test_cards_at_link(app: TestApp) {

@@ -32,6 +32,17 @@ enum Command {
         #[command(subcommand)]
         command: LedgerCommand,
     },
+    /// Books for finance staff (talks to a running server).
+    Finance {
+        /// Server address.
+        #[arg(long, global = true, env = "DMPAY_ADDR", default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        /// Bearer token with scope `finance` (in development a dev token is minted).
+        #[arg(long, global = true, env = "DMPAY_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        #[command(subcommand)]
+        command: FinanceCommand,
+    },
     /// Card vault maintenance.
     Vault {
         #[command(subcommand)]
@@ -59,6 +70,20 @@ enum Command {
 #[derive(Subcommand)]
 enum LedgerCommand {
     /// Recompute every balance from postings, check every entry; exit 1 if anything is off.
+    Verify,
+}
+
+#[derive(Subcommand)]
+enum FinanceCommand {
+    /// Every account's debits, credits and balance; exit 1 if the books do not balance.
+    TrialBalance {
+        /// YYYY-MM-DD (end of that UTC day) or an RFC 3339 time; default now.
+        #[arg(long)]
+        as_of: Option<String>,
+        #[arg(long)]
+        currency: Option<String>,
+    },
+    /// Recompute every balance from postings and check every entry; exit 1 if anything is off.
     Verify,
 }
 
@@ -141,6 +166,24 @@ pub fn main() -> ExitCode {
                 db.close().await;
                 Ok(())
             })
+        }
+        Command::Finance { addr, token, command } => {
+            let conn = crate::cli_finance::Connection { addr, token };
+            return match run_async(async move {
+                match command {
+                    FinanceCommand::TrialBalance { as_of, currency } => {
+                        crate::cli_finance::trial_balance(&config, &conn, as_of.as_deref(), currency.as_deref()).await
+                    }
+                    FinanceCommand::Verify => crate::cli_finance::verify(&config, &conn).await,
+                }
+            }) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("dmpay: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
         }
         Command::Vault { command: VaultCommand::Rotate } => run_async(async move {
             init_logging(config.log_format);

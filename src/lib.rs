@@ -13,6 +13,8 @@
 //! - `vault`     card validation, envelope encryption, fingerprints, payment methods
 //! - `processor` the card-processor trait and the built-in sandbox processor
 //! - `payments`  one-click DM payments: sends, limits, settlement, event outbox
+//! - `finance`   trial balance and the books' checks for finance staff
+//! - `cli_finance` the `dmpay finance ...` commands: gRPC client with readable tables
 //! - `dates`     UTC calendar arithmetic for expiries, reports and timestamps
 //! - `api`       tonic services: protobuf <-> domain, errors -> gRPC status
 //! - `telemetry` logs, Prometheus metrics, the per-call log line
@@ -23,9 +25,11 @@ pub mod accounts;
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod cli_finance;
 pub mod config;
 pub mod dates;
 pub mod error;
+pub mod finance;
 pub mod ledger;
 pub mod money;
 pub mod payments;

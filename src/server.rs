@@ -14,10 +14,11 @@ use tonic_health::server::HealthReporter;
 
 use crate::accounts::Accounts;
 use crate::api::pb::accounts_server::AccountsServer;
+use crate::api::pb::finance_server::FinanceServer;
 use crate::api::pb::ledger_server::LedgerServer;
 use crate::api::pb::payment_methods_server::PaymentMethodsServer;
 use crate::api::pb::payments_server::PaymentsServer;
-use crate::api::{AccountsApi, LedgerApi, PaymentMethodsApi, PaymentsApi, FILE_DESCRIPTOR_SET};
+use crate::api::{AccountsApi, FinanceApi, LedgerApi, PaymentMethodsApi, PaymentsApi, FILE_DESCRIPTOR_SET};
 use crate::auth::{AuthInterceptor, Verifier};
 use crate::config::Config;
 use crate::ledger::{maintenance, Engine, Ledger};
@@ -54,6 +55,7 @@ const SERVICE_NAMES: &[&str] = &[
     <LedgerServer<LedgerApi> as tonic::server::NamedService>::NAME,
     <PaymentMethodsServer<PaymentMethodsApi> as tonic::server::NamedService>::NAME,
     <PaymentsServer<PaymentsApi> as tonic::server::NamedService>::NAME,
+    <FinanceServer<FinanceApi> as tonic::server::NamedService>::NAME,
 ];
 
 impl Application {
@@ -139,6 +141,9 @@ impl Application {
         let payments_api = PaymentsServer::new(PaymentsApi::new(payments.clone()))
             .max_decoding_message_size(size_max)
             .max_encoding_message_size(size_max);
+        let finance_api = FinanceServer::new(FinanceApi::new(db.clone(), config.currencies.clone()))
+            .max_decoding_message_size(size_max)
+            .max_encoding_message_size(size_max);
         let resolver_task = tokio::spawn(payments.as_ref().clone().run_resolver(Duration::from_secs(2)));
         let maintenance_task = tokio::spawn(maintenance::run(
             db.clone(),
@@ -167,6 +172,7 @@ impl Application {
             .add_service(InterceptedService::new(ledger_api, auth.clone()))
             .add_service(InterceptedService::new(methods_api, auth.clone()))
             .add_service(InterceptedService::new(payments_api, auth.clone()))
+            .add_service(InterceptedService::new(finance_api, auth.clone()))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 let _ = stop_rx.await;
             });

@@ -2,6 +2,7 @@
 //! This is the only module that knows tonic and protobuf; domain modules never see them.
 
 mod accounts;
+mod finance;
 mod ledger;
 pub mod money;
 mod payment_methods;
@@ -9,6 +10,7 @@ mod payments;
 pub mod status;
 
 pub use accounts::AccountsApi;
+pub use finance::FinanceApi;
 pub use ledger::LedgerApi;
 pub use payment_methods::PaymentMethodsApi;
 pub use payments::PaymentsApi;

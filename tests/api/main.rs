@@ -7,6 +7,7 @@ mod helpers;
 
 mod accounts;
 mod auth;
+mod finance;
 mod ledger;
 mod ledger_props;
 mod ops;

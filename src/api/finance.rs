@@ -1,0 +1,86 @@
+//! `dmpay.v1.Finance`.
+
+use tonic::{Request, Response};
+
+use super::ledger::account_type_to_wire;
+use super::money::to_wire;
+use super::pb;
+use super::status::ApiResult;
+use super::{principal, timestamp, timestamp_us, to_status};
+use crate::auth::scope;
+use crate::finance;
+use crate::store::Db;
+
+pub struct FinanceApi {
+    db: Db,
+    currencies: crate::money::Currencies,
+}
+
+impl FinanceApi {
+    pub fn new(db: Db, currencies: crate::money::Currencies) -> Self {
+        FinanceApi { db, currencies }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::finance_server::Finance for FinanceApi {
+    async fn get_trial_balance(&self, req: Request<pb::GetTrialBalanceRequest>) -> ApiResult<pb::TrialBalance> {
+        let caller = principal(&req)?;
+        caller.require(scope::FINANCE).map_err(to_status)?;
+        let r = req.get_ref();
+        let result = async {
+            let as_of = r.as_of.as_ref().map(|t| timestamp_us("as_of", t)).transpose()?;
+            let currency =
+                if r.currency.is_empty() { None } else { Some(self.currencies.parse("currency", &r.currency)?) };
+            let tb = finance::trial_balance(&self.db, as_of, currency).await?;
+            Ok(pb::TrialBalance {
+                balanced: tb.balanced(),
+                as_of: Some(timestamp(tb.as_of_us)),
+                totals: tb
+                    .totals
+                    .iter()
+                    .map(|(c, (d, cr))| pb::TrialBalanceTotal {
+                        currency: c.code().to_owned(),
+                        debits: Some(to_wire(*d)),
+                        credits: Some(to_wire(*cr)),
+                    })
+                    .collect(),
+                rows: tb
+                    .rows
+                    .into_iter()
+                    .map(|row| pb::TrialBalanceRow {
+                        account_code: row.account_code,
+                        account_type: account_type_to_wire(row.account_type) as i32,
+                        currency: row.balance.currency().code().to_owned(),
+                        debits: Some(to_wire(row.debits)),
+                        credits: Some(to_wire(row.credits)),
+                        balance: Some(to_wire(row.balance)),
+                    })
+                    .collect(),
+            })
+        }
+        .await;
+        result.map(Response::new).map_err(to_status)
+    }
+
+    async fn verify_ledger(&self, req: Request<pb::VerifyLedgerRequest>) -> ApiResult<pb::VerifyLedgerResponse> {
+        let caller = principal(&req)?;
+        caller.require(scope::FINANCE).map_err(to_status)?;
+        let report = crate::ledger::verify::verify(&self.db).await.map_err(to_status)?;
+        Ok(Response::new(pb::VerifyLedgerResponse {
+            ok: report.ok(),
+            accounts_checked: report.accounts_checked,
+            entries_checked: report.entries_checked,
+            problems: report
+                .problems
+                .into_iter()
+                .map(|p| pb::LedgerProblem {
+                    kind: p.kind.to_owned(),
+                    account_code: p.account_code.unwrap_or_default(),
+                    entry_id: p.entry_id.unwrap_or_default(),
+                    detail: p.detail,
+                })
+                .collect(),
+        }))
+    }
+}

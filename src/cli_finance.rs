@@ -1,0 +1,172 @@
+//! `dmpay finance ...`: talks to a running server over gRPC and prints readable tables
+//! (amounts right-aligned, totals last). Exit status tells scripts whether the books
+//! are in order.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use tonic::transport::Channel;
+use tonic::Request;
+
+use crate::api::pb;
+use crate::config::Config;
+
+/// Where the server is and who is asking.
+pub struct Connection {
+    pub addr: String,
+    pub token: Option<String>,
+}
+
+impl Connection {
+    async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(Channel::from_shared(self.addr.clone())?.connect_timeout(Duration::from_secs(5)).connect().await?)
+    }
+
+    /// The given token, or in development a short-lived `finance` token minted with the
+    /// dev secret.
+    fn token(&self, config: &Config) -> anyhow::Result<String> {
+        match &self.token {
+            Some(t) => Ok(t.clone()),
+            None => crate::auth::mint_dev_token(config, "finance-cli", "finance", Duration::from_secs(300))
+                .map_err(|e| anyhow::anyhow!("{e}; pass --token or set DMPAY_TOKEN")),
+        }
+    }
+
+    fn request<T>(&self, config: &Config, msg: T) -> anyhow::Result<Request<T>> {
+        let mut req = Request::new(msg);
+        req.metadata_mut().insert("authorization", format!("Bearer {}", self.token(config)?).parse()?);
+        Ok(req)
+    }
+}
+
+/// A plain table: the first column left-aligned, the rest right-aligned.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| if i == 0 { format!("{c:<w$}", w = widths[i]) } else { format!("{c:>w$}", w = widths[i]) })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    let mut out = line(&headers.iter().map(|h| h.to_string()).collect::<Vec<_>>());
+    out.push('\n');
+    out.push_str(&widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
+    out.push('\n');
+    for row in rows {
+        out.push_str(&line(row));
+        out.push('\n');
+    }
+    out
+}
+
+fn amount(m: &Option<pb::Money>) -> String {
+    m.as_ref().map(|m| m.amount.clone()).unwrap_or_default()
+}
+
+/// `YYYY-MM-DD` (the end of that UTC day) or an RFC 3339 time.
+pub fn parse_as_of(raw: &str) -> anyhow::Result<prost_types::Timestamp> {
+    if let Some((y, m, d)) = crate::dates::parse_date(raw) {
+        let end_us = crate::dates::day_start_us(y, m, d) + 86_400_000_000 - 1;
+        return Ok(crate::api::timestamp(end_us));
+    }
+    let t = humantime::parse_rfc3339_weak(raw)
+        .map_err(|_| anyhow::anyhow!("--as-of: expected YYYY-MM-DD or an RFC 3339 time"))?;
+    let since = t.duration_since(UNIX_EPOCH)?;
+    Ok(prost_types::Timestamp { seconds: since.as_secs() as i64, nanos: since.subsec_nanos() as i32 })
+}
+
+/// Prints the trial balance; Ok(false) when it does not balance.
+pub async fn trial_balance(
+    config: &Config,
+    conn: &Connection,
+    as_of: Option<&str>,
+    currency: Option<&str>,
+) -> anyhow::Result<bool> {
+    let mut client = pb::finance_client::FinanceClient::new(conn.channel().await?);
+    let msg = pb::GetTrialBalanceRequest {
+        as_of: as_of.map(parse_as_of).transpose()?,
+        currency: currency.unwrap_or_default().to_owned(),
+    };
+    let tb = client.get_trial_balance(conn.request(config, msg)?).await?.into_inner();
+    let as_of_us = tb.as_of.map(|t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000).unwrap_or(0);
+    println!("Trial balance as of {}\n", crate::dates::rfc3339(as_of_us));
+    let mut rows: Vec<Vec<String>> = tb
+        .rows
+        .iter()
+        .map(|r| {
+            let kind = pb::AccountType::try_from(r.account_type)
+                .map(|t| t.as_str_name().trim_start_matches("ACCOUNT_TYPE_").to_lowercase())
+                .unwrap_or_default();
+            vec![
+                r.account_code.clone(),
+                kind,
+                r.currency.clone(),
+                amount(&r.debits),
+                amount(&r.credits),
+                amount(&r.balance),
+            ]
+        })
+        .collect();
+    for t in &tb.totals {
+        rows.push(vec![
+            "TOTAL".into(),
+            String::new(),
+            t.currency.clone(),
+            amount(&t.debits),
+            amount(&t.credits),
+            String::new(),
+        ]);
+    }
+    print!("{}", table(&["account", "type", "currency", "debits", "credits", "balance"], &rows));
+    println!("\n{}", if tb.balanced { "balanced: debits equal credits in every currency" } else { "NOT BALANCED" });
+    Ok(tb.balanced)
+}
+
+/// Prints the verification; Ok(false) when anything is off.
+pub async fn verify(config: &Config, conn: &Connection) -> anyhow::Result<bool> {
+    let mut client = pb::finance_client::FinanceClient::new(conn.channel().await?);
+    let report = client.verify_ledger(conn.request(config, pb::VerifyLedgerRequest {})?).await?.into_inner();
+    println!("accounts checked: {}\nentries checked:  {}", report.accounts_checked, report.entries_checked);
+    if report.ok {
+        println!("ledger OK: every balance matches its postings, every entry balances, no sequence gaps");
+    } else {
+        let rows: Vec<Vec<String>> = report
+            .problems
+            .iter()
+            .map(|p| vec![p.kind.clone(), p.account_code.clone(), p.entry_id.clone(), p.detail.clone()])
+            .collect();
+        print!("{}", table(&["problem", "account", "entry", "detail"], &rows));
+    }
+    Ok(report.ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_amounts_right() {
+        let t =
+            table(&["account", "debits"], &[vec!["a".into(), "1.00".into()], vec!["longer".into(), "100.00".into()]]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "account  debits");
+        assert_eq!(lines[2], "a          1.00");
+        assert_eq!(lines[3], "longer   100.00");
+    }
+
+    #[test]
+    fn as_of_dates_mean_the_end_of_the_day() {
+        let t = parse_as_of("2026-11-24").unwrap();
+        assert_eq!(
+            crate::dates::rfc3339(t.seconds * 1_000_000 + i64::from(t.nanos) / 1000),
+            "2026-11-24T23:59:59.999999Z"
+        );
+        assert!(parse_as_of("yesterday").is_err());
+    }
+}

@@ -231,7 +231,7 @@ impl Payments {
         postings: Vec<PostingInput>,
         pending: bool,
     ) -> Result<Entry> {
-        let metadata: BTreeMap<String, String> = [
+        let mut metadata: BTreeMap<String, String> = [
             ("payment_id".to_string(), payment.payment_id.clone()),
             ("conversation_id".to_string(), payment.conversation_id.clone()),
             ("message_id".to_string(), payment.message_id.clone()),
@@ -239,6 +239,12 @@ impl Payments {
         .into_iter()
         .filter(|(_, v)| !v.is_empty())
         .collect();
+        if let (Some(reference), "settle") = (&payment.capture_ref, step) {
+            // The capture this entry books, for reconciliation with the processor's
+            // report. Only on the settle entry: the others' requests must not change
+            // when a resumed payment has learnt its capture reference meanwhile.
+            metadata.insert("processor_reference".to_string(), reference.clone());
+        }
         self.ledger
             .post_entry(
                 ACTOR,
@@ -350,7 +356,8 @@ impl Payments {
                 Money::from_minor(currency, payment.fee_amount),
             ));
         }
-        let settled = self.entry(&payment, "settle", "dm_payment_card", postings, false).await;
+        let charged = Payment { capture_ref: Some(capture_ref.clone()), ..payment.clone() };
+        let settled = self.entry(&charged, "settle", "dm_payment_card", postings, false).await;
         if let Err(e) = settled {
             // The card was charged: never fail the payment here; the resolver retries.
             tracing::error!(payment_id = %payment.payment_id, error = %e, "card settled but ledger posting failed; will retry");

@@ -176,6 +176,16 @@ async fn card_funded_and_split(app: TestApp) {
     assert_eq!(amt(&balance(&app, &t, "processor:sandbox:clearing:USD").await.posted), "45.00");
     let captures: i64 = dmpay::with_db!(&app.db, pool => sqlx::query_scalar("SELECT COUNT(*) FROM sandbox_processor_calls WHERE kind = 'capture'").fetch_one(pool).await).unwrap();
     assert_eq!(captures, 3);
+    // Each card entry names its capture, for reconciliation with the processor's report.
+    let linked: i64 = dmpay::with_db!(&app.db, pool => sqlx::query_scalar(
+        "SELECT COUNT(*) FROM ledger_entries e JOIN sandbox_processor_calls c \
+         ON e.metadata LIKE '%\"processor_reference\":\"' || c.reference || '\"%' \
+         WHERE e.kind = 'dm_payment_card' AND c.kind = 'capture'",
+    )
+    .fetch_one(pool)
+    .await)
+    .unwrap();
+    assert_eq!(linked, 3);
     assert!(app.verify().await.ok());
 }
 

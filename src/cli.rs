@@ -43,6 +43,11 @@ enum Command {
         #[command(subcommand)]
         command: FinanceCommand,
     },
+    /// The built-in sandbox card processor.
+    Processor {
+        #[command(subcommand)]
+        command: ProcessorCommand,
+    },
     /// Card vault maintenance.
     Vault {
         #[command(subcommand)]
@@ -85,6 +90,29 @@ enum FinanceCommand {
     },
     /// Recompute every balance from postings and check every entry; exit 1 if anything is off.
     Verify,
+}
+
+#[derive(Subcommand)]
+enum ProcessorCommand {
+    /// The sandbox's settlement report (CSV) of one UTC day, optionally with injected
+    /// discrepancies to practise reconciliation.
+    Report {
+        /// YYYY-MM-DD.
+        #[arg(long)]
+        date: String,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Leave out data row N (1-based).
+        #[arg(long)]
+        drop_row: Option<usize>,
+        /// Add 1.00 (one major unit) to the amount of data row N.
+        #[arg(long)]
+        change_row: Option<usize>,
+        /// Append a row the ledger has never seen.
+        #[arg(long)]
+        extra_row: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -184,6 +212,24 @@ pub fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             };
+        }
+        Command::Processor { command: ProcessorCommand::Report { date, out, drop_row, change_row, extra_row } } => {
+            run_async(async move {
+                let db = Db::connect(&config).await?;
+                db.migrate().await?;
+                let sandbox = crate::processor::sandbox::Sandbox::new(db.clone(), config.sandbox.clone());
+                let csv = crate::processor::CardProcessor::settlement_report(&sandbox, &date)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let csv =
+                    crate::processor::sandbox::inject_discrepancies(&csv, drop_row, change_row, extra_row, &date)?;
+                match out {
+                    Some(path) => std::fs::write(&path, csv)?,
+                    None => print!("{csv}"),
+                }
+                db.close().await;
+                Ok(())
+            })
         }
         Command::Vault { command: VaultCommand::Rotate } => run_async(async move {
             init_logging(config.log_format);

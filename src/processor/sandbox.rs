@@ -353,9 +353,65 @@ impl CardProcessor for Sandbox {
     }
 }
 
+/// Alters a settlement report for reconciliation practice: leaves out data row
+/// `drop_row`, adds one major unit to the amount (and net) of `change_row`, and appends
+/// a row unknown to the ledger. Rows are 1-based, after the header.
+pub fn inject_discrepancies(
+    csv: &str,
+    drop_row: Option<usize>,
+    change_row: Option<usize>,
+    extra_row: bool,
+    date: &str,
+) -> anyhow::Result<String> {
+    let mut lines: Vec<String> = csv.lines().map(str::to_owned).collect();
+    let rows = lines.len().saturating_sub(1);
+    for (flag, n) in [("--change-row", change_row), ("--drop-row", drop_row)] {
+        if let Some(n) = n {
+            anyhow::ensure!((1..=rows).contains(&n), "{flag} {n}: the report has {rows} data rows");
+        }
+    }
+    if let Some(n) = change_row {
+        let mut cols: Vec<String> = lines[n].split(',').map(str::to_owned).collect();
+        let currency = Currency::from_code(&cols[5]).ok_or_else(|| anyhow::anyhow!("unknown currency {}", cols[5]))?;
+        let one = 10_i64.pow(currency.exponent());
+        let bump = |s: &str| -> anyhow::Result<String> {
+            let minor = crate::money::parse_minor("amount", s, currency, true).map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok(Money::from_minor(currency, minor + one).amount_string())
+        };
+        cols[2] = bump(&cols[2])?;
+        cols[4] = bump(&cols[4])?;
+        lines[n] = cols.join(",");
+    }
+    if let Some(n) = drop_row {
+        lines.remove(n);
+    }
+    if extra_row {
+        lines.push(format!(
+            "sbx_extra_{},capture,9.99,0.59,9.40,USD,{date}T12:00:00.000000Z",
+            uuid::Uuid::new_v4().simple()
+        ));
+    }
+    let mut out = lines.join("\n");
+    out.push('\n');
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn discrepancies_are_injected_where_asked() {
+        let csv = "processor_reference,type,amount,fee,net,currency,created_at\n\
+                   sbx_a,capture,10.00,0.59,9.41,USD,2026-11-24T01:00:00.000000Z\n\
+                   sbx_b,capture,5.00,0.45,4.55,USD,2026-11-24T02:00:00.000000Z\n";
+        let out = inject_discrepancies(csv, Some(2), Some(1), true, "2026-11-24").unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[1], "sbx_a,capture,11.00,0.59,10.41,USD,2026-11-24T01:00:00.000000Z");
+        assert!(lines[2].starts_with("sbx_extra_"));
+        assert!(inject_discrepancies(csv, Some(3), None, false, "2026-11-24").is_err());
+    }
 
     #[test]
     fn fees_round_half_up_and_never_exceed_the_amount() {

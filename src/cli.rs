@@ -90,6 +90,20 @@ enum FinanceCommand {
     },
     /// Recompute every balance from postings and check every entry; exit 1 if anything is off.
     Verify,
+    /// Every posting of the entries created in [--from, --to), as CSV or JSON lines.
+    Export {
+        /// YYYY-MM-DD (start of that UTC day) or an RFC 3339 time; default the beginning.
+        #[arg(long)]
+        from: Option<String>,
+        /// YYYY-MM-DD (start of that UTC day, exclusive) or an RFC 3339 time; default now.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, default_value = "csv", value_parser = ["csv", "jsonl"])]
+        format: String,
+        /// Write to this file (progress goes to standard error); default standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -203,6 +217,16 @@ pub fn main() -> ExitCode {
                         crate::cli_finance::trial_balance(&config, &conn, as_of.as_deref(), currency.as_deref()).await
                     }
                     FinanceCommand::Verify => crate::cli_finance::verify(&config, &conn).await,
+                    FinanceCommand::Export { from, to, format, out } => crate::cli_finance::export(
+                        &config,
+                        &conn,
+                        from.as_deref(),
+                        to.as_deref(),
+                        &format,
+                        out.as_deref(),
+                    )
+                    .await
+                    .map(|()| true),
                 }
             }) {
                 Ok(true) => ExitCode::SUCCESS,

@@ -128,6 +128,53 @@ pub async fn trial_balance(
     Ok(tb.balanced)
 }
 
+/// `YYYY-MM-DD` (the start of that UTC day) or an RFC 3339 time.
+fn parse_bound(flag: &str, raw: &str) -> anyhow::Result<prost_types::Timestamp> {
+    if let Some((y, m, d)) = crate::dates::parse_date(raw) {
+        return Ok(crate::api::timestamp(crate::dates::day_start_us(y, m, d)));
+    }
+    let t = humantime::parse_rfc3339_weak(raw)
+        .map_err(|_| anyhow::anyhow!("{flag}: expected YYYY-MM-DD or an RFC 3339 time"))?;
+    let since = t.duration_since(UNIX_EPOCH)?;
+    Ok(prost_types::Timestamp { seconds: since.as_secs() as i64, nanos: since.subsec_nanos() as i32 })
+}
+
+/// Streams the export to a file or standard output, with progress on standard error.
+pub async fn export(
+    config: &Config,
+    conn: &Connection,
+    from: Option<&str>,
+    to: Option<&str>,
+    format: &str,
+    out: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut client = pb::finance_client::FinanceClient::new(conn.channel().await?);
+    let msg = pb::ExportEntriesRequest {
+        from_time: from.map(|f| parse_bound("--from", f)).transpose()?,
+        to_time: to.map(|t| parse_bound("--to", t)).transpose()?,
+        format: if format == "jsonl" { pb::ExportFormat::Jsonl } else { pb::ExportFormat::Csv } as i32,
+    };
+    let mut stream = client.export_entries(conn.request(config, msg)?).await?.into_inner();
+    let mut sink: Box<dyn Write> = match out {
+        Some(path) => Box::new(std::io::BufWriter::new(std::fs::File::create(path)?)),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+    };
+    let mut rows = 0i64;
+    while let Some(chunk) = stream.message().await? {
+        sink.write_all(&chunk.data)?;
+        rows += chunk.rows;
+        if out.is_some() {
+            eprint!("\rexported {rows} postings");
+        }
+    }
+    sink.flush()?;
+    if out.is_some() {
+        eprintln!("\rexported {rows} postings: done");
+    }
+    Ok(())
+}
+
 /// Prints the verification; Ok(false) when anything is off.
 pub async fn verify(config: &Config, conn: &Connection) -> anyhow::Result<bool> {
     let mut client = pb::finance_client::FinanceClient::new(conn.channel().await?);

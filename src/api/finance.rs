@@ -1,6 +1,8 @@
 //! `dmpay.v1.Finance`.
 
-use tonic::{Request, Response};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
 
 use super::ledger::account_type_to_wire;
 use super::money::to_wire;
@@ -8,7 +10,9 @@ use super::pb;
 use super::status::ApiResult;
 use super::{principal, timestamp, timestamp_us, to_status};
 use crate::auth::scope;
+use crate::error::Error;
 use crate::finance;
+use crate::finance::export::{self, Cursor, Format};
 use crate::store::Db;
 
 pub struct FinanceApi {
@@ -82,5 +86,55 @@ impl pb::finance_server::Finance for FinanceApi {
                 })
                 .collect(),
         }))
+    }
+
+    type ExportEntriesStream = ReceiverStream<Result<pb::ExportChunk, Status>>;
+
+    async fn export_entries(&self, req: Request<pb::ExportEntriesRequest>) -> ApiResult<Self::ExportEntriesStream> {
+        let caller = principal(&req)?;
+        caller.require(scope::FINANCE).map_err(to_status)?;
+        let r = req.get_ref();
+        let format = match pb::ExportFormat::try_from(r.format) {
+            Ok(pb::ExportFormat::Csv) => Format::Csv,
+            Ok(pb::ExportFormat::Jsonl) => Format::Jsonl,
+            _ => return Err(to_status(Error::invalid("format", "EXPORT_FORMAT_CSV or EXPORT_FORMAT_JSONL"))),
+        };
+        let from =
+            r.from_time.as_ref().map(|t| timestamp_us("from_time", t)).transpose().map_err(to_status)?.unwrap_or(0);
+        let to =
+            r.to_time.as_ref().map(|t| timestamp_us("to_time", t)).transpose().map_err(to_status)?.unwrap_or(i64::MAX);
+        if from > to {
+            return Err(to_status(Error::invalid("to_time", "must not be before from_time")));
+        }
+        // A small channel: the reader waits for the client, so memory stays at a few
+        // pages whatever the range.
+        let (tx, rx) = mpsc::channel(2);
+        let db = self.db.clone();
+        tokio::spawn(async move {
+            if format == Format::Csv
+                && tx.send(Ok(pb::ExportChunk { data: export::CSV_HEADER.as_bytes().to_vec(), rows: 0 })).await.is_err()
+            {
+                return;
+            }
+            let mut cursor = Cursor::default();
+            loop {
+                match export::page(&db, from, to, cursor, export::PAGE_ROWS, format).await {
+                    Ok((data, rows, next)) => {
+                        if rows > 0 && tx.send(Ok(pb::ExportChunk { data, rows: rows as i64 })).await.is_err() {
+                            return;
+                        }
+                        match next {
+                            Some(c) => cursor = c,
+                            None => return,
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(to_status(e))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

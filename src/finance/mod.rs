@@ -1,6 +1,8 @@
 //! Finance: what staff need to close the books. So far the trial balance at any point
 //! in time and the ledger verification; reconciliation, export and statements follow.
 
+pub mod export;
+
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};

@@ -91,4 +91,83 @@ async fn cli_prints_readable_tables(app: TestApp) {
     assert!(String::from_utf8_lossy(&out.stderr).contains("finance"));
 }
 
-backend_tests!(trial_balance_now_and_in_the_past, cli_prints_readable_tables);
+async fn export_streams_every_posting(app: TestApp) {
+    let t = app.token("svc", LEDGER_SCOPES);
+    for i in 0..12 {
+        fund(&app, &t, &format!("u{i}"), &format!("{i}.05")).await;
+    }
+    // The library pages: a page of 5 rows across 24 postings.
+    let mut cursor = dmpay::finance::export::Cursor::default();
+    let mut pages = 0;
+    let mut lines = 0;
+    loop {
+        let (data, rows, next) =
+            dmpay::finance::export::page(&app.db, 0, i64::MAX, cursor, 5, dmpay::finance::export::Format::Csv)
+                .await
+                .unwrap();
+        lines += String::from_utf8(data).unwrap().lines().count();
+        assert_eq!(lines % 5 == 0 || next.is_none(), true);
+        pages += 1;
+        assert!(rows <= 5);
+        match next {
+            Some(c) => cursor = c,
+            None => break,
+        }
+    }
+    assert_eq!(lines, 24);
+    assert_eq!(pages, 5);
+
+    // Over gRPC, CSV: the header, then one row per posting, exact amounts.
+    let fin = app.token("finance-staff", "finance");
+    let mut client = pb::finance_client::FinanceClient::new(app.channel.clone());
+    let mut stream = client
+        .export_entries(authed(
+            pb::ExportEntriesRequest { format: pb::ExportFormat::Csv as i32, ..Default::default() },
+            &fin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut csv = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        csv.extend(chunk.data);
+    }
+    let csv = String::from_utf8(csv).unwrap();
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows[0], "entry_id,sequence,created_at,kind,status,account,direction,amount,currency,metadata");
+    assert_eq!(rows.len(), 25);
+    assert!(rows.iter().any(|r| r.contains(",user:u7:wallet:USD,credit,7.05,USD,")), "{csv}");
+    // JSON lines.
+    let mut stream = client
+        .export_entries(authed(
+            pb::ExportEntriesRequest { format: pb::ExportFormat::Jsonl as i32, ..Default::default() },
+            &fin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut jsonl = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        jsonl.extend(chunk.data);
+    }
+    let objects: Vec<serde_json::Value> =
+        String::from_utf8(jsonl).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(objects.len(), 24);
+    assert_eq!(objects[0]["sequence"], 1);
+    let err = client.export_entries(authed(pb::ExportEntriesRequest::default(), &fin)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // The CLI writes the same file.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("export.csv");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dmpay"))
+        .args(["finance", "export", "--format", "csv", "--out", path.to_str().unwrap()])
+        .args(["--addr", &format!("http://{}", app.addr), "--token", &fin])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), csv);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exported 24 postings"));
+}
+
+backend_tests!(trial_balance_now_and_in_the_past, cli_prints_readable_tables, export_streams_every_posting);

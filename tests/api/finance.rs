@@ -106,7 +106,7 @@ async fn export_streams_every_posting(app: TestApp) {
                 .await
                 .unwrap();
         lines += String::from_utf8(data).unwrap().lines().count();
-        assert_eq!(lines % 5 == 0 || next.is_none(), true);
+        assert!(lines % 5 == 0 || next.is_none());
         pages += 1;
         assert!(rows <= 5);
         match next {

@@ -90,6 +90,36 @@ enum FinanceCommand {
     },
     /// Recompute every balance from postings and check every entry; exit 1 if anything is off.
     Verify,
+    /// Import a processor's settlement report and reconcile it; exit 1 if items stay open.
+    Reconcile {
+        #[arg(long, default_value = "sandbox")]
+        processor: String,
+        /// The report (CSV).
+        #[arg(long)]
+        file: PathBuf,
+        /// YYYY-MM-DD; default the date of the report's first row.
+        #[arg(long)]
+        date: Option<String>,
+    },
+    /// The items of a reconciliation run; exit 1 if any is open.
+    Items {
+        #[arg(long)]
+        run: String,
+        /// matched, amount_mismatch, missing_in_ledger, missing_in_report, duplicate or open.
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Resolve an unmatched item: an adjusting entry to suspense, or explained.
+    Resolve {
+        item: String,
+        #[arg(long, conflicts_with = "explained", required_unless_present = "explained")]
+        suspense: bool,
+        #[arg(long)]
+        explained: bool,
+        /// Why (recorded with who resolved it).
+        #[arg(long)]
+        note: String,
+    },
     /// Every posting of the entries created in [--from, --to), as CSV or JSON lines.
     Export {
         /// YYYY-MM-DD (start of that UTC day) or an RFC 3339 time; default the beginning.
@@ -217,6 +247,22 @@ pub fn main() -> ExitCode {
                         crate::cli_finance::trial_balance(&config, &conn, as_of.as_deref(), currency.as_deref()).await
                     }
                     FinanceCommand::Verify => crate::cli_finance::verify(&config, &conn).await,
+                    FinanceCommand::Reconcile { processor, file, date } => {
+                        crate::cli_finance::reconcile(&config, &conn, &processor, &file, date.as_deref()).await
+                    }
+                    FinanceCommand::Items { run, status } => {
+                        crate::cli_finance::items(&config, &conn, &run, status.as_deref()).await
+                    }
+                    FinanceCommand::Resolve { item, suspense, explained: _, note } => {
+                        crate::cli_finance::resolve(
+                            &config,
+                            &conn,
+                            &item,
+                            if suspense { "suspense" } else { "explained" },
+                            &note,
+                        )
+                        .await
+                    }
                     FinanceCommand::Export { from, to, format, out } => crate::cli_finance::export(
                         &config,
                         &conn,

@@ -175,6 +175,128 @@ pub async fn export(
     Ok(())
 }
 
+fn item_rows(items: &[pb::ReconciliationItem]) -> Vec<Vec<String>> {
+    items
+        .iter()
+        .map(|i| {
+            vec![
+                i.item_id.clone(),
+                i.status.clone(),
+                i.processor_reference.clone(),
+                amount(&i.report_amount),
+                amount(&i.ledger_amount),
+                if i.resolution.is_empty() { String::new() } else { format!("{} by {}", i.resolution, i.resolved_by) },
+            ]
+        })
+        .collect()
+}
+
+const ITEM_HEADERS: [&str; 6] = ["item", "status", "reference", "report", "ledger", "resolution"];
+
+fn is_open(i: &pb::ReconciliationItem) -> bool {
+    i.status != "matched" && i.resolution.is_empty()
+}
+
+async fn all_items(
+    config: &Config,
+    conn: &Connection,
+    client: &mut pb::finance_client::FinanceClient<Channel>,
+    run: &str,
+    status: Option<&str>,
+) -> anyhow::Result<Vec<pb::ReconciliationItem>> {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let msg = pb::ListReconciliationItemsRequest {
+            run_id: run.to_owned(),
+            status: status.unwrap_or_default().to_owned(),
+            page_size: 1000,
+            page_token: token.clone(),
+        };
+        let page = client.list_reconciliation_items(conn.request(config, msg)?).await?.into_inner();
+        out.extend(page.items);
+        if page.next_page_token.is_empty() {
+            return Ok(out);
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Imports a report and prints the run; Ok(false) when items stay open.
+pub async fn reconcile(
+    config: &Config,
+    conn: &Connection,
+    processor: &str,
+    file: &std::path::Path,
+    date: Option<&str>,
+) -> anyhow::Result<bool> {
+    let csv = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let date = match date {
+        Some(d) => d.to_owned(),
+        None => csv
+            .lines()
+            .nth(1)
+            .and_then(|l| l.rsplit(',').next())
+            .and_then(|t| t.get(..10))
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow::anyhow!("the report has no rows; pass --date"))?,
+    };
+    let mut client = pb::finance_client::FinanceClient::new(conn.channel().await?);
+    let msg = pb::ImportSettlementReportRequest { processor: processor.to_owned(), report_date: date.clone(), csv };
+    let run = client.import_settlement_report(conn.request(config, msg)?).await?.into_inner();
+    println!(
+        "Reconciliation {} of {} for {}
+",
+        run.run_id, run.processor, run.report_date
+    );
+    let counts = [
+        ("report rows", run.rows),
+        ("matched", run.matched),
+        ("amount mismatch", run.amount_mismatch),
+        ("missing in ledger", run.missing_in_ledger),
+        ("missing in report", run.missing_in_report),
+        ("duplicates", run.duplicates),
+    ];
+    print!(
+        "{}",
+        table(&["", "count"], &counts.iter().map(|(k, v)| vec![(*k).to_owned(), v.to_string()]).collect::<Vec<_>>())
+    );
+    let items = all_items(config, conn, &mut client, &run.run_id, Some("open")).await?;
+    if items.is_empty() {
+        println!("\nreconciled: every row matched");
+        return Ok(true);
+    }
+    println!("\n{} open item(s):", items.len());
+    print!("{}", table(&ITEM_HEADERS, &item_rows(&items)));
+    Ok(false)
+}
+
+/// Prints a run's items; Ok(false) when any is open.
+pub async fn items(config: &Config, conn: &Connection, run: &str, status: Option<&str>) -> anyhow::Result<bool> {
+    let mut client = pb::finance_client::FinanceClient::new(conn.channel().await?);
+    let items = all_items(config, conn, &mut client, run, status).await?;
+    print!("{}", table(&ITEM_HEADERS, &item_rows(&items)));
+    Ok(!items.iter().any(is_open))
+}
+
+pub async fn resolve(
+    config: &Config,
+    conn: &Connection,
+    item: &str,
+    resolution: &str,
+    note: &str,
+) -> anyhow::Result<bool> {
+    let mut client = pb::finance_client::FinanceClient::new(conn.channel().await?);
+    let msg = pb::ResolveReconciliationItemRequest {
+        item_id: item.to_owned(),
+        resolution: resolution.to_owned(),
+        note: note.to_owned(),
+    };
+    let done = client.resolve_reconciliation_item(conn.request(config, msg)?).await?.into_inner();
+    print!("{}", table(&ITEM_HEADERS, &item_rows(std::slice::from_ref(&done))));
+    Ok(true)
+}
+
 /// Prints the verification; Ok(false) when anything is off.
 pub async fn verify(config: &Config, conn: &Connection) -> anyhow::Result<bool> {
     let mut client = pb::finance_client::FinanceClient::new(conn.channel().await?);

@@ -13,16 +13,57 @@ use crate::auth::scope;
 use crate::error::Error;
 use crate::finance;
 use crate::finance::export::{self, Cursor, Format};
+use crate::finance::recon::{Item, Reconciler, Run};
 use crate::store::Db;
 
 pub struct FinanceApi {
     db: Db,
     currencies: crate::money::Currencies,
+    recon: Reconciler,
 }
 
 impl FinanceApi {
-    pub fn new(db: Db, currencies: crate::money::Currencies) -> Self {
-        FinanceApi { db, currencies }
+    pub fn new(db: Db, ledger: crate::ledger::Ledger) -> Self {
+        FinanceApi {
+            currencies: ledger.accounts().currencies().clone(),
+            recon: Reconciler::new(db.clone(), ledger),
+            db,
+        }
+    }
+}
+
+fn run_to_wire(r: Run) -> pb::ReconciliationRun {
+    pb::ReconciliationRun {
+        run_id: r.run_id,
+        processor: r.processor,
+        report_date: r.report_date,
+        rows: r.rows_count,
+        matched: r.matched,
+        amount_mismatch: r.amount_mismatch,
+        missing_in_ledger: r.missing_in_ledger,
+        missing_in_report: r.missing_in_report,
+        duplicates: r.duplicates,
+    }
+}
+
+fn item_to_wire(i: Item) -> pb::ReconciliationItem {
+    let money = |minor: Option<i64>| {
+        minor.and_then(|m| {
+            crate::money::Currency::from_code(&i.currency).map(|c| to_wire(crate::money::Money::from_minor(c, m)))
+        })
+    };
+    pb::ReconciliationItem {
+        report_amount: money(i.report_amount),
+        ledger_amount: money(i.ledger_amount),
+        item_id: i.item_id,
+        run_id: i.run_id,
+        status: i.status,
+        processor_reference: i.processor_reference,
+        entry_id: i.entry_id.unwrap_or_default(),
+        line: i.line.unwrap_or(0),
+        resolution: i.resolution.unwrap_or_default(),
+        note: i.note.unwrap_or_default(),
+        resolved_by: i.resolved_by.unwrap_or_default(),
     }
 }
 
@@ -136,5 +177,53 @@ impl pb::finance_server::Finance for FinanceApi {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn import_settlement_report(
+        &self,
+        req: Request<pb::ImportSettlementReportRequest>,
+    ) -> ApiResult<pb::ReconciliationRun> {
+        let caller = principal(&req)?;
+        caller.require(scope::FINANCE).map_err(to_status)?;
+        let r = req.get_ref();
+        self.recon
+            .import(&caller.sub, &r.processor, &r.report_date, &r.csv)
+            .await
+            .map(|run| Response::new(run_to_wire(run)))
+            .map_err(to_status)
+    }
+
+    async fn list_reconciliation_items(
+        &self,
+        req: Request<pb::ListReconciliationItemsRequest>,
+    ) -> ApiResult<pb::ListReconciliationItemsResponse> {
+        let caller = principal(&req)?;
+        caller.require(scope::FINANCE).map_err(to_status)?;
+        let r = req.get_ref();
+        let status = (!r.status.is_empty()).then_some(r.status.as_str());
+        self.recon
+            .items(&r.run_id, status, r.page_size, &r.page_token)
+            .await
+            .map(|(items, next)| {
+                Response::new(pb::ListReconciliationItemsResponse {
+                    items: items.into_iter().map(item_to_wire).collect(),
+                    next_page_token: next.unwrap_or_default(),
+                })
+            })
+            .map_err(to_status)
+    }
+
+    async fn resolve_reconciliation_item(
+        &self,
+        req: Request<pb::ResolveReconciliationItemRequest>,
+    ) -> ApiResult<pb::ReconciliationItem> {
+        let caller = principal(&req)?;
+        caller.require(scope::FINANCE).map_err(to_status)?;
+        let r = req.get_ref();
+        self.recon
+            .resolve(&caller.sub, &r.item_id, &r.resolution, &r.note)
+            .await
+            .map(|i| Response::new(item_to_wire(i)))
+            .map_err(to_status)
     }
 }

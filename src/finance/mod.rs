@@ -2,6 +2,7 @@
 //! in time and the ledger verification; reconciliation, export and statements follow.
 
 pub mod export;
+pub mod recon;
 
 use std::collections::BTreeMap;
 

@@ -170,4 +170,150 @@ async fn export_streams_every_posting(app: TestApp) {
     assert!(String::from_utf8_lossy(&out.stderr).contains("exported 24 postings"));
 }
 
-backend_tests!(trial_balance_now_and_in_the_past, cli_prints_readable_tables, export_streams_every_posting);
+async fn reconcile_clean_and_with_discrepancies(app: TestApp) {
+    let alice = app.token("alice", PAY_SCOPES);
+    app.add_card(&alice, "4242424242424242", true).await.unwrap();
+    for (i, amount) in ["10.00", "20.00", "30.00"].iter().enumerate() {
+        app.send(&alice, &format!("card-{i}"), "bob", amount, pb::FundingSource::Card).await.unwrap();
+    }
+    let today = dmpay::dates::ymd(dmpay::store::now_us());
+    let date = format!("{:04}-{:02}-{:02}", today.0, today.1, today.2);
+    let sandbox = dmpay::processor::sandbox::Sandbox::new(app.db.clone(), Default::default());
+    let report = dmpay::processor::CardProcessor::settlement_report(&sandbox, &date).await.unwrap();
+    assert_eq!(report.lines().count(), 4);
+    let fin = app.token("finance-staff", "finance");
+    let mut client = pb::finance_client::FinanceClient::new(app.channel.clone());
+    let import_client = client.clone();
+    let import = |csv: String| {
+        let mut c = import_client.clone();
+        let fin = fin.clone();
+        let date = date.clone();
+        async move {
+            c.import_settlement_report(authed(
+                pb::ImportSettlementReportRequest { processor: "sandbox".into(), report_date: date, csv },
+                &fin,
+            ))
+            .await
+            .map(|r| r.into_inner())
+        }
+    };
+
+    // A clean day reconciles fully, and importing it again is the same run.
+    let clean = import(report.clone()).await.unwrap();
+    assert_eq!(
+        (clean.rows, clean.matched, clean.amount_mismatch, clean.missing_in_ledger, clean.missing_in_report),
+        (3, 3, 0, 0, 0)
+    );
+    assert_eq!(import(report.clone()).await.unwrap().run_id, clean.run_id);
+    let t = app.token("svc", LEDGER_SCOPES);
+    // Fees went to the expense account, the net to the bank; clearing is empty.
+    assert_eq!(amt(&balance(&app, &t, "processor:sandbox:clearing:USD").await.posted), "0.00");
+    assert_eq!(amt(&balance(&app, &t, "platform:processor_fees:USD").await.posted), "2.64");
+    assert_eq!(amt(&balance(&app, &t, "platform:settlement_bank:USD").await.posted), "57.36");
+
+    // A report with a missing row, a changed amount and an extra row reports exactly those.
+    let altered = dmpay::processor::sandbox::inject_discrepancies(&report, Some(1), Some(2), true, &date).unwrap();
+    let dropped_ref = report.lines().nth(1).unwrap().split(',').next().unwrap().to_string();
+    let changed_ref = report.lines().nth(2).unwrap().split(',').next().unwrap().to_string();
+    let run = import(altered.clone()).await.unwrap();
+    assert_ne!(run.run_id, clean.run_id);
+    assert_eq!(
+        (run.rows, run.matched, run.amount_mismatch, run.missing_in_ledger, run.missing_in_report),
+        (3, 1, 1, 1, 1)
+    );
+    let items = client
+        .list_reconciliation_items(authed(
+            pb::ListReconciliationItemsRequest {
+                run_id: run.run_id.clone(),
+                status: "open".into(),
+                ..Default::default()
+            },
+            &fin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert_eq!(items.len(), 3);
+    let by_status = |s: &str| items.iter().find(|i| i.status == s).unwrap().clone();
+    assert_eq!(by_status("missing_in_report").processor_reference, dropped_ref);
+    assert_eq!(by_status("amount_mismatch").processor_reference, changed_ref);
+    assert!(by_status("missing_in_ledger").processor_reference.starts_with("sbx_extra_"));
+
+    // Resolve: two by suspense entries, one explained; each records who and why, once.
+    for (item, how) in [
+        (by_status("missing_in_report"), "suspense"),
+        (by_status("amount_mismatch"), "suspense"),
+        (by_status("missing_in_ledger"), "explained"),
+    ] {
+        let done = client
+            .resolve_reconciliation_item(authed(
+                pb::ResolveReconciliationItemRequest {
+                    item_id: item.item_id.clone(),
+                    resolution: how.into(),
+                    note: "checked with the processor".into(),
+                },
+                &fin,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(done.resolution, how);
+        assert_eq!(done.resolved_by, "finance-staff");
+        if how == "suspense" {
+            assert!(!done.entry_id.is_empty());
+        }
+    }
+    let err = client
+        .resolve_reconciliation_item(authed(
+            pb::ResolveReconciliationItemRequest {
+                item_id: by_status("missing_in_ledger").item_id,
+                resolution: "explained".into(),
+                note: "again".into(),
+            },
+            &fin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let open = client
+        .list_reconciliation_items(authed(
+            pb::ListReconciliationItemsRequest {
+                run_id: run.run_id.clone(),
+                status: "open".into(),
+                ..Default::default()
+            },
+            &fin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(open.items.is_empty());
+    let tb = client.get_trial_balance(authed(pb::GetTrialBalanceRequest::default(), &fin)).await.unwrap().into_inner();
+    assert!(tb.balanced);
+    let report = client.verify_ledger(authed(pb::VerifyLedgerRequest {}, &fin)).await.unwrap().into_inner();
+    assert!(report.ok, "{:?}", report.problems);
+
+    // Malformed reports name the line and column and write nothing.
+    let runs_before = app.count("recon_runs").await;
+    let header = "processor_reference,type,amount,fee,net,currency,created_at";
+    for (csv, expect) in [
+        ("processor_reference,type,amount\n".to_string(), "line 1, column fee"),
+        (format!("{header}\nsbx_1,capture,1.001,0.00,1.001,USD,2026-11-24T00:00:00Z\n"), "line 2, column amount"),
+        (format!("{header}\nsbx_1,capture,1.00,0.00,1.00,XYZ,2026-11-24T00:00:00Z\n"), "line 2, column currency"),
+        (format!("{header}\nsbx_1,capture,1.00,0.00,1.00,USD,2026-11-24T00:00:00Z\nsbx_1,capture,1.00,0.00,1.00,USD,2026-11-24T00:00:00Z\n"), "line 3, column processor_reference"),
+        (format!("{header}\nsbx_1,capture,1.00,0.10,1.00,USD,2026-11-24T00:00:00Z\n"), "line 2, column net"),
+    ] {
+        let err = import(csv).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(expect), "{expect}: {}", err.message());
+    }
+    assert_eq!(app.count("recon_runs").await, runs_before);
+}
+
+backend_tests!(
+    trial_balance_now_and_in_the_past,
+    cli_prints_readable_tables,
+    export_streams_every_posting,
+    reconcile_clean_and_with_discrepancies
+);

@@ -120,6 +120,18 @@ enum FinanceCommand {
         #[arg(long)]
         note: String,
     },
+    /// A user's wallet statement: opening balance, movements, closing balance.
+    Statement {
+        user: String,
+        #[arg(long, default_value = "USD")]
+        currency: String,
+        /// YYYY-MM-DD or an RFC 3339 time; default the beginning.
+        #[arg(long)]
+        from: Option<String>,
+        /// YYYY-MM-DD (exclusive) or an RFC 3339 time; default now.
+        #[arg(long)]
+        to: Option<String>,
+    },
     /// Every posting of the entries created in [--from, --to), as CSV or JSON lines.
     Export {
         /// YYYY-MM-DD (start of that UTC day) or an RFC 3339 time; default the beginning.
@@ -262,6 +274,11 @@ pub fn main() -> ExitCode {
                             &note,
                         )
                         .await
+                    }
+                    FinanceCommand::Statement { user, currency, from, to } => {
+                        crate::cli_finance::statement(&config, &conn, &user, &currency, from.as_deref(), to.as_deref())
+                            .await
+                            .map(|()| true)
                     }
                     FinanceCommand::Export { from, to, format, out } => crate::cli_finance::export(
                         &config,

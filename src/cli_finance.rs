@@ -297,6 +297,48 @@ pub async fn resolve(
     Ok(true)
 }
 
+pub async fn statement(
+    config: &Config,
+    conn: &Connection,
+    user: &str,
+    currency: &str,
+    from: Option<&str>,
+    to: Option<&str>,
+) -> anyhow::Result<()> {
+    let mut client = pb::finance_client::FinanceClient::new(conn.channel().await?);
+    let msg = pb::GetStatementRequest {
+        user_id: user.to_owned(),
+        currency: currency.to_owned(),
+        from_time: from.map(|f| parse_bound("--from", f)).transpose()?,
+        to_time: to.map(|t| parse_bound("--to", t)).transpose()?,
+    };
+    let st = client.get_statement(conn.request(config, msg)?).await?.into_inner();
+    println!("Statement of {} in {}\n", st.user_id, st.currency);
+    let mut rows = vec![vec![
+        "opening balance".to_owned(),
+        String::new(),
+        String::new(),
+        String::new(),
+        amount(&st.opening_balance),
+    ]];
+    for m in &st.movements {
+        let at = m
+            .time
+            .map(|t| crate::dates::rfc3339(t.seconds * 1_000_000 + i64::from(t.nanos) / 1000))
+            .unwrap_or_default();
+        rows.push(vec![at, m.kind.clone(), m.counterparty.clone(), m.note.clone(), amount(&m.amount)]);
+    }
+    rows.push(vec![
+        "closing balance".to_owned(),
+        String::new(),
+        String::new(),
+        String::new(),
+        amount(&st.closing_balance),
+    ]);
+    print!("{}", table(&["time", "kind", "counterparty", "note", "amount"], &rows));
+    Ok(())
+}
+
 /// Prints the verification; Ok(false) when anything is off.
 pub async fn verify(config: &Config, conn: &Connection) -> anyhow::Result<bool> {
     let mut client = pb::finance_client::FinanceClient::new(conn.channel().await?);

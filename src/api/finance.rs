@@ -226,4 +226,41 @@ impl pb::finance_server::Finance for FinanceApi {
             .map(|i| Response::new(item_to_wire(i)))
             .map_err(to_status)
     }
+
+    async fn get_statement(&self, req: Request<pb::GetStatementRequest>) -> ApiResult<pb::Statement> {
+        let caller = principal(&req)?;
+        caller.require(scope::FINANCE).map_err(to_status)?;
+        let r = req.get_ref();
+        let result = async {
+            let user = crate::accounts::UserId::parse("user_id", &r.user_id)?;
+            let currency = self.currencies.parse("currency", &r.currency)?;
+            let from = r.from_time.as_ref().map(|t| timestamp_us("from_time", t)).transpose()?.unwrap_or(0);
+            let to = r.to_time.as_ref().map(|t| timestamp_us("to_time", t)).transpose()?.unwrap_or(i64::MAX);
+            if from > to {
+                return Err(Error::invalid("to_time", "must not be before from_time"));
+            }
+            let st = finance::statement::statement(&self.db, &user, currency, from, to).await?;
+            Ok(pb::Statement {
+                user_id: user.to_string(),
+                currency: currency.code().to_owned(),
+                opening_balance: Some(to_wire(st.opening)),
+                closing_balance: Some(to_wire(st.closing)),
+                movements: st
+                    .movements
+                    .into_iter()
+                    .map(|m| pb::StatementLine {
+                        entry_id: m.entry_id,
+                        sequence: m.sequence,
+                        time: Some(timestamp(m.at_us)),
+                        kind: m.kind,
+                        amount: Some(to_wire(m.amount)),
+                        counterparty: m.counterparty,
+                        note: m.note,
+                    })
+                    .collect(),
+            })
+        }
+        .await;
+        result.map(Response::new).map_err(to_status)
+    }
 }

@@ -3,6 +3,7 @@
 
 pub mod export;
 pub mod recon;
+pub mod statement;
 
 use std::collections::BTreeMap;
 

@@ -311,7 +311,76 @@ async fn reconcile_clean_and_with_discrepancies(app: TestApp) {
     assert_eq!(app.count("recon_runs").await, runs_before);
 }
 
+async fn statements_show_every_movement(app: TestApp) {
+    let t = app.token("svc", LEDGER_SCOPES);
+    fund(&app, &t, "alice", "50.00").await;
+    let mid = dmpay::store::now_us();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let alice = app.token("alice", PAY_SCOPES);
+    let bob = app.token("bob", PAY_SCOPES);
+    let p = app.send(&alice, "s1", "bob", "12.00", pb::FundingSource::Balance).await.unwrap();
+    app.send(&bob, "s2", "alice", "2.00", pb::FundingSource::Balance).await.unwrap();
+    app.payments()
+        .refund_payment(authed(
+            pb::RefundPaymentRequest {
+                payment_id: p.payment_id,
+                idempotency_key: "r".into(),
+                amount: usd("1.00"),
+                reason: "partial".into(),
+            },
+            &bob,
+        ))
+        .await
+        .unwrap();
+    let fin = app.token("finance-staff", "finance");
+    let mut client = pb::finance_client::FinanceClient::new(app.channel.clone());
+    let all = client
+        .get_statement(authed(
+            pb::GetStatementRequest { user_id: "alice".into(), currency: "USD".into(), ..Default::default() },
+            &fin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(amt(&all.opening_balance), "0.00");
+    let lines: Vec<(String, String, String)> =
+        all.movements.iter().map(|m| (amt(&m.amount), m.counterparty.clone(), m.note.clone())).collect();
+    assert_eq!(lines[0].0, "50.00");
+    assert_eq!(lines[0].1, "platform:treasury:USD");
+    assert_eq!((lines[1].0.as_str(), lines[1].1.as_str()), ("-12.00", "bob"));
+    assert_eq!(lines[2].0, "2.00");
+    assert_eq!(lines[3].0, "1.00");
+    assert_eq!(amt(&all.closing_balance), "41.00");
+    // From the middle: the opening balance is what came before.
+    let from = prost_types::Timestamp { seconds: mid / 1_000_000, nanos: ((mid % 1_000_000) * 1000) as i32 };
+    let part = client
+        .get_statement(authed(
+            pb::GetStatementRequest {
+                user_id: "alice".into(),
+                currency: "USD".into(),
+                from_time: Some(from),
+                to_time: None,
+            },
+            &fin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(amt(&part.opening_balance), "50.00");
+    assert_eq!(part.movements.len(), 3);
+    assert_eq!(amt(&part.closing_balance), "41.00");
+    let err = client
+        .get_statement(authed(
+            pb::GetStatementRequest { user_id: "alice".into(), currency: "USD".into(), ..Default::default() },
+            &alice,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
 backend_tests!(
+    statements_show_every_movement,
     trial_balance_now_and_in_the_past,
     cli_prints_readable_tables,
     export_streams_every_posting,

@@ -16,6 +16,8 @@ use crate::with_db;
 
 /// Largest report accepted, in bytes (about 10 MB: over 100,000 rows).
 pub const REPORT_BYTES_MAX: usize = 10 * 1024 * 1024;
+/// The caller on the ledger entries reconciliation books.
+const RECON_ACTOR: &str = "finance:reconciliation";
 const COLUMNS: [&str; 7] = ["processor_reference", "type", "amount", "fee", "net", "currency", "created_at"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,7 +202,7 @@ impl Reconciler {
         let rows = parse_report(csv, self.ledger.accounts().currencies())?;
         let hash: String = Sha256::digest(csv.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
         if let Some(run) = self.run_by_hash(processor, report_date, &hash).await? {
-            self.post_settlement(actor, &run, &rows).await?;
+            self.post_settlement(&run, &rows).await?;
             return Ok(run);
         }
         let day_start = dates::day_start_us(y, m, d);
@@ -329,13 +331,15 @@ impl Reconciler {
             }
             return Err(e.into());
         }
-        self.post_settlement(actor, &run, &rows).await?;
+        self.post_settlement(&run, &rows).await?;
         Ok(run)
     }
 
-    /// Posts the run's fees (expense against clearing) and its net settlement (clearing
-    /// to the bank), once per run and currency: the keys name the run.
-    async fn post_settlement(&self, actor: &str, run: &Run, rows: &[ReportRow]) -> Result<()> {
+    /// Posts the day's fees (expense against clearing) and net settlement (clearing to
+    /// the bank), once per processor, day and currency: the keys name the day, so a
+    /// second, corrected report of the same day reconciles its items without booking
+    /// the money twice. The postings are the reconciliation's own (`RECON_ACTOR`).
+    async fn post_settlement(&self, run: &Run, rows: &[ReportRow]) -> Result<()> {
         let mut fees: BTreeMap<Currency, i64> = BTreeMap::new();
         let mut net: BTreeMap<Currency, i64> = BTreeMap::new();
         for r in rows {
@@ -350,20 +354,24 @@ impl Reconciler {
                 PostingInput { account_code: debit, direction: Direction::Debit, amount },
                 PostingInput { account_code: credit, direction: Direction::Credit, amount },
             ],
-            metadata: [("run_id".to_string(), run.run_id.clone())].into(),
+            metadata: [
+                ("run_id".to_string(), run.run_id.clone()),
+                ("report_date".to_string(), run.report_date.clone()),
+            ]
+            .into(),
             pending: false,
             pending_timeout_s: 0,
         };
         for (c, minor) in fees {
             if minor > 0 {
                 let input = post(
-                    format!("recon:{}:fees:{c}", run.run_id),
+                    format!("recon:{}:{}:fees:{c}", run.processor, run.report_date),
                     "processor_fees",
                     AccountCode::system("platform:processor_fees", c),
                     AccountCode::system(SYSTEM_CLEARING, c),
                     Money::from_minor(c, minor),
                 );
-                self.ledger.post_entry(actor, input).await?;
+                self.book(input).await?;
             }
         }
         for (c, minor) in net {
@@ -376,15 +384,28 @@ impl Reconciler {
                 (AccountCode::system(SYSTEM_CLEARING, c), AccountCode::system("platform:settlement_bank", c))
             };
             let input = post(
-                format!("recon:{}:settle:{c}", run.run_id),
+                format!("recon:{}:{}:settle:{c}", run.processor, run.report_date),
                 "processor_settlement",
                 debit,
                 credit,
                 Money::from_minor(c, minor.abs()),
             );
-            self.ledger.post_entry(actor, input).await?;
+            self.book(input).await?;
         }
         Ok(())
+    }
+
+    /// Posts a settlement entry once per day; a later report of the same day with other
+    /// totals leaves the first booking in place (its differences are the run's items).
+    async fn book(&self, input: PostEntryInput) -> Result<()> {
+        match self.ledger.post_entry(RECON_ACTOR, input).await {
+            Ok(_) => Ok(()),
+            Err(Error::AlreadyExists(_)) => {
+                tracing::warn!("the day's settlement was booked by an earlier report; differences stay as items");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn items(

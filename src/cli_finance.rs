@@ -69,16 +69,21 @@ fn amount(m: &Option<pb::Money>) -> String {
     m.as_ref().map(|m| m.amount.clone()).unwrap_or_default()
 }
 
-/// `YYYY-MM-DD` (the end of that UTC day) or an RFC 3339 time.
-pub fn parse_as_of(raw: &str) -> anyhow::Result<prost_types::Timestamp> {
+/// `YYYY-MM-DD` or an RFC 3339 time. A bare date means the end of that UTC day for
+/// `--as-of` (the books as they closed) and its start for range bounds.
+fn parse_time(flag: &str, raw: &str, end_of_day: bool) -> anyhow::Result<prost_types::Timestamp> {
     if let Some((y, m, d)) = crate::dates::parse_date(raw) {
-        let end_us = crate::dates::day_start_us(y, m, d) + 86_400_000_000 - 1;
-        return Ok(crate::api::timestamp(end_us));
+        let start = crate::dates::day_start_us(y, m, d);
+        return Ok(crate::api::timestamp(if end_of_day { start + 86_400_000_000 - 1 } else { start }));
     }
     let t = humantime::parse_rfc3339_weak(raw)
-        .map_err(|_| anyhow::anyhow!("--as-of: expected YYYY-MM-DD or an RFC 3339 time"))?;
+        .map_err(|_| anyhow::anyhow!("{flag}: expected YYYY-MM-DD or an RFC 3339 time"))?;
     let since = t.duration_since(UNIX_EPOCH)?;
     Ok(prost_types::Timestamp { seconds: since.as_secs() as i64, nanos: since.subsec_nanos() as i32 })
+}
+
+pub fn parse_as_of(raw: &str) -> anyhow::Result<prost_types::Timestamp> {
+    parse_time("--as-of", raw, true)
 }
 
 /// Prints the trial balance; Ok(false) when it does not balance.
@@ -128,15 +133,8 @@ pub async fn trial_balance(
     Ok(tb.balanced)
 }
 
-/// `YYYY-MM-DD` (the start of that UTC day) or an RFC 3339 time.
 fn parse_bound(flag: &str, raw: &str) -> anyhow::Result<prost_types::Timestamp> {
-    if let Some((y, m, d)) = crate::dates::parse_date(raw) {
-        return Ok(crate::api::timestamp(crate::dates::day_start_us(y, m, d)));
-    }
-    let t = humantime::parse_rfc3339_weak(raw)
-        .map_err(|_| anyhow::anyhow!("{flag}: expected YYYY-MM-DD or an RFC 3339 time"))?;
-    let since = t.duration_since(UNIX_EPOCH)?;
-    Ok(prost_types::Timestamp { seconds: since.as_secs() as i64, nanos: since.subsec_nanos() as i32 })
+    parse_time(flag, raw, false)
 }
 
 /// Streams the export to a file or standard output, with progress on standard error.

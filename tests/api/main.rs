@@ -5,6 +5,7 @@
 #[allow(dead_code)]
 mod helpers;
 
+mod access;
 mod accounts;
 mod auth;
 mod finance;

@@ -134,7 +134,20 @@ fn sqlite_path(url: &str) -> &str {
 
 /// Now, in microseconds since the Unix epoch.
 pub fn now_us() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)).unwrap_or(0)
+    let real = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    real.saturating_add(CLOCK_OFFSET_US.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Shifts this process's clock (see `now_us`), for tests that need events on other days.
+/// Zero unless a test sets it; nothing in dmpay sets it.
+static CLOCK_OFFSET_US: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+#[doc(hidden)]
+pub fn set_clock_offset_for_tests(offset_us: i64) {
+    CLOCK_OFFSET_US.store(offset_us, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Turns a driver error into a domain error: outages and lock contention the caller may

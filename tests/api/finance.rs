@@ -379,7 +379,102 @@ async fn statements_show_every_movement(app: TestApp) {
     assert_eq!(err.code(), Code::PermissionDenied);
 }
 
+/// Card payments over two days, each day's report imported: the clean day reconciles
+/// fully; the day with injected discrepancies reports exactly those; resolving them
+/// leaves the books balanced and verified. Shifting the clock is process-wide, so this
+/// needs nextest's one process per test.
+async fn two_days_of_card_payments_reconcile(app: TestApp) {
+    if std::env::var_os("NEXTEST").is_none() {
+        eprintln!("two_days_of_card_payments_reconcile needs cargo nextest (one process per test)");
+        return;
+    }
+    let alice = app.token("alice", PAY_SCOPES);
+    app.add_card(&alice, "4242424242424242", true).await.unwrap();
+    let day_us = 86_400_000_000;
+    // Yesterday.
+    dmpay::store::set_clock_offset_for_tests(-day_us);
+    let yesterday = dmpay::dates::ymd(dmpay::store::now_us());
+    for i in 0..2 {
+        app.send(&alice, &format!("d1-{i}"), "bob", "10.00", pb::FundingSource::Card).await.unwrap();
+    }
+    dmpay::store::set_clock_offset_for_tests(0);
+    let today = dmpay::dates::ymd(dmpay::store::now_us());
+    for i in 0..3 {
+        app.send(&alice, &format!("d2-{i}"), "bob", "20.00", pb::FundingSource::Card).await.unwrap();
+    }
+    let day = |d: (i32, u32, u32)| format!("{:04}-{:02}-{:02}", d.0, d.1, d.2);
+    let sandbox = dmpay::processor::sandbox::Sandbox::new(app.db.clone(), Default::default());
+    let report1 = dmpay::processor::CardProcessor::settlement_report(&sandbox, &day(yesterday)).await.unwrap();
+    let report2 = dmpay::processor::CardProcessor::settlement_report(&sandbox, &day(today)).await.unwrap();
+    assert_eq!((report1.lines().count(), report2.lines().count()), (3, 4));
+    let altered =
+        dmpay::processor::sandbox::inject_discrepancies(&report2, Some(3), Some(1), true, &day(today)).unwrap();
+    let fin = app.token("finance-staff", "finance");
+    let mut client = pb::finance_client::FinanceClient::new(app.channel.clone());
+    let import = |date: String, csv: String| {
+        let mut c = client.clone();
+        let fin = fin.clone();
+        async move {
+            c.import_settlement_report(authed(
+                pb::ImportSettlementReportRequest { processor: "sandbox".into(), report_date: date, csv },
+                &fin,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let clean = import(day(yesterday), report1).await;
+    assert_eq!(
+        (clean.rows, clean.matched, clean.amount_mismatch, clean.missing_in_ledger, clean.missing_in_report),
+        (2, 2, 0, 0, 0)
+    );
+    let run = import(day(today), altered).await;
+    assert_eq!(
+        (run.rows, run.matched, run.amount_mismatch, run.missing_in_ledger, run.missing_in_report),
+        (3, 1, 1, 1, 1)
+    );
+    let items = client
+        .list_reconciliation_items(authed(
+            pb::ListReconciliationItemsRequest {
+                run_id: run.run_id.clone(),
+                status: "open".into(),
+                ..Default::default()
+            },
+            &fin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    let dropped = report2.lines().nth(3).unwrap().split(',').next().unwrap();
+    let changed = report2.lines().nth(1).unwrap().split(',').next().unwrap();
+    assert_eq!(items.iter().find(|i| i.status == "missing_in_report").unwrap().processor_reference, dropped);
+    assert_eq!(items.iter().find(|i| i.status == "amount_mismatch").unwrap().processor_reference, changed);
+    for item in items {
+        client
+            .resolve_reconciliation_item(authed(
+                pb::ResolveReconciliationItemRequest {
+                    item_id: item.item_id,
+                    resolution: "suspense".into(),
+                    note: "investigated".into(),
+                },
+                &fin,
+            ))
+            .await
+            .unwrap();
+    }
+    let tb = client.get_trial_balance(authed(pb::GetTrialBalanceRequest::default(), &fin)).await.unwrap().into_inner();
+    assert!(tb.balanced);
+    let report = client.verify_ledger(authed(pb::VerifyLedgerRequest {}, &fin)).await.unwrap().into_inner();
+    assert!(report.ok, "{:?}", report.problems);
+    let t = app.token("svc", LEDGER_SCOPES);
+    // Every cent the processor owed is settled or parked in suspense: clearing is empty.
+    assert_eq!(amt(&balance(&app, &t, "processor:sandbox:clearing:USD").await.posted), "0.00");
+}
+
 backend_tests!(
+    two_days_of_card_payments_reconcile,
     statements_show_every_movement,
     trial_balance_now_and_in_the_past,
     cli_prints_readable_tables,

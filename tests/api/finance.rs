@@ -473,7 +473,90 @@ async fn two_days_of_card_payments_reconcile(app: TestApp) {
     assert_eq!(amt(&balance(&app, &t, "processor:sandbox:clearing:USD").await.posted), "0.00");
 }
 
+/// 100,000 postings stream out in bounded chunks, every one of them, with exact amounts.
+async fn export_of_a_large_range_streams(app: TestApp) {
+    use dmpay::ledger::{AccountCode, Direction, PostEntryInput, PostingInput};
+    use dmpay::money::{Currency, Money};
+    let usd = Currency::from_code("USD").unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    // 1,000 entries of 100 postings: one debit of 99.00 and 99 credits of 1.00.
+    for batch in 0..8 {
+        let ledger = app.ledger_handle.clone();
+        tasks.spawn(async move {
+            for e in 0..125 {
+                let mut postings = vec![PostingInput {
+                    account_code: AccountCode::parse("c", "platform:treasury:USD").unwrap(),
+                    direction: Direction::Debit,
+                    amount: Money::from_minor(usd, 9_900),
+                }];
+                for w in 0..99 {
+                    postings.push(PostingInput {
+                        account_code: AccountCode::parse("c", &format!("user:w{w}:wallet:USD")).unwrap(),
+                        direction: Direction::Credit,
+                        amount: Money::from_minor(usd, 100),
+                    });
+                }
+                let input = PostEntryInput {
+                    idempotency_key: format!("big-{batch}-{e}"),
+                    kind: "bulk".into(),
+                    description: String::new(),
+                    postings,
+                    metadata: Default::default(),
+                    pending: false,
+                    pending_timeout_s: 0,
+                };
+                ledger.post_entry("svc", input).await.unwrap();
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let fin = app.token("finance-staff", "finance");
+    let mut client = pb::finance_client::FinanceClient::new(app.channel.clone());
+    let mut stream = client
+        .export_entries(authed(
+            pb::ExportEntriesRequest { format: pb::ExportFormat::Csv as i32, ..Default::default() },
+            &fin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut rows, mut chunks, mut biggest, mut credits) = (0i64, 0, 0, 0i64);
+    let mut header = None;
+    while let Some(chunk) = stream.message().await.unwrap() {
+        chunks += 1;
+        biggest = biggest.max(chunk.data.len());
+        rows += chunk.rows;
+        let text = String::from_utf8(chunk.data).unwrap();
+        for line in text.lines() {
+            if header.is_none() {
+                header = Some(line.to_string());
+                continue;
+            }
+            let cols: Vec<&str> = line.split(',').collect();
+            assert_eq!(cols.len(), 10, "{line}");
+            if cols[6] == "credit" {
+                assert_eq!(cols[7], "1.00");
+                credits += 1;
+            } else {
+                assert_eq!(cols[7], "99.00");
+            }
+        }
+    }
+    assert_eq!(
+        header.as_deref(),
+        Some("entry_id,sequence,created_at,kind,status,account,direction,amount,currency,metadata")
+    );
+    assert_eq!(rows, 100_000);
+    assert_eq!(credits, 99_000);
+    // Streamed in pages, never as one blob.
+    assert!(chunks >= 50, "{chunks} chunks");
+    assert!(biggest < 1024 * 1024, "largest chunk {biggest} bytes");
+}
+
 backend_tests!(
+    export_of_a_large_range_streams,
     two_days_of_card_payments_reconcile,
     statements_show_every_movement,
     trial_balance_now_and_in_the_past,

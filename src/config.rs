@@ -71,6 +71,9 @@ pub struct Config {
     pub vault: VaultConfig,
     pub sandbox: SandboxConfig,
     pub payments: PaymentsConfig,
+    /// Reconciliation: how far apart in time a report row without a processor reference
+    /// and a ledger charge of the same amount may be and still match.
+    pub recon_time_tolerance: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +127,7 @@ struct FileConfig {
     card_fee_bps: Option<String>,
     card_fee_fixed_minor: Option<String>,
     payments_resolve_after: Option<String>,
+    recon_time_tolerance: Option<String>,
 }
 
 /// Where raw string settings come from, so tests can load without touching the process
@@ -370,6 +374,11 @@ impl Config {
                     .as_secs() as i64,
                 }
             },
+            recon_time_tolerance: parse_duration(
+                "DMPAY_RECON_TIME_TOLERANCE",
+                pick("DMPAY_RECON_TIME_TOLERANCE", &file_cfg.recon_time_tolerance),
+                Duration::from_secs(3600),
+            )?,
         };
         if config.engine.commit_wait > Duration::from_millis(100) {
             return Err(ConfigError::Invalid { name: "DMPAY_LEDGER_COMMIT_WAIT", detail: "at most 100ms".into() });

@@ -141,7 +141,7 @@ impl Application {
         let payments_api = PaymentsServer::new(PaymentsApi::new(payments.clone()))
             .max_decoding_message_size(size_max)
             .max_encoding_message_size(size_max);
-        let finance_api = FinanceServer::new(FinanceApi::new(db.clone(), ledger.clone()))
+        let finance_api = FinanceServer::new(FinanceApi::new(db.clone(), ledger.clone(), config.recon_time_tolerance))
             .max_decoding_message_size(size_max)
             .max_encoding_message_size(size_max);
         let resolver_task = tokio::spawn(payments.as_ref().clone().run_resolver(Duration::from_secs(2)));

@@ -23,10 +23,10 @@ pub struct FinanceApi {
 }
 
 impl FinanceApi {
-    pub fn new(db: Db, ledger: crate::ledger::Ledger) -> Self {
+    pub fn new(db: Db, ledger: crate::ledger::Ledger, recon_time_tolerance: std::time::Duration) -> Self {
         FinanceApi {
             currencies: ledger.accounts().currencies().clone(),
-            recon: Reconciler::new(db.clone(), ledger),
+            recon: Reconciler::new(db.clone(), ledger, recon_time_tolerance),
             db,
         }
     }

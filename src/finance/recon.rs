@@ -23,7 +23,9 @@ const COLUMNS: [&str; 7] = ["processor_reference", "type", "amount", "fee", "net
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReportRow {
     pub line: i64,
+    /// Empty when the processor gave none: matched by amount, currency and time.
     pub reference: String,
+    pub at_us: i64,
     pub kind: String,
     pub amount: Money,
     pub fee: Money,
@@ -59,10 +61,10 @@ pub fn parse_report(csv: &str, currencies: &Currencies) -> Result<Vec<ReportRow>
         }
         let cell = |c: &str| cells[index[c]].trim();
         let reference = cell("processor_reference");
-        if reference.is_empty() || reference.len() > 128 {
-            return Err(bad(n, "processor_reference", "1 to 128 characters"));
+        if reference.len() > 128 {
+            return Err(bad(n, "processor_reference", "at most 128 characters"));
         }
-        if !seen.insert(reference.to_owned()) {
+        if !reference.is_empty() && !seen.insert(reference.to_owned()) {
             return Err(bad(n, "processor_reference", format!("duplicate reference {reference}")));
         }
         let kind = cell("type");
@@ -81,12 +83,14 @@ pub fn parse_report(csv: &str, currencies: &Currencies) -> Result<Vec<ReportRow>
         if amount.checked_sub(fee) != Some(net) {
             return Err(bad(n, "net", "net must equal amount minus fee"));
         }
-        if humantime::parse_rfc3339_weak(cell("created_at")).is_err() {
-            return Err(bad(n, "created_at", "not an RFC 3339 time"));
-        }
+        let at = humantime::parse_rfc3339_weak(cell("created_at"))
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .ok_or_else(|| bad(n, "created_at", "not an RFC 3339 time"))?;
         rows.push(ReportRow {
             line: n as i64,
             reference: reference.to_owned(),
+            at_us: i64::try_from(at.as_micros()).unwrap_or(i64::MAX),
             kind: kind.to_owned(),
             amount,
             fee,
@@ -133,6 +137,7 @@ struct LedgerCharge {
     entry_id: String,
     reference: String,
     amount: Money,
+    at_us: i64,
     in_day: bool,
 }
 
@@ -159,6 +164,7 @@ async fn ledger_charges(db: &Db, day_start: i64) -> Result<Vec<LedgerCharge>> {
             entry_id,
             reference: meta.get("processor_reference").cloned().unwrap_or_default(),
             amount: Money::from_minor(currency, amount),
+            at_us: at,
             in_day: at >= day_start && at < day_start + 86_400_000_000,
         });
     }
@@ -168,6 +174,9 @@ async fn ledger_charges(db: &Db, day_start: i64) -> Result<Vec<LedgerCharge>> {
 pub struct Reconciler {
     db: Db,
     ledger: Ledger,
+    /// How far apart a report row without a reference and a ledger charge of the same
+    /// amount and currency may be in time and still match.
+    time_tolerance_us: i64,
 }
 
 struct NewItem {
@@ -181,8 +190,8 @@ struct NewItem {
 }
 
 impl Reconciler {
-    pub fn new(db: Db, ledger: Ledger) -> Self {
-        Reconciler { db, ledger }
+    pub fn new(db: Db, ledger: Ledger, time_tolerance: std::time::Duration) -> Self {
+        Reconciler { db, ledger, time_tolerance_us: i64::try_from(time_tolerance.as_micros()).unwrap_or(i64::MAX) }
     }
 
     async fn run_by_hash(&self, processor: &str, date: &str, hash: &str) -> Result<Option<Run>> {
@@ -212,24 +221,42 @@ impl Reconciler {
             by_ref.entry(c.reference.as_str()).or_default().push(c);
         }
         let mut items = Vec::new();
-        let mut reported: HashSet<&str> = HashSet::new();
+        // Ledger charges a report row has claimed, by index into `charges`.
+        let mut claimed: HashSet<usize> = HashSet::new();
+        let index_of = |c: &LedgerCharge| charges.iter().position(|x| std::ptr::eq(x, c));
         for row in &rows {
-            reported.insert(row.reference.as_str());
             let currency = row.amount.currency();
-            let found = by_ref.get(row.reference.as_str()).cloned().unwrap_or_default();
+            let found: Vec<&LedgerCharge> = if row.reference.is_empty() {
+                // No reference: the nearest unclaimed charge of the same amount and
+                // currency within the tolerance.
+                charges
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, c)| {
+                        !claimed.contains(i)
+                            && c.amount == row.amount
+                            && (c.at_us - row.at_us).abs() <= self.time_tolerance_us
+                    })
+                    .min_by_key(|(_, c)| (c.at_us - row.at_us).abs())
+                    .map(|(_, c)| vec![c])
+                    .unwrap_or_default()
+            } else {
+                by_ref.get(row.reference.as_str()).cloned().unwrap_or_default()
+            };
+            for c in &found {
+                if let Some(i) = index_of(c) {
+                    claimed.insert(i);
+                }
+            }
+            let reference = if row.reference.is_empty() {
+                found.first().map(|c| c.reference.clone()).unwrap_or_default()
+            } else {
+                row.reference.clone()
+            };
             let item = match (row.kind.as_str(), found.as_slice()) {
-                ("capture", [one]) if one.amount == row.amount => NewItem {
-                    status: "matched",
-                    reference: row.reference.clone(),
-                    currency,
-                    report_amount: Some(row.amount.minor()),
-                    ledger_amount: Some(one.amount.minor()),
-                    entry_id: Some(one.entry_id.clone()),
-                    line: Some(row.line),
-                },
                 ("capture", [one]) => NewItem {
-                    status: "amount_mismatch",
-                    reference: row.reference.clone(),
+                    status: if one.amount == row.amount { "matched" } else { "amount_mismatch" },
+                    reference,
                     currency,
                     report_amount: Some(row.amount.minor()),
                     ledger_amount: Some(one.amount.minor()),
@@ -238,7 +265,7 @@ impl Reconciler {
                 },
                 ("capture", [first, ..]) => NewItem {
                     status: "duplicate",
-                    reference: row.reference.clone(),
+                    reference,
                     currency,
                     report_amount: Some(row.amount.minor()),
                     ledger_amount: Some(first.amount.minor()),
@@ -247,7 +274,7 @@ impl Reconciler {
                 },
                 _ => NewItem {
                     status: "missing_in_ledger",
-                    reference: row.reference.clone(),
+                    reference,
                     currency,
                     report_amount: Some(row.amount.minor()),
                     ledger_amount: None,
@@ -257,7 +284,7 @@ impl Reconciler {
             };
             items.push(item);
         }
-        for c in charges.iter().filter(|c| c.in_day && !reported.contains(c.reference.as_str())) {
+        for (_, c) in charges.iter().enumerate().filter(|(i, c)| c.in_day && !claimed.contains(i)) {
             items.push(NewItem {
                 status: "missing_in_report",
                 reference: c.reference.clone(),

@@ -555,7 +555,54 @@ async fn export_of_a_large_range_streams(app: TestApp) {
     assert!(biggest < 1024 * 1024, "largest chunk {biggest} bytes");
 }
 
+/// A report row without a processor reference matches by amount, currency and time.
+async fn rows_without_reference_match_by_amount_and_time(app: TestApp) {
+    let alice = app.token("alice", PAY_SCOPES);
+    app.add_card(&alice, "4242424242424242", true).await.unwrap();
+    app.send(&alice, "nr-1", "bob", "10.00", pb::FundingSource::Card).await.unwrap();
+    app.send(&alice, "nr-2", "bob", "20.00", pb::FundingSource::Card).await.unwrap();
+    let today = dmpay::dates::ymd(dmpay::store::now_us());
+    let date = format!("{:04}-{:02}-{:02}", today.0, today.1, today.2);
+    let sandbox = dmpay::processor::sandbox::Sandbox::new(app.db.clone(), Default::default());
+    let report = dmpay::processor::CardProcessor::settlement_report(&sandbox, &date).await.unwrap();
+    // Blank every reference.
+    let blanked: String = report
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            if i == 0 {
+                format!("{l}\n")
+            } else {
+                format!("{}\n", l.split_once(',').map(|(_, rest)| format!(",{rest}")).unwrap())
+            }
+        })
+        .collect();
+    let fin = app.token("finance-staff", "finance");
+    let mut client = pb::finance_client::FinanceClient::new(app.channel.clone());
+    let run = client
+        .import_settlement_report(authed(
+            pb::ImportSettlementReportRequest { processor: "sandbox".into(), report_date: date, csv: blanked },
+            &fin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((run.rows, run.matched, run.missing_in_ledger, run.missing_in_report), (2, 2, 0, 0));
+    let items = client
+        .list_reconciliation_items(authed(
+            pb::ListReconciliationItemsRequest { run_id: run.run_id, ..Default::default() },
+            &fin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    // The match names the ledger's reference.
+    assert!(items.iter().all(|i| i.processor_reference.starts_with("sbx_")), "{items:?}");
+}
+
 backend_tests!(
+    rows_without_reference_match_by_amount_and_time,
     export_of_a_large_range_streams,
     two_days_of_card_payments_reconcile,
     statements_show_every_movement,

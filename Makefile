@@ -15,13 +15,12 @@ release:
 	$(CARGO) build --release
 
 ## The whole test suite. PostgreSQL tests run when DMPAY_TEST_POSTGRES_URL is set
-## (.ci/run sets it); unit and SQLite tests always run.
+## (.ci/run sets it); unit and SQLite tests always run. The suite needs cargo-nextest
+## (one process per test: some tests shift the process clock); it is installed from
+## crates.io when missing.
 test:
-	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(CARGO) nextest run --workspace --all-targets --no-fail-fast; \
-	else \
-		$(CARGO) test --workspace --all-targets --no-fail-fast; \
-	fi
+	@$(CARGO) nextest --version >/dev/null 2>&1 || $(CARGO) install cargo-nextest --locked
+	$(CARGO) nextest run --workspace --all-targets --no-fail-fast
 
 ## Formatting and lints, warnings as errors.
 check:

@@ -181,6 +181,23 @@ enum VaultCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Drive a running server over gRPC like chat clients and measure payments.
+    Payments {
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// uniform, livestream or mixed.
+        #[arg(long, default_value = "uniform")]
+        scenario: String,
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// The posting engine in-process against naive per-transfer transactions, on the
     /// configured database (use a scratch database: it writes benchmark accounts).
     Ledger {
@@ -226,6 +243,25 @@ pub fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             };
+        }
+        Command::Bench { command: BenchCommand::Payments { addr, clients, duration, scenario, users, json } } => {
+            run_async(async move {
+                anyhow::ensure!((1..=4096).contains(&clients), "--clients must be 1 to 4096");
+                anyhow::ensure!((2..=100_000).contains(&users), "--users must be 2 to 100000");
+                let scenario = crate::bench_payments::Scenario::parse(&scenario)?;
+                let options = crate::bench_payments::Options { addr, clients, duration, scenario, users };
+                let report = crate::bench_payments::run(&config, options).await?;
+                print!("{}", report.table());
+                if let Some(path) = json {
+                    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+                }
+                anyhow::ensure!(report.ledger_verified, "the ledger did not verify after the run");
+                anyhow::ensure!(
+                    report.seller_balance_ok != Some(false),
+                    "the seller's balance does not match what was paid"
+                );
+                Ok(())
+            })
         }
         Command::Bench { command: BenchCommand::Ledger { clients, duration, accounts, json } } => {
             run_async(async move {

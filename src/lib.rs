@@ -19,11 +19,13 @@
 //! - `api`       tonic services: protobuf <-> domain, errors -> gRPC status
 //! - `telemetry` logs, Prometheus metrics, the per-call log line
 //! - `server`    startup: build, bind, serve, graceful shutdown
+//! - `bench_payments` `dmpay bench payments`: the gRPC load generator
 //! - `cli`       the `dmpay` command line
 
 pub mod accounts;
 pub mod api;
 pub mod auth;
+pub mod bench_payments;
 pub mod cli;
 pub mod cli_finance;
 pub mod config;

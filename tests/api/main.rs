@@ -8,6 +8,7 @@ mod helpers;
 mod access;
 mod accounts;
 mod auth;
+mod bench;
 mod finance;
 mod ledger;
 mod ledger_props;

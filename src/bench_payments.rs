@@ -1,0 +1,299 @@
+//! `dmpay bench payments`: a load generator that talks to a running dmpay over gRPC like
+//! real chat clients: one token per simulated user, its own channels, a fresh
+//! idempotency key per payment. It funds the users first (through the ledger API), runs
+//! one scenario, prints throughput, latency percentiles and errors by status code, and
+//! checks the ledger afterwards.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde::Serialize;
+use tonic::transport::Channel;
+use tonic::Request;
+
+use crate::api::pb;
+use crate::config::Config;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// Random sender to random recipient among the users.
+    Uniform,
+    /// Every viewer pays one seller.
+    Livestream,
+    /// Half the clients pay the seller, half send at random.
+    Mixed,
+}
+
+impl Scenario {
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        Ok(match s {
+            "uniform" => Scenario::Uniform,
+            "livestream" => Scenario::Livestream,
+            "mixed" => Scenario::Mixed,
+            other => anyhow::bail!("--scenario: uniform, livestream or mixed, not {other:?}"),
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Uniform => "uniform",
+            Scenario::Livestream => "livestream",
+            Scenario::Mixed => "mixed",
+        }
+    }
+}
+
+pub struct Options {
+    pub addr: String,
+    pub clients: usize,
+    pub duration: Duration,
+    pub scenario: Scenario,
+    pub users: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub scenario: &'static str,
+    pub clients: usize,
+    pub users: usize,
+    pub duration_s: f64,
+    pub payments: u64,
+    pub payments_per_s: f64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p90: f64,
+    pub latency_ms_p99: f64,
+    pub latency_ms_max: f64,
+    pub errors: BTreeMap<String, u64>,
+    pub ledger_verified: bool,
+    /// Livestream and mixed: the seller's balance equals what the seller was paid.
+    pub seller_balance_ok: Option<bool>,
+}
+
+impl Report {
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "dmpay bench payments: {} scenario, {} clients, {} users, {:.0} s\n\n",
+            self.scenario, self.clients, self.users, self.duration_s
+        );
+        let rows = vec![
+            vec!["payments".to_owned(), self.payments.to_string()],
+            vec!["payments/s".to_owned(), format!("{:.0}", self.payments_per_s)],
+            vec!["p50 ms".to_owned(), format!("{:.2}", self.latency_ms_p50)],
+            vec!["p90 ms".to_owned(), format!("{:.2}", self.latency_ms_p90)],
+            vec!["p99 ms".to_owned(), format!("{:.2}", self.latency_ms_p99)],
+            vec!["max ms".to_owned(), format!("{:.2}", self.latency_ms_max)],
+        ];
+        out.push_str(&crate::cli_finance::table(&["", "value"], &rows));
+        if self.errors.is_empty() {
+            out.push_str("\nerrors: none\n");
+        } else {
+            let rows: Vec<Vec<String>> = self.errors.iter().map(|(k, v)| vec![k.clone(), v.to_string()]).collect();
+            out.push('\n');
+            out.push_str(&crate::cli_finance::table(&["error", "count"], &rows));
+        }
+        out.push_str(&format!("\nledger verify: {}\n", if self.ledger_verified { "OK" } else { "FAILED" }));
+        if let Some(ok) = self.seller_balance_ok {
+            out.push_str(&format!("seller balance equals what was paid: {}\n", if ok { "yes" } else { "NO" }));
+        }
+        out
+    }
+}
+
+fn authed<T>(msg: T, token: &str) -> anyhow::Result<Request<T>> {
+    let mut req = Request::new(msg);
+    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(req)
+}
+
+fn percentile(sorted_us: &[u32], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted_us.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted_us[i.min(sorted_us.len() - 1)]) / 1000.0
+}
+
+pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
+    anyhow::ensure!(options.users >= 2, "--users must be at least 2");
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let user = |i: usize| format!("bench-{run_id}-u{i}");
+    let seller = format!("bench-{run_id}-seller");
+    let ttl = options.duration + Duration::from_secs(600);
+    let service = crate::auth::mint_dev_token(config, "bench", "ledger:write ledger:read finance", ttl)?;
+    let tokens: Vec<String> = (0..options.users)
+        .map(|i| crate::auth::mint_dev_token(config, &user(i), "payments:write payments:read", ttl))
+        .collect::<anyhow::Result<_>>()?;
+
+    // Channels: a few HTTP/2 connections shared by the clients, as a chat backend would.
+    let channels_n = options.clients.div_ceil(16).max(1);
+    let mut channels = Vec::with_capacity(channels_n);
+    for _ in 0..channels_n {
+        channels
+            .push(Channel::from_shared(options.addr.clone())?.connect_timeout(Duration::from_secs(5)).connect().await?);
+    }
+
+    // Fund every user's wallet, so sends settle from balance.
+    eprintln!("funding {} users ...", options.users);
+    let mut ledger = pb::ledger_client::LedgerClient::new(channels[0].clone());
+    let usd = |a: &str| Some(pb::Money { currency: "USD".into(), amount: a.into() });
+    for i in 0..options.users {
+        let req = pb::PostEntryRequest {
+            idempotency_key: format!("bench-fund-{run_id}-{i}"),
+            kind: "bench_funding".into(),
+            postings: vec![
+                pb::Posting {
+                    account_code: "platform:treasury:USD".into(),
+                    direction: pb::Direction::Debit as i32,
+                    amount: usd("400.00"),
+                },
+                pb::Posting {
+                    account_code: format!("user:{}:wallet:USD", user(i)),
+                    direction: pb::Direction::Credit as i32,
+                    amount: usd("400.00"),
+                },
+            ],
+            ..Default::default()
+        };
+        ledger.post_entry(authed(req, &service)?).await?;
+    }
+
+    let tokens = Arc::new(tokens);
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + options.duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in 0..options.clients {
+        let channel = channels[client % channels_n].clone();
+        let tokens = tokens.clone();
+        let done = done.clone();
+        let seller = seller.clone();
+        let run_id = run_id.clone();
+        let users = options.users;
+        let scenario = options.scenario;
+        tasks.spawn(async move {
+            let mut payments = pb::payments_client::PaymentsClient::new(channel);
+            let mut lat = Vec::new();
+            let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+            let mut paid_seller = 0u64;
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let (from, to, to_seller) = {
+                    let mut rng = rand::thread_rng();
+                    let from = rng.gen_range(0..users);
+                    let livestream = match scenario {
+                        Scenario::Livestream => true,
+                        Scenario::Uniform => false,
+                        Scenario::Mixed => client % 2 == 0,
+                    };
+                    if livestream {
+                        (from, seller.clone(), true)
+                    } else {
+                        let mut to = rng.gen_range(0..users);
+                        if to == from {
+                            to = (to + 1) % users;
+                        }
+                        (from, format!("bench-{run_id}-u{to}"), false)
+                    }
+                };
+                n += 1;
+                let req = pb::SendPaymentRequest {
+                    idempotency_key: format!("b-{client}-{n}"),
+                    recipient_id: to,
+                    amount: Some(pb::Money { currency: "USD".into(), amount: "1.00".into() }),
+                    conversation_id: format!("bench-{run_id}"),
+                    funding_source: pb::FundingSource::Balance as i32,
+                    ..Default::default()
+                };
+                let Ok(req) = authed(req, &tokens[from]) else { continue };
+                let t0 = Instant::now();
+                match payments.send_payment(req).await {
+                    Ok(_) => {
+                        lat.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                        done.fetch_add(1, Ordering::Relaxed);
+                        if to_seller {
+                            paid_seller += 100;
+                        }
+                    }
+                    Err(status) => *errors.entry(format!("{:?}", status.code())).or_default() += 1,
+                }
+            }
+            (lat, errors, paid_seller)
+        });
+    }
+    // Progress, once a second, on standard error.
+    let progress = {
+        let done = done.clone();
+        let total = options.duration;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let elapsed = started.elapsed();
+                let frac = (elapsed.as_secs_f64() / total.as_secs_f64()).min(1.0);
+                let bar = "#".repeat((frac * 30.0) as usize);
+                let n = done.load(Ordering::Relaxed);
+                eprint!(
+                    "\r[{bar:<30}] {:>4.0}s {n} payments, {:.0}/s ",
+                    elapsed.as_secs_f64(),
+                    n as f64 / elapsed.as_secs_f64()
+                );
+                let _ = std::io::stderr().flush();
+            }
+        })
+    };
+    let mut lat = Vec::new();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut paid_seller = 0u64;
+    while let Some(r) = tasks.join_next().await {
+        let (l, e, p) = r?;
+        lat.extend(l);
+        for (k, v) in e {
+            *errors.entry(k).or_default() += v;
+        }
+        paid_seller += p;
+    }
+    let elapsed = started.elapsed();
+    progress.abort();
+    eprintln!();
+    lat.sort_unstable();
+
+    // The ledger afterwards.
+    let mut finance = pb::finance_client::FinanceClient::new(channels[0].clone());
+    let verified = finance.verify_ledger(authed(pb::VerifyLedgerRequest {}, &service)?).await?.into_inner().ok;
+    let seller_balance_ok = if options.scenario == Scenario::Uniform {
+        None
+    } else {
+        let balance = ledger
+            .get_ledger_balance(authed(
+                pb::GetLedgerBalanceRequest { account_code: format!("user:{seller}:wallet:USD"), as_of: None },
+                &service,
+            )?)
+            .await;
+        let posted = match balance {
+            Ok(b) => {
+                b.into_inner().posted.map(|m| m.amount.replace('.', "")).unwrap_or_default().parse::<u64>().unwrap_or(0)
+            }
+            Err(_) => 0,
+        };
+        Some(posted == paid_seller)
+    };
+    let payments = lat.len() as u64;
+    Ok(Report {
+        scenario: options.scenario.name(),
+        clients: options.clients,
+        users: options.users,
+        duration_s: elapsed.as_secs_f64(),
+        payments,
+        payments_per_s: payments as f64 / elapsed.as_secs_f64(),
+        latency_ms_p50: percentile(&lat, 0.50),
+        latency_ms_p90: percentile(&lat, 0.90),
+        latency_ms_p99: percentile(&lat, 0.99),
+        latency_ms_max: lat.last().map_or(0.0, |m| f64::from(*m) / 1000.0),
+        errors,
+        ledger_verified: verified,
+        seller_balance_ok,
+    })
+}

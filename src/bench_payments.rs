@@ -17,6 +17,7 @@ use tonic::Request;
 
 use crate::api::pb;
 use crate::config::Config;
+use crate::ledger::bench::percentile;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scenario {
@@ -107,14 +108,6 @@ fn authed<T>(msg: T, token: &str) -> anyhow::Result<Request<T>> {
     let mut req = Request::new(msg);
     req.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
     Ok(req)
-}
-
-fn percentile(sorted_us: &[u32], p: f64) -> f64 {
-    if sorted_us.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted_us.len() as f64 - 1.0) * p).round() as usize;
-    f64::from(sorted_us[i.min(sorted_us.len() - 1)]) / 1000.0
 }
 
 pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {

@@ -5,8 +5,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use sha2::{Digest, Sha256};
-
 use crate::dates;
 use crate::error::{Error, Result};
 use crate::ledger::{AccountCode, Direction, Ledger, PostEntryInput, PostingInput, SYSTEM_CLEARING};
@@ -209,7 +207,7 @@ impl Reconciler {
         }
         let (y, m, d) = dates::parse_date(report_date).ok_or_else(|| Error::invalid("report_date", "YYYY-MM-DD"))?;
         let rows = parse_report(csv, self.ledger.accounts().currencies())?;
-        let hash: String = Sha256::digest(csv.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        let hash = crate::ledger::sha256_hex(csv.as_bytes());
         if let Some(run) = self.run_by_hash(processor, report_date, &hash).await? {
             self.post_settlement(&run, &rows).await?;
             return Ok(run);

@@ -202,7 +202,7 @@ async fn write_entries(
     drafts: &[&Draft],
     now_us: i64,
 ) -> Result<(), sqlx::Error> {
-    let postings: Vec<(&Draft, &super::engine::PostingRow)> =
+    let postings: Vec<(&Draft, &super::decide::PostingRow)> =
         drafts.iter().flat_map(|d| d.postings.iter().map(move |p| (*d, p))).collect();
     for chunk in postings.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(

@@ -74,7 +74,8 @@ impl BenchReport {
     }
 }
 
-fn percentile(sorted_us: &[u32], p: f64) -> f64 {
+/// The `p` quantile of sorted microsecond latencies, in milliseconds.
+pub fn percentile(sorted_us: &[u32], p: f64) -> f64 {
     if sorted_us.is_empty() {
         return 0.0;
     }

@@ -3,6 +3,7 @@
 //! - `model`      accounts, postings, entries, balances and their validation
 //! - `accounts`   account lookup (cached), wallets on first use, system accounts
 //! - `engine`     the batching posting engine, the single write path
+//! - `decide`     the engine's per-command decision against locked balances (pure)
 //! - `batch_pg`, `batch_sqlite`  the engine's transaction on each backend
 //! - `read`       entries, listings and point-in-time balances
 //! - `verify`     recompute everything from postings and report differences
@@ -13,6 +14,7 @@ pub mod accounts;
 mod batch_pg;
 mod batch_sqlite;
 pub mod bench;
+mod decide;
 pub mod engine;
 pub mod maintenance;
 pub mod model;
@@ -60,9 +62,14 @@ pub struct Ledger {
     engine: EngineHandle,
 }
 
-fn hash_request(parts: &serde_json::Value) -> String {
-    let digest = Sha256::digest(parts.to_string().as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+/// SHA-256 of `bytes`, hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The hash an idempotency key is stored with: a retry must send the same request.
+pub fn hash_request(parts: &serde_json::Value) -> String {
+    sha256_hex(parts.to_string().as_bytes())
 }
 
 impl Ledger {

@@ -20,8 +20,6 @@ pub mod store;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
-
 pub use model::{FundingSource, Payment, PaymentStatus, PaymentsConfig};
 use store::{Inserted, PaymentStore};
 
@@ -61,10 +59,6 @@ pub struct Payments {
     config: Arc<PaymentsConfig>,
 }
 
-fn hash(value: &serde_json::Value) -> String {
-    Sha256::digest(value.to_string().as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn key(payment_id: &str, step: &str) -> String {
     format!("pay:{payment_id}:{step}")
 }
@@ -92,7 +86,7 @@ impl Payments {
         model::check_opaque("conversation_id", &input.conversation_id)?;
         model::check_opaque("message_id", &input.message_id)?;
         let currency = input.amount.currency();
-        let request_hash = hash(&serde_json::json!({
+        let request_hash = crate::ledger::hash_request(&serde_json::json!({
             "recipient": input.recipient.as_str(),
             "currency": currency.code(),
             "amount": input.amount.minor(),

@@ -4,8 +4,6 @@
 //! never exceed the payment, so concurrent refunds cannot over-refund), then the ledger
 //! moves the money; if the recipient's wallet cannot cover it, the reservation is undone.
 
-use sha2::{Digest, Sha256};
-
 use super::store::{append_event, EventFields, PaymentRow, COLUMNS};
 use super::{model, Payment, PaymentStatus, Payments};
 use crate::accounts::UserId;
@@ -55,14 +53,9 @@ impl Payments {
                 return Err(Error::invalid("amount.currency", format!("the payment is in {currency}")));
             }
         }
-        let request_hash: String = Sha256::digest(
-            serde_json::json!({"payment": payment_id, "amount": amount.map(|m| m.minor()), "reason": reason})
-                .to_string()
-                .as_bytes(),
-        )
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+        let request_hash = crate::ledger::hash_request(
+            &serde_json::json!({"payment": payment_id, "amount": amount.map(|m| m.minor()), "reason": reason}),
+        );
         let existing: Option<RefundRow> = with_db!(self.store.db(), pool => sqlx::query_as(
             "SELECT refund_id, payment_id, amount, status, request_hash FROM payment_refunds \
              WHERE created_by = $1 AND idempotency_key = $2",

@@ -2,7 +2,6 @@
 //! (at most once), declines, or lets it expire; the requester may cancel.
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::store::{append_event, EventFields};
 use super::{model, FundingSource, Payment, Payments, SendInput};
@@ -170,18 +169,11 @@ impl Payments {
         }
         let expires_in = if input.expires_in_s == 0 { EXPIRES_DEFAULT_S } else { input.expires_in_s };
         let currency = input.amount.currency();
-        let request_hash: String = Sha256::digest(
-            serde_json::json!({
-                "payer": input.payer.as_str(), "currency": currency.code(), "amount": input.amount.minor(),
-                "note": input.note, "conversation": input.conversation_id, "message": input.message_id,
-                "expires": expires_in,
-            })
-            .to_string()
-            .as_bytes(),
-        )
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+        let request_hash = crate::ledger::hash_request(&serde_json::json!({
+            "payer": input.payer.as_str(), "currency": currency.code(), "amount": input.amount.minor(),
+            "note": input.note, "conversation": input.conversation_id, "message": input.message_id,
+            "expires": expires_in,
+        }));
         let by_key = format!(
             "SELECT {REQUEST_COLUMNS}, request_hash FROM payment_requests WHERE requester_id = $1 AND idempotency_key = $2"
         );

@@ -253,6 +253,20 @@ impl Vault {
         Ok(row.filter(|r| !r.expired(now_us())))
     }
 
+    /// The account's method for this card that is not removed (at most one: a unique
+    /// index).
+    async fn live_by_fingerprint(&self, user: &UserId, fingerprint: &str) -> Result<Option<MethodRow>> {
+        let sql = format!(
+            "SELECT {METHOD_COLUMNS} FROM payment_methods WHERE user_id = $1 AND fingerprint = $2 AND status <> 'removed'"
+        );
+        let row = with_db!(&self.db, pool => sqlx::query_as(&sql)
+            .bind(user.as_str())
+            .bind(fingerprint)
+            .fetch_optional(pool)
+            .await)?;
+        Ok(row)
+    }
+
     /// `TokenizeCard`: validates, encrypts and stores the card unlinked. The same card
     /// tokenized again by the same account returns its existing method.
     pub async fn tokenize(&self, user: &UserId, input: TokenizeInput<'_>) -> Result<PaymentMethod> {
@@ -297,15 +311,7 @@ impl Vault {
         let now = now_us();
 
         // The same card on this account: reuse it (dedup by fingerprint).
-        let sql = format!(
-            "SELECT {METHOD_COLUMNS} FROM payment_methods WHERE user_id = $1 AND fingerprint = $2 AND status <> 'removed'"
-        );
-        let existing: Option<MethodRow> = with_db!(&self.db, pool => sqlx::query_as(&sql)
-            .bind(user.as_str())
-            .bind(&fingerprint)
-            .fetch_optional(pool)
-            .await)?;
-        if let Some(row) = existing {
+        if let Some(row) = self.live_by_fingerprint(user, &fingerprint).await? {
             if row.expired(now) {
                 self.purge(Some(&row.token)).await?;
             } else {
@@ -361,16 +367,10 @@ impl Vault {
             Ok(row) => row,
             // The same card, tokenized concurrently by the same account: one method.
             Err(e) if crate::store::is_unique_violation(&e) => {
-                let sql = format!(
-                    "SELECT {METHOD_COLUMNS} FROM payment_methods WHERE user_id = $1 AND fingerprint = $2 AND status <> 'removed'"
-                );
-                let existing: Option<MethodRow> = with_db!(&self.db, pool => sqlx::query_as(&sql)
-                    .bind(user.as_str())
-                    .bind(&fingerprint)
-                    .fetch_optional(pool)
-                    .await)?;
-                let existing =
-                    existing.ok_or_else(|| Error::internal(anyhow::anyhow!("card conflict without a row")))?;
+                let existing = self
+                    .live_by_fingerprint(user, &fingerprint)
+                    .await?
+                    .ok_or_else(|| Error::internal(anyhow::anyhow!("card conflict without a row")))?;
                 if existing.status == "unlinked" {
                     self.remember_cvc(&existing.token, card.cvc);
                 }

@@ -4,17 +4,22 @@
 //!
 //! - `card`  secret types (PAN, CVC) and card validation
 //! - `keys`  envelope encryption, key rotation, fingerprints
+//! - `model` settings, payment methods, stored rows
 
 pub mod card;
 pub mod keys;
+mod model;
+
+pub use model::{ChargeableCard, MethodStatus, PaymentMethod, TokenizeInput, VaultConfig};
+use model::{MethodRow, SealedRow, METHOD_COLUMNS};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rand::RngCore;
 
-use self::card::{Brand, Cvc, Pan};
+use self::card::{Cvc, Pan};
 use self::keys::{KeyRing, Sealed};
 use crate::accounts::{parse_text, Accounts, UserId};
 use crate::dates;
@@ -32,119 +37,6 @@ pub const POSTAL_CODE_LEN_MAX: usize = 16;
 const CVC_CACHE_MAX: usize = 100_000;
 /// Records re-wrapped per transaction by `rotate`.
 const ROTATE_BATCH: i64 = 200;
-
-#[derive(Debug, Clone)]
-pub struct VaultConfig {
-    /// How long an unlinked token lives.
-    pub unlinked_ttl: Duration,
-    /// Tokenization attempts per account per hour.
-    pub tokenize_per_hour_max: i64,
-}
-
-impl Default for VaultConfig {
-    fn default() -> Self {
-        VaultConfig { unlinked_ttl: Duration::from_secs(15 * 60), tokenize_per_hour_max: 20 }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MethodStatus {
-    Unlinked,
-    Active,
-    Removed,
-}
-
-impl MethodStatus {
-    fn from_db(s: &str) -> Result<Self> {
-        Ok(match s {
-            "unlinked" => MethodStatus::Unlinked,
-            "active" => MethodStatus::Active,
-            "removed" => MethodStatus::Removed,
-            other => return Err(Error::internal(anyhow::anyhow!("unknown method status {other:?}"))),
-        })
-    }
-}
-
-/// A payment method as its owner may see it: never more than brand and last four.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PaymentMethod {
-    pub token: String,
-    pub user_id: String,
-    pub brand: Brand,
-    pub last4: String,
-    pub exp_month: u32,
-    pub exp_year: u32,
-    pub holder_name: String,
-    pub status: MethodStatus,
-    pub is_default: bool,
-    pub created_at_us: i64,
-}
-
-#[derive(sqlx::FromRow)]
-struct MethodRow {
-    token: String,
-    user_id: String,
-    brand: String,
-    last4: String,
-    exp_month: i32,
-    exp_year: i32,
-    holder_name: String,
-    status: String,
-    is_default: bool,
-    created_at_us: i64,
-    expires_at_us: Option<i64>,
-}
-
-impl MethodRow {
-    fn into_method(self) -> Result<PaymentMethod> {
-        Ok(PaymentMethod {
-            brand: Brand::from_db(&self.brand)?,
-            status: MethodStatus::from_db(&self.status)?,
-            token: self.token,
-            user_id: self.user_id,
-            last4: self.last4,
-            exp_month: self.exp_month as u32,
-            exp_year: self.exp_year as u32,
-            holder_name: self.holder_name,
-            is_default: self.is_default,
-            created_at_us: self.created_at_us,
-        })
-    }
-
-    fn expired(&self, now: i64) -> bool {
-        self.status == "unlinked" && self.expires_at_us.is_some_and(|t| t <= now)
-    }
-}
-
-/// token, user, KEK id, wrapped DEK, PAN ciphertext.
-type SealedRow = (String, String, String, Vec<u8>, Vec<u8>);
-
-const METHOD_COLUMNS: &str =
-    "token, user_id, brand, last4, exp_month, exp_year, holder_name, status, is_default, created_at_us, expires_at_us";
-
-/// `TokenizeCard` input, straight from the wire; validated here.
-pub struct TokenizeInput<'a> {
-    pub card_number: &'a str,
-    pub exp_month: u32,
-    pub exp_year: u32,
-    pub cvc: &'a str,
-    pub holder_name: &'a str,
-    pub postal_code: &'a str,
-}
-
-/// The card of an active method, decrypted for one processor call.
-pub struct ChargeableCard {
-    pub token: String,
-    pub pan: Pan,
-    pub exp_month: u32,
-    pub exp_year: u32,
-}
-
-impl ChargeableCard {
-    pub fn details(&self) -> CardDetails<'_> {
-        CardDetails { pan: &self.pan, exp_month: self.exp_month, exp_year: self.exp_year, cvc: None }
-    }
-}
 
 pub struct Vault {
     db: Db,

@@ -1,102 +1,25 @@
 //! Settlement reconciliation: a processor's daily report against the ledger's card
 //! entries. Each report row is matched by processor reference; ledger card entries of
 //! that day the report lacks are flagged; fees and the net settlement are posted once
-//! per run. Runs, items and resolutions are append-only.
+//! per processor and day. Runs, items and resolutions are append-only.
+//!
+//! - `report`  strict parsing of the settlement CSV
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+
+mod report;
+
+pub use report::{parse_report, ReportRow, REPORT_BYTES_MAX};
 
 use crate::dates;
 use crate::error::{Error, Result};
 use crate::ledger::{AccountCode, Direction, Ledger, PostEntryInput, PostingInput, SYSTEM_CLEARING};
-use crate::money::{parse_minor, Currencies, Currency, Money};
+use crate::money::{Currency, Money};
 use crate::store::{now_us, Db};
 use crate::with_db;
 
-/// Largest report accepted, in bytes (about 10 MB: over 100,000 rows).
-pub const REPORT_BYTES_MAX: usize = 10 * 1024 * 1024;
 /// The caller on the ledger entries reconciliation books.
 const RECON_ACTOR: &str = "finance:reconciliation";
-const COLUMNS: [&str; 7] = ["processor_reference", "type", "amount", "fee", "net", "currency", "created_at"];
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReportRow {
-    pub line: i64,
-    /// Empty when the processor gave none: matched by amount, currency and time.
-    pub reference: String,
-    pub at_us: i64,
-    pub kind: String,
-    pub amount: Money,
-    pub fee: Money,
-    pub net: Money,
-}
-
-fn bad(line: usize, column: &str, why: impl std::fmt::Display) -> Error {
-    Error::invalid("csv", format!("line {line}, column {column}: {why}"))
-}
-
-/// Parses a settlement report strictly; any bad line refuses the whole report.
-pub fn parse_report(csv: &str, currencies: &Currencies) -> Result<Vec<ReportRow>> {
-    if csv.len() > REPORT_BYTES_MAX {
-        return Err(Error::invalid("csv", format!("larger than {REPORT_BYTES_MAX} bytes")));
-    }
-    let mut lines = csv.lines().enumerate();
-    let header: Vec<&str> = lines.next().map(|(_, h)| h.split(',').map(str::trim).collect()).unwrap_or_default();
-    let mut index = HashMap::new();
-    for col in COLUMNS {
-        let i = header.iter().position(|h| *h == col).ok_or_else(|| bad(1, col, "missing column"))?;
-        index.insert(col, i);
-    }
-    let mut seen = HashSet::new();
-    let mut rows = Vec::new();
-    for (i, line) in lines {
-        let n = i + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let cells: Vec<&str> = line.split(',').collect();
-        if cells.len() != header.len() {
-            return Err(bad(n, "*", format!("{} fields, the header has {}", cells.len(), header.len())));
-        }
-        let cell = |c: &str| cells[index[c]].trim();
-        let reference = cell("processor_reference");
-        if reference.len() > 128 {
-            return Err(bad(n, "processor_reference", "at most 128 characters"));
-        }
-        if !reference.is_empty() && !seen.insert(reference.to_owned()) {
-            return Err(bad(n, "processor_reference", format!("duplicate reference {reference}")));
-        }
-        let kind = cell("type");
-        if !matches!(kind, "capture" | "refund") {
-            return Err(bad(n, "type", "capture or refund"));
-        }
-        let currency = currencies
-            .parse("currency", cell("currency"))
-            .map_err(|_| bad(n, "currency", "unknown or disabled currency"))?;
-        let money = |c: &str| -> Result<Money> {
-            parse_minor(c, cell(c), currency, true)
-                .map(|m| Money::from_minor(currency, m))
-                .map_err(|_| bad(n, c, format!("not an exact {currency} amount")))
-        };
-        let (amount, fee, net) = (money("amount")?, money("fee")?, money("net")?);
-        if amount.checked_sub(fee) != Some(net) {
-            return Err(bad(n, "net", "net must equal amount minus fee"));
-        }
-        let at = humantime::parse_rfc3339_weak(cell("created_at"))
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .ok_or_else(|| bad(n, "created_at", "not an RFC 3339 time"))?;
-        rows.push(ReportRow {
-            line: n as i64,
-            reference: reference.to_owned(),
-            at_us: i64::try_from(at.as_micros()).unwrap_or(i64::MAX),
-            kind: kind.to_owned(),
-            amount,
-            fee,
-            net,
-        });
-    }
-    Ok(rows)
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Run {

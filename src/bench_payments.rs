@@ -39,7 +39,7 @@ impl Scenario {
         })
     }
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Scenario::Uniform => "uniform",
             Scenario::Livestream => "livestream",
@@ -47,6 +47,12 @@ impl Scenario {
         }
     }
 }
+
+/// What each user's wallet is funded with: 2,000 payments of 1.00, more than a
+/// 30-second run at 10,000 payments/s among 1,000 users makes.
+const FUNDING: &str = "2000.00";
+/// Setup calls (account creation and funding) in flight at once.
+const SETUP_CONCURRENCY: usize = 32;
 
 pub struct Options {
     pub addr: String,
@@ -129,32 +135,65 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
             .push(Channel::from_shared(options.addr.clone())?.connect_timeout(Duration::from_secs(5)).connect().await?);
     }
 
-    // Fund every user's wallet, so sends settle from balance.
-    eprintln!("funding {} users ...", options.users);
+    // Create every user (verified, so the tier's daily limit does not cut a long run
+    // short) and fund their wallets through the ledger API, so sends settle from balance.
+    eprintln!("creating and funding {} users ...", options.users);
+    let admin = crate::auth::mint_dev_token(config, "bench", "accounts:admin", ttl)?;
     let mut ledger = pb::ledger_client::LedgerClient::new(channels[0].clone());
-    let usd = |a: &str| Some(pb::Money { currency: "USD".into(), amount: a.into() });
+    let mut setup = tokio::task::JoinSet::new();
     for i in 0..options.users {
-        let req = pb::PostEntryRequest {
-            idempotency_key: format!("bench-fund-{run_id}-{i}"),
-            kind: "bench_funding".into(),
-            postings: vec![
-                pb::Posting {
-                    account_code: "platform:treasury:USD".into(),
-                    direction: pb::Direction::Debit as i32,
-                    amount: usd("400.00"),
-                },
-                pb::Posting {
-                    account_code: format!("user:{}:wallet:USD", user(i)),
-                    direction: pb::Direction::Credit as i32,
-                    amount: usd("400.00"),
-                },
-            ],
-            ..Default::default()
-        };
-        ledger.post_entry(authed(req, &service)?).await?;
+        // At most SETUP_CONCURRENCY calls in flight.
+        if setup.len() >= SETUP_CONCURRENCY {
+            if let Some(r) = setup.join_next().await {
+                r??;
+            }
+        }
+        let channel = channels[i % channels_n].clone();
+        let (service, admin, name, run_id) = (service.clone(), admin.clone(), user(i), run_id.clone());
+        setup.spawn(async move {
+            let mut accounts = pb::accounts_client::AccountsClient::new(channel.clone());
+            accounts
+                .upsert_account(authed(
+                    pb::UpsertAccountRequest {
+                        user_id: name.clone(),
+                        display_name: name.clone(),
+                        tier: pb::Tier::Verified as i32,
+                    },
+                    &admin,
+                )?)
+                .await?;
+            let usd = |a: &str| Some(pb::Money { currency: "USD".into(), amount: a.into() });
+            let req = pb::PostEntryRequest {
+                idempotency_key: format!("bench-fund-{run_id}-{i}"),
+                kind: "bench_funding".into(),
+                postings: vec![
+                    pb::Posting {
+                        account_code: "platform:treasury:USD".into(),
+                        direction: pb::Direction::Debit as i32,
+                        amount: usd(FUNDING),
+                    },
+                    pb::Posting {
+                        account_code: format!("user:{name}:wallet:USD"),
+                        direction: pb::Direction::Credit as i32,
+                        amount: usd(FUNDING),
+                    },
+                ],
+                ..Default::default()
+            };
+            pb::ledger_client::LedgerClient::new(channel).post_entry(authed(req, &service)?).await?;
+            Ok::<(), anyhow::Error>(())
+        });
+    }
+    while let Some(r) = setup.join_next().await {
+        r??;
     }
 
+    // The authorization header of each user and each recipient id, made once: the load
+    // generator shares the machine with the server, so it should cost little per call.
+    let tokens: Vec<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
+        tokens.iter().map(|t| format!("Bearer {t}").parse()).collect::<Result<_, _>>()?;
     let tokens = Arc::new(tokens);
+    let names: Arc<Vec<String>> = Arc::new((0..options.users).map(user).collect());
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let deadline = started + options.duration;
@@ -162,11 +201,12 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
     for client in 0..options.clients {
         let channel = channels[client % channels_n].clone();
         let tokens = tokens.clone();
+        let names = names.clone();
         let done = done.clone();
         let seller = seller.clone();
-        let run_id = run_id.clone();
         let users = options.users;
         let scenario = options.scenario;
+        let conversation = format!("bench-{run_id}");
         tasks.spawn(async move {
             let mut payments = pb::payments_client::PaymentsClient::new(channel);
             let mut lat = Vec::new();
@@ -189,7 +229,7 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
                         if to == from {
                             to = (to + 1) % users;
                         }
-                        (from, format!("bench-{run_id}-u{to}"), false)
+                        (from, names[to].clone(), false)
                     }
                 };
                 n += 1;
@@ -197,11 +237,12 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
                     idempotency_key: format!("b-{client}-{n}"),
                     recipient_id: to,
                     amount: Some(pb::Money { currency: "USD".into(), amount: "1.00".into() }),
-                    conversation_id: format!("bench-{run_id}"),
+                    conversation_id: conversation.clone(),
                     funding_source: pb::FundingSource::Balance as i32,
                     ..Default::default()
                 };
-                let Ok(req) = authed(req, &tokens[from]) else { continue };
+                let mut req = Request::new(req);
+                req.metadata_mut().insert("authorization", tokens[from].clone());
                 let t0 = Instant::now();
                 match payments.send_payment(req).await {
                     Ok(_) => {

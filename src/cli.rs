@@ -198,18 +198,47 @@ enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The whole benchmark (what `make bench` runs): on fresh PostgreSQL and SQLite
+    /// databases, the naive-SQL baseline and a started release server driven over gRPC
+    /// (uniform and livestream at each client count), written to a Markdown report.
+    Report {
+        /// A PostgreSQL URL whose user may create databases; `off` skips PostgreSQL.
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+        postgres_url: String,
+        /// Skip SQLite.
+        #[arg(long)]
+        no_sqlite: bool,
+        /// Length of each payments run.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Length of each naive-baseline load.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        naive_duration: Duration,
+        /// Comma-separated client counts.
+        #[arg(long, default_value = "64,256")]
+        clients: String,
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+        /// Where the report goes.
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        out: PathBuf,
+    },
     /// The posting engine in-process against naive per-transfer transactions, on the
     /// configured database (use a scratch database: it writes benchmark accounts).
     Ledger {
-        /// Concurrent clients.
-        #[arg(long, default_value_t = 64)]
-        clients: usize,
+        /// Concurrent clients: one count, or a comma-separated list to run the whole
+        /// comparison at each (a live-stream burst is hundreds of payers at once).
+        #[arg(long, default_value = "64,256")]
+        clients: String,
         /// Length of each of the four runs.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: Duration,
         /// Accounts for the uniform load.
         #[arg(long, default_value_t = 1000)]
         accounts: usize,
+        /// Which modes to run: `naive`, `engine` or both (the ratios need both).
+        #[arg(long, default_value = "naive,engine")]
+        modes: String,
         /// Also write the figures as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -231,8 +260,15 @@ pub fn main() -> ExitCode {
         }
         Command::Serve => run_async(async move {
             init_logging(config.log_format);
-            let app = Application::build(config).await?;
-            app.run_until(shutdown_signal()).await
+            let result = async {
+                let app = Application::build(config).await?;
+                app.run_until(shutdown_signal()).await
+            }
+            .await;
+            // Buffered log lines out before the process ends (an error is printed by
+            // the caller below).
+            crate::telemetry::flush_logs();
+            result
         }),
         Command::Ledger { command: LedgerCommand::Verify } => {
             return match run_async(async move { ledger_verify(&config).await }) {
@@ -263,25 +299,83 @@ pub fn main() -> ExitCode {
                 Ok(())
             })
         }
-        Command::Bench { command: BenchCommand::Ledger { clients, duration, accounts, json } } => {
+        Command::Bench {
+            command: BenchCommand::Report { postgres_url, no_sqlite, duration, naive_duration, clients, users, out },
+        } => run_async(async move {
+            let clients: Vec<usize> = clients
+                .split(',')
+                .map(|c| c.trim().parse::<usize>())
+                .collect::<Result<_, _>>()
+                .map_err(|_| anyhow::anyhow!("--clients is a comma-separated list of numbers"))?;
+            anyhow::ensure!(
+                !clients.is_empty() && clients.iter().all(|c| (1..=4096).contains(c)),
+                "--clients: 1 to 4096 each"
+            );
+            anyhow::ensure!((2..=100_000).contains(&users), "--users must be 2 to 100000");
+            let options = crate::bench_report::ReportOptions {
+                postgres_url: (postgres_url != "off").then_some(postgres_url),
+                sqlite: !no_sqlite,
+                duration,
+                naive_duration,
+                clients,
+                users,
+                out,
+            };
+            let markdown = crate::bench_report::run(&config, options).await?;
+            print!("{markdown}");
+            Ok(())
+        }),
+        Command::Bench { command: BenchCommand::Ledger { clients, duration, accounts, modes, json } } => {
             run_async(async move {
-                init_logging(config.log_format);
-                anyhow::ensure!((1..=1024).contains(&clients), "--clients must be 1 to 1024");
+                // The naive mode's lock waits are the point of the comparison, not news: keep
+                // sqlx's slow-statement warnings out of the table (RUST_LOG still wins).
+                crate::telemetry::init_logging_with(
+                    config.log_format,
+                    Some(std::env::var("RUST_LOG").as_deref().unwrap_or("warn,sqlx=error")),
+                );
+                let clients: Vec<usize> = clients
+                    .split(',')
+                    .map(|c| c.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| anyhow::anyhow!("--clients is a number or a comma-separated list of numbers"))?;
+                anyhow::ensure!(
+                    !clients.is_empty() && clients.iter().all(|c| (1..=1024).contains(c)),
+                    "--clients: 1 to 1024 each"
+                );
                 anyhow::ensure!((2..=1_000_000).contains(&accounts), "--accounts must be 2 to 1000000");
-                let pool_size = config.db_pool_size.max(clients.min(90) as u32);
-                let db = Db::connect_url(
-                    secrecy::ExposeSecret::expose_secret(&config.database_url),
-                    pool_size,
+                let modes: Vec<&str> = modes.split(',').map(str::trim).collect();
+                anyhow::ensure!(
+                    !modes.is_empty() && modes.iter().all(|m| matches!(*m, "naive" | "engine")),
+                    "--modes is a comma-separated list of naive and engine"
+                );
+                let url = secrecy::ExposeSecret::expose_secret(&config.database_url).to_owned();
+                let pool_size = config.db_pool_size.max(clients.iter().copied().max().unwrap_or(64).min(90) as u32);
+                let db = Db::connect_url(&url, pool_size, Duration::from_secs(30)).await?;
+                db.migrate().await?;
+                let engine_db = Db::connect_role(
+                    &url,
+                    u32::try_from(config.engine.workers).unwrap_or(64).saturating_add(1),
                     Duration::from_secs(30),
+                    crate::store::PoolRole::Engine,
                 )
                 .await?;
-                db.migrate().await?;
-                let options =
-                    crate::ledger::bench::BenchOptions { clients, duration, accounts, engine: config.engine.clone() };
-                let report = crate::ledger::bench::run(db.clone(), options).await?;
-                print!("{}", report.table());
+                let mut reports = Vec::with_capacity(clients.len());
+                for clients in clients {
+                    let options = crate::ledger::bench::BenchOptions {
+                        clients,
+                        duration,
+                        accounts,
+                        engine: config.engine.clone(),
+                        run_naive: modes.contains(&"naive"),
+                        run_engine: modes.contains(&"engine"),
+                    };
+                    let report = crate::ledger::bench::run(db.clone(), engine_db.clone(), options).await?;
+                    println!("{}", report.table());
+                    reports.push(report);
+                }
+                engine_db.close().await;
                 if let Some(path) = json {
-                    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+                    std::fs::write(&path, serde_json::to_string_pretty(&reports)?)?;
                 }
                 db.close().await;
                 Ok(())

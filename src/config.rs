@@ -110,6 +110,7 @@ struct FileConfig {
     ledger_commit_wait: Option<String>,
     ledger_queue_capacity: Option<String>,
     ledger_workers: Option<String>,
+    ledger_batch_timeout: Option<String>,
     ledger_expiry_interval: Option<String>,
     idempotency_retention: Option<String>,
     vault_keks: Option<String>,
@@ -277,6 +278,11 @@ impl Config {
                     EngineConfig::default().workers,
                     1..=64,
                 )?,
+                batch_timeout: parse_duration(
+                    "DMPAY_LEDGER_BATCH_TIMEOUT",
+                    pick("DMPAY_LEDGER_BATCH_TIMEOUT", &file_cfg.ledger_batch_timeout),
+                    EngineConfig::default().batch_timeout,
+                )?,
             },
             ledger_expiry_interval: parse_duration(
                 "DMPAY_LEDGER_EXPIRY_INTERVAL",
@@ -380,6 +386,9 @@ impl Config {
                 Duration::from_secs(3600),
             )?,
         };
+        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&config.engine.batch_timeout) {
+            return Err(ConfigError::Invalid { name: "DMPAY_LEDGER_BATCH_TIMEOUT", detail: "100ms to 60s".into() });
+        }
         if config.engine.commit_wait > Duration::from_millis(100) {
             return Err(ConfigError::Invalid { name: "DMPAY_LEDGER_COMMIT_WAIT", detail: "at most 100ms".into() });
         }

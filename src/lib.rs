@@ -20,12 +20,14 @@
 //! - `telemetry` logs, Prometheus metrics, the per-call log line
 //! - `server`    startup: build, bind, serve, graceful shutdown
 //! - `bench_payments` `dmpay bench payments`: the gRPC load generator
+//! - `bench_report` `dmpay bench report` (`make bench`): baseline, server runs, BENCHMARKS.md
 //! - `cli`       the `dmpay` command line
 
 pub mod accounts;
 pub mod api;
 pub mod auth;
 pub mod bench_payments;
+pub mod bench_report;
 pub mod cli;
 pub mod cli_finance;
 pub mod config;

@@ -18,10 +18,13 @@ use crate::api::pb::finance_server::FinanceServer;
 use crate::api::pb::ledger_server::LedgerServer;
 use crate::api::pb::payment_methods_server::PaymentMethodsServer;
 use crate::api::pb::payments_server::PaymentsServer;
+use crate::api::wire::UnreadableRequestLayer;
 use crate::api::{AccountsApi, FinanceApi, LedgerApi, PaymentMethodsApi, PaymentsApi, FILE_DESCRIPTOR_SET};
 use crate::auth::{AuthInterceptor, Verifier};
 use crate::config::Config;
+use crate::ledger::engine::DatabaseState;
 use crate::ledger::{maintenance, Engine, Ledger};
+use crate::payments::batch::PaymentsHook;
 use crate::payments::Payments;
 use crate::processor::sandbox::Sandbox;
 use crate::processor::CardProcessor;
@@ -39,6 +42,8 @@ const HEALTH_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 pub struct Application {
     config: Config,
     db: Db,
+    /// The posting engine's own pool (see `PoolRole::Engine`).
+    engine_db: Db,
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     metrics: Metrics,
@@ -71,7 +76,12 @@ impl Application {
         };
         let metrics = Metrics::new();
         metrics.set_db(db.clone());
-        let (engine, engine_handle) = Engine::start(db.clone(), config.engine.clone());
+        // Wallet-funded sends commit their payment rows in the engine's batches.
+        let payments_config = Arc::new(config.payments.clone());
+        let hook = Arc::new(PaymentsHook::new(payments_config.clone()));
+        let engine_db = Db::connect_engine(&config).await?;
+        let (engine, engine_handle) = Engine::start(engine_db.clone(), config.engine.clone(), Some(hook));
+        metrics.set_engine(engine_handle.stats().clone());
         let ledger = Ledger::new(db.clone(), config.currencies.clone(), engine_handle);
         ledger.accounts().ensure_system_accounts().await?;
         let keys = Arc::new(config.key_ring()?);
@@ -82,9 +92,21 @@ impl Application {
             ledger.clone(),
             vault.clone(),
             Accounts::new(db.clone()),
-            config.payments.clone(),
+            payments_config,
         ));
-        Ok(Application { config, db, listener, metrics_listener, metrics, verifier, engine, ledger, vault, payments })
+        Ok(Application {
+            config,
+            db,
+            engine_db,
+            listener,
+            metrics_listener,
+            metrics,
+            verifier,
+            engine,
+            ledger,
+            vault,
+            payments,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -114,8 +136,19 @@ impl Application {
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight calls
     /// finish (up to `SHUTDOWN_GRACE`) and closes the pool.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Application { config, db, listener, metrics_listener, metrics, verifier, engine, ledger, vault, payments } =
-            self;
+        let Application {
+            config,
+            db,
+            engine_db,
+            listener,
+            metrics_listener,
+            metrics,
+            verifier,
+            engine,
+            ledger,
+            vault,
+            payments,
+        } = self;
         let addr = listener.local_addr()?;
 
         let metrics_task = metrics_listener.map(|l| {
@@ -138,6 +171,10 @@ impl Application {
             .max_decoding_message_size(size_max)
             .max_encoding_message_size(size_max);
         let purge_task = tokio::spawn(purge_unlinked(vault.clone()));
+        let checkpoint_task = {
+            let db = db.clone();
+            tokio::spawn(async move { db.run_sqlite_checkpointer().await })
+        };
         let payments_api = PaymentsServer::new(PaymentsApi::new(payments.clone()))
             .max_decoding_message_size(size_max)
             .max_encoding_message_size(size_max);
@@ -156,7 +193,7 @@ impl Application {
             .build_v1()?;
 
         set_serving(&health, true).await;
-        let probe_task = tokio::spawn(health_probe(db.clone(), health.clone()));
+        let probe_task = tokio::spawn(health_probe(db.clone(), health.clone(), ledger.engine().database().clone()));
 
         tracing::info!(addr = %addr, backend = db.backend(), "dmpay serving gRPC on {addr}");
 
@@ -166,6 +203,7 @@ impl Application {
             .max_concurrent_streams(Some(config.grpc_concurrent_streams_max))
             .tcp_nodelay(true)
             .layer(CallLogLayer::new(metrics.clone()))
+            .layer(UnreadableRequestLayer)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(InterceptedService::new(accounts, auth.clone()))
@@ -181,12 +219,14 @@ impl Application {
         tokio::select! {
             result = &mut server => {
                 probe_task.abort();
+                checkpoint_task.abort();
                 maintenance_task.abort();
                 purge_task.abort();
                 resolver_task.abort();
                 drop(payments);
                 drop(ledger);
                 engine.shutdown().await;
+                engine_db.close().await;
                 result??;
                 return Ok(());
             }
@@ -203,6 +243,7 @@ impl Application {
             }
         }
         probe_task.abort();
+        checkpoint_task.abort();
         maintenance_task.abort();
         purge_task.abort();
         resolver_task.abort();
@@ -210,6 +251,7 @@ impl Application {
         // Calls are done: commit whatever is still queued in the posting engine.
         drop(ledger);
         engine.shutdown().await;
+        engine_db.close().await;
         if let Some(task) = metrics_task {
             task.abort();
         }
@@ -229,12 +271,15 @@ async fn set_serving(health: &HealthReporter, serving: bool) {
 
 /// Keeps health true to the database: NOT_SERVING while it cannot be reached, SERVING
 /// again as soon as it answers, without a restart.
-async fn health_probe(db: Db, health: HealthReporter) {
+async fn health_probe(db: Db, health: HealthReporter, engine: Arc<DatabaseState>) {
     let mut serving = true;
     let mut tick = tokio::time::interval(HEALTH_PROBE_INTERVAL);
     loop {
         tick.tick().await;
         let ok = tokio::time::timeout(HEALTH_PROBE_INTERVAL, db.ping()).await.is_ok_and(|r| r.is_ok());
+        // The posting engine refuses commands at once while the database is away, and
+        // takes them again from the first good ping.
+        engine.set_reachable(ok);
         if ok != serving {
             if ok {
                 tracing::info!("database reachable again: SERVING");

@@ -57,7 +57,7 @@ impl Tier {
         }
     }
 
-    fn from_db(s: &str) -> Result<Self> {
+    pub(crate) fn from_db(s: &str) -> Result<Self> {
         match s {
             "unverified" => Ok(Tier::Unverified),
             "verified" => Ok(Tier::Verified),
@@ -80,7 +80,7 @@ impl Status {
         }
     }
 
-    fn from_db(s: &str) -> Result<Self> {
+    pub(crate) fn from_db(s: &str) -> Result<Self> {
         match s {
             "active" => Ok(Status::Active),
             "frozen" => Ok(Status::Frozen),

@@ -8,6 +8,7 @@ pub mod money;
 mod payment_methods;
 mod payments;
 pub mod status;
+pub mod wire;
 
 pub use accounts::AccountsApi;
 pub use finance::FinanceApi;

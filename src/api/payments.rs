@@ -3,8 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::money::{positive, to_wire};
@@ -51,13 +52,39 @@ fn event_to_wire(e: events::Event) -> Result<pb::PaymentEvent> {
     })
 }
 
-/// Streams events to one watcher until it disconnects or falls too far behind.
+/// A watch's answer: the events, then the status that ended it, if the server did.
+/// That status travels beside the event channel, not in it: a consumer too slow to
+/// take events is cut off exactly when the channel is full, and a status queued behind
+/// the events would be lost (the client would see a clean end of stream).
+pub struct WatchStream {
+    events: ReceiverStream<std::result::Result<pb::PaymentEvent, Status>>,
+    end: Option<oneshot::Receiver<Status>>,
+}
+
+impl Stream for WatchStream {
+    type Item = std::result::Result<pb::PaymentEvent, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        // The event channel closes only once the loop has returned, after it set `end`.
+        match std::task::ready!(std::pin::Pin::new(&mut self.events).poll_next(cx)) {
+            Some(item) => std::task::Poll::Ready(Some(item)),
+            None => std::task::Poll::Ready(self.end.take().and_then(|mut end| end.try_recv().ok()).map(Err)),
+        }
+    }
+}
+
+/// Streams events to one watcher until it disconnects or falls too far behind; a
+/// status that ends the stream goes to `end`.
 async fn watch_loop(
     payments: Arc<Payments>,
     user: Option<String>,
     conversation: String,
     mut cursor: i64,
     tx: mpsc::Sender<std::result::Result<pb::PaymentEvent, Status>>,
+    end: oneshot::Sender<Status>,
     _permit: OwnedSemaphorePermit,
 ) {
     let mut wake = payments.events_hub().subscribe();
@@ -65,7 +92,7 @@ async fn watch_loop(
         let page = match events::read(payments.db(), user.as_deref(), &conversation, cursor).await {
             Ok(page) => page,
             Err(e) => {
-                let _ = tx.send(Err(to_status(e))).await;
+                let _ = end.send(to_status(e));
                 return;
             }
         };
@@ -75,7 +102,7 @@ async fn watch_loop(
             let wire = match event_to_wire(event) {
                 Ok(w) => w,
                 Err(e) => {
-                    let _ = tx.send(Err(to_status(e))).await;
+                    let _ = end.send(to_status(e));
                     return;
                 }
             };
@@ -83,9 +110,9 @@ async fn watch_loop(
                 Ok(Ok(())) => cursor = sequence,
                 Ok(Err(_)) => return,
                 Err(_) => {
-                    let _ = tx.try_send(Err(Status::resource_exhausted(format!(
+                    let _ = end.send(Status::resource_exhausted(format!(
                         "the stream fell behind; resume with after_sequence={cursor}"
-                    ))));
+                    )));
                     return;
                 }
             }
@@ -93,11 +120,9 @@ async fn watch_loop(
         if full {
             if let Ok(latest) = events::latest(payments.db()).await {
                 if latest - cursor > WATCH_LAG_MAX {
-                    let _ = tx
-                        .send(Err(Status::resource_exhausted(format!(
-                            "more than {WATCH_LAG_MAX} events behind; resume with after_sequence={cursor}"
-                        ))))
-                        .await;
+                    let _ = end.send(Status::resource_exhausted(format!(
+                        "more than {WATCH_LAG_MAX} events behind; resume with after_sequence={cursor}"
+                    )));
                     return;
                 }
             }
@@ -327,7 +352,7 @@ impl pb::payments_server::Payments for PaymentsApi {
         result.map(Response::new).map_err(to_status)
     }
 
-    type WatchPaymentsStream = ReceiverStream<std::result::Result<pb::PaymentEvent, Status>>;
+    type WatchPaymentsStream = WatchStream;
 
     async fn watch_payments(&self, req: Request<pb::WatchPaymentsRequest>) -> ApiResult<Self::WatchPaymentsStream> {
         let caller = principal(&req)?;
@@ -347,7 +372,9 @@ impl pb::payments_server::Payments for PaymentsApi {
             .try_acquire_owned()
             .map_err(|_| Status::resource_exhausted("too many watchers; retry later"))?;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        tokio::spawn(watch_loop(self.payments.clone(), user, r.conversation_id.clone(), r.after_sequence, tx, permit));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let (end_tx, end_rx) = oneshot::channel();
+        let conversation = r.conversation_id.clone();
+        tokio::spawn(watch_loop(self.payments.clone(), user, conversation, r.after_sequence, tx, end_tx, permit));
+        Ok(Response::new(WatchStream { events: ReceiverStream::new(rx), end: Some(end_rx) }))
     }
 }

@@ -3,12 +3,19 @@
 //! whatever its size. Runs at READ COMMITTED: every row the decision depends on is
 //! locked (`FOR UPDATE`) or read after the locks are held, and each statement sees
 //! what concurrent batches committed before it.
+//!
+//! Lock order, the same in every process: idempotency keys (sorted), then balance rows
+//! (ascending id), then the sequence row, then whatever the batch hook locks (the event
+//! counter). The keys come first so that their inserts run before the batch holds any
+//! balance row: concurrent batches overlap on balance rows far more often than on keys,
+//! and the time between the first balance lock and commit is what serializes them.
 
 use std::collections::{HashMap, HashSet};
 
 use sqlx::PgPool;
 
 use super::engine::{AccountState, BatchResult, Decision, Draft, KeyRecord, Plan};
+use super::hook::{BatchHook, Conn};
 use super::model::Balance;
 
 pub(crate) async fn lookup_keys(pool: &PgPool, pairs: &[(String, String)]) -> Result<Vec<KeyRecord>, sqlx::Error> {
@@ -25,59 +32,38 @@ pub(crate) async fn lookup_keys(pool: &PgPool, pairs: &[(String, String)]) -> Re
     .await
 }
 
-pub(crate) async fn commit(pool: &PgPool, plan: &Plan<'_>) -> BatchResult {
-    let mut tx = pool.begin().await?;
+/// Runs the batch transaction on a connection of its own, for at most `timeout`. A
+/// connection whose database stops answering without closing it (a network partition)
+/// would otherwise hold the engine, and every command queued behind it, until the
+/// operating system gives up on the socket, many minutes later. On expiry the
+/// connection is dropped, not returned to the pool, and the batch's callers hear
+/// UNAVAILABLE: the outcome is unknown, and a retry with the same key settles it.
+pub(crate) async fn commit(
+    pool: &PgPool,
+    hook: Option<&dyn BatchHook>,
+    plan: &Plan<'_>,
+    timeout: std::time::Duration,
+) -> BatchResult {
+    let mut conn = pool.acquire().await?;
+    match tokio::time::timeout(timeout, transaction(&mut conn, hook, plan)).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(
+                timeout_ms = timeout.as_millis() as u64,
+                "ledger batch got no answer from the database in time; dropping its connection"
+            );
+            drop(conn.detach());
+            Err(sqlx::Error::PoolTimedOut)
+        }
+    }
+}
 
-    // 1. Lock every account of the batch, in ascending id order.
-    let rows: Vec<(i64, bool, bool, i64, i64, i64, i64)> = sqlx::query_as(
-        "SELECT id, credit_normal, allow_negative, posted_debits, posted_credits, pending_debits, pending_credits \
-         FROM ledger_accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-    )
-    .bind(&plan.account_ids)
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut accounts: HashMap<i64, AccountState> = rows
-        .into_iter()
-        .map(|(id, credit_normal, allow_negative, pd, pc, qd, qc)| {
-            (
-                id,
-                AccountState {
-                    credit_normal,
-                    allow_negative,
-                    balance: Balance { posted_debits: pd, posted_credits: pc, pending_debits: qd, pending_credits: qc },
-                    delta: Balance::default(),
-                },
-            )
-        })
-        .collect();
+async fn transaction(conn: &mut sqlx::PgConnection, hook: Option<&dyn BatchHook>, plan: &Plan<'_>) -> BatchResult {
+    let mut tx = sqlx::Connection::begin(conn).await?;
 
-    // 2. Targets already resolved or reversed (read under the account locks, which
-    //    every resolver and reverser of those entries also takes).
-    let resolved: HashSet<String> = if plan.resolve_targets.is_empty() {
-        HashSet::new()
-    } else {
-        sqlx::query_scalar::<_, String>("SELECT pending_entry_id FROM ledger_entries WHERE pending_entry_id = ANY($1)")
-            .bind(&plan.resolve_targets)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect()
-    };
-    let reversed: HashSet<String> = if plan.reverse_targets.is_empty() {
-        HashSet::new()
-    } else {
-        sqlx::query_scalar::<_, String>(
-            "SELECT reverses_entry_id FROM ledger_entries WHERE reverses_entry_id = ANY($1)",
-        )
-        .bind(&plan.reverse_targets)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect()
-    };
-
-    // 3. Idempotency keys, sorted. A key another transaction holds makes this one wait
-    //    for it; if that one commits, the key is reported as taken.
+    // 1. Idempotency keys, sorted. A key another transaction holds makes this one wait
+    //    for it; if that one commits, the key is reported as taken. No balance row is
+    //    held yet, so the wait blocks nobody else.
     let mut keys_taken = HashSet::new();
     if !plan.keyed.is_empty() {
         let mut callers = Vec::with_capacity(plan.keyed.len());
@@ -119,8 +105,62 @@ pub(crate) async fn commit(pool: &PgPool, plan: &Plan<'_>) -> BatchResult {
         }
     }
 
-    // 4. Decide, in memory.
-    let mut decisions = plan.decide(&mut accounts, &resolved, &reversed, &keys_taken);
+    // 2. Lock every account of the batch, in ascending id order.
+    let rows: Vec<(i64, bool, bool, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT id, credit_normal, allow_negative, posted_debits, posted_credits, pending_debits, pending_credits \
+         FROM ledger_accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+    )
+    .bind(&plan.account_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut accounts: HashMap<i64, AccountState> = rows
+        .into_iter()
+        .map(|(id, credit_normal, allow_negative, pd, pc, qd, qc)| {
+            (
+                id,
+                AccountState {
+                    credit_normal,
+                    allow_negative,
+                    balance: Balance { posted_debits: pd, posted_credits: pc, pending_debits: qd, pending_credits: qc },
+                    delta: Balance::default(),
+                },
+            )
+        })
+        .collect();
+
+    // 3. Targets already resolved or reversed (read under the account locks, which
+    //    every resolver and reverser of those entries also takes).
+    let resolved: HashSet<String> = if plan.resolve_targets.is_empty() {
+        HashSet::new()
+    } else {
+        sqlx::query_scalar::<_, String>("SELECT pending_entry_id FROM ledger_entries WHERE pending_entry_id = ANY($1)")
+            .bind(&plan.resolve_targets)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect()
+    };
+    let reversed: HashSet<String> = if plan.reverse_targets.is_empty() {
+        HashSet::new()
+    } else {
+        sqlx::query_scalar::<_, String>(
+            "SELECT reverses_entry_id FROM ledger_entries WHERE reverses_entry_id = ANY($1)",
+        )
+        .bind(&plan.reverse_targets)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect()
+    };
+
+    // 4. The batch hook reads what its rules need, under the same locks; then decide,
+    //    in memory.
+    let attached = plan.attached();
+    let mut hook_batch = match hook {
+        Some(h) if !attached.is_empty() => Some(h.prepare(&mut Conn::Postgres(&mut tx), &attached, plan.now_us).await?),
+        _ => None,
+    };
+    let mut decisions = plan.decide(&mut accounts, &resolved, &reversed, &keys_taken, hook_batch.as_deref_mut());
 
     // 5. Sequence block, postings, entries and balances in one statement: one round
     //    trip whatever the batch size. Its AFTER STATEMENT triggers see all of it.
@@ -143,7 +183,12 @@ pub(crate) async fn commit(pool: &PgPool, plan: &Plan<'_>) -> BatchResult {
         }
     }
 
-    // 6. Rejected commands leave no key behind: a retry may succeed later.
+    // 6. The hook's rows (payments and their events), after the entries they belong to.
+    if let Some(h) = hook_batch.as_mut() {
+        h.write(&mut Conn::Postgres(&mut tx), plan.now_us).await?;
+    }
+
+    // 7. Rejected commands leave no key behind: a retry may succeed later.
     let (rej_callers, rej_keys): (Vec<&str>, Vec<&str>) = plan
         .keyed
         .iter()

@@ -1,55 +1,42 @@
 //! The posting engine's transaction on SQLite. `BEGIN IMMEDIATE` takes the database's
 //! single write lock up front, so everything read in the transaction stays true until
-//! commit and no two writers interleave. Rows are written with multi-row statements of
-//! up to `ROWS_PER_STATEMENT` rows, so a batch costs a handful of statements.
+//! commit and no two writers interleave. A batch's rows travel as one JSON array
+//! parameter per statement (`store::json_rows`, read back with `json_each`), so a batch costs a
+//! handful of statements, each prepared once per connection.
 
 use std::collections::{HashMap, HashSet};
 
 use sqlx::SqlitePool;
 
 use super::engine::{AccountState, BatchResult, Decision, Draft, KeyRecord, Plan};
+use super::hook::{BatchHook, Conn};
 use super::model::Balance;
-
-/// Pairs looked up per statement; keeps the bind count well under SQLite's limit.
-const LOOKUP_CHUNK: usize = 200;
-/// Rows per multi-row statement: at 11 columns, 1,100 bound values, far below SQLite's
-/// limit of 32,766.
-const ROWS_PER_STATEMENT: usize = 100;
+use crate::store::json_rows;
 
 pub(crate) async fn lookup_keys(pool: &SqlitePool, pairs: &[(String, String)]) -> Result<Vec<KeyRecord>, sqlx::Error> {
-    let mut out = Vec::new();
-    for chunk in pairs.chunks(LOOKUP_CHUNK) {
-        let values =
-            (0..chunk.len()).map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2)).collect::<Vec<_>>().join(", ");
-        let sql = format!(
-            "SELECT caller, key, operation, request_hash, result_id FROM idempotency_keys \
-             WHERE (caller, key) IN (VALUES {values})"
-        );
-        let mut q = sqlx::query_as::<_, KeyRecord>(&sql);
-        for (c, k) in chunk {
-            q = q.bind(c).bind(k);
-        }
-        out.extend(q.fetch_all(pool).await?);
-    }
-    Ok(out)
+    sqlx::query_as(
+        "SELECT i.caller, i.key, i.operation, i.request_hash, i.result_id FROM json_each(?1) AS j \
+         JOIN idempotency_keys i ON i.caller = j.value ->> 0 AND i.key = j.value ->> 1",
+    )
+    .bind(json_rows(pairs)?)
+    .fetch_all(pool)
+    .await
 }
 
-pub(crate) async fn commit(pool: &SqlitePool, plan: &Plan<'_>) -> BatchResult {
+pub(crate) async fn commit(pool: &SqlitePool, hook: Option<&dyn BatchHook>, plan: &Plan<'_>) -> BatchResult {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
 
-    let mut accounts: HashMap<i64, AccountState> = HashMap::with_capacity(plan.account_ids.len());
-    for chunk in plan.account_ids.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "SELECT id, credit_normal, allow_negative, posted_debits, posted_credits, pending_debits, pending_credits \
-             FROM ledger_accounts WHERE id IN ({})",
-            placeholders(chunk.len(), 1, 1)
-        );
-        let mut q = sqlx::query_as::<_, (i64, bool, bool, i64, i64, i64, i64)>(&sql);
-        for id in chunk {
-            q = q.bind(id);
-        }
-        for (id, credit_normal, allow_negative, pd, pc, qd, qc) in q.fetch_all(&mut *tx).await? {
-            accounts.insert(
+    let rows: Vec<(i64, bool, bool, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT id, credit_normal, allow_negative, posted_debits, posted_credits, pending_debits, pending_credits \
+         FROM ledger_accounts WHERE id IN (SELECT value FROM json_each(?1))",
+    )
+    .bind(json_rows(&plan.account_ids)?)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut accounts: HashMap<i64, AccountState> = rows
+        .into_iter()
+        .map(|(id, credit_normal, allow_negative, pd, pc, qd, qc)| {
+            (
                 id,
                 AccountState {
                     credit_normal,
@@ -57,14 +44,14 @@ pub(crate) async fn commit(pool: &SqlitePool, plan: &Plan<'_>) -> BatchResult {
                     balance: Balance { posted_debits: pd, posted_credits: pc, pending_debits: qd, pending_credits: qc },
                     delta: Balance::default(),
                 },
-            );
-        }
-    }
+            )
+        })
+        .collect();
 
     let mut resolved = HashSet::new();
     for id in &plan.resolve_targets {
         let hit: Option<String> =
-            sqlx::query_scalar("SELECT pending_entry_id FROM ledger_entries WHERE pending_entry_id = $1")
+            sqlx::query_scalar("SELECT pending_entry_id FROM ledger_entries WHERE pending_entry_id = ?1")
                 .bind(id)
                 .fetch_optional(&mut *tx)
                 .await?;
@@ -73,7 +60,7 @@ pub(crate) async fn commit(pool: &SqlitePool, plan: &Plan<'_>) -> BatchResult {
     let mut reversed = HashSet::new();
     for id in &plan.reverse_targets {
         let hit: Option<String> =
-            sqlx::query_scalar("SELECT reverses_entry_id FROM ledger_entries WHERE reverses_entry_id = $1")
+            sqlx::query_scalar("SELECT reverses_entry_id FROM ledger_entries WHERE reverses_entry_id = ?1")
                 .bind(id)
                 .fetch_optional(&mut *tx)
                 .await?;
@@ -81,21 +68,37 @@ pub(crate) async fn commit(pool: &SqlitePool, plan: &Plan<'_>) -> BatchResult {
     }
 
     let mut keys_taken = HashSet::new();
-    for chunk in plan.keyed.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT INTO idempotency_keys (caller, key, operation, request_hash, result_id, created_at_us) VALUES {} \
+    if !plan.keyed.is_empty() {
+        let keys: Vec<(&str, &str, &str, &str, &str)> = plan
+            .keyed
+            .iter()
+            .filter_map(|&i| {
+                let cmd = plan.cmds[i];
+                cmd.idem.as_ref().map(|k| {
+                    (
+                        cmd.caller.as_str(),
+                        k.key.as_str(),
+                        k.operation,
+                        k.request_hash.as_str(),
+                        plan.entry_ids[i].as_str(),
+                    )
+                })
+            })
+            .collect();
+        // `WHERE true` tells SQLite's parser that ON CONFLICT belongs to the INSERT.
+        let inserted: HashSet<(String, String)> = sqlx::query_as::<_, (String, String)>(
+            "INSERT INTO idempotency_keys (caller, key, operation, request_hash, result_id, created_at_us) \
+             SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, j.value ->> 4, ?2 \
+             FROM json_each(?1) AS j WHERE true \
              ON CONFLICT (caller, key) DO NOTHING RETURNING caller, key",
-            placeholders(chunk.len(), 6, 1)
-        );
-        let mut q = sqlx::query_as::<_, (String, String)>(&sql);
-        for &i in chunk {
-            let cmd = plan.cmds[i];
-            let (key, operation, hash) =
-                cmd.idem.as_ref().map(|k| (k.key.as_str(), k.operation, k.request_hash.as_str())).unwrap_or_default();
-            q = q.bind(&cmd.caller).bind(key).bind(operation).bind(hash).bind(&plan.entry_ids[i]).bind(plan.now_us);
-        }
-        let inserted: HashSet<(String, String)> = q.fetch_all(&mut *tx).await?.into_iter().collect();
-        for &i in chunk {
+        )
+        .bind(json_rows(&keys)?)
+        .bind(plan.now_us)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        for &i in &plan.keyed {
             let cmd = plan.cmds[i];
             if let Some(idem) = &cmd.idem {
                 if !inserted.contains(&(cmd.caller.clone(), idem.key.clone())) {
@@ -105,12 +108,17 @@ pub(crate) async fn commit(pool: &SqlitePool, plan: &Plan<'_>) -> BatchResult {
         }
     }
 
-    let mut decisions = plan.decide(&mut accounts, &resolved, &reversed, &keys_taken);
+    let attached = plan.attached();
+    let mut hook_batch = match hook {
+        Some(h) if !attached.is_empty() => Some(h.prepare(&mut Conn::Sqlite(&mut tx), &attached, plan.now_us).await?),
+        _ => None,
+    };
+    let mut decisions = plan.decide(&mut accounts, &resolved, &reversed, &keys_taken, hook_batch.as_deref_mut());
 
     let accepted = decisions.iter().filter(|d| matches!(d, Decision::Accept(_))).count() as i64;
     if accepted > 0 {
         let last: i64 = sqlx::query_scalar(
-            "UPDATE ledger_sequence SET last_value = last_value + $1 WHERE id = 1 RETURNING last_value",
+            "UPDATE ledger_sequence SET last_value = last_value + ?1 WHERE id = 1 RETURNING last_value",
         )
         .bind(accepted)
         .fetch_one(&mut *tx)
@@ -130,28 +138,27 @@ pub(crate) async fn commit(pool: &SqlitePool, plan: &Plan<'_>) -> BatchResult {
             })
             .collect();
         write_entries(&mut tx, &drafts, plan.now_us).await?;
-        let changed: Vec<(i64, Balance)> =
-            accounts.iter().filter(|(_, s)| s.delta != Balance::default()).map(|(id, s)| (*id, s.delta)).collect();
-        for chunk in changed.chunks(ROWS_PER_STATEMENT) {
-            // One net update per account, whatever number of entries touched it.
-            let sql = format!(
-                "UPDATE ledger_accounts SET posted_debits = posted_debits + d.column2, \
-                 posted_credits = posted_credits + d.column3, pending_debits = pending_debits + d.column4, \
-                 pending_credits = pending_credits + d.column5, version = version + 1 \
-                 FROM (VALUES {}) AS d WHERE ledger_accounts.id = d.column1",
-                placeholders(chunk.len(), 5, 1)
-            );
-            let mut q = sqlx::query(&sql);
-            for (id, delta) in chunk {
-                q = q
-                    .bind(id)
-                    .bind(delta.posted_debits)
-                    .bind(delta.posted_credits)
-                    .bind(delta.pending_debits)
-                    .bind(delta.pending_credits);
-            }
-            q.execute(&mut *tx).await?;
-        }
+        // One net update per account, whatever number of entries touched it.
+        let changed: Vec<(i64, i64, i64, i64, i64)> = accounts
+            .iter()
+            .filter(|(_, s)| s.delta != Balance::default())
+            .map(|(id, s)| {
+                (*id, s.delta.posted_debits, s.delta.posted_credits, s.delta.pending_debits, s.delta.pending_credits)
+            })
+            .collect();
+        sqlx::query(
+            "UPDATE ledger_accounts SET posted_debits = posted_debits + (d.value ->> 1), \
+             posted_credits = posted_credits + (d.value ->> 2), pending_debits = pending_debits + (d.value ->> 3), \
+             pending_credits = pending_credits + (d.value ->> 4), version = version + 1 \
+             FROM json_each(?1) AS d WHERE ledger_accounts.id = d.value ->> 0",
+        )
+        .bind(json_rows(&changed)?)
+        .execute(&mut *tx)
+        .await?;
+    }
+
+    if let Some(h) = hook_batch.as_mut() {
+        h.write(&mut Conn::Sqlite(&mut tx), plan.now_us).await?;
     }
 
     for &i in &plan.keyed {
@@ -159,7 +166,7 @@ pub(crate) async fn commit(pool: &SqlitePool, plan: &Plan<'_>) -> BatchResult {
             continue;
         }
         if let Some(idem) = &plan.cmds[i].idem {
-            sqlx::query("DELETE FROM idempotency_keys WHERE caller = $1 AND key = $2")
+            sqlx::query("DELETE FROM idempotency_keys WHERE caller = ?1 AND key = ?2")
                 .bind(&plan.cmds[i].caller)
                 .bind(&idem.key)
                 .execute(&mut *tx)
@@ -171,82 +178,69 @@ pub(crate) async fn commit(pool: &SqlitePool, plan: &Plan<'_>) -> BatchResult {
     Ok(decisions)
 }
 
-/// `($1, $2, ..), ($k, ..)`: `rows` groups of `cols` numbered placeholders from `first`.
-fn placeholders(rows: usize, cols: usize, first: usize) -> String {
-    let mut out = String::with_capacity(rows * cols * 5);
-    for r in 0..rows {
-        if r > 0 {
-            out.push_str(", ");
-        }
-        if cols > 1 {
-            out.push('(');
-        }
-        for c in 0..cols {
-            if c > 0 {
-                out.push_str(", ");
-            }
-            out.push_str(&format!("${}", first + r * cols + c));
-        }
-        if cols > 1 {
-            out.push(')');
-        }
-    }
-    out
-}
-
 /// All postings of the batch first, then the entry rows, whose trigger checks that each
-/// entry's postings balance. Multi-row statements keep the statement count per batch
-/// small.
+/// entry's postings balance.
 async fn write_entries(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     drafts: &[&Draft],
     now_us: i64,
 ) -> Result<(), sqlx::Error> {
-    let postings: Vec<(&Draft, &super::decide::PostingRow)> =
-        drafts.iter().flat_map(|d| d.postings.iter().map(move |p| (*d, p))).collect();
-    for chunk in postings.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT INTO ledger_postings (entry_id, idx, account_id, direction, amount, currency, pending, sequence, \
-             created_at_us) VALUES {}",
-            placeholders(chunk.len(), 9, 1)
-        );
-        let mut q = sqlx::query(&sql);
-        for (d, p) in chunk {
-            q = q
-                .bind(&d.id)
-                .bind(p.idx)
-                .bind(p.posting.account_id)
-                .bind(p.posting.direction.as_db())
-                .bind(p.posting.amount.minor())
-                .bind(p.posting.amount.currency().code())
-                .bind(p.pending)
-                .bind(d.sequence)
-                .bind(now_us);
-        }
-        q.execute(&mut **tx).await?;
-    }
-    for chunk in drafts.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT INTO ledger_entries (id, sequence, kind, description, metadata, status, pending_entry_id, \
-             reverses_entry_id, expires_at_us, created_by, created_at_us) VALUES {}",
-            placeholders(chunk.len(), 11, 1)
-        );
-        let mut q = sqlx::query(&sql);
-        for d in chunk {
-            q = q
-                .bind(&d.id)
-                .bind(d.sequence)
-                .bind(&d.kind)
-                .bind(&d.description)
-                .bind(&d.metadata_json)
-                .bind(d.status.as_str())
-                .bind(&d.pending_entry_id)
-                .bind(&d.reverses_entry_id)
-                .bind(d.expires_at_us)
-                .bind(&d.created_by)
-                .bind(now_us);
-        }
-        q.execute(&mut **tx).await?;
-    }
+    type PostingRow<'a> = (&'a str, i16, i64, &'a str, i64, &'a str, bool, i64);
+    let postings: Vec<PostingRow<'_>> = drafts
+        .iter()
+        .flat_map(|d| {
+            d.postings.iter().map(move |p| {
+                (
+                    d.id.as_str(),
+                    p.idx,
+                    p.posting.account_id,
+                    p.posting.direction.as_db(),
+                    p.posting.amount.minor(),
+                    p.posting.amount.currency().code(),
+                    p.pending,
+                    d.sequence,
+                )
+            })
+        })
+        .collect();
+    sqlx::query(
+        "INSERT INTO ledger_postings (entry_id, idx, account_id, direction, amount, currency, pending, sequence, \
+         created_at_us) \
+         SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, j.value ->> 4, j.value ->> 5, \
+         j.value ->> 6, j.value ->> 7, ?2 FROM json_each(?1) AS j",
+    )
+    .bind(json_rows(&postings)?)
+    .bind(now_us)
+    .execute(&mut **tx)
+    .await?;
+    type EntryRow<'a> =
+        (&'a str, i64, &'a str, &'a str, &'a str, &'a str, Option<&'a str>, Option<&'a str>, Option<i64>, &'a str);
+    let entries: Vec<EntryRow<'_>> = drafts
+        .iter()
+        .map(|d| {
+            (
+                d.id.as_str(),
+                d.sequence,
+                d.kind.as_str(),
+                d.description.as_str(),
+                d.metadata_json.as_str(),
+                d.status.as_str(),
+                d.pending_entry_id.as_deref(),
+                d.reverses_entry_id.as_deref(),
+                d.expires_at_us,
+                d.created_by.as_str(),
+            )
+        })
+        .collect();
+    sqlx::query(
+        "INSERT INTO ledger_entries (id, sequence, kind, description, metadata, status, pending_entry_id, \
+         reverses_entry_id, expires_at_us, created_by, created_at_us) \
+         SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, j.value ->> 4, j.value ->> 5, \
+         j.value ->> 6, j.value ->> 7, j.value ->> 8, j.value ->> 9, ?2 FROM json_each(?1) AS j",
+    )
+    .bind(json_rows(&entries)?)
+    .bind(now_us)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }

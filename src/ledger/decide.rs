@@ -4,7 +4,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::engine::{Command, NewEntry, Op, Resolution};
+use super::engine::{Command, NewEntry, Op, Outcome, Resolution};
+use super::hook::{Admit, HookBatch};
 use super::model::{Balance, Direction, Entry, EntryStatus, Metadata, Posting};
 use crate::error::{Error, Result};
 use crate::money::Money;
@@ -68,6 +69,8 @@ pub(crate) enum Decision {
     Reject(Error),
     /// Another process committed this idempotency key first; answered after commit.
     KeyTaken,
+    /// The batch hook answered the command without a ledger decision.
+    Answered(Result<Outcome>),
 }
 
 /// What the transaction needs to know about a batch before deciding.
@@ -117,13 +120,20 @@ impl<'a> Plan<'a> {
         Plan { cmds, account_ids: ids, resolve_targets, reverse_targets, keyed, entry_ids, now_us: now_us() }
     }
 
-    /// Decides every command in order against the locked balances. Pure: no I/O.
+    /// The commands that carry an attachment for the batch hook, with their index.
+    pub fn attached(&self) -> Vec<(usize, &(dyn std::any::Any + Send + Sync))> {
+        self.cmds.iter().enumerate().filter_map(|(i, c)| c.attachment.as_deref().map(|a| (i, a))).collect()
+    }
+
+    /// Decides every command in order against the locked balances. No I/O: the hook,
+    /// if any, is consulted around each attached command's decision in memory.
     pub fn decide(
         &self,
         accounts: &mut HashMap<i64, AccountState>,
         resolved: &HashSet<String>,
         reversed: &HashSet<String>,
         keys_taken: &HashSet<usize>,
+        mut hook: Option<&mut (dyn HookBatch + '_)>,
     ) -> Vec<Decision> {
         let mut resolved_now: HashSet<&str> = HashSet::new();
         let mut reversed_now: HashSet<&str> = HashSet::new();
@@ -133,6 +143,15 @@ impl<'a> Plan<'a> {
                 out.push(Decision::KeyTaken);
                 continue;
             }
+            let hooked = hook.as_deref_mut().filter(|_| cmd.attachment.is_some());
+            let hooked = match hooked.map(|h| (h.admit(i), h)) {
+                Some((Admit::Answer(answer), _)) => {
+                    out.push(Decision::Answered(*answer));
+                    continue;
+                }
+                Some((Admit::Proceed, h)) => Some(h),
+                None => None,
+            };
             let decision = match &cmd.op {
                 Op::Post(new) => self.decide_post(i, new, accounts),
                 Op::Resolve { pending, action } => {
@@ -164,6 +183,13 @@ impl<'a> Plan<'a> {
                     }
                 }
             };
+            if let Some(h) = hooked {
+                match &decision {
+                    Decision::Accept(_) => h.decided(i, Ok(())),
+                    Decision::Reject(e) => h.decided(i, Err(e)),
+                    Decision::KeyTaken | Decision::Answered(_) => {}
+                }
+            }
             out.push(decision);
         }
         out

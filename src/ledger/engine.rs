@@ -4,28 +4,32 @@
 //! unbounded memory). Workers take whatever is queued, up to `batch_size_max`, waiting at
 //! most `commit_wait` for more, and commit the batch in one database transaction:
 //!
-//! 1. lock the balance rows of every account in the batch, in ascending id order, so
-//!    batches of any number of processes never deadlock;
-//! 2. insert the idempotency keys (sorted), which also serializes concurrent duplicates
+//! 1. insert the idempotency keys (sorted), which also serializes concurrent duplicates
 //!    across processes: the second waits for the first and then sees its key;
-//! 3. decide each command on its own against the locked balances, in memory
+//! 2. lock the balance rows of every account in the batch, in ascending id order, so
+//!    batches of any number of processes never deadlock;
+//! 3. let the batch hook (payments) read what its rules need, under those locks, then
+//!    decide each command on its own against the locked balances, in memory
 //!    (`decide`): an overdraft rejects that command only, never its neighbours;
 //! 4. take a contiguous block of the gap-free sequence (one row, locked last);
 //! 5. write postings, entries and one net balance update per account with set-based
-//!    statements, and delete the keys of rejected commands; commit.
+//!    statements, then the hook's rows, and delete the keys of rejected commands; commit.
 //!
-//! Lock order is always accounts, then idempotency keys, then the sequence row, in
-//! every process, so there is no cycle. If the database refuses a batch (a trigger or
-//! constraint, which would mean a bug the code checks missed), each command is retried
-//! alone so only the culprit fails. Shutdown stops intake and drains the queue.
+//! Lock order is always keys, then balance rows, then the sequence row, then the hook's
+//! rows, in every process, so there is no cycle. If the database refuses a batch (a
+//! trigger or constraint, which would mean a bug the code checks missed), each command
+//! is retried alone so only the culprit fails. Shutdown stops intake and drains the
+//! queue.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
 pub(crate) use super::decide::{AccountState, Decision, Draft, Plan};
+use super::hook::{Attachment, BatchHook};
 use super::model::{Entry, Metadata, Posting};
 use crate::error::{Error, Result};
 use crate::store::Db;
@@ -41,6 +45,9 @@ pub struct EngineConfig {
     pub queue_capacity: usize,
     /// Batches committed concurrently by this process.
     pub workers: usize,
+    /// Longest a batch transaction may take on PostgreSQL before its connection is
+    /// dropped and its callers hear UNAVAILABLE.
+    pub batch_timeout: Duration,
 }
 
 impl Default for EngineConfig {
@@ -50,6 +57,8 @@ impl Default for EngineConfig {
             commit_wait: Duration::from_micros(200),
             queue_capacity: 20_000,
             workers: 2,
+            // Normal batches take milliseconds, the largest well under a second.
+            batch_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -108,6 +117,8 @@ pub(crate) struct Command {
     pub caller: String,
     pub idem: Option<Idem>,
     pub op: Op,
+    /// Another module's part of this command, handed to the engine's `BatchHook`.
+    pub attachment: Option<Attachment>,
     reply: oneshot::Sender<Result<Outcome>>,
 }
 
@@ -115,12 +126,64 @@ pub(crate) struct Command {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
+    stats: Arc<EngineStats>,
+    database: Arc<DatabaseState>,
+}
+
+/// Whether the database answers, as last seen by the engine (a batch that got no answer
+/// in time) and by the server's health probe (a ping). While it does not, commands are
+/// refused at once with UNAVAILABLE instead of each waiting out a timeout behind the
+/// one before: callers learn of an outage in microseconds and retry with their key.
+#[derive(Debug)]
+pub struct DatabaseState {
+    reachable: std::sync::atomic::AtomicBool,
+}
+
+impl DatabaseState {
+    pub fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
+    }
+
+    /// Set by the health probe after each ping.
+    pub fn set_reachable(&self, reachable: bool) {
+        self.reachable.store(reachable, Ordering::Relaxed);
+    }
+}
+
+fn unreachable_error() -> Error {
+    Error::Unavailable("the database is unreachable; retry with the same idempotency key".into())
+}
+
+/// What the engine has done since it started, for metrics and benchmarks.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Batch transactions run (retries of a refused batch included).
+    pub batches: AtomicU64,
+    /// Commands taken from the queue.
+    pub commands: AtomicU64,
+    /// Time spent committing batches, microseconds, summed over workers.
+    pub busy_us: AtomicU64,
 }
 
 impl EngineHandle {
     pub async fn submit(&self, caller: &str, idem: Option<Idem>, op: Op) -> Result<Outcome> {
+        self.submit_attached(caller, idem, op, None).await
+    }
+
+    /// Submits a command with another module's attachment, which the engine's hook sees
+    /// in the same batch transaction (see `hook`).
+    pub async fn submit_attached(
+        &self,
+        caller: &str,
+        idem: Option<Idem>,
+        op: Op,
+        attachment: Option<Attachment>,
+    ) -> Result<Outcome> {
+        if !self.database.reachable() {
+            return Err(unreachable_error());
+        }
         let (reply, rx) = oneshot::channel();
-        let cmd = Command { caller: caller.to_owned(), idem, op, reply };
+        let cmd = Command { caller: caller.to_owned(), idem, op, attachment, reply };
         self.tx.try_send(cmd).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Error::ResourceExhausted {
                 reason: "LEDGER_QUEUE_FULL",
@@ -129,6 +192,14 @@ impl EngineHandle {
             mpsc::error::TrySendError::Closed(_) => Error::Unavailable("the ledger is shutting down".into()),
         })?;
         rx.await.map_err(|_| Error::Unavailable("the ledger engine stopped".into()))?
+    }
+
+    pub fn stats(&self) -> &Arc<EngineStats> {
+        &self.stats
+    }
+
+    pub fn database(&self) -> &Arc<DatabaseState> {
+        &self.database
     }
 }
 
@@ -139,17 +210,35 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn start(db: Db, config: EngineConfig) -> (Engine, EngineHandle) {
+    /// Starts the workers. `hook` is called for batches that carry attachments.
+    pub fn start(db: Db, config: EngineConfig, hook: Option<Arc<dyn BatchHook>>) -> (Engine, EngineHandle) {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let (stop, stop_rx) = watch::channel(false);
+        let stats = Arc::new(EngineStats::default());
+        let database = Arc::new(DatabaseState { reachable: std::sync::atomic::AtomicBool::new(true) });
         let rx = Arc::new(Mutex::new(rx));
-        let workers = (0..config.workers.max(1))
+        // SQLite has one write lock for the whole database: a second worker would only
+        // wait for it, and SQLite waits by sleeping (milliseconds at a time), so on SQLite
+        // the engine always runs one worker.
+        let workers = match db {
+            Db::Sqlite(_) => 1,
+            Db::Postgres(_) => config.workers.max(1),
+        };
+        let workers = (0..workers)
             .map(|_| {
-                let worker = Worker { db: db.clone(), config: config.clone(), rx: rx.clone(), stop: stop_rx.clone() };
+                let worker = Worker {
+                    db: db.clone(),
+                    config: config.clone(),
+                    rx: rx.clone(),
+                    stop: stop_rx.clone(),
+                    hook: hook.clone(),
+                    stats: stats.clone(),
+                    database: database.clone(),
+                };
                 tokio::spawn(worker.run())
             })
             .collect();
-        (Engine { stop, workers }, EngineHandle { tx })
+        (Engine { stop, workers }, EngineHandle { tx, stats, database })
     }
 
     /// Refuses new commands, commits everything already queued, then returns.
@@ -166,6 +255,9 @@ struct Worker {
     config: EngineConfig,
     rx: Arc<Mutex<mpsc::Receiver<Command>>>,
     stop: watch::Receiver<bool>,
+    hook: Option<Arc<dyn BatchHook>>,
+    stats: Arc<EngineStats>,
+    database: Arc<DatabaseState>,
 }
 
 impl Worker {
@@ -207,8 +299,24 @@ impl Worker {
             };
             let size = batch.len();
             let started = std::time::Instant::now();
-            process_batch(&self.db, batch).await;
-            tracing::trace!(size, elapsed_us = started.elapsed().as_micros() as u64, "ledger batch");
+            if self.database.reachable() {
+                let ctx = BatchContext {
+                    db: &self.db,
+                    hook: self.hook.as_deref(),
+                    timeout: self.config.batch_timeout,
+                    database: &self.database,
+                };
+                process_batch(&ctx, batch).await;
+            } else {
+                for cmd in batch {
+                    let _ = cmd.reply.send(Err(unreachable_error()));
+                }
+            }
+            let elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            self.stats.commands.fetch_add(size as u64, Ordering::Relaxed);
+            self.stats.busy_us.fetch_add(elapsed_us, Ordering::Relaxed);
+            tracing::trace!(size, elapsed_us, "ledger batch");
         }
     }
 }
@@ -216,7 +324,16 @@ impl Worker {
 /// The outcome of one batch transaction: a decision per command of the plan.
 pub(crate) type BatchResult = std::result::Result<Vec<Decision>, sqlx::Error>;
 
-async fn process_batch(db: &Db, batch: Vec<Command>) {
+/// What running a batch needs besides its commands.
+struct BatchContext<'a> {
+    db: &'a Db,
+    hook: Option<&'a dyn BatchHook>,
+    timeout: Duration,
+    database: &'a DatabaseState,
+}
+
+async fn process_batch(ctx: &BatchContext<'_>, batch: Vec<Command>) {
+    let db = ctx.db;
     // Duplicates inside the batch: the first of each (caller, key) leads; a later one
     // with the same request follows it, with another request it is ALREADY_EXISTS.
     let mut leaders: HashMap<(String, String), usize> = HashMap::new();
@@ -246,7 +363,7 @@ async fn process_batch(db: &Db, batch: Vec<Command>) {
 
     if !to_run.is_empty() {
         let run: Vec<&Command> = to_run.iter().map(|i| &lead[*i]).collect();
-        let outcomes = run_transaction(db, run).await;
+        let outcomes = run_transaction(ctx, run).await;
         for (slot, outcome) in to_run.iter().zip(outcomes) {
             results[*slot] = Some(outcome);
         }
@@ -342,36 +459,54 @@ async fn lookup_keys_of(
 
 /// Runs the batch transaction and turns decisions into answers. Keys another process
 /// took first come back as `Error::Aborted` for the caller above to look up.
-async fn run_transaction(db: &Db, cmds: Vec<&Command>) -> Vec<Result<Outcome>> {
-    let plan = Plan::new(cmds);
-    let created_at_us = plan.now_us;
-    let result: BatchResult = match db {
-        Db::Postgres(pool) => super::batch_pg::commit(pool, &plan).await,
-        Db::Sqlite(pool) => super::batch_sqlite::commit(pool, &plan).await,
-    };
-    match result {
-        Ok(decisions) => decisions
-            .into_iter()
-            .map(|d| match d {
-                Decision::Accept(draft) => Ok(Outcome::Created(draft.to_entry(created_at_us))),
-                Decision::Reject(e) => Err(e),
-                Decision::KeyTaken => Err(Error::Aborted),
-            })
-            .collect(),
-        Err(e) => {
-            let err = crate::store::classify(e);
-            if plan.cmds.len() > 1 && matches!(err, Error::Internal(_)) {
-                // The database refused the batch. Retry one by one so only the command
-                // at fault fails.
-                tracing::error!(error = %format!("{err:#}"), size = plan.cmds.len(), "ledger batch refused; retrying commands one by one");
-                let mut out = Vec::with_capacity(plan.cmds.len());
-                for cmd in plan.cmds {
-                    out.extend(Box::pin(run_transaction(db, vec![cmd])).await);
-                }
-                out
-            } else {
-                plan.cmds.iter().map(|_| Err(err.duplicate())).collect()
+async fn run_transaction(ctx: &BatchContext<'_>, cmds: Vec<&Command>) -> Vec<Result<Outcome>> {
+    let (db, hook, timeout) = (ctx.db, ctx.hook, ctx.timeout);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let plan = Plan::new(cmds.clone());
+        let created_at_us = plan.now_us;
+        let result: BatchResult = match db {
+            Db::Postgres(pool) => super::batch_pg::commit(pool, hook, &plan, timeout).await,
+            Db::Sqlite(pool) => super::batch_sqlite::commit(pool, hook, &plan).await,
+        };
+        let err = match result {
+            Ok(decisions) => {
+                return decisions
+                    .into_iter()
+                    .map(|d| match d {
+                        Decision::Accept(draft) => Ok(Outcome::Created(draft.to_entry(created_at_us))),
+                        Decision::Reject(e) => Err(e),
+                        Decision::KeyTaken => Err(Error::Aborted),
+                        Decision::Answered(answer) => answer,
+                    })
+                    .collect()
             }
+            Err(e) => e,
+        };
+        if matches!(err, sqlx::Error::PoolTimedOut) {
+            // No connection, or no answer in time: refuse what is queued until the
+            // health probe reaches the database again.
+            ctx.database.set_reachable(false);
         }
+        // A unique violation means another process committed a row this batch also
+        // wrote (a concurrent duplicate of a hook's idempotency key): the rerun sees it
+        // and answers that command as a replay.
+        if attempt < 3 && crate::store::is_unique_violation(&err) {
+            tracing::debug!(size = cmds.len(), "ledger batch met a concurrent duplicate; running it again");
+            continue;
+        }
+        let err = crate::store::classify(err);
+        if cmds.len() > 1 && matches!(err, Error::Internal(_)) {
+            // The database refused the batch. Retry one by one so only the command at
+            // fault fails.
+            tracing::error!(error = %format!("{err:#}"), size = cmds.len(), "ledger batch refused; retrying commands one by one");
+            let mut out = Vec::with_capacity(cmds.len());
+            for cmd in cmds {
+                out.extend(Box::pin(run_transaction(ctx, vec![cmd])).await);
+            }
+            return out;
+        }
+        return cmds.iter().map(|_| Err(err.duplicate())).collect();
     }
 }

@@ -4,6 +4,7 @@
 //! - `accounts`   account lookup (cached), wallets on first use, system accounts
 //! - `engine`     the batching posting engine, the single write path
 //! - `decide`     the engine's per-command decision against locked balances (pure)
+//! - `hook`       how another module (payments) commits its rows in the engine's batch
 //! - `batch_pg`, `batch_sqlite`  the engine's transaction on each backend
 //! - `read`       entries, listings and point-in-time balances
 //! - `verify`     recompute everything from postings and report differences
@@ -16,6 +17,7 @@ mod batch_sqlite;
 pub mod bench;
 mod decide;
 pub mod engine;
+pub mod hook;
 pub mod maintenance;
 pub mod model;
 pub mod read;
@@ -64,7 +66,14 @@ pub struct Ledger {
 
 /// SHA-256 of `bytes`, hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = Sha256::digest(bytes);
+    let mut out = String::with_capacity(digest.len() * 2);
+    for b in digest {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0x0f)]));
+    }
+    out
 }
 
 /// The hash an idempotency key is stored with: a retry must send the same request.
@@ -249,5 +258,13 @@ impl Ledger {
 
     pub async fn get_entry(&self, entry_id: &str) -> Result<Entry> {
         read::get_entry(&self.db, entry_id).await?.ok_or_else(|| Error::NotFound(format!("entry {entry_id} not found")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sha256_hex_matches_the_standard_vector() {
+        assert_eq!(super::sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }

@@ -206,7 +206,8 @@ pub fn parse_minor(field: &str, raw: &str, currency: Currency, allow_negative: b
         .filter(|m| m.fract().is_zero())
         .and_then(|m| i64::from_str(&m.trunc().to_string()).ok())
         .ok_or_else(too_large)?;
-    if minor.abs() > AMOUNT_MINOR_MAX {
+    // Not `minor.abs()`: i64::MIN ("-92233720368547758.08" USD) has no absolute value.
+    if !(-AMOUNT_MINOR_MAX..=AMOUNT_MINOR_MAX).contains(&minor) {
         return Err(too_large());
     }
     debug_assert_eq!(minor < 0, negative && minor != 0);
@@ -263,6 +264,26 @@ mod tests {
         let err = parse_minor("postings[0].amount", "1.001", usd(), false).unwrap_err();
         assert!(err.to_string().contains("postings[0].amount"), "{err}");
         assert!(err.to_string().contains("2 decimal places"), "{err}");
+    }
+
+    /// Found with the money_parse fuzz target (its seed corpus keeps the input): exactly
+    /// i64::MIN minor units overflowed `abs()`, a panic in debug builds and an accepted
+    /// i64::MIN amount in release (settlement reports allow negative amounts).
+    #[test]
+    fn i64_extremes_are_refused_not_overflowed() {
+        let jpy = Currency::from_code("JPY").unwrap();
+        let kwd = Currency::from_code("KWD").unwrap();
+        for (raw, currency) in [
+            ("-92233720368547758.08", usd()),
+            ("92233720368547758.07", usd()),
+            ("-9223372036854775808", jpy),
+            ("-9223372036854775.808", kwd),
+        ] {
+            let err = parse_minor("amount", raw, currency, true).unwrap_err();
+            assert!(err.to_string().contains("exceeds the maximum amount"), "{raw}: {err}");
+        }
+        assert_eq!(parse_minor("a", "-10000000000000.00", usd(), true).unwrap(), -AMOUNT_MINOR_MAX);
+        assert!(parse_minor("a", "-10000000000000.01", usd(), true).is_err());
     }
 
     #[test]

@@ -2,13 +2,16 @@
 //! ones. The outbox is the only buffer: a watcher reads it in bounded pages, so a slow
 //! consumer costs the server a cursor, never memory.
 
+use std::collections::HashMap;
+
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use super::requests::PaymentRequest;
-use super::Payment;
+use super::requests::{PaymentRequest, RequestRow, RequestStatus, REQUEST_COLUMNS};
+use super::store::{PaymentRow, COLUMNS};
+use super::{Payment, PaymentStatus};
 use crate::error::Result;
-use crate::store::Db;
+use crate::store::{json_rows, Db};
 use crate::with_db;
 
 /// Events read per query.
@@ -28,10 +31,22 @@ pub struct Event {
 struct EventRow {
     sequence: i64,
     event_type: String,
+    payment_id: Option<String>,
+    request_id: Option<String>,
+    /// A JSON copy of the payment or request, in events written before the state moved
+    /// to typed columns (migration 0008); empty since.
     snapshot: String,
+    status: String,
+    refunded_amount: i64,
+    failure_reason: String,
+    failure_message: String,
+    authorization_ref: Option<String>,
+    capture_ref: Option<String>,
+    settled_at_us: Option<i64>,
     occurred_at_us: i64,
 }
 
+/// A legacy event's JSON copy.
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum Snapshot {
@@ -63,10 +78,13 @@ impl EventHub {
 }
 
 /// Events after `after`, for `user` (every user's when `None`), optionally in one
-/// conversation, in sequence order.
+/// conversation, in sequence order. Each event's payment or request is its row as it is
+/// now, with the state the event recorded laid over it, so a replayed
+/// `payment.created` still shows the payment as it was then.
 pub async fn read(db: &Db, user: Option<&str>, conversation: &str, after: i64) -> Result<Vec<Event>> {
     let rows: Vec<EventRow> = with_db!(db, pool => sqlx::query_as(
-        "SELECT sequence, event_type, snapshot, occurred_at_us FROM payment_events \
+        "SELECT sequence, event_type, payment_id, request_id, snapshot, status, refunded_amount, failure_reason, \
+         failure_message, authorization_ref, capture_ref, settled_at_us, occurred_at_us FROM payment_events \
          WHERE sequence > $1 AND ($2 IS NULL OR party_a = $2 OR party_b = $2) AND ($3 = '' OR conversation_id = $3) \
          ORDER BY sequence LIMIT $4",
     )
@@ -76,18 +94,89 @@ pub async fn read(db: &Db, user: Option<&str>, conversation: &str, after: i64) -
     .bind(PAGE_MAX)
     .fetch_all(pool)
     .await)?;
+    let typed = rows.iter().filter(|r| r.snapshot.is_empty());
+    let payment_ids: Vec<&str> = typed
+        .clone()
+        .filter(|r| r.event_type.starts_with("payment."))
+        .filter_map(|r| r.payment_id.as_deref())
+        .collect();
+    let request_ids: Vec<&str> =
+        typed.filter(|r| r.event_type.starts_with("request.")).filter_map(|r| r.request_id.as_deref()).collect();
+    let payments = load_payments(db, &payment_ids).await?;
+    let requests = load_requests(db, &request_ids).await?;
     Ok(rows
         .into_iter()
         .map(|r| {
-            let snapshot = serde_json::from_str::<Snapshot>(&r.snapshot).ok();
-            let (payment, request) = match snapshot {
-                Some(Snapshot::Payment(p)) => (Some(*p), None),
-                Some(Snapshot::Request(q)) => (None, Some(*q)),
-                None => (None, None),
+            let (payment, request) = if !r.snapshot.is_empty() {
+                match serde_json::from_str::<Snapshot>(&r.snapshot).ok() {
+                    Some(Snapshot::Payment(p)) => (Some(*p), None),
+                    Some(Snapshot::Request(q)) => (None, Some(*q)),
+                    None => (None, None),
+                }
+            } else if r.event_type.starts_with("payment.") {
+                let payment = r.payment_id.as_deref().and_then(|id| payments.get(id)).map(|p| Payment {
+                    status: PaymentStatus::from_db(&r.status).unwrap_or(p.status),
+                    refunded_amount: r.refunded_amount,
+                    failure_reason: r.failure_reason.clone(),
+                    failure_message: r.failure_message.clone(),
+                    authorization_ref: r.authorization_ref.clone(),
+                    capture_ref: r.capture_ref.clone(),
+                    settled_at_us: r.settled_at_us,
+                    ..p.clone()
+                });
+                (payment, None)
+            } else {
+                let request = r.request_id.as_deref().and_then(|id| requests.get(id)).map(|q| PaymentRequest {
+                    status: RequestStatus::from_db(&r.status).unwrap_or(q.status),
+                    payment_id: r.payment_id.clone(),
+                    ..q.clone()
+                });
+                (None, request)
             };
             Event { sequence: r.sequence, event_type: r.event_type, payment, request, occurred_at_us: r.occurred_at_us }
         })
         .collect())
+}
+
+/// The payments with these ids, by id (at most a page of events' worth).
+async fn load_payments(db: &Db, ids: &[&str]) -> Result<HashMap<String, Payment>> {
+    let rows: Vec<PaymentRow> = rows_by_id(db, &format!("SELECT {COLUMNS} FROM payments"), "payment_id", ids).await?;
+    rows.into_iter().map(|r| Payment::try_from(r).map(|p| (p.payment_id.clone(), p))).collect()
+}
+
+/// The requests with these ids, by id.
+async fn load_requests(db: &Db, ids: &[&str]) -> Result<HashMap<String, PaymentRequest>> {
+    let rows: Vec<RequestRow> =
+        rows_by_id(db, &format!("SELECT {REQUEST_COLUMNS} FROM payment_requests"), "request_id", ids).await?;
+    rows.into_iter().map(|r| PaymentRequest::try_from(r).map(|q| (q.request_id.clone(), q))).collect()
+}
+
+/// `select` (a query without WHERE) for the rows whose `column` is one of `ids`, in one
+/// statement: an array parameter on PostgreSQL, a JSON one on SQLite.
+async fn rows_by_id<R>(db: &Db, select: &str, column: &str, ids: &[&str]) -> Result<Vec<R>>
+where
+    R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+        + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+        + Send
+        + Unpin,
+{
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = match db {
+        Db::Postgres(pool) => {
+            let sql = format!("{select} WHERE {column} = ANY($1)");
+            sqlx::query_as(&sql).bind(&ids).fetch_all(pool).await?
+        }
+        Db::Sqlite(pool) => {
+            let sql = format!("{select} WHERE {column} IN (SELECT value FROM json_each(?1))");
+            sqlx::query_as(&sql).bind(json_rows(&ids)?).fetch_all(pool).await?
+        }
+    };
+    Ok(rows)
 }
 
 /// The newest sequence in the outbox.

@@ -3,6 +3,11 @@
 //! boundary.
 //!
 //! - `model`  payments, statuses, funding, limits, validation
+//! - `card`   the card path of a send and the finishing of pending payments (claims,
+//!   processor calls, the resolver's settle)
+//! - `batch`  the wallet-funded send: rules, payment row and events committed in the
+//!   posting engine's batch transaction (the live-stream hot path)
+//! - `spend`  per-hour sums of what each sender sent, for the rolling 24-hour limit
 //! - `store`  payment rows and the event outbox (state change and event in one
 //!   transaction, gap-free event sequence)
 //!
@@ -11,30 +16,33 @@
 //! it can be resumed from any point: by the caller's retry, or by the resolver that
 //! picks up payments left pending (a crash, or a processor outcome that was unknown).
 
+pub mod batch;
+mod card;
 pub mod events;
 pub mod model;
 pub mod refunds;
 pub mod requests;
+pub mod spend;
 pub mod store;
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 pub use model::{FundingSource, Payment, PaymentStatus, PaymentsConfig};
-use store::{Inserted, PaymentStore};
+pub use store::Claim;
+use store::PaymentStore;
 
-use crate::accounts::{Accounts, Status as AccountStatus, UserId};
+use crate::accounts::{Accounts, UserId};
 use crate::error::{Error, Result};
-use crate::ledger::{
-    AccountCode, Direction, Entry, Ledger, PostEntryInput, PostingInput, SYSTEM_CLEARING, SYSTEM_FEES,
-};
-use crate::money::{Currency, Money};
-use crate::processor::ProcessorError;
+use crate::ledger::{Direction, Ledger, NewEntry, Op, Outcome, Posting};
+use crate::money::Money;
 use crate::store::{now_us, Db};
 use crate::vault::Vault;
 
 /// The caller recorded on ledger entries and idempotency keys of payments.
 const ACTOR: &str = "payments";
+/// How often daily-limit buckets that left the window are deleted.
+const SPEND_PURGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// `SendPayment` after wire parsing.
 pub struct SendInput {
@@ -57,19 +65,44 @@ pub struct Payments {
     vault: Arc<Vault>,
     accounts: Accounts,
     config: Arc<PaymentsConfig>,
+    known_users: Arc<KnownUsers>,
 }
 
-fn key(payment_id: &str, step: &str) -> String {
-    format!("pay:{payment_id}:{step}")
-}
+/// Users whose platform account is known to exist, so a send does not insert-or-read
+/// both parties on every call. Accounts are never deleted, so an entry never goes
+/// stale; their status and tier are read in the batch transaction, not from here.
+#[derive(Default)]
+struct KnownUsers(Mutex<HashSet<String>>);
 
-fn posting(code: AccountCode, direction: Direction, amount: Money) -> PostingInput {
-    PostingInput { account_code: code, direction, amount }
+/// Users remembered; past this the set starts over, so memory stays bounded.
+const KNOWN_USERS_MAX: usize = 200_000;
+
+impl KnownUsers {
+    fn contains(&self, user: &UserId) -> bool {
+        self.0.lock().map(|s| s.contains(user.as_str())).unwrap_or(false)
+    }
+
+    fn insert(&self, user: &UserId) {
+        if let Ok(mut s) = self.0.lock() {
+            if s.len() >= KNOWN_USERS_MAX {
+                s.clear();
+            }
+            s.insert(user.as_str().to_owned());
+        }
+    }
 }
 
 impl Payments {
-    pub fn new(db: Db, ledger: Ledger, vault: Arc<Vault>, accounts: Accounts, config: PaymentsConfig) -> Self {
-        Payments { store: Arc::new(PaymentStore::new(db)), ledger, vault, accounts, config: Arc::new(config) }
+    /// `config` is shared with the `batch::PaymentsHook` registered with the engine.
+    pub fn new(db: Db, ledger: Ledger, vault: Arc<Vault>, accounts: Accounts, config: Arc<PaymentsConfig>) -> Self {
+        Payments {
+            store: Arc::new(PaymentStore::new(db)),
+            ledger,
+            vault,
+            accounts,
+            config,
+            known_users: Arc::new(KnownUsers::default()),
+        }
     }
 
     /// Replays a payment for a retry: the payment, or the error it failed with.
@@ -97,355 +130,139 @@ impl Payments {
             "token": input.payment_method_token,
             "request": input.request_id,
         }));
-        if let Some((existing, existing_hash)) = self.store.by_key(sender.as_str(), &input.idempotency_key).await? {
-            if existing_hash != request_hash {
-                return Err(Error::AlreadyExists(format!(
-                    "idempotency_key {:?} was already used for a different payment",
-                    input.idempotency_key
-                )));
-            }
-            return Self::replay(existing);
-        }
-
-        // Rules, before any money moves; a refusal here writes nothing.
         if &input.recipient == sender {
             return Err(Error::invalid("recipient_id", "you cannot pay yourself"));
         }
-        let sender_account = self.accounts.ensure(sender).await?;
-        let recipient_account = self.accounts.ensure(&input.recipient).await?;
-        if sender_account.status == AccountStatus::Frozen {
-            return Err(Error::FailedPrecondition {
-                reason: "ACCOUNT_FROZEN",
-                message: "your account is frozen".into(),
-            });
-        }
-        if recipient_account.status == AccountStatus::Frozen {
-            return Err(Error::FailedPrecondition {
-                reason: "RECIPIENT_FROZEN",
-                message: "the recipient's account cannot receive payments".into(),
-            });
-        }
-        let limits = self.config.limits(sender_account.tier);
-        let payment_max = model::major_to_minor(limits.payment_max, currency);
-        if input.amount.minor() > payment_max {
-            return Err(Error::ResourceExhausted {
-                reason: "PAYMENT_LIMIT",
-                message: format!("at most {} per payment for your account", Money::from_minor(currency, payment_max)),
-            });
-        }
-        let daily_max = model::major_to_minor(limits.daily_max, currency);
-        let sent = self.store.sent_since(sender.as_str(), currency.code(), now_us() - 86_400_000_000).await?;
-        if sent.saturating_add(input.amount.minor()) > daily_max {
-            return Err(Error::ResourceExhausted {
-                reason: "DAILY_LIMIT",
-                message: format!(
-                    "at most {} in 24 hours for your account; {} already sent",
-                    Money::from_minor(currency, daily_max),
-                    Money::from_minor(currency, sent)
-                ),
-            });
-        }
-
-        // The split between wallet and card.
-        let wallet = self.ledger.accounts().wallet(sender, currency).await?;
-        let available = self.ledger.accounts().balance(wallet.id).await?.available(true).unwrap_or(0).max(0);
-        let (wallet_part, card_part) = match input.funding {
-            FundingSource::Balance => (input.amount.minor(), 0),
-            FundingSource::Card => (0, input.amount.minor()),
-            FundingSource::Auto => {
-                let w = available.min(input.amount.minor());
-                (w, input.amount.minor() - w)
+        // From the wallet (BALANCE, and AUTO while the wallet covers the amount): one
+        // command in the posting engine's batch, payment row and events included.
+        if input.request_id.is_none() && input.payment_method_token.is_none() && input.funding != FundingSource::Card {
+            if let Some(p) = self.send_from_wallet(sender, &input, &request_hash).await? {
+                return Ok(p);
             }
-        };
-        let fee = self.config.card_fee(card_part);
-        if let Some(token) = &input.payment_method_token {
-            // A token that is not the sender's is NOT_FOUND, before anything is written.
-            self.vault.list(sender, false).await?.iter().find(|m| &m.token == token).ok_or_else(|| {
-                Error::NotFound("payment method not found (unknown, expired or another account's)".into())
-            })?;
         }
+        let key = input.idempotency_key.clone();
+        match self.send_with_card(sender, input, &request_hash).await {
+            // A concurrent call with this key may have gone through between its lookup
+            // and this refusal (using up the daily limit, say): answer as it did.
+            Err(refusal @ (Error::FailedPrecondition { .. } | Error::ResourceExhausted { .. })) => {
+                match self.store.by_key(sender.as_str(), &key).await? {
+                    Some((existing, hash)) if hash == request_hash => Self::replay(existing),
+                    _ => Err(refusal),
+                }
+            }
+            other => other,
+        }
+    }
 
-        let now = now_us();
-        let mut payment = Payment {
+    /// Creates the platform account of `user` on first use. A read first: accounts
+    /// usually exist, and on SQLite a write would take the database's one write lock
+    /// from the posting engine.
+    async fn ensure_user(&self, user: &UserId) -> Result<()> {
+        if !self.known_users.contains(user) {
+            if self.accounts.get(user).await?.is_none() {
+                self.accounts.ensure(user).await?;
+            }
+            self.known_users.insert(user);
+        }
+        Ok(())
+    }
+
+    /// A send paid entirely from the sender's wallet, decided and committed in the
+    /// engine's batch (`batch`). `None` when AUTO funding finds the wallet short: the
+    /// caller then charges the card for the rest, and nothing was written.
+    async fn send_from_wallet(
+        &self,
+        sender: &UserId,
+        input: &SendInput,
+        request_hash: &str,
+    ) -> Result<Option<Payment>> {
+        self.ensure_user(sender).await?;
+        self.ensure_user(&input.recipient).await?;
+        let currency = input.amount.currency();
+        let from = self.ledger.accounts().wallet(sender, currency).await?;
+        let to = self.ledger.accounts().wallet(&input.recipient, currency).await?;
+        let payment = Payment {
             payment_id: format!("pay_{}", uuid::Uuid::now_v7().simple()),
             sender_id: sender.to_string(),
             recipient_id: input.recipient.to_string(),
             currency: currency.code().to_owned(),
             amount: input.amount.minor(),
-            wallet_amount: wallet_part,
-            card_amount: card_part,
-            fee_amount: fee,
+            wallet_amount: input.amount.minor(),
+            card_amount: 0,
+            fee_amount: 0,
             refunded_amount: 0,
             status: PaymentStatus::Pending,
             funding_source: input.funding,
-            payment_method_token: input.payment_method_token.clone(),
-            note: input.note,
-            conversation_id: input.conversation_id,
-            message_id: input.message_id,
-            request_id: input.request_id.clone(),
+            payment_method_token: None,
+            note: input.note.clone(),
+            conversation_id: input.conversation_id.clone(),
+            message_id: input.message_id.clone(),
+            request_id: None,
             failure_reason: String::new(),
             failure_message: String::new(),
             authorization_ref: None,
             capture_ref: None,
-            created_at_us: now,
+            created_at_us: now_us(),
             settled_at_us: None,
         };
-        if card_part > 0 && input.payment_method_token.is_none() && !self.has_default_card(sender).await? {
-            payment.status = PaymentStatus::Failed;
-            payment.failure_reason = "NO_PAYMENT_METHOD".into();
-            payment.failure_message = if input.funding == FundingSource::Auto {
-                "insufficient wallet balance and no default card to charge the rest".into()
-            } else {
-                "no default payment method; link a card first".into()
-            };
-        }
-        let payment = match self.store.insert(&payment, &input.idempotency_key, &request_hash).await? {
-            Inserted::New(p) => p,
-            Inserted::Existing(p) => return Self::replay(p),
+        let postings = vec![
+            Posting { account_id: from.id, account_code: from.code, direction: Direction::Debit, amount: input.amount },
+            Posting { account_id: to.id, account_code: to.code, direction: Direction::Credit, amount: input.amount },
+        ];
+        crate::ledger::check_balanced("postings", &postings)?;
+        let entry = NewEntry {
+            kind: "dm_payment".into(),
+            description: payment.note.clone(),
+            metadata: Self::entry_metadata(&payment),
+            postings,
+            pending_timeout_s: None,
         };
-        if payment.status == PaymentStatus::Failed {
-            return Self::replay(payment);
+        let attachment = batch::SendAttachment {
+            payment: payment.clone(),
+            idempotency_key: input.idempotency_key.clone(),
+            request_hash: request_hash.to_owned(),
+            fallback_on_insufficient: input.funding == FundingSource::Auto,
+        };
+        let outcome =
+            self.ledger.engine().submit_attached(ACTOR, None, Op::Post(entry), Some(Box::new(attachment))).await;
+        match outcome {
+            Ok(Outcome::Created(entry)) => {
+                self.store.notify();
+                Ok(Some(Payment {
+                    status: PaymentStatus::Settled,
+                    settled_at_us: Some(entry.created_at_us),
+                    ..payment
+                }))
+            }
+            Ok(Outcome::Replayed(payment_id)) => {
+                let p = self.store.get(&payment_id).await?.ok_or_else(|| Error::not_found("payment"))?;
+                Self::replay(p).map(Some)
+            }
+            Err(Error::FailedPrecondition { reason: "INSUFFICIENT_FUNDS", .. })
+                if input.funding == FundingSource::Auto =>
+            {
+                Ok(None)
+            }
+            Err(e) => {
+                if matches!(e, Error::FailedPrecondition { .. }) {
+                    // A recorded failure: its row and events were written.
+                    self.store.notify();
+                }
+                Err(e)
+            }
         }
-        self.settle(payment).await
     }
 
-    async fn has_default_card(&self, user: &UserId) -> Result<bool> {
-        Ok(self.vault.list(user, false).await?.iter().any(|m| m.is_default))
-    }
-
-    fn wallet_code(user: &str, currency: Currency) -> Result<AccountCode> {
-        Ok(AccountCode::wallet(&UserId::parse("user_id", user)?, currency))
-    }
-
-    async fn entry(
-        &self,
-        payment: &Payment,
-        step: &str,
-        kind: &str,
-        postings: Vec<PostingInput>,
-        pending: bool,
-    ) -> Result<Entry> {
-        let mut metadata: BTreeMap<String, String> = [
+    /// The metadata every entry of a payment carries.
+    fn entry_metadata(payment: &Payment) -> BTreeMap<String, String> {
+        [
             ("payment_id".to_string(), payment.payment_id.clone()),
             ("conversation_id".to_string(), payment.conversation_id.clone()),
             ("message_id".to_string(), payment.message_id.clone()),
         ]
         .into_iter()
         .filter(|(_, v)| !v.is_empty())
-        .collect();
-        if let (Some(reference), "settle") = (&payment.capture_ref, step) {
-            // The capture this entry books, for reconciliation with the processor's
-            // report. Only on the settle entry: the others' requests must not change
-            // when a resumed payment has learnt its capture reference meanwhile.
-            metadata.insert("processor_reference".to_string(), reference.clone());
-        }
-        self.ledger
-            .post_entry(
-                ACTOR,
-                PostEntryInput {
-                    idempotency_key: key(&payment.payment_id, step),
-                    kind: kind.into(),
-                    description: payment.note.clone(),
-                    postings,
-                    metadata,
-                    pending,
-                    // A hold lives as long as the ledger allows (30 days), so the
-                    // resolver has time to finish a payment whose card outcome is
-                    // unknown; it is posted or voided long before that.
-                    pending_timeout_s: if pending { crate::ledger::PENDING_TIMEOUT_MAX_S } else { 0 },
-                },
-            )
-            .await
-    }
-
-    async fn fail(&self, payment: &Payment, reason: &str, message: &str) -> Result<Payment> {
-        let p = self.store.finish(&payment.payment_id, PaymentStatus::Failed, reason, message).await?;
-        Self::replay(p)
-    }
-
-    /// Runs (or resumes) the settlement of a pending payment. Every step is idempotent.
-    pub async fn settle(&self, payment: Payment) -> Result<Payment> {
-        let currency = payment.currency()?;
-        let sender_wallet = Self::wallet_code(&payment.sender_id, currency)?;
-        let recipient_wallet = Self::wallet_code(&payment.recipient_id, currency)?;
-        let wallet_part = Money::from_minor(currency, payment.wallet_amount);
-
-        if payment.card_amount == 0 {
-            let result = self
-                .entry(
-                    &payment,
-                    "transfer",
-                    "dm_payment",
-                    vec![
-                        posting(sender_wallet, Direction::Debit, wallet_part),
-                        posting(recipient_wallet, Direction::Credit, wallet_part),
-                    ],
-                    false,
-                )
-                .await;
-            return match result {
-                Ok(_) => self.store.finish(&payment.payment_id, PaymentStatus::Settled, "", "").await,
-                Err(Error::FailedPrecondition { reason, message }) => self.fail(&payment, reason, &message).await,
-                Err(e) => Err(e),
-            };
-        }
-
-        // Card funded, fully or in part. First hold the wallet part, so concurrent sends
-        // cannot spend it while the card is charged.
-        let hold = if payment.wallet_amount > 0 {
-            let held = self
-                .entry(
-                    &payment,
-                    "hold",
-                    "dm_payment_hold",
-                    vec![
-                        posting(sender_wallet.clone(), Direction::Debit, wallet_part),
-                        posting(recipient_wallet.clone(), Direction::Credit, wallet_part),
-                    ],
-                    true,
-                )
-                .await;
-            match held {
-                Ok(e) => Some(e),
-                Err(Error::FailedPrecondition { reason, message }) => {
-                    return self.fail(&payment, reason, &message).await
-                }
-                Err(e) => return Err(e),
-            }
-        } else {
-            None
-        };
-        let charge_total = Money::from_minor(currency, payment.card_amount + payment.fee_amount);
-        let sender = UserId::parse("sender_id", &payment.sender_id)?;
-
-        let charged = self.charge(&payment, &sender, charge_total).await;
-        let capture_ref = match charged {
-            Ok(reference) => reference,
-            Err(Charge::Declined(reason, message)) => {
-                self.release(&payment, hold.as_ref()).await?;
-                return self.fail(&payment, reason, &message).await;
-            }
-            Err(Charge::Unknown) => {
-                // Left pending: the resolver looks the call up and finishes it.
-                return self.store.get(&payment.payment_id).await?.ok_or_else(|| Error::not_found("payment"));
-            }
-            Err(Charge::Other(e)) => return Err(e),
-        };
-        self.store.set_refs(&payment.payment_id, None, Some(&capture_ref)).await?;
-
-        // The card funding and the transfer, in one entry: the processor owes dmpay what
-        // the card paid, the sender's wallet is credited with it and debited for the
-        // payment and the fee.
-        let card_part = Money::from_minor(currency, payment.card_amount);
-        let mut postings = vec![
-            posting(AccountCode::system(SYSTEM_CLEARING, currency), Direction::Debit, charge_total),
-            posting(sender_wallet.clone(), Direction::Credit, charge_total),
-            posting(sender_wallet.clone(), Direction::Debit, charge_total),
-            posting(recipient_wallet.clone(), Direction::Credit, card_part),
-        ];
-        if payment.fee_amount > 0 {
-            postings.push(posting(
-                AccountCode::system(SYSTEM_FEES, currency),
-                Direction::Credit,
-                Money::from_minor(currency, payment.fee_amount),
-            ));
-        }
-        let charged = Payment { capture_ref: Some(capture_ref.clone()), ..payment.clone() };
-        let settled = self.entry(&charged, "settle", "dm_payment_card", postings, false).await;
-        if let Err(e) = settled {
-            // The card was charged: never fail the payment here; the resolver retries.
-            tracing::error!(payment_id = %payment.payment_id, error = %e, "card settled but ledger posting failed; will retry");
-            return Err(Error::Unavailable("the payment is being settled; retry with the same key".into()));
-        }
-        if let Some(h) = &hold {
-            self.move_wallet_part(&payment, h, sender_wallet, recipient_wallet, wallet_part).await?;
-        }
-        self.store.finish(&payment.payment_id, PaymentStatus::Settled, "", "").await
-    }
-
-    /// Moves the held wallet part to the recipient by posting the hold. Should the hold
-    /// have expired meanwhile, the wallet part moves as a transfer of its own instead, so
-    /// the recipient always gets the whole payment once the card part is in.
-    async fn move_wallet_part(
-        &self,
-        payment: &Payment,
-        hold: &Entry,
-        sender_wallet: AccountCode,
-        recipient_wallet: AccountCode,
-        wallet_part: Money,
-    ) -> Result<()> {
-        match self.ledger.post_pending(ACTOR, &hold.id, &key(&payment.payment_id, "post_hold"), None).await {
-            Ok(_) => Ok(()),
-            Err(Error::FailedPrecondition { reason: "ENTRY_NOT_PENDING" | "ENTRY_EXPIRED", .. }) => {
-                let current = self.ledger.get_entry(&hold.id).await?;
-                if current.status == crate::ledger::EntryStatus::Posted {
-                    return Ok(());
-                }
-                tracing::warn!(payment_id = %payment.payment_id, "hold no longer pending; moving the wallet part directly");
-                self.entry(
-                    payment,
-                    "wallet_transfer",
-                    "dm_payment",
-                    vec![
-                        posting(sender_wallet, Direction::Debit, wallet_part),
-                        posting(recipient_wallet, Direction::Credit, wallet_part),
-                    ],
-                    false,
-                )
-                .await
-                .map(|_| ())
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Authorizes and captures the card part. A call whose outcome is unknown is looked
-    /// up, never retried blindly.
-    async fn charge(&self, payment: &Payment, sender: &UserId, total: Money) -> std::result::Result<String, Charge> {
-        let processor = self.vault.processor().clone();
-        let auth_key = key(&payment.payment_id, "auth");
-        let cap_key = key(&payment.payment_id, "capture");
-        let outcome = |r: std::result::Result<String, ProcessorError>| match r {
-            Ok(reference) => Ok(reference),
-            Err(ProcessorError::Declined(code)) => Err(Charge::Declined(code.reason(), code.message().to_owned())),
-            Err(ProcessorError::Failed(_)) => {
-                Err(Charge::Declined("PROCESSING_ERROR", "the card processor could not process the charge".into()))
-            }
-            Err(ProcessorError::Unknown) => Err(Charge::Unknown),
-        };
-        // A previous attempt may have reached the processor: ask before calling.
-        let earlier = processor.lookup(&auth_key).await.map_err(|_| Charge::Unknown)?;
-        let authorization = match earlier {
-            Some(record) => outcome(record.outcome.map(|()| record.reference))?,
-            None => {
-                let card =
-                    self.vault.chargeable(sender, payment.payment_method_token.as_deref(), "charge").await.map_err(
-                        |e| match e {
-                            Error::FailedPrecondition { reason, message } => Charge::Declined(reason, message),
-                            Error::NotFound(m) => Charge::Declined("NO_PAYMENT_METHOD", m),
-                            other => Charge::Other(other),
-                        },
-                    )?;
-                outcome(processor.authorize(&auth_key, card.details(), total).await)?
-            }
-        };
-        let _ = self.store.set_refs(&payment.payment_id, Some(&authorization), None).await;
-        let captured = match processor.lookup(&cap_key).await.map_err(|_| Charge::Unknown)? {
-            Some(record) => record.outcome.map(|()| record.reference),
-            None => processor.capture(&cap_key, &authorization, total).await,
-        };
-        outcome(captured)
-    }
-
-    /// Releases the wallet hold of a payment that will not go through.
-    async fn release(&self, payment: &Payment, hold: Option<&Entry>) -> Result<()> {
-        if let Some(h) = hold {
-            match self.ledger.void_pending(ACTOR, &h.id, &key(&payment.payment_id, "void_hold")).await {
-                Ok(_) | Err(Error::FailedPrecondition { reason: "ENTRY_NOT_PENDING", .. }) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        .collect()
     }
 
     /// A payment the user took part in; others get NOT_FOUND, as for a missing one.
@@ -491,26 +308,23 @@ impl Payments {
         Ok((rows, next))
     }
 
-    /// Finishes payments left pending (crash, unknown processor outcome).
-    pub async fn resolve_pending(&self) -> Result<usize> {
-        let stale = self.store.stale_pending(self.config.resolve_after_s * 1_000_000, 100).await?;
-        let mut done = 0;
-        for p in stale {
-            let id = p.payment_id.clone();
-            match self.settle(p).await {
-                Ok(_) | Err(Error::FailedPrecondition { .. }) => done += 1,
-                Err(e) => tracing::warn!(payment_id = %id, error = %e, "pending payment not resolved yet"),
-            }
-        }
-        Ok(done)
-    }
-
     /// Runs the resolver until the task is dropped.
     pub async fn run_resolver(self, interval: std::time::Duration) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_purge: Option<std::time::Instant> = None;
         loop {
             tick.tick().await;
+            // Old daily-limit buckets go every few minutes: a purge is a write, and on
+            // SQLite every write takes the lock the posting engine commits under.
+            if last_purge.is_none_or(|t| t.elapsed() >= SPEND_PURGE_INTERVAL) {
+                last_purge = Some(std::time::Instant::now());
+                match spend::purge(self.store.db(), now_us()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(deleted = n, "purged old daily-limit buckets"),
+                    Err(e) => tracing::warn!(error = %e, "purging daily-limit buckets failed; will retry"),
+                }
+            }
             match self.resolve_pending().await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(resolved = n, "resolved pending payments"),
@@ -540,14 +354,4 @@ impl Payments {
     pub fn db(&self) -> &Db {
         self.store.db()
     }
-}
-
-/// Why a card charge did not produce a capture.
-enum Charge {
-    /// Refused: the payment fails with this reason.
-    Declined(&'static str, String),
-    /// No answer: leave the payment pending for the resolver.
-    Unknown,
-    /// Our own failure (database).
-    Other(Error),
 }

@@ -198,6 +198,50 @@ impl PaymentsConfig {
     }
 }
 
+/// The rules a send must pass before any money moves, in one place for both write
+/// paths (the wallet path checks them in the engine's batch, the card path before it
+/// records the payment): neither party frozen, the tier's per-payment limit, and the
+/// rolling 24-hour limit given what the sender already `sent` in the window.
+pub fn check_send_rules(
+    sender: crate::accounts::Status,
+    recipient: crate::accounts::Status,
+    limits: TierLimits,
+    amount: crate::money::Money,
+    sent: i64,
+) -> Result<()> {
+    use crate::accounts::Status;
+    use crate::money::Money;
+    if sender == Status::Frozen {
+        return Err(Error::FailedPrecondition { reason: "ACCOUNT_FROZEN", message: "your account is frozen".into() });
+    }
+    if recipient == Status::Frozen {
+        return Err(Error::FailedPrecondition {
+            reason: "RECIPIENT_FROZEN",
+            message: "the recipient's account cannot receive payments".into(),
+        });
+    }
+    let currency = amount.currency();
+    let payment_max = major_to_minor(limits.payment_max, currency);
+    if amount.minor() > payment_max {
+        return Err(Error::ResourceExhausted {
+            reason: "PAYMENT_LIMIT",
+            message: format!("at most {} per payment for your account", Money::from_minor(currency, payment_max)),
+        });
+    }
+    let daily_max = major_to_minor(limits.daily_max, currency);
+    if sent.saturating_add(amount.minor()) > daily_max {
+        return Err(Error::ResourceExhausted {
+            reason: "DAILY_LIMIT",
+            message: format!(
+                "at most {} in 24 hours for your account; {} already sent",
+                Money::from_minor(currency, daily_max),
+                Money::from_minor(currency, sent)
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// A limit in major units as minor units of `currency`.
 pub fn major_to_minor(major: i64, currency: Currency) -> i64 {
     major.saturating_mul(10_i64.pow(currency.exponent()))
@@ -218,6 +262,25 @@ mod tests {
         assert_eq!(c.card_fee(1000), 29 + 30);
         assert_eq!(c.card_fee(50), 1 + 30);
         assert_eq!(PaymentsConfig::default().card_fee(1000), 0);
+    }
+
+    #[test]
+    fn send_rules_in_order() {
+        use crate::accounts::Status::{Active, Frozen};
+        use crate::money::Money;
+        let usd = Currency::from_code("USD").unwrap();
+        let limits = TierLimits { payment_max: 250, daily_max: 500 };
+        let reason = |r: Result<()>| match r {
+            Err(Error::FailedPrecondition { reason, .. } | Error::ResourceExhausted { reason, .. }) => reason,
+            Err(e) => panic!("{e}"),
+            Ok(()) => "ok",
+        };
+        let m = |minor| Money::from_minor(usd, minor);
+        assert_eq!(reason(check_send_rules(Frozen, Frozen, limits, m(1), 0)), "ACCOUNT_FROZEN");
+        assert_eq!(reason(check_send_rules(Active, Frozen, limits, m(1), 0)), "RECIPIENT_FROZEN");
+        assert_eq!(reason(check_send_rules(Active, Active, limits, m(25_001), 0)), "PAYMENT_LIMIT");
+        assert_eq!(reason(check_send_rules(Active, Active, limits, m(25_000), 25_000)), "ok");
+        assert_eq!(reason(check_send_rules(Active, Active, limits, m(1), 50_000)), "DAILY_LIMIT");
     }
 
     #[test]

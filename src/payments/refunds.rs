@@ -56,6 +56,33 @@ impl Payments {
         let request_hash = crate::ledger::hash_request(
             &serde_json::json!({"payment": payment_id, "amount": amount.map(|m| m.minor()), "reason": reason}),
         );
+        if let Some(answer) = self.replay_refund(recipient, payment_id, idempotency_key, &request_hash).await? {
+            return answer;
+        }
+        match self.reserve_refund(recipient, &payment, idempotency_key, amount, reason, &request_hash).await {
+            // A concurrent call with this key may have refunded what was left, or moved
+            // the payment on, between the lookup above and the refusal: answer as it did.
+            Err(
+                refusal @ Error::FailedPrecondition {
+                    reason: "REFUND_EXCEEDS_PAYMENT" | "PAYMENT_NOT_REFUNDABLE", ..
+                },
+            ) => match self.replay_refund(recipient, payment_id, idempotency_key, &request_hash).await? {
+                Some(answer) => answer,
+                None => Err(refusal),
+            },
+            other => other,
+        }
+    }
+
+    /// The answer to a retry: the refund already made with this key (or its failure), or
+    /// `None` when the key is unused. A key used for another request is ALREADY_EXISTS.
+    async fn replay_refund(
+        &self,
+        recipient: &UserId,
+        payment_id: &str,
+        idempotency_key: &str,
+        request_hash: &str,
+    ) -> Result<Option<Result<Payment>>> {
         let existing: Option<RefundRow> = with_db!(self.store.db(), pool => sqlx::query_as(
             "SELECT refund_id, payment_id, amount, status, request_hash FROM payment_refunds \
              WHERE created_by = $1 AND idempotency_key = $2",
@@ -64,21 +91,35 @@ impl Payments {
         .bind(idempotency_key)
         .fetch_optional(pool)
         .await)?;
-        if let Some(r) = existing {
-            if r.request_hash != request_hash || r.payment_id != payment_id {
-                return Err(Error::AlreadyExists(format!(
-                    "idempotency_key {idempotency_key:?} was already used for a different refund"
-                )));
-            }
-            return match r.status.as_str() {
-                "failed" => Err(Error::FailedPrecondition {
-                    reason: "INSUFFICIENT_FUNDS",
-                    message: "the refund failed: your wallet could not cover it".into(),
-                }),
-                "pending" => self.finish_refund(&r.refund_id, &r.payment_id, r.amount).await,
-                _ => self.get(recipient, payment_id).await,
-            };
+        let Some(r) = existing else { return Ok(None) };
+        if r.request_hash != request_hash || r.payment_id != payment_id {
+            return Ok(Some(Err(Error::AlreadyExists(format!(
+                "idempotency_key {idempotency_key:?} was already used for a different refund"
+            )))));
         }
+        Ok(Some(match r.status.as_str() {
+            "failed" => Err(Error::FailedPrecondition {
+                reason: "INSUFFICIENT_FUNDS",
+                message: "the refund failed: your wallet could not cover it".into(),
+            }),
+            "pending" => self.finish_refund(&r.refund_id, &r.payment_id, r.amount).await,
+            _ => self.get(recipient, payment_id).await,
+        }))
+    }
+
+    /// Checks the payment can take the refund, reserves the amount on it and records the
+    /// refund under its key, in one transaction, then moves the money.
+    async fn reserve_refund(
+        &self,
+        recipient: &UserId,
+        payment: &Payment,
+        idempotency_key: &str,
+        amount: Option<Money>,
+        reason: &str,
+        request_hash: &str,
+    ) -> Result<Payment> {
+        let payment_id = payment.payment_id.as_str();
+        let currency = payment.currency()?;
         if !matches!(payment.status, PaymentStatus::Settled | PaymentStatus::PartiallyRefunded) {
             return Err(Error::FailedPrecondition {
                 reason: "PAYMENT_NOT_REFUNDABLE",
@@ -106,11 +147,9 @@ impl Payments {
         );
         let reserved = with_db!(self.store.db(), pool => async {
             let mut tx = pool.begin().await?;
-            let row: Option<PaymentRow> =
-                sqlx::query_as(&sql).bind(payment_id).bind(minor).bind(now).fetch_optional(&mut *tx).await?;
-            let Some(row) = row else {
-                return Ok::<_, sqlx::Error>(false);
-            };
+            // The key first: a concurrent call with the same key waits here for this
+            // transaction and then finds the key taken (a unique violation), and so
+            // answers as this one instead of racing it for what is left to refund.
             sqlx::query(
                 "INSERT INTO payment_refunds (refund_id, payment_id, amount, reason, status, idempotency_key, request_hash, \
                  created_by, created_at_us) VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $8)",
@@ -120,11 +159,17 @@ impl Payments {
             .bind(minor)
             .bind(reason)
             .bind(idempotency_key)
-            .bind(&request_hash)
+            .bind(request_hash)
             .bind(recipient.as_str())
             .bind(now)
             .execute(&mut *tx)
             .await?;
+            let row: Option<PaymentRow> =
+                sqlx::query_as(&sql).bind(payment_id).bind(minor).bind(now).fetch_optional(&mut *tx).await?;
+            let Some(row) = row else {
+                // Dropping the transaction rolls the key back: a later retry may succeed.
+                return Ok::<_, sqlx::Error>(false);
+            };
             let p = Payment::try_from(row).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
             append_event!(tx, &EventFields::payment("payment.refunded", &p));
             tx.commit().await?;
@@ -139,9 +184,12 @@ impl Payments {
                     message: "the payment has less left to refund".into(),
                 })
             }
-            // A concurrent retry with the same key: answer as that one.
+            // A concurrent call with the same key committed first: answer as that one.
             Err(e) if is_unique_violation(&e) => {
-                return Box::pin(self.refund(recipient, payment_id, idempotency_key, amount, reason)).await
+                return match self.replay_refund(recipient, payment_id, idempotency_key, request_hash).await? {
+                    Some(answer) => answer,
+                    None => Err(Error::Unavailable("a concurrent refund with this key; retry".into())),
+                }
             }
             Err(e) => return Err(e.into()),
         }

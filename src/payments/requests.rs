@@ -35,7 +35,7 @@ impl RequestStatus {
         }
     }
 
-    fn from_db(s: &str) -> Result<Self> {
+    pub(crate) fn from_db(s: &str) -> Result<Self> {
         Ok(match s {
             "open" => RequestStatus::Open,
             "paid" => RequestStatus::Paid,
@@ -77,7 +77,13 @@ impl PaymentRequest {
             party_a: self.requester_id.clone(),
             party_b: self.payer_id.clone(),
             conversation_id: self.conversation_id.clone(),
-            snapshot: serde_json::to_string(self).unwrap_or_else(|_| "{}".into()),
+            status: self.status.as_str(),
+            refunded_amount: 0,
+            failure_reason: String::new(),
+            failure_message: String::new(),
+            authorization_ref: None,
+            capture_ref: None,
+            settled_at_us: None,
         }
     }
 }
@@ -340,20 +346,25 @@ impl Payments {
                 return Self::replay(existing);
             }
         }
-        match req.status {
-            RequestStatus::Open if req.expires_at_us > now_us() => {}
+        let refusal = match req.status {
+            RequestStatus::Open if req.expires_at_us > now_us() => None,
             RequestStatus::Open => {
-                return Err(Error::FailedPrecondition {
-                    reason: "REQUEST_EXPIRED",
-                    message: "the request has expired".into(),
-                })
+                Some(Error::FailedPrecondition { reason: "REQUEST_EXPIRED", message: "the request has expired".into() })
             }
-            other => {
-                return Err(Error::FailedPrecondition {
-                    reason: "REQUEST_NOT_OPEN",
-                    message: format!("the request is {}", other.as_str()),
-                })
+            other => Some(Error::FailedPrecondition {
+                reason: "REQUEST_NOT_OPEN",
+                message: format!("the request is {}", other.as_str()),
+            }),
+        };
+        if let Some(refusal) = refusal {
+            // A concurrent pay with this key may have paid it since the lookup above:
+            // answer as it did.
+            if let Some((existing, _)) = self.store.by_key(payer.as_str(), &idempotency_key).await? {
+                if existing.request_id.as_deref() == Some(request_id) {
+                    return Self::replay(existing);
+                }
             }
+            return Err(refusal);
         }
         let input = SendInput {
             idempotency_key,

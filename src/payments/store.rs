@@ -78,10 +78,11 @@ macro_rules! append_event {
         )
         .fetch_one(&mut *$tx)
         .await?;
-        sqlx::query(
-            "INSERT INTO payment_events (sequence, event_type, payment_id, request_id, party_a, party_b, \
-             conversation_id, snapshot, occurred_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
+        sqlx::query(concat!(
+            "INSERT INTO payment_events (sequence, ",
+            $crate::payments::store::EVENT_COLUMNS!(),
+            ", snapshot, occurred_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, '', $15)"
+        ))
         .bind(seq)
         .bind(e.event_type)
         .bind(&e.payment_id)
@@ -89,7 +90,13 @@ macro_rules! append_event {
         .bind(&e.party_a)
         .bind(&e.party_b)
         .bind(&e.conversation_id)
-        .bind(&e.snapshot)
+        .bind(e.status)
+        .bind(e.refunded_amount)
+        .bind(&e.failure_reason)
+        .bind(&e.failure_message)
+        .bind(&e.authorization_ref)
+        .bind(&e.capture_ref)
+        .bind(e.settled_at_us)
         .bind(now_us())
         .execute(&mut *$tx)
         .await?;
@@ -98,7 +105,18 @@ macro_rules! append_event {
 }
 pub(crate) use append_event;
 
-/// What an outbox row records.
+/// The outbox columns an `EventFields` fills, in its field order.
+macro_rules! EVENT_COLUMNS {
+    () => {
+        "event_type, payment_id, request_id, party_a, party_b, conversation_id, status, refunded_amount, \
+         failure_reason, failure_message, authorization_ref, capture_ref, settled_at_us"
+    };
+}
+pub(crate) use EVENT_COLUMNS;
+
+/// What an outbox row records: who it concerns, and the state it announces in typed
+/// columns. The parts of a payment or request that never change are read from its own
+/// row when the event is delivered (`events::read`).
 pub struct EventFields {
     pub event_type: &'static str,
     pub payment_id: Option<String>,
@@ -106,8 +124,14 @@ pub struct EventFields {
     pub party_a: String,
     pub party_b: String,
     pub conversation_id: String,
-    /// The payment or request after the change, JSON.
-    pub snapshot: String,
+    /// The payment's or request's status after the change.
+    pub status: &'static str,
+    pub refunded_amount: i64,
+    pub failure_reason: String,
+    pub failure_message: String,
+    pub authorization_ref: Option<String>,
+    pub capture_ref: Option<String>,
+    pub settled_at_us: Option<i64>,
 }
 
 impl EventFields {
@@ -119,7 +143,13 @@ impl EventFields {
             party_a: p.sender_id.clone(),
             party_b: p.recipient_id.clone(),
             conversation_id: p.conversation_id.clone(),
-            snapshot: serde_json::to_string(p).unwrap_or_else(|_| "{}".into()),
+            status: p.status.as_str(),
+            refunded_amount: p.refunded_amount,
+            failure_reason: p.failure_reason.clone(),
+            failure_message: p.failure_message.clone(),
+            authorization_ref: p.authorization_ref.clone(),
+            capture_ref: p.capture_ref.clone(),
+            settled_at_us: p.settled_at_us,
         }
     }
 }
@@ -171,7 +201,16 @@ impl PaymentStore {
         &self.hub
     }
 
-    pub async fn insert(&self, p: &Payment, key: &str, request_hash: &str) -> Result<Inserted> {
+    /// Inserts a new payment with its first event; the caller holds `claim` on it until
+    /// `claimed_until_us` (see `renew`).
+    pub async fn insert(
+        &self,
+        p: &Payment,
+        key: &str,
+        request_hash: &str,
+        claim: &Claim,
+        claimed_until_us: i64,
+    ) -> Result<Inserted> {
         let event = if p.status == PaymentStatus::Failed { "payment.failed" } else { "payment.created" };
         // An async block, so `?` inside stops here and the unique violation of a
         // concurrent duplicate can be told apart below.
@@ -180,8 +219,9 @@ impl PaymentStore {
             sqlx::query(
                 "INSERT INTO payments (payment_id, sender_id, recipient_id, currency, amount, wallet_amount, card_amount, \
                  fee_amount, status, funding_source, payment_method_token, note, conversation_id, message_id, request_id, \
-                 failure_reason, failure_message, idempotency_key, request_hash, created_at_us, updated_at_us) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $20)",
+                 failure_reason, failure_message, idempotency_key, request_hash, created_at_us, updated_at_us, claim, \
+                 claimed_until_us) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $20, $21, $22)",
             )
             .bind(&p.payment_id)
             .bind(&p.sender_id)
@@ -203,8 +243,19 @@ impl PaymentStore {
             .bind(key)
             .bind(request_hash)
             .bind(p.created_at_us)
+            .bind(&claim.0)
+            .bind(claimed_until_us)
             .execute(&mut *tx)
             .await?;
+            if p.status != PaymentStatus::Failed {
+                sqlx::query(super::spend::ADD_SQL)
+                    .bind(&p.sender_id)
+                    .bind(&p.currency)
+                    .bind(super::spend::hour_of(p.created_at_us))
+                    .bind(p.amount)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             append_event!(tx, &EventFields::payment(event, p));
             tx.commit().await?;
             Ok::<_, sqlx::Error>(())
@@ -245,13 +296,16 @@ impl PaymentStore {
     }
 
     /// Moves a pending payment to SETTLED or FAILED with its event; a payment already
-    /// finished is returned as it is (the resolver and the caller may race).
+    /// finished is returned as it is. A failure is recorded only by the holder of
+    /// `claim` (`None`: anyone): an attempt that lost its claim to the resolver must not
+    /// fail a payment the resolver may be settling.
     pub async fn finish(
         &self,
         payment_id: &str,
         status: PaymentStatus,
         reason: &str,
         message: &str,
+        claim: Option<&Claim>,
     ) -> Result<Payment> {
         let now = now_us();
         let settled_at = (status == PaymentStatus::Settled).then_some(now);
@@ -264,7 +318,7 @@ impl PaymentStore {
             let mut tx = pool.begin().await?;
             let done = sqlx::query(
                 "UPDATE payments SET status = $2, failure_reason = $3, failure_message = $4, settled_at_us = $5, \
-                 updated_at_us = $6 WHERE payment_id = $1 AND status = 'pending'",
+                 updated_at_us = $6 WHERE payment_id = $1 AND status = 'pending' AND ($7 IS NULL OR claim = $7)",
             )
             .bind(payment_id)
             .bind(status.as_str())
@@ -272,12 +326,23 @@ impl PaymentStore {
             .bind(message)
             .bind(settled_at)
             .bind(now)
+            .bind(claim.map(|c| c.0.as_str()))
             .execute(&mut *tx)
             .await?;
             let row: Option<PaymentRow> = sqlx::query_as(&sql).bind(payment_id).fetch_optional(&mut *tx).await?;
             if done.rows_affected() == 1 {
                 if let Some(r) = &row {
                     let p = Payment::try_from(r.clone()).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+                    if status == PaymentStatus::Failed {
+                        // A failed payment no longer counts against the daily limit.
+                        sqlx::query(super::spend::SUB_SQL)
+                            .bind(&p.sender_id)
+                            .bind(&p.currency)
+                            .bind(super::spend::hour_of(p.created_at_us))
+                            .bind(p.amount)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
                     append_event!(tx, &EventFields::payment(event, &p));
                     if let (Some(request_id), PaymentStatus::Settled) = (&p.request_id, status) {
                         let sql = format!("UPDATE payment_requests SET status = 'paid', payment_id = $2, updated_at_us = $3 \
@@ -325,31 +390,71 @@ impl PaymentStore {
         rows.into_iter().map(Payment::try_from).collect()
     }
 
-    /// What the sender moved in `currency` since `since_us`, failed payments excepted.
-    pub async fn sent_since(&self, sender: &str, currency: &str, since_us: i64) -> Result<i64> {
-        let sum: Option<i64> = with_db!(&self.db, pool => sqlx::query_scalar(
-            "SELECT CAST(SUM(amount) AS BIGINT) FROM payments WHERE sender_id = $1 AND currency = $2 \
-             AND created_at_us > $3 AND status <> 'failed'",
-        )
-        .bind(sender)
-        .bind(currency)
-        .bind(since_us)
-        .fetch_one(pool)
-        .await)?;
-        Ok(sum.unwrap_or(0))
+    /// Takes over pending payments whose claim has run out (their attempt crashed or
+    /// stalled), each by a conditional update, so that two resolvers, or a resolver and
+    /// a live attempt, never work on one payment at once. The new claim lasts `lease_us`.
+    pub async fn claim_stale(&self, lease_us: i64, limit: i64) -> Result<Vec<(Payment, Claim)>> {
+        let now = now_us();
+        let sql = format!(
+            "SELECT {COLUMNS} FROM payments WHERE status = 'pending' AND (claimed_until_us IS NULL OR claimed_until_us < $1) \
+             ORDER BY updated_at_us LIMIT $2"
+        );
+        let rows: Vec<PaymentRow> =
+            with_db!(&self.db, pool => sqlx::query_as(&sql).bind(now).bind(limit).fetch_all(pool).await)?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let p = Payment::try_from(row)?;
+            let claim = Claim::new();
+            let taken = with_db!(&self.db, pool => sqlx::query(
+                "UPDATE payments SET claim = $2, claimed_until_us = $3, updated_at_us = $4 \
+                 WHERE payment_id = $1 AND status = 'pending' AND (claimed_until_us IS NULL OR claimed_until_us < $4)",
+            )
+            .bind(&p.payment_id)
+            .bind(&claim.0)
+            .bind(now.saturating_add(lease_us))
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected() == 1))?;
+            if taken {
+                claimed.push((p, claim));
+            }
+        }
+        Ok(claimed)
     }
 
-    /// Pending payments nobody has touched for `idle_us`.
-    pub async fn stale_pending(&self, idle_us: i64, limit: i64) -> Result<Vec<Payment>> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM payments WHERE status = 'pending' AND updated_at_us < $1 ORDER BY updated_at_us LIMIT $2"
-        );
-        let rows: Vec<PaymentRow> = with_db!(&self.db, pool => sqlx::query_as(&sql)
-            .bind(now_us() - idle_us)
-            .bind(limit)
-            .fetch_all(pool)
-            .await)?;
-        rows.into_iter().map(Payment::try_from).collect()
+    /// Extends `claim` on a pending payment by `lease_us` from now; false when the
+    /// payment is no longer pending or someone else holds it (the resolver took over).
+    pub async fn renew(&self, payment_id: &str, claim: &Claim, lease_us: i64) -> Result<bool> {
+        let now = now_us();
+        let renewed = with_db!(&self.db, pool => sqlx::query(
+            "UPDATE payments SET claimed_until_us = $3, updated_at_us = $4 \
+             WHERE payment_id = $1 AND status = 'pending' AND claim = $2",
+        )
+        .bind(payment_id)
+        .bind(&claim.0)
+        .bind(now.saturating_add(lease_us))
+        .bind(now)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected() == 1))?;
+        Ok(renewed)
+    }
+}
+
+/// The right to finish a pending payment, held by one attempt at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim(String);
+
+impl Claim {
+    pub fn new() -> Self {
+        Claim(uuid::Uuid::new_v4().simple().to_string())
+    }
+}
+
+impl Default for Claim {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

@@ -46,6 +46,34 @@ macro_rules! with_db {
 /// UNAVAILABLE. Writes are short, so a long wait means something is stuck.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often the write-ahead log is copied back into the SQLite file.
+const SQLITE_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+/// Log pages (4 KiB each) not yet copied back beyond which a checkpoint makes writers
+/// wait: 256 MiB.
+const SQLITE_WAL_PAGES_MAX: i64 = 65_536;
+
+/// The page cache of each posting-engine connection on SQLite, in KiB (a negative
+/// `cache_size` is KiB): 32 MiB, room for the hot index pages of a busy ledger while the
+/// server stays far under its memory budget.
+const SQLITE_ENGINE_CACHE_KIB: &str = "-32768";
+
+/// What a pool's connections are for, which decides their PostgreSQL session settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolRole {
+    /// Reads and the non-batched writes. Plans are made for each execution
+    /// (`plan_cache_mode = force_custom_plan`): a generic plan cached while a table was
+    /// nearly empty (a sequential scan is cheapest then) would otherwise be kept by the
+    /// connection until the table is analyzed, and scan the whole table on every call
+    /// once it has grown. Planning a point query costs tens of microseconds.
+    General,
+    /// The posting engine's batch transactions. Every statement they run is a keyed
+    /// probe, insert or update, for which an index scan is always right, so sequential
+    /// scans are ruled out (`enable_seqscan = off`) and generic plans stay cheap and
+    /// safe however small a table was when they were made. A pool of its own also keeps
+    /// ledger writes from waiting behind a burst of reads for a connection.
+    Engine,
+}
+
 impl Db {
     /// Opens the pool described by `DMPAY_DATABASE_URL`. For SQLite the file and its
     /// folder are created when missing.
@@ -53,7 +81,30 @@ impl Db {
         Self::connect_url(config.database_url.expose_secret(), config.db_pool_size, config.db_acquire_timeout).await
     }
 
+    /// The posting engine's own pool: one connection per worker and one spare. On
+    /// SQLite, one connection for its one worker: every batch then finds that
+    /// connection's page cache warm, where alternating connections would each see the
+    /// other's commits as a changed file and drop their caches.
+    pub async fn connect_engine(config: &Config) -> anyhow::Result<Db> {
+        let url = config.database_url.expose_secret();
+        let size = if url.starts_with("sqlite:") {
+            1
+        } else {
+            u32::try_from(config.engine.workers).unwrap_or(64).saturating_add(1)
+        };
+        Self::connect_role(url, size, config.db_acquire_timeout, PoolRole::Engine).await
+    }
+
     pub async fn connect_url(url: &str, pool_size: u32, acquire_timeout: Duration) -> anyhow::Result<Db> {
+        Self::connect_role(url, pool_size, acquire_timeout, PoolRole::General).await
+    }
+
+    pub async fn connect_role(
+        url: &str,
+        pool_size: u32,
+        acquire_timeout: Duration,
+        role: PoolRole,
+    ) -> anyhow::Result<Db> {
         if url.starts_with("sqlite:") {
             let path = sqlite_path(url);
             if let Some(parent) = Path::new(path).parent() {
@@ -69,9 +120,22 @@ impl Db {
                 // engine commits many entries per fsync, so this costs little.
                 .synchronous(SqliteSynchronous::Full)
                 .foreign_keys(true)
+                // Statement journals of multi-row statements in memory, not in a temporary
+                // file created and deleted per statement.
+                .pragma("temp_store", "memory")
+                // Checkpoints run in the background (`run_sqlite_checkpointer`), not in
+                // the commit that happens to cross the threshold.
+                .pragma("wal_autocheckpoint", "0")
                 .busy_timeout(SQLITE_BUSY_TIMEOUT)
                 .log_statements(tracing::log::LevelFilter::Trace)
                 .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
+            // The engine's connections touch every hot index page of the ledger and the
+            // payments on each batch: a page cache of their own that holds them saves a
+            // read system call per page (SQLite's default is 2 MiB per connection).
+            let options = match role {
+                PoolRole::Engine => options.pragma("cache_size", SQLITE_ENGINE_CACHE_KIB),
+                PoolRole::General => options,
+            };
             let pool = SqlitePoolOptions::new()
                 .max_connections(pool_size)
                 .acquire_timeout(acquire_timeout)
@@ -81,8 +145,16 @@ impl Db {
         } else {
             // Options are parsed from the URL without formatting it anywhere, so the
             // password never reaches a log line.
+            let settings: &[(&str, &str)] = match role {
+                PoolRole::General => &[("plan_cache_mode", "force_custom_plan")],
+                PoolRole::Engine => &[("enable_seqscan", "off")],
+            };
             let options = PgConnectOptions::from_str(url)?
-                .application_name("dmpay")
+                .application_name(match role {
+                    PoolRole::General => "dmpay",
+                    PoolRole::Engine => "dmpay-engine",
+                })
+                .options(settings.iter().copied())
                 .log_statements(tracing::log::LevelFilter::Trace)
                 .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
             let pool = PgPoolOptions::new()
@@ -114,6 +186,35 @@ impl Db {
         match self {
             Db::Postgres(p) => p.size().saturating_sub(p.num_idle() as u32),
             Db::Sqlite(p) => p.size().saturating_sub(p.num_idle() as u32),
+        }
+    }
+
+    /// On SQLite, copies the write-ahead log back into the database file in the
+    /// background until the task is dropped (nothing to do on PostgreSQL). Connections
+    /// never checkpoint on their own (`wal_autocheckpoint = 0`): SQLite would otherwise
+    /// run each checkpoint inside a commit of the posting engine, holding its batch for
+    /// as long as the copy and its fsync take. A passive checkpoint here runs beside the
+    /// writer; should the log still grow past `SQLITE_WAL_PAGES_MAX` (readers holding
+    /// old snapshots), a truncating one makes the writer wait once instead.
+    pub async fn run_sqlite_checkpointer(&self) {
+        let Db::Sqlite(pool) = self else { return };
+        let mut tick = tokio::time::interval(SQLITE_CHECKPOINT_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            // (busy, pages in the log, pages checkpointed)
+            let passive: Result<(i64, i64, i64), sqlx::Error> =
+                sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(pool).await;
+            match passive {
+                Ok((_, log, done)) if log - done > SQLITE_WAL_PAGES_MAX => {
+                    tracing::warn!(log_pages = log, checkpointed = done, "SQLite log too long; truncating it");
+                    if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(pool).await {
+                        tracing::warn!(error = %e, "SQLite checkpoint failed; will retry");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "SQLite checkpoint failed; will retry"),
+            }
         }
     }
 
@@ -186,4 +287,42 @@ pub fn db_code(err: &sqlx::Error) -> Option<String> {
 /// Whether the error is a unique-constraint violation (PostgreSQL 23505, SQLite 2067/1555).
 pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(db_code(err).as_deref(), Some("23505" | "2067" | "1555"))
+}
+
+/// A JSON array of rows, bound as one parameter and read back with `json_each`: one
+/// statement text whatever the batch size, so SQLite prepares it once per connection.
+/// (A multi-row `VALUES` list has a different text for every row count; with batch sizes
+/// varying from 1 to hundreds, its prepared statements never stayed in the cache.)
+pub fn json_rows<T: serde::Serialize>(rows: &[T]) -> Result<String, sqlx::Error> {
+    serde_json::to_string(rows).map_err(|e| sqlx::Error::Encode(Box::new(e)))
+}
+
+/// Replaces the database name of a PostgreSQL URL, keeping its query string.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[scheme_end..].find('/').map_or(base.len(), |i| i + scheme_end);
+    let mut out = format!("{}/{}", &base[..host_end], name);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_names_are_replaced_keeping_the_query() {
+        assert_eq!(
+            with_database("postgres://u@h:5432/postgres?sslmode=disable", "x"),
+            "postgres://u@h:5432/x?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h", "x"), "postgres://h/x");
+    }
 }

@@ -39,6 +39,7 @@ struct Registry {
 pub struct Metrics {
     registry: Arc<Mutex<Registry>>,
     db: Arc<Mutex<Option<Db>>>,
+    engine: Arc<Mutex<Option<Arc<crate::ledger::engine::EngineStats>>>>,
 }
 
 impl Metrics {
@@ -50,6 +51,13 @@ impl Metrics {
     pub fn set_db(&self, db: Db) {
         if let Ok(mut slot) = self.db.lock() {
             *slot = Some(db);
+        }
+    }
+
+    /// The posting engine whose batches are reported.
+    pub fn set_engine(&self, stats: Arc<crate::ledger::engine::EngineStats>) {
+        if let Ok(mut slot) = self.engine.lock() {
+            *slot = Some(stats);
         }
     }
 
@@ -100,6 +108,20 @@ impl Metrics {
             }
             for (name, n) in &reg.counters {
                 let _ = writeln!(out, "# TYPE dmpay_{name}_total counter\ndmpay_{name}_total {n}");
+            }
+        }
+        if let Ok(engine) = self.engine.lock() {
+            if let Some(e) = engine.as_ref() {
+                use std::sync::atomic::Ordering::Relaxed;
+                out.push_str("# HELP dmpay_ledger_batches_total Posting-engine batch transactions.\n");
+                out.push_str("# TYPE dmpay_ledger_batches_total counter\n");
+                let _ = writeln!(out, "dmpay_ledger_batches_total {}", e.batches.load(Relaxed));
+                out.push_str("# HELP dmpay_ledger_commands_total Ledger commands committed or refused in batches.\n");
+                out.push_str("# TYPE dmpay_ledger_commands_total counter\n");
+                let _ = writeln!(out, "dmpay_ledger_commands_total {}", e.commands.load(Relaxed));
+                out.push_str("# HELP dmpay_ledger_batch_seconds_total Time spent in batch transactions.\n");
+                out.push_str("# TYPE dmpay_ledger_batch_seconds_total counter\n");
+                let _ = writeln!(out, "dmpay_ledger_batch_seconds_total {}", e.busy_us.load(Relaxed) as f64 / 1e6);
             }
         }
         if let Ok(db) = self.db.lock() {

@@ -1,7 +1,10 @@
 //! Logs, metrics and the per-call log line.
 
 mod call_log;
+mod log_writer;
 mod metrics;
+
+use std::sync::OnceLock;
 
 pub use call_log::{CallLogLayer, CallSlot};
 pub use metrics::{serve_metrics, Metrics};
@@ -10,11 +13,31 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+/// The filter used when `RUST_LOG` is not set.
+pub const DEFAULT_FILTER: &str = "info,sqlx=warn,h2=warn";
+
+/// The buffered standard output every log line goes to.
+static LOG_WRITER: OnceLock<log_writer::LogWriter> = OnceLock::new();
+
+/// Writes out buffered log lines; call before the process exits.
+pub fn flush_logs() {
+    if let Some(w) = LOG_WRITER.get() {
+        w.flush();
+    }
+}
+
 /// Installs the global subscriber. `RUST_LOG` overrides the default filter. Calling it
 /// twice is harmless (tests start many servers in one process).
 pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,h2=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    init_logging_with(format, std::env::var("RUST_LOG").ok().as_deref());
+}
+
+/// Installs the global subscriber with `filter` (`RUST_LOG` syntax; the default when
+/// `None` or invalid).
+pub fn init_logging_with(format: LogFormat, filter: Option<&str>) {
+    let filter = filter.and_then(|f| EnvFilter::try_new(f).ok()).unwrap_or_else(|| EnvFilter::new(DEFAULT_FILTER));
+    let writer = LOG_WRITER.get_or_init(log_writer::LogWriter::stdout).clone();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(writer);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Pretty => builder.try_init(),

@@ -134,9 +134,13 @@ pub fn brand_of(digits: &str) -> Option<Brand> {
     })
 }
 
+/// The Luhn check of a string of ASCII digits; anything else is not valid.
 pub fn luhn_valid(digits: &str) -> bool {
     let mut sum = 0u32;
     for (i, b) in digits.bytes().rev().enumerate() {
+        if !b.is_ascii_digit() {
+            return false;
+        }
         let mut d = u32::from(b - b'0');
         if i % 2 == 1 {
             d *= 2;
@@ -317,5 +321,17 @@ mod tests {
     fn luhn() {
         assert!(luhn_valid("79927398713"));
         assert!(!luhn_valid("79927398710"));
+    }
+
+    /// Found by `make fuzz` (card_validate): a byte below '0' overflowed `b - b'0'`, a
+    /// panic in debug builds and a wrapped "digit" in release. `validate` checks for
+    /// digits first, so only direct callers of this public function could hit it.
+    #[test]
+    fn luhn_refuses_non_digits_without_panicking() {
+        for s in ["4242 4242 4242 4242", "4242-4242", "79927398713\n", "/", " ", "\u{0}", "٤٢٤٢"] {
+            assert!(!luhn_valid(s), "{s:?}");
+        }
+        // ':' - '0' is 10: the old code summed it and called the "number" valid.
+        assert!(!luhn_valid(":"));
     }
 }

@@ -35,26 +35,16 @@ pub struct TestApp {
     _dir: tempfile::TempDir,
 }
 
+/// `TEST_LOG` turns the server's logs on: `TEST_LOG=1` at `RUST_LOG` (or the default
+/// filter), `TEST_LOG=trace` (or any filter) at that level unless `RUST_LOG` says
+/// otherwise. `.ci/secrets-scan` runs the suite with `TEST_LOG=trace`.
 fn log_init() {
-    if std::env::var_os("TEST_LOG").is_some() {
-        dmpay::telemetry::init_logging(dmpay::config::LogFormat::Pretty);
-    }
-}
-
-/// Replaces the database name in a PostgreSQL URL.
-fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let host_end = base[scheme_end..].find('/').map(|i| i + scheme_end).unwrap_or(base.len());
-    let mut out = format!("{}/{}", &base[..host_end], name);
-    if let Some(q) = query {
-        out.push('?');
-        out.push_str(q);
-    }
-    out
+    let Some(level) = std::env::var("TEST_LOG").ok() else { return };
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|f| !f.is_empty())
+        .or_else(|| (!matches!(level.as_str(), "" | "1" | "true" | "yes")).then_some(level));
+    dmpay::telemetry::init_logging_with(dmpay::config::LogFormat::Pretty, filter.as_deref());
 }
 
 pub fn postgres_url() -> Option<String> {
@@ -69,6 +59,17 @@ impl TestApp {
     /// Starts a server with extra `DMPAY_*` settings. Returns None (the test skips) for
     /// PostgreSQL when no test database is configured, unless CI requires it.
     pub async fn spawn_with(backend: Backend, extra: &[(&str, &str)]) -> Option<TestApp> {
+        Self::spawn_routed(backend, extra, |url| url).await
+    }
+
+    /// `spawn_with`, with the server's `DMPAY_DATABASE_URL` passed through `route` (for
+    /// one that reaches the fresh database through a proxy). Creating and dropping the
+    /// database keep the direct URL.
+    pub async fn spawn_routed(
+        backend: Backend,
+        extra: &[(&str, &str)],
+        route: impl FnOnce(String) -> String,
+    ) -> Option<TestApp> {
         log_init();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut pg_database = None;
@@ -87,13 +88,13 @@ impl TestApp {
                 sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&admin).await.expect("create database");
                 admin.close().await;
                 pg_database = Some((admin_url.clone(), name.clone()));
-                with_database(&admin_url, &name)
+                dmpay::store::with_database(&admin_url, &name)
             }
         };
         let mut env: HashMap<String, String> = HashMap::from([
             ("DMPAY_GRPC_ADDR".into(), "127.0.0.1:0".into()),
             ("DMPAY_METRICS_ADDR".into(), "127.0.0.1:0".into()),
-            ("DMPAY_DATABASE_URL".into(), url),
+            ("DMPAY_DATABASE_URL".into(), route(url)),
             ("DMPAY_DB_POOL_SIZE".into(), "8".into()),
             ("DMPAY_LEDGER_EXPIRY_INTERVAL".into(), "200ms".into()),
         ]);

@@ -366,7 +366,7 @@ async fn unknown_card_outcome_resolves_to_one_charge(app: TestApp) {
             app.ledger_handle.clone(),
             vault,
             Accounts::new(app.db.clone()),
-            PaymentsConfig { resolve_after_s: 0, ..Default::default() },
+            std::sync::Arc::new(PaymentsConfig { resolve_after_s: 0, ..Default::default() }),
         )
     };
     let sender = dmpay::accounts::UserId::parse("u", "alice").unwrap();
@@ -404,7 +404,154 @@ async fn unknown_card_outcome_resolves_to_one_charge(app: TestApp) {
     assert!(app.verify().await.ok());
 }
 
+/// Concurrent sends of one sender are checked against the rolling limit together: the
+/// batch that decides them sees what the earlier ones in it and before it used.
+async fn daily_limit_holds_under_concurrency(app: TestApp) {
+    fund_user(&app, "alice", "2000.00").await;
+    let alice = app.token("alice", PAY_SCOPES);
+    // Unverified: 500.00 a day; 30 concurrent sends of 40.00 can only fit 12 of them.
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let mut client = app.payments();
+        let t = alice.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .send_payment(authed(
+                    pb::SendPaymentRequest {
+                        idempotency_key: format!("lim-{i}"),
+                        recipient_id: format!("shop{}", i % 3),
+                        amount: usd("40.00"),
+                        funding_source: Balance as i32,
+                        ..Default::default()
+                    },
+                    &t,
+                ))
+                .await
+        }));
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert_eq!(reason(&e), "DAILY_LIMIT", "{e:?}");
+                limited += 1;
+            }
+        }
+    }
+    assert_eq!((ok, limited), (12, 18));
+    assert_eq!(amt(&app.wallet("alice").await.posted), "1520.00");
+    // A refused send wrote nothing: twelve payments, two events each.
+    assert_eq!(app.count("payments").await, 12);
+    assert_eq!(app.count("payment_events").await, 24);
+    assert!(app.verify().await.ok());
+}
+
+/// The same key sent many times at once is one payment: every caller gets it back.
+async fn concurrent_duplicates_are_one_payment(app: TestApp) {
+    fund_user(&app, "alice", "100.00").await;
+    let alice = app.token("alice", PAY_SCOPES);
+    let mut tasks = Vec::new();
+    for _ in 0..24 {
+        let mut client = app.payments();
+        let t = alice.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .send_payment(authed(
+                    pb::SendPaymentRequest {
+                        idempotency_key: "once".into(),
+                        recipient_id: "bob".into(),
+                        amount: usd("7.00"),
+                        funding_source: Balance as i32,
+                        ..Default::default()
+                    },
+                    &t,
+                ))
+                .await
+                .map(|r| r.into_inner().payment_id)
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap().unwrap());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "one payment for one key: {ids:?}");
+    assert_eq!(amt(&app.wallet("bob").await.posted), "7.00");
+    // The same key with another amount is refused and changes nothing.
+    let err = app.send(&alice, "once", "bob", "8.00", Balance).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert!(err.message().contains("idempotency_key"));
+    assert_eq!(app.count("payments").await, 1);
+    assert!(app.verify().await.ok());
+}
+
+/// A sender short of funds gets a recorded failure (replayed on retry) while the other
+/// sends of the same batch go through.
+async fn a_short_sender_fails_alone(app: TestApp) {
+    fund_user(&app, "alice", "10.00").await;
+    for u in ["u1", "u2", "u3"] {
+        fund_user(&app, u, "10.00").await;
+    }
+    let mut tasks = Vec::new();
+    for (i, u) in ["alice", "u1", "u2", "u3"].into_iter().enumerate() {
+        let mut client = app.payments();
+        let t = app.token(u, PAY_SCOPES);
+        let amount = if u == "alice" { "10.01" } else { "5.00" };
+        tasks.push(tokio::spawn(async move {
+            client
+                .send_payment(authed(
+                    pb::SendPaymentRequest {
+                        idempotency_key: format!("s{i}"),
+                        recipient_id: "seller".into(),
+                        amount: usd(amount),
+                        funding_source: Balance as i32,
+                        ..Default::default()
+                    },
+                    &t,
+                ))
+                .await
+        }));
+    }
+    let results: Vec<_> = futures_join(tasks).await;
+    let err = results[0].as_ref().unwrap_err();
+    assert_eq!(reason(err), "INSUFFICIENT_FUNDS");
+    assert!(results[1..].iter().all(|r| r.is_ok()));
+    assert_eq!(amt(&app.wallet("seller").await.posted), "15.00");
+    // The failure was recorded: a retry replays it, even once the money is there.
+    fund_user(&app, "alice", "5.00").await;
+    let alice = app.token("alice", PAY_SCOPES);
+    let again = app
+        .payments()
+        .send_payment(authed(
+            pb::SendPaymentRequest {
+                idempotency_key: "s0".into(),
+                recipient_id: "seller".into(),
+                amount: usd("10.01"),
+                funding_source: Balance as i32,
+                ..Default::default()
+            },
+            &alice,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&again), "INSUFFICIENT_FUNDS");
+    assert_eq!(amt(&app.wallet("alice").await.posted), "15.00");
+    assert!(app.verify().await.ok());
+}
+
+async fn futures_join<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
 backend_tests!(
+    daily_limit_holds_under_concurrency,
+    concurrent_duplicates_are_one_payment,
+    a_short_sender_fails_alone,
     send_from_balance_and_read_back,
     retries_are_idempotent_and_failures_recorded,
     card_funded_and_split,
@@ -640,9 +787,76 @@ async fn refunds_full_partial_and_never_more(app: TestApp) {
     assert!(app.verify().await.ok());
 }
 
+/// Copies of one refund call (same key, same request) sent at the same moment all get
+/// the refund, whichever commits first: the loser must not be told there is nothing left
+/// to refund (found by the crash test, which sends duplicates concurrently).
+async fn concurrent_duplicate_refunds_get_one_answer(app: TestApp) {
+    fund_user(&app, "alice", "100.00").await;
+    let alice = app.token("alice", PAY_SCOPES);
+    let bob = app.token("bob", PAY_SCOPES);
+    for (round, amount) in [(0, None), (1, Some("2.00"))] {
+        let p = app.send(&alice, &format!("dup-{round}"), "bob", "5.00", Balance).await.unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..6 {
+            let mut client = app.payments();
+            let req = pb::RefundPaymentRequest {
+                payment_id: p.payment_id.clone(),
+                idempotency_key: format!("r{round}"),
+                amount: amount.and_then(usd),
+                reason: "returned".into(),
+            };
+            let t = bob.clone();
+            tasks.push(tokio::spawn(async move { client.refund_payment(authed(req, &t)).await }));
+        }
+        let expected = if amount.is_some() { "2.00" } else { "5.00" };
+        for t in tasks {
+            let refunded = t.await.unwrap().expect("every copy gets the refund").into_inner();
+            assert_eq!(amt(&refunded.refunded_amount), expected);
+        }
+    }
+    // One refund row each, and the money moved once each.
+    assert_eq!(app.count("payment_refunds").await, 2);
+    assert_eq!(amt(&app.wallet("bob").await.posted), "3.00");
+    assert!(app.verify().await.ok());
+}
+
+/// Copies of one one-tap pay (same key) sent at the same moment all get the payment; a
+/// copy that finds the request already paid by another copy replays it.
+async fn concurrent_duplicate_pays_get_one_answer(app: TestApp) {
+    fund_user(&app, "bob", "100.00").await;
+    let r = request(&app, "alice", "dup-r", "bob", "12.00", 0).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let app_payments = app.payments();
+        let (t, id) = (app.token("bob", PAY_SCOPES), r.request_id.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = app_payments;
+            c.pay_request(authed(
+                pb::PayRequestRequest { request_id: id, idempotency_key: "tap".into(), ..Default::default() },
+                &t,
+            ))
+            .await
+            .map(|p| p.into_inner().payment_id)
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap().expect("every copy gets the payment"));
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(amt(&app.wallet("alice").await.posted), "12.00");
+    assert!(app.verify().await.ok());
+}
+
 mod requests_and_refunds {
     use super::*;
-    backend_tests!(requests_pay_decline_cancel_expire, refunds_full_partial_and_never_more);
+    backend_tests!(
+        requests_pay_decline_cancel_expire,
+        refunds_full_partial_and_never_more,
+        concurrent_duplicate_refunds_get_one_answer,
+        concurrent_duplicate_pays_get_one_answer
+    );
 }
 
 async fn next_events(stream: &mut tonic::Streaming<pb::PaymentEvent>, n: usize) -> Vec<pb::PaymentEvent> {

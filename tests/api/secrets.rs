@@ -1,9 +1,13 @@
 //! Card data never lands anywhere in clear: a run that tokenizes and links cards through
 //! the real server, with logging at TRACE, leaves no PAN or CVC in any table (both
-//! backends, SQLite's raw file and WAL included) or any log line.
+//! backends, SQLite's raw file and WAL included) or any log line, and no credential
+//! either (the caller's JWT, the JWT secret, the vault keys, the database password).
+//! `.ci/secrets-scan` checks the logs of the whole suite the same way.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
+
+use base64::Engine;
 
 use crate::helpers::*;
 
@@ -184,6 +188,32 @@ async fn no_card_data_in_clear(backend: Backend) {
                 && !logs.to_lowercase().contains(&format!("cvc={cvc}"))
         );
     }
+
+    // Nor any credential: the caller's JWT, the JWT secret, the vault keys (as configured
+    // and decoded), the database password.
+    let db_text = String::from_utf8_lossy(&db);
+    let mut credentials = vec![("the caller's JWT".to_owned(), t.clone())];
+    credentials.push(("the JWT secret".into(), dmpay::config::DEV_JWT_SECRET.into()));
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for key in [dmpay::vault::keys::DEV_FINGERPRINT_KEY, dmpay::vault::keys::DEV_KEKS.split_once(':').unwrap().1] {
+        credentials.push((format!("vault key {key}"), key.to_owned()));
+        credentials.push((format!("vault key {key}, decoded"), String::from_utf8(b64.decode(key).unwrap()).unwrap()));
+    }
+    if let Some(password) = postgres_url().and_then(|u| url_password(&u)) {
+        credentials.push(("the database password".into(), password));
+    }
+    for (what, secret) in credentials {
+        assert!(!logs.contains(&secret), "{what} in the logs");
+        assert!(!db_text.contains(&secret), "{what} in the database");
+    }
+    assert!(!logs.contains("eyJ"), "a JWT in the logs");
+}
+
+/// The password of a `postgres://user:password@host/...` URL.
+fn url_password(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let userinfo = rest.split_once('@')?.0;
+    userinfo.split_once(':').map(|(_, p)| p.to_owned()).filter(|p| !p.is_empty())
 }
 
 mod no_card_data {

@@ -1,0 +1,61 @@
+//! How another module commits its own rows in the posting engine's batch transaction.
+//!
+//! A one-click payment is a ledger entry plus the payment row and its outbox events,
+//! and all of it must commit together. Rather than a second transaction per payment
+//! (whose commit and event-counter lock would serialize every payment), the payments
+//! module attaches its part to the ledger command and registers a `BatchHook`: the
+//! engine calls it inside the batch transaction, under the batch's account locks, so the
+//! hook's checks (idempotency, frozen accounts, rolling limits) see the same state the
+//! money moves against, and its rows commit with the entries, once per batch.
+//!
+//! The engine never looks inside an attachment; it hands the attachments of a batch to
+//! the hook, which keeps its own per-batch state (`HookBatch`).
+
+use std::any::Any;
+
+use async_trait::async_trait;
+
+use super::engine::Outcome;
+use crate::error::{Error, Result};
+
+/// The batch transaction's connection, on either backend.
+pub enum Conn<'c> {
+    Postgres(&'c mut sqlx::PgConnection),
+    Sqlite(&'c mut sqlx::SqliteConnection),
+}
+
+/// What another module attaches to a ledger command, opaque to the engine.
+pub type Attachment = Box<dyn Any + Send + Sync>;
+
+/// The hook's say on a command, just before its ledger decision.
+pub enum Admit {
+    /// Decide the command's entry as usual.
+    Proceed,
+    /// Answer the command without a ledger decision (a replay, or a refusal by the
+    /// hook's own rules). Nothing of the command is written.
+    Answer(Box<Result<Outcome>>),
+}
+
+/// Registered once with the engine; called for every batch that carries attachments.
+#[async_trait]
+pub trait BatchHook: Send + Sync + 'static {
+    /// Reads what the batch's decisions need. Called under the batch's account locks,
+    /// before any decision, with the index of each attached command in the batch.
+    async fn prepare(
+        &self,
+        conn: &mut Conn<'_>,
+        attached: &[(usize, &(dyn Any + Send + Sync))],
+        now_us: i64,
+    ) -> std::result::Result<Box<dyn HookBatch>, sqlx::Error>;
+}
+
+/// The hook's state for one batch transaction.
+#[async_trait]
+pub trait HookBatch: Send {
+    /// Just before command `cmd`'s ledger decision, in batch order.
+    fn admit(&mut self, cmd: usize) -> Admit;
+    /// Right after it: accepted, or why the ledger refused it.
+    fn decided(&mut self, cmd: usize, result: std::result::Result<(), &Error>);
+    /// Writes the hook's rows, after the batch's entries and before commit.
+    async fn write(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error>;
+}

@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: run build release test test-sqlite check fmt migrate token clean
+.PHONY: run build release test test-sqlite check fmt migrate token clean bench fuzz fuzz-build secrets-scan chaos
 
 ## Start the server on the embedded SQLite default (./var/dmpay.db), no setup.
 run:
@@ -14,18 +14,90 @@ build:
 release:
 	$(CARGO) build --release
 
-## The whole test suite. PostgreSQL tests run when DMPAY_TEST_POSTGRES_URL is set
-## (.ci/run sets it); unit and SQLite tests always run. The suite needs cargo-nextest
-## (one process per test: some tests shift the process clock); it is installed from
-## crates.io when missing.
+## The whole test suite, every integration test on both backends: SQLite, and
+## PostgreSQL at DMPAY_TEST_POSTGRES_URL (the local server by default, started when it
+## is down; a PostgreSQL test that cannot reach it fails rather than skips). The suite
+## needs cargo-nextest (one process per test: some tests shift the process clock); it
+## is installed from crates.io when missing.
+DMPAY_TEST_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 test:
 	@$(CARGO) nextest --version >/dev/null 2>&1 || $(CARGO) install cargo-nextest --locked
-	$(CARGO) nextest run --workspace --all-targets --no-fail-fast
+	@pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null || pg_ctlcluster --skip-systemctl-redirect "$$(ls /etc/postgresql)" main start || true
+	DMPAY_TEST_POSTGRES_URL="$(DMPAY_TEST_POSTGRES_URL)" DMPAY_TEST_REQUIRE_POSTGRES=1 \
+		$(CARGO) nextest run --workspace --all-targets --no-fail-fast
 
 ## Formatting and lints, warnings as errors.
 check:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+
+## The integration suite with every log at TRACE (PostgreSQL through a URL with a
+## password; PostgreSQL must be up on 127.0.0.1:5432), its output scanned for card
+## numbers, CVCs, JWTs, vault and JWT keys and the database password; fails on any.
+## SECRETS_SCAN_FILTERS limits it to matching tests (CI: "secrets:: vault:: auth::
+## access:: payments::"). See .ci/secrets-scan.
+SECRETS_SCAN_FILTERS ?=
+secrets-scan:
+	.ci/secrets-scan $(SECRETS_SCAN_FILTERS)
+
+## Coverage-guided fuzzing (cargo-fuzz + libFuzzer, README "Fuzzing") of the hostile-input
+## parsers: each target runs for FUZZ_SECONDS from its seeds in fuzz/corpus/<target>
+## (new inputs and the log go to the git-ignored fuzz/work/); any crash, timeout or out-
+## of-memory fails the target and leaves its input in fuzz/artifacts/<target>. cargo-fuzz
+## is installed from crates.io when missing; RUSTC_BOOTSTRAP=1 lets the stable
+## toolchain take the sanitizer flags it needs.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= money_parse card_validate settlement_csv jwt_verify
+## AddressSanitizer catches memory errors in the dependencies' unsafe code (dmpay forbids
+## its own); FUZZ_SANITIZER=none builds in about two thirds of the CPU time.
+FUZZ_SANITIZER ?= address
+FUZZ_BUILD_FLAGS = --release --debug-assertions --sanitizer $(FUZZ_SANITIZER)
+FUZZ_RUN = RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
+
+fuzz-build:
+	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	$(FUZZ_RUN) build $(FUZZ_BUILD_FLAGS)
+
+fuzz: fuzz-build
+	@set -e; n=0; for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/work/$$t; \
+		echo "== fuzz $$t for $(FUZZ_SECONDS)s (log: fuzz/work/$$t.log)"; \
+		start=$$(date +%s); \
+		if ! $(FUZZ_RUN) run $(FUZZ_BUILD_FLAGS) $$t fuzz/work/$$t fuzz/corpus/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+			> fuzz/work/$$t.log 2>&1; then \
+			tail -n 80 fuzz/work/$$t.log; \
+			echo "fuzz: $$t FAILED; the input is in fuzz/artifacts/$$t/" >&2; exit 1; \
+		fi; \
+		grep -E '^(Done|stat::(new_units_added|peak_rss_mb))' fuzz/work/$$t.log | sed 's/^/   /'; \
+		echo "== fuzz $$t passed in $$(( $$(date +%s) - start ))s"; \
+		n=$$((n + 1)); \
+	done; \
+	echo "fuzz: $$n passed, 0 failed"
+
+## The crash test (README "Crash test", tests/chaos.rs): builds the release server, then
+## on a fresh PostgreSQL database (on the local server, started when it is down) and on a
+## fresh SQLite file runs it as a child process under concurrent sends, requests and
+## refunds, SIGKILLs it CHAOS_KILLS times at random moments during CHAOS_SECONDS of load,
+## retries every call that got no answer with the same key until it gets one, and checks
+## the books. The seed is printed; CHAOS_SEED=N reproduces a run's choices.
+CHAOS_KILLS ?= 10
+CHAOS_SECONDS ?= 60
+chaos: release
+	@pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null || pg_ctlcluster --skip-systemctl-redirect "$$(ls /etc/postgresql)" main start || true
+	CHAOS_KILLS=$(CHAOS_KILLS) CHAOS_SECONDS=$(CHAOS_SECONDS) CHAOS_BIN="$(CURDIR)/target/release/dmpay" \
+		$(CARGO) test --test chaos -- --ignored --nocapture
+
+## The end-to-end benchmark (BENCHMARKS.md, regenerated): on fresh PostgreSQL
+## (BENCH_POSTGRES_URL, a user that may create databases) and SQLite databases, the
+## naive-SQL baseline and a release server driven over gRPC by the load generator
+## (uniform and livestream at 64 and 256 clients, BENCH_DURATION each). Not part of
+## `make test`; it needs the machine to itself for honest numbers.
+BENCH_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/postgres
+BENCH_DURATION ?= 30s
+bench: release
+	@pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null || pg_ctlcluster --skip-systemctl-redirect "$$(ls /etc/postgresql)" main start || true
+	./target/release/dmpay bench report --postgres-url "$(BENCH_POSTGRES_URL)" --duration $(BENCH_DURATION) --out BENCHMARKS.md
 
 fmt:
 	$(CARGO) fmt --all

@@ -32,6 +32,21 @@ fn status_after(amount: i64, refunded: i64) -> &'static str {
     }
 }
 
+/// The ledger caller refunds post as: their idempotency keys live in its scope.
+const REFUND_CALLER: &str = "payments";
+
+/// The operation of the tombstone that takes a failed refund's ledger key (see
+/// `finish_refund`); no ledger request ever carries it, so a post under the key is
+/// refused as a key reused for another request.
+const REFUND_TOMBSTONE: &str = "refund_failed";
+
+fn refund_failed() -> Error {
+    Error::FailedPrecondition {
+        reason: "INSUFFICIENT_FUNDS",
+        message: "the refund failed: your wallet could not cover it".into(),
+    }
+}
+
 impl Payments {
     pub async fn refund(
         &self,
@@ -98,10 +113,7 @@ impl Payments {
             )))));
         }
         Ok(Some(match r.status.as_str() {
-            "failed" => Err(Error::FailedPrecondition {
-                reason: "INSUFFICIENT_FUNDS",
-                message: "the refund failed: your wallet could not cover it".into(),
-            }),
+            "failed" => Err(refund_failed()),
             "pending" => self.finish_refund(&r.refund_id, &r.payment_id, r.amount).await,
             _ => self.get(recipient, payment_id).await,
         }))
@@ -197,19 +209,30 @@ impl Payments {
     }
 
     /// Moves the refunded money in the ledger and completes the refund, or undoes the
-    /// reservation when the recipient's wallet cannot cover it. Idempotent.
+    /// reservation when the recipient's wallet cannot cover it. Idempotent, and safe to
+    /// run concurrently for one refund (a retry of the call and the resolver both may).
+    ///
+    /// The ledger keeps no key for a refused entry, so a refusal alone decides nothing:
+    /// another finisher could post the same entry a moment later, once the recipient's
+    /// wallet holds the money, and the refund would then be both failed (its reservation
+    /// undone) and paid. So the finisher that saw the refusal fails the refund in the same
+    /// transaction that takes the entry's idempotency key with a tombstone. The key is the
+    /// arbiter: whichever commits first, the refund's entry or the tombstone, wins, and
+    /// the loser answers with the winner's outcome (a later post under the key is
+    /// ALREADY_EXISTS; a tombstone that finds the key taken means the entry is posted).
     async fn finish_refund(&self, refund_id: &str, payment_id: &str, minor: i64) -> Result<Payment> {
         let payment = self.store.get(payment_id).await?.ok_or_else(|| Error::not_found("payment"))?;
         let currency = payment.currency()?;
         let amount = Money::from_minor(currency, minor);
         let from = AccountCode::wallet(&UserId::parse("recipient_id", &payment.recipient_id)?, currency);
         let to = AccountCode::wallet(&UserId::parse("sender_id", &payment.sender_id)?, currency);
+        let entry_key = format!("refund:{refund_id}");
         let posted = self
             .ledger
             .post_entry(
-                "payments",
+                REFUND_CALLER,
                 PostEntryInput {
-                    idempotency_key: format!("refund:{refund_id}"),
+                    idempotency_key: entry_key.clone(),
                     kind: "dm_refund".into(),
                     description: String::new(),
                     postings: vec![
@@ -226,20 +249,50 @@ impl Payments {
                 },
             )
             .await;
-        let failed = match posted {
+        let refused = match posted {
             Ok(_) => false,
             Err(Error::FailedPrecondition { .. }) => true,
+            // The key holds another finisher's tombstone: the refund has failed.
+            Err(Error::AlreadyExists(_)) => return Err(refund_failed()),
             Err(e) => return Err(e),
         };
         let sql = format!("SELECT {COLUMNS} FROM payments WHERE payment_id = $1");
-        with_db!(self.store.db(), pool => {
+        let failed = with_db!(self.store.db(), pool => {
             let mut tx = pool.begin().await?;
+            // The tombstone (see above). On PostgreSQL an insert that meets an
+            // uncommitted row with the same key waits for it, so the answer is final.
+            let fenced = refused
+                && sqlx::query(
+                    "INSERT INTO idempotency_keys (caller, key, operation, request_hash, result_id, created_at_us) \
+                     VALUES ($1, $2, $3, '', '', $4) ON CONFLICT (caller, key) DO NOTHING",
+                )
+                .bind(REFUND_CALLER)
+                .bind(&entry_key)
+                .bind(REFUND_TOMBSTONE)
+                .bind(now_us())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                    == 1;
+            let failed = if refused && !fenced {
+                // The key was taken first: by the refund's entry (another finisher
+                // posted it), or by another finisher's tombstone.
+                let operation: Option<String> =
+                    sqlx::query_scalar("SELECT operation FROM idempotency_keys WHERE caller = $1 AND key = $2")
+                        .bind(REFUND_CALLER)
+                        .bind(&entry_key)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                operation.as_deref() == Some(REFUND_TOMBSTONE)
+            } else {
+                fenced
+            };
             let done = sqlx::query("UPDATE payment_refunds SET status = $2 WHERE refund_id = $1 AND status = 'pending'")
                 .bind(refund_id)
                 .bind(if failed { "failed" } else { "completed" })
                 .execute(&mut *tx)
                 .await?;
-            if failed && done.rows_affected() == 1 {
+            if fenced && done.rows_affected() == 1 {
                 let p: PaymentRow = sqlx::query_as(&sql).bind(payment_id).fetch_one(&mut *tx).await?;
                 let current = Payment::try_from(p).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
                 let refunded = current.refunded_amount - minor;
@@ -255,14 +308,11 @@ impl Payments {
                 append_event!(tx, &EventFields::payment("payment.refund_failed", &after));
             }
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(())
+            Ok::<_, sqlx::Error>(failed)
         })?;
         self.store.notify();
         if failed {
-            return Err(Error::FailedPrecondition {
-                reason: "INSUFFICIENT_FUNDS",
-                message: "the refund failed: your wallet could not cover it".into(),
-            });
+            return Err(refund_failed());
         }
         self.store.get(payment_id).await?.ok_or_else(|| Error::not_found("payment"))
     }

@@ -849,13 +849,86 @@ async fn concurrent_duplicate_pays_get_one_answer(app: TestApp) {
     assert!(app.verify().await.ok());
 }
 
+/// A refund refused because the recipient's wallet could not cover it stays refused. A
+/// finisher that read the refund as pending before the refusal (a concurrent retry of
+/// the call, or the resolver) and posts the refund's entry after the wallet is refilled
+/// must be turned away: otherwise the refund would be both failed (its reservation
+/// undone, so the payment could be refunded again) and paid.
+async fn a_failed_refund_is_never_paid_later(app: TestApp) {
+    use dmpay::ledger::{AccountCode, Direction, PostEntryInput, PostingInput};
+    fund_user(&app, "alice", "10.00").await;
+    let alice = app.token("alice", PAY_SCOPES);
+    let carol = app.token("carol", PAY_SCOPES);
+    let p = app.send(&alice, "fr-1", "carol", "5.00", Balance).await.unwrap();
+    app.send(&carol, "fr-spend", "dave", "5.00", Balance).await.unwrap();
+    let refund = |key: &'static str| {
+        let mut c = app.payments();
+        let req = pb::RefundPaymentRequest {
+            payment_id: p.payment_id.clone(),
+            idempotency_key: key.into(),
+            reason: "returned".into(),
+            ..Default::default()
+        };
+        let t = carol.clone();
+        async move { c.refund_payment(authed(req, &t)).await.map(|r| r.into_inner()) }
+    };
+    assert_eq!(reason(&refund("k").await.unwrap_err()), "INSUFFICIENT_FUNDS");
+    fund_user(&app, "carol", "5.00").await;
+
+    // The late finisher's post, exactly as the payments service makes it.
+    let refund_id: String = dmpay::with_db!(&app.db, pool => sqlx::query_scalar(
+        "SELECT refund_id FROM payment_refunds WHERE payment_id = $1",
+    )
+    .bind(&p.payment_id)
+    .fetch_one(pool)
+    .await)
+    .expect("refund row");
+    let usd = dmpay::money::Currency::from_code("USD").unwrap();
+    let five = dmpay::money::Money::from_minor(usd, 500);
+    let wallet = |u: &str| AccountCode::wallet(&dmpay::accounts::UserId::parse("u", u).unwrap(), usd);
+    let late = app
+        .ledger_handle
+        .post_entry(
+            "payments",
+            PostEntryInput {
+                idempotency_key: format!("refund:{refund_id}"),
+                kind: "dm_refund".into(),
+                description: String::new(),
+                postings: vec![
+                    PostingInput { account_code: wallet("carol"), direction: Direction::Debit, amount: five },
+                    PostingInput { account_code: wallet("alice"), direction: Direction::Credit, amount: five },
+                ],
+                metadata: [
+                    ("payment_id".to_string(), p.payment_id.clone()),
+                    ("refund_id".to_string(), refund_id.clone()),
+                ]
+                .into(),
+                pending: false,
+                pending_timeout_s: 0,
+            },
+        )
+        .await;
+    assert!(matches!(late, Err(dmpay::error::Error::AlreadyExists(_))), "the late post went through: {late:?}");
+    assert_eq!(amt(&app.wallet("carol").await.posted), "5.00");
+    assert_eq!(amt(&app.wallet("alice").await.posted), "5.00");
+
+    // A retry answers as the first call did; a new refund goes through, once.
+    assert_eq!(reason(&refund("k").await.unwrap_err()), "INSUFFICIENT_FUNDS");
+    let done = refund("k2").await.expect("the refilled wallet covers a new refund");
+    assert_eq!(amt(&done.refunded_amount), "5.00");
+    assert_eq!(amt(&app.wallet("carol").await.posted), "0.00");
+    assert_eq!(amt(&app.wallet("alice").await.posted), "10.00");
+    assert!(app.verify().await.ok());
+}
+
 mod requests_and_refunds {
     use super::*;
     backend_tests!(
         requests_pay_decline_cancel_expire,
         refunds_full_partial_and_never_more,
         concurrent_duplicate_refunds_get_one_answer,
-        concurrent_duplicate_pays_get_one_answer
+        concurrent_duplicate_pays_get_one_answer,
+        a_failed_refund_is_never_paid_later
     );
 }
 

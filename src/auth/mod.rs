@@ -65,6 +65,12 @@ struct Claims {
     sub: String,
     #[serde(default)]
     scope: String,
+    /// Checked again here for its type: jsonwebtoken accepts a list naming the issuer.
+    iss: serde_json::Value,
+    /// Checked again here for its type: jsonwebtoken skips an `nbf` it cannot read as
+    /// whole seconds (a string, a fraction) as if it were absent.
+    #[serde(default)]
+    nbf: Option<serde_json::Value>,
 }
 
 struct Inner {
@@ -140,6 +146,12 @@ impl Verifier {
             };
             Error::Unauthenticated(why.into())
         })?;
+        if !data.claims.iss.is_string() {
+            return Err(Error::Unauthenticated("token iss must be a single string".into()));
+        }
+        if data.claims.nbf.as_ref().is_some_and(|n| !n.is_u64()) {
+            return Err(Error::Unauthenticated("token nbf must be whole seconds since the epoch".into()));
+        }
         let sub = data.claims.sub;
         if sub.is_empty() || sub.len() > 128 {
             return Err(Error::Unauthenticated("token sub must be 1 to 128 characters".into()));

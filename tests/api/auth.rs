@@ -52,6 +52,14 @@ async fn token_matrix(app: TestApp) {
     wrong_aud["aud"] = json!("other-service");
     let mut no_exp = claims("alice", "");
     no_exp.as_object_mut().unwrap().remove("exp");
+    // Claims of the wrong type are refused, not read as absent: jsonwebtoken alone skips
+    // an `nbf` it cannot read as whole seconds and takes `iss` as a list naming ours.
+    let mut nbf_text = claims("alice", "");
+    nbf_text["nbf"] = json!((now() + 3600).to_string());
+    let mut nbf_fraction = claims("alice", "");
+    nbf_fraction["nbf"] = json!(now() as f64 + 3600.5);
+    let mut iss_list = claims("alice", "");
+    iss_list["iss"] = json!(["dmpay-dev", "someone-else"]);
 
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let alg_none = format!(
@@ -73,6 +81,9 @@ async fn token_matrix(app: TestApp) {
         ("wrong iss", Some(sign_hs256(&wrong_iss, dev_secret()))),
         ("wrong aud", Some(sign_hs256(&wrong_aud, dev_secret()))),
         ("no exp", Some(sign_hs256(&no_exp, dev_secret()))),
+        ("nbf as text", Some(sign_hs256(&nbf_text, dev_secret()))),
+        ("nbf with a fraction", Some(sign_hs256(&nbf_fraction, dev_secret()))),
+        ("iss as a list", Some(sign_hs256(&iss_list, dev_secret()))),
         ("wrong secret", Some(sign_hs256(&claims("alice", ""), b"guessed-secret"))),
         ("alg none", Some(alg_none)),
         ("tampered payload", Some(tampered)),

@@ -201,8 +201,9 @@ impl pb::finance_server::Finance for FinanceApi {
         caller.require(scope::FINANCE).map_err(to_status)?;
         let r = req.get_ref();
         let status = (!r.status.is_empty()).then_some(r.status.as_str());
+        let run_id = super::id("run_id", &r.run_id).map_err(to_status)?;
         self.recon
-            .items(&r.run_id, status, r.page_size, &r.page_token)
+            .items(run_id, status, r.page_size, &r.page_token)
             .await
             .map(|(items, next)| {
                 Response::new(pb::ListReconciliationItemsResponse {
@@ -220,8 +221,9 @@ impl pb::finance_server::Finance for FinanceApi {
         let caller = principal(&req)?;
         caller.require(scope::FINANCE).map_err(to_status)?;
         let r = req.get_ref();
+        let item_id = super::id("item_id", &r.item_id).map_err(to_status)?;
         self.recon
-            .resolve(&caller.sub, &r.item_id, &r.resolution, &r.note)
+            .resolve(&caller.sub, item_id, &r.resolution, &r.note)
             .await
             .map(|i| Response::new(item_to_wire(i)))
             .map_err(to_status)

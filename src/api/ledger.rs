@@ -167,7 +167,7 @@ impl pb::ledger_server::Ledger for LedgerApi {
         let r = req.get_ref();
         let result = async {
             let amount = optional_positive("amount", r.amount.as_ref(), self.ledger.accounts().currencies())?;
-            self.ledger.post_pending(&caller.sub, &r.entry_id, &r.idempotency_key, amount).await
+            self.ledger.post_pending(&caller.sub, super::id("entry_id", &r.entry_id)?, &r.idempotency_key, amount).await
         }
         .await;
         result.map(|e| Response::new(entry_to_wire(e))).map_err(to_status)
@@ -177,28 +177,28 @@ impl pb::ledger_server::Ledger for LedgerApi {
         let caller = principal(&req)?;
         caller.require(scope::LEDGER_WRITE).map_err(to_status)?;
         let r = req.get_ref();
-        self.ledger
-            .void_pending(&caller.sub, &r.entry_id, &r.idempotency_key)
-            .await
-            .map(|e| Response::new(entry_to_wire(e)))
-            .map_err(to_status)
+        let result = async {
+            self.ledger.void_pending(&caller.sub, super::id("entry_id", &r.entry_id)?, &r.idempotency_key).await
+        }
+        .await;
+        result.map(|e| Response::new(entry_to_wire(e))).map_err(to_status)
     }
 
     async fn reverse_entry(&self, req: Request<pb::ReverseEntryRequest>) -> ApiResult<pb::Entry> {
         let caller = principal(&req)?;
         caller.require(scope::LEDGER_WRITE).map_err(to_status)?;
         let r = req.get_ref();
-        self.ledger
-            .reverse(&caller.sub, &r.entry_id, &r.idempotency_key, &r.reason)
-            .await
-            .map(|e| Response::new(entry_to_wire(e)))
-            .map_err(to_status)
+        let result = async {
+            self.ledger.reverse(&caller.sub, super::id("entry_id", &r.entry_id)?, &r.idempotency_key, &r.reason).await
+        }
+        .await;
+        result.map(|e| Response::new(entry_to_wire(e))).map_err(to_status)
     }
 
     async fn get_entry(&self, req: Request<pb::GetEntryRequest>) -> ApiResult<pb::Entry> {
         let caller = principal(&req)?;
         caller.require(scope::LEDGER_READ).map_err(to_status)?;
-        let id = &req.get_ref().entry_id;
+        let id = super::id("entry_id", &req.get_ref().entry_id).map_err(to_status)?;
         if id.is_empty() {
             return Err(to_status(Error::invalid("entry_id", "required")));
         }

@@ -30,6 +30,25 @@ pub mod pb {
 /// Descriptor set served by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dmpay_descriptor");
 
+/// Longest id (payment, request, entry, card token, reconciliation run or item) a
+/// request may name, in bytes. Every id dmpay issues is under 64; the bound keeps a
+/// hostile id out of queries and error messages.
+pub const ID_LEN_MAX: usize = 128;
+
+/// An id from the wire, checked for shape before it reaches a query: at most
+/// `ID_LEN_MAX` bytes and no control characters (NUL included, which PostgreSQL refuses
+/// in text while SQLite would look it up). An empty id passes: each RPC says what an
+/// empty one means. The same bad id is INVALID_ARGUMENT on both backends.
+pub fn id<'a>(field: &str, value: &'a str) -> crate::error::Result<&'a str> {
+    if value.len() > ID_LEN_MAX {
+        return Err(crate::error::Error::invalid(field, format!("at most {ID_LEN_MAX} bytes")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(crate::error::Error::invalid(field, "may not contain control characters"));
+    }
+    Ok(value)
+}
+
 /// The verified caller of this request. The auth interceptor puts it there; a request
 /// without one never reaches a handler, so its absence is a wiring bug.
 pub fn principal<T>(req: &Request<T>) -> Result<&Principal, Status> {

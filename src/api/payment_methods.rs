@@ -98,7 +98,8 @@ impl pb::payment_methods_server::PaymentMethods for PaymentMethodsApi {
     async fn link_payment_method(&self, req: Request<pb::LinkPaymentMethodRequest>) -> ApiResult<pb::PaymentMethod> {
         let caller = principal(&req)?;
         let r = req.get_ref();
-        let result = async { self.vault.link(&owner(caller)?, &r.token, r.make_default).await }.await;
+        let result =
+            async { self.vault.link(&owner(caller)?, super::id("token", &r.token)?, r.make_default).await }.await;
         result.map(|m| Response::new(method_to_wire(m))).map_err(to_status)
     }
 
@@ -124,7 +125,7 @@ impl pb::payment_methods_server::PaymentMethods for PaymentMethodsApi {
     ) -> ApiResult<pb::PaymentMethod> {
         let caller = principal(&req)?;
         let token = &req.get_ref().token;
-        let result = async { self.vault.set_default(&owner(caller)?, token).await }.await;
+        let result = async { self.vault.set_default(&owner(caller)?, super::id("token", token)?).await }.await;
         result.map(|m| Response::new(method_to_wire(m))).map_err(to_status)
     }
 
@@ -134,7 +135,7 @@ impl pb::payment_methods_server::PaymentMethods for PaymentMethodsApi {
     ) -> ApiResult<pb::PaymentMethod> {
         let caller = principal(&req)?;
         let token = &req.get_ref().token;
-        let result = async { self.vault.remove(&owner(caller)?, token).await }.await;
+        let result = async { self.vault.remove(&owner(caller)?, super::id("token", token)?).await }.await;
         result.map(|m| Response::new(method_to_wire(m))).map_err(to_status)
     }
 }

@@ -208,6 +208,7 @@ impl pb::payments_server::Payments for PaymentsApi {
         let r = req.get_ref();
         let result = async {
             let sender = user(caller, scope::PAYMENTS_WRITE)?;
+            super::id("payment_method_token", &r.payment_method_token)?;
             let input = SendInput {
                 idempotency_key: r.idempotency_key.clone(),
                 recipient: model::parse_recipient(&r.recipient_id)?,
@@ -227,9 +228,11 @@ impl pb::payments_server::Payments for PaymentsApi {
 
     async fn get_payment(&self, req: Request<pb::GetPaymentRequest>) -> ApiResult<pb::Payment> {
         let caller = principal(&req)?;
-        let id = &req.get_ref().payment_id;
-        let result =
-            async { payment_to_wire(self.payments.get(&user(caller, scope::PAYMENTS_READ)?, id).await?) }.await;
+        let result = async {
+            let me = user(caller, scope::PAYMENTS_READ)?;
+            payment_to_wire(self.payments.get(&me, super::id("payment_id", &req.get_ref().payment_id)?).await?)
+        }
+        .await;
         result.map(Response::new).map_err(to_status)
     }
 
@@ -302,8 +305,9 @@ impl pb::payments_server::Payments for PaymentsApi {
             crate::ledger::check_idempotency_key("idempotency_key", &r.idempotency_key)?;
             let funding = funding_from_wire(r.funding_source)?;
             let token = (!r.payment_method_token.is_empty()).then(|| r.payment_method_token.clone());
-            let paid =
-                self.payments.pay_request(&payer, &r.request_id, r.idempotency_key.clone(), funding, token).await?;
+            let request_id = super::id("request_id", &r.request_id)?;
+            super::id("payment_method_token", &r.payment_method_token)?;
+            let paid = self.payments.pay_request(&payer, request_id, r.idempotency_key.clone(), funding, token).await?;
             payment_to_wire(paid)
         }
         .await;
@@ -312,27 +316,35 @@ impl pb::payments_server::Payments for PaymentsApi {
 
     async fn decline_request(&self, req: Request<pb::DeclineRequestRequest>) -> ApiResult<pb::PaymentRequest> {
         let caller = principal(&req)?;
-        let id = &req.get_ref().request_id;
-        let result =
-            async { request_to_wire(self.payments.decline_request(&user(caller, scope::PAYMENTS_WRITE)?, id).await?) }
-                .await;
+        let result = async {
+            let me = user(caller, scope::PAYMENTS_WRITE)?;
+            request_to_wire(
+                self.payments.decline_request(&me, super::id("request_id", &req.get_ref().request_id)?).await?,
+            )
+        }
+        .await;
         result.map(Response::new).map_err(to_status)
     }
 
     async fn cancel_request(&self, req: Request<pb::CancelRequestRequest>) -> ApiResult<pb::PaymentRequest> {
         let caller = principal(&req)?;
-        let id = &req.get_ref().request_id;
-        let result =
-            async { request_to_wire(self.payments.cancel_request(&user(caller, scope::PAYMENTS_WRITE)?, id).await?) }
-                .await;
+        let result = async {
+            let me = user(caller, scope::PAYMENTS_WRITE)?;
+            request_to_wire(
+                self.payments.cancel_request(&me, super::id("request_id", &req.get_ref().request_id)?).await?,
+            )
+        }
+        .await;
         result.map(Response::new).map_err(to_status)
     }
 
     async fn get_payment_request(&self, req: Request<pb::GetPaymentRequestRequest>) -> ApiResult<pb::PaymentRequest> {
         let caller = principal(&req)?;
-        let id = &req.get_ref().request_id;
-        let result =
-            async { request_to_wire(self.payments.get_request(&user(caller, scope::PAYMENTS_READ)?, id).await?) }.await;
+        let result = async {
+            let me = user(caller, scope::PAYMENTS_READ)?;
+            request_to_wire(self.payments.get_request(&me, super::id("request_id", &req.get_ref().request_id)?).await?)
+        }
+        .await;
         result.map(Response::new).map_err(to_status)
     }
 
@@ -346,7 +358,8 @@ impl pb::payments_server::Payments for PaymentsApi {
                 r.amount.as_ref(),
                 self.payments.ledger().accounts().currencies(),
             )?;
-            payment_to_wire(self.payments.refund(&me, &r.payment_id, &r.idempotency_key, amount, &r.reason).await?)
+            let payment_id = super::id("payment_id", &r.payment_id)?;
+            payment_to_wire(self.payments.refund(&me, payment_id, &r.idempotency_key, amount, &r.reason).await?)
         }
         .await;
         result.map(Response::new).map_err(to_status)

@@ -74,6 +74,9 @@ pub struct Config {
     /// Reconciliation: how far apart in time a report row without a processor reference
     /// and a ledger charge of the same amount may be and still match.
     pub recon_time_tolerance: Duration,
+    /// How often the payments resolver wakes to finish stale pending payments and
+    /// refunds and to expire open requests.
+    pub payments_resolve_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +132,7 @@ struct FileConfig {
     card_fee_fixed_minor: Option<String>,
     payments_resolve_after: Option<String>,
     recon_time_tolerance: Option<String>,
+    payments_resolve_interval: Option<String>,
 }
 
 /// Where raw string settings come from, so tests can load without touching the process
@@ -385,7 +389,18 @@ impl Config {
                 pick("DMPAY_RECON_TIME_TOLERANCE", &file_cfg.recon_time_tolerance),
                 Duration::from_secs(3600),
             )?,
+            payments_resolve_interval: parse_duration(
+                "DMPAY_PAYMENTS_RESOLVE_INTERVAL",
+                pick("DMPAY_PAYMENTS_RESOLVE_INTERVAL", &file_cfg.payments_resolve_interval),
+                Duration::from_secs(2),
+            )?,
         };
+        if !(Duration::from_millis(100)..=Duration::from_secs(86_400)).contains(&config.payments_resolve_interval) {
+            return Err(ConfigError::Invalid {
+                name: "DMPAY_PAYMENTS_RESOLVE_INTERVAL",
+                detail: "100ms to 24h".into(),
+            });
+        }
         if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&config.engine.batch_timeout) {
             return Err(ConfigError::Invalid { name: "DMPAY_LEDGER_BATCH_TIMEOUT", detail: "100ms to 60s".into() });
         }
@@ -531,6 +546,9 @@ mod tests {
         assert_eq!(c.jwt_issuer, "dmpay-dev");
         assert_eq!(c.jwt_audience, "dmpay");
         assert_eq!(c.log_format, LogFormat::Pretty);
+        assert_eq!(c.payments_resolve_interval, Duration::from_secs(2));
+        let err = Config::load_from(&env(&[("DMPAY_PAYMENTS_RESOLVE_INTERVAL", "10ms")]), None).unwrap_err();
+        assert!(err.to_string().contains("DMPAY_PAYMENTS_RESOLVE_INTERVAL"), "{err}");
     }
 
     #[test]

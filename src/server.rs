@@ -181,7 +181,7 @@ impl Application {
         let finance_api = FinanceServer::new(FinanceApi::new(db.clone(), ledger.clone(), config.recon_time_tolerance))
             .max_decoding_message_size(size_max)
             .max_encoding_message_size(size_max);
-        let resolver_task = tokio::spawn(payments.as_ref().clone().run_resolver(Duration::from_secs(2)));
+        let resolver_task = tokio::spawn(payments.as_ref().clone().run_resolver(config.payments_resolve_interval));
         let maintenance_task = tokio::spawn(maintenance::run(
             db.clone(),
             ledger.engine().clone(),
@@ -269,17 +269,32 @@ async fn set_serving(health: &HealthReporter, serving: bool) {
     }
 }
 
+/// Consecutive failed pings before the database counts as unreachable. One slow ping
+/// can be a busy pool (every connection taken by a burst for over a second) rather than
+/// an outage, and declaring an outage refuses every ledger write; two in a row (about
+/// 2 to 3 s) is still well inside the 5 s a caller may wait for the verdict. A timed-out
+/// engine batch marks the database unreachable at once, without waiting for the probe.
+const HEALTH_PROBE_MISSES_MAX: u32 = 2;
+
 /// Keeps health true to the database: NOT_SERVING while it cannot be reached, SERVING
 /// again as soon as it answers, without a restart.
 async fn health_probe(db: Db, health: HealthReporter, engine: Arc<DatabaseState>) {
     let mut serving = true;
+    let mut misses = 0u32;
     let mut tick = tokio::time::interval(HEALTH_PROBE_INTERVAL);
     loop {
         tick.tick().await;
-        let ok = tokio::time::timeout(HEALTH_PROBE_INTERVAL, db.ping()).await.is_ok_and(|r| r.is_ok());
+        let pinged = tokio::time::timeout(HEALTH_PROBE_INTERVAL, db.ping()).await.is_ok_and(|r| r.is_ok());
+        misses = if pinged { 0 } else { misses.saturating_add(1) };
+        let ok = misses < HEALTH_PROBE_MISSES_MAX;
         // The posting engine refuses commands at once while the database is away, and
-        // takes them again from the first good ping.
-        engine.set_reachable(ok);
+        // takes them again from the first good ping. A single miss changes nothing: it
+        // neither refuses writes nor lifts a refusal a timed-out batch has set.
+        if pinged {
+            engine.set_reachable(true);
+        } else if !ok {
+            engine.set_reachable(false);
+        }
         if ok != serving {
             if ok {
                 tracing::info!("database reachable again: SERVING");

@@ -97,6 +97,10 @@ impl TestApp {
             ("DMPAY_DATABASE_URL".into(), route(url)),
             ("DMPAY_DB_POOL_SIZE".into(), "8".into()),
             ("DMPAY_LEDGER_EXPIRY_INTERVAL".into(), "200ms".into()),
+            // The background resolver stays out of the way: tests that finish, expire or
+            // resolve by hand assert what their own call did. Tests of the background
+            // resolver turn it back on.
+            ("DMPAY_PAYMENTS_RESOLVE_INTERVAL".into(), "24h".into()),
         ]);
         for (k, v) in extra {
             env.insert((*k).into(), (*v).into());

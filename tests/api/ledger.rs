@@ -283,7 +283,9 @@ async fn holds_expire(app: TestApp) {
     let h = app
         .ledger()
         .post_entry(authed(
-            pb::PostEntryRequest { pending: true, pending_timeout_seconds: 1, ..transfer("exp", ALICE, BOB, "7.00") },
+            // 3 s: the hold must still be there for the balance read below, however slow
+            // the machine is between the two calls.
+            pb::PostEntryRequest { pending: true, pending_timeout_seconds: 3, ..transfer("exp", ALICE, BOB, "7.00") },
             &t,
         ))
         .await

@@ -134,7 +134,9 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
                 .await
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The calls reach the server and wait on the lock; a second is ample even on a
+    // loaded machine (they are local and the server answers nothing until COMMIT).
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let pid = child.id().unwrap().to_string();
     let killed = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(killed.success());

@@ -148,6 +148,7 @@ async fn faults_end_settled_or_failed_once(backend: Backend) {
             ("DMPAY_SANDBOX_TIMEOUT_RATE", "0.2"),
             ("DMPAY_SANDBOX_ERROR_RATE", "0.1"),
             ("DMPAY_PAYMENTS_RESOLVE_AFTER", "1s"),
+            ("DMPAY_PAYMENTS_RESOLVE_INTERVAL", "500ms"),
             ("DMPAY_CARD_FEE_BPS", "290"),
             ("DMPAY_CARD_FEE_FIXED_MINOR", "30"),
         ],
@@ -204,6 +205,19 @@ async fn faults_end_settled_or_failed_once(backend: Backend) {
         *first_answers.entry(label).or_default() += 1;
     }
     eprintln!("{backend:?}: {} sends in {:?}: {first_answers:?}", sends.len(), started.elapsed());
+
+    // UNAVAILABLE means "outcome unknown, retry": a client retries with the same key
+    // (bounded here), and each such send then ends as one payment like the others.
+    for (s, key, to, funding, amount, first) in sends.iter_mut() {
+        let mut tries = 0;
+        while matches!(first, Answer::Refused { code: Code::Unavailable, .. }) {
+            tries += 1;
+            assert!(tries <= 50, "{key}: still UNAVAILABLE after 50 retries");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let t = app.token(&sender(*s), PAY_SCOPES);
+            *first = answer(app.payments().send_payment(authed(request(key, to, *funding, amount), &t)).await);
+        }
+    }
 
     // The resolver finishes whatever was left pending.
     let waited = Instant::now();
@@ -385,11 +399,11 @@ fn payments_over(app: &TestApp, processor: Arc<Sandbox>) -> Payments {
 async fn resolver_racing_a_live_send_agrees_with_the_caller(app: TestApp) {
     let alice = app.token("alice", PAY_SCOPES);
     link_card(&app, &alice, "4242424242424242").await;
-    // The request's processor answers after 1 s with a processing error; the resolver's
+    // The request's processor answers after 3 s with a processing error; the resolver's
     // after 2 s per call, successfully.
     let failing = Arc::new(Sandbox::new(
         app.db.clone(),
-        SandboxConfig { latency: Duration::from_secs(1), error_rate: 1.0, ..Default::default() },
+        SandboxConfig { latency: Duration::from_secs(3), error_rate: 1.0, ..Default::default() },
     ));
     let working =
         Arc::new(Sandbox::new(app.db.clone(), SandboxConfig { latency: Duration::from_secs(2), ..Default::default() }));
@@ -430,8 +444,8 @@ async fn resolver_racing_a_live_send_agrees_with_the_caller(app: TestApp) {
     // attempt renews it before each processor call: a renewal landing between the
     // resolver's read and its take-over makes that take-over miss, which is correct (the
     // resolver never takes a claim renewed after it looked). The resolver therefore tries
-    // again until it holds the payment; the request is at the processor for a whole
-    // second, so a retry a few milliseconds later finds the claim stale.
+    // again until it holds the payment; the request is at the processor for three
+    // seconds, so a retry a few milliseconds later finds the claim stale.
     let mut resolved = 0;
     for _ in 0..50 {
         resolved = resolver.resolve_pending().await.expect("resolver");

@@ -234,6 +234,7 @@ impl Engine {
                     hook: hook.clone(),
                     stats: stats.clone(),
                     database: database.clone(),
+                    sqlite_wal: crate::store::SqliteWal::default(),
                 };
                 tokio::spawn(worker.run())
             })
@@ -258,6 +259,7 @@ struct Worker {
     hook: Option<Arc<dyn BatchHook>>,
     stats: Arc<EngineStats>,
     database: Arc<DatabaseState>,
+    sqlite_wal: crate::store::SqliteWal,
 }
 
 impl Worker {
@@ -317,6 +319,10 @@ impl Worker {
             self.stats.commands.fetch_add(size as u64, Ordering::Relaxed);
             self.stats.busy_us.fetch_add(elapsed_us, Ordering::Relaxed);
             tracing::trace!(size, elapsed_us, "ledger batch");
+            // After the batch's callers have their answers.
+            if let Db::Sqlite(pool) = &self.db {
+                self.sqlite_wal.between_batches(pool).await;
+            }
         }
     }
 }

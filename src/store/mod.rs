@@ -52,6 +52,18 @@ const SQLITE_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
 /// wait: 256 MiB.
 const SQLITE_WAL_PAGES_MAX: i64 = 65_536;
 
+/// Size of SQLite's write-ahead log file past which the posting engine has SQLite write
+/// the log from its start again (`SqliteWal`): 256 MiB, a few seconds of a burst.
+const SQLITE_WAL_RESTART_BYTES: u64 = 256 << 20;
+
+/// Page size of a new SQLite database, in bytes. A batch dirties one page per row it
+/// touches in most indexes (payments by sender and by recipient, postings by account,
+/// events by party, ...), scattered over large trees, and SQLite writes each dirty page
+/// in full to the log at commit: 2 KiB pages halve those bytes against the default
+/// 4 KiB (measured: about 5-10% more payments/s under uniform load) for a slightly
+/// deeper tree. Fixed when the database is created; an existing file keeps its own.
+const SQLITE_PAGE_SIZE: u32 = 2048;
+
 /// The page cache of each posting-engine connection on SQLite, in KiB (a negative
 /// `cache_size` is KiB): 32 MiB, room for the hot index pages of a busy ledger while the
 /// server stays far under its memory budget.
@@ -122,6 +134,7 @@ impl Db {
                 .foreign_keys(true)
                 // Statement journals of multi-row statements in memory, not in a temporary
                 // file created and deleted per statement.
+                .page_size(SQLITE_PAGE_SIZE)
                 .pragma("temp_store", "memory")
                 // Checkpoints run in the background (`run_sqlite_checkpointer`), not in
                 // the commit that happens to cross the threshold.
@@ -225,6 +238,56 @@ impl Db {
 
     pub async fn close(&self) {
         with_db!(self, pool => pool.close().await)
+    }
+}
+
+/// Keeps SQLite's write-ahead log from growing without bound; the posting engine's one
+/// SQLite worker owns one and calls `between_batches` after each batch.
+///
+/// The background checkpointer copies the log back into the database file, but SQLite
+/// writes the log from its beginning again only when a checkpoint has copied all of it
+/// and no reader still uses it as the next write transaction begins. Under a steady
+/// stream of batches that moment never comes: the log grew by 2.5 GB in 30 s of burst,
+/// and would fill the disk in a long one. A RESTART checkpoint makes it come, but it
+/// needs the write lock: from the checkpointer's connection it would poll for that
+/// lock against the engine, which holds it nearly all the time, and stall for seconds.
+/// The engine is the writer, so it asks between its batches, once the file has grown
+/// past `SQLITE_WAL_RESTART_BYTES`, and again whenever the reused log outgrows the file
+/// it had then. Most of the log is copied back already, so it costs tens of
+/// milliseconds every few seconds of burst (measured: no change in payments/s or p99).
+#[derive(Debug, Default)]
+pub struct SqliteWal {
+    /// Size of the log file at the last restart: the log is rewritten from its start
+    /// inside it, so only growth past it means the log needs restarting again.
+    restarted_at_bytes: u64,
+}
+
+impl SqliteWal {
+    pub async fn between_batches(&mut self, pool: &sqlx::SqlitePool) {
+        let mut wal = pool.connect_options().get_filename().as_os_str().to_owned();
+        wal.push("-wal");
+        // In-memory databases have no log file.
+        let Ok(meta) = std::fs::metadata(&wal) else { return };
+        if meta.len() <= SQLITE_WAL_RESTART_BYTES.max(self.restarted_at_bytes) {
+            return;
+        }
+        let started = std::time::Instant::now();
+        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(RESTART)").fetch_one(pool).await {
+            Ok((busy, log, done)) => {
+                // Busy: a reader still used the log; the next batch tries again.
+                if busy == 0 {
+                    self.restarted_at_bytes = meta.len();
+                }
+                tracing::debug!(
+                    busy,
+                    log_pages = log,
+                    checkpointed = done,
+                    elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    "SQLite log restarted between batches"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "SQLite log restart failed; will retry"),
+        }
     }
 }
 

@@ -66,13 +66,15 @@ const SELECT_BY_CODE: &str =
 
 pub struct AccountStore {
     db: Db,
+    /// For account inserts (`EngineHandle::writer`).
+    writer: Db,
     currencies: Currencies,
     cache: RwLock<HashMap<String, LedgerAccount>>,
 }
 
 impl AccountStore {
-    pub fn new(db: Db, currencies: Currencies) -> Self {
-        AccountStore { db, currencies, cache: RwLock::new(HashMap::new()) }
+    pub fn new(db: Db, writer: Db, currencies: Currencies) -> Self {
+        AccountStore { db, writer, currencies, cache: RwLock::new(HashMap::new()) }
     }
 
     pub fn currencies(&self) -> &Currencies {
@@ -97,7 +99,7 @@ impl AccountStore {
         currency: Currency,
         allow_negative: bool,
     ) -> Result<()> {
-        with_db!(&self.db, pool => sqlx::query(
+        with_db!(&self.writer, pool => sqlx::query(
             "INSERT INTO ledger_accounts (code, type, currency, allow_negative, credit_normal, created_at_us) \
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (code) DO NOTHING",
         )
@@ -125,7 +127,7 @@ impl AccountStore {
         if code.as_str().starts_with("user:") {
             return Err(Error::invalid("code", "codes starting with \"user:\" are reserved for wallets"));
         }
-        let inserted = with_db!(&self.db, pool => sqlx::query(
+        let inserted = with_db!(&self.writer, pool => sqlx::query(
             "INSERT INTO ledger_accounts (code, type, currency, allow_negative, credit_normal, created_at_us) \
              VALUES ($1, $2, $3, $4, $5, $6)",
         )

@@ -83,7 +83,8 @@ pub fn hash_request(parts: &serde_json::Value) -> String {
 
 impl Ledger {
     pub fn new(db: Db, currencies: Currencies, engine: EngineHandle) -> Self {
-        Ledger { accounts: Arc::new(AccountStore::new(db.clone(), currencies)), db, engine }
+        let writer = engine.writer(&db).clone();
+        Ledger { accounts: Arc::new(AccountStore::new(db.clone(), writer, currencies)), db, engine }
     }
 
     pub fn accounts(&self) -> &AccountStore {

@@ -204,6 +204,7 @@ impl Application {
             .tcp_nodelay(true)
             .layer(CallLogLayer::new(metrics.clone()))
             .layer(UnreadableRequestLayer)
+            .layer(crate::api::gate::DatabaseGateLayer::new(&db, ledger.engine().database().clone()))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(InterceptedService::new(accounts, auth.clone()))

@@ -3,6 +3,7 @@
 
 mod accounts;
 mod finance;
+pub mod gate;
 mod ledger;
 pub mod money;
 mod payment_methods;

@@ -138,6 +138,17 @@ pub struct EngineHandle {
 #[derive(Debug)]
 pub struct DatabaseState {
     reachable: std::sync::atomic::AtomicBool,
+    /// The same, for those who wait for a change (`api::gate`).
+    changes: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for DatabaseState {
+    fn default() -> Self {
+        DatabaseState {
+            reachable: std::sync::atomic::AtomicBool::new(true),
+            changes: tokio::sync::watch::Sender::new(true),
+        }
+    }
 }
 
 impl DatabaseState {
@@ -145,9 +156,15 @@ impl DatabaseState {
         self.reachable.load(Ordering::Relaxed)
     }
 
-    /// Set by the health probe after each ping.
+    /// Set by the health probe after each ping, and by a batch that got no answer.
     pub fn set_reachable(&self, reachable: bool) {
         self.reachable.store(reachable, Ordering::Relaxed);
+        self.changes.send_if_modified(|now| std::mem::replace(now, reachable) != reachable);
+    }
+
+    /// Sees every change of `reachable`.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.changes.subscribe()
     }
 }
 
@@ -229,7 +246,7 @@ impl Engine {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let (stop, stop_rx) = watch::channel(false);
         let stats = Arc::new(EngineStats::default());
-        let database = Arc::new(DatabaseState { reachable: std::sync::atomic::AtomicBool::new(true) });
+        let database = Arc::new(DatabaseState::default());
         let rx = Arc::new(Mutex::new(rx));
         // SQLite has one write lock for the whole database: a second worker would only
         // wait for it, and SQLite waits by sleeping (milliseconds at a time), so on SQLite

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 pub use accounts::{AccountStore, SYSTEM_CLEARING, SYSTEM_FEES};
-pub use engine::{Engine, EngineConfig, EngineHandle, Idem, NewEntry, Op, Outcome, Resolution};
+pub use engine::{DatabaseState, Engine, EngineConfig, EngineHandle, Idem, NewEntry, Op, Outcome, Resolution};
 pub use model::*;
 
 use crate::error::{Error, Result};

@@ -134,6 +134,12 @@ impl Proxy {
     /// Cuts the database off (see `Mode`), at a moment when the posting engine is in the
     /// middle of a statement, so the cut always meets a batch in flight.
     pub async fn cut(&self, mode: Mode) {
+        self.cut_during(mode, true).await;
+    }
+
+    /// Cuts the database off while a statement is in flight on a connection of the
+    /// posting engine (`engine`) or of the general pool (reads and non-batched writes).
+    pub async fn cut_during(&self, mode: Mode, engine: bool) {
         assert_ne!(mode, Mode::Up);
         let t0 = Instant::now();
         loop {
@@ -142,7 +148,7 @@ impl Proxy {
                 all.retain(|c| c.strong_count() > 0);
                 all.iter().filter_map(|c| c.upgrade()).collect()
             };
-            for c in conns.iter().filter(|c| c.engine.load(Ordering::SeqCst)) {
+            for c in conns.iter().filter(|c| c.engine.load(Ordering::SeqCst) == engine) {
                 if let Ok(state) = c.state.try_lock() {
                     if state.awaiting {
                         // Under the connection's lock: the statement's answer is not
@@ -152,7 +158,7 @@ impl Proxy {
                     }
                 }
             }
-            assert!(t0.elapsed() < Duration::from_secs(20), "the posting engine never ran a statement");
+            assert!(t0.elapsed() < Duration::from_secs(20), "no statement in flight to cut (engine: {engine})");
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
     }
@@ -681,4 +687,71 @@ async fn postgres_unreachable_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_partitioned_under_load() {
     outage_under_load(Mode::Partition).await;
+}
+
+/// A read in flight on the general pool when the network to PostgreSQL goes silent:
+/// its statement never gets an answer, and nothing in sqlx or TCP ends it for many
+/// minutes. It must still answer UNAVAILABLE within the bound, as soon as the database
+/// is declared unreachable, and every read after it too, until the database is back.
+///
+/// Regression test: the read used to wait for DMPAY_GRPC_CALL_TIMEOUT (10 s) and then
+/// answer CANCELLED (`api::gate` now answers it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_partition_answers_reads_in_flight() {
+    let Some(admin_url) = postgres_url() else {
+        assert!(TestApp::spawn(Backend::Postgres).await.is_none());
+        return;
+    };
+    let proxy = Proxy::start(upstream_of(&admin_url)).await;
+    let app =
+        TestApp::spawn_routed(Backend::Postgres, &[("DMPAY_DB_ACQUIRE_TIMEOUT", "1s")], |url| via(&url, proxy.addr))
+            .await
+            .expect("postgres app");
+    let treasury = app.token("svc-treasury", LEDGER_SCOPES);
+    fund(&app, &treasury, "reader", FUNDED).await;
+    let app = Arc::new(app);
+    let stop = Arc::new(AtomicBool::new(false));
+    // Readers keep statements in flight on the general pool, so the cut meets one.
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let (app, stop) = (app.clone(), stop.clone());
+        readers.push(tokio::spawn(async move {
+            let token = app.token("reader", PAY_SCOPES);
+            let mut calls = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let started = Instant::now();
+                let answer = tokio::time::timeout(
+                    CLIENT_LIMIT,
+                    app.payments().get_balance(authed(pb::GetBalanceRequest { currency: "USD".into() }, &token)),
+                )
+                .await;
+                let code = match answer {
+                    Ok(Ok(_)) => Some(Code::Ok),
+                    Ok(Err(status)) => Some(status.code()),
+                    Err(_) => None,
+                };
+                calls.push((started.elapsed(), code));
+            }
+            calls
+        }));
+    }
+    proxy.cut_during(Mode::Partition, false).await;
+    let cut_at = Instant::now();
+    // Longer than the bound, so a read left waiting is caught.
+    tokio::time::sleep(OUTAGE).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut calls = Vec::new();
+    for r in readers {
+        calls.extend(r.await.expect("reader"));
+    }
+    eprintln!("{} reads, cut {:?} ago", calls.len(), cut_at.elapsed());
+    let unavailable = calls.iter().filter(|(_, code)| *code == Some(Code::Unavailable)).count();
+    assert!(unavailable > 0, "no read heard of the outage: {calls:?}");
+    for (took, code) in &calls {
+        assert!(
+            matches!(code, Some(Code::Ok | Code::Unavailable)) && *took <= CALL_BOUND,
+            "a read answered {code:?} after {took:?} (bound {CALL_BOUND:?})"
+        );
+    }
+    proxy.restore();
 }

@@ -193,7 +193,11 @@ impl Application {
             .build_v1()?;
 
         set_serving(&health, true).await;
-        let probe_task = tokio::spawn(health_probe(db.clone(), health.clone(), ledger.engine().database().clone()));
+        // The probe pings through the posting engine's pool: its spare connection is free
+        // whatever a burst of reads does to the general pool, so a miss means the
+        // database, not a busy pool.
+        let probe_task =
+            tokio::spawn(health_probe(engine_db.clone(), health.clone(), ledger.engine().database().clone()));
 
         tracing::info!(addr = %addr, backend = db.backend(), "dmpay serving gRPC on {addr}");
 
@@ -293,8 +297,10 @@ async fn health_probe(db: Db, health: HealthReporter, engine: Arc<DatabaseState>
         // neither refuses writes nor lifts a refusal a timed-out batch has set.
         if pinged {
             engine.set_reachable(true);
+            engine.set_outage(false);
         } else if !ok {
             engine.set_reachable(false);
+            engine.set_outage(true);
         }
         if ok != serving {
             if ok {

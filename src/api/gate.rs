@@ -6,16 +6,16 @@
 //! PostgreSQL goes silent would wait for an answer that never comes: sqlx has no
 //! client-side statement timeout, and TCP gives up only after many minutes. Its caller
 //! would hang until `DMPAY_GRPC_CALL_TIMEOUT` and then hear CANCELLED. This layer races
-//! each call against the database state the health probe and the engine keep
-//! (`ledger::DatabaseState`): once the database is declared unreachable (two missed
-//! pings, or a batch that got no answer in time), every call still waiting, and every
-//! new one until the next good ping, is answered UNAVAILABLE, "retry with the same
-//! idempotency key". Dropping the call's future is what the call timeout does as well:
+//! each call against the health probe's verdict (`ledger::DatabaseState`): once it
+//! declares the database unreachable (two missed pings in a row), every call still
+//! waiting, and every new one until the next good ping, is answered UNAVAILABLE, "retry
+//! with the same idempotency key". A single slow batch does not count: it refuses
+//! ledger writes for a moment, but cuts nothing else. Dropping the call's future is what the call timeout does as well:
 //! a transaction in flight is rolled back by the database, a command already handed to
 //! the posting engine still commits or not, and the retry with its key finds out which.
 //!
 //! Health and reflection are never gated: they must answer during an outage. A
-//! streaming call is gated until its response starts; its stream ends on its own.
+//! streaming call is gated until its response starts; after that the gate leaves it.
 //! SQLite is never gated: a file in the process does not partition, and there a missed
 //! ping means a busy pool, not a database that is away.
 
@@ -80,7 +80,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let state = self.state.as_ref().filter(|_| !exempt(req.uri().path()));
         let mut changes = match state {
-            Some(s) => s.subscribe(),
+            Some(s) => s.subscribe_outage(),
             None => return Box::pin(self.inner.call(req)),
         };
         let future = self.inner.call(req);
@@ -97,7 +97,7 @@ where
 
 /// Resolves once the database is (or already was) declared unreachable.
 async fn unreachable(changes: &mut tokio::sync::watch::Receiver<bool>) {
-    if changes.wait_for(|reachable| !reachable).await.is_err() {
+    if changes.wait_for(|outage| *outage).await.is_err() {
         // The state is gone (the server is shutting down): never cut the call.
         std::future::pending::<()>().await;
     }
@@ -140,7 +140,7 @@ mod tests {
         let call = tokio::spawn(gate.call(Request::builder().uri("/dmpay.v1.Payments/GetPayment").body(()).unwrap()));
         tokio::task::yield_now().await;
         assert!(!call.is_finished());
-        state.set_reachable(false);
+        state.set_outage(true);
         let answer = call.await.unwrap().unwrap();
         let status = Status::from_header_map(answer.headers()).expect("a status");
         assert_eq!(status.code(), tonic::Code::Unavailable);

@@ -138,15 +138,17 @@ pub struct EngineHandle {
 #[derive(Debug)]
 pub struct DatabaseState {
     reachable: std::sync::atomic::AtomicBool,
-    /// The same, for those who wait for a change (`api::gate`).
-    changes: tokio::sync::watch::Sender<bool>,
+    /// The health probe's verdict alone (two missed pings in a row), for those who wait
+    /// for it (`api::gate`): a single slow batch refuses ledger writes for a moment, but
+    /// does not declare an outage.
+    outage: tokio::sync::watch::Sender<bool>,
 }
 
 impl Default for DatabaseState {
     fn default() -> Self {
         DatabaseState {
             reachable: std::sync::atomic::AtomicBool::new(true),
-            changes: tokio::sync::watch::Sender::new(true),
+            outage: tokio::sync::watch::Sender::new(false),
         }
     }
 }
@@ -159,12 +161,16 @@ impl DatabaseState {
     /// Set by the health probe after each ping, and by a batch that got no answer.
     pub fn set_reachable(&self, reachable: bool) {
         self.reachable.store(reachable, Ordering::Relaxed);
-        self.changes.send_if_modified(|now| std::mem::replace(now, reachable) != reachable);
     }
 
-    /// Sees every change of `reachable`.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.changes.subscribe()
+    /// Set by the health probe: whether it has declared the database unreachable.
+    pub fn set_outage(&self, outage: bool) {
+        self.outage.send_if_modified(|now| std::mem::replace(now, outage) != outage);
+    }
+
+    /// Sees every change of the probe's verdict (`true`: an outage).
+    pub fn subscribe_outage(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.outage.subscribe()
     }
 }
 
@@ -521,7 +527,9 @@ async fn run_transaction(ctx: &BatchContext<'_>, cmds: Vec<&Command>) -> Vec<Res
             }
             Err(e) => e,
         };
-        if matches!(err, sqlx::Error::PoolTimedOut) {
+        // On PostgreSQL only: a SQLite file does not go away, and there a pool timeout
+        // means its one connection was busy (an account insert waiting for the lock).
+        if matches!(err, sqlx::Error::PoolTimedOut) && matches!(db, Db::Postgres(_)) {
             // No connection, or no answer in time: refuse what is queued until the
             // health probe reaches the database again.
             ctx.database.set_reachable(false);

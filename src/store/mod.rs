@@ -48,9 +48,11 @@ const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How often the write-ahead log is copied back into the SQLite file.
 const SQLITE_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
-/// Log pages (4 KiB each) not yet copied back beyond which a checkpoint makes writers
-/// wait: 256 MiB.
-const SQLITE_WAL_PAGES_MAX: i64 = 65_536;
+/// Log pages not yet copied back beyond which the checkpointer truncates the log and
+/// makes writers wait: 512 MiB at 2 KiB pages (1 GiB for a database made with 4 KiB
+/// pages). Above `SQLITE_WAL_RESTART_BYTES`, so that in a burst the engine's restarts
+/// keep the log short and this last resort stays unused.
+const SQLITE_WAL_PAGES_MAX: i64 = 262_144;
 
 /// Size of SQLite's write-ahead log file past which the posting engine has SQLite write
 /// the log from its start again (`SqliteWal`): 256 MiB, a few seconds of a burst.
@@ -260,10 +262,19 @@ pub struct SqliteWal {
     /// Size of the log file at the last restart: the log is rewritten from its start
     /// inside it, so only growth past it means the log needs restarting again.
     restarted_at_bytes: u64,
+    /// No new attempt before this, after one that found the log in use.
+    retry_after: Option<std::time::Instant>,
 }
+
+/// How long the engine leaves the log alone after a restart found it in use (a reader
+/// on an older snapshot, or the background checkpointer at work).
+const SQLITE_WAL_RESTART_RETRY: Duration = Duration::from_secs(1);
 
 impl SqliteWal {
     pub async fn between_batches(&mut self, pool: &sqlx::SqlitePool) {
+        if self.retry_after.is_some_and(|t| std::time::Instant::now() < t) {
+            return;
+        }
         let mut wal = pool.connect_options().get_filename().as_os_str().to_owned();
         wal.push("-wal");
         // In-memory databases have no log file.
@@ -272,21 +283,42 @@ impl SqliteWal {
             return;
         }
         let started = std::time::Instant::now();
-        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(RESTART)").fetch_one(pool).await {
+        let Ok(mut conn) = pool.acquire().await else { return };
+        // Without waiting: a RESTART holds the write lock while it waits for readers of
+        // the log, so with the usual busy timeout a long reader (a verification, an
+        // export, a shell) would stop every write for seconds. If it cannot restart at
+        // once it copies what it can, like a passive checkpoint, and says busy.
+        let restart = async {
+            sqlx::query("PRAGMA busy_timeout = 0").execute(&mut *conn).await?;
+            let result =
+                sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(RESTART)").fetch_one(&mut *conn).await;
+            sqlx::query(&format!("PRAGMA busy_timeout = {}", SQLITE_BUSY_TIMEOUT.as_millis()))
+                .execute(&mut *conn)
+                .await?;
+            result
+        };
+        match restart.await {
             Ok((busy, log, done)) => {
-                // Busy: a reader still used the log; the next batch tries again.
                 if busy == 0 {
                     self.restarted_at_bytes = meta.len();
+                    self.retry_after = None;
+                } else {
+                    self.retry_after = Some(std::time::Instant::now() + SQLITE_WAL_RESTART_RETRY);
                 }
                 tracing::debug!(
                     busy,
                     log_pages = log,
                     checkpointed = done,
                     elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-                    "SQLite log restarted between batches"
+                    "SQLite log restart between batches"
                 );
             }
-            Err(e) => tracing::warn!(error = %e, "SQLite log restart failed; will retry"),
+            Err(e) => {
+                // The connection may be left without its busy timeout: replace it.
+                conn.close_on_drop();
+                self.retry_after = Some(std::time::Instant::now() + SQLITE_WAL_RESTART_RETRY);
+                tracing::warn!(error = %e, "SQLite log restart failed; will retry");
+            }
         }
     }
 }

@@ -39,6 +39,22 @@ pub(crate) const ADD_SQL: &str =
 pub(crate) const SUB_SQL: &str =
     "UPDATE payment_spend SET amount = amount - $4 WHERE sender_id = $1 AND currency = $2 AND hour = $3";
 
+/// Runs `ADD_SQL` or `SUB_SQL` for payment `$p`'s amount in its bucket, inside the
+/// transaction `$tx` (either backend's).
+macro_rules! change {
+    ($tx:expr, $sql:expr, $p:expr) => {{
+        let p: &$crate::payments::Payment = $p;
+        sqlx::query($sql)
+            .bind(&p.sender_id)
+            .bind(&p.currency)
+            .bind($crate::payments::spend::hour_of(p.created_at_us))
+            .bind(p.amount)
+            .execute(&mut *$tx)
+            .await?;
+    }};
+}
+pub(crate) use change;
+
 /// What `sender` sent in `currency` in the window ending at `now_us`.
 pub async fn sent(db: &Db, sender: &str, currency: &str, now_us: i64) -> crate::error::Result<i64> {
     let sum: Option<i64> = with_db!(db, pool => sqlx::query_scalar(

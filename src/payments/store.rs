@@ -248,13 +248,7 @@ impl PaymentStore {
             .execute(&mut *tx)
             .await?;
             if p.status != PaymentStatus::Failed {
-                sqlx::query(super::spend::ADD_SQL)
-                    .bind(&p.sender_id)
-                    .bind(&p.currency)
-                    .bind(super::spend::hour_of(p.created_at_us))
-                    .bind(p.amount)
-                    .execute(&mut *tx)
-                    .await?;
+                super::spend::change!(tx, super::spend::ADD_SQL, p);
             }
             append_event!(tx, &EventFields::payment(event, p));
             tx.commit().await?;
@@ -335,13 +329,7 @@ impl PaymentStore {
                     let p = Payment::try_from(r.clone()).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
                     if status == PaymentStatus::Failed {
                         // A failed payment no longer counts against the daily limit.
-                        sqlx::query(super::spend::SUB_SQL)
-                            .bind(&p.sender_id)
-                            .bind(&p.currency)
-                            .bind(super::spend::hour_of(p.created_at_us))
-                            .bind(p.amount)
-                            .execute(&mut *tx)
-                            .await?;
+                        super::spend::change!(tx, super::spend::SUB_SQL, &p);
                     }
                     append_event!(tx, &EventFields::payment(event, &p));
                     if let (Some(request_id), PaymentStatus::Settled) = (&p.request_id, status) {

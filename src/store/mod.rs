@@ -264,6 +264,8 @@ pub struct SqliteWal {
     restarted_at_bytes: u64,
     /// No new attempt before this, after one that found the log in use.
     retry_after: Option<std::time::Instant>,
+    /// The log file's path, worked out on the first call.
+    wal: Option<std::ffi::OsString>,
 }
 
 /// How long the engine leaves the log alone after a restart found it in use (a reader
@@ -275,10 +277,13 @@ impl SqliteWal {
         if self.retry_after.is_some_and(|t| std::time::Instant::now() < t) {
             return;
         }
-        let mut wal = pool.connect_options().get_filename().as_os_str().to_owned();
-        wal.push("-wal");
+        let wal = self.wal.get_or_insert_with(|| {
+            let mut wal = pool.connect_options().get_filename().as_os_str().to_owned();
+            wal.push("-wal");
+            wal
+        });
         // In-memory databases have no log file.
-        let Ok(meta) = std::fs::metadata(&wal) else { return };
+        let Ok(meta) = std::fs::metadata(&*wal) else { return };
         if meta.len() <= SQLITE_WAL_RESTART_BYTES.max(self.restarted_at_bytes) {
             return;
         }

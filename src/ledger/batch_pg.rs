@@ -5,10 +5,14 @@
 //! what concurrent batches committed before it.
 //!
 //! Lock order, the same in every process: idempotency keys (sorted), then balance rows
-//! (ascending id), then the sequence row, then whatever the batch hook locks (the event
-//! counter). The keys come first so that their inserts run before the batch holds any
-//! balance row: concurrent batches overlap on balance rows far more often than on keys,
-//! and the time between the first balance lock and commit is what serializes them.
+//! (ascending id), then the rows of the batch hook's first write (the senders' limit
+//! buckets, sorted), then the sequence row, then the hook's counter (the outbox's). The
+//! keys come first so that their inserts run before the batch holds any balance row:
+//! concurrent batches overlap on balance rows far more often than on keys, and the time
+//! between the first balance lock and commit is what serializes them. The sequence row
+//! comes as late as it can because every batch takes it: the engine schedules
+//! concurrent batches onto disjoint accounts where it can (`engine::Intake`), and then
+//! only the work done while holding that row runs one batch at a time.
 
 use std::collections::{HashMap, HashSet};
 
@@ -162,7 +166,14 @@ async fn transaction(conn: &mut sqlx::PgConnection, hook: Option<&dyn BatchHook>
     };
     let mut decisions = plan.decide(&mut accounts, &resolved, &reversed, &keys_taken, hook_batch.as_deref_mut());
 
-    // 5. Sequence block, postings, entries and balances in one statement: one round
+    // 5. The hook's rows that need no shared counter (payment rows, limit buckets),
+    //    before the sequence row is taken: every batch needs that row, so the work done
+    //    while holding it is what serializes batches whose accounts do not overlap.
+    if let Some(h) = hook_batch.as_mut() {
+        h.write(&mut Conn::Postgres(&mut tx), plan.now_us).await?;
+    }
+
+    // 6. Sequence block, postings, entries and balances in one statement: one round
     //    trip whatever the batch size. Its AFTER STATEMENT triggers see all of it.
     let accepted = decisions.iter().filter(|d| matches!(d, Decision::Accept(_))).count() as i64;
     if accepted > 0 {
@@ -183,12 +194,12 @@ async fn transaction(conn: &mut sqlx::PgConnection, hook: Option<&dyn BatchHook>
         }
     }
 
-    // 6. The hook's rows (payments and their events), after the entries they belong to.
+    // 7. The hook's numbered rows (outbox events), after the entries they announce.
     if let Some(h) = hook_batch.as_mut() {
-        h.write(&mut Conn::Postgres(&mut tx), plan.now_us).await?;
+        h.write_sequenced(&mut Conn::Postgres(&mut tx), plan.now_us).await?;
     }
 
-    // 7. Rejected commands leave no key behind: a retry may succeed later.
+    // 8. Rejected commands leave no key behind: a retry may succeed later.
     let (rej_callers, rej_keys): (Vec<&str>, Vec<&str>) = plan
         .keyed
         .iter()

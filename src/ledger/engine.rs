@@ -11,17 +11,19 @@
 //! 3. let the batch hook (payments) read what its rules need, under those locks, then
 //!    decide each command on its own against the locked balances, in memory
 //!    (`decide`): an overdraft rejects that command only, never its neighbours;
-//! 4. take a contiguous block of the gap-free sequence (one row, locked last);
-//! 5. write postings, entries and one net balance update per account with set-based
-//!    statements, then the hook's rows, and delete the keys of rejected commands; commit.
+//! 4. write the hook's own rows (payments, limit buckets);
+//! 5. take a contiguous block of the gap-free sequence (one row), write postings,
+//!    entries and one net balance update per account with set-based statements, then
+//!    the hook's numbered rows (outbox events), and delete the keys of rejected
+//!    commands; commit.
 //!
-//! Lock order is always keys, then balance rows, then the sequence row, then the hook's
-//! rows, in every process, so there is no cycle. If the database refuses a batch (a
+//! Lock order is always keys, then balance rows, then the hook's rows, then the
+//! sequence row, then the hook's counter, in every process, so there is no cycle. If the database refuses a batch (a
 //! trigger or constraint, which would mean a bug the code checks missed), each command
 //! is retried alone so only the culprit fails. Shutdown stops intake and drains the
 //! queue.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -120,6 +122,18 @@ pub(crate) struct Command {
     /// Another module's part of this command, handed to the engine's `BatchHook`.
     pub attachment: Option<Attachment>,
     reply: oneshot::Sender<Result<Outcome>>,
+}
+
+impl Command {
+    /// The accounts whose balance rows the command's batch locks.
+    pub(crate) fn account_ids(&self) -> impl Iterator<Item = i64> + '_ {
+        let postings = match &self.op {
+            Op::Post(e) => &e.postings,
+            Op::Resolve { pending, .. } => &pending.postings,
+            Op::Reverse { original, .. } => &original.postings,
+        };
+        postings.iter().map(|p| p.account_id)
+    }
 }
 
 /// Cheap to clone; every clone submits to the same queue.
@@ -253,7 +267,8 @@ impl Engine {
         let (stop, stop_rx) = watch::channel(false);
         let stats = Arc::new(EngineStats::default());
         let database = Arc::new(DatabaseState::default());
-        let rx = Arc::new(Mutex::new(rx));
+        let intake = Arc::new(Mutex::new(Intake { rx, deferred: VecDeque::new() }));
+        let busy = Arc::new(std::sync::Mutex::new(HashMap::new()));
         // SQLite has one write lock for the whole database: a second worker would only
         // wait for it, and SQLite waits by sleeping (milliseconds at a time), so on SQLite
         // the engine always runs one worker.
@@ -266,7 +281,8 @@ impl Engine {
                 let worker = Worker {
                     db: db.clone(),
                     config: config.clone(),
-                    rx: rx.clone(),
+                    intake: intake.clone(),
+                    busy: busy.clone(),
                     stop: stop_rx.clone(),
                     hook: hook.clone(),
                     stats: stats.clone(),
@@ -288,10 +304,31 @@ impl Engine {
     }
 }
 
+/// The queue's receiving end, held by the one worker gathering a batch.
+///
+/// Concurrent batches that share an account run one after the other: the second waits
+/// at its lock statement until the first commits. So while one batch is in flight, the
+/// gathering worker sets aside the commands that touch its accounts (`deferred`) and
+/// fills its batch with the others, whose locks it then takes at once; the two batches
+/// then overlap up to the journal's sequence row, which only the last part of each
+/// holds. Set-aside commands go first into the next batch, whatever they touch, so none
+/// waits more than one batch longer; and when the batch's first command touches a busy
+/// account anyway (a live stream, where every payment credits the seller), nothing is
+/// set aside, since the batch queues behind the other in any case.
+struct Intake {
+    rx: mpsc::Receiver<Command>,
+    /// At most `batch_size_max` commands.
+    deferred: VecDeque<Command>,
+}
+
+/// Accounts of the batches in flight, with the number of batches touching each.
+type Busy = Arc<std::sync::Mutex<HashMap<i64, u32>>>;
+
 struct Worker {
     db: Db,
     config: EngineConfig,
-    rx: Arc<Mutex<mpsc::Receiver<Command>>>,
+    intake: Arc<Mutex<Intake>>,
+    busy: Busy,
     stop: watch::Receiver<bool>,
     hook: Option<Arc<dyn BatchHook>>,
     stats: Arc<EngineStats>,
@@ -305,37 +342,17 @@ impl Worker {
             let batch = {
                 // One worker gathers at a time, so batches stay as large as the load
                 // allows; the others commit meanwhile.
-                let mut rx = self.rx.lock().await;
-                if *self.stop.borrow() {
-                    rx.close();
-                }
-                let first = tokio::select! {
-                    cmd = rx.recv() => cmd,
-                    _ = self.stop.changed() => {
-                        rx.close();
-                        rx.recv().await
-                    }
-                };
-                let Some(first) = first else { return };
-                let mut batch = vec![first];
-                let deadline = tokio::time::Instant::now() + self.config.commit_wait;
-                while batch.len() < self.config.batch_size_max {
-                    match rx.try_recv() {
-                        Ok(cmd) => batch.push(cmd),
-                        Err(mpsc::error::TryRecvError::Disconnected) => break,
-                        Err(mpsc::error::TryRecvError::Empty) => {
-                            if self.config.commit_wait.is_zero() {
-                                break;
-                            }
-                            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                                Ok(Some(cmd)) => batch.push(cmd),
-                                _ => break,
-                            }
-                        }
-                    }
+                let intake = self.intake.clone();
+                let mut intake = intake.lock().await;
+                let Some(batch) = self.gather(&mut intake).await else { return };
+                // Registered before the next worker can gather.
+                let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+                for id in batch.iter().flat_map(Command::account_ids) {
+                    *busy.entry(id).or_insert(0) += 1;
                 }
                 batch
             };
+            let accounts: Vec<i64> = batch.iter().flat_map(Command::account_ids).collect();
             let size = batch.len();
             let started = std::time::Instant::now();
             if self.database.reachable() {
@@ -356,11 +373,78 @@ impl Worker {
             self.stats.commands.fetch_add(size as u64, Ordering::Relaxed);
             self.stats.busy_us.fetch_add(elapsed_us, Ordering::Relaxed);
             tracing::trace!(size, elapsed_us, "ledger batch");
+            {
+                let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+                for id in accounts {
+                    if let Some(n) = busy.get_mut(&id) {
+                        *n -= 1;
+                        if *n == 0 {
+                            busy.remove(&id);
+                        }
+                    }
+                }
+            }
             // After the batch's callers have their answers.
             if let Db::Sqlite(pool) = &self.db {
                 self.sqlite_wal.between_batches(pool).await;
             }
         }
+    }
+}
+
+impl Worker {
+    /// The next batch: the commands set aside last time, then what the queue holds, up
+    /// to `batch_size_max`, waiting at most `commit_wait` for more once one is in hand.
+    /// `None` once the queue is closed and drained.
+    async fn gather(&mut self, intake: &mut Intake) -> Option<Vec<Command>> {
+        if *self.stop.borrow() {
+            intake.rx.close();
+        }
+        let max = self.config.batch_size_max.max(1);
+        let mut batch = Vec::with_capacity(max.min(1024));
+        while batch.len() < max {
+            match intake.deferred.pop_front() {
+                Some(cmd) => batch.push(cmd),
+                None => break,
+            }
+        }
+        if batch.is_empty() {
+            let first = tokio::select! {
+                cmd = intake.rx.recv() => cmd,
+                _ = self.stop.changed() => {
+                    intake.rx.close();
+                    intake.rx.recv().await
+                }
+            };
+            batch.push(first?);
+        }
+        // A snapshot: a batch that ends meanwhile only makes this one more careful.
+        let busy: std::collections::HashSet<i64> =
+            self.busy.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
+        let touches_busy = |cmd: &Command| cmd.account_ids().any(|id| busy.contains(&id));
+        let spread = !busy.is_empty() && !batch.iter().any(touches_busy);
+        let deadline = tokio::time::Instant::now() + self.config.commit_wait;
+        while batch.len() < max {
+            let cmd = match intake.rx.try_recv() {
+                Ok(cmd) => cmd,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if self.config.commit_wait.is_zero() {
+                        break;
+                    }
+                    match tokio::time::timeout_at(deadline, intake.rx.recv()).await {
+                        Ok(Some(cmd)) => cmd,
+                        _ => break,
+                    }
+                }
+            };
+            if spread && intake.deferred.len() < max && touches_busy(&cmd) {
+                intake.deferred.push_back(cmd);
+            } else {
+                batch.push(cmd);
+            }
+        }
+        Some(batch)
     }
 }
 

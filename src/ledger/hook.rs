@@ -56,6 +56,11 @@ pub trait HookBatch: Send {
     fn admit(&mut self, cmd: usize) -> Admit;
     /// Right after it: accepted, or why the ledger refused it.
     fn decided(&mut self, cmd: usize, result: std::result::Result<(), &Error>);
-    /// Writes the hook's rows, after the batch's entries and before commit.
+    /// Writes the hook's rows that take no shared counter (on PostgreSQL before the
+    /// batch's entries, so that the batch holds the journal's sequence row, which every
+    /// batch needs, for as short a time as possible).
     async fn write(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error>;
+    /// Writes the hook's rows numbered by a shared counter (an outbox), after the
+    /// batch's entries and just before commit.
+    async fn write_sequenced(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error>;
 }

@@ -221,20 +221,11 @@ impl HookBatch for Batch {
             return Ok(());
         }
         let mut rows = Vec::with_capacity(self.rows.len());
-        let mut events = Vec::with_capacity(self.rows.len() * 2);
         for (cmd, p) in &mut self.rows {
             let Some(s) = self.sends.get(cmd) else { continue };
             if p.status == PaymentStatus::Settled {
                 p.settled_at_us = Some(now_us);
             }
-            // The thread shows the payment appear and then settle (or fail), as it
-            // does for a card payment whose steps take longer.
-            let created = Payment { status: PaymentStatus::Pending, settled_at_us: None, ..p.clone() };
-            events.push(EventFields::payment("payment.created", &created));
-            events.push(EventFields::payment(
-                if p.status == PaymentStatus::Settled { "payment.settled" } else { "payment.failed" },
-                p,
-            ));
             rows.push((&*p, s.idempotency_key.as_str(), s.request_hash.as_str()));
         }
         // One daily-limit bucket update per sender, currency and hour.
@@ -246,8 +237,32 @@ impl HookBatch for Batch {
         // Sorted, so concurrent batches lock the bucket rows in one order.
         spent.sort_unstable();
         match conn {
-            Conn::Postgres(c) => pg::write(c, &rows, &spent, &events, now_us).await,
-            Conn::Sqlite(c) => sqlite::write(c, &rows, &spent, &events, now_us).await,
+            Conn::Postgres(c) => pg::write(c, &rows, &spent, now_us).await,
+            Conn::Sqlite(c) => sqlite::write(c, &rows, &spent, now_us).await,
+        }
+    }
+
+    async fn write_sequenced(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error> {
+        let mut events = Vec::with_capacity(self.rows.len() * 2);
+        for (cmd, p) in &self.rows {
+            if !self.sends.contains_key(cmd) {
+                continue;
+            }
+            // The thread shows the payment appear and then settle (or fail), as it
+            // does for a card payment whose steps take longer.
+            let created = Payment { status: PaymentStatus::Pending, settled_at_us: None, ..p.clone() };
+            events.push(EventFields::payment("payment.created", &created));
+            events.push(EventFields::payment(
+                if p.status == PaymentStatus::Settled { "payment.settled" } else { "payment.failed" },
+                p,
+            ));
+        }
+        if events.is_empty() {
+            return Ok(());
+        }
+        match conn {
+            Conn::Postgres(c) => pg::write_events(c, &events, now_us).await,
+            Conn::Sqlite(c) => sqlite::write_events(c, &events, now_us).await,
         }
     }
 }

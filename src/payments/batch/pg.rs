@@ -44,7 +44,6 @@ pub(super) async fn write(
     c: &mut sqlx::PgConnection,
     rows: &[(&Payment, &str, &str)],
     spent: &[((&str, &str, i64), i64)],
-    events: &[EventFields],
     now_us: i64,
 ) -> std::result::Result<(), sqlx::Error> {
     let s_sender: Vec<&str> = spent.iter().map(|((s, _, _), _)| *s).collect();
@@ -68,51 +67,30 @@ pub(super) async fn write(
     let settled: Vec<Option<i64>> = rows.iter().map(|(p, _, _)| p.settled_at_us).collect();
     let keys: Vec<&str> = rows.iter().map(|(_, k, _)| *k).collect();
     let hashes: Vec<&str> = rows.iter().map(|(_, _, h)| *h).collect();
-    let e_type: Vec<&str> = events.iter().map(|e| e.event_type).collect();
-    let e_payment: Vec<Option<&str>> = events.iter().map(|e| e.payment_id.as_deref()).collect();
-    let e_a: Vec<&str> = events.iter().map(|e| e.party_a.as_str()).collect();
-    let e_b: Vec<&str> = events.iter().map(|e| e.party_b.as_str()).collect();
-    let e_conv: Vec<&str> = events.iter().map(|e| e.conversation_id.as_str()).collect();
-    let e_status: Vec<&str> = events.iter().map(|e| e.status).collect();
-    let e_reason: Vec<&str> = events.iter().map(|e| e.failure_reason.as_str()).collect();
-    let e_message: Vec<&str> = events.iter().map(|e| e.failure_message.as_str()).collect();
-    let e_settled: Vec<Option<i64>> = events.iter().map(|e| e.settled_at_us).collect();
-    let e_ord: Vec<i64> = (1..=events.len() as i64).collect();
     // Wallet-only sends: the whole amount from the wallet, no card, no fee, no
-    // request. One statement: the daily-limit buckets and the payment rows, then
-    // the event counter, advanced once for the whole batch; its row lock, held to
-    // commit, keeps the outbox sequence gap-free and in commit order. The counter's
-    // update reads the other two sub-statements' results, which makes them run
-    // first: every transaction that touches the buckets (the card path's too) does
-    // so before it takes the counter, so the two locks never wait on each other in
-    // a cycle.
+    // request. One statement: the daily-limit buckets and the payment rows. Every
+    // transaction that touches the buckets (the card path's too) does so before it
+    // takes the event counter (`write_events`), so the two locks never wait on each
+    // other in a cycle.
     sqlx::query(
         "WITH spend AS ( \
            INSERT INTO payment_spend (sender_id, currency, hour, amount) \
-           SELECT * FROM UNNEST($26::text[], $27::text[], $28::int8[], $29::int8[]) \
+           SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[]) \
            ON CONFLICT (sender_id, currency, hour) DO UPDATE SET amount = payment_spend.amount + excluded.amount \
            RETURNING 1 \
-         ), pay AS ( \
-           INSERT INTO payments (payment_id, sender_id, recipient_id, currency, amount, wallet_amount, card_amount, \
-             fee_amount, status, funding_source, note, conversation_id, message_id, failure_reason, failure_message, \
-             idempotency_key, request_hash, created_at_us, updated_at_us, settled_at_us) \
-           SELECT t.id, t.s, t.r, t.c, t.a, t.a, 0, 0, t.st, t.f, t.n, t.cv, t.m, t.fr, t.fm, t.k, t.h, t.ca, $2, t.sa \
-           FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::int8[], $8::text[], $9::text[], $10::text[], \
-             $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[], $17::int8[], $18::int8[]) \
-             AS t(id, s, r, c, a, st, f, n, cv, m, fr, fm, k, h, ca, sa) \
-           RETURNING 1 \
-         ), seq AS ( \
-           UPDATE payment_event_sequence SET last_value = last_value + $1 \
-           WHERE id = 1 AND (SELECT count(*) FROM spend) >= 0 AND (SELECT count(*) FROM pay) >= 0 \
-           RETURNING last_value - $1 AS base \
          ) \
-         INSERT INTO payment_events (sequence, event_type, payment_id, request_id, party_a, party_b, conversation_id, \
-           status, failure_reason, failure_message, settled_at_us, snapshot, occurred_at_us) \
-         SELECT seq.base + t.o, t.ty, t.p, NULL, t.a, t.b, t.cv, t.st, t.fr, t.fm, t.sa, '', $2 \
-         FROM UNNEST($19::int8[], $20::text[], $21::text[], $22::text[], $23::text[], $24::text[], $25::text[], \
-           $30::text[], $31::text[], $32::int8[]) AS t(o, ty, p, a, b, cv, st, fr, fm, sa), seq",
+         INSERT INTO payments (payment_id, sender_id, recipient_id, currency, amount, wallet_amount, card_amount, \
+           fee_amount, status, funding_source, note, conversation_id, message_id, failure_reason, failure_message, \
+           idempotency_key, request_hash, created_at_us, updated_at_us, settled_at_us) \
+         SELECT t.id, t.s, t.r, t.c, t.a, t.a, 0, 0, t.st, t.f, t.n, t.cv, t.m, t.fr, t.fm, t.k, t.h, t.ca, $5, t.sa \
+         FROM UNNEST($6::text[], $7::text[], $8::text[], $9::text[], $10::int8[], $11::text[], $12::text[], $13::text[], \
+           $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::text[], $20::int8[], $21::int8[]) \
+           AS t(id, s, r, c, a, st, f, n, cv, m, fr, fm, k, h, ca, sa)",
     )
-    .bind(events.len() as i64)
+    .bind(&s_sender)
+    .bind(&s_currency)
+    .bind(&s_hour)
+    .bind(&s_amount)
     .bind(now_us)
     .bind(&ids)
     .bind(&senders)
@@ -130,6 +108,41 @@ pub(super) async fn write(
     .bind(&hashes)
     .bind(&created)
     .bind(&settled)
+    .execute(&mut *c)
+    .await?;
+    Ok(())
+}
+
+/// The batch's outbox events. The event counter is advanced once for the whole batch;
+/// its row lock, held to commit, keeps the outbox sequence gap-free and in commit order.
+pub(super) async fn write_events(
+    c: &mut sqlx::PgConnection,
+    events: &[EventFields],
+    now_us: i64,
+) -> std::result::Result<(), sqlx::Error> {
+    let e_type: Vec<&str> = events.iter().map(|e| e.event_type).collect();
+    let e_payment: Vec<Option<&str>> = events.iter().map(|e| e.payment_id.as_deref()).collect();
+    let e_a: Vec<&str> = events.iter().map(|e| e.party_a.as_str()).collect();
+    let e_b: Vec<&str> = events.iter().map(|e| e.party_b.as_str()).collect();
+    let e_conv: Vec<&str> = events.iter().map(|e| e.conversation_id.as_str()).collect();
+    let e_status: Vec<&str> = events.iter().map(|e| e.status).collect();
+    let e_reason: Vec<&str> = events.iter().map(|e| e.failure_reason.as_str()).collect();
+    let e_message: Vec<&str> = events.iter().map(|e| e.failure_message.as_str()).collect();
+    let e_settled: Vec<Option<i64>> = events.iter().map(|e| e.settled_at_us).collect();
+    let e_ord: Vec<i64> = (1..=events.len() as i64).collect();
+    sqlx::query(
+        "WITH seq AS ( \
+           UPDATE payment_event_sequence SET last_value = last_value + $1 WHERE id = 1 \
+           RETURNING last_value - $1 AS base \
+         ) \
+         INSERT INTO payment_events (sequence, event_type, payment_id, request_id, party_a, party_b, conversation_id, \
+           status, failure_reason, failure_message, settled_at_us, snapshot, occurred_at_us) \
+         SELECT seq.base + t.o, t.ty, t.p, NULL, t.a, t.b, t.cv, t.st, t.fr, t.fm, t.sa, '', $2 \
+         FROM UNNEST($3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], \
+           $10::text[], $11::text[], $12::int8[]) AS t(o, ty, p, a, b, cv, st, fr, fm, sa), seq",
+    )
+    .bind(events.len() as i64)
+    .bind(now_us)
     .bind(&e_ord)
     .bind(&e_type)
     .bind(&e_payment)
@@ -137,10 +150,6 @@ pub(super) async fn write(
     .bind(&e_b)
     .bind(&e_conv)
     .bind(&e_status)
-    .bind(&s_sender)
-    .bind(&s_currency)
-    .bind(&s_hour)
-    .bind(&s_amount)
     .bind(&e_reason)
     .bind(&e_message)
     .bind(&e_settled)

@@ -87,9 +87,9 @@ pub(crate) async fn commit(pool: &SqlitePool, hook: Option<&dyn BatchHook>, plan
             .collect();
         // `WHERE true` tells SQLite's parser that ON CONFLICT belongs to the INSERT.
         let inserted: HashSet<(String, String)> = sqlx::query_as::<_, (String, String)>(
-            "INSERT INTO idempotency_keys (caller, key, operation, request_hash, result_id, created_at_us) \
-             SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, j.value ->> 4, ?2 \
-             FROM json_each(?1) AS j WHERE true \
+            "WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?1)) INSERT INTO idempotency_keys (caller, key, operation, request_hash, result_id, created_at_us) \
+             SELECT r.v ->> 0, r.v ->> 1, r.v ->> 2, r.v ->> 3, r.v ->> 4, ?2 \
+             FROM r WHERE true \
              ON CONFLICT (caller, key) DO NOTHING RETURNING caller, key",
         )
         .bind(json_rows(&keys)?)
@@ -147,18 +147,21 @@ pub(crate) async fn commit(pool: &SqlitePool, hook: Option<&dyn BatchHook>, plan
             })
             .collect();
         sqlx::query(
-            "UPDATE ledger_accounts SET posted_debits = posted_debits + (d.value ->> 1), \
-             posted_credits = posted_credits + (d.value ->> 2), pending_debits = pending_debits + (d.value ->> 3), \
-             pending_credits = pending_credits + (d.value ->> 4), version = version + 1 \
-             FROM json_each(?1) AS d WHERE ledger_accounts.id = d.value ->> 0",
+            "WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?1)) UPDATE ledger_accounts SET posted_debits = posted_debits + (r.v ->> 1), \
+             posted_credits = posted_credits + (r.v ->> 2), pending_debits = pending_debits + (r.v ->> 3), \
+             pending_credits = pending_credits + (r.v ->> 4), version = version + 1 \
+             FROM r WHERE ledger_accounts.id = r.v ->> 0",
         )
         .bind(json_rows(&changed)?)
         .execute(&mut *tx)
         .await?;
     }
 
+    // One writer holds the whole database, so the order of the hook's rows does not
+    // matter here.
     if let Some(h) = hook_batch.as_mut() {
         h.write(&mut Conn::Sqlite(&mut tx), plan.now_us).await?;
+        h.write_sequenced(&mut Conn::Sqlite(&mut tx), plan.now_us).await?;
     }
 
     for &i in &plan.keyed {
@@ -204,10 +207,10 @@ async fn write_entries(
         })
         .collect();
     sqlx::query(
-        "INSERT INTO ledger_postings (entry_id, idx, account_id, direction, amount, currency, pending, sequence, \
+        "WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?1)) INSERT INTO ledger_postings (entry_id, idx, account_id, direction, amount, currency, pending, sequence, \
          created_at_us) \
-         SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, j.value ->> 4, j.value ->> 5, \
-         j.value ->> 6, j.value ->> 7, ?2 FROM json_each(?1) AS j",
+         SELECT r.v ->> 0, r.v ->> 1, r.v ->> 2, r.v ->> 3, r.v ->> 4, r.v ->> 5, \
+         r.v ->> 6, r.v ->> 7, ?2 FROM r",
     )
     .bind(json_rows(&postings)?)
     .bind(now_us)
@@ -233,10 +236,10 @@ async fn write_entries(
         })
         .collect();
     sqlx::query(
-        "INSERT INTO ledger_entries (id, sequence, kind, description, metadata, status, pending_entry_id, \
+        "WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?1)) INSERT INTO ledger_entries (id, sequence, kind, description, metadata, status, pending_entry_id, \
          reverses_entry_id, expires_at_us, created_by, created_at_us) \
-         SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, j.value ->> 4, j.value ->> 5, \
-         j.value ->> 6, j.value ->> 7, j.value ->> 8, j.value ->> 9, ?2 FROM json_each(?1) AS j",
+         SELECT r.v ->> 0, r.v ->> 1, r.v ->> 2, r.v ->> 3, r.v ->> 4, r.v ->> 5, \
+         r.v ->> 6, r.v ->> 7, r.v ->> 8, r.v ->> 9, ?2 FROM r",
     )
     .bind(json_rows(&entries)?)
     .bind(now_us)

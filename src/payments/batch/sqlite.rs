@@ -10,27 +10,33 @@ pub(super) async fn prepare(
     senders: &[&str],
     since_hour: i64,
 ) -> std::result::Result<Prepared, sqlx::Error> {
-    // Each list travels as one JSON parameter (see `store::json_rows`).
-    let existing = sqlx::query_as(
-        "SELECT p.sender_id, p.idempotency_key, p.payment_id, p.request_hash FROM json_each(?1) AS j \
-         JOIN payments p ON p.sender_id = j.value ->> 0 AND p.idempotency_key = j.value ->> 1",
+    // Each list travels as one JSON parameter (see `store::json_rows`). Keys already
+    // used, the parties' accounts and the senders' spend in the window: three keyed reads
+    // in one statement, told apart by the first column, as on PostgreSQL; each statement
+    // is a hand-off to SQLite's thread and back.
+    let rows: Vec<(i64, String, String, String, String, i64)> = sqlx::query_as(
+        "SELECT 1, p.sender_id, p.idempotency_key, p.payment_id, p.request_hash, 0 FROM json_each(?1) AS j \
+         JOIN payments p ON p.sender_id = j.value ->> 0 AND p.idempotency_key = j.value ->> 1 \
+         UNION ALL \
+         SELECT 2, user_id, tier, status, '', 0 FROM accounts WHERE user_id IN (SELECT value FROM json_each(?2)) \
+         UNION ALL \
+         SELECT 3, sender_id, currency, '', '', CAST(SUM(amount) AS BIGINT) FROM payment_spend \
+         WHERE sender_id IN (SELECT value FROM json_each(?3)) AND hour >= ?4 GROUP BY sender_id, currency",
     )
     .bind(json_rows(keys)?)
-    .fetch_all(&mut *c)
-    .await?;
-    let accounts =
-        sqlx::query_as("SELECT user_id, tier, status FROM accounts WHERE user_id IN (SELECT value FROM json_each(?1))")
-            .bind(json_rows(users)?)
-            .fetch_all(&mut *c)
-            .await?;
-    let sums = sqlx::query_as(
-        "SELECT sender_id, currency, CAST(SUM(amount) AS BIGINT) FROM payment_spend \
-         WHERE sender_id IN (SELECT value FROM json_each(?1)) AND hour >= ?2 GROUP BY sender_id, currency",
-    )
+    .bind(json_rows(users)?)
     .bind(json_rows(senders)?)
     .bind(since_hour)
     .fetch_all(&mut *c)
     .await?;
+    let (mut existing, mut accounts, mut sums) = (Vec::new(), Vec::new(), Vec::new());
+    for (kind, a, b, c, d, n) in rows {
+        match kind {
+            1 => existing.push((a, b, c, d)),
+            2 => accounts.push((a, b, c)),
+            _ => sums.push((a, b, n)),
+        }
+    }
     Ok((existing, accounts, sums))
 }
 
@@ -38,15 +44,14 @@ pub(super) async fn write(
     c: &mut sqlx::SqliteConnection,
     rows: &[(&Payment, &str, &str)],
     spent: &[((&str, &str, i64), i64)],
-    events: &[EventFields],
     now_us: i64,
 ) -> std::result::Result<(), sqlx::Error> {
     if !spent.is_empty() {
         let spent: Vec<(&str, &str, i64, i64)> = spent.iter().map(|((s, c, h), a)| (*s, *c, *h, *a)).collect();
         // `WHERE true` tells SQLite's parser that ON CONFLICT belongs to the INSERT.
         sqlx::query(
-            "INSERT INTO payment_spend (sender_id, currency, hour, amount) \
-             SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3 FROM json_each(?1) AS j WHERE true \
+            "WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?1)) INSERT INTO payment_spend (sender_id, currency, hour, amount) \
+             SELECT r.v ->> 0, r.v ->> 1, r.v ->> 2, r.v ->> 3 FROM r WHERE true \
              ON CONFLICT (sender_id, currency, hour) DO UPDATE SET amount = payment_spend.amount + excluded.amount",
         )
         .bind(json_rows(&spent)?)
@@ -96,17 +101,25 @@ pub(super) async fn write(
         .collect();
     // Wallet-only sends: the whole amount from the wallet, no card, no fee.
     sqlx::query(
-        "INSERT INTO payments (payment_id, sender_id, recipient_id, currency, amount, wallet_amount, card_amount, \
+        "WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?1)) INSERT INTO payments (payment_id, sender_id, recipient_id, currency, amount, wallet_amount, card_amount, \
          fee_amount, status, funding_source, note, conversation_id, message_id, failure_reason, failure_message, \
          idempotency_key, request_hash, created_at_us, updated_at_us, settled_at_us) \
-         SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, j.value ->> 4, j.value ->> 4, 0, 0, \
-         j.value ->> 5, j.value ->> 6, j.value ->> 7, j.value ->> 8, j.value ->> 9, j.value ->> 10, \
-         j.value ->> 11, j.value ->> 12, j.value ->> 13, j.value ->> 14, ?2, j.value ->> 15 FROM json_each(?1) AS j",
+         SELECT r.v ->> 0, r.v ->> 1, r.v ->> 2, r.v ->> 3, r.v ->> 4, r.v ->> 4, 0, 0, \
+         r.v ->> 5, r.v ->> 6, r.v ->> 7, r.v ->> 8, r.v ->> 9, r.v ->> 10, \
+         r.v ->> 11, r.v ->> 12, r.v ->> 13, r.v ->> 14, ?2, r.v ->> 15 FROM r",
     )
     .bind(json_rows(&payments)?)
     .bind(now_us)
     .execute(&mut *c)
     .await?;
+    Ok(())
+}
+
+pub(super) async fn write_events(
+    c: &mut sqlx::SqliteConnection,
+    events: &[EventFields],
+    now_us: i64,
+) -> std::result::Result<(), sqlx::Error> {
     let last: i64 = sqlx::query_scalar(
         "UPDATE payment_event_sequence SET last_value = last_value + ?1 WHERE id = 1 RETURNING last_value",
     )
@@ -153,12 +166,12 @@ pub(super) async fn write(
         })
         .collect();
     sqlx::query(concat!(
-        "INSERT INTO payment_events (sequence, ",
+        "WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?1)) INSERT INTO payment_events (sequence, ",
         crate::payments::store::EVENT_COLUMNS!(),
         ", snapshot, occurred_at_us) \
-         SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, j.value ->> 4, j.value ->> 5, \
-         j.value ->> 6, j.value ->> 7, j.value ->> 8, j.value ->> 9, j.value ->> 10, j.value ->> 11, \
-         j.value ->> 12, j.value ->> 13, '', ?2 FROM json_each(?1) AS j"
+         SELECT r.v ->> 0, r.v ->> 1, r.v ->> 2, r.v ->> 3, r.v ->> 4, r.v ->> 5, \
+         r.v ->> 6, r.v ->> 7, r.v ->> 8, r.v ->> 9, r.v ->> 10, r.v ->> 11, \
+         r.v ->> 12, r.v ->> 13, '', ?2 FROM r"
     ))
     .bind(json_rows(&events)?)
     .bind(now_us)

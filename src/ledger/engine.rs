@@ -344,7 +344,7 @@ impl Worker {
                 // allows; the others commit meanwhile.
                 let intake = self.intake.clone();
                 let mut intake = intake.lock().await;
-                let Some(batch) = self.gather(&mut intake).await else { return };
+                let Some(batch) = intake.gather(&self.config, &self.busy, &mut self.stop).await else { return };
                 // Registered before the next worker can gather.
                 let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
                 for id in batch.iter().flat_map(Command::account_ids) {
@@ -392,54 +392,59 @@ impl Worker {
     }
 }
 
-impl Worker {
+impl Intake {
     /// The next batch: the commands set aside last time, then what the queue holds, up
     /// to `batch_size_max`, waiting at most `commit_wait` for more once one is in hand.
     /// `None` once the queue is closed and drained.
-    async fn gather(&mut self, intake: &mut Intake) -> Option<Vec<Command>> {
-        if *self.stop.borrow() {
-            intake.rx.close();
+    async fn gather(
+        &mut self,
+        config: &EngineConfig,
+        busy: &Busy,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Vec<Command>> {
+        if *stop.borrow() {
+            self.rx.close();
         }
-        let max = self.config.batch_size_max.max(1);
+        let max = config.batch_size_max.max(1);
         let mut batch = Vec::with_capacity(max.min(1024));
         while batch.len() < max {
-            match intake.deferred.pop_front() {
+            match self.deferred.pop_front() {
                 Some(cmd) => batch.push(cmd),
                 None => break,
             }
         }
         if batch.is_empty() {
             let first = tokio::select! {
-                cmd = intake.rx.recv() => cmd,
-                _ = self.stop.changed() => {
-                    intake.rx.close();
-                    intake.rx.recv().await
+                cmd = self.rx.recv() => cmd,
+                _ = stop.changed() => {
+                    self.rx.close();
+                    self.rx.recv().await
                 }
             };
             batch.push(first?);
         }
         // A snapshot: a batch that ends meanwhile only makes this one more careful.
         let busy: std::collections::HashSet<i64> =
-            self.busy.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
+            busy.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
         let touches_busy = |cmd: &Command| cmd.account_ids().any(|id| busy.contains(&id));
         let spread = !busy.is_empty() && !batch.iter().any(touches_busy);
-        let deadline = tokio::time::Instant::now() + self.config.commit_wait;
+        let deadline = tokio::time::Instant::now() + config.commit_wait;
         while batch.len() < max {
-            let cmd = match intake.rx.try_recv() {
+            let cmd = match self.rx.try_recv() {
                 Ok(cmd) => cmd,
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    if self.config.commit_wait.is_zero() {
+                    if config.commit_wait.is_zero() {
                         break;
                     }
-                    match tokio::time::timeout_at(deadline, intake.rx.recv()).await {
+                    match tokio::time::timeout_at(deadline, self.rx.recv()).await {
                         Ok(Some(cmd)) => cmd,
                         _ => break,
                     }
                 }
             };
-            if spread && intake.deferred.len() < max && touches_busy(&cmd) {
-                intake.deferred.push_back(cmd);
+            if spread && self.deferred.len() < max && touches_busy(&cmd) {
+                self.deferred.push_back(cmd);
             } else {
                 batch.push(cmd);
             }
@@ -637,5 +642,105 @@ async fn run_transaction(ctx: &BatchContext<'_>, cmds: Vec<&Command>) -> Vec<Res
             return out;
         }
         return cmds.iter().map(|_| Err(err.duplicate())).collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::model::{AccountCode, Direction};
+    use crate::money::{Currency, Money};
+
+    /// A transfer between two accounts, and the receiver its answer would go to.
+    fn transfer(from: i64, to: i64) -> (Command, oneshot::Receiver<Result<Outcome>>) {
+        let usd = Currency::from_code("USD").expect("USD");
+        let posting = |account_id: i64, direction| Posting {
+            account_id,
+            account_code: AccountCode::parse("code", &format!("acct-{account_id}")).expect("code"),
+            direction,
+            amount: Money::from_minor(usd, 100),
+        };
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Post(NewEntry {
+            kind: "transfer".into(),
+            description: String::new(),
+            metadata: Metadata::new(),
+            postings: vec![posting(from, Direction::Debit), posting(to, Direction::Credit)],
+            pending_timeout_s: None,
+        });
+        (Command { caller: "test".into(), idem: None, op, attachment: None, reply }, rx)
+    }
+
+    fn pairs(batch: &[Command]) -> Vec<Vec<i64>> {
+        batch.iter().map(|c| c.account_ids().collect()).collect()
+    }
+
+    async fn setup(cmds: &[(i64, i64)], busy: &[i64]) -> (Intake, Busy, Vec<oneshot::Receiver<Result<Outcome>>>) {
+        let (tx, rx) = mpsc::channel(64);
+        let mut answers = Vec::new();
+        for (from, to) in cmds {
+            let (cmd, answer) = transfer(*from, *to);
+            tx.send(cmd).await.expect("queue");
+            answers.push(answer);
+        }
+        let busy: Busy = Arc::new(std::sync::Mutex::new(busy.iter().map(|id| (*id, 1)).collect()));
+        (Intake { rx, deferred: VecDeque::new() }, busy, answers)
+    }
+
+    fn config() -> EngineConfig {
+        EngineConfig { commit_wait: Duration::ZERO, ..EngineConfig::default() }
+    }
+
+    #[tokio::test]
+    async fn calls_touching_a_busy_wallet_wait_for_the_next_batch_and_lead_it() {
+        let (mut intake, busy, _answers) = setup(&[(3, 4), (1, 5), (6, 7), (8, 2)], &[1, 2]).await;
+        let (_stop_tx, mut stop) = watch::channel(false);
+        let first = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
+        assert_eq!(pairs(&first), vec![vec![3, 4], vec![6, 7]], "the batch takes only the calls on idle wallets");
+        // The in-flight batch ends; the set-aside calls go first, in their order.
+        busy.lock().unwrap().clear();
+        let second = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
+        assert_eq!(pairs(&second), vec![vec![1, 5], vec![8, 2]]);
+    }
+
+    #[tokio::test]
+    async fn set_aside_calls_are_never_set_aside_twice() {
+        let (mut intake, busy, _answers) = setup(&[(3, 4), (1, 5)], &[1]).await;
+        let (_stop_tx, mut stop) = watch::channel(false);
+        let first = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
+        assert_eq!(pairs(&first), vec![vec![3, 4]]);
+        // Account 1 is still busy (another batch took it): the call goes anyway.
+        let second = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
+        assert_eq!(pairs(&second), vec![vec![1, 5]]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_waits_anyway_sets_nothing_aside() {
+        // A live stream: every payment credits the busy seller (9), including the first.
+        let (mut intake, busy, _answers) = setup(&[(1, 9), (2, 9), (3, 4)], &[9]).await;
+        let (_stop_tx, mut stop) = watch::channel(false);
+        let batch = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
+        assert_eq!(pairs(&batch), vec![vec![1, 9], vec![2, 9], vec![3, 4]]);
+        assert!(intake.deferred.is_empty());
+    }
+
+    #[tokio::test]
+    async fn nothing_is_set_aside_when_no_batch_is_in_flight() {
+        let (mut intake, busy, _answers) = setup(&[(1, 2), (2, 3), (3, 4)], &[]).await;
+        let (_stop_tx, mut stop) = watch::channel(false);
+        let batch = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
+        assert_eq!(batch.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn set_aside_calls_are_drained_at_shutdown() {
+        let (mut intake, busy, _answers) = setup(&[(3, 4), (1, 5)], &[1]).await;
+        let (stop_tx, mut stop) = watch::channel(false);
+        let first = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
+        assert_eq!(first.len(), 1);
+        stop_tx.send(true).expect("stop");
+        let second = intake.gather(&config(), &busy, &mut stop).await.expect("the set-aside call");
+        assert_eq!(pairs(&second), vec![vec![1, 5]]);
+        assert!(intake.gather(&config(), &busy, &mut stop).await.is_none(), "then the engine stops");
     }
 }

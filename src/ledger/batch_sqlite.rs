@@ -26,13 +26,22 @@ pub(crate) async fn lookup_keys(pool: &SqlitePool, pairs: &[(String, String)]) -
 pub(crate) async fn commit(pool: &SqlitePool, hook: Option<&dyn BatchHook>, plan: &Plan<'_>) -> BatchResult {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
 
-    let rows: Vec<(i64, bool, bool, i64, i64, i64, i64)> = sqlx::query_as(
+    // The batch's accounts, and the journal's sequence as it stands (the row with id 0,
+    // which no account has: ids start at 1). The batch holds SQLite's write lock from
+    // BEGIN IMMEDIATE, so nothing moves the sequence before this batch does.
+    let mut rows: Vec<(i64, bool, bool, i64, i64, i64, i64)> = sqlx::query_as(
         "SELECT id, credit_normal, allow_negative, posted_debits, posted_credits, pending_debits, pending_credits \
-         FROM ledger_accounts WHERE id IN (SELECT value FROM json_each(?1))",
+         FROM ledger_accounts WHERE id IN (SELECT value FROM json_each(?1)) \
+         UNION ALL SELECT 0, 0, 0, last_value, 0, 0, 0 FROM ledger_sequence WHERE id = 1",
     )
     .bind(json_rows(&plan.account_ids)?)
     .fetch_all(&mut *tx)
     .await?;
+    let sequence_last = rows
+        .iter()
+        .position(|r| r.0 == 0)
+        .map(|i| rows.swap_remove(i).3)
+        .ok_or_else(|| sqlx::Error::Protocol("the ledger_sequence row is missing".into()))?;
     let mut accounts: HashMap<i64, AccountState> = rows
         .into_iter()
         .map(|(id, credit_normal, allow_negative, pd, pc, qd, qc)| {
@@ -117,13 +126,7 @@ pub(crate) async fn commit(pool: &SqlitePool, hook: Option<&dyn BatchHook>, plan
 
     let accepted = decisions.iter().filter(|d| matches!(d, Decision::Accept(_))).count() as i64;
     if accepted > 0 {
-        let last: i64 = sqlx::query_scalar(
-            "UPDATE ledger_sequence SET last_value = last_value + ?1 WHERE id = 1 RETURNING last_value",
-        )
-        .bind(accepted)
-        .fetch_one(&mut *tx)
-        .await?;
-        let mut next = last - accepted + 1;
+        let mut next = sequence_last + 1;
         for d in decisions.iter_mut() {
             if let Decision::Accept(draft) = d {
                 draft.sequence = next;
@@ -137,7 +140,6 @@ pub(crate) async fn commit(pool: &SqlitePool, hook: Option<&dyn BatchHook>, plan
                 _ => None,
             })
             .collect();
-        write_entries(&mut tx, &drafts, plan.now_us).await?;
         // One net update per account, whatever number of entries touched it.
         let changed: Vec<(i64, i64, i64, i64, i64)> = accounts
             .iter()
@@ -146,15 +148,7 @@ pub(crate) async fn commit(pool: &SqlitePool, hook: Option<&dyn BatchHook>, plan
                 (*id, s.delta.posted_debits, s.delta.posted_credits, s.delta.pending_debits, s.delta.pending_credits)
             })
             .collect();
-        sqlx::query(
-            "WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?1)) UPDATE ledger_accounts SET posted_debits = posted_debits + (r.v ->> 1), \
-             posted_credits = posted_credits + (r.v ->> 2), pending_debits = pending_debits + (r.v ->> 3), \
-             pending_credits = pending_credits + (r.v ->> 4), version = version + 1 \
-             FROM r WHERE ledger_accounts.id = r.v ->> 0",
-        )
-        .bind(json_rows(&changed)?)
-        .execute(&mut *tx)
-        .await?;
+        write_entries(&mut tx, &drafts, &changed, accepted, plan.now_us).await?;
     }
 
     // One writer holds the whole database, so the order of the hook's rows does not
@@ -182,10 +176,14 @@ pub(crate) async fn commit(pool: &SqlitePool, hook: Option<&dyn BatchHook>, plan
 }
 
 /// All postings of the batch first, then the entry rows, whose trigger checks that each
-/// entry's postings balance.
+/// entry's postings balance, then one net balance update per account and the
+/// sequence's advance past the batch: four statements sent as one. SQLite runs on a thread of its own, and every call is a hand-off to it
+/// and back; the parameters are positional (`?`), taken in order across the statements.
 async fn write_entries(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     drafts: &[&Draft],
+    changed: &[(i64, i64, i64, i64, i64)],
+    accepted: i64,
     now_us: i64,
 ) -> Result<(), sqlx::Error> {
     type PostingRow<'a> = (&'a str, i16, i64, &'a str, i64, &'a str, bool, i64);
@@ -206,16 +204,6 @@ async fn write_entries(
             })
         })
         .collect();
-    sqlx::query(
-        "WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?1)) INSERT INTO ledger_postings (entry_id, idx, account_id, direction, amount, currency, pending, sequence, \
-         created_at_us) \
-         SELECT r.v ->> 0, r.v ->> 1, r.v ->> 2, r.v ->> 3, r.v ->> 4, r.v ->> 5, \
-         r.v ->> 6, r.v ->> 7, ?2 FROM r",
-    )
-    .bind(json_rows(&postings)?)
-    .bind(now_us)
-    .execute(&mut **tx)
-    .await?;
     type EntryRow<'a> =
         (&'a str, i64, &'a str, &'a str, &'a str, &'a str, Option<&'a str>, Option<&'a str>, Option<i64>, &'a str);
     let entries: Vec<EntryRow<'_>> = drafts
@@ -236,13 +224,28 @@ async fn write_entries(
         })
         .collect();
     sqlx::query(
-        "WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?1)) INSERT INTO ledger_entries (id, sequence, kind, description, metadata, status, pending_entry_id, \
+        "WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?)) \
+         INSERT INTO ledger_postings (entry_id, idx, account_id, direction, amount, currency, pending, sequence, \
+         created_at_us) \
+         SELECT r.v ->> 0, r.v ->> 1, r.v ->> 2, r.v ->> 3, r.v ->> 4, r.v ->> 5, r.v ->> 6, r.v ->> 7, ? FROM r; \
+         WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?)) \
+         INSERT INTO ledger_entries (id, sequence, kind, description, metadata, status, pending_entry_id, \
          reverses_entry_id, expires_at_us, created_by, created_at_us) \
          SELECT r.v ->> 0, r.v ->> 1, r.v ->> 2, r.v ->> 3, r.v ->> 4, r.v ->> 5, \
-         r.v ->> 6, r.v ->> 7, r.v ->> 8, r.v ->> 9, ?2 FROM r",
+         r.v ->> 6, r.v ->> 7, r.v ->> 8, r.v ->> 9, ? FROM r; \
+         WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?)) \
+         UPDATE ledger_accounts SET posted_debits = posted_debits + (r.v ->> 1), \
+         posted_credits = posted_credits + (r.v ->> 2), pending_debits = pending_debits + (r.v ->> 3), \
+         pending_credits = pending_credits + (r.v ->> 4), version = version + 1 \
+         FROM r WHERE ledger_accounts.id = r.v ->> 0; \
+         UPDATE ledger_sequence SET last_value = last_value + ? WHERE id = 1",
     )
+    .bind(json_rows(&postings)?)
+    .bind(now_us)
     .bind(json_rows(&entries)?)
     .bind(now_us)
+    .bind(json_rows(changed)?)
+    .bind(accepted)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -220,14 +220,18 @@ impl HookBatch for Batch {
         if self.rows.is_empty() {
             return Ok(());
         }
-        let mut rows = Vec::with_capacity(self.rows.len());
-        for (cmd, p) in &mut self.rows {
-            let Some(s) = self.sends.get(cmd) else { continue };
+        for (_, p) in &mut self.rows {
             if p.status == PaymentStatus::Settled {
                 p.settled_at_us = Some(now_us);
             }
-            rows.push((&*p, s.idempotency_key.as_str(), s.request_hash.as_str()));
         }
+        let rows: Vec<(&Payment, &str, &str)> = self
+            .rows
+            .iter()
+            .filter_map(|(cmd, p)| {
+                self.sends.get(cmd).map(|s| (p, s.idempotency_key.as_str(), s.request_hash.as_str()))
+            })
+            .collect();
         // One daily-limit bucket update per sender, currency and hour.
         let mut spent: HashMap<(&str, &str, i64), i64> = HashMap::new();
         for (p, _, _) in rows.iter().filter(|(p, _, _)| p.status == PaymentStatus::Settled) {
@@ -238,18 +242,34 @@ impl HookBatch for Batch {
         spent.sort_unstable();
         match conn {
             Conn::Postgres(c) => pg::write(c, &rows, &spent, now_us).await,
-            Conn::Sqlite(c) => sqlite::write(c, &rows, &spent, now_us).await,
+            // One writer holds the whole database, so nothing is gained by numbering the
+            // events later: they go with the rows, in one hand-off to SQLite's thread.
+            Conn::Sqlite(c) => sqlite::write(c, &rows, &spent, &self.events(), now_us).await,
         }
     }
 
     async fn write_sequenced(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error> {
+        let Conn::Postgres(c) = conn else {
+            // Written with the rows (`write`).
+            return Ok(());
+        };
+        let events = self.events();
+        if events.is_empty() {
+            return Ok(());
+        }
+        pg::write_events(c, &events, now_us).await
+    }
+}
+
+impl Batch {
+    /// The outbox events of the payments written: the thread shows each payment appear
+    /// and then settle (or fail), as it does for a card payment whose steps take longer.
+    fn events(&self) -> Vec<EventFields> {
         let mut events = Vec::with_capacity(self.rows.len() * 2);
         for (cmd, p) in &self.rows {
             if !self.sends.contains_key(cmd) {
                 continue;
             }
-            // The thread shows the payment appear and then settle (or fail), as it
-            // does for a card payment whose steps take longer.
             let created = Payment { status: PaymentStatus::Pending, settled_at_us: None, ..p.clone() };
             events.push(EventFields::payment("payment.created", &created));
             events.push(EventFields::payment(
@@ -257,13 +277,7 @@ impl HookBatch for Batch {
                 p,
             ));
         }
-        if events.is_empty() {
-            return Ok(());
-        }
-        match conn {
-            Conn::Postgres(c) => pg::write_events(c, &events, now_us).await,
-            Conn::Sqlite(c) => sqlite::write_events(c, &events, now_us).await,
-        }
+        events
     }
 }
 

@@ -44,20 +44,10 @@ pub(super) async fn write(
     c: &mut sqlx::SqliteConnection,
     rows: &[(&Payment, &str, &str)],
     spent: &[((&str, &str, i64), i64)],
+    events: &[EventFields],
     now_us: i64,
 ) -> std::result::Result<(), sqlx::Error> {
-    if !spent.is_empty() {
-        let spent: Vec<(&str, &str, i64, i64)> = spent.iter().map(|((s, c, h), a)| (*s, *c, *h, *a)).collect();
-        // `WHERE true` tells SQLite's parser that ON CONFLICT belongs to the INSERT.
-        sqlx::query(
-            "WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?1)) INSERT INTO payment_spend (sender_id, currency, hour, amount) \
-             SELECT r.v ->> 0, r.v ->> 1, r.v ->> 2, r.v ->> 3 FROM r WHERE true \
-             ON CONFLICT (sender_id, currency, hour) DO UPDATE SET amount = payment_spend.amount + excluded.amount",
-        )
-        .bind(json_rows(&spent)?)
-        .execute(&mut *c)
-        .await?;
-    }
+    let spent: Vec<(&str, &str, i64, i64)> = spent.iter().map(|((s, c, h), a)| (*s, *c, *h, *a)).collect();
     type PaymentRow<'a> = (
         &'a str,
         &'a str,
@@ -99,34 +89,6 @@ pub(super) async fn write(
             )
         })
         .collect();
-    // Wallet-only sends: the whole amount from the wallet, no card, no fee.
-    sqlx::query(
-        "WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?1)) INSERT INTO payments (payment_id, sender_id, recipient_id, currency, amount, wallet_amount, card_amount, \
-         fee_amount, status, funding_source, note, conversation_id, message_id, failure_reason, failure_message, \
-         idempotency_key, request_hash, created_at_us, updated_at_us, settled_at_us) \
-         SELECT r.v ->> 0, r.v ->> 1, r.v ->> 2, r.v ->> 3, r.v ->> 4, r.v ->> 4, 0, 0, \
-         r.v ->> 5, r.v ->> 6, r.v ->> 7, r.v ->> 8, r.v ->> 9, r.v ->> 10, \
-         r.v ->> 11, r.v ->> 12, r.v ->> 13, r.v ->> 14, ?2, r.v ->> 15 FROM r",
-    )
-    .bind(json_rows(&payments)?)
-    .bind(now_us)
-    .execute(&mut *c)
-    .await?;
-    Ok(())
-}
-
-pub(super) async fn write_events(
-    c: &mut sqlx::SqliteConnection,
-    events: &[EventFields],
-    now_us: i64,
-) -> std::result::Result<(), sqlx::Error> {
-    let last: i64 = sqlx::query_scalar(
-        "UPDATE payment_event_sequence SET last_value = last_value + ?1 WHERE id = 1 RETURNING last_value",
-    )
-    .bind(events.len() as i64)
-    .fetch_one(&mut *c)
-    .await?;
-    let base = last - events.len() as i64;
     type EventRow<'a> = (
         i64,
         &'a str,
@@ -148,7 +110,7 @@ pub(super) async fn write_events(
         .enumerate()
         .map(|(k, e)| {
             (
-                base + k as i64 + 1,
+                k as i64 + 1,
                 e.event_type,
                 e.payment_id.as_deref(),
                 e.request_id.as_deref(),
@@ -165,16 +127,38 @@ pub(super) async fn write_events(
             )
         })
         .collect();
+    // Wallet-only sends: the whole amount from the wallet, no card, no fee. The spend
+    // buckets, the payment rows, their events (numbered from the counter as it stands;
+    // the batch holds SQLite's write lock, so nothing else moves it) and the counter's
+    // advance: four statements sent as one, a hand-off to SQLite's thread and back for
+    // each saved. Positional parameters, taken in order across the statements. `WHERE
+    // true` tells SQLite's parser that ON CONFLICT belongs to the INSERT.
     sqlx::query(concat!(
-        "WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?1)) INSERT INTO payment_events (sequence, ",
+        "WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?)) \
+         INSERT INTO payment_spend (sender_id, currency, hour, amount) \
+         SELECT r.v ->> 0, r.v ->> 1, r.v ->> 2, r.v ->> 3 FROM r WHERE true \
+         ON CONFLICT (sender_id, currency, hour) DO UPDATE SET amount = payment_spend.amount + excluded.amount; \
+         WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?)) \
+         INSERT INTO payments (payment_id, sender_id, recipient_id, currency, amount, wallet_amount, card_amount, \
+         fee_amount, status, funding_source, note, conversation_id, message_id, failure_reason, failure_message, \
+         idempotency_key, request_hash, created_at_us, updated_at_us, settled_at_us) \
+         SELECT r.v ->> 0, r.v ->> 1, r.v ->> 2, r.v ->> 3, r.v ->> 4, r.v ->> 4, 0, 0, \
+         r.v ->> 5, r.v ->> 6, r.v ->> 7, r.v ->> 8, r.v ->> 9, r.v ->> 10, \
+         r.v ->> 11, r.v ->> 12, r.v ->> 13, r.v ->> 14, ?, r.v ->> 15 FROM r; \
+         WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?)) INSERT INTO payment_events (sequence, ",
         crate::payments::store::EVENT_COLUMNS!(),
         ", snapshot, occurred_at_us) \
-         SELECT r.v ->> 0, r.v ->> 1, r.v ->> 2, r.v ->> 3, r.v ->> 4, r.v ->> 5, \
-         r.v ->> 6, r.v ->> 7, r.v ->> 8, r.v ->> 9, r.v ->> 10, r.v ->> 11, \
-         r.v ->> 12, r.v ->> 13, '', ?2 FROM r"
+         SELECT (SELECT last_value FROM payment_event_sequence WHERE id = 1) + (r.v ->> 0), r.v ->> 1, r.v ->> 2, \
+         r.v ->> 3, r.v ->> 4, r.v ->> 5, r.v ->> 6, r.v ->> 7, r.v ->> 8, r.v ->> 9, r.v ->> 10, r.v ->> 11, \
+         r.v ->> 12, r.v ->> 13, '', ? FROM r; \
+         UPDATE payment_event_sequence SET last_value = last_value + ? WHERE id = 1"
     ))
+    .bind(json_rows(&spent)?)
+    .bind(json_rows(&payments)?)
+    .bind(now_us)
     .bind(json_rows(&events)?)
     .bind(now_us)
+    .bind(events.len() as i64)
     .execute(&mut *c)
     .await?;
     Ok(())

@@ -96,16 +96,11 @@ impl<'a> Plan<'a> {
         let mut resolve_targets = Vec::new();
         let mut reverse_targets = Vec::new();
         for cmd in &cmds {
+            ids.extend(cmd.account_ids());
             match &cmd.op {
-                Op::Post(e) => ids.extend(e.postings.iter().map(|p| p.account_id)),
-                Op::Resolve { pending, .. } => {
-                    ids.extend(pending.postings.iter().map(|p| p.account_id));
-                    resolve_targets.push(pending.id.clone());
-                }
-                Op::Reverse { original, .. } => {
-                    ids.extend(original.postings.iter().map(|p| p.account_id));
-                    reverse_targets.push(original.id.clone());
-                }
+                Op::Post(_) => {}
+                Op::Resolve { pending, .. } => resolve_targets.push(pending.id.clone()),
+                Op::Reverse { original, .. } => reverse_targets.push(original.id.clone()),
             }
         }
         ids.sort_unstable();

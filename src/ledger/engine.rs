@@ -18,10 +18,10 @@
 //!    commands; commit.
 //!
 //! Lock order is always keys, then balance rows, then the hook's rows, then the
-//! sequence row, then the hook's counter, in every process, so there is no cycle. If the database refuses a batch (a
-//! trigger or constraint, which would mean a bug the code checks missed), each command
-//! is retried alone so only the culprit fails. Shutdown stops intake and drains the
-//! queue.
+//! sequence row, then the hook's counter, in every process, so there is no cycle. If the
+//! database refuses a batch (a trigger or constraint, which would mean a bug the code
+//! checks missed), each command is retried alone so only the culprit fails. Shutdown
+//! stops intake and drains the queue (`Intake` says how the next batch is gathered).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -61,6 +61,7 @@ pub trait HookBatch: Send {
     /// batch needs, for as short a time as possible).
     async fn write(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error>;
     /// Writes the hook's rows numbered by a shared counter (an outbox), after the
-    /// batch's entries and just before commit.
+    /// batch's entries and just before commit. On SQLite, whose one writer holds the
+    /// whole database, a hook may write them in `write` instead and do nothing here.
     async fn write_sequenced(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error>;
 }

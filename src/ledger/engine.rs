@@ -23,7 +23,7 @@
 //! checks missed), each command is retried alone so only the culprit fails. Shutdown
 //! stops intake and drains the queue (`Intake` says how the next batch is gathered).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
 pub(crate) use super::decide::{AccountState, Decision, Draft, Plan};
 use super::hook::{Attachment, BatchHook};
+use super::intake::{InFlight, Intake};
 use super::model::{Entry, Metadata, Posting};
 use crate::error::{Error, Result};
 use crate::store::Db;
@@ -125,6 +126,18 @@ pub(crate) struct Command {
 }
 
 impl Command {
+    /// A command as `EngineHandle::submit_attached` makes it, for the intake's tests.
+    #[cfg(test)]
+    pub(crate) fn new(
+        caller: String,
+        idem: Option<Idem>,
+        op: Op,
+        attachment: Option<Attachment>,
+        reply: oneshot::Sender<Result<Outcome>>,
+    ) -> Self {
+        Command { caller, idem, op, attachment, reply }
+    }
+
     /// The accounts whose balance rows the command's batch locks.
     pub(crate) fn account_ids(&self) -> impl Iterator<Item = i64> + '_ {
         let postings = match &self.op {
@@ -267,8 +280,8 @@ impl Engine {
         let (stop, stop_rx) = watch::channel(false);
         let stats = Arc::new(EngineStats::default());
         let database = Arc::new(DatabaseState::default());
-        let intake = Arc::new(Mutex::new(Intake { rx, deferred: VecDeque::new() }));
-        let busy = Arc::new(std::sync::Mutex::new(HashMap::new()));
+        let intake = Arc::new(Mutex::new(Intake::new(rx)));
+        let in_flight = Arc::new(InFlight::default());
         // SQLite has one write lock for the whole database: a second worker would only
         // wait for it, and SQLite waits by sleeping (milliseconds at a time), so on SQLite
         // the engine always runs one worker.
@@ -282,7 +295,7 @@ impl Engine {
                     db: db.clone(),
                     config: config.clone(),
                     intake: intake.clone(),
-                    busy: busy.clone(),
+                    in_flight: in_flight.clone(),
                     stop: stop_rx.clone(),
                     hook: hook.clone(),
                     stats: stats.clone(),
@@ -304,31 +317,11 @@ impl Engine {
     }
 }
 
-/// The queue's receiving end, held by the one worker gathering a batch.
-///
-/// Concurrent batches that share an account run one after the other: the second waits
-/// at its lock statement until the first commits. So while one batch is in flight, the
-/// gathering worker sets aside the commands that touch its accounts (`deferred`) and
-/// fills its batch with the others, whose locks it then takes at once; the two batches
-/// then overlap up to the journal's sequence row, which only the last part of each
-/// holds. Set-aside commands go first into the next batch, whatever they touch, so none
-/// waits more than one batch longer; and when the batch's first command touches a busy
-/// account anyway (a live stream, where every payment credits the seller), nothing is
-/// set aside, since the batch queues behind the other in any case.
-struct Intake {
-    rx: mpsc::Receiver<Command>,
-    /// At most `batch_size_max` commands.
-    deferred: VecDeque<Command>,
-}
-
-/// Accounts of the batches in flight, with the number of batches touching each.
-type Busy = Arc<std::sync::Mutex<HashMap<i64, u32>>>;
-
 struct Worker {
     db: Db,
     config: EngineConfig,
     intake: Arc<Mutex<Intake>>,
-    busy: Busy,
+    in_flight: Arc<InFlight>,
     stop: watch::Receiver<bool>,
     hook: Option<Arc<dyn BatchHook>>,
     stats: Arc<EngineStats>,
@@ -339,20 +332,17 @@ struct Worker {
 impl Worker {
     async fn run(mut self) {
         loop {
-            let batch = {
+            let (batch, accounts) = {
                 // One worker gathers at a time, so batches stay as large as the load
                 // allows; the others commit meanwhile.
                 let intake = self.intake.clone();
                 let mut intake = intake.lock().await;
-                let Some(batch) = intake.gather(&self.config, &self.busy, &mut self.stop).await else { return };
-                // Registered before the next worker can gather.
-                let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-                for id in batch.iter().flat_map(Command::account_ids) {
-                    *busy.entry(id).or_insert(0) += 1;
-                }
-                batch
+                let Some(batch) = intake.gather(&self.config, &self.in_flight, &mut self.stop).await else { return };
+                // Registered while the intake is held, before the next worker gathers.
+                let accounts: Vec<i64> = batch.iter().flat_map(Command::account_ids).collect();
+                self.in_flight.enter(&accounts);
+                (batch, accounts)
             };
-            let accounts: Vec<i64> = batch.iter().flat_map(Command::account_ids).collect();
             let size = batch.len();
             let started = std::time::Instant::now();
             if self.database.reachable() {
@@ -373,83 +363,12 @@ impl Worker {
             self.stats.commands.fetch_add(size as u64, Ordering::Relaxed);
             self.stats.busy_us.fetch_add(elapsed_us, Ordering::Relaxed);
             tracing::trace!(size, elapsed_us, "ledger batch");
-            {
-                let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-                for id in accounts {
-                    if let Some(n) = busy.get_mut(&id) {
-                        *n -= 1;
-                        if *n == 0 {
-                            busy.remove(&id);
-                        }
-                    }
-                }
-            }
+            self.in_flight.leave(&accounts);
             // After the batch's callers have their answers.
             if let Db::Sqlite(pool) = &self.db {
                 self.sqlite_wal.between_batches(pool).await;
             }
         }
-    }
-}
-
-impl Intake {
-    /// The next batch: the commands set aside last time, then what the queue holds, up
-    /// to `batch_size_max`, waiting at most `commit_wait` for more once one is in hand.
-    /// `None` once the queue is closed and drained.
-    async fn gather(
-        &mut self,
-        config: &EngineConfig,
-        busy: &Busy,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Option<Vec<Command>> {
-        if *stop.borrow() {
-            self.rx.close();
-        }
-        let max = config.batch_size_max.max(1);
-        let mut batch = Vec::with_capacity(max.min(1024));
-        while batch.len() < max {
-            match self.deferred.pop_front() {
-                Some(cmd) => batch.push(cmd),
-                None => break,
-            }
-        }
-        if batch.is_empty() {
-            let first = tokio::select! {
-                cmd = self.rx.recv() => cmd,
-                _ = stop.changed() => {
-                    self.rx.close();
-                    self.rx.recv().await
-                }
-            };
-            batch.push(first?);
-        }
-        // A snapshot: a batch that ends meanwhile only makes this one more careful.
-        let busy: std::collections::HashSet<i64> =
-            busy.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
-        let touches_busy = |cmd: &Command| cmd.account_ids().any(|id| busy.contains(&id));
-        let spread = !busy.is_empty() && !batch.iter().any(touches_busy);
-        let deadline = tokio::time::Instant::now() + config.commit_wait;
-        while batch.len() < max {
-            let cmd = match self.rx.try_recv() {
-                Ok(cmd) => cmd,
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    if config.commit_wait.is_zero() {
-                        break;
-                    }
-                    match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                        Ok(Some(cmd)) => cmd,
-                        _ => break,
-                    }
-                }
-            };
-            if spread && self.deferred.len() < max && touches_busy(&cmd) {
-                self.deferred.push_back(cmd);
-            } else {
-                batch.push(cmd);
-            }
-        }
-        Some(batch)
     }
 }
 
@@ -642,105 +561,5 @@ async fn run_transaction(ctx: &BatchContext<'_>, cmds: Vec<&Command>) -> Vec<Res
             return out;
         }
         return cmds.iter().map(|_| Err(err.duplicate())).collect();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ledger::model::{AccountCode, Direction};
-    use crate::money::{Currency, Money};
-
-    /// A transfer between two accounts, and the receiver its answer would go to.
-    fn transfer(from: i64, to: i64) -> (Command, oneshot::Receiver<Result<Outcome>>) {
-        let usd = Currency::from_code("USD").expect("USD");
-        let posting = |account_id: i64, direction| Posting {
-            account_id,
-            account_code: AccountCode::parse("code", &format!("acct-{account_id}")).expect("code"),
-            direction,
-            amount: Money::from_minor(usd, 100),
-        };
-        let (reply, rx) = oneshot::channel();
-        let op = Op::Post(NewEntry {
-            kind: "transfer".into(),
-            description: String::new(),
-            metadata: Metadata::new(),
-            postings: vec![posting(from, Direction::Debit), posting(to, Direction::Credit)],
-            pending_timeout_s: None,
-        });
-        (Command { caller: "test".into(), idem: None, op, attachment: None, reply }, rx)
-    }
-
-    fn pairs(batch: &[Command]) -> Vec<Vec<i64>> {
-        batch.iter().map(|c| c.account_ids().collect()).collect()
-    }
-
-    async fn setup(cmds: &[(i64, i64)], busy: &[i64]) -> (Intake, Busy, Vec<oneshot::Receiver<Result<Outcome>>>) {
-        let (tx, rx) = mpsc::channel(64);
-        let mut answers = Vec::new();
-        for (from, to) in cmds {
-            let (cmd, answer) = transfer(*from, *to);
-            tx.send(cmd).await.expect("queue");
-            answers.push(answer);
-        }
-        let busy: Busy = Arc::new(std::sync::Mutex::new(busy.iter().map(|id| (*id, 1)).collect()));
-        (Intake { rx, deferred: VecDeque::new() }, busy, answers)
-    }
-
-    fn config() -> EngineConfig {
-        EngineConfig { commit_wait: Duration::ZERO, ..EngineConfig::default() }
-    }
-
-    #[tokio::test]
-    async fn calls_touching_a_busy_wallet_wait_for_the_next_batch_and_lead_it() {
-        let (mut intake, busy, _answers) = setup(&[(3, 4), (1, 5), (6, 7), (8, 2)], &[1, 2]).await;
-        let (_stop_tx, mut stop) = watch::channel(false);
-        let first = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
-        assert_eq!(pairs(&first), vec![vec![3, 4], vec![6, 7]], "the batch takes only the calls on idle wallets");
-        // The in-flight batch ends; the set-aside calls go first, in their order.
-        busy.lock().unwrap().clear();
-        let second = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
-        assert_eq!(pairs(&second), vec![vec![1, 5], vec![8, 2]]);
-    }
-
-    #[tokio::test]
-    async fn set_aside_calls_are_never_set_aside_twice() {
-        let (mut intake, busy, _answers) = setup(&[(3, 4), (1, 5)], &[1]).await;
-        let (_stop_tx, mut stop) = watch::channel(false);
-        let first = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
-        assert_eq!(pairs(&first), vec![vec![3, 4]]);
-        // Account 1 is still busy (another batch took it): the call goes anyway.
-        let second = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
-        assert_eq!(pairs(&second), vec![vec![1, 5]]);
-    }
-
-    #[tokio::test]
-    async fn a_batch_that_waits_anyway_sets_nothing_aside() {
-        // A live stream: every payment credits the busy seller (9), including the first.
-        let (mut intake, busy, _answers) = setup(&[(1, 9), (2, 9), (3, 4)], &[9]).await;
-        let (_stop_tx, mut stop) = watch::channel(false);
-        let batch = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
-        assert_eq!(pairs(&batch), vec![vec![1, 9], vec![2, 9], vec![3, 4]]);
-        assert!(intake.deferred.is_empty());
-    }
-
-    #[tokio::test]
-    async fn nothing_is_set_aside_when_no_batch_is_in_flight() {
-        let (mut intake, busy, _answers) = setup(&[(1, 2), (2, 3), (3, 4)], &[]).await;
-        let (_stop_tx, mut stop) = watch::channel(false);
-        let batch = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
-        assert_eq!(batch.len(), 3);
-    }
-
-    #[tokio::test]
-    async fn set_aside_calls_are_drained_at_shutdown() {
-        let (mut intake, busy, _answers) = setup(&[(3, 4), (1, 5)], &[1]).await;
-        let (stop_tx, mut stop) = watch::channel(false);
-        let first = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
-        assert_eq!(first.len(), 1);
-        stop_tx.send(true).expect("stop");
-        let second = intake.gather(&config(), &busy, &mut stop).await.expect("the set-aside call");
-        assert_eq!(pairs(&second), vec![vec![1, 5]]);
-        assert!(intake.gather(&config(), &busy, &mut stop).await.is_none(), "then the engine stops");
     }
 }

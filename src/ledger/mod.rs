@@ -3,6 +3,7 @@
 //! - `model`      accounts, postings, entries, balances and their validation
 //! - `accounts`   account lookup (cached), wallets on first use, system accounts
 //! - `engine`     the batching posting engine, the single write path
+//! - `intake`     how the engine gathers a batch, setting aside calls on busy accounts
 //! - `decide`     the engine's per-command decision against locked balances (pure)
 //! - `hook`       how another module (payments) commits its rows in the engine's batch
 //! - `batch_pg`, `batch_sqlite`  the engine's transaction on each backend
@@ -18,6 +19,7 @@ pub mod bench;
 mod decide;
 pub mod engine;
 pub mod hook;
+mod intake;
 pub mod maintenance;
 pub mod model;
 pub mod read;

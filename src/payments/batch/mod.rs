@@ -286,6 +286,20 @@ impl Batch {
 /// the window (sender, currency, amount).
 type Prepared = (Vec<(String, String, String, String)>, Vec<(String, String, String)>, Vec<(String, String, i64)>);
 
+/// Splits `prepare`'s one result set, whose first column tells the three reads apart
+/// (1: a key already used, 2: an account, 3: a sender's spend), into `Prepared`.
+fn split_prepared<K: Into<i64>>(rows: Vec<(K, String, String, String, String, i64)>) -> Prepared {
+    let (mut existing, mut accounts, mut sums) = (Vec::new(), Vec::new(), Vec::new());
+    for (kind, a, b, c, d, n) in rows {
+        match kind.into() {
+            1 => existing.push((a, b, c, d)),
+            2 => accounts.push((a, b, c)),
+            _ => sums.push((a, b, n)),
+        }
+    }
+    (existing, accounts, sums)
+}
+
 /// The statements of `prepare` and `write` on each backend.
 mod pg;
 mod sqlite;

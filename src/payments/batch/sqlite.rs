@@ -29,15 +29,7 @@ pub(super) async fn prepare(
     .bind(since_hour)
     .fetch_all(&mut *c)
     .await?;
-    let (mut existing, mut accounts, mut sums) = (Vec::new(), Vec::new(), Vec::new());
-    for (kind, a, b, c, d, n) in rows {
-        match kind {
-            1 => existing.push((a, b, c, d)),
-            2 => accounts.push((a, b, c)),
-            _ => sums.push((a, b, n)),
-        }
-    }
-    Ok((existing, accounts, sums))
+    Ok(split_prepared(rows))
 }
 
 pub(super) async fn write(

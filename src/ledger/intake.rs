@@ -1,0 +1,229 @@
+//! How the posting engine gathers its next batch (`Intake`), and which accounts the
+//! batches in flight hold (`InFlight`). On SQLite the engine runs one worker, so nothing
+//! is in flight while it gathers and nothing is ever set aside.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+
+use tokio::sync::{mpsc, watch};
+
+use super::engine::{Command, EngineConfig};
+
+/// The queue's receiving end, held by the one worker gathering a batch.
+///
+/// Concurrent batches that share an account run one after the other: the second waits
+/// at its lock statement until the first commits. So while one batch is in flight, the
+/// gathering worker sets aside the commands that touch its accounts (`deferred`) and
+/// fills its batch with the others, whose locks it then takes at once; the two batches
+/// then overlap up to the journal's sequence row, which only the last part of each
+/// holds. Set-aside commands go first into the next batch, whatever they touch, so none
+/// waits more than one batch longer; and when the batch's first command touches a busy
+/// account anyway (a live stream, where every payment credits the seller), nothing is
+/// set aside, since the batch queues behind the other in any case.
+pub(crate) struct Intake {
+    rx: mpsc::Receiver<Command>,
+    /// At most `batch_size_max` commands.
+    deferred: VecDeque<Command>,
+}
+
+/// The accounts of the batches in flight, with the number of batches touching each.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight(Mutex<HashMap<i64, u32>>);
+
+impl InFlight {
+    /// A batch with these accounts (repeats allowed) starts.
+    pub(crate) fn enter(&self, accounts: &[i64]) {
+        let mut busy = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for id in accounts {
+            *busy.entry(*id).or_insert(0) += 1;
+        }
+    }
+
+    /// The batch that `enter`ed with these accounts has ended.
+    pub(crate) fn leave(&self, accounts: &[i64]) {
+        let mut busy = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for id in accounts {
+            if let Some(n) = busy.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    busy.remove(id);
+                }
+            }
+        }
+    }
+
+    fn accounts(&self) -> HashSet<i64> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect()
+    }
+}
+
+impl Intake {
+    pub(crate) fn new(rx: mpsc::Receiver<Command>) -> Self {
+        Intake { rx, deferred: VecDeque::new() }
+    }
+
+    /// The next batch: the commands set aside last time, then what the queue holds, up
+    /// to `batch_size_max`, waiting at most `commit_wait` for more once one is in hand.
+    /// `None` once the queue is closed and drained.
+    pub(crate) async fn gather(
+        &mut self,
+        config: &EngineConfig,
+        in_flight: &InFlight,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Vec<Command>> {
+        if *stop.borrow() {
+            self.rx.close();
+        }
+        let max = config.batch_size_max.max(1);
+        let mut batch = Vec::with_capacity(max.min(1024));
+        while batch.len() < max {
+            match self.deferred.pop_front() {
+                Some(cmd) => batch.push(cmd),
+                None => break,
+            }
+        }
+        if batch.is_empty() {
+            let first = tokio::select! {
+                cmd = self.rx.recv() => cmd,
+                _ = stop.changed() => {
+                    self.rx.close();
+                    self.rx.recv().await
+                }
+            };
+            batch.push(first?);
+        }
+        // A snapshot: a batch that ends meanwhile only makes this one more careful.
+        let busy = in_flight.accounts();
+        let touches_busy = |cmd: &Command| cmd.account_ids().any(|id| busy.contains(&id));
+        let spread = !busy.is_empty() && !batch.iter().any(touches_busy);
+        let deadline = tokio::time::Instant::now() + config.commit_wait;
+        while batch.len() < max {
+            let cmd = match self.rx.try_recv() {
+                Ok(cmd) => cmd,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if config.commit_wait.is_zero() {
+                        break;
+                    }
+                    match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                        Ok(Some(cmd)) => cmd,
+                        _ => break,
+                    }
+                }
+            };
+            if spread && self.deferred.len() < max && touches_busy(&cmd) {
+                self.deferred.push_back(cmd);
+            } else {
+                batch.push(cmd);
+            }
+        }
+        Some(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::error::Result;
+    use crate::ledger::engine::{NewEntry, Op, Outcome};
+    use crate::ledger::model::{AccountCode, Direction, Metadata, Posting};
+    use crate::money::{Currency, Money};
+
+    /// A transfer between two accounts, and the receiver its answer would go to.
+    fn transfer(from: i64, to: i64) -> (Command, oneshot::Receiver<Result<Outcome>>) {
+        let usd = Currency::from_code("USD").expect("USD");
+        let posting = |account_id: i64, direction| Posting {
+            account_id,
+            account_code: AccountCode::parse("code", &format!("acct-{account_id}")).expect("code"),
+            direction,
+            amount: Money::from_minor(usd, 100),
+        };
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Post(NewEntry {
+            kind: "transfer".into(),
+            description: String::new(),
+            metadata: Metadata::new(),
+            postings: vec![posting(from, Direction::Debit), posting(to, Direction::Credit)],
+            pending_timeout_s: None,
+        });
+        (Command::new("test".into(), None, op, None, reply), rx)
+    }
+
+    fn pairs(batch: &[Command]) -> Vec<Vec<i64>> {
+        batch.iter().map(|c| c.account_ids().collect()).collect()
+    }
+
+    async fn setup(cmds: &[(i64, i64)], busy: &[i64]) -> (Intake, InFlight, Vec<oneshot::Receiver<Result<Outcome>>>) {
+        let (tx, rx) = mpsc::channel(64);
+        let mut answers = Vec::new();
+        for (from, to) in cmds {
+            let (cmd, answer) = transfer(*from, *to);
+            tx.send(cmd).await.expect("queue");
+            answers.push(answer);
+        }
+        let in_flight = InFlight::default();
+        in_flight.enter(busy);
+        (Intake::new(rx), in_flight, answers)
+    }
+
+    fn config() -> EngineConfig {
+        EngineConfig { commit_wait: Duration::ZERO, ..EngineConfig::default() }
+    }
+
+    #[tokio::test]
+    async fn calls_touching_a_busy_wallet_wait_for_the_next_batch_and_lead_it() {
+        let (mut intake, busy, _answers) = setup(&[(3, 4), (1, 5), (6, 7), (8, 2)], &[1, 2]).await;
+        let (_stop_tx, mut stop) = watch::channel(false);
+        let first = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
+        assert_eq!(pairs(&first), vec![vec![3, 4], vec![6, 7]], "the batch takes only the calls on idle wallets");
+        // The in-flight batch ends; the set-aside calls go first, in their order.
+        busy.leave(&[1, 2]);
+        let second = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
+        assert_eq!(pairs(&second), vec![vec![1, 5], vec![8, 2]]);
+    }
+
+    #[tokio::test]
+    async fn set_aside_calls_are_never_set_aside_twice() {
+        let (mut intake, busy, _answers) = setup(&[(3, 4), (1, 5)], &[1]).await;
+        let (_stop_tx, mut stop) = watch::channel(false);
+        let first = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
+        assert_eq!(pairs(&first), vec![vec![3, 4]]);
+        // Account 1 is still busy (another batch took it): the call goes anyway.
+        let second = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
+        assert_eq!(pairs(&second), vec![vec![1, 5]]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_waits_anyway_sets_nothing_aside() {
+        // A live stream: every payment credits the busy seller (9), including the first.
+        let (mut intake, busy, _answers) = setup(&[(1, 9), (2, 9), (3, 4)], &[9]).await;
+        let (_stop_tx, mut stop) = watch::channel(false);
+        let batch = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
+        assert_eq!(pairs(&batch), vec![vec![1, 9], vec![2, 9], vec![3, 4]]);
+        assert!(intake.deferred.is_empty());
+    }
+
+    #[tokio::test]
+    async fn nothing_is_set_aside_when_no_batch_is_in_flight() {
+        let (mut intake, busy, _answers) = setup(&[(1, 2), (2, 3), (3, 4)], &[]).await;
+        let (_stop_tx, mut stop) = watch::channel(false);
+        let batch = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
+        assert_eq!(batch.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn set_aside_calls_are_drained_at_shutdown() {
+        let (mut intake, busy, _answers) = setup(&[(3, 4), (1, 5)], &[1]).await;
+        let (stop_tx, mut stop) = watch::channel(false);
+        let first = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
+        assert_eq!(first.len(), 1);
+        stop_tx.send(true).expect("stop");
+        let second = intake.gather(&config(), &busy, &mut stop).await.expect("the set-aside call");
+        assert_eq!(pairs(&second), vec![vec![1, 5]]);
+        assert!(intake.gather(&config(), &busy, &mut stop).await.is_none(), "then the engine stops");
+    }
+}

@@ -80,7 +80,7 @@ impl Application {
         let payments_config = Arc::new(config.payments.clone());
         let hook = Arc::new(PaymentsHook::new(payments_config.clone()));
         let engine_db = Db::connect_engine(&config).await?;
-        let (engine, engine_handle) = Engine::start(engine_db.clone(), config.engine.clone(), Some(hook));
+        let (engine, engine_handle) = Engine::start(engine_db.clone(), config.engine.clone(), Some(hook))?;
         metrics.set_engine(engine_handle.stats().clone());
         let ledger = Ledger::new(db.clone(), config.currencies.clone(), engine_handle);
         ledger.accounts().ensure_system_accounts().await?;

@@ -153,7 +153,7 @@ async fn run_engines(
     run_id: &str,
     rows: &mut Vec<BenchRow>,
 ) -> anyhow::Result<()> {
-    let (engine, handle) = Engine::start(engine_db.clone(), options.engine.clone(), None);
+    let (engine, handle) = Engine::start(engine_db.clone(), options.engine.clone(), None)?;
     let ledger = Ledger::new(db.clone(), Currencies::new(vec![usd]), handle);
     ledger.accounts().ensure_system_accounts().await?;
     let mut codes = Vec::with_capacity(options.accounts + 1);

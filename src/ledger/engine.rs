@@ -22,6 +22,7 @@
 //! database refuses a batch (a trigger or constraint, which would mean a bug the code
 //! checks missed), each command is retried alone so only the culprit fails. Shutdown
 //! stops intake and drains the queue (`Intake` says how the next batch is gathered).
+//! On SQLite the one worker runs on a thread of its own (`Engine::start` says why).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -270,12 +271,17 @@ impl EngineHandle {
 /// The running engine; `shutdown` drains the queue and waits for the workers.
 pub struct Engine {
     stop: watch::Sender<bool>,
-    workers: Vec<tokio::task::JoinHandle<()>>,
+    /// Fires when every worker has returned.
+    done: oneshot::Receiver<()>,
 }
 
 impl Engine {
     /// Starts the workers. `hook` is called for batches that carry attachments.
-    pub fn start(db: Db, config: EngineConfig, hook: Option<Arc<dyn BatchHook>>) -> (Engine, EngineHandle) {
+    pub fn start(
+        db: Db,
+        config: EngineConfig,
+        hook: Option<Arc<dyn BatchHook>>,
+    ) -> std::io::Result<(Engine, EngineHandle)> {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let (stop, stop_rx) = watch::channel(false);
         let stats = Arc::new(EngineStats::default());
@@ -289,7 +295,16 @@ impl Engine {
             Db::Sqlite(_) => 1,
             Db::Postgres(_) => config.workers.max(1),
         };
-        let workers = (0..workers)
+        // On SQLite the one worker runs on a thread of its own: each batch is a handful
+        // of calls to SQLite's thread, and under a burst a reply woken from outside the
+        // runtime waits in its global queue behind the gRPC calls' tasks between every
+        // two of them. On PostgreSQL the workers wait on sockets, which the shared
+        // runtime serves as promptly as the rest.
+        let runtime = match db {
+            Db::Sqlite(_) => Some(tokio::runtime::Builder::new_current_thread().enable_all().build()?),
+            Db::Postgres(_) => None,
+        };
+        let handles: Vec<tokio::task::JoinHandle<()>> = (0..workers)
             .map(|_| {
                 let worker = Worker {
                     db: db.clone(),
@@ -302,18 +317,34 @@ impl Engine {
                     database: database.clone(),
                     sqlite_wal: crate::store::SqliteWal::default(),
                 };
-                tokio::spawn(worker.run())
+                match &runtime {
+                    Some(rt) => rt.spawn(worker.run()),
+                    None => tokio::spawn(worker.run()),
+                }
             })
             .collect();
-        (Engine { stop, workers }, EngineHandle { tx, stats, database, db })
+        let (done_tx, done) = oneshot::channel();
+        let all_done = async move {
+            for h in handles {
+                let _ = h.await;
+            }
+            let _ = done_tx.send(());
+        };
+        match runtime {
+            Some(rt) => {
+                std::thread::Builder::new().name("dmpay-ledger".into()).spawn(move || rt.block_on(all_done))?;
+            }
+            None => {
+                tokio::spawn(all_done);
+            }
+        }
+        Ok((Engine { stop, done }, EngineHandle { tx, stats, database, db }))
     }
 
     /// Refuses new commands, commits everything already queued, then returns.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        for w in self.workers {
-            let _ = w.await;
-        }
+        let _ = self.done.await;
     }
 }
 

@@ -86,14 +86,9 @@ impl Application {
         ledger.accounts().ensure_system_accounts().await?;
         let keys = Arc::new(config.key_ring()?);
         let processor: Arc<dyn CardProcessor> = Arc::new(Sandbox::new(db.clone(), config.sandbox.clone()));
-        let vault = Arc::new(Vault::new(db.clone(), keys, processor, Accounts::new(db.clone()), config.vault.clone()));
-        let payments = Arc::new(Payments::new(
-            db.clone(),
-            ledger.clone(),
-            vault.clone(),
-            Accounts::new(db.clone()),
-            payments_config,
-        ));
+        let accounts = Accounts::with_writer(db.clone(), ledger.engine().writer(&db).clone());
+        let vault = Arc::new(Vault::new(db.clone(), keys, processor, accounts.clone(), config.vault.clone()));
+        let payments = Arc::new(Payments::new(db.clone(), ledger.clone(), vault.clone(), accounts, payments_config));
         Ok(Application {
             config,
             db,
@@ -161,9 +156,12 @@ impl Application {
         let (health, health_service) = tonic_health::server::health_reporter();
         let auth = AuthInterceptor::new(verifier);
         let size_max = config.grpc_message_size_max;
-        let accounts = AccountsServer::new(AccountsApi::new(Accounts::new(db.clone())))
-            .max_decoding_message_size(size_max)
-            .max_encoding_message_size(size_max);
+        let accounts = AccountsServer::new(AccountsApi::new(Accounts::with_writer(
+            db.clone(),
+            ledger.engine().writer(&db).clone(),
+        )))
+        .max_decoding_message_size(size_max)
+        .max_encoding_message_size(size_max);
         let ledger_api = LedgerServer::new(LedgerApi::new(ledger.clone()))
             .max_decoding_message_size(size_max)
             .max_encoding_message_size(size_max);

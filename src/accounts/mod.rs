@@ -140,12 +140,25 @@ const SELECT_ACCOUNT: &str =
 /// The account store.
 #[derive(Clone, Debug)]
 pub struct Accounts {
+    /// Reads.
     db: Db,
+    /// Writes: on SQLite the posting engine's pool (`EngineHandle::writer`), so that a
+    /// first payment's account row takes its turn between the engine's batches instead
+    /// of polling for SQLite's write lock, which the engine holds nearly all the time
+    /// during a burst (the new viewers of a live stream are all first payments).
+    writer: Db,
 }
 
 impl Accounts {
+    /// Reads and writes on `db`.
     pub fn new(db: Db) -> Self {
-        Accounts { db }
+        Accounts { writer: db.clone(), db }
+    }
+
+    /// Reads on `db`, writes on `writer`. No write holds its connection while it waits
+    /// for anything but the database, so sharing the engine's pool cannot deadlock.
+    pub fn with_writer(db: Db, writer: Db) -> Self {
+        Accounts { db, writer }
     }
 
     pub async fn get(&self, user_id: &UserId) -> Result<Option<Account>> {
@@ -159,7 +172,7 @@ impl Accounts {
     /// Returns the account, creating it unverified and active on first use.
     pub async fn ensure(&self, user_id: &UserId) -> Result<Account> {
         let now = now_us();
-        with_db!(&self.db, pool => sqlx::query(
+        with_db!(&self.writer, pool => sqlx::query(
             "INSERT INTO accounts (user_id, display_name, tier, status, created_at_us, updated_at_us) \
              VALUES ($1, '', 'unverified', 'active', $2, $2) ON CONFLICT (user_id) DO NOTHING",
         )
@@ -182,7 +195,7 @@ impl Accounts {
     ) -> Result<Account> {
         let now = now_us();
         let tier_new = tier.map(Tier::as_str);
-        let row: AccountRow = with_db!(&self.db, pool => {
+        let row: AccountRow = with_db!(&self.writer, pool => {
             let mut tx = pool.begin().await?;
             let row = sqlx::query_as(
                 "INSERT INTO accounts (user_id, display_name, tier, status, created_at_us, updated_at_us) \
@@ -223,7 +236,7 @@ impl Accounts {
             Status::Frozen => "account.freeze",
             Status::Active => "account.unfreeze",
         };
-        let row: AccountRow = with_db!(&self.db, pool => {
+        let row: AccountRow = with_db!(&self.writer, pool => {
             let mut tx = pool.begin().await?;
             let row = sqlx::query_as(
                 "UPDATE accounts SET status = $2, updated_at_us = $3 WHERE user_id = $1 \
@@ -260,6 +273,37 @@ mod tests {
             let err = UserId::parse("user_id", bad).unwrap_err();
             assert!(err.to_string().contains("user_id"), "{bad:?}: {err}");
         }
+    }
+
+    /// On SQLite the writes go through the writer pool (the engine's one connection in the
+    /// server) and wait their turn there; reads do not.
+    #[tokio::test]
+    async fn writes_take_turns_on_the_writer_pool() {
+        use std::time::Duration;
+
+        use crate::store::PoolRole;
+
+        let dir = tempfile::tempdir().expect("a scratch directory");
+        let url = format!("sqlite://{}/accounts.db", dir.path().display());
+        let db = Db::connect_url(&url, 4, Duration::from_secs(5)).await.expect("general pool");
+        db.migrate().await.expect("migrations");
+        let writer = Db::connect_role(&url, 1, Duration::from_secs(5), PoolRole::Engine).await.expect("writer pool");
+        let accounts = Accounts::with_writer(db.clone(), writer.clone());
+        let Db::Sqlite(pool) = &writer else { panic!("a SQLite pool") };
+        let held = pool.acquire().await.expect("the writer's one connection");
+
+        let user = UserId::parse("user_id", "viewer-1").expect("a user id");
+        let ensure = accounts.ensure(&user);
+        tokio::pin!(ensure);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut ensure).await.is_err(),
+            "the write waits for the writer's connection"
+        );
+        assert!(accounts.get(&user).await.expect("a read").is_none(), "reads do not wait, and nothing is written yet");
+        drop(held);
+        let account = ensure.await.expect("written once the connection is free");
+        assert_eq!(account.user_id, user);
+        assert_eq!(account.status, Status::Active);
     }
 
     #[test]

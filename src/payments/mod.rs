@@ -96,7 +96,7 @@ impl Payments {
     /// `config` is shared with the `batch::PaymentsHook` registered with the engine.
     pub fn new(db: Db, ledger: Ledger, vault: Arc<Vault>, accounts: Accounts, config: Arc<PaymentsConfig>) -> Self {
         Payments {
-            store: Arc::new(PaymentStore::new(db)),
+            store: Arc::new(PaymentStore::new(db.clone(), ledger.engine().writer(&db).clone())),
             ledger,
             vault,
             accounts,

@@ -157,7 +157,7 @@ impl Payments {
              WHERE payment_id = $1 AND refunded_amount + $2 <= amount AND status IN ('settled', 'partially_refunded') \
              RETURNING {COLUMNS}"
         );
-        let reserved = with_db!(self.store.db(), pool => async {
+        let reserved = with_db!(self.store.writer(), pool => async {
             let mut tx = pool.begin().await?;
             // The key first: a concurrent call with the same key waits here for this
             // transaction and then finds the key taken (a unique violation), and so
@@ -257,7 +257,7 @@ impl Payments {
             Err(e) => return Err(e),
         };
         let sql = format!("SELECT {COLUMNS} FROM payments WHERE payment_id = $1");
-        let failed = with_db!(self.store.db(), pool => {
+        let failed = with_db!(self.store.writer(), pool => {
             let mut tx = pool.begin().await?;
             // The tombstone (see above). On PostgreSQL an insert that meets an
             // uncommitted row with the same key waits for it, so the answer is final.

@@ -227,7 +227,7 @@ impl Payments {
             created_at_us: now,
             expires_at_us: now + i64::from(expires_in) * 1_000_000,
         };
-        let inserted = with_db!(self.store.db(), pool => async {
+        let inserted = with_db!(self.store.writer(), pool => async {
             let mut tx = pool.begin().await?;
             sqlx::query(
                 "INSERT INTO payment_requests (request_id, requester_id, payer_id, currency, amount, note, conversation_id, \
@@ -303,7 +303,7 @@ impl Payments {
             "UPDATE payment_requests SET status = $2, updated_at_us = $3 WHERE request_id = $1 AND status = 'open' \
              RETURNING {REQUEST_COLUMNS}"
         );
-        let row: Option<RequestRow> = with_db!(self.store.db(), pool => {
+        let row: Option<RequestRow> = with_db!(self.store.writer(), pool => {
             let mut tx = pool.begin().await?;
             let row: Option<RequestRow> =
                 sqlx::query_as(&sql).bind(&req.request_id).bind(to.as_str()).bind(now_us()).fetch_optional(&mut *tx).await?;

@@ -155,7 +155,13 @@ impl EventFields {
 }
 
 pub struct PaymentStore {
+    /// Reads.
     db: Db,
+    /// Writes outside the engine's batches: on SQLite the engine's own pool
+    /// (`EngineHandle::writer`), where they take turns with the batches instead of
+    /// polling for the write lock the engine holds nearly all the time during a burst.
+    /// None of them holds its connection while it waits for anything but the database.
+    writer: Db,
     hub: super::events::EventHub,
 }
 
@@ -166,8 +172,9 @@ pub enum Inserted {
 }
 
 impl PaymentStore {
-    pub fn new(db: Db) -> Self {
-        PaymentStore { db, hub: super::events::EventHub::default() }
+    /// Reads on `db`, writes on `writer`.
+    pub fn new(db: Db, writer: Db) -> Self {
+        PaymentStore { db, writer, hub: super::events::EventHub::default() }
     }
 
     pub async fn get(&self, payment_id: &str) -> Result<Option<Payment>> {
@@ -192,6 +199,11 @@ impl PaymentStore {
         &self.db
     }
 
+    /// Where this module's writes outside the engine's batches go (see `writer`).
+    pub fn writer(&self) -> &Db {
+        &self.writer
+    }
+
     /// Wakes this process's watchers after an event committed.
     pub fn notify(&self) {
         self.hub.notify();
@@ -214,7 +226,7 @@ impl PaymentStore {
         let event = if p.status == PaymentStatus::Failed { "payment.failed" } else { "payment.created" };
         // An async block, so `?` inside stops here and the unique violation of a
         // concurrent duplicate can be told apart below.
-        let result = with_db!(&self.db, pool => async {
+        let result = with_db!(&self.writer, pool => async {
             let mut tx = pool.begin().await?;
             sqlx::query(
                 "INSERT INTO payments (payment_id, sender_id, recipient_id, currency, amount, wallet_amount, card_amount, \
@@ -275,7 +287,7 @@ impl PaymentStore {
 
     /// Records processor references as they become known (no event: not a state change).
     pub async fn set_refs(&self, payment_id: &str, authorization: Option<&str>, capture: Option<&str>) -> Result<()> {
-        with_db!(&self.db, pool => sqlx::query(
+        with_db!(&self.writer, pool => sqlx::query(
             "UPDATE payments SET authorization_ref = COALESCE($2, authorization_ref), capture_ref = COALESCE($3, capture_ref), \
              updated_at_us = $4 WHERE payment_id = $1",
         )
@@ -308,7 +320,7 @@ impl PaymentStore {
             _ => "payment.failed",
         };
         let sql = format!("SELECT {COLUMNS} FROM payments WHERE payment_id = $1");
-        let row: Option<PaymentRow> = with_db!(&self.db, pool => {
+        let row: Option<PaymentRow> = with_db!(&self.writer, pool => {
             let mut tx = pool.begin().await?;
             let done = sqlx::query(
                 "UPDATE payments SET status = $2, failure_reason = $3, failure_message = $4, settled_at_us = $5, \
@@ -393,7 +405,7 @@ impl PaymentStore {
         for row in rows {
             let p = Payment::try_from(row)?;
             let claim = Claim::new();
-            let taken = with_db!(&self.db, pool => sqlx::query(
+            let taken = with_db!(&self.writer, pool => sqlx::query(
                 "UPDATE payments SET claim = $2, claimed_until_us = $3, updated_at_us = $4 \
                  WHERE payment_id = $1 AND status = 'pending' AND (claimed_until_us IS NULL OR claimed_until_us < $4)",
             )
@@ -415,7 +427,7 @@ impl PaymentStore {
     /// payment is no longer pending or someone else holds it (the resolver took over).
     pub async fn renew(&self, payment_id: &str, claim: &Claim, lease_us: i64) -> Result<bool> {
         let now = now_us();
-        let renewed = with_db!(&self.db, pool => sqlx::query(
+        let renewed = with_db!(&self.writer, pool => sqlx::query(
             "UPDATE payments SET claimed_until_us = $3, updated_at_us = $4 \
              WHERE payment_id = $1 AND status = 'pending' AND claim = $2",
         )

@@ -86,8 +86,11 @@ impl Application {
         ledger.accounts().ensure_system_accounts().await?;
         let keys = Arc::new(config.key_ring()?);
         let processor: Arc<dyn CardProcessor> = Arc::new(Sandbox::new(db.clone(), config.sandbox.clone()));
-        let accounts = Accounts::with_writer(db.clone(), ledger.engine().writer(&db).clone());
-        let vault = Arc::new(Vault::new(db.clone(), keys, processor, accounts.clone(), config.vault.clone()));
+        let writer = ledger.engine().writer(&db).clone();
+        let accounts = Accounts::with_writer(db.clone(), writer.clone());
+        let vault = Arc::new(
+            Vault::new(db.clone(), keys, processor, accounts.clone(), config.vault.clone()).with_writer(writer),
+        );
         let payments = Arc::new(Payments::new(db.clone(), ledger.clone(), vault.clone(), accounts, payments_config));
         Ok(Application {
             config,

@@ -39,7 +39,11 @@ const CVC_CACHE_MAX: usize = 100_000;
 const ROTATE_BATCH: i64 = 200;
 
 pub struct Vault {
+    /// Reads.
     db: Db,
+    /// Writes (card rows and audit records): on SQLite the posting engine's pool, where
+    /// they take turns with its batches (`Vault::with_writer`).
+    writer: Db,
     keys: Arc<KeyRing>,
     processor: Arc<dyn CardProcessor>,
     accounts: Accounts,
@@ -85,7 +89,16 @@ impl Vault {
         accounts: Accounts,
         config: VaultConfig,
     ) -> Self {
-        Vault { db, keys, processor, accounts, config, cvcs: Mutex::new(HashMap::new()) }
+        Vault { writer: db.clone(), db, keys, processor, accounts, config, cvcs: Mutex::new(HashMap::new()) }
+    }
+
+    /// Writes on `writer` instead (`EngineHandle::writer`): on SQLite the engine's one
+    /// connection, so that a card payment's audit record during a burst takes its turn
+    /// between batches instead of polling for the write lock. No vault write holds its
+    /// connection while it waits for the engine or the processor.
+    pub fn with_writer(mut self, writer: Db) -> Self {
+        self.writer = writer;
+        self
     }
 
     pub fn processor(&self) -> &Arc<dyn CardProcessor> {
@@ -93,7 +106,7 @@ impl Vault {
     }
 
     async fn audit(&self, actor: &str, action: &str, token: &str, result: &str, detail: &str) -> Result<()> {
-        with_db!(&self.db, pool => sqlx::query(
+        with_db!(&self.writer, pool => sqlx::query(
             "INSERT INTO audit_log (actor, action, target, reason, result, at_us) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(actor)
@@ -225,7 +238,7 @@ impl Vault {
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'unlinked', FALSE, $10, $11, $12, $13, $14) \
              RETURNING {METHOD_COLUMNS}"
         );
-        let inserted: std::result::Result<MethodRow, sqlx::Error> = with_db!(&self.db, pool => async {
+        let inserted: std::result::Result<MethodRow, sqlx::Error> = with_db!(&self.writer, pool => async {
             let mut tx = pool.begin().await?;
             let row = sqlx::query_as(&sql)
                 .bind(&token)
@@ -350,7 +363,7 @@ impl Vault {
         }
         drop(cvc);
         let now = now_us();
-        with_db!(&self.db, pool => {
+        with_db!(&self.writer, pool => {
             let mut tx = pool.begin().await?;
             let has_default: i64 = sqlx::query_scalar(
                 "SELECT COUNT(*) FROM payment_methods WHERE user_id = $1 AND is_default",
@@ -409,7 +422,7 @@ impl Vault {
                 message: "only a linked, active payment method can be the default".into(),
             });
         }
-        with_db!(&self.db, pool => {
+        with_db!(&self.writer, pool => {
             let mut tx = pool.begin().await?;
             sqlx::query("UPDATE payment_methods SET is_default = FALSE WHERE user_id = $1 AND is_default")
                 .bind(user.as_str())
@@ -436,7 +449,7 @@ impl Vault {
             return row.into_method();
         }
         let now = now_us();
-        with_db!(&self.db, pool => {
+        with_db!(&self.writer, pool => {
             let mut tx = pool.begin().await?;
             sqlx::query(
                 "UPDATE payment_methods SET status = 'removed', is_default = FALSE, removed_at_us = $3, expires_at_us = NULL \
@@ -517,7 +530,7 @@ impl Vault {
     /// money, and deleting unneeded card data is the point.
     pub async fn purge(&self, token: Option<&str>) -> Result<u64> {
         let now = now_us();
-        let n = with_db!(&self.db, pool => sqlx::query(
+        let n = with_db!(&self.writer, pool => sqlx::query(
             "DELETE FROM payment_methods WHERE status = 'unlinked' AND expires_at_us <= $1 AND ($2 IS NULL OR token = $2)",
         )
         .bind(now)
@@ -555,7 +568,7 @@ impl Vault {
                 updates.push((token, kek_id, rewrapped));
             }
             let n = updates.len() as u64;
-            with_db!(&self.db, pool => {
+            with_db!(&self.writer, pool => {
                 let mut tx = pool.begin().await?;
                 for (token, old_kek, sealed) in &updates {
                     // Only if nobody rotated it meanwhile.

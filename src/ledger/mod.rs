@@ -20,6 +20,7 @@ mod decide;
 pub mod engine;
 pub mod hook;
 mod intake;
+pub(crate) mod keys;
 pub mod maintenance;
 pub mod model;
 pub mod read;

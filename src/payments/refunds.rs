@@ -259,33 +259,20 @@ impl Payments {
         let sql = format!("SELECT {COLUMNS} FROM payments WHERE payment_id = $1");
         let failed = with_db!(self.store.writer(), pool => {
             let mut tx = pool.begin().await?;
-            // The tombstone (see above). On PostgreSQL an insert that meets an
-            // uncommitted row with the same key waits for it, so the answer is final.
-            let fenced = refused
-                && sqlx::query(
-                    "INSERT INTO idempotency_keys (caller, key, operation, request_hash, result_id, created_at_us) \
-                     VALUES ($1, $2, $3, '', '', $4) ON CONFLICT (caller, key) DO NOTHING",
-                )
-                .bind(REFUND_CALLER)
-                .bind(&entry_key)
-                .bind(REFUND_TOMBSTONE)
-                .bind(now_us())
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                    == 1;
-            let failed = if refused && !fenced {
-                // The key was taken first: by the refund's entry (another finisher
-                // posted it), or by another finisher's tombstone.
-                let operation: Option<String> =
-                    sqlx::query_scalar("SELECT operation FROM idempotency_keys WHERE caller = $1 AND key = $2")
-                        .bind(REFUND_CALLER)
-                        .bind(&entry_key)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                operation.as_deref() == Some(REFUND_TOMBSTONE)
+            // The tombstone (see above), through the ledger, which owns the keys.
+            let fence = if refused {
+                Some(crate::ledger::keys::fence_idempotency_key!(tx, REFUND_CALLER, &entry_key, REFUND_TOMBSTONE)?)
             } else {
-                fenced
+                None
+            };
+            // Fenced: this call's tombstone took the key. Failed: a tombstone holds the
+            // key, this one or another finisher's; otherwise another finisher posted
+            // the refund's entry under it.
+            let fenced = matches!(fence, Some(None));
+            let failed = match &fence {
+                Some(None) => true,
+                Some(Some(operation)) => operation == REFUND_TOMBSTONE,
+                None => false,
             };
             let done = sqlx::query("UPDATE payment_refunds SET status = $2 WHERE refund_id = $1 AND status = 'pending'")
                 .bind(refund_id)

@@ -8,10 +8,12 @@
 
 pub mod card;
 pub mod keys;
+mod maintenance;
+mod methods;
 mod model;
 
 pub use model::{ChargeableCard, MethodStatus, PaymentMethod, TokenizeInput, VaultConfig};
-use model::{MethodRow, SealedRow, METHOD_COLUMNS};
+use model::{MethodRow, METHOD_COLUMNS};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,8 +37,6 @@ pub const POSTAL_CODE_LEN_MAX: usize = 16;
 /// CVCs held in memory between tokenization and link, at most. Past this the oldest are
 /// dropped (their link asks for a new tokenization).
 const CVC_CACHE_MAX: usize = 100_000;
-/// Records re-wrapped per transaction by `rotate`.
-const ROTATE_BATCH: i64 = 200;
 
 pub struct Vault {
     /// Reads.
@@ -400,93 +400,6 @@ impl Vault {
         self.row(user, token).await?.ok_or_else(not_found)?.into_method()
     }
 
-    pub async fn list(&self, user: &UserId, include_removed: bool) -> Result<Vec<PaymentMethod>> {
-        let sql = format!(
-            "SELECT {METHOD_COLUMNS} FROM payment_methods WHERE user_id = $1 ORDER BY created_at_us DESC, token LIMIT 200"
-        );
-        let rows: Vec<MethodRow> =
-            with_db!(&self.db, pool => sqlx::query_as(&sql).bind(user.as_str()).fetch_all(pool).await)?;
-        let now = now_us();
-        rows.into_iter()
-            .filter(|r| !r.expired(now) && (include_removed || r.status != "removed"))
-            .map(MethodRow::into_method)
-            .collect()
-    }
-
-    pub async fn set_default(&self, user: &UserId, token: &str) -> Result<PaymentMethod> {
-        check_token(token)?;
-        let row = self.row(user, token).await?.ok_or_else(not_found)?;
-        if row.status != "active" {
-            return Err(Error::FailedPrecondition {
-                reason: "PAYMENT_METHOD_NOT_ACTIVE",
-                message: "only a linked, active payment method can be the default".into(),
-            });
-        }
-        with_db!(&self.writer, pool => {
-            let mut tx = pool.begin().await?;
-            sqlx::query("UPDATE payment_methods SET is_default = FALSE WHERE user_id = $1 AND is_default")
-                .bind(user.as_str())
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("UPDATE payment_methods SET is_default = TRUE WHERE token = $1 AND user_id = $2")
-                .bind(token)
-                .bind(user.as_str())
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            Ok::<_, sqlx::Error>(())
-        })?;
-        self.audit(user.as_str(), "card.set_default", token, "ok", "").await?;
-        self.row(user, token).await?.ok_or_else(not_found)?.into_method()
-    }
-
-    /// Removes a method (kept for history, never charged again). Removing the default
-    /// promotes the most recently linked active method.
-    pub async fn remove(&self, user: &UserId, token: &str) -> Result<PaymentMethod> {
-        check_token(token)?;
-        let row = self.row(user, token).await?.ok_or_else(not_found)?;
-        if row.status == "removed" {
-            return row.into_method();
-        }
-        let now = now_us();
-        with_db!(&self.writer, pool => {
-            let mut tx = pool.begin().await?;
-            sqlx::query(
-                "UPDATE payment_methods SET status = 'removed', is_default = FALSE, removed_at_us = $3, expires_at_us = NULL \
-                 WHERE token = $1 AND user_id = $2",
-            )
-            .bind(token)
-            .bind(user.as_str())
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            if row.is_default {
-                let next: Option<String> = sqlx::query_scalar(
-                    "SELECT token FROM payment_methods WHERE user_id = $1 AND status = 'active' \
-                     ORDER BY linked_at_us DESC, token DESC LIMIT 1",
-                )
-                .bind(user.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-                if let Some(next) = next {
-                    sqlx::query("UPDATE payment_methods SET is_default = TRUE WHERE token = $1")
-                        .bind(next)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-            }
-            sqlx::query("INSERT INTO audit_log (actor, action, target, reason, result, at_us) VALUES ($1, 'card.remove', $2, '', 'ok', $3)")
-                .bind(user.as_str())
-                .bind(format!("pm:{token}"))
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            Ok::<_, sqlx::Error>(())
-        })?;
-        self.row(user, token).await?.ok_or_else(not_found)?.into_method()
-    }
-
     /// The card to charge: the given token, else the default. Only active methods.
     pub async fn chargeable(&self, user: &UserId, token: Option<&str>, purpose: &str) -> Result<ChargeableCard> {
         let row = match token {
@@ -524,68 +437,5 @@ impl Vault {
         .fetch_one(pool)
         .await)?;
         Ok(n)
-    }
-
-    /// Deletes unlinked methods past their expiry (all, or one token). They never held
-    /// money, and deleting unneeded card data is the point.
-    pub async fn purge(&self, token: Option<&str>) -> Result<u64> {
-        let now = now_us();
-        let n = with_db!(&self.writer, pool => sqlx::query(
-            "DELETE FROM payment_methods WHERE status = 'unlinked' AND expires_at_us <= $1 AND ($2 IS NULL OR token = $2)",
-        )
-        .bind(now)
-        .bind(token)
-        .execute(pool)
-        .await
-        .map(|r| r.rows_affected()))?;
-        Ok(n)
-    }
-
-    /// Re-wraps every data key not under the active KEK, in batches; resumable (it
-    /// picks up whatever is left) and online (one short transaction per batch).
-    pub async fn rotate(&self, actor: &str) -> Result<u64> {
-        let active = self.keys.active_kek().to_owned();
-        let mut total = 0u64;
-        loop {
-            let rows: Vec<SealedRow> = with_db!(&self.db, pool => sqlx::query_as(
-                "SELECT token, user_id, kek_id, wrapped_dek, pan_ciphertext FROM payment_methods \
-                 WHERE kek_id <> $1 ORDER BY token LIMIT $2",
-            )
-            .bind(&active)
-            .bind(ROTATE_BATCH)
-            .fetch_all(pool)
-            .await)?;
-            if rows.is_empty() {
-                break;
-            }
-            let mut updates = Vec::with_capacity(rows.len());
-            for (token, user, kek_id, wrapped_dek, ciphertext) in rows {
-                let sealed = Sealed { kek_id: kek_id.clone(), wrapped_dek, ciphertext };
-                let rewrapped = self
-                    .keys
-                    .rewrap(&sealed, &token, &user)
-                    .map_err(|e| Error::internal(anyhow::anyhow!("rotating {token}: {e}")))?;
-                updates.push((token, kek_id, rewrapped));
-            }
-            let n = updates.len() as u64;
-            with_db!(&self.writer, pool => {
-                let mut tx = pool.begin().await?;
-                for (token, old_kek, sealed) in &updates {
-                    // Only if nobody rotated it meanwhile.
-                    sqlx::query("UPDATE payment_methods SET kek_id = $2, wrapped_dek = $3 WHERE token = $1 AND kek_id = $4")
-                        .bind(token)
-                        .bind(&sealed.kek_id)
-                        .bind(&sealed.wrapped_dek)
-                        .bind(old_kek)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                tx.commit().await?;
-                Ok::<_, sqlx::Error>(())
-            })?;
-            total += n;
-        }
-        self.audit(actor, "vault.rotate", "*", "ok", &format!("{total} data keys re-wrapped under {active}")).await?;
-        Ok(total)
     }
 }

@@ -68,9 +68,16 @@ struct Claims {
     /// Checked again here for its type: jsonwebtoken accepts a list naming the issuer.
     iss: serde_json::Value,
     /// Checked again here for its type: jsonwebtoken skips an `nbf` it cannot read as
-    /// whole seconds (a string, a fraction) as if it were absent.
-    #[serde(default)]
+    /// whole seconds (a string, a fraction, null) as if it were absent. Present as null
+    /// reads as `Some(Null)` here, not as absent, so it is refused too.
+    #[serde(default, deserialize_with = "present")]
     nbf: Option<serde_json::Value>,
+}
+
+/// A claim that is there, whatever its value (null included); `#[serde(default)]` makes a
+/// missing one `None`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
 }
 
 struct Inner {

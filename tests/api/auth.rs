@@ -58,6 +58,8 @@ async fn token_matrix(app: TestApp) {
     nbf_text["nbf"] = json!((now() + 3600).to_string());
     let mut nbf_fraction = claims("alice", "");
     nbf_fraction["nbf"] = json!(now() as f64 + 3600.5);
+    let mut nbf_null = claims("alice", "");
+    nbf_null["nbf"] = serde_json::Value::Null;
     let mut iss_list = claims("alice", "");
     iss_list["iss"] = json!(["dmpay-dev", "someone-else"]);
 
@@ -83,6 +85,7 @@ async fn token_matrix(app: TestApp) {
         ("no exp", Some(sign_hs256(&no_exp, dev_secret()))),
         ("nbf as text", Some(sign_hs256(&nbf_text, dev_secret()))),
         ("nbf with a fraction", Some(sign_hs256(&nbf_fraction, dev_secret()))),
+        ("nbf as null", Some(sign_hs256(&nbf_null, dev_secret()))),
         ("iss as a list", Some(sign_hs256(&iss_list, dev_secret()))),
         ("wrong secret", Some(sign_hs256(&claims("alice", ""), b"guessed-secret"))),
         ("alg none", Some(alg_none)),

@@ -50,6 +50,8 @@ pub struct Application {
     verifier: Verifier,
     engine: Engine,
     ledger: Ledger,
+    /// Platform accounts, writing where `EngineHandle::writer` says.
+    accounts: Accounts,
     vault: Arc<Vault>,
     payments: Arc<Payments>,
 }
@@ -91,7 +93,8 @@ impl Application {
         let vault = Arc::new(
             Vault::new(db.clone(), keys, processor, accounts.clone(), config.vault.clone()).with_writer(writer),
         );
-        let payments = Arc::new(Payments::new(db.clone(), ledger.clone(), vault.clone(), accounts, payments_config));
+        let payments =
+            Arc::new(Payments::new(db.clone(), ledger.clone(), vault.clone(), accounts.clone(), payments_config));
         Ok(Application {
             config,
             db,
@@ -102,6 +105,7 @@ impl Application {
             verifier,
             engine,
             ledger,
+            accounts,
             vault,
             payments,
         })
@@ -144,6 +148,7 @@ impl Application {
             verifier,
             engine,
             ledger,
+            accounts,
             vault,
             payments,
         } = self;
@@ -159,12 +164,9 @@ impl Application {
         let (health, health_service) = tonic_health::server::health_reporter();
         let auth = AuthInterceptor::new(verifier);
         let size_max = config.grpc_message_size_max;
-        let accounts = AccountsServer::new(AccountsApi::new(Accounts::with_writer(
-            db.clone(),
-            ledger.engine().writer(&db).clone(),
-        )))
-        .max_decoding_message_size(size_max)
-        .max_encoding_message_size(size_max);
+        let accounts = AccountsServer::new(AccountsApi::new(accounts))
+            .max_decoding_message_size(size_max)
+            .max_encoding_message_size(size_max);
         let ledger_api = LedgerServer::new(LedgerApi::new(ledger.clone()))
             .max_decoding_message_size(size_max)
             .max_encoding_message_size(size_max);

@@ -236,6 +236,32 @@ impl TestApp {
     pub async fn verify(&self) -> dmpay::ledger::verify::Report {
         dmpay::ledger::verify::verify(&self.db).await.expect("verify")
     }
+
+    /// Runs `call` while the posting engine's connection is held by the test. Writes
+    /// outside the engine's batches share that one connection on SQLite and use the
+    /// shared pool on PostgreSQL: so on SQLite the call must still be waiting after a
+    /// moment, with no new row in `table`, and finishes once the connection is freed;
+    /// on PostgreSQL it must finish without it.
+    pub async fn with_engine_connection_held<F: std::future::Future>(&self, table: &str, call: F) -> F::Output {
+        let held = match self.ledger_handle.engine().writer(&self.db) {
+            dmpay::store::Db::Sqlite(pool) => Some(pool.acquire().await.expect("the engine's one connection")),
+            dmpay::store::Db::Postgres(_) => None,
+        };
+        let rows_before = self.count(table).await;
+        tokio::pin!(call);
+        let wait = Duration::from_millis(if held.is_some() { 300 } else { 10_000 });
+        let early = tokio::time::timeout(wait, &mut call).await;
+        match (held, early) {
+            (Some(held), Err(_)) => {
+                assert_eq!(self.count(table).await, rows_before, "nothing was written to {table} meanwhile");
+                drop(held);
+                call.await
+            }
+            (Some(_), Ok(_)) => panic!("on SQLite the call went through without the engine's connection"),
+            (None, Ok(answer)) => answer,
+            (None, Err(_)) => panic!("on PostgreSQL the call waited for the engine's connection"),
+        }
+    }
 }
 
 pub fn usd(amount: &str) -> Option<pb::Money> {

@@ -928,34 +928,12 @@ async fn a_failed_refund_is_never_paid_later(app: TestApp) {
 /// the payments module alone: no account row is touched) waits on SQLite and does not
 /// on PostgreSQL; on both it is written once, afterwards, with its event.
 async fn request_writes_take_turns_with_the_engine(app: TestApp) {
-    use std::time::Duration;
-
-    use dmpay::store::Db;
-
     let r = request(&app, "rita", "r1", "paul", "2.00", 3600).await.expect("a request");
     let events_before = app.count("payment_events").await;
-    let engine_db = app.ledger_handle.engine().writer(&app.db).clone();
-    let mut held = Vec::new();
-    let waits = match &engine_db {
-        Db::Sqlite(pool) => {
-            held.push(pool.acquire().await.expect("the engine's one connection"));
-            true
-        }
-        Db::Postgres(_) => false,
-    };
     let paul = app.token("paul", PAY_SCOPES);
     let mut payments = app.payments();
     let call = payments.decline_request(authed(pb::DeclineRequestRequest { request_id: r.request_id.clone() }, &paul));
-    tokio::pin!(call);
-    let early = tokio::time::timeout(Duration::from_millis(if waits { 300 } else { 10_000 }), &mut call).await;
-    let declined = if waits {
-        assert!(early.is_err(), "on SQLite the decline waited for the engine's connection: {early:?}");
-        assert_eq!(app.count("payment_events").await, events_before, "nothing was written meanwhile");
-        drop(held);
-        call.await.expect("written once the connection is free")
-    } else {
-        early.expect("on PostgreSQL the decline does not wait for the engine").expect("written")
-    };
+    let declined = app.with_engine_connection_held("payment_events", call).await.expect("declined");
     assert_eq!(declined.into_inner().status, pb::RequestStatus::Declined as i32);
     assert_eq!(app.count("payment_events").await, events_before + 1, "one event for the decline");
 }

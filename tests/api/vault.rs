@@ -446,34 +446,14 @@ async fn rotation_rewraps_every_key(app: TestApp) {
 /// connection held, changing the default card waits on SQLite and not on PostgreSQL;
 /// on both it is written once, with its audit record, afterwards.
 async fn vault_writes_take_turns_with_the_engine(app: TestApp) {
-    use dmpay::store::Db;
-
     let t = app.token("vera", METHOD_SCOPES);
     app.add_card(&t, "4242424242424242", true).await.unwrap();
     let mc = app.add_card(&t, "5555555555554444", false).await.unwrap();
     let audits_before = app.count("audit_log").await;
-    let engine_db = app.ledger_handle.engine().writer(&app.db).clone();
-    let mut held = Vec::new();
-    let waits = match &engine_db {
-        Db::Sqlite(pool) => {
-            held.push(pool.acquire().await.expect("the engine's one connection"));
-            true
-        }
-        Db::Postgres(_) => false,
-    };
     let mut methods = app.methods();
     let call =
         methods.set_default_payment_method(authed(pb::SetDefaultPaymentMethodRequest { token: mc.token.clone() }, &t));
-    tokio::pin!(call);
-    let early = tokio::time::timeout(Duration::from_millis(if waits { 300 } else { 10_000 }), &mut call).await;
-    let set = if waits {
-        assert!(early.is_err(), "on SQLite the change waited for the engine's connection: {early:?}");
-        assert_eq!(app.count("audit_log").await, audits_before, "nothing was written meanwhile");
-        drop(held);
-        call.await.expect("written once the connection is free")
-    } else {
-        early.expect("on PostgreSQL the change does not wait for the engine").expect("written")
-    };
+    let set = app.with_engine_connection_held("audit_log", call).await.expect("written");
     assert!(set.into_inner().is_default);
     assert_eq!(app.count("audit_log").await, audits_before + 1, "one audit record for the change");
 }

@@ -16,10 +16,12 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sqlx::PgPool;
+use sqlx::error::BoxDynError;
+use sqlx::postgres::PgArguments;
+use sqlx::{Arguments, PgPool};
 
 use super::engine::{AccountState, BatchResult, Decision, Draft, KeyRecord, Plan};
-use super::hook::{BatchHook, Conn};
+use super::hook::{BatchHook, Conn, HookBatch};
 use super::model::Balance;
 
 pub(crate) async fn lookup_keys(pool: &PgPool, pairs: &[(String, String)]) -> Result<Vec<KeyRecord>, sqlx::Error> {
@@ -173,18 +175,18 @@ async fn transaction(conn: &mut sqlx::PgConnection, hook: Option<&dyn BatchHook>
         h.write(&mut Conn::Postgres(&mut tx), plan.now_us).await?;
     }
 
-    // 6. Sequence block, postings, entries and balances in one statement: one round
-    //    trip whatever the batch size. Its AFTER STATEMENT triggers see all of it.
-    let accepted = decisions.iter().filter(|d| matches!(d, Decision::Accept(_))).count() as i64;
-    if accepted > 0 {
-        let drafts: Vec<&Draft> = decisions
-            .iter()
-            .filter_map(|d| match d {
-                Decision::Accept(draft) => Some(draft),
-                _ => None,
-            })
-            .collect();
-        let base = write_batch(&mut tx, &drafts, &accounts, accepted, plan.now_us).await?;
+    // 6. Sequence block, postings, entries and balances in one statement, with the
+    //    hook's numbered rows (outbox events) as more steps of it: one round trip while
+    //    the batch holds the sequence row, whatever the batch size. Its AFTER STATEMENT
+    //    triggers see all of it.
+    let drafts: Vec<&Draft> = decisions
+        .iter()
+        .filter_map(|d| match d {
+            Decision::Accept(draft) => Some(draft),
+            _ => None,
+        })
+        .collect();
+    if let Some(base) = write_journal(&mut tx, &drafts, &accounts, hook_batch.as_deref_mut(), plan.now_us).await? {
         let mut next = base + 1;
         for d in decisions.iter_mut() {
             if let Decision::Accept(draft) = d {
@@ -194,12 +196,7 @@ async fn transaction(conn: &mut sqlx::PgConnection, hook: Option<&dyn BatchHook>
         }
     }
 
-    // 7. The hook's numbered rows (outbox events), after the entries they announce.
-    if let Some(h) = hook_batch.as_mut() {
-        h.write_sequenced(&mut Conn::Postgres(&mut tx), plan.now_us).await?;
-    }
-
-    // 8. Rejected commands leave no key behind: a retry may succeed later.
+    // 7. Rejected commands leave no key behind: a retry may succeed later.
     let (rej_callers, rej_keys): (Vec<&str>, Vec<&str>) = plan
         .keyed
         .iter()
@@ -220,15 +217,70 @@ async fn transaction(conn: &mut sqlx::PgConnection, hook: Option<&dyn BatchHook>
     Ok(decisions)
 }
 
-/// Writes every accepted entry of the batch and returns the sequence base: entry `k`
-/// (1-based, in decision order) gets sequence `base + k`.
-async fn write_batch(
+/// Writes every accepted entry of the batch, and the hook's numbered rows, and returns
+/// the sequence base: entry `k` (1-based, in decision order) gets sequence `base + k`.
+/// `None` when the batch accepted nothing (it then takes no sequence block).
+async fn write_journal(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     drafts: &[&Draft],
     accounts: &HashMap<i64, AccountState>,
-    accepted: i64,
+    hook: Option<&mut (dyn HookBatch + '_)>,
     now_us: i64,
-) -> Result<i64, sqlx::Error> {
+) -> Result<Option<i64>, sqlx::Error> {
+    let mut args = PgArguments::default();
+    let mut sql = String::new();
+    if !drafts.is_empty() {
+        sql.push_str(JOURNAL_STEPS);
+        add_journal_args(&mut args, drafts, accounts, now_us).map_err(sqlx::Error::Encode)?;
+    }
+    if let Some(steps) =
+        hook.map(|h| h.journal_steps(&mut args, now_us)).transpose().map_err(sqlx::Error::Encode)?.flatten()
+    {
+        if !sql.is_empty() {
+            sql.push_str(", ");
+        }
+        sql.push_str(&steps);
+    }
+    if sql.is_empty() {
+        return Ok(None);
+    }
+    // The main query reads the sequence block, so the journal's sequence row is locked
+    // before any other step runs (the executor runs the remaining data-modifying steps
+    // after the main query): the hook's counter is always taken after it.
+    let main = if drafts.is_empty() { "SELECT NULL::int8" } else { "SELECT base FROM seq" };
+    let sql = format!("WITH {sql} {main}");
+    sqlx::query_scalar_with::<_, Option<i64>, _>(&sql, args).fetch_one(&mut **tx).await
+}
+
+/// The journal's own steps: the sequence block, postings, entries and one net balance
+/// update per account. Parameters `$1` to `$25` (`add_journal_args`).
+const JOURNAL_STEPS: &str = "seq AS ( \
+       UPDATE ledger_sequence SET last_value = last_value + $1 WHERE id = 1 RETURNING last_value - $1 AS base \
+     ), postings AS ( \
+       INSERT INTO ledger_postings (entry_id, idx, account_id, direction, amount, currency, pending, sequence, created_at_us) \
+       SELECT t.e, t.i, t.a, t.d, t.m, t.c, t.p, seq.base + t.o, $2 \
+       FROM UNNEST($3::text[], $4::int2[], $5::int8[], $6::text[], $7::int8[], $8::text[], $9::bool[], $10::int8[]) \
+         AS t(e, i, a, d, m, c, p, o), seq \
+     ), entries AS ( \
+       INSERT INTO ledger_entries (id, sequence, kind, description, metadata, status, pending_entry_id, \
+         reverses_entry_id, expires_at_us, created_by, created_at_us) \
+       SELECT t.i, seq.base + t.o, t.k, t.d, t.m, t.st, t.p, t.r, t.x, t.c, $2 \
+       FROM UNNEST($11::text[], $12::int8[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], \
+         $18::text[], $19::int8[], $20::text[]) AS t(i, o, k, d, m, st, p, r, x, c), seq \
+     ), balances AS ( \
+       UPDATE ledger_accounts a SET posted_debits = a.posted_debits + d.pd, \
+         posted_credits = a.posted_credits + d.pc, pending_debits = a.pending_debits + d.qd, \
+         pending_credits = a.pending_credits + d.qc, version = a.version + 1 \
+       FROM UNNEST($21::int8[], $22::int8[], $23::int8[], $24::int8[], $25::int8[]) AS d(id, pd, pc, qd, qc) \
+       WHERE a.id = d.id AND a.id = ANY ($21::int8[]) \
+     )";
+
+fn add_journal_args(
+    args: &mut PgArguments,
+    drafts: &[&Draft],
+    accounts: &HashMap<i64, AccountState>,
+    now_us: i64,
+) -> Result<(), BoxDynError> {
     let n: usize = drafts.iter().map(|d| d.postings.len()).sum();
     let mut p_entry = Vec::with_capacity(n);
     let mut p_idx = Vec::with_capacity(n);
@@ -269,54 +321,30 @@ async fn write_batch(
     let b_qd: Vec<i64> = changed.iter().map(|c| c.1.pending_debits).collect();
     let b_qc: Vec<i64> = changed.iter().map(|c| c.1.pending_credits).collect();
 
-    sqlx::query_scalar(
-        "WITH seq AS ( \
-           UPDATE ledger_sequence SET last_value = last_value + $1 WHERE id = 1 RETURNING last_value - $1 AS base \
-         ), postings AS ( \
-           INSERT INTO ledger_postings (entry_id, idx, account_id, direction, amount, currency, pending, sequence, created_at_us) \
-           SELECT t.e, t.i, t.a, t.d, t.m, t.c, t.p, seq.base + t.o, $2 \
-           FROM UNNEST($3::text[], $4::int2[], $5::int8[], $6::text[], $7::int8[], $8::text[], $9::bool[], $10::int8[]) \
-             AS t(e, i, a, d, m, c, p, o), seq \
-         ), entries AS ( \
-           INSERT INTO ledger_entries (id, sequence, kind, description, metadata, status, pending_entry_id, \
-             reverses_entry_id, expires_at_us, created_by, created_at_us) \
-           SELECT t.i, seq.base + t.o, t.k, t.d, t.m, t.st, t.p, t.r, t.x, t.c, $2 \
-           FROM UNNEST($11::text[], $12::int8[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], \
-             $18::text[], $19::int8[], $20::text[]) AS t(i, o, k, d, m, st, p, r, x, c), seq \
-         ), balances AS ( \
-           UPDATE ledger_accounts a SET posted_debits = a.posted_debits + d.pd, \
-             posted_credits = a.posted_credits + d.pc, pending_debits = a.pending_debits + d.qd, \
-             pending_credits = a.pending_credits + d.qc, version = a.version + 1 \
-           FROM UNNEST($21::int8[], $22::int8[], $23::int8[], $24::int8[], $25::int8[]) AS d(id, pd, pc, qd, qc) \
-           WHERE a.id = d.id AND a.id = ANY ($21::int8[]) \
-         ) \
-         SELECT base FROM seq",
-    )
-    .bind(accepted)
-    .bind(now_us)
-    .bind(&p_entry)
-    .bind(&p_idx)
-    .bind(&p_account)
-    .bind(&p_direction)
-    .bind(&p_amount)
-    .bind(&p_currency)
-    .bind(&p_pending)
-    .bind(&p_ordinal)
-    .bind(&e_id)
-    .bind(&e_ordinal)
-    .bind(&e_kind)
-    .bind(&e_description)
-    .bind(&e_metadata)
-    .bind(&e_status)
-    .bind(&e_pending)
-    .bind(&e_reverses)
-    .bind(&e_expires)
-    .bind(&e_by)
-    .bind(&b_id)
-    .bind(&b_pd)
-    .bind(&b_pc)
-    .bind(&b_qd)
-    .bind(&b_qc)
-    .fetch_one(&mut **tx)
-    .await
+    args.add(drafts.len() as i64)?;
+    args.add(now_us)?;
+    args.add(p_entry)?;
+    args.add(p_idx)?;
+    args.add(p_account)?;
+    args.add(p_direction)?;
+    args.add(p_amount)?;
+    args.add(p_currency)?;
+    args.add(p_pending)?;
+    args.add(p_ordinal)?;
+    args.add(e_id)?;
+    args.add(e_ordinal)?;
+    args.add(e_kind)?;
+    args.add(e_description)?;
+    args.add(e_metadata)?;
+    args.add(e_status)?;
+    args.add(e_pending)?;
+    args.add(e_reverses)?;
+    args.add(e_expires)?;
+    args.add(e_by)?;
+    args.add(b_id)?;
+    args.add(b_pd)?;
+    args.add(b_pc)?;
+    args.add(b_qd)?;
+    args.add(b_qc)?;
+    Ok(())
 }

@@ -155,7 +155,6 @@ pub(crate) async fn commit(pool: &SqlitePool, hook: Option<&dyn BatchHook>, plan
     // matter here.
     if let Some(h) = hook_batch.as_mut() {
         h.write(&mut Conn::Sqlite(&mut tx), plan.now_us).await?;
-        h.write_sequenced(&mut Conn::Sqlite(&mut tx), plan.now_us).await?;
     }
 
     for &i in &plan.keyed {

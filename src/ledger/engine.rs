@@ -13,9 +13,9 @@
 //!    (`decide`): an overdraft rejects that command only, never its neighbours;
 //! 4. write the hook's own rows (payments, limit buckets);
 //! 5. take a contiguous block of the gap-free sequence (one row), write postings,
-//!    entries and one net balance update per account with set-based statements, then
-//!    the hook's numbered rows (outbox events), and delete the keys of rejected
-//!    commands; commit.
+//!    entries, one net balance update per account and the hook's numbered rows (outbox
+//!    events) with set-based statements (one on PostgreSQL), and delete the keys of
+//!    rejected commands; commit.
 //!
 //! Lock order is always keys, then balance rows, then the hook's rows, then the
 //! sequence row, then the hook's counter, in every process, so there is no cycle. If the

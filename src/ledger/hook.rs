@@ -14,6 +14,8 @@
 use std::any::Any;
 
 use async_trait::async_trait;
+use sqlx::error::BoxDynError;
+use sqlx::postgres::PgArguments;
 
 use super::engine::Outcome;
 use crate::error::{Error, Result};
@@ -58,10 +60,20 @@ pub trait HookBatch: Send {
     fn decided(&mut self, cmd: usize, result: std::result::Result<(), &Error>);
     /// Writes the hook's rows that take no shared counter (on PostgreSQL before the
     /// batch's entries, so that the batch holds the journal's sequence row, which every
-    /// batch needs, for as short a time as possible).
+    /// batch needs, for as short a time as possible). On SQLite it writes all of them.
     async fn write(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error>;
-    /// Writes the hook's rows numbered by a shared counter (an outbox), after the
-    /// batch's entries and just before commit. On SQLite, whose one writer holds the
-    /// whole database, a hook may write them in `write` instead and do nothing here.
-    async fn write_sequenced(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error>;
+    /// PostgreSQL: the hook's rows numbered by a shared counter (an outbox), as more
+    /// steps of the engine's journal statement, so they cost no round trip of their own
+    /// while the batch holds the journal's sequence row, which serializes every batch.
+    /// The hook appends its parameters to `args` and returns common table expressions
+    /// (`hook_name AS (...)`, comma-separated, named `hook_*`) whose parameters are
+    /// numbered from `args.len() + 1` as it found them; `None` when it has nothing to
+    /// write. The statement takes the journal's sequence row first, so the hook's counter
+    /// is always locked after it. On SQLite, whose one writer holds the whole database,
+    /// the hook writes such rows in `write`.
+    fn journal_steps(
+        &mut self,
+        args: &mut PgArguments,
+        now_us: i64,
+    ) -> std::result::Result<Option<String>, BoxDynError>;
 }

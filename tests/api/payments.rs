@@ -122,6 +122,17 @@ async fn retries_are_idempotent_and_failures_recorded(app: TestApp) {
         list.payments.iter().find(|p| p.status == pb::PaymentStatus::Failed as i32).expect("failed payment listed");
     assert_eq!(failed.failure_reason, "INSUFFICIENT_FUNDS");
     assert_eq!(amt(&app.wallet("alice").await.available), "6.00");
+    // Its batch moved no money, yet its thread still hears it appear and fail, numbered
+    // after the settled payment's two events.
+    let events: Vec<(i64, String)> = dmpay::with_db!(&app.db, pool => sqlx::query_as(
+        "SELECT sequence, event_type FROM payment_events WHERE payment_id = $1 ORDER BY sequence")
+        .bind(&failed.payment_id).fetch_all(pool).await)
+    .unwrap();
+    assert_eq!(
+        events,
+        vec![(3, "payment.created".to_owned()), (4, "payment.failed".to_owned())],
+        "the failed payment's events"
+    );
 
     // Concurrent duplicates: one payment.
     let mut tasks = Vec::new();

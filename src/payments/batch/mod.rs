@@ -20,6 +20,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use sqlx::error::BoxDynError;
+use sqlx::postgres::PgArguments;
 
 use super::model::{Payment, PaymentStatus, PaymentsConfig};
 use super::store::EventFields;
@@ -248,16 +250,16 @@ impl HookBatch for Batch {
         }
     }
 
-    async fn write_sequenced(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error> {
-        let Conn::Postgres(c) = conn else {
-            // Written with the rows (`write`).
-            return Ok(());
-        };
+    fn journal_steps(
+        &mut self,
+        args: &mut PgArguments,
+        now_us: i64,
+    ) -> std::result::Result<Option<String>, BoxDynError> {
         let events = self.events();
         if events.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
-        pg::write_events(c, &events, now_us).await
+        pg::journal_steps(args, &events, now_us).map(Some)
     }
 }
 

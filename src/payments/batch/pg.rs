@@ -1,5 +1,9 @@
 //! The batch hook's statements on PostgreSQL: arrays bound whole (`UNNEST`).
 
+use sqlx::error::BoxDynError;
+use sqlx::postgres::PgArguments;
+use sqlx::Arguments;
+
 use super::*;
 
 pub(super) async fn prepare(
@@ -105,13 +109,15 @@ pub(super) async fn write(
     Ok(())
 }
 
-/// The batch's outbox events. The event counter is advanced once for the whole batch;
-/// its row lock, held to commit, keeps the outbox sequence gap-free and in commit order.
-pub(super) async fn write_events(
-    c: &mut sqlx::PgConnection,
+/// The batch's outbox events, as steps of the engine's journal statement: their
+/// parameters go to `args`, numbered after what is already there. The event counter
+/// is advanced once for the whole batch; its row lock, held to commit, keeps the
+/// outbox sequence gap-free and in commit order.
+pub(super) fn journal_steps(
+    args: &mut PgArguments,
     events: &[EventFields],
     now_us: i64,
-) -> std::result::Result<(), sqlx::Error> {
+) -> std::result::Result<String, BoxDynError> {
     let e_type: Vec<&str> = events.iter().map(|e| e.event_type).collect();
     let e_payment: Vec<Option<&str>> = events.iter().map(|e| e.payment_id.as_deref()).collect();
     let e_a: Vec<&str> = events.iter().map(|e| e.party_a.as_str()).collect();
@@ -122,30 +128,43 @@ pub(super) async fn write_events(
     let e_message: Vec<&str> = events.iter().map(|e| e.failure_message.as_str()).collect();
     let e_settled: Vec<Option<i64>> = events.iter().map(|e| e.settled_at_us).collect();
     let e_ord: Vec<i64> = (1..=events.len() as i64).collect();
-    sqlx::query(
-        "WITH seq AS ( \
-           UPDATE payment_event_sequence SET last_value = last_value + $1 WHERE id = 1 \
-           RETURNING last_value - $1 AS base \
-         ) \
-         INSERT INTO payment_events (sequence, event_type, payment_id, request_id, party_a, party_b, conversation_id, \
-           status, failure_reason, failure_message, settled_at_us, snapshot, occurred_at_us) \
-         SELECT seq.base + t.o, t.ty, t.p, NULL, t.a, t.b, t.cv, t.st, t.fr, t.fm, t.sa, '', $2 \
-         FROM UNNEST($3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], \
-           $10::text[], $11::text[], $12::int8[]) AS t(o, ty, p, a, b, cv, st, fr, fm, sa), seq",
-    )
-    .bind(events.len() as i64)
-    .bind(now_us)
-    .bind(&e_ord)
-    .bind(&e_type)
-    .bind(&e_payment)
-    .bind(&e_a)
-    .bind(&e_b)
-    .bind(&e_conv)
-    .bind(&e_status)
-    .bind(&e_reason)
-    .bind(&e_message)
-    .bind(&e_settled)
-    .execute(&mut *c)
-    .await?;
-    Ok(())
+    let first = args.len() + 1;
+    args.add(events.len() as i64)?;
+    args.add(now_us)?;
+    args.add(e_ord)?;
+    args.add(e_type)?;
+    args.add(e_payment)?;
+    args.add(e_a)?;
+    args.add(e_b)?;
+    args.add(e_conv)?;
+    args.add(e_status)?;
+    args.add(e_reason)?;
+    args.add(e_message)?;
+    args.add(e_settled)?;
+    let p = |k: usize| format!("${}", first + k);
+    Ok(format!(
+        "hook_event_seq AS ( \
+           UPDATE payment_event_sequence SET last_value = last_value + {n} WHERE id = 1 \
+           RETURNING last_value - {n} AS base \
+         ), hook_events AS ( \
+           INSERT INTO payment_events (sequence, event_type, payment_id, request_id, party_a, party_b, \
+             conversation_id, status, failure_reason, failure_message, settled_at_us, snapshot, occurred_at_us) \
+           SELECT s.base + t.o, t.ty, t.p, NULL, t.a, t.b, t.cv, t.st, t.fr, t.fm, t.sa, '', {now} \
+           FROM UNNEST({o}::int8[], {ty}::text[], {pay}::text[], {a}::text[], {b}::text[], {cv}::text[], \
+             {st}::text[], {fr}::text[], {fm}::text[], {sa}::int8[]) AS t(o, ty, p, a, b, cv, st, fr, fm, sa), \
+             hook_event_seq s \
+         )",
+        n = p(0),
+        now = p(1),
+        o = p(2),
+        ty = p(3),
+        pay = p(4),
+        a = p(5),
+        b = p(6),
+        cv = p(7),
+        st = p(8),
+        fr = p(9),
+        fm = p(10),
+        sa = p(11),
+    ))
 }

@@ -245,8 +245,11 @@ async fn write_journal(
         return Ok(None);
     }
     // The main query reads the sequence block, so the journal's sequence row is locked
-    // before any other step runs (the executor runs the remaining data-modifying steps
-    // after the main query): the hook's counter is always taken after it.
+    // before any other step runs (PostgreSQL runs the steps the main query does not read
+    // after it): the hook's counter is taken after it. No cycle could form even were
+    // that order to change, since only this statement takes both rows, always in one
+    // order, and every other transaction that takes the hook's counter takes no
+    // sequence row.
     let main = if drafts.is_empty() { "SELECT NULL::int8" } else { "SELECT base FROM seq" };
     let sql = format!("WITH {sql} {main}");
     sqlx::query_scalar_with::<_, Option<i64>, _>(&sql, args).fetch_one(&mut **tx).await

@@ -11,7 +11,7 @@
 //! concurrent batches overlap on balance rows far more often than on keys, and the time
 //! between the first balance lock and commit is what serializes them. The sequence row
 //! comes as late as it can because every batch takes it: the engine schedules
-//! concurrent batches onto disjoint accounts where it can (`engine::Intake`), and then
+//! concurrent batches onto disjoint accounts where it can (`intake::Intake`), and then
 //! only the work done while holding that row runs one batch at a time.
 
 use std::collections::{HashMap, HashSet};
@@ -20,7 +20,8 @@ use sqlx::error::BoxDynError;
 use sqlx::postgres::PgArguments;
 use sqlx::{Arguments, PgPool};
 
-use super::engine::{AccountState, BatchResult, Decision, Draft, KeyRecord, Plan};
+use super::batch::{BatchResult, KeyRecord};
+use super::decide::{AccountState, Decision, Draft, Plan};
 use super::hook::{BatchHook, Conn, HookBatch};
 use super::model::Balance;
 

@@ -8,7 +8,8 @@ use std::collections::{HashMap, HashSet};
 
 use sqlx::SqlitePool;
 
-use super::engine::{AccountState, BatchResult, Decision, Draft, KeyRecord, Plan};
+use super::batch::{BatchResult, KeyRecord};
+use super::decide::{AccountState, Decision, Draft, Plan};
 use super::hook::{BatchHook, Conn};
 use super::model::Balance;
 use crate::store::json_rows;

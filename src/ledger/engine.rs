@@ -20,18 +20,18 @@
 //! Lock order is always keys, then balance rows, then the hook's rows, then the
 //! sequence row, then the hook's counter, in every process, so there is no cycle. If the
 //! database refuses a batch (a trigger or constraint, which would mean a bug the code
-//! checks missed), each command is retried alone so only the culprit fails. Shutdown
+//! checks missed), each command is retried alone so only the culprit fails (`batch`
+//! runs one batch from its commands to their answers). Shutdown
 //! stops intake and drains the queue (`Intake` says how the next batch is gathered).
 //! On SQLite the one worker runs on a thread of its own (`Engine::start` says why).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
-pub(crate) use super::decide::{AccountState, Decision, Draft, Plan};
+use super::batch::{process_batch, BatchContext};
 use super::hook::{Attachment, BatchHook};
 use super::intake::{InFlight, Intake};
 use super::model::{Entry, Metadata, Posting};
@@ -123,7 +123,7 @@ pub(crate) struct Command {
     pub op: Op,
     /// Another module's part of this command, handed to the engine's `BatchHook`.
     pub attachment: Option<Attachment>,
-    reply: oneshot::Sender<Result<Outcome>>,
+    pub(super) reply: oneshot::Sender<Result<Outcome>>,
 }
 
 impl Command {
@@ -400,197 +400,5 @@ impl Worker {
                 self.sqlite_wal.between_batches(pool).await;
             }
         }
-    }
-}
-
-/// The outcome of one batch transaction: a decision per command of the plan.
-pub(crate) type BatchResult = std::result::Result<Vec<Decision>, sqlx::Error>;
-
-/// What running a batch needs besides its commands.
-struct BatchContext<'a> {
-    db: &'a Db,
-    hook: Option<&'a dyn BatchHook>,
-    timeout: Duration,
-    database: &'a DatabaseState,
-}
-
-async fn process_batch(ctx: &BatchContext<'_>, batch: Vec<Command>) {
-    let db = ctx.db;
-    // Duplicates inside the batch: the first of each (caller, key) leads; a later one
-    // with the same request follows it, with another request it is ALREADY_EXISTS.
-    let mut leaders: HashMap<(String, String), usize> = HashMap::new();
-    let mut followers: Vec<(Command, usize)> = Vec::new();
-    let mut lead: Vec<Command> = Vec::with_capacity(batch.len());
-    for cmd in batch {
-        if let Some(idem) = &cmd.idem {
-            let k = (cmd.caller.clone(), idem.key.clone());
-            if let Some(&li) = leaders.get(&k) {
-                let same = lead[li].idem.as_ref().is_some_and(|l| l.request_hash == idem.request_hash);
-                if same {
-                    followers.push((cmd, li));
-                } else {
-                    let _ = cmd.reply.send(Err(key_reused(&idem.key)));
-                }
-                continue;
-            }
-            leaders.insert(k, lead.len());
-        }
-        lead.push(cmd);
-    }
-
-    // Keys committed earlier are found by the transaction itself (its key insert
-    // conflicts) and answered after it; no separate lookup round trip up front.
-    let mut results: Vec<Option<Result<Outcome>>> = (0..lead.len()).map(|_| None).collect();
-    let to_run: Vec<usize> = (0..lead.len()).collect();
-
-    if !to_run.is_empty() {
-        let run: Vec<&Command> = to_run.iter().map(|i| &lead[*i]).collect();
-        let outcomes = run_transaction(ctx, run).await;
-        for (slot, outcome) in to_run.iter().zip(outcomes) {
-            results[*slot] = Some(outcome);
-        }
-        // Keys committed before, by an earlier batch or another process: a replay of
-        // the original result, or ALREADY_EXISTS for a different request.
-        let taken: Vec<usize> =
-            to_run.iter().copied().filter(|i| matches!(results[*i], Some(Err(Error::Aborted)))).collect();
-        if !taken.is_empty() {
-            let again: Vec<&Command> = taken.iter().map(|i| &lead[*i]).collect();
-            match lookup_keys_of(db, &again).await {
-                Ok(found) => {
-                    for i in taken {
-                        let cmd = &lead[i];
-                        let answer = cmd
-                            .idem
-                            .as_ref()
-                            .and_then(|k| found.get(&(cmd.caller.clone(), k.key.clone())).map(|r| replay(k, r)))
-                            .unwrap_or_else(|| {
-                                Err(Error::Unavailable("concurrent request with this key; retry".into()))
-                            });
-                        results[i] = Some(answer);
-                    }
-                }
-                Err(e) => {
-                    let err = crate::store::classify(e);
-                    for i in taken {
-                        results[i] = Some(Err(err.duplicate()));
-                    }
-                }
-            }
-        }
-    }
-
-    // Followers get what their leader got.
-    let mut follower_answers: Vec<(Command, Result<Outcome>)> = Vec::with_capacity(followers.len());
-    for (cmd, li) in followers {
-        let answer = match &results[li] {
-            Some(Ok(Outcome::Created(entry))) => Ok(Outcome::Replayed(entry.id.clone())),
-            Some(Ok(Outcome::Replayed(id))) => Ok(Outcome::Replayed(id.clone())),
-            Some(Err(e)) => Err(e.duplicate()),
-            None => Err(Error::internal(anyhow::anyhow!("leader without a result"))),
-        };
-        follower_answers.push((cmd, answer));
-    }
-    for (cmd, result) in lead.into_iter().zip(results) {
-        let _ =
-            cmd.reply.send(result.unwrap_or_else(|| Err(Error::internal(anyhow::anyhow!("command without a result")))));
-    }
-    for (cmd, answer) in follower_answers {
-        let _ = cmd.reply.send(answer);
-    }
-}
-
-fn key_reused(key: &str) -> Error {
-    Error::AlreadyExists(format!(
-        "idempotency_key {key:?} was already used with a different request; use a new key for a new request"
-    ))
-}
-
-/// A committed idempotency record.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub(crate) struct KeyRecord {
-    pub caller: String,
-    pub key: String,
-    pub operation: String,
-    pub request_hash: String,
-    pub result_id: String,
-}
-
-fn replay(idem: &Idem, record: &KeyRecord) -> Result<Outcome> {
-    if record.request_hash == idem.request_hash && record.operation == idem.operation {
-        Ok(Outcome::Replayed(record.result_id.clone()))
-    } else {
-        Err(key_reused(&idem.key))
-    }
-}
-
-async fn lookup_keys_of(
-    db: &Db,
-    cmds: &[&Command],
-) -> std::result::Result<HashMap<(String, String), KeyRecord>, sqlx::Error> {
-    let pairs: Vec<(String, String)> =
-        cmds.iter().filter_map(|c| c.idem.as_ref().map(|k| (c.caller.clone(), k.key.clone()))).collect();
-    if pairs.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let records = match db {
-        Db::Postgres(pool) => super::batch_pg::lookup_keys(pool, &pairs).await?,
-        Db::Sqlite(pool) => super::batch_sqlite::lookup_keys(pool, &pairs).await?,
-    };
-    Ok(records.into_iter().map(|r| ((r.caller.clone(), r.key.clone()), r)).collect())
-}
-
-/// Runs the batch transaction and turns decisions into answers. Keys another process
-/// took first come back as `Error::Aborted` for the caller above to look up.
-async fn run_transaction(ctx: &BatchContext<'_>, cmds: Vec<&Command>) -> Vec<Result<Outcome>> {
-    let (db, hook, timeout) = (ctx.db, ctx.hook, ctx.timeout);
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let plan = Plan::new(cmds.clone());
-        let created_at_us = plan.now_us;
-        let result: BatchResult = match db {
-            Db::Postgres(pool) => super::batch_pg::commit(pool, hook, &plan, timeout).await,
-            Db::Sqlite(pool) => super::batch_sqlite::commit(pool, hook, &plan).await,
-        };
-        let err = match result {
-            Ok(decisions) => {
-                return decisions
-                    .into_iter()
-                    .map(|d| match d {
-                        Decision::Accept(draft) => Ok(Outcome::Created(draft.to_entry(created_at_us))),
-                        Decision::Reject(e) => Err(e),
-                        Decision::KeyTaken => Err(Error::Aborted),
-                        Decision::Answered(answer) => answer,
-                    })
-                    .collect()
-            }
-            Err(e) => e,
-        };
-        // On PostgreSQL only: a SQLite file does not go away, and there a pool timeout
-        // means its one connection was busy (an account insert waiting for the lock).
-        if matches!(err, sqlx::Error::PoolTimedOut) && matches!(db, Db::Postgres(_)) {
-            // No connection, or no answer in time: refuse what is queued until the
-            // health probe reaches the database again.
-            ctx.database.set_reachable(false);
-        }
-        // A unique violation means another process committed a row this batch also
-        // wrote (a concurrent duplicate of a hook's idempotency key): the rerun sees it
-        // and answers that command as a replay.
-        if attempt < 3 && crate::store::is_unique_violation(&err) {
-            tracing::debug!(size = cmds.len(), "ledger batch met a concurrent duplicate; running it again");
-            continue;
-        }
-        let err = crate::store::classify(err);
-        if cmds.len() > 1 && matches!(err, Error::Internal(_)) {
-            // The database refused the batch. Retry one by one so only the command at
-            // fault fails.
-            tracing::error!(error = %format!("{err:#}"), size = cmds.len(), "ledger batch refused; retrying commands one by one");
-            let mut out = Vec::with_capacity(cmds.len());
-            for cmd in cmds {
-                out.extend(Box::pin(run_transaction(ctx, vec![cmd])).await);
-            }
-            return out;
-        }
-        return cmds.iter().map(|_| Err(err.duplicate())).collect();
     }
 }

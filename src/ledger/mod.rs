@@ -3,6 +3,7 @@
 //! - `model`      accounts, postings, entries, balances and their validation
 //! - `accounts`   account lookup (cached), wallets on first use, system accounts
 //! - `engine`     the batching posting engine, the single write path
+//! - `batch`      one batch from commands to answers: duplicates, keys, retries
 //! - `intake`     how the engine gathers a batch, setting aside calls on busy accounts
 //! - `decide`     the engine's per-command decision against locked balances (pure)
 //! - `hook`       how another module (payments) commits its rows in the engine's batch
@@ -13,6 +14,7 @@
 //! - `bench`      `dmpay bench ledger`: the engine against naive per-transfer SQL
 
 pub mod accounts;
+mod batch;
 mod batch_pg;
 mod batch_sqlite;
 pub mod bench;

@@ -1,0 +1,377 @@
+//! Configuration: defaults, then an optional TOML file (`--config`), then `DMPAY_*`
+//! environment variables, which win. Every setting is listed in the README.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+
+mod settings;
+
+use settings::Settings;
+pub use settings::{ProcessEnv, Source};
+
+use crate::ledger::EngineConfig;
+use crate::money::{Currencies, Currency};
+use crate::payments::model::TierLimits;
+use crate::payments::PaymentsConfig;
+use crate::processor::sandbox::SandboxConfig;
+use crate::vault::keys::{KeyRing, DEV_FINGERPRINT_KEY, DEV_KEKS};
+use crate::vault::VaultConfig;
+
+/// The HS256 secret used when none is configured. It is public (it is in this file), so
+/// production mode refuses to start with it.
+pub const DEV_JWT_SECRET: &str = "dmpay-dev-secret-do-not-use-in-production";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Environment {
+    Development,
+    Production,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// Fully resolved settings. Secrets are `SecretString`, whose Debug prints a mask.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub grpc_addr: SocketAddr,
+    /// `None` when metrics are switched off.
+    pub metrics_addr: Option<SocketAddr>,
+    pub database_url: SecretString,
+    pub env: Environment,
+    pub jwt_hs256_secret: SecretString,
+    pub jwt_public_keys: Option<PathBuf>,
+    pub jwt_issuer: String,
+    pub jwt_audience: String,
+    pub log_format: LogFormat,
+    /// Largest gRPC message accepted or sent.
+    pub grpc_message_size_max: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub grpc_concurrent_streams_max: u32,
+    /// Deadline for one unary call on the server side.
+    pub grpc_call_timeout: Duration,
+    /// Database connections in the pool.
+    pub db_pool_size: u32,
+    /// How long a caller waits for a free connection before UNAVAILABLE.
+    pub db_acquire_timeout: Duration,
+    /// Currencies accepted anywhere in the API.
+    pub currencies: Currencies,
+    /// The posting engine's batching and queue bounds.
+    pub engine: EngineConfig,
+    /// How often pending ledger entries past their timeout are expired.
+    pub ledger_expiry_interval: Duration,
+    /// How long idempotency keys are kept (at least 7 days).
+    pub idempotency_retention: Duration,
+    /// `id:base64key,...` key-encryption keys of the card vault.
+    pub vault_keks: SecretString,
+    /// The KEK new records are wrapped under (default: the first).
+    pub vault_active_kek: Option<String>,
+    pub vault_fingerprint_key: SecretString,
+    pub vault: VaultConfig,
+    pub sandbox: SandboxConfig,
+    pub payments: PaymentsConfig,
+    /// Reconciliation: how far apart in time a report row without a processor reference
+    /// and a ledger charge of the same amount may be and still match.
+    pub recon_time_tolerance: Duration,
+    /// How often the payments resolver wakes to finish stale pending payments and
+    /// refunds and to expire open requests.
+    pub payments_resolve_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{name}: {detail}")]
+    Invalid { name: &'static str, detail: String },
+    #[error("config file {path}: {detail}")]
+    File { path: String, detail: String },
+    #[error("DMPAY_ENV=production refuses {0}")]
+    Production(String),
+}
+
+impl Config {
+    /// Loads from the process environment and an optional TOML file.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(&ProcessEnv, file)
+    }
+
+    pub fn load_from(source: &dyn Source, file: Option<&Path>) -> Result<Self, ConfigError> {
+        let s = Settings::new(source, file)?;
+        let grpc_addr = s
+            .addr_or_off("DMPAY_GRPC_ADDR", "127.0.0.1:50051")?
+            .ok_or(ConfigError::Invalid { name: "DMPAY_GRPC_ADDR", detail: "the gRPC server cannot be off".into() })?;
+        let database_url = s.string_or("DMPAY_DATABASE_URL", "sqlite://var/dmpay.db");
+        if !(database_url.starts_with("sqlite:")
+            || database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::Invalid {
+                name: "DMPAY_DATABASE_URL",
+                detail: "must start with sqlite:// or postgres://".into(),
+            });
+        }
+        let environments = [
+            ("development", Environment::Development),
+            ("dev", Environment::Development),
+            ("production", Environment::Production),
+            ("prod", Environment::Production),
+        ];
+        let engine = EngineConfig::default();
+        let vault = VaultConfig::default();
+        let payments = PaymentsConfig::default();
+        let limit = |name: &'static str, default: i64| s.num(name, default, 1..=1_000_000_000);
+
+        let config = Config {
+            grpc_addr,
+            metrics_addr: s.addr_or_off("DMPAY_METRICS_ADDR", "127.0.0.1:9464")?,
+            database_url: SecretString::from(database_url),
+            env: s.choice("DMPAY_ENV", "development", &environments)?,
+            jwt_hs256_secret: SecretString::from(s.string_or("DMPAY_JWT_HS256_SECRET", DEV_JWT_SECRET)),
+            jwt_public_keys: s.raw("DMPAY_JWT_PUBLIC_KEYS").map(PathBuf::from),
+            jwt_issuer: s.string_or("DMPAY_JWT_ISSUER", "dmpay-dev"),
+            jwt_audience: s.string_or("DMPAY_JWT_AUDIENCE", "dmpay"),
+            log_format: s.choice(
+                "DMPAY_LOG_FORMAT",
+                "pretty",
+                &[("pretty", LogFormat::Pretty), ("json", LogFormat::Json)],
+            )?,
+            grpc_message_size_max: s.num("DMPAY_GRPC_MESSAGE_SIZE_MAX", 1024 * 1024, 1024..=64 * 1024 * 1024)?,
+            grpc_concurrent_streams_max: s.num("DMPAY_GRPC_CONCURRENT_STREAMS_MAX", 256, 1..=10_000)?,
+            grpc_call_timeout: s.duration("DMPAY_GRPC_CALL_TIMEOUT", Duration::from_secs(10))?,
+            db_pool_size: s.num("DMPAY_DB_POOL_SIZE", 16, 1..=512)?,
+            db_acquire_timeout: s.duration("DMPAY_DB_ACQUIRE_TIMEOUT", Duration::from_secs(3))?,
+            currencies: parse_currencies(s.raw("DMPAY_CURRENCIES"))?,
+            engine: EngineConfig {
+                batch_size_max: s.num("DMPAY_LEDGER_BATCH_SIZE_MAX", engine.batch_size_max, 1..=4096)?,
+                commit_wait: s.duration("DMPAY_LEDGER_COMMIT_WAIT", engine.commit_wait)?,
+                queue_capacity: s.num("DMPAY_LEDGER_QUEUE_CAPACITY", engine.queue_capacity, 1..=1_000_000)?,
+                workers: s.num("DMPAY_LEDGER_WORKERS", engine.workers, 1..=64)?,
+                batch_timeout: s.duration("DMPAY_LEDGER_BATCH_TIMEOUT", engine.batch_timeout)?,
+            },
+            ledger_expiry_interval: s.duration("DMPAY_LEDGER_EXPIRY_INTERVAL", Duration::from_secs(1))?,
+            idempotency_retention: s.duration("DMPAY_IDEMPOTENCY_RETENTION", Duration::from_secs(7 * 86_400))?,
+            vault_keks: SecretString::from(s.string_or("DMPAY_VAULT_KEKS", DEV_KEKS)),
+            vault_active_kek: s.raw("DMPAY_VAULT_ACTIVE_KEK"),
+            vault_fingerprint_key: SecretString::from(s.string_or("DMPAY_VAULT_FINGERPRINT_KEY", DEV_FINGERPRINT_KEY)),
+            vault: VaultConfig {
+                unlinked_ttl: s.duration("DMPAY_VAULT_UNLINKED_TTL", vault.unlinked_ttl)?,
+                tokenize_per_hour_max: s.num(
+                    "DMPAY_VAULT_TOKENIZE_PER_HOUR_MAX",
+                    vault.tokenize_per_hour_max,
+                    1..=100_000,
+                )?,
+            },
+            sandbox: SandboxConfig {
+                latency: s.duration("DMPAY_SANDBOX_LATENCY", Duration::ZERO)?,
+                timeout_rate: s.rate("DMPAY_SANDBOX_TIMEOUT_RATE")?,
+                error_rate: s.rate("DMPAY_SANDBOX_ERROR_RATE")?,
+            },
+            payments: PaymentsConfig {
+                unverified: TierLimits {
+                    payment_max: limit("DMPAY_LIMIT_UNVERIFIED_PAYMENT_MAX", payments.unverified.payment_max)?,
+                    daily_max: limit("DMPAY_LIMIT_UNVERIFIED_DAILY_MAX", payments.unverified.daily_max)?,
+                },
+                verified: TierLimits {
+                    payment_max: limit("DMPAY_LIMIT_VERIFIED_PAYMENT_MAX", payments.verified.payment_max)?,
+                    daily_max: limit("DMPAY_LIMIT_VERIFIED_DAILY_MAX", payments.verified.daily_max)?,
+                },
+                card_fee_bps: s.num("DMPAY_CARD_FEE_BPS", 0, 0..=2_000)?,
+                card_fee_fixed_minor: s.num("DMPAY_CARD_FEE_FIXED_MINOR", 0, 0..=100_000)?,
+                resolve_after_s: s
+                    .duration("DMPAY_PAYMENTS_RESOLVE_AFTER", Duration::from_secs(payments.resolve_after_s as u64))?
+                    .as_secs() as i64,
+            },
+            recon_time_tolerance: s.duration("DMPAY_RECON_TIME_TOLERANCE", Duration::from_secs(3600))?,
+            payments_resolve_interval: s.duration("DMPAY_PAYMENTS_RESOLVE_INTERVAL", Duration::from_secs(2))?,
+        };
+        s.finish()?;
+        if !(Duration::from_millis(100)..=Duration::from_secs(86_400)).contains(&config.payments_resolve_interval) {
+            return Err(ConfigError::Invalid {
+                name: "DMPAY_PAYMENTS_RESOLVE_INTERVAL",
+                detail: "100ms to 24h".into(),
+            });
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&config.engine.batch_timeout) {
+            return Err(ConfigError::Invalid { name: "DMPAY_LEDGER_BATCH_TIMEOUT", detail: "100ms to 60s".into() });
+        }
+        if config.engine.commit_wait > Duration::from_millis(100) {
+            return Err(ConfigError::Invalid { name: "DMPAY_LEDGER_COMMIT_WAIT", detail: "at most 100ms".into() });
+        }
+        if config.idempotency_retention < Duration::from_secs(7 * 86_400) {
+            return Err(ConfigError::Invalid {
+                name: "DMPAY_IDEMPOTENCY_RETENTION",
+                detail: "at least 7 days: clients may retry for a week".into(),
+            });
+        }
+        config.check_production()?;
+        Ok(config)
+    }
+
+    /// Production must not run on anything whose value is published in this repository.
+    fn check_production(&self) -> Result<(), ConfigError> {
+        if self.env != Environment::Production {
+            return Ok(());
+        }
+        if self.jwt_public_keys.is_none() && self.jwt_hs256_secret.expose_secret() == DEV_JWT_SECRET {
+            return Err(ConfigError::Production(
+                "the development JWT secret: set DMPAY_JWT_HS256_SECRET or DMPAY_JWT_PUBLIC_KEYS".into(),
+            ));
+        }
+        if self.jwt_hs256_secret.expose_secret() == DEV_JWT_SECRET && self.jwt_public_keys.is_some() {
+            // Public keys are configured; the dev HS256 secret would still verify tokens
+            // anyone can mint, so it must not stay enabled beside them.
+            return Err(ConfigError::Production(
+                "the development JWT secret beside DMPAY_JWT_PUBLIC_KEYS: set DMPAY_JWT_HS256_SECRET=off".into(),
+            ));
+        }
+        let ring =
+            self.key_ring().map_err(|e| ConfigError::Invalid { name: "DMPAY_VAULT_KEKS", detail: e.to_string() })?;
+        if ring.uses_dev_keys() {
+            return Err(ConfigError::Production(
+                "the development vault keys: set DMPAY_VAULT_KEKS and DMPAY_VAULT_FINGERPRINT_KEY".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The vault's keys, checked.
+    pub fn key_ring(&self) -> Result<KeyRing, crate::vault::keys::KeyError> {
+        KeyRing::new(&self.vault_keks, self.vault_active_kek.as_deref(), &self.vault_fingerprint_key)
+    }
+
+    pub fn is_sqlite(&self) -> bool {
+        self.database_url.expose_secret().starts_with("sqlite:")
+    }
+
+    /// HS256 verification is on unless the secret is the word `off`.
+    pub fn hs256_enabled(&self) -> bool {
+        self.jwt_hs256_secret.expose_secret() != "off"
+    }
+}
+
+fn parse_currencies(raw: Option<String>) -> Result<Currencies, ConfigError> {
+    let Some(raw) = raw else { return Ok(Currencies::all()) };
+    let mut enabled = Vec::new();
+    for code in raw.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+        let currency = Currency::from_code(code).ok_or_else(|| ConfigError::Invalid {
+            name: "DMPAY_CURRENCIES",
+            detail: format!("unknown currency {code:?}"),
+        })?;
+        if !enabled.contains(&currency) {
+            enabled.push(currency);
+        }
+    }
+    if enabled.is_empty() {
+        return Err(ConfigError::Invalid { name: "DMPAY_CURRENCIES", detail: "at least one currency".into() });
+    }
+    Ok(Currencies::new(enabled))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_match_the_readme() {
+        let c = Config::load_from(&env(&[]), None).unwrap();
+        assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:50051");
+        assert_eq!(c.metrics_addr.unwrap().to_string(), "127.0.0.1:9464");
+        assert_eq!(c.database_url.expose_secret(), "sqlite://var/dmpay.db");
+        assert_eq!(c.env, Environment::Development);
+        assert_eq!(c.jwt_issuer, "dmpay-dev");
+        assert_eq!(c.jwt_audience, "dmpay");
+        assert_eq!(c.log_format, LogFormat::Pretty);
+        assert_eq!(c.payments_resolve_interval, Duration::from_secs(2));
+        let err = Config::load_from(&env(&[("DMPAY_PAYMENTS_RESOLVE_INTERVAL", "10ms")]), None).unwrap_err();
+        assert!(err.to_string().contains("DMPAY_PAYMENTS_RESOLVE_INTERVAL"), "{err}");
+    }
+
+    #[test]
+    fn production_refuses_the_dev_secret() {
+        let err = Config::load_from(&env(&[("DMPAY_ENV", "production")]), None).unwrap_err();
+        assert!(matches!(err, ConfigError::Production(_)), "{err}");
+        let real_jwt = ("DMPAY_JWT_HS256_SECRET", "a-real-secret-from-a-vault");
+        let err = Config::load_from(&env(&[("DMPAY_ENV", "production"), real_jwt]), None).unwrap_err();
+        assert!(err.to_string().contains("vault"), "{err}");
+        let kek = format!("prod-1:{}", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7u8; 32]));
+        let fp = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [8u8; 32]);
+        let ok = Config::load_from(
+            &env(&[
+                ("DMPAY_ENV", "production"),
+                real_jwt,
+                ("DMPAY_VAULT_KEKS", &kek),
+                ("DMPAY_VAULT_FINGERPRINT_KEY", &fp),
+            ]),
+            None,
+        );
+        assert!(ok.is_ok(), "{:?}", ok.err());
+    }
+
+    #[test]
+    fn metrics_can_be_switched_off_and_bad_values_name_the_variable() {
+        let c = Config::load_from(&env(&[("DMPAY_METRICS_ADDR", "off")]), None).unwrap();
+        assert!(c.metrics_addr.is_none());
+        let err = Config::load_from(&env(&[("DMPAY_GRPC_ADDR", "nope")]), None).unwrap_err();
+        assert!(err.to_string().contains("DMPAY_GRPC_ADDR"));
+        let err = Config::load_from(&env(&[("DMPAY_DATABASE_URL", "mysql://x")]), None).unwrap_err();
+        assert!(err.to_string().contains("DMPAY_DATABASE_URL"));
+    }
+
+    #[test]
+    fn toml_file_is_read_and_env_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dmpay.toml");
+        std::fs::write(&path, "grpc_addr = \"127.0.0.1:6000\"\njwt_issuer = \"from-file\"\n").unwrap();
+        let c = Config::load_from(&env(&[("DMPAY_JWT_ISSUER", "from-env")]), Some(&path)).unwrap();
+        assert_eq!(c.grpc_addr.port(), 6000);
+        assert_eq!(c.jwt_issuer, "from-env");
+        std::fs::write(&path, "grpc_adr = \"x\"\n").unwrap();
+        let err = Config::load_from(&env(&[]), Some(&path)).unwrap_err();
+        assert!(err.to_string().contains("unknown setting \"grpc_adr\""), "{err}");
+        std::fs::write(&path, "ledger_workers = 3\n").unwrap();
+        let err = Config::load_from(&env(&[]), Some(&path)).unwrap_err();
+        assert!(err.to_string().contains("ledger_workers: expected a string"), "{err}");
+    }
+
+    #[test]
+    fn every_kind_of_setting_is_read_from_the_file_and_named_when_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dmpay.toml");
+        std::fs::write(
+            &path,
+            "ledger_workers = \"3\"\nledger_commit_wait = \"1ms\"\nsandbox_error_rate = \"0.25\"\n\
+             env = \"dev\"\nlog_format = \"json\"\nmetrics_addr = \"off\"\n\
+             limit_verified_daily_max = \"12345\"\ncurrencies = \"USD, EUR\"\n",
+        )
+        .unwrap();
+        let c = Config::load_from(&env(&[]), Some(&path)).unwrap();
+        assert_eq!(c.engine.workers, 3);
+        assert_eq!(c.engine.commit_wait, Duration::from_millis(1));
+        assert_eq!(c.sandbox.error_rate, 0.25);
+        assert_eq!(c.env, Environment::Development);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(c.metrics_addr.is_none());
+        assert_eq!(c.payments.verified.daily_max, 12345);
+        for (name, value) in [
+            ("DMPAY_LEDGER_WORKERS", "0"),
+            ("DMPAY_LEDGER_COMMIT_WAIT", "soon"),
+            ("DMPAY_SANDBOX_ERROR_RATE", "1.5"),
+            ("DMPAY_ENV", "staging"),
+            ("DMPAY_LOG_FORMAT", "xml"),
+            ("DMPAY_LIMIT_VERIFIED_DAILY_MAX", "-1"),
+            ("DMPAY_CURRENCIES", "XXX"),
+        ] {
+            let err = Config::load_from(&env(&[(name, value)]), Some(&path)).unwrap_err();
+            assert!(err.to_string().starts_with(name), "{name}={value}: {err}");
+        }
+    }
+}

@@ -21,7 +21,7 @@ use sqlx::postgres::PgArguments;
 use sqlx::{Arguments, PgPool};
 
 use super::batch::{BatchResult, KeyRecord};
-use super::decide::{AccountState, Decision, Draft, Plan};
+use super::decide::{accepted, number_accepted, AccountState, Decision, Draft, Plan};
 use super::hook::{BatchHook, Conn, HookBatch};
 use super::model::Balance;
 
@@ -180,21 +180,9 @@ async fn transaction(conn: &mut sqlx::PgConnection, hook: Option<&dyn BatchHook>
     //    hook's numbered rows (outbox events) as more steps of it: one round trip while
     //    the batch holds the sequence row, whatever the batch size. Its AFTER STATEMENT
     //    triggers see all of it.
-    let drafts: Vec<&Draft> = decisions
-        .iter()
-        .filter_map(|d| match d {
-            Decision::Accept(draft) => Some(draft),
-            _ => None,
-        })
-        .collect();
+    let drafts = accepted(&decisions);
     if let Some(base) = write_journal(&mut tx, &drafts, &accounts, hook_batch.as_deref_mut(), plan.now_us).await? {
-        let mut next = base + 1;
-        for d in decisions.iter_mut() {
-            if let Decision::Accept(draft) = d {
-                draft.sequence = next;
-                next += 1;
-            }
-        }
+        number_accepted(&mut decisions, base + 1);
     }
 
     // 7. Rejected commands leave no key behind: a retry may succeed later.

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use sqlx::SqlitePool;
 
 use super::batch::{BatchResult, KeyRecord};
-use super::decide::{AccountState, Decision, Draft, Plan};
+use super::decide::{accepted, number_accepted, AccountState, Decision, Draft, Plan};
 use super::hook::{BatchHook, Conn};
 use super::model::Balance;
 use crate::store::json_rows;
@@ -125,22 +125,9 @@ pub(crate) async fn commit(pool: &SqlitePool, hook: Option<&dyn BatchHook>, plan
     };
     let mut decisions = plan.decide(&mut accounts, &resolved, &reversed, &keys_taken, hook_batch.as_deref_mut());
 
-    let accepted = decisions.iter().filter(|d| matches!(d, Decision::Accept(_))).count() as i64;
-    if accepted > 0 {
-        let mut next = sequence_last + 1;
-        for d in decisions.iter_mut() {
-            if let Decision::Accept(draft) = d {
-                draft.sequence = next;
-                next += 1;
-            }
-        }
-        let drafts: Vec<&Draft> = decisions
-            .iter()
-            .filter_map(|d| match d {
-                Decision::Accept(draft) => Some(draft),
-                _ => None,
-            })
-            .collect();
+    number_accepted(&mut decisions, sequence_last + 1);
+    let drafts = accepted(&decisions);
+    if !drafts.is_empty() {
         // One net update per account, whatever number of entries touched it.
         let changed: Vec<(i64, i64, i64, i64, i64)> = accounts
             .iter()
@@ -149,7 +136,7 @@ pub(crate) async fn commit(pool: &SqlitePool, hook: Option<&dyn BatchHook>, plan
                 (*id, s.delta.posted_debits, s.delta.posted_credits, s.delta.pending_debits, s.delta.pending_credits)
             })
             .collect();
-        write_entries(&mut tx, &drafts, &changed, accepted, plan.now_us).await?;
+        write_entries(&mut tx, &drafts, &changed, plan.now_us).await?;
     }
 
     // One writer holds the whole database, so the order of the hook's rows does not
@@ -183,7 +170,6 @@ async fn write_entries(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     drafts: &[&Draft],
     changed: &[(i64, i64, i64, i64, i64)],
-    accepted: i64,
     now_us: i64,
 ) -> Result<(), sqlx::Error> {
     type PostingRow<'a> = (&'a str, i16, i64, &'a str, i64, &'a str, bool, i64);
@@ -245,7 +231,7 @@ async fn write_entries(
     .bind(json_rows(&entries)?)
     .bind(now_us)
     .bind(json_rows(changed)?)
-    .bind(accepted)
+    .bind(drafts.len() as i64)
     .execute(&mut **tx)
     .await?;
     Ok(())

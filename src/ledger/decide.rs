@@ -73,6 +73,28 @@ pub(crate) enum Decision {
     Answered(Result<Outcome>),
 }
 
+/// The accepted entries of a batch's decisions, in decision order.
+pub(crate) fn accepted(decisions: &[Decision]) -> Vec<&Draft> {
+    decisions
+        .iter()
+        .filter_map(|d| match d {
+            Decision::Accept(draft) => Some(draft),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Gives the accepted entries their journal sequence, `first` onwards in decision order.
+pub(crate) fn number_accepted(decisions: &mut [Decision], first: i64) {
+    let accepted = decisions.iter_mut().filter_map(|d| match d {
+        Decision::Accept(draft) => Some(draft),
+        _ => None,
+    });
+    for (draft, sequence) in accepted.zip(first..) {
+        draft.sequence = sequence;
+    }
+}
+
 /// What the transaction needs to know about a batch before deciding.
 pub(crate) struct Plan<'a> {
     pub cmds: Vec<&'a Command>,

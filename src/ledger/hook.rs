@@ -67,7 +67,7 @@ pub trait HookBatch: Send {
     /// while the batch holds the journal's sequence row, which serializes every batch.
     /// The hook appends its parameters to `args` and returns common table expressions
     /// (`hook_name AS (...)`, comma-separated, named `hook_*`) whose parameters are
-    /// numbered from `args.len() + 1` as it found them; `None` when it has nothing to
+    /// the ones it appended (`bind_step` appends one and names it); `None` when it has nothing to
     /// write. The statement takes the journal's sequence row first, so the hook's counter
     /// is always locked after it. On SQLite, whose one writer holds the whole database,
     /// the hook writes such rows in `write`.
@@ -76,4 +76,14 @@ pub trait HookBatch: Send {
         args: &mut PgArguments,
         now_us: i64,
     ) -> std::result::Result<Option<String>, BoxDynError>;
+}
+
+/// Appends `value` to a journal statement's parameters (`HookBatch::journal_steps`) and
+/// returns its placeholder, `$n`.
+pub fn bind_step<'q, T>(args: &mut PgArguments, value: T) -> std::result::Result<String, BoxDynError>
+where
+    T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    sqlx::Arguments::add(args, value)?;
+    Ok(format!("${}", sqlx::Arguments::len(args)))
 }

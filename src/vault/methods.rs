@@ -83,12 +83,7 @@ impl Vault {
                         .await?;
                 }
             }
-            sqlx::query("INSERT INTO audit_log (actor, action, target, reason, result, at_us) VALUES ($1, 'card.remove', $2, '', 'ok', $3)")
-                .bind(user.as_str())
-                .bind(format!("pm:{token}"))
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+            insert_audit!(&mut *tx, user.as_str(), "card.remove", token, "ok", "", now).await?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>(())
         })?;

@@ -5,6 +5,26 @@
 //! - `card`  secret types (PAN, CVC) and card validation
 //! - `keys`  envelope encryption, key rotation, fingerprints
 //! - `model` settings, payment methods, stored rows
+//! - `methods` listing, the default card, removal
+//! - `maintenance` purge of expired unlinked cards, key rotation
+
+/// Writes the audit record of a vault action on card `$token` with `$executor`: a pool,
+/// or `&mut *tx` where the record must commit with the change it records (either backend,
+/// inside `with_db!`). Evaluates to the statement's future.
+macro_rules! insert_audit {
+    ($executor:expr, $actor:expr, $action:expr, $token:expr, $result:expr, $detail:expr, $at_us:expr) => {
+        sqlx::query(
+            "INSERT INTO audit_log (actor, action, target, reason, result, at_us) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind($actor)
+        .bind($action)
+        .bind(format!("pm:{}", $token))
+        .bind($detail)
+        .bind($result)
+        .bind($at_us)
+        .execute($executor)
+    };
+}
 
 pub mod card;
 pub mod keys;
@@ -106,18 +126,9 @@ impl Vault {
     }
 
     async fn audit(&self, actor: &str, action: &str, token: &str, result: &str, detail: &str) -> Result<()> {
-        with_db!(&self.writer, pool => sqlx::query(
-            "INSERT INTO audit_log (actor, action, target, reason, result, at_us) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(actor)
-        .bind(action)
-        .bind(format!("pm:{token}"))
-        .bind(detail)
-        .bind(result)
-        .bind(now_us())
-        .execute(pool)
-        .await
-        .map(|_| ()))?;
+        with_db!(&self.writer, pool => insert_audit!(pool, actor, action, token, result, detail, now_us())
+            .await
+            .map(|_| ()))?;
         Ok(())
     }
 
@@ -388,12 +399,7 @@ impl Vault {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-            sqlx::query("INSERT INTO audit_log (actor, action, target, reason, result, at_us) VALUES ($1, 'card.link', $2, '', 'ok', $3)")
-                .bind(user.as_str())
-                .bind(format!("pm:{token}"))
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+            insert_audit!(&mut *tx, user.as_str(), "card.link", token, "ok", "", now).await?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>(())
         })?;

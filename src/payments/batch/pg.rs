@@ -2,7 +2,8 @@
 
 use sqlx::error::BoxDynError;
 use sqlx::postgres::PgArguments;
-use sqlx::Arguments;
+
+use crate::ledger::hook::bind_step;
 
 use super::*;
 
@@ -118,30 +119,19 @@ pub(super) fn journal_steps(
     events: &[EventFields],
     now_us: i64,
 ) -> std::result::Result<String, BoxDynError> {
-    let e_type: Vec<&str> = events.iter().map(|e| e.event_type).collect();
-    let e_payment: Vec<Option<&str>> = events.iter().map(|e| e.payment_id.as_deref()).collect();
-    let e_a: Vec<&str> = events.iter().map(|e| e.party_a.as_str()).collect();
-    let e_b: Vec<&str> = events.iter().map(|e| e.party_b.as_str()).collect();
-    let e_conv: Vec<&str> = events.iter().map(|e| e.conversation_id.as_str()).collect();
-    let e_status: Vec<&str> = events.iter().map(|e| e.status).collect();
-    let e_reason: Vec<&str> = events.iter().map(|e| e.failure_reason.as_str()).collect();
-    let e_message: Vec<&str> = events.iter().map(|e| e.failure_message.as_str()).collect();
-    let e_settled: Vec<Option<i64>> = events.iter().map(|e| e.settled_at_us).collect();
-    let e_ord: Vec<i64> = (1..=events.len() as i64).collect();
-    let first = args.len() + 1;
-    args.add(events.len() as i64)?;
-    args.add(now_us)?;
-    args.add(e_ord)?;
-    args.add(e_type)?;
-    args.add(e_payment)?;
-    args.add(e_a)?;
-    args.add(e_b)?;
-    args.add(e_conv)?;
-    args.add(e_status)?;
-    args.add(e_reason)?;
-    args.add(e_message)?;
-    args.add(e_settled)?;
-    let p = |k: usize| format!("${}", first + k);
+    let column = |f: fn(&EventFields) -> &str| events.iter().map(f).collect::<Vec<&str>>();
+    let n = bind_step(args, events.len() as i64)?;
+    let now = bind_step(args, now_us)?;
+    let o = bind_step(args, (1..=events.len() as i64).collect::<Vec<i64>>())?;
+    let ty = bind_step(args, column(|e| e.event_type))?;
+    let pay = bind_step(args, events.iter().map(|e| e.payment_id.as_deref()).collect::<Vec<Option<&str>>>())?;
+    let a = bind_step(args, column(|e| &e.party_a))?;
+    let b = bind_step(args, column(|e| &e.party_b))?;
+    let cv = bind_step(args, column(|e| &e.conversation_id))?;
+    let st = bind_step(args, column(|e| e.status))?;
+    let fr = bind_step(args, column(|e| &e.failure_reason))?;
+    let fm = bind_step(args, column(|e| &e.failure_message))?;
+    let sa = bind_step(args, events.iter().map(|e| e.settled_at_us).collect::<Vec<Option<i64>>>())?;
     Ok(format!(
         "hook_event_seq AS ( \
            UPDATE payment_event_sequence SET last_value = last_value + {n} WHERE id = 1 \
@@ -153,18 +143,6 @@ pub(super) fn journal_steps(
            FROM UNNEST({o}::int8[], {ty}::text[], {pay}::text[], {a}::text[], {b}::text[], {cv}::text[], \
              {st}::text[], {fr}::text[], {fm}::text[], {sa}::int8[]) AS t(o, ty, p, a, b, cv, st, fr, fm, sa), \
              hook_event_seq s \
-         )",
-        n = p(0),
-        now = p(1),
-        o = p(2),
-        ty = p(3),
-        pay = p(4),
-        a = p(5),
-        b = p(6),
-        cv = p(7),
-        st = p(8),
-        fr = p(9),
-        fm = p(10),
-        sa = p(11),
+         )"
     ))
 }

@@ -1,12 +1,15 @@
 //! The posting engine's transaction on SQLite. `BEGIN IMMEDIATE` takes the database's
 //! single write lock up front, so everything read in the transaction stays true until
 //! commit and no two writers interleave. A batch's rows travel as one JSON array
-//! parameter per statement (`store::json_rows`, read back with `json_each`), so a batch costs a
-//! handful of statements, each prepared once per connection.
+//! parameter per statement (`store::json_rows`, read back with `json_each`), so a batch
+//! costs a handful of statements in three calls, each prepared once per connection.
 
 use std::collections::{HashMap, HashSet};
 
-use sqlx::SqlitePool;
+use sqlx::error::BoxDynError;
+use sqlx::pool::PoolConnection;
+use sqlx::sqlite::SqliteArguments;
+use sqlx::{Arguments, Sqlite, SqliteConnection, SqlitePool};
 
 use super::batch::{BatchResult, KeyRecord};
 use super::decide::{accepted, number_accepted, AccountState, Decision, Draft, Plan};
@@ -24,19 +27,56 @@ pub(crate) async fn lookup_keys(pool: &SqlitePool, pairs: &[(String, String)]) -
     .await
 }
 
+/// A batch on SQLite is three calls to SQLite's thread: `BEGIN IMMEDIATE` with the
+/// batch's accounts, the hook's reads, and one last call that writes everything and
+/// commits. Every call is a hand-off to that thread and back, and while the engine's
+/// worker wakes up and builds the next call, the database's one writer sits idle; the
+/// rarer steps (ledger idempotency keys, pending entries' targets) add calls of their
+/// own only when a batch has them. The transaction is opened and closed by these
+/// statements rather than by a sqlx `Transaction`, whose begin and commit would each be
+/// a call of its own: an error rolls it back here, and a batch dropped half way closes
+/// its connection (`OpenTx`), which rolls it back too.
 pub(crate) async fn commit(pool: &SqlitePool, hook: Option<&dyn BatchHook>, plan: &Plan<'_>) -> BatchResult {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = OpenTx { conn: pool.acquire().await?, open: true };
+    let result = run(&mut tx.conn, hook, plan).await;
+    if result.is_err() {
+        // Undo what the batch's statements did before one failed. After some errors
+        // (I/O, a full disk) SQLite has rolled back by itself and refuses this with "no
+        // transaction is active", which leaves nothing to undo.
+        let _ = sqlx::query("ROLLBACK").execute(&mut *tx.conn).await;
+    }
+    tx.open = false;
+    result
+}
 
+/// The engine's connection while its batch's transaction may be open. Dropped while
+/// `open` (the batch's future cancelled half way), it closes the connection rather than
+/// returning it to the pool with the transaction open; closing rolls it back.
+struct OpenTx {
+    conn: PoolConnection<Sqlite>,
+    open: bool,
+}
+
+impl Drop for OpenTx {
+    fn drop(&mut self) {
+        if self.open {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+async fn run(conn: &mut SqliteConnection, hook: Option<&dyn BatchHook>, plan: &Plan<'_>) -> BatchResult {
     // The batch's accounts, and the journal's sequence as it stands (the row with id 0,
-    // which no account has: ids start at 1). The batch holds SQLite's write lock from
-    // BEGIN IMMEDIATE, so nothing moves the sequence before this batch does.
+    // which no account has: ids start at 1). `BEGIN IMMEDIATE` takes SQLite's write lock
+    // first, so nothing moves the sequence before this batch does.
     let mut rows: Vec<(i64, bool, bool, i64, i64, i64, i64)> = sqlx::query_as(
-        "SELECT id, credit_normal, allow_negative, posted_debits, posted_credits, pending_debits, pending_credits \
-         FROM ledger_accounts WHERE id IN (SELECT value FROM json_each(?1)) \
+        "BEGIN IMMEDIATE; \
+         SELECT id, credit_normal, allow_negative, posted_debits, posted_credits, pending_debits, pending_credits \
+         FROM ledger_accounts WHERE id IN (SELECT value FROM json_each(?)) \
          UNION ALL SELECT 0, 0, 0, last_value, 0, 0, 0 FROM ledger_sequence WHERE id = 1",
     )
     .bind(json_rows(&plan.account_ids)?)
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut *conn)
     .await?;
     let sequence_last = rows
         .iter()
@@ -63,7 +103,7 @@ pub(crate) async fn commit(pool: &SqlitePool, hook: Option<&dyn BatchHook>, plan
         let hit: Option<String> =
             sqlx::query_scalar("SELECT pending_entry_id FROM ledger_entries WHERE pending_entry_id = ?1")
                 .bind(id)
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&mut *conn)
                 .await?;
         resolved.extend(hit);
     }
@@ -72,7 +112,7 @@ pub(crate) async fn commit(pool: &SqlitePool, hook: Option<&dyn BatchHook>, plan
         let hit: Option<String> =
             sqlx::query_scalar("SELECT reverses_entry_id FROM ledger_entries WHERE reverses_entry_id = ?1")
                 .bind(id)
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&mut *conn)
                 .await?;
         reversed.extend(hit);
     }
@@ -104,7 +144,7 @@ pub(crate) async fn commit(pool: &SqlitePool, hook: Option<&dyn BatchHook>, plan
         )
         .bind(json_rows(&keys)?)
         .bind(plan.now_us)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *conn)
         .await?
         .into_iter()
         .collect();
@@ -120,13 +160,18 @@ pub(crate) async fn commit(pool: &SqlitePool, hook: Option<&dyn BatchHook>, plan
 
     let attached = plan.attached();
     let mut hook_batch = match hook {
-        Some(h) if !attached.is_empty() => Some(h.prepare(&mut Conn::Sqlite(&mut tx), &attached, plan.now_us).await?),
+        Some(h) if !attached.is_empty() => {
+            Some(h.prepare(&mut Conn::Sqlite(&mut *conn), &attached, plan.now_us).await?)
+        }
         _ => None,
     };
     let mut decisions = plan.decide(&mut accounts, &resolved, &reversed, &keys_taken, hook_batch.as_deref_mut());
 
     number_accepted(&mut decisions, sequence_last + 1);
     let drafts = accepted(&decisions);
+    // The last call: entries, the hook's rows, keys given back, and the commit.
+    let mut args = SqliteArguments::default();
+    let mut sql = String::new();
     if !drafts.is_empty() {
         // One net update per account, whatever number of entries touched it.
         let changed: Vec<(i64, i64, i64, i64, i64)> = accounts
@@ -136,42 +181,47 @@ pub(crate) async fn commit(pool: &SqlitePool, hook: Option<&dyn BatchHook>, plan
                 (*id, s.delta.posted_debits, s.delta.posted_credits, s.delta.pending_debits, s.delta.pending_credits)
             })
             .collect();
-        write_entries(&mut tx, &drafts, &changed, plan.now_us).await?;
+        sql.push_str(entries_steps(&mut args, &drafts, &changed, plan.now_us).map_err(sqlx::Error::Encode)?);
+        sql.push_str("; ");
     }
-
     // One writer holds the whole database, so the order of the hook's rows does not
     // matter here.
     if let Some(h) = hook_batch.as_mut() {
-        h.write(&mut Conn::Sqlite(&mut tx), plan.now_us).await?;
-    }
-
-    for &i in &plan.keyed {
-        if !matches!(decisions[i], Decision::Reject(_)) {
-            continue;
-        }
-        if let Some(idem) = &plan.cmds[i].idem {
-            sqlx::query("DELETE FROM idempotency_keys WHERE caller = ?1 AND key = ?2")
-                .bind(&plan.cmds[i].caller)
-                .bind(&idem.key)
-                .execute(&mut *tx)
-                .await?;
+        if let Some(steps) = h.sqlite_steps(&mut args, plan.now_us).map_err(sqlx::Error::Encode)? {
+            sql.push_str(&steps);
+            sql.push_str("; ");
         }
     }
-
-    tx.commit().await?;
+    // Keys of refused ledger calls are given back, so the caller may retry with them.
+    let refused: Vec<(&str, &str)> = plan
+        .keyed
+        .iter()
+        .filter(|&&i| matches!(decisions[i], Decision::Reject(_)))
+        .filter_map(|&i| plan.cmds[i].idem.as_ref().map(|k| (plan.cmds[i].caller.as_str(), k.key.as_str())))
+        .collect();
+    if !refused.is_empty() {
+        args.add(json_rows(&refused)?).map_err(sqlx::Error::Encode)?;
+        sql.push_str(
+            "DELETE FROM idempotency_keys WHERE (caller, key) IN \
+             (SELECT value ->> 0, value ->> 1 FROM json_each(?)); ",
+        );
+    }
+    sql.push_str("COMMIT");
+    sqlx::query_with(&sql, args).execute(&mut *conn).await?;
     Ok(decisions)
 }
 
 /// All postings of the batch first, then the entry rows, whose trigger checks that each
 /// entry's postings balance, then one net balance update per account and the
-/// sequence's advance past the batch: four statements sent as one. SQLite runs on a thread of its own, and every call is a hand-off to it
-/// and back; the parameters are positional (`?`), taken in order across the statements.
-async fn write_entries(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+/// sequence's advance past the batch: four statements of the batch's last call. The
+/// parameters are positional (`?`), appended to `args` in the order the statements
+/// take them.
+fn entries_steps(
+    args: &mut SqliteArguments<'static>,
     drafts: &[&Draft],
     changed: &[(i64, i64, i64, i64, i64)],
     now_us: i64,
-) -> Result<(), sqlx::Error> {
+) -> Result<&'static str, BoxDynError> {
     type PostingRow<'a> = (&'a str, i16, i64, &'a str, i64, &'a str, bool, i64);
     let postings: Vec<PostingRow<'_>> = drafts
         .iter()
@@ -209,30 +259,25 @@ async fn write_entries(
             )
         })
         .collect();
-    sqlx::query(
-        "WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?)) \
-         INSERT INTO ledger_postings (entry_id, idx, account_id, direction, amount, currency, pending, sequence, \
-         created_at_us) \
-         SELECT r.v ->> 0, r.v ->> 1, r.v ->> 2, r.v ->> 3, r.v ->> 4, r.v ->> 5, r.v ->> 6, r.v ->> 7, ? FROM r; \
-         WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?)) \
-         INSERT INTO ledger_entries (id, sequence, kind, description, metadata, status, pending_entry_id, \
-         reverses_entry_id, expires_at_us, created_by, created_at_us) \
-         SELECT r.v ->> 0, r.v ->> 1, r.v ->> 2, r.v ->> 3, r.v ->> 4, r.v ->> 5, \
-         r.v ->> 6, r.v ->> 7, r.v ->> 8, r.v ->> 9, ? FROM r; \
-         WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?)) \
-         UPDATE ledger_accounts SET posted_debits = posted_debits + (r.v ->> 1), \
-         posted_credits = posted_credits + (r.v ->> 2), pending_debits = pending_debits + (r.v ->> 3), \
-         pending_credits = pending_credits + (r.v ->> 4), version = version + 1 \
-         FROM r WHERE ledger_accounts.id = r.v ->> 0; \
-         UPDATE ledger_sequence SET last_value = last_value + ? WHERE id = 1",
-    )
-    .bind(json_rows(&postings)?)
-    .bind(now_us)
-    .bind(json_rows(&entries)?)
-    .bind(now_us)
-    .bind(json_rows(changed)?)
-    .bind(drafts.len() as i64)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    args.add(json_rows(&postings)?)?;
+    args.add(now_us)?;
+    args.add(json_rows(&entries)?)?;
+    args.add(now_us)?;
+    args.add(json_rows(changed)?)?;
+    args.add(drafts.len() as i64)?;
+    Ok("WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?)) \
+        INSERT INTO ledger_postings (entry_id, idx, account_id, direction, amount, currency, pending, sequence, \
+        created_at_us) \
+        SELECT r.v ->> 0, r.v ->> 1, r.v ->> 2, r.v ->> 3, r.v ->> 4, r.v ->> 5, r.v ->> 6, r.v ->> 7, ? FROM r; \
+        WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?)) \
+        INSERT INTO ledger_entries (id, sequence, kind, description, metadata, status, pending_entry_id, \
+        reverses_entry_id, expires_at_us, created_by, created_at_us) \
+        SELECT r.v ->> 0, r.v ->> 1, r.v ->> 2, r.v ->> 3, r.v ->> 4, r.v ->> 5, \
+        r.v ->> 6, r.v ->> 7, r.v ->> 8, r.v ->> 9, ? FROM r; \
+        WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?)) \
+        UPDATE ledger_accounts SET posted_debits = posted_debits + (r.v ->> 1), \
+        posted_credits = posted_credits + (r.v ->> 2), pending_debits = pending_debits + (r.v ->> 3), \
+        pending_credits = pending_credits + (r.v ->> 4), version = version + 1 \
+        FROM r WHERE ledger_accounts.id = r.v ->> 0; \
+        UPDATE ledger_sequence SET last_value = last_value + ? WHERE id = 1")
 }

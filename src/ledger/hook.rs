@@ -16,6 +16,7 @@ use std::any::Any;
 use async_trait::async_trait;
 use sqlx::error::BoxDynError;
 use sqlx::postgres::PgArguments;
+use sqlx::sqlite::SqliteArguments;
 
 use super::engine::Outcome;
 use crate::error::{Error, Result};
@@ -58,10 +59,21 @@ pub trait HookBatch: Send {
     fn admit(&mut self, cmd: usize) -> Admit;
     /// Right after it: accepted, or why the ledger refused it.
     fn decided(&mut self, cmd: usize, result: std::result::Result<(), &Error>);
-    /// Writes the hook's rows that take no shared counter (on PostgreSQL before the
+    /// PostgreSQL: writes the hook's rows that take no shared counter, before the
     /// batch's entries, so that the batch holds the journal's sequence row, which every
-    /// batch needs, for as short a time as possible). On SQLite it writes all of them.
+    /// batch needs, for as short a time as possible. (On SQLite, `sqlite_steps`.)
     async fn write(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error>;
+    /// SQLite: all of the hook's rows, as more statements of the engine's last call of
+    /// the batch, which writes the entries and commits. SQLite runs on a thread of its
+    /// own and every call is a hand-off to it and back, during which the database's one
+    /// writer sits idle. The hook appends its parameters to `args` in the order of their
+    /// positional `?` placeholders and returns its statements (`;`-separated, without a
+    /// trailing one); `None` when it has nothing to write.
+    fn sqlite_steps(
+        &mut self,
+        args: &mut SqliteArguments<'static>,
+        now_us: i64,
+    ) -> std::result::Result<Option<String>, BoxDynError>;
     /// PostgreSQL: the hook's rows numbered by a shared counter (an outbox), as more
     /// steps of the engine's journal statement, so they cost no round trip of their own
     /// while the batch holds the journal's sequence row, which serializes every batch.

@@ -71,6 +71,15 @@ const SQLITE_PAGE_SIZE: u32 = 2048;
 /// server stays far under its memory budget.
 const SQLITE_ENGINE_CACHE_KIB: &str = "-32768";
 
+/// Rows SQLite's thread may hand back ahead of the engine's reading them, per statement.
+/// sqlx's default (50) is smaller than a batch's reads (a batch of 40 payments reads 81
+/// account rows, then about 120 rows of payment rules), and each time it fills, SQLite's
+/// thread stops until the engine's worker wakes and drains it: two or three extra
+/// hand-offs per batch while the database's one writer sits idle. 2048 holds the largest
+/// read of a full batch (`DMPAY_LEDGER_BATCH_SIZE_MAX` 256: 513 account rows; 256 keys,
+/// 512 parties and their senders' spend), a few hundred KiB at most.
+const SQLITE_ENGINE_ROW_BUFFER: usize = 2048;
+
 /// What a pool's connections are for, which decides their PostgreSQL session settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PoolRole {
@@ -148,7 +157,9 @@ impl Db {
             // payments on each batch: a page cache of their own that holds them saves a
             // read system call per page (SQLite's default is 2 MiB per connection).
             let options = match role {
-                PoolRole::Engine => options.pragma("cache_size", SQLITE_ENGINE_CACHE_KIB),
+                PoolRole::Engine => {
+                    options.pragma("cache_size", SQLITE_ENGINE_CACHE_KIB).row_buffer_size(SQLITE_ENGINE_ROW_BUFFER)
+                }
                 PoolRole::General => options,
             };
             let pool = SqlitePoolOptions::new()

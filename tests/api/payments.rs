@@ -551,6 +551,68 @@ async fn a_short_sender_fails_alone(app: TestApp) {
     assert!(app.verify().await.ok());
 }
 
+/// A batch whose last statements the database refuses (here a test trigger on the
+/// payment rows, which are written after the batch's entries) is undone whole: the
+/// command at fault fails alone, the others commit when retried one by one, no entry of
+/// the refused payment remains, and the engine's connection takes the next batch.
+async fn a_batch_refused_part_way_writes_nothing(app: TestApp) {
+    let trigger: &[&str] = match app.backend {
+        Backend::Sqlite => &["CREATE TRIGGER poison BEFORE INSERT ON payments WHEN NEW.note = 'poison' \
+             BEGIN SELECT RAISE(ABORT, 'poisoned payment row'); END"],
+        Backend::Postgres => &[
+            "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF NEW.note = 'poison' THEN RAISE EXCEPTION 'poisoned payment row'; END IF; RETURN NEW; END $$",
+            "CREATE TRIGGER poison BEFORE INSERT ON payments FOR EACH ROW EXECUTE FUNCTION poison()",
+        ],
+    };
+    for sql in trigger {
+        dmpay::with_db!(&app.db, pool => sqlx::query(sql).execute(pool).await.map(|_| ())).expect("trigger");
+    }
+    let users = ["u1", "u2", "u3", "u4"];
+    for u in users {
+        fund_user(&app, u, "10.00").await;
+    }
+    let (entries, events) = (app.count("ledger_entries").await, app.count("payment_events").await);
+    let mut tasks = Vec::new();
+    for (i, u) in users.into_iter().enumerate() {
+        let mut client = app.payments();
+        let t = app.token(u, PAY_SCOPES);
+        let note = if u == "u2" { "poison" } else { "lunch" };
+        tasks.push(tokio::spawn(async move {
+            client
+                .send_payment(authed(
+                    pb::SendPaymentRequest {
+                        idempotency_key: format!("p{i}"),
+                        recipient_id: "seller".into(),
+                        amount: usd("5.00"),
+                        note: note.into(),
+                        funding_source: Balance as i32,
+                        ..Default::default()
+                    },
+                    &t,
+                ))
+                .await
+        }));
+    }
+    let results = futures_join(tasks).await;
+    assert_eq!(results[1].as_ref().unwrap_err().code(), Code::Internal, "{:?}", results[1]);
+    for (i, r) in results.iter().enumerate().filter(|(i, _)| *i != 1) {
+        assert!(r.is_ok(), "send {i}: {r:?}");
+    }
+    assert_eq!(amt(&app.wallet("seller").await.posted), "15.00");
+    assert_eq!(amt(&app.wallet("u2").await.posted), "10.00");
+    assert_eq!(app.count("payments").await, 3);
+    assert_eq!(app.count("ledger_entries").await, entries + 3);
+    assert_eq!(app.count("payment_events").await, events + 6);
+    assert!(app.verify().await.ok());
+    // The engine goes on: u2's next send, without the poisoned note, commits.
+    let u2 = app.token("u2", PAY_SCOPES);
+    let p = app.send(&u2, "p9", "seller", "5.00", Balance).await.unwrap();
+    assert_eq!(p.status, pb::PaymentStatus::Settled as i32);
+    assert_eq!(amt(&app.wallet("seller").await.posted), "20.00");
+    assert!(app.verify().await.ok());
+}
+
 async fn futures_join<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
     let mut out = Vec::with_capacity(tasks.len());
     for t in tasks {
@@ -560,6 +622,7 @@ async fn futures_join<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
 }
 
 backend_tests!(
+    a_batch_refused_part_way_writes_nothing,
     daily_limit_holds_under_concurrency,
     concurrent_duplicates_are_one_payment,
     a_short_sender_fails_alone,

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use sqlx::error::BoxDynError;
 use sqlx::postgres::PgArguments;
+use sqlx::sqlite::SqliteArguments;
 
 use super::model::{Payment, PaymentStatus, PaymentsConfig};
 use super::store::EventFields;
@@ -219,35 +220,32 @@ impl HookBatch for Batch {
     }
 
     async fn write(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error> {
-        if self.rows.is_empty() {
+        self.settle(now_us);
+        let (rows, spent) = self.rows_and_spend();
+        if rows.is_empty() {
             return Ok(());
         }
-        for (_, p) in &mut self.rows {
-            if p.status == PaymentStatus::Settled {
-                p.settled_at_us = Some(now_us);
-            }
-        }
-        let rows: Vec<(&Payment, &str, &str)> = self
-            .rows
-            .iter()
-            .filter_map(|(cmd, p)| {
-                self.sends.get(cmd).map(|s| (p, s.idempotency_key.as_str(), s.request_hash.as_str()))
-            })
-            .collect();
-        // One daily-limit bucket update per sender, currency and hour.
-        let mut spent: HashMap<(&str, &str, i64), i64> = HashMap::new();
-        for (p, _, _) in rows.iter().filter(|(p, _, _)| p.status == PaymentStatus::Settled) {
-            *spent.entry((&p.sender_id, &p.currency, super::spend::hour_of(p.created_at_us))).or_insert(0) += p.amount;
-        }
-        let mut spent: Vec<((&str, &str, i64), i64)> = spent.into_iter().collect();
-        // Sorted, so concurrent batches lock the bucket rows in one order.
-        spent.sort_unstable();
         match conn {
             Conn::Postgres(c) => pg::write(c, &rows, &spent, now_us).await,
-            // One writer holds the whole database, so nothing is gained by numbering the
-            // events later: they go with the rows, in one hand-off to SQLite's thread.
-            Conn::Sqlite(c) => sqlite::write(c, &rows, &spent, &self.events(), now_us).await,
+            // On SQLite the engine sends these rows with its own last call
+            // (`sqlite_steps`); a call of their own would be one more idle hand-off.
+            Conn::Sqlite(_) => Ok(()),
         }
+    }
+
+    fn sqlite_steps(
+        &mut self,
+        args: &mut SqliteArguments<'static>,
+        now_us: i64,
+    ) -> std::result::Result<Option<String>, BoxDynError> {
+        self.settle(now_us);
+        let (rows, spent) = self.rows_and_spend();
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        // One writer holds the whole database, so nothing is gained by numbering the
+        // events later: they go with the rows.
+        sqlite::steps(args, &rows, &spent, &self.events(), now_us).map(Some)
     }
 
     fn journal_steps(
@@ -260,6 +258,42 @@ impl HookBatch for Batch {
             return Ok(None);
         }
         pg::journal_steps(args, &events, now_us).map(Some)
+    }
+}
+
+/// A payment row to write: the payment, its idempotency key and its request's hash.
+type PaymentRow<'a> = (&'a Payment, &'a str, &'a str);
+
+/// One rolling-limit bucket's increase: (sender, currency, hour) and the amount.
+type SpendRow<'a> = ((&'a str, &'a str, i64), i64);
+
+impl Batch {
+    /// Stamps the settled payments with the batch's commit time.
+    fn settle(&mut self, now_us: i64) {
+        for (_, p) in &mut self.rows {
+            if p.status == PaymentStatus::Settled {
+                p.settled_at_us = Some(now_us);
+            }
+        }
+    }
+
+    /// The payment rows to write, and one daily-limit bucket update per sender, currency
+    /// and hour, sorted so that concurrent batches lock the bucket rows in one order.
+    fn rows_and_spend(&self) -> (Vec<PaymentRow<'_>>, Vec<SpendRow<'_>>) {
+        let rows: Vec<PaymentRow<'_>> = self
+            .rows
+            .iter()
+            .filter_map(|(cmd, p)| {
+                self.sends.get(cmd).map(|s| (p, s.idempotency_key.as_str(), s.request_hash.as_str()))
+            })
+            .collect();
+        let mut spent: HashMap<(&str, &str, i64), i64> = HashMap::new();
+        for (p, _, _) in rows.iter().filter(|(p, _, _)| p.status == PaymentStatus::Settled) {
+            *spent.entry((&p.sender_id, &p.currency, super::spend::hour_of(p.created_at_us))).or_insert(0) += p.amount;
+        }
+        let mut spent: Vec<SpendRow<'_>> = spent.into_iter().collect();
+        spent.sort_unstable();
+        (rows, spent)
     }
 }
 

@@ -1,5 +1,9 @@
 //! The batch hook's statements on SQLite: each list as one JSON parameter.
 
+use sqlx::error::BoxDynError;
+use sqlx::sqlite::SqliteArguments;
+use sqlx::Arguments;
+
 use super::*;
 use crate::store::json_rows;
 
@@ -32,15 +36,17 @@ pub(super) async fn prepare(
     Ok(split_prepared(rows))
 }
 
-pub(super) async fn write(
-    c: &mut sqlx::SqliteConnection,
-    rows: &[(&Payment, &str, &str)],
-    spent: &[((&str, &str, i64), i64)],
+/// The spend buckets, the payment rows, their events and the event counter's advance,
+/// as statements of the engine's last call (`HookBatch::sqlite_steps`).
+pub(super) fn steps(
+    args: &mut SqliteArguments<'static>,
+    rows: &[PaymentRow<'_>],
+    spent: &[SpendRow<'_>],
     events: &[EventFields],
     now_us: i64,
-) -> std::result::Result<(), sqlx::Error> {
+) -> std::result::Result<String, BoxDynError> {
     let spent: Vec<(&str, &str, i64, i64)> = spent.iter().map(|((s, c, h), a)| (*s, *c, *h, *a)).collect();
-    type PaymentRow<'a> = (
+    type PaymentJson<'a> = (
         &'a str,
         &'a str,
         &'a str,
@@ -58,7 +64,7 @@ pub(super) async fn write(
         i64,
         Option<i64>,
     );
-    let payments: Vec<PaymentRow<'_>> = rows
+    let payments: Vec<PaymentJson<'_>> = rows
         .iter()
         .map(|(p, key, hash)| {
             (
@@ -122,10 +128,15 @@ pub(super) async fn write(
     // Wallet-only sends: the whole amount from the wallet, no card, no fee. The spend
     // buckets, the payment rows, their events (numbered from the counter as it stands;
     // the batch holds SQLite's write lock, so nothing else moves it) and the counter's
-    // advance: four statements sent as one, a hand-off to SQLite's thread and back for
-    // each saved. Positional parameters, taken in order across the statements. `WHERE
+    // advance. Positional parameters, taken in order across the statements. `WHERE
     // true` tells SQLite's parser that ON CONFLICT belongs to the INSERT.
-    sqlx::query(concat!(
+    args.add(json_rows(&spent)?)?;
+    args.add(json_rows(&payments)?)?;
+    args.add(now_us)?;
+    args.add(json_rows(&events)?)?;
+    args.add(now_us)?;
+    args.add(events.len() as i64)?;
+    Ok(concat!(
         "WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?)) \
          INSERT INTO payment_spend (sender_id, currency, hour, amount) \
          SELECT r.v ->> 0, r.v ->> 1, r.v ->> 2, r.v ->> 3 FROM r WHERE true \
@@ -144,14 +155,6 @@ pub(super) async fn write(
          r.v ->> 3, r.v ->> 4, r.v ->> 5, r.v ->> 6, r.v ->> 7, r.v ->> 8, r.v ->> 9, r.v ->> 10, r.v ->> 11, \
          r.v ->> 12, r.v ->> 13, '', ? FROM r; \
          UPDATE payment_event_sequence SET last_value = last_value + ? WHERE id = 1"
-    ))
-    .bind(json_rows(&spent)?)
-    .bind(json_rows(&payments)?)
-    .bind(now_us)
-    .bind(json_rows(&events)?)
-    .bind(now_us)
-    .bind(events.len() as i64)
-    .execute(&mut *c)
-    .await?;
-    Ok(())
+    )
+    .to_owned())
 }

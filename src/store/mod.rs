@@ -408,6 +408,13 @@ pub fn json_rows<T: serde::Serialize>(rows: &[T]) -> Result<String, sqlx::Error>
     serde_json::to_string(rows).map_err(|e| sqlx::Error::Encode(Box::new(e)))
 }
 
+/// Reads back rows that SQLite returned as one JSON array of arrays
+/// (`json_group_array(json_array(...))`): one row handed over by SQLite's thread instead
+/// of one per row.
+pub fn from_json_rows<T: serde::de::DeserializeOwned>(json: &str) -> Result<Vec<T>, sqlx::Error> {
+    serde_json::from_str(json).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
 /// Replaces the database name of a PostgreSQL URL, keeping its query string.
 pub fn with_database(url: &str, name: &str) -> String {
     let (base, query) = match url.split_once('?') {

@@ -5,7 +5,7 @@ use sqlx::sqlite::SqliteArguments;
 use sqlx::Arguments;
 
 use super::*;
-use crate::store::json_rows;
+use crate::store::{from_json_rows, json_rows};
 
 pub(super) async fn prepare(
     c: &mut sqlx::SqliteConnection,
@@ -17,22 +17,26 @@ pub(super) async fn prepare(
     // Each list travels as one JSON parameter (see `store::json_rows`). Keys already
     // used, the parties' accounts and the senders' spend in the window: three keyed reads
     // in one statement, told apart by the first column, as on PostgreSQL; each statement
-    // is a hand-off to SQLite's thread and back.
-    let rows: Vec<(i64, String, String, String, String, i64)> = sqlx::query_as(
-        "SELECT 1, p.sender_id, p.idempotency_key, p.payment_id, p.request_hash, 0 FROM json_each(?1) AS j \
+    // is a hand-off to SQLite's thread and back. The rows come back as one JSON array in
+    // one row (`store::from_json_rows`): SQLite's thread hands each row over on its own.
+    let rows: String = sqlx::query_scalar(
+        "SELECT json_group_array(json_array(kind, a, b, c, d, n)) FROM ( \
+         SELECT 1 AS kind, p.sender_id AS a, p.idempotency_key AS b, p.payment_id AS c, p.request_hash AS d, \
+         0 AS n FROM json_each(?1) AS j \
          JOIN payments p ON p.sender_id = j.value ->> 0 AND p.idempotency_key = j.value ->> 1 \
          UNION ALL \
          SELECT 2, user_id, tier, status, '', 0 FROM accounts WHERE user_id IN (SELECT value FROM json_each(?2)) \
          UNION ALL \
          SELECT 3, sender_id, currency, '', '', CAST(SUM(amount) AS BIGINT) FROM payment_spend \
-         WHERE sender_id IN (SELECT value FROM json_each(?3)) AND hour >= ?4 GROUP BY sender_id, currency",
+         WHERE sender_id IN (SELECT value FROM json_each(?3)) AND hour >= ?4 GROUP BY sender_id, currency)",
     )
     .bind(json_rows(keys)?)
     .bind(json_rows(users)?)
     .bind(json_rows(senders)?)
     .bind(since_hour)
-    .fetch_all(&mut *c)
+    .fetch_one(&mut *c)
     .await?;
+    let rows: Vec<(i64, String, String, String, String, i64)> = from_json_rows(&rows)?;
     Ok(split_prepared(rows))
 }
 

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use crate::accounts::UserId;
 use crate::error::{Error, Result};
+use crate::ledger::read::sequence_before;
 use crate::ledger::AccountCode;
 use crate::money::{Currency, Money};
 use crate::store::Db;
@@ -45,22 +46,29 @@ pub async fn statement(db: &Db, user: &UserId, currency: Currency, from_us: i64,
         return Ok(Statement { opening: Money::zero(currency), closing: Money::zero(currency), movements: Vec::new() });
     };
     // Wallets are credit-normal: credits in, debits out.
-    let opening: Option<i64> = with_db!(db, pool => sqlx::query_scalar(
+    // Time ranges of an account's postings are read as sequence ranges
+    // (`ledger::read::sequence_before`).
+    let sql = format!(
         "SELECT CAST(SUM(CASE WHEN direction = 'C' THEN amount ELSE -amount END) AS BIGINT) FROM ledger_postings \
-         WHERE account_id = $1 AND NOT pending AND created_at_us < $2",
-    )
+         WHERE account_id = $1 AND sequence <= {} AND NOT pending AND created_at_us < $2",
+        sequence_before("<", "$2"),
+    );
+    let opening: Option<i64> = with_db!(db, pool => sqlx::query_scalar(&sql)
     .bind(account_id)
     .bind(from_us)
     .fetch_one(pool)
     .await)?;
     // Every posting of the entries that touched the wallet in the period.
-    let rows: Vec<PostingLine> = with_db!(db, pool => sqlx::query_as(
+    let sql = format!(
         "SELECT e.id, e.sequence, e.created_at_us, e.kind, e.description, p.account_id, a.code, p.direction, p.amount \
          FROM ledger_entries e JOIN ledger_postings p ON p.entry_id = e.id JOIN ledger_accounts a ON a.id = p.account_id \
-         WHERE e.id IN (SELECT entry_id FROM ledger_postings WHERE account_id = $1 AND NOT pending \
-                        AND created_at_us >= $2 AND created_at_us < $3) \
+         WHERE e.id IN (SELECT entry_id FROM ledger_postings WHERE account_id = $1 AND sequence > {} \
+                        AND sequence <= {} AND NOT pending AND created_at_us >= $2 AND created_at_us < $3) \
          ORDER BY e.sequence, p.idx",
-    )
+        sequence_before("<", "$2"),
+        sequence_before("<", "$3"),
+    );
+    let rows: Vec<PostingLine> = with_db!(db, pool => sqlx::query_as(&sql)
     .bind(account_id)
     .bind(from_us)
     .bind(to_us)

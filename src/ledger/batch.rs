@@ -14,7 +14,18 @@ use crate::error::{Error, Result};
 use crate::store::Db;
 
 /// The outcome of one batch transaction: a decision per command of the plan.
-pub(crate) type BatchResult = std::result::Result<Vec<Decision>, sqlx::Error>;
+/// The batch's decisions, and the time its entries were written with (`Committed`).
+pub(crate) type BatchResult = std::result::Result<Committed, sqlx::Error>;
+
+/// A committed batch: its decisions, and its entries' `created_at_us`. That time is
+/// assigned under the journal's sequence row, as the later of the batch's clock reading
+/// and the last batch's time, so entries' times never go backwards in sequence order
+/// (two concurrent batches read the clock before either takes the row) and a time range
+/// of the journal is a sequence range (`read::sequence_before`).
+pub(crate) struct Committed {
+    pub decisions: Vec<Decision>,
+    pub created_at_us: i64,
+}
 
 /// What running a batch needs besides its commands.
 pub(super) struct BatchContext<'a> {
@@ -157,13 +168,12 @@ async fn run_transaction(ctx: &BatchContext<'_>, cmds: Vec<&Command>) -> Vec<Res
     loop {
         attempt += 1;
         let plan = Plan::new(cmds.clone());
-        let created_at_us = plan.now_us;
         let result: BatchResult = match db {
             Db::Postgres(pool) => super::batch_pg::commit(pool, hook, &plan, timeout).await,
             Db::Sqlite(pool) => super::batch_sqlite::commit(pool, hook, &plan).await,
         };
         let err = match result {
-            Ok(decisions) => {
+            Ok(Committed { decisions, created_at_us }) => {
                 return decisions
                     .into_iter()
                     .map(|d| match d {

@@ -20,7 +20,7 @@ use sqlx::error::BoxDynError;
 use sqlx::postgres::PgArguments;
 use sqlx::{Arguments, PgPool};
 
-use super::batch::{BatchResult, KeyRecord};
+use super::batch::{BatchResult, Committed, KeyRecord};
 use super::decide::{accepted, number_accepted, AccountState, Decision, Draft, Plan};
 use super::hook::{BatchHook, Conn, HookBatch};
 use super::model::Balance;
@@ -181,8 +181,11 @@ async fn transaction(conn: &mut sqlx::PgConnection, hook: Option<&dyn BatchHook>
     //    the batch holds the sequence row, whatever the batch size. Its AFTER STATEMENT
     //    triggers see all of it.
     let drafts = accepted(&decisions);
-    if let Some(base) = write_journal(&mut tx, &drafts, &accounts, hook_batch.as_deref_mut(), plan.now_us).await? {
+    let mut created_at_us = plan.now_us;
+    if let Some((base, at)) = write_journal(&mut tx, &drafts, &accounts, hook_batch.as_deref_mut(), plan.now_us).await?
+    {
         number_accepted(&mut decisions, base + 1);
+        created_at_us = at;
     }
 
     // 7. Rejected commands leave no key behind: a retry may succeed later.
@@ -203,19 +206,20 @@ async fn transaction(conn: &mut sqlx::PgConnection, hook: Option<&dyn BatchHook>
     }
 
     tx.commit().await?;
-    Ok(decisions)
+    Ok(Committed { decisions, created_at_us })
 }
 
 /// Writes every accepted entry of the batch, and the hook's numbered rows, and returns
-/// the sequence base: entry `k` (1-based, in decision order) gets sequence `base + k`.
-/// `None` when the batch accepted nothing (it then takes no sequence block).
+/// the sequence base (entry `k`, 1-based in decision order, gets sequence `base + k`)
+/// and the entries' time (`batch::Committed`). `None` when the batch accepted nothing
+/// (it then takes no sequence block).
 async fn write_journal(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     drafts: &[&Draft],
     accounts: &HashMap<i64, AccountState>,
     hook: Option<&mut (dyn HookBatch + '_)>,
     now_us: i64,
-) -> Result<Option<i64>, sqlx::Error> {
+) -> Result<Option<(i64, i64)>, sqlx::Error> {
     let mut args = PgArguments::default();
     let mut sql = String::new();
     if !drafts.is_empty() {
@@ -239,24 +243,27 @@ async fn write_journal(
     // that order to change, since only this statement takes both rows, always in one
     // order, and every other transaction that takes the hook's counter takes no
     // sequence row.
-    let main = if drafts.is_empty() { "SELECT NULL::int8" } else { "SELECT base FROM seq" };
+    let main = if drafts.is_empty() { "SELECT NULL::int8, NULL::int8" } else { "SELECT base, at FROM seq" };
     let sql = format!("WITH {sql} {main}");
-    sqlx::query_scalar_with::<_, Option<i64>, _>(&sql, args).fetch_one(&mut **tx).await
+    let (base, at) = sqlx::query_as_with::<_, (Option<i64>, Option<i64>), _>(&sql, args).fetch_one(&mut **tx).await?;
+    Ok(base.zip(at))
 }
 
-/// The journal's own steps: the sequence block, postings, entries and one net balance
-/// update per account. Parameters `$1` to `$25` (`add_journal_args`).
+/// The journal's own steps: the sequence block and the entries' time (the later of the
+/// batch's clock, `$2`, and the last batch's time), postings, entries and one net
+/// balance update per account. Parameters `$1` to `$25` (`add_journal_args`).
 const JOURNAL_STEPS: &str = "seq AS ( \
-       UPDATE ledger_sequence SET last_value = last_value + $1 WHERE id = 1 RETURNING last_value - $1 AS base \
+       UPDATE ledger_sequence SET last_value = last_value + $1, last_at_us = GREATEST(last_at_us, $2) \
+       WHERE id = 1 RETURNING last_value - $1 AS base, last_at_us AS at \
      ), postings AS ( \
        INSERT INTO ledger_postings (entry_id, idx, account_id, direction, amount, currency, pending, sequence, created_at_us) \
-       SELECT t.e, t.i, t.a, t.d, t.m, t.c, t.p, seq.base + t.o, $2 \
+       SELECT t.e, t.i, t.a, t.d, t.m, t.c, t.p, seq.base + t.o, seq.at \
        FROM UNNEST($3::text[], $4::int2[], $5::int8[], $6::text[], $7::int8[], $8::text[], $9::bool[], $10::int8[]) \
          AS t(e, i, a, d, m, c, p, o), seq \
      ), entries AS ( \
        INSERT INTO ledger_entries (id, sequence, kind, description, metadata, status, pending_entry_id, \
          reverses_entry_id, expires_at_us, created_by, created_at_us) \
-       SELECT t.i, seq.base + t.o, t.k, t.d, t.m, t.st, t.p, t.r, t.x, t.c, $2 \
+       SELECT t.i, seq.base + t.o, t.k, t.d, t.m, t.st, t.p, t.r, t.x, t.c, seq.at \
        FROM UNNEST($11::text[], $12::int8[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], \
          $18::text[], $19::int8[], $20::text[]) AS t(i, o, k, d, m, st, p, r, x, c), seq \
      ), balances AS ( \

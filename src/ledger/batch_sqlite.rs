@@ -11,7 +11,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::sqlite::SqliteArguments;
 use sqlx::{Arguments, Sqlite, SqliteConnection, SqlitePool};
 
-use super::batch::{BatchResult, KeyRecord};
+use super::batch::{BatchResult, Committed, KeyRecord};
 use super::decide::{accepted, number_accepted, AccountState, Decision, Draft, Plan};
 use super::hook::{BatchHook, Conn};
 use super::model::Balance;
@@ -71,17 +71,21 @@ async fn run(conn: &mut SqliteConnection, hook: Option<&dyn BatchHook>, plan: &P
     // does. The accounts come back as one JSON array in one row: SQLite's thread hands
     // each row over on its own, waking the engine's worker each time (a few microseconds
     // of the writer's time per row, for a batch's hundred or more rows).
-    let (sequence_last, rows): (Option<i64>, String) = sqlx::query_as(
+    let (sequence_last, last_at_us, rows): (Option<i64>, Option<i64>, String) = sqlx::query_as(
         "BEGIN IMMEDIATE; \
          SELECT (SELECT last_value FROM ledger_sequence WHERE id = 1), \
+         (SELECT last_at_us FROM ledger_sequence WHERE id = 1), \
          (SELECT json_group_array(json_array(id, credit_normal, allow_negative, posted_debits, posted_credits, \
          pending_debits, pending_credits)) FROM ledger_accounts WHERE id IN (SELECT value FROM json_each(?)))",
     )
     .bind(json_rows(&plan.account_ids)?)
     .fetch_one(&mut *conn)
     .await?;
-    let sequence_last =
-        sequence_last.ok_or_else(|| sqlx::Error::Protocol("the ledger_sequence row is missing".into()))?;
+    let (Some(sequence_last), Some(last_at_us)) = (sequence_last, last_at_us) else {
+        return Err(sqlx::Error::Protocol("the ledger_sequence row is missing".into()));
+    };
+    // The entries' time never goes backwards in sequence order (`batch::Committed`).
+    let created_at_us = plan.now_us.max(last_at_us);
     let rows: Vec<(i64, i64, i64, i64, i64, i64, i64)> = from_json_rows(&rows)?;
     let mut accounts: HashMap<i64, AccountState> = rows
         .into_iter()
@@ -181,7 +185,7 @@ async fn run(conn: &mut SqliteConnection, hook: Option<&dyn BatchHook>, plan: &P
                 (*id, s.delta.posted_debits, s.delta.posted_credits, s.delta.pending_debits, s.delta.pending_credits)
             })
             .collect();
-        sql.push_str(entries_steps(&mut args, &drafts, &changed, plan.now_us).map_err(sqlx::Error::Encode)?);
+        sql.push_str(entries_steps(&mut args, &drafts, &changed, created_at_us).map_err(sqlx::Error::Encode)?);
         sql.push_str("; ");
     }
     // One writer holds the whole database, so the order of the hook's rows does not
@@ -208,19 +212,20 @@ async fn run(conn: &mut SqliteConnection, hook: Option<&dyn BatchHook>, plan: &P
     }
     sql.push_str("COMMIT");
     sqlx::query_with(&sql, args).execute(&mut *conn).await?;
-    Ok(decisions)
+    Ok(Committed { decisions, created_at_us })
 }
 
 /// All postings of the batch first, then the entry rows, whose trigger checks that each
 /// entry's postings balance, then one net balance update per account and the
-/// sequence's advance past the batch: four statements of the batch's last call. The
+/// sequence's advance past the batch, with the entries' time: four statements of the
+/// batch's last call. The
 /// parameters are positional (`?`), appended to `args` in the order the statements
 /// take them.
 fn entries_steps(
     args: &mut SqliteArguments<'static>,
     drafts: &[&Draft],
     changed: &[(i64, i64, i64, i64, i64)],
-    now_us: i64,
+    created_at_us: i64,
 ) -> Result<&'static str, BoxDynError> {
     type PostingRow<'a> = (&'a str, i16, i64, &'a str, i64, &'a str, bool, i64);
     let postings: Vec<PostingRow<'_>> = drafts
@@ -260,11 +265,12 @@ fn entries_steps(
         })
         .collect();
     args.add(json_rows(&postings)?)?;
-    args.add(now_us)?;
+    args.add(created_at_us)?;
     args.add(json_rows(&entries)?)?;
-    args.add(now_us)?;
+    args.add(created_at_us)?;
     args.add(json_rows(changed)?)?;
     args.add(drafts.len() as i64)?;
+    args.add(created_at_us)?;
     Ok("WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?)) \
         INSERT INTO ledger_postings (entry_id, idx, account_id, direction, amount, currency, pending, sequence, \
         created_at_us) \
@@ -279,5 +285,5 @@ fn entries_steps(
         posted_credits = posted_credits + (r.v ->> 2), pending_debits = pending_debits + (r.v ->> 3), \
         pending_credits = pending_credits + (r.v ->> 4), version = version + 1 \
         FROM r WHERE ledger_accounts.id = r.v ->> 0; \
-        UPDATE ledger_sequence SET last_value = last_value + ? WHERE id = 1")
+        UPDATE ledger_sequence SET last_value = last_value + ?, last_at_us = ? WHERE id = 1")
 }

@@ -135,6 +135,20 @@ pub fn page_size(requested: u32) -> Result<u32> {
     }
 }
 
+/// SQL for the sequence of the last entry created before a time (`op` is `<` or `<=`,
+/// `param` the time's placeholder), 0 when there is none. Entries' times never go
+/// backwards in sequence order (`batch::Committed`), so the entries created before a
+/// time are exactly those up to this sequence, and an account's postings in a time range
+/// are read through the index by account and sequence. The callers keep their filter on
+/// the time as well: it costs nothing on the rows the range reads, and keeps an answer
+/// exact for entries written before times were assigned in order.
+pub(crate) fn sequence_before(op: &str, param: &str) -> String {
+    format!(
+        "COALESCE((SELECT sequence FROM ledger_entries WHERE created_at_us {op} {param} \
+         ORDER BY created_at_us DESC, sequence DESC LIMIT 1), 0)"
+    )
+}
+
 /// Entries that touch an account, newest first, in `[from_us, to_us)`.
 pub async fn list_entries(
     db: &Db,
@@ -145,11 +159,15 @@ pub async fn list_entries(
     before_sequence: i64,
 ) -> Result<(Vec<Entry>, Option<String>)> {
     let limit = i64::from(page_size) + 1;
-    let rows: Vec<(i64, String)> = with_db!(db, pool => sqlx::query_as(
+    let sql = format!(
         "SELECT DISTINCT sequence, entry_id FROM ledger_postings \
-         WHERE account_id = $1 AND sequence < $2 AND created_at_us >= $3 AND created_at_us < $4 \
+         WHERE account_id = $1 AND sequence < $2 AND sequence > {} AND sequence <= {} \
+         AND created_at_us >= $3 AND created_at_us < $4 \
          ORDER BY sequence DESC LIMIT $5",
-    )
+        sequence_before("<", "$3"),
+        sequence_before("<", "$4"),
+    );
+    let rows: Vec<(i64, String)> = with_db!(db, pool => sqlx::query_as(&sql)
     .bind(account_id)
     .bind(before_sequence)
     .bind(from_us)
@@ -166,11 +184,13 @@ pub async fn list_entries(
 
 /// Posted debits and credits of an account up to and including `as_of_us`.
 pub async fn posted_as_of(db: &Db, account_id: i64, as_of_us: i64) -> Result<(i64, i64)> {
-    let row: (Option<i64>, Option<i64>) = with_db!(db, pool => sqlx::query_as(
+    let sql = format!(
         "SELECT CAST(SUM(CASE WHEN direction = 'D' THEN amount ELSE 0 END) AS BIGINT), \
                 CAST(SUM(CASE WHEN direction = 'C' THEN amount ELSE 0 END) AS BIGINT) \
-         FROM ledger_postings WHERE account_id = $1 AND NOT pending AND created_at_us <= $2",
-    )
+         FROM ledger_postings WHERE account_id = $1 AND sequence <= {} AND NOT pending AND created_at_us <= $2",
+        sequence_before("<=", "$2"),
+    );
+    let row: (Option<i64>, Option<i64>) = with_db!(db, pool => sqlx::query_as(&sql)
     .bind(account_id)
     .bind(as_of_us)
     .fetch_one(pool)

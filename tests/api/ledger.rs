@@ -595,6 +595,59 @@ async fn create_ledger_account(app: TestApp) {
     }
 }
 
+/// Entries' times never go backwards in sequence order, even when the clock does (an
+/// NTP step): the engine writes a batch with the later of its clock and the last batch's
+/// time, and answers with the time it wrote. A point-in-time balance reads the journal
+/// up to the last entry at that time. Shifting the clock is process-wide, so this needs
+/// nextest's one process per test.
+async fn entry_times_never_go_backwards(app: TestApp) {
+    assert!(
+        std::env::var_os("NEXTEST").is_some(),
+        "run the suite with cargo nextest (`make test`): this test shifts the process clock"
+    );
+    let t = app.token("svc-ledger", LEDGER_SCOPES);
+    let first = fund(&app, &t, "alice", "10.00").await;
+    let at = |e: &pb::Entry| {
+        let ts = e.created_at.expect("created_at");
+        ts.seconds * 1_000_000 + i64::from(ts.nanos) / 1000
+    };
+    dmpay::store::set_clock_offset_for_tests(-3_600_000_000);
+    let second = fund(&app, &t, "alice", "5.00").await;
+    dmpay::store::set_clock_offset_for_tests(0);
+    assert_eq!(second.sequence, first.sequence + 1);
+    assert_eq!(at(&second), at(&first), "an hour back on the clock is not an hour back in the journal");
+    let stored = app
+        .ledger()
+        .get_entry(authed(pb::GetEntryRequest { entry_id: second.entry_id.clone() }, &t))
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(stored, second, "the answer carries the time that was written");
+    let third = fund(&app, &t, "alice", "1.00").await;
+    assert!(at(&third) >= at(&second));
+    let posted_at = |us: i64| {
+        let app = &app;
+        let t = &t;
+        async move {
+            let ts = prost_types::Timestamp { seconds: us / 1_000_000, nanos: ((us % 1_000_000) * 1000) as i32 };
+            let b = app
+                .ledger()
+                .get_ledger_balance(authed(
+                    pb::GetLedgerBalanceRequest { account_code: ALICE.into(), as_of: Some(ts) },
+                    t,
+                ))
+                .await
+                .expect("as_of")
+                .into_inner();
+            amount(&b.posted).to_owned()
+        }
+    };
+    assert_eq!(posted_at(at(&first) - 1).await, "0.00");
+    assert_eq!(posted_at(at(&second)).await, if at(&third) == at(&second) { "16.00" } else { "15.00" });
+    assert_eq!(posted_at(at(&third)).await, "16.00");
+    assert!(app.verify().await.ok());
+}
+
 async fn tampering_is_refused_by_the_database(app: TestApp) {
     let t = app.token("svc-ledger", LEDGER_SCOPES);
     let e = fund(&app, &t, "alice", "10.00").await;
@@ -676,4 +729,5 @@ backend_tests!(
     bad_input_writes_nothing,
     create_ledger_account,
     tampering_is_refused_by_the_database,
+    entry_times_never_go_backwards,
 );

@@ -71,19 +71,17 @@ async fn run(conn: &mut SqliteConnection, hook: Option<&dyn BatchHook>, plan: &P
     // does. The accounts come back as one JSON array in one row: SQLite's thread hands
     // each row over on its own, waking the engine's worker each time (a few microseconds
     // of the writer's time per row, for a batch's hundred or more rows).
-    let (sequence_last, last_at_us, rows): (Option<i64>, Option<i64>, String) = sqlx::query_as(
+    let (sequence_last, last_at_us, rows): (i64, i64, String) = sqlx::query_as(
         "BEGIN IMMEDIATE; \
-         SELECT (SELECT last_value FROM ledger_sequence WHERE id = 1), \
-         (SELECT last_at_us FROM ledger_sequence WHERE id = 1), \
+         SELECT last_value, last_at_us, \
          (SELECT json_group_array(json_array(id, credit_normal, allow_negative, posted_debits, posted_credits, \
-         pending_debits, pending_credits)) FROM ledger_accounts WHERE id IN (SELECT value FROM json_each(?)))",
+         pending_debits, pending_credits)) FROM ledger_accounts WHERE id IN (SELECT value FROM json_each(?))) \
+         FROM ledger_sequence WHERE id = 1",
     )
     .bind(json_rows(&plan.account_ids)?)
-    .fetch_one(&mut *conn)
-    .await?;
-    let (Some(sequence_last), Some(last_at_us)) = (sequence_last, last_at_us) else {
-        return Err(sqlx::Error::Protocol("the ledger_sequence row is missing".into()));
-    };
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or_else(|| sqlx::Error::Protocol("the ledger_sequence row is missing".into()))?;
     // The entries' time never goes backwards in sequence order (`batch::Committed`).
     let created_at_us = plan.now_us.max(last_at_us);
     let rows: Vec<(i64, i64, i64, i64, i64, i64, i64)> = from_json_rows(&rows)?;
@@ -218,9 +216,8 @@ async fn run(conn: &mut SqliteConnection, hook: Option<&dyn BatchHook>, plan: &P
 /// All postings of the batch first, then the entry rows, whose trigger checks that each
 /// entry's postings balance, then one net balance update per account and the
 /// sequence's advance past the batch, with the entries' time: four statements of the
-/// batch's last call. The
-/// parameters are positional (`?`), appended to `args` in the order the statements
-/// take them.
+/// batch's last call. The parameters are positional (`?`), appended to `args` in the
+/// order the statements take them.
 fn entries_steps(
     args: &mut SqliteArguments<'static>,
     drafts: &[&Draft],

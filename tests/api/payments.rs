@@ -504,26 +504,14 @@ async fn a_short_sender_fails_alone(app: TestApp) {
     for u in ["u1", "u2", "u3"] {
         fund_user(&app, u, "10.00").await;
     }
-    let mut tasks = Vec::new();
-    for (i, u) in ["alice", "u1", "u2", "u3"].into_iter().enumerate() {
-        let mut client = app.payments();
-        let t = app.token(u, PAY_SCOPES);
-        let amount = if u == "alice" { "10.01" } else { "5.00" };
-        tasks.push(tokio::spawn(async move {
-            client
-                .send_payment(authed(
-                    pb::SendPaymentRequest {
-                        idempotency_key: format!("s{i}"),
-                        recipient_id: "seller".into(),
-                        amount: usd(amount),
-                        funding_source: Balance as i32,
-                        ..Default::default()
-                    },
-                    &t,
-                ))
-                .await
-        }));
-    }
+    let tasks = ["alice", "u1", "u2", "u3"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, u)| {
+            let amount = if u == "alice" { "10.01" } else { "5.00" };
+            spawn_send_to_seller(&app, u, format!("s{i}"), amount, "")
+        })
+        .collect();
     let results: Vec<_> = futures_join(tasks).await;
     let err = results[0].as_ref().unwrap_err();
     assert_eq!(reason(err), "INSUFFICIENT_FUNDS");
@@ -573,27 +561,13 @@ async fn a_batch_refused_part_way_writes_nothing(app: TestApp) {
         fund_user(&app, u, "10.00").await;
     }
     let (entries, events) = (app.count("ledger_entries").await, app.count("payment_events").await);
-    let mut tasks = Vec::new();
-    for (i, u) in users.into_iter().enumerate() {
-        let mut client = app.payments();
-        let t = app.token(u, PAY_SCOPES);
-        let note = if u == "u2" { "poison" } else { "lunch" };
-        tasks.push(tokio::spawn(async move {
-            client
-                .send_payment(authed(
-                    pb::SendPaymentRequest {
-                        idempotency_key: format!("p{i}"),
-                        recipient_id: "seller".into(),
-                        amount: usd("5.00"),
-                        note: note.into(),
-                        funding_source: Balance as i32,
-                        ..Default::default()
-                    },
-                    &t,
-                ))
-                .await
-        }));
-    }
+    let tasks = users
+        .into_iter()
+        .enumerate()
+        .map(|(i, u)| {
+            spawn_send_to_seller(&app, u, format!("p{i}"), "5.00", if u == "u2" { "poison" } else { "lunch" })
+        })
+        .collect();
     let results = futures_join(tasks).await;
     assert_eq!(results[1].as_ref().unwrap_err().code(), Code::Internal, "{:?}", results[1]);
     for (i, r) in results.iter().enumerate().filter(|(i, _)| *i != 1) {
@@ -611,6 +585,27 @@ async fn a_batch_refused_part_way_writes_nothing(app: TestApp) {
     assert_eq!(p.status, pb::PaymentStatus::Settled as i32);
     assert_eq!(amt(&app.wallet("seller").await.posted), "20.00");
     assert!(app.verify().await.ok());
+}
+
+/// A balance-funded send of `amount` USD from `user` to "seller", started at once.
+fn spawn_send_to_seller(
+    app: &TestApp,
+    user: &str,
+    key: String,
+    amount: &str,
+    note: &str,
+) -> tokio::task::JoinHandle<Result<tonic::Response<pb::Payment>, tonic::Status>> {
+    let mut client = app.payments();
+    let t = app.token(user, PAY_SCOPES);
+    let request = pb::SendPaymentRequest {
+        idempotency_key: key,
+        recipient_id: "seller".into(),
+        amount: usd(amount),
+        note: note.into(),
+        funding_source: Balance as i32,
+        ..Default::default()
+    };
+    tokio::spawn(async move { client.send_payment(authed(request, &t)).await })
 }
 
 async fn futures_join<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {

@@ -31,25 +31,21 @@ use super::*;
 fn prepare_sql() -> &'static str {
     static BATCHES: AtomicU64 = AtomicU64::new(0);
     static SPELLINGS: OnceLock<Vec<String>> = OnceLock::new();
-    let spellings = SPELLINGS.get_or_init(|| {
-        (0..PLAN_GENERATIONS)
-            .map(|g| {
-                format!(
-                    "/* plan generation {g} */ \
-                     SELECT 1::int2, p.sender_id, p.idempotency_key, p.payment_id, p.request_hash, 0::int8 \
-                     FROM UNNEST($1::text[], $2::text[]) AS t(s, k) \
-                     JOIN payments p ON p.sender_id = t.s AND p.idempotency_key = t.k \
-                     UNION ALL \
-                     SELECT 2::int2, user_id, tier, status, '', 0::int8 FROM accounts WHERE user_id = ANY($3) \
-                     UNION ALL \
-                     SELECT 3::int2, sender_id, currency, '', '', CAST(SUM(amount) AS BIGINT) FROM payment_spend \
-                     WHERE sender_id = ANY($4) AND hour >= $5 GROUP BY sender_id, currency"
-                )
-            })
-            .collect()
-    });
+    let spellings = SPELLINGS
+        .get_or_init(|| (0..PLAN_GENERATIONS).map(|g| format!("/* plan generation {g} */ {RULES_READ}")).collect());
     &spellings[plan_generation(BATCHES.fetch_add(1, Ordering::Relaxed).wrapping_add(1))]
 }
+
+/// Keys already used, the parties' accounts and the senders' spend in the window: three
+/// keyed reads in one round trip, told apart by the first column.
+const RULES_READ: &str = "SELECT 1::int2, p.sender_id, p.idempotency_key, p.payment_id, p.request_hash, 0::int8 \
+     FROM UNNEST($1::text[], $2::text[]) AS t(s, k) \
+     JOIN payments p ON p.sender_id = t.s AND p.idempotency_key = t.k \
+     UNION ALL \
+     SELECT 2::int2, user_id, tier, status, '', 0::int8 FROM accounts WHERE user_id = ANY($3) \
+     UNION ALL \
+     SELECT 3::int2, sender_id, currency, '', '', CAST(SUM(amount) AS BIGINT) FROM payment_spend \
+     WHERE sender_id = ANY($4) AND hour >= $5 GROUP BY sender_id, currency";
 
 /// The spelling for the `n`th batch (from 1): the base-2 logarithm of `n`, so the
 /// spelling changes at 2, 4, 8, ... batches, capped at the last one.
@@ -69,9 +65,7 @@ pub(super) async fn prepare(
     since_hour: i64,
 ) -> std::result::Result<Prepared, sqlx::Error> {
     let (ks, kk): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
-    // Keys already used, the parties' accounts and the senders' spend in the
-    // window: three keyed reads in one round trip, told apart by the first column.
-    // `users` and `senders` come deduplicated.
+    // `RULES_READ`; `users` and `senders` come deduplicated.
     let rows: Vec<(i16, String, String, String, String, i64)> = sqlx::query_as(prepare_sql())
         .bind(&ks)
         .bind(&kk)

@@ -22,7 +22,7 @@ use sqlx::{Arguments, PgPool};
 
 use super::batch::{BatchResult, Committed, KeyRecord};
 use super::decide::{accepted, number_accepted, AccountState, Decision, Draft, Plan};
-use super::hook::{BatchHook, Conn, HookBatch};
+use super::hook::{bind_step, BatchHook, Conn, HookBatch};
 use super::model::Balance;
 
 pub(crate) async fn lookup_keys(pool: &PgPool, pairs: &[(String, String)]) -> Result<Vec<KeyRecord>, sqlx::Error> {
@@ -169,20 +169,39 @@ async fn transaction(conn: &mut sqlx::PgConnection, hook: Option<&dyn BatchHook>
     };
     let mut decisions = plan.decide(&mut accounts, &resolved, &reversed, &keys_taken, hook_batch.as_deref_mut());
 
-    // 5. The hook's rows that need no shared counter (payment rows, limit buckets),
-    //    before the sequence row is taken: every batch needs that row, so the work done
-    //    while holding it is what serializes batches whose accounts do not overlap.
+    // 5. The balances, and the hook's rows that need no shared counter (payment rows,
+    //    limit buckets), in one statement before the sequence row is taken: every batch
+    //    needs that row, so the work done while holding it is what serializes batches
+    //    whose accounts do not overlap. The balance rows are locked already (step 2).
+    //    With nothing of the hook's to write here, the balances go with the journal
+    //    rather than cost a round trip of their own.
+    let balances = balance_changes(&accounts);
+    let mut balances_written = false;
     if let Some(h) = hook_batch.as_mut() {
-        h.write(&mut Conn::Postgres(&mut tx), plan.now_us).await?;
+        let mut args = PgArguments::default();
+        let mut sql = String::from("WITH ");
+        if !balances.is_empty() {
+            sql.push_str(&balances_step(&mut args, &balances).map_err(sqlx::Error::Encode)?);
+        }
+        if let Some(steps) = h.write_steps(&mut args, plan.now_us).map_err(sqlx::Error::Encode)? {
+            if !balances.is_empty() {
+                sql.push_str(", ");
+            }
+            sql.push_str(&steps);
+            sql.push_str(" SELECT 1");
+            sqlx::query_with(&sql, args).execute(&mut *tx).await?;
+            balances_written = true;
+        }
     }
+    let balances = if balances_written { Vec::new() } else { balances };
 
-    // 6. Sequence block, postings, entries and balances in one statement, with the
-    //    hook's numbered rows (outbox events) as more steps of it: one round trip while
-    //    the batch holds the sequence row, whatever the batch size. Its AFTER STATEMENT
-    //    triggers see all of it.
+    // 6. Sequence block, postings, entries (and the balances, when step 5 did not write
+    //    them) in one statement, with the hook's numbered rows (outbox events) as more
+    //    steps of it: one round trip while the batch holds the sequence row, whatever the
+    //    batch size. Its AFTER STATEMENT triggers see all of it.
     let drafts = accepted(&decisions);
     let mut created_at_us = plan.now_us;
-    if let Some((base, at)) = write_journal(&mut tx, &drafts, &accounts, hook_batch.as_deref_mut(), plan.now_us).await?
+    if let Some((base, at)) = write_journal(&mut tx, &drafts, &balances, hook_batch.as_deref_mut(), plan.now_us).await?
     {
         number_accepted(&mut decisions, base + 1);
         created_at_us = at;
@@ -216,7 +235,7 @@ async fn transaction(conn: &mut sqlx::PgConnection, hook: Option<&dyn BatchHook>
 async fn write_journal(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     drafts: &[&Draft],
-    accounts: &HashMap<i64, AccountState>,
+    balances: &[(i64, Balance)],
     hook: Option<&mut (dyn HookBatch + '_)>,
     now_us: i64,
 ) -> Result<Option<(i64, i64)>, sqlx::Error> {
@@ -224,7 +243,11 @@ async fn write_journal(
     let mut sql = String::new();
     if !drafts.is_empty() {
         sql.push_str(JOURNAL_STEPS);
-        add_journal_args(&mut args, drafts, accounts, now_us).map_err(sqlx::Error::Encode)?;
+        add_journal_args(&mut args, drafts, now_us).map_err(sqlx::Error::Encode)?;
+        if !balances.is_empty() {
+            sql.push_str(", ");
+            sql.push_str(&balances_step(&mut args, balances).map_err(sqlx::Error::Encode)?);
+        }
     }
     if let Some(steps) =
         hook.map(|h| h.journal_steps(&mut args, now_us)).transpose().map_err(sqlx::Error::Encode)?.flatten()
@@ -250,8 +273,8 @@ async fn write_journal(
 }
 
 /// The journal's own steps: the sequence block and the entries' time (the later of the
-/// batch's clock, `$2`, and the last batch's time), postings, entries and one net
-/// balance update per account. Parameters `$1` to `$25` (`add_journal_args`).
+/// batch's clock, `$2`, and the last batch's time), postings and entries. Parameters
+/// `$1` to `$20` (`add_journal_args`).
 const JOURNAL_STEPS: &str = "seq AS ( \
        UPDATE ledger_sequence SET last_value = last_value + $1, last_at_us = GREATEST(last_at_us, $2) \
        WHERE id = 1 RETURNING last_value - $1 AS base, last_at_us AS at \
@@ -266,20 +289,34 @@ const JOURNAL_STEPS: &str = "seq AS ( \
        SELECT t.i, seq.base + t.o, t.k, t.d, t.m, t.st, t.p, t.r, t.x, t.c, seq.at \
        FROM UNNEST($11::text[], $12::int8[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], \
          $18::text[], $19::int8[], $20::text[]) AS t(i, o, k, d, m, st, p, r, x, c), seq \
-     ), balances AS ( \
-       UPDATE ledger_accounts a SET posted_debits = a.posted_debits + d.pd, \
-         posted_credits = a.posted_credits + d.pc, pending_debits = a.pending_debits + d.qd, \
-         pending_credits = a.pending_credits + d.qc, version = a.version + 1 \
-       FROM UNNEST($21::int8[], $22::int8[], $23::int8[], $24::int8[], $25::int8[]) AS d(id, pd, pc, qd, qc) \
-       WHERE a.id = d.id AND a.id = ANY ($21::int8[]) \
      )";
 
-fn add_journal_args(
-    args: &mut PgArguments,
-    drafts: &[&Draft],
-    accounts: &HashMap<i64, AccountState>,
-    now_us: i64,
-) -> Result<(), BoxDynError> {
+/// The net change of each account the batch's decisions changed, one row per account
+/// whatever number of entries touched it.
+fn balance_changes(accounts: &HashMap<i64, AccountState>) -> Vec<(i64, Balance)> {
+    accounts.iter().filter(|(_, s)| s.delta != Balance::default()).map(|(id, s)| (*id, s.delta)).collect()
+}
+
+/// The balance updates, as a step (`balances AS (...)`) of the statement whose
+/// parameters `args` holds.
+fn balances_step(args: &mut PgArguments, changed: &[(i64, Balance)]) -> Result<String, BoxDynError> {
+    let id = bind_step(args, changed.iter().map(|c| c.0).collect::<Vec<i64>>())?;
+    let pd = bind_step(args, changed.iter().map(|c| c.1.posted_debits).collect::<Vec<i64>>())?;
+    let pc = bind_step(args, changed.iter().map(|c| c.1.posted_credits).collect::<Vec<i64>>())?;
+    let qd = bind_step(args, changed.iter().map(|c| c.1.pending_debits).collect::<Vec<i64>>())?;
+    let qc = bind_step(args, changed.iter().map(|c| c.1.pending_credits).collect::<Vec<i64>>())?;
+    Ok(format!(
+        "balances AS ( \
+           UPDATE ledger_accounts a SET posted_debits = a.posted_debits + d.pd, \
+             posted_credits = a.posted_credits + d.pc, pending_debits = a.pending_debits + d.qd, \
+             pending_credits = a.pending_credits + d.qc, version = a.version + 1 \
+           FROM UNNEST({id}::int8[], {pd}::int8[], {pc}::int8[], {qd}::int8[], {qc}::int8[]) AS d(id, pd, pc, qd, qc) \
+           WHERE a.id = d.id AND a.id = ANY ({id}::int8[]) \
+         )"
+    ))
+}
+
+fn add_journal_args(args: &mut PgArguments, drafts: &[&Draft], now_us: i64) -> Result<(), BoxDynError> {
     let n: usize = drafts.iter().map(|d| d.postings.len()).sum();
     let mut p_entry = Vec::with_capacity(n);
     let mut p_idx = Vec::with_capacity(n);
@@ -311,15 +348,6 @@ fn add_journal_args(
     let e_reverses: Vec<Option<&str>> = drafts.iter().map(|d| d.reverses_entry_id.as_deref()).collect();
     let e_expires: Vec<Option<i64>> = drafts.iter().map(|d| d.expires_at_us).collect();
     let e_by: Vec<&str> = drafts.iter().map(|d| d.created_by.as_str()).collect();
-    // One net update per account, whatever number of entries touched it.
-    let changed: Vec<(i64, Balance)> =
-        accounts.iter().filter(|(_, s)| s.delta != Balance::default()).map(|(id, s)| (*id, s.delta)).collect();
-    let b_id: Vec<i64> = changed.iter().map(|c| c.0).collect();
-    let b_pd: Vec<i64> = changed.iter().map(|c| c.1.posted_debits).collect();
-    let b_pc: Vec<i64> = changed.iter().map(|c| c.1.posted_credits).collect();
-    let b_qd: Vec<i64> = changed.iter().map(|c| c.1.pending_debits).collect();
-    let b_qc: Vec<i64> = changed.iter().map(|c| c.1.pending_credits).collect();
-
     args.add(drafts.len() as i64)?;
     args.add(now_us)?;
     args.add(p_entry)?;
@@ -340,10 +368,5 @@ fn add_journal_args(
     args.add(e_reverses)?;
     args.add(e_expires)?;
     args.add(e_by)?;
-    args.add(b_id)?;
-    args.add(b_pd)?;
-    args.add(b_pc)?;
-    args.add(b_qd)?;
-    args.add(b_qc)?;
     Ok(())
 }

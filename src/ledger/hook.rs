@@ -53,16 +53,18 @@ pub trait BatchHook: Send + Sync + 'static {
 }
 
 /// The hook's state for one batch transaction.
-#[async_trait]
 pub trait HookBatch: Send {
     /// Just before command `cmd`'s ledger decision, in batch order.
     fn admit(&mut self, cmd: usize) -> Admit;
     /// Right after it: accepted, or why the ledger refused it.
     fn decided(&mut self, cmd: usize, result: std::result::Result<(), &Error>);
-    /// PostgreSQL: writes the hook's rows that take no shared counter, before the
-    /// batch's entries, so that the batch holds the journal's sequence row, which every
-    /// batch needs, for as short a time as possible. (On SQLite, `sqlite_steps`.)
-    async fn write(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error>;
+    /// PostgreSQL: the hook's rows that take no shared counter (its plain inserts and
+    /// upserts), as steps of one statement the engine sends before the journal
+    /// statement, together with the batch's balance updates: the batch then holds the
+    /// journal's sequence row, which every batch needs, for as short a time as possible.
+    /// Parameters and steps as for `journal_steps`; `None` when it has nothing to write.
+    /// On SQLite the hook writes everything in `sqlite_steps`.
+    fn write_steps(&mut self, args: &mut PgArguments, now_us: i64) -> std::result::Result<Option<String>, BoxDynError>;
     /// SQLite: all of the hook's rows, as more statements of the engine's last call of
     /// the batch, which writes the entries and commits. SQLite runs on a thread of its
     /// own and every call is a hand-off to it and back, during which the database's one

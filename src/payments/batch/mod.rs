@@ -162,7 +162,6 @@ impl Batch {
     }
 }
 
-#[async_trait]
 impl HookBatch for Batch {
     fn admit(&mut self, cmd: usize) -> Admit {
         let Some(s) = self.sends.get(&cmd) else { return Admit::Proceed };
@@ -219,18 +218,13 @@ impl HookBatch for Batch {
         self.firsts.insert(id, (s.request_hash.clone(), first));
     }
 
-    async fn write(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error> {
+    fn write_steps(&mut self, args: &mut PgArguments, now_us: i64) -> std::result::Result<Option<String>, BoxDynError> {
         self.settle(now_us);
         let (rows, spent) = self.rows_and_spend();
         if rows.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
-        match conn {
-            Conn::Postgres(c) => pg::write(c, &rows, &spent, now_us).await,
-            // On SQLite the engine sends these rows with its own last call
-            // (`sqlite_steps`); a call of their own would be one more idle hand-off.
-            Conn::Sqlite(_) => Ok(()),
-        }
+        pg::write_steps(args, &rows, &spent, now_us).map(Some)
     }
 
     fn sqlite_steps(

@@ -77,77 +77,56 @@ pub(super) async fn prepare(
     Ok(split_prepared(rows))
 }
 
-pub(super) async fn write(
-    c: &mut sqlx::PgConnection,
+/// Wallet-only sends (the whole amount from the wallet, no card, no fee, no request):
+/// the payment rows and the daily-limit buckets, as steps of the engine's statement
+/// before its journal (`HookBatch::write_steps`). Every transaction that touches the
+/// buckets (the card path's too) does so before it takes the event counter
+/// (`journal_steps`, `write_events`), so the two locks never wait on each other in a
+/// cycle.
+pub(super) fn write_steps(
+    args: &mut PgArguments,
     rows: &[(&Payment, &str, &str)],
     spent: &[((&str, &str, i64), i64)],
     now_us: i64,
-) -> std::result::Result<(), sqlx::Error> {
-    let s_sender: Vec<&str> = spent.iter().map(|((s, _, _), _)| *s).collect();
-    let s_currency: Vec<&str> = spent.iter().map(|((_, c, _), _)| *c).collect();
-    let s_hour: Vec<i64> = spent.iter().map(|((_, _, h), _)| *h).collect();
-    let s_amount: Vec<i64> = spent.iter().map(|(_, a)| *a).collect();
-    let col = |f: fn(&Payment) -> &str| rows.iter().map(|(p, _, _)| f(p)).collect::<Vec<&str>>();
-    let ids = col(|p| &p.payment_id);
-    let senders = col(|p| &p.sender_id);
-    let recipients = col(|p| &p.recipient_id);
-    let currencies = col(|p| &p.currency);
-    let statuses = col(|p| p.status.as_str());
-    let fundings = col(|p| p.funding_source.as_str());
-    let notes = col(|p| &p.note);
-    let conversations = col(|p| &p.conversation_id);
-    let messages = col(|p| &p.message_id);
-    let reasons = col(|p| &p.failure_reason);
-    let failures = col(|p| &p.failure_message);
-    let amounts: Vec<i64> = rows.iter().map(|(p, _, _)| p.amount).collect();
-    let created: Vec<i64> = rows.iter().map(|(p, _, _)| p.created_at_us).collect();
-    let settled: Vec<Option<i64>> = rows.iter().map(|(p, _, _)| p.settled_at_us).collect();
-    let keys: Vec<&str> = rows.iter().map(|(_, k, _)| *k).collect();
-    let hashes: Vec<&str> = rows.iter().map(|(_, _, h)| *h).collect();
-    // Wallet-only sends: the whole amount from the wallet, no card, no fee, no
-    // request. One statement: the daily-limit buckets and the payment rows. Every
-    // transaction that touches the buckets (the card path's too) does so before it
-    // takes the event counter (`write_events`), so the two locks never wait on each
-    // other in a cycle.
-    sqlx::query(
-        "WITH spend AS ( \
+) -> std::result::Result<String, BoxDynError> {
+    let s_sender = bind_step(args, spent.iter().map(|((s, _, _), _)| *s).collect::<Vec<&str>>())?;
+    let s_currency = bind_step(args, spent.iter().map(|((_, c, _), _)| *c).collect::<Vec<&str>>())?;
+    let s_hour = bind_step(args, spent.iter().map(|((_, _, h), _)| *h).collect::<Vec<i64>>())?;
+    let s_amount = bind_step(args, spent.iter().map(|(_, a)| *a).collect::<Vec<i64>>())?;
+    let now = bind_step(args, now_us)?;
+    let mut col = |f: fn(&Payment) -> &str| bind_step(args, rows.iter().map(|(p, _, _)| f(p)).collect::<Vec<&str>>());
+    let id = col(|p| &p.payment_id)?;
+    let sender = col(|p| &p.sender_id)?;
+    let recipient = col(|p| &p.recipient_id)?;
+    let currency = col(|p| &p.currency)?;
+    let status = col(|p| p.status.as_str())?;
+    let funding = col(|p| p.funding_source.as_str())?;
+    let note = col(|p| &p.note)?;
+    let conversation = col(|p| &p.conversation_id)?;
+    let message = col(|p| &p.message_id)?;
+    let reason = col(|p| &p.failure_reason)?;
+    let failure = col(|p| &p.failure_message)?;
+    let amount = bind_step(args, rows.iter().map(|(p, _, _)| p.amount).collect::<Vec<i64>>())?;
+    let key = bind_step(args, rows.iter().map(|(_, k, _)| *k).collect::<Vec<&str>>())?;
+    let hash = bind_step(args, rows.iter().map(|(_, _, h)| *h).collect::<Vec<&str>>())?;
+    let created = bind_step(args, rows.iter().map(|(p, _, _)| p.created_at_us).collect::<Vec<i64>>())?;
+    let settled = bind_step(args, rows.iter().map(|(p, _, _)| p.settled_at_us).collect::<Vec<Option<i64>>>())?;
+    Ok(format!(
+        "hook_spend AS ( \
            INSERT INTO payment_spend (sender_id, currency, hour, amount) \
-           SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[]) \
+           SELECT * FROM UNNEST({s_sender}::text[], {s_currency}::text[], {s_hour}::int8[], {s_amount}::int8[]) \
            ON CONFLICT (sender_id, currency, hour) DO UPDATE SET amount = payment_spend.amount + excluded.amount \
-           RETURNING 1 \
-         ) \
-         INSERT INTO payments (payment_id, sender_id, recipient_id, currency, amount, wallet_amount, card_amount, \
-           fee_amount, status, funding_source, note, conversation_id, message_id, failure_reason, failure_message, \
-           idempotency_key, request_hash, created_at_us, updated_at_us, settled_at_us) \
-         SELECT t.id, t.s, t.r, t.c, t.a, t.a, 0, 0, t.st, t.f, t.n, t.cv, t.m, t.fr, t.fm, t.k, t.h, t.ca, $5, t.sa \
-         FROM UNNEST($6::text[], $7::text[], $8::text[], $9::text[], $10::int8[], $11::text[], $12::text[], $13::text[], \
-           $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::text[], $20::int8[], $21::int8[]) \
-           AS t(id, s, r, c, a, st, f, n, cv, m, fr, fm, k, h, ca, sa)",
-    )
-    .bind(&s_sender)
-    .bind(&s_currency)
-    .bind(&s_hour)
-    .bind(&s_amount)
-    .bind(now_us)
-    .bind(&ids)
-    .bind(&senders)
-    .bind(&recipients)
-    .bind(&currencies)
-    .bind(&amounts)
-    .bind(&statuses)
-    .bind(&fundings)
-    .bind(&notes)
-    .bind(&conversations)
-    .bind(&messages)
-    .bind(&reasons)
-    .bind(&failures)
-    .bind(&keys)
-    .bind(&hashes)
-    .bind(&created)
-    .bind(&settled)
-    .execute(&mut *c)
-    .await?;
-    Ok(())
+         ), hook_payments AS ( \
+           INSERT INTO payments (payment_id, sender_id, recipient_id, currency, amount, wallet_amount, card_amount, \
+             fee_amount, status, funding_source, note, conversation_id, message_id, failure_reason, failure_message, \
+             idempotency_key, request_hash, created_at_us, updated_at_us, settled_at_us) \
+           SELECT t.id, t.s, t.r, t.c, t.a, t.a, 0, 0, t.st, t.f, t.n, t.cv, t.m, t.fr, t.fm, t.k, t.h, t.ca, {now}, t.sa \
+           FROM UNNEST({id}::text[], {sender}::text[], {recipient}::text[], {currency}::text[], {amount}::int8[], \
+             {status}::text[], {funding}::text[], {note}::text[], {conversation}::text[], {message}::text[], \
+             {reason}::text[], {failure}::text[], {key}::text[], {hash}::text[], {created}::int8[], {settled}::int8[]) \
+             AS t(id, s, r, c, a, st, f, n, cv, m, fr, fm, k, h, ca, sa) \
+         )"
+    ))
 }
 
 /// The batch's outbox events, as steps of the engine's journal statement: their

@@ -84,7 +84,7 @@ pub trait HookBatch: Send {
     /// the ones it appended (`bind_step` appends one and names it); `None` when it has nothing to
     /// write. The statement takes the journal's sequence row first, so the hook's counter
     /// is always locked after it. On SQLite, whose one writer holds the whole database,
-    /// the hook writes such rows in `write`.
+    /// the hook writes such rows in `sqlite_steps`.
     fn journal_steps(
         &mut self,
         args: &mut PgArguments,

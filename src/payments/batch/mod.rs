@@ -330,6 +330,7 @@ fn split_prepared<K: Into<i64>>(rows: Vec<(K, String, String, String, String, i6
     (existing, accounts, sums)
 }
 
-/// The statements of `prepare` and `write` on each backend.
+/// The statements of `prepare`, `write_steps`, `journal_steps` and `sqlite_steps` on each
+/// backend.
 mod pg;
 mod sqlite;

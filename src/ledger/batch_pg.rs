@@ -176,24 +176,20 @@ async fn transaction(conn: &mut sqlx::PgConnection, hook: Option<&dyn BatchHook>
     //    With nothing of the hook's to write here, the balances go with the journal
     //    rather than cost a round trip of their own.
     let balances = balance_changes(&accounts);
-    let mut balances_written = false;
+    let mut journal_balances: &[(i64, Balance)] = &balances;
     if let Some(h) = hook_batch.as_mut() {
         let mut args = PgArguments::default();
-        let mut sql = String::from("WITH ");
-        if !balances.is_empty() {
-            sql.push_str(&balances_step(&mut args, &balances).map_err(sqlx::Error::Encode)?);
-        }
         if let Some(steps) = h.write_steps(&mut args, plan.now_us).map_err(sqlx::Error::Encode)? {
+            let mut sql = format!("WITH {steps}");
             if !balances.is_empty() {
                 sql.push_str(", ");
+                sql.push_str(&balances_step(&mut args, &balances).map_err(sqlx::Error::Encode)?);
             }
-            sql.push_str(&steps);
             sql.push_str(" SELECT 1");
             sqlx::query_with(&sql, args).execute(&mut *tx).await?;
-            balances_written = true;
+            journal_balances = &[];
         }
     }
-    let balances = if balances_written { Vec::new() } else { balances };
 
     // 6. Sequence block, postings, entries (and the balances, when step 5 did not write
     //    them) in one statement, with the hook's numbered rows (outbox events) as more
@@ -201,7 +197,8 @@ async fn transaction(conn: &mut sqlx::PgConnection, hook: Option<&dyn BatchHook>
     //    batch size. Its AFTER STATEMENT triggers see all of it.
     let drafts = accepted(&decisions);
     let mut created_at_us = plan.now_us;
-    if let Some((base, at)) = write_journal(&mut tx, &drafts, &balances, hook_batch.as_deref_mut(), plan.now_us).await?
+    if let Some((base, at)) =
+        write_journal(&mut tx, &drafts, journal_balances, hook_batch.as_deref_mut(), plan.now_us).await?
     {
         number_accepted(&mut decisions, base + 1);
         created_at_us = at;

@@ -12,6 +12,7 @@ mod bench;
 mod finance;
 mod hostile;
 mod ledger;
+mod ledger_checks;
 mod ledger_props;
 mod limits;
 mod ops;

@@ -104,7 +104,7 @@ pub(super) async fn process_batch(ctx: &BatchContext<'_>, batch: Vec<Command>) {
     let mut follower_answers: Vec<(Command, Result<Outcome>)> = Vec::with_capacity(followers.len());
     for (cmd, li) in followers {
         let answer = match &results[li] {
-            Some(Ok(Outcome::Created(entry))) => Ok(Outcome::Replayed(entry.id.clone())),
+            Some(Ok(Outcome::Created { entry, .. })) => Ok(Outcome::Replayed(entry.id.clone())),
             Some(Ok(Outcome::Replayed(id))) => Ok(Outcome::Replayed(id.clone())),
             Some(Err(e)) => Err(e.duplicate()),
             None => Err(Error::internal(anyhow::anyhow!("leader without a result"))),
@@ -177,7 +177,9 @@ async fn run_transaction(ctx: &BatchContext<'_>, cmds: Vec<&Command>) -> Vec<Res
                 return decisions
                     .into_iter()
                     .map(|d| match d {
-                        Decision::Accept(draft) => Ok(Outcome::Created(draft.to_entry(created_at_us))),
+                        Decision::Accept(draft) => {
+                            Ok(Outcome::Created { entry: draft.to_entry(created_at_us), batch_clock_us: plan.now_us })
+                        }
                         Decision::Reject(e) => Err(e),
                         Decision::KeyTaken => Err(Error::Aborted),
                         Decision::Answered(answer) => answer,

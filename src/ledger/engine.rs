@@ -112,7 +112,14 @@ pub struct Idem {
 #[derive(Debug, Clone)]
 pub enum Outcome {
     /// The command was applied now.
-    Created(Entry),
+    Created {
+        entry: Entry,
+        /// The batch's clock reading, which the batch hook's rows were stamped with (a
+        /// payment's `settled_at`). The entry's own `created_at_us` is the later of it
+        /// and the last batch's time (`batch::Committed`), so the two differ when a
+        /// concurrent batch with a later clock took the sequence row first.
+        batch_clock_us: i64,
+    },
     /// The key was used before with the same request: this is the entry it produced.
     Replayed(String),
 }

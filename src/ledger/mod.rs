@@ -106,7 +106,7 @@ impl Ledger {
 
     async fn finish(&self, outcome: Outcome) -> Result<Entry> {
         match outcome {
-            Outcome::Created(entry) => Ok(entry),
+            Outcome::Created { entry, .. } => Ok(entry),
             Outcome::Replayed(id) => self.get_entry(&id).await,
         }
     }

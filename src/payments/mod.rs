@@ -226,13 +226,11 @@ impl Payments {
         let outcome =
             self.ledger.engine().submit_attached(ACTOR, None, Op::Post(entry), Some(Box::new(attachment))).await;
         match outcome {
-            Ok(Outcome::Created(entry)) => {
+            Ok(Outcome::Created { batch_clock_us, .. }) => {
                 self.store.notify();
-                Ok(Some(Payment {
-                    status: PaymentStatus::Settled,
-                    settled_at_us: Some(entry.created_at_us),
-                    ..payment
-                }))
+                // The time the batch hook wrote into the payment row and its events,
+                // so this answer, GetPayment and the thread's events agree.
+                Ok(Some(Payment { status: PaymentStatus::Settled, settled_at_us: Some(batch_clock_us), ..payment }))
             }
             Ok(Outcome::Replayed(payment_id)) => {
                 let p = self.store.get(&payment_id).await?.ok_or_else(|| Error::not_found("payment"))?;

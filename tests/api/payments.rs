@@ -1114,9 +1114,58 @@ async fn watchers_see_their_events_once_in_order(app: TestApp) {
     assert_eq!(err.code(), Code::PermissionDenied);
 }
 
+/// A payment settled by a batch whose clock reads earlier than the last batch's time
+/// (two workers read the clock before either takes the journal's sequence row; here the
+/// process clock is set an hour back) reports one settlement time: in the answer, in
+/// GetPayment and in its settled event. The entry's own time is clamped forward to keep
+/// the journal's times in sequence order, so it is later than the payment's. Shifting
+/// the clock is process-wide, so this needs nextest's one process per test.
+async fn settled_at_agrees_when_the_clock_is_behind_the_journal(app: TestApp) {
+    assert!(
+        std::env::var_os("NEXTEST").is_some(),
+        "run the suite with cargo nextest (`make test`): this test shifts the process clock"
+    );
+    fund_user(&app, "alice", "100.00").await;
+    let alice = app.token("alice", PAY_SCOPES);
+    dmpay::store::set_clock_offset_for_tests(-3_600_000_000);
+    let sent = app.send(&alice, "behind-1", "bob", "2.00", Balance).await;
+    dmpay::store::set_clock_offset_for_tests(0);
+    let sent = sent.unwrap();
+    let settled_at = sent.settled_at.expect("settled_at");
+    let seen = app
+        .payments()
+        .get_payment(authed(pb::GetPaymentRequest { payment_id: sent.payment_id.clone() }, &alice))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(seen, sent, "GetPayment agrees with SendPayment's answer");
+    let mut stream = watch(&app, &alice, 0, "").await;
+    let events = next_events(&mut stream, 2).await;
+    assert_eq!(events[1].r#type, "payment.settled");
+    assert_eq!(events[1].payment.as_ref().unwrap().settled_at, Some(settled_at), "the settled event agrees");
+    // The journal kept its order: the entry is no earlier than the funding entry, an
+    // hour after the payment's clock reading.
+    let t = app.token("svc-ledger", LEDGER_SCOPES);
+    let mut entries = app
+        .ledger()
+        .list_entries(authed(
+            pb::ListEntriesRequest { account_code: "user:alice:wallet:USD".into(), ..Default::default() },
+            &t,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    entries.sort_by_key(|e| e.sequence);
+    let times: Vec<i64> = entries.iter().map(|e| e.created_at.unwrap().seconds).collect();
+    assert_eq!(times.len(), 2, "the funding entry and the payment's");
+    assert!(times[0] <= times[1], "{times:?}");
+    assert!(times[1] > settled_at.seconds + 3000, "the entry's time was clamped forward: {times:?} {settled_at:?}");
+}
+
 mod watch_stream {
     use super::*;
-    backend_tests!(watchers_see_their_events_once_in_order);
+    backend_tests!(watchers_see_their_events_once_in_order, settled_at_agrees_when_the_clock_is_behind_the_journal);
 }
 
 async fn card_fee_is_charged_and_parts_sum(backend: Backend) {

@@ -16,12 +16,30 @@ const EUR_B: &str = "test:eur:b";
 /// One posting of a forged entry: account code, direction, amount, currency, pending.
 type Row = (&'static str, &'static str, i64, &'static str, bool);
 
+/// The usual forged postings: the treasury debited, alice credited, both flagged
+/// `pending`.
+fn pair(debit: i64, credit: i64, pending: bool) -> [Row; 2] {
+    [(TREASURY, "D", debit, "USD", pending), (ALICE, "C", credit, "USD", pending)]
+}
+
 /// A forged entry: its status, the pending entry it resolves (voided, expired) and its
 /// postings.
 struct Forged<'a> {
     status: &'a str,
     resolves: Option<&'a str>,
     postings: &'a [Row],
+}
+
+fn posted(postings: &[Row]) -> Forged<'_> {
+    Forged { status: "posted", resolves: None, postings }
+}
+
+fn pending(postings: &[Row]) -> Forged<'_> {
+    Forged { status: "pending", resolves: None, postings }
+}
+
+fn voided<'a>(resolves: &'a str, postings: &'a [Row]) -> Forged<'a> {
+    Forged { status: "voided", resolves: Some(resolves), postings }
 }
 
 /// Writes `f` by hand in a transaction that is then rolled back, and says whether the
@@ -51,40 +69,30 @@ async fn accepted(app: &TestApp, f: &Forged<'_>) -> Result<(), String> {
         "INSERT INTO ledger_accounts (code, type, currency, allow_negative, credit_normal, created_at_us) \
          VALUES ('{EUR_A}', 'asset', 'EUR', TRUE, FALSE, 0), ('{EUR_B}', 'liability', 'EUR', TRUE, TRUE, 0)"
     );
-    let err = |e: sqlx::Error| e.to_string();
-    match &app.db {
-        dmpay::store::Db::Postgres(pool) => {
-            let mut tx = pool.begin().await.map_err(err)?;
-            sqlx::query(&accounts).execute(&mut *tx).await.map_err(err)?;
-            // One statement: its AFTER STATEMENT checks see the entry and its postings.
-            let sql = if rows.is_empty() {
-                entry
-            } else {
-                format!("WITH {t}, e AS ({entry}), p AS ({postings_from_t}) SELECT 1")
-            };
-            let r = sqlx::query(&sql).execute(&mut *tx).await.map(|_| ()).map_err(err);
-            tx.rollback().await.map_err(err)?;
-            r
+    // The statements in the order the backend's checks expect: PostgreSQL's AFTER
+    // STATEMENT checks see the entry and its postings written by one statement;
+    // SQLite's row trigger on the entry checks the postings written before it.
+    let mut statements = vec![accounts];
+    match (&app.db, rows.is_empty()) {
+        (_, true) => statements.push(entry),
+        (dmpay::store::Db::Postgres(_), false) => {
+            statements.push(format!("WITH {t}, e AS ({entry}), p AS ({postings_from_t}) SELECT 1"))
         }
-        dmpay::store::Db::Sqlite(pool) => {
-            let mut tx = pool.begin().await.map_err(err)?;
-            sqlx::query(&accounts).execute(&mut *tx).await.map_err(err)?;
-            // Row triggers: the postings first, then the entry that checks them.
-            let mut r = Ok(());
-            if !rows.is_empty() {
-                r = sqlx::query(&format!("WITH {t} {postings_from_t}"))
-                    .execute(&mut *tx)
-                    .await
-                    .map(|_| ())
-                    .map_err(err);
-            }
-            if r.is_ok() {
-                r = sqlx::query(&entry).execute(&mut *tx).await.map(|_| ()).map_err(err);
-            }
-            tx.rollback().await.map_err(err)?;
-            r
-        }
+        (dmpay::store::Db::Sqlite(_), false) => statements.extend([format!("WITH {t} {postings_from_t}"), entry]),
     }
+    let err = |e: sqlx::Error| e.to_string();
+    dmpay::with_db!(&app.db, pool => {
+        let mut tx = pool.begin().await.map_err(err)?;
+        let mut r = Ok(());
+        for sql in &statements {
+            r = sqlx::query(sql).execute(&mut *tx).await.map(|_| ()).map_err(err);
+            if r.is_err() {
+                break;
+            }
+        }
+        tx.rollback().await.map_err(err)?;
+        r
+    })
 }
 
 async fn ok(app: &TestApp, f: Forged<'_>, what: &str) {
@@ -100,14 +108,8 @@ async fn refused(app: &TestApp, f: Forged<'_>, what: &str) {
 async fn every_forged_entry_is_refused_by_the_database(app: TestApp) {
     let t = app.token("svc-ledger", LEDGER_SCOPES);
     let funded = fund(&app, &t, "alice", "10.00").await;
-    let posted = |postings| Forged { status: "posted", resolves: None, postings };
-    ok(&app, posted(&[(TREASURY, "D", 500, "USD", false), (ALICE, "C", 500, "USD", false)]), "balanced").await;
-    refused(
-        &app,
-        posted(&[(TREASURY, "D", 500, "USD", false), (ALICE, "C", 400, "USD", false)]),
-        "debits over credits",
-    )
-    .await;
+    ok(&app, posted(&pair(500, 500, false)), "balanced").await;
+    refused(&app, posted(&pair(500, 400, false)), "debits over credits").await;
     refused(&app, posted(&[(ALICE, "C", 500, "USD", false)]), "one posting").await;
     refused(&app, posted(&[]), "a posted entry without postings").await;
 
@@ -137,20 +139,9 @@ async fn every_forged_entry_is_refused_by_the_database(app: TestApp) {
     .await;
 
     // Postings are flagged like their entry.
-    let pending = |postings| Forged { status: "pending", resolves: None, postings };
-    ok(&app, pending(&[(TREASURY, "D", 500, "USD", true), (ALICE, "C", 500, "USD", true)]), "pending").await;
-    refused(
-        &app,
-        pending(&[(TREASURY, "D", 500, "USD", false), (ALICE, "C", 500, "USD", false)]),
-        "pending, posted flags",
-    )
-    .await;
-    refused(
-        &app,
-        posted(&[(TREASURY, "D", 500, "USD", true), (ALICE, "C", 500, "USD", true)]),
-        "posted, pending flags",
-    )
-    .await;
+    ok(&app, pending(&pair(500, 500, true)), "pending").await;
+    refused(&app, pending(&pair(500, 500, false)), "pending, posted flags").await;
+    refused(&app, posted(&pair(500, 500, true)), "posted, pending flags").await;
     refused(
         &app,
         posted(&[(TREASURY, "D", 500, "USD", false), (ALICE, "C", 500, "USD", true)]),
@@ -159,14 +150,8 @@ async fn every_forged_entry_is_refused_by_the_database(app: TestApp) {
     .await;
 
     // A resolution has no postings.
-    let voided = |postings| Forged { status: "voided", resolves: Some(&funded.entry_id), postings };
-    ok(&app, voided(&[]), "a resolution without postings").await;
-    refused(
-        &app,
-        voided(&[(TREASURY, "D", 500, "USD", false), (ALICE, "C", 500, "USD", false)]),
-        "a resolution with postings",
-    )
-    .await;
+    ok(&app, voided(&funded.entry_id, &[]), "a resolution without postings").await;
+    refused(&app, voided(&funded.entry_id, &pair(500, 500, false)), "a resolution with postings").await;
 
     // Nothing of it stayed.
     assert!(app.verify().await.ok());

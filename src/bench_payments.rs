@@ -16,6 +16,7 @@ use tonic::transport::Channel;
 use tonic::Request;
 
 use crate::api::pb;
+use crate::bench_cpu::{CpuSample, CpuUse};
 use crate::config::Config;
 use crate::ledger::bench::percentile;
 
@@ -60,6 +61,8 @@ pub struct Options {
     pub duration: Duration,
     pub scenario: Scenario,
     pub users: usize,
+    /// The server's process on this machine, whose CPU the report then shows too.
+    pub server_pid: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -78,6 +81,8 @@ pub struct Report {
     pub ledger_verified: bool,
     /// Livestream and mixed: the seller's balance equals what the seller was paid.
     pub seller_balance_ok: Option<bool>,
+    /// The machine's cores over the measured part of the run (Linux), by process.
+    pub cpu: Option<CpuUse>,
 }
 
 impl Report {
@@ -101,6 +106,9 @@ impl Report {
             let rows: Vec<Vec<String>> = self.errors.iter().map(|(k, v)| vec![k.clone(), v.to_string()]).collect();
             out.push('\n');
             out.push_str(&crate::cli_finance::table(&["error", "count"], &rows));
+        }
+        if let Some(cpu) = &self.cpu {
+            out.push_str(&format!("\n{}\n", cpu.summary(self.payments_per_s, "payment")));
         }
         out.push_str(&format!("\nledger verify: {}\n", if self.ledger_verified { "OK" } else { "FAILED" }));
         if let Some(ok) = self.seller_balance_ok {
@@ -195,6 +203,7 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
     let tokens = Arc::new(tokens);
     let names: Arc<Vec<String>> = Arc::new((0..options.users).map(user).collect());
     let done = Arc::new(AtomicU64::new(0));
+    let cpu_before = CpuSample::take(options.server_pid);
     let started = Instant::now();
     let deadline = started + options.duration;
     let mut tasks = tokio::task::JoinSet::new();
@@ -290,6 +299,7 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
         paid_seller += p;
     }
     let elapsed = started.elapsed();
+    let cpu = CpuUse::since(cpu_before.as_ref(), options.server_pid);
     progress.abort();
     eprintln!();
     lat.sort_unstable();
@@ -329,5 +339,6 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
         errors,
         ledger_verified: verified,
         seller_balance_ok,
+        cpu,
     })
 }

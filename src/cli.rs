@@ -197,6 +197,10 @@ enum BenchCommand {
         /// Also write the figures as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// The server's process id, when it runs on this machine: its CPU is then
+        /// reported beside the load generator's and PostgreSQL's.
+        #[arg(long)]
+        server_pid: Option<u32>,
     },
     /// The whole benchmark (what `make bench` runs): on fresh PostgreSQL and SQLite
     /// databases, the naive-SQL baseline and a started release server driven over gRPC
@@ -280,25 +284,25 @@ pub fn main() -> ExitCode {
                 }
             };
         }
-        Command::Bench { command: BenchCommand::Payments { addr, clients, duration, scenario, users, json } } => {
-            run_async(async move {
-                anyhow::ensure!((1..=4096).contains(&clients), "--clients must be 1 to 4096");
-                anyhow::ensure!((2..=100_000).contains(&users), "--users must be 2 to 100000");
-                let scenario = crate::bench_payments::Scenario::parse(&scenario)?;
-                let options = crate::bench_payments::Options { addr, clients, duration, scenario, users };
-                let report = crate::bench_payments::run(&config, options).await?;
-                print!("{}", report.table());
-                if let Some(path) = json {
-                    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
-                }
-                anyhow::ensure!(report.ledger_verified, "the ledger did not verify after the run");
-                anyhow::ensure!(
-                    report.seller_balance_ok != Some(false),
-                    "the seller's balance does not match what was paid"
-                );
-                Ok(())
-            })
-        }
+        Command::Bench {
+            command: BenchCommand::Payments { addr, clients, duration, scenario, users, json, server_pid },
+        } => run_async(async move {
+            anyhow::ensure!((1..=4096).contains(&clients), "--clients must be 1 to 4096");
+            anyhow::ensure!((2..=100_000).contains(&users), "--users must be 2 to 100000");
+            let scenario = crate::bench_payments::Scenario::parse(&scenario)?;
+            let options = crate::bench_payments::Options { addr, clients, duration, scenario, users, server_pid };
+            let report = crate::bench_payments::run(&config, options).await?;
+            print!("{}", report.table());
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+            }
+            anyhow::ensure!(report.ledger_verified, "the ledger did not verify after the run");
+            anyhow::ensure!(
+                report.seller_balance_ok != Some(false),
+                "the seller's balance does not match what was paid"
+            );
+            Ok(())
+        }),
         Command::Bench {
             command: BenchCommand::Report { postgres_url, no_sqlite, duration, naive_duration, clients, users, out },
         } => run_async(async move {

@@ -21,11 +21,13 @@
 //! - `server`    startup: build, bind, serve, graceful shutdown
 //! - `bench_payments` `dmpay bench payments`: the gRPC load generator
 //! - `bench_report` `dmpay bench report` (`make bench`): baseline, server runs, BENCHMARKS.md
+//! - `bench_cpu` where a benchmark's CPU goes (server, PostgreSQL, load, idle), from /proc
 //! - `cli`       the `dmpay` command line
 
 pub mod accounts;
 pub mod api;
 pub mod auth;
+pub mod bench_cpu;
 pub mod bench_payments;
 pub mod bench_report;
 pub mod cli;

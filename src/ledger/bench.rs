@@ -15,6 +15,7 @@ use serde::Serialize;
 use super::engine::{Engine, EngineConfig};
 use super::model::{AccountCode, AccountType, Direction};
 use super::{Ledger, PostEntryInput, PostingInput};
+use crate::bench_cpu::{CpuSample, CpuUse};
 use crate::money::{Currencies, Currency, Money};
 use crate::store::Db;
 use crate::with_db;
@@ -40,6 +41,9 @@ pub struct BenchRow {
     pub p99_ms: f64,
     /// Engine runs: commands per batch transaction, on average.
     pub batch_mean: Option<f64>,
+    /// The machine's cores over the run (Linux): this process is the client (and, in
+    /// engine mode, the engine too).
+    pub cpu: Option<CpuUse>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -82,6 +86,11 @@ impl BenchReport {
             "\nengine/naive (uniform): {:.2}x    engine hot/uniform: {:.2}\n",
             self.speedup_uniform, self.hot_over_uniform
         ));
+        for r in &self.rows {
+            if let Some(cpu) = &r.cpu {
+                out.push_str(&format!("{} {}: {}\n", r.mode, r.load, cpu.summary(r.entries_per_s, "entry")));
+            }
+        }
         out
     }
 }
@@ -107,6 +116,7 @@ fn summarize(mode: &'static str, load: &'static str, mut lat_us: Vec<u32>, error
         p50_ms: percentile(&lat_us, 0.50),
         p99_ms: percentile(&lat_us, 0.99),
         batch_mean: None,
+        cpu: None,
     }
 }
 
@@ -221,6 +231,7 @@ async fn run_engine(
 ) -> BenchRow {
     let stats = ledger.engine().stats().clone();
     let (batches0, commands0) = (stats.batches.load(Ordering::Relaxed), stats.commands.load(Ordering::Relaxed));
+    let cpu_before = CpuSample::take(None);
     let started = Instant::now();
     let deadline = started + options.duration;
     let mut tasks = tokio::task::JoinSet::new();
@@ -249,6 +260,7 @@ async fn run_engine(
     }
     let (lat, errors) = collect(tasks).await;
     let mut row = summarize("engine", if hot { "hot" } else { "uniform" }, lat, errors, started.elapsed());
+    row.cpu = CpuUse::since(cpu_before.as_ref(), None);
     let batches = stats.batches.load(Ordering::Relaxed).saturating_sub(batches0);
     let commands = stats.commands.load(Ordering::Relaxed).saturating_sub(commands0);
     row.batch_mean = (batches > 0).then(|| commands as f64 / batches as f64);
@@ -326,6 +338,7 @@ impl Naive {
     }
 
     async fn run(&self, options: &BenchOptions, hot: bool) -> anyhow::Result<BenchRow> {
+        let cpu_before = CpuSample::take(None);
         let started = Instant::now();
         let deadline = started + options.duration;
         let mut tasks = tokio::task::JoinSet::new();
@@ -414,6 +427,8 @@ impl Naive {
             });
         }
         let (lat, errors) = collect(tasks).await;
-        Ok(summarize("naive", if hot { "hot" } else { "uniform" }, lat, errors, started.elapsed()))
+        let mut row = summarize("naive", if hot { "hot" } else { "uniform" }, lat, errors, started.elapsed());
+        row.cpu = CpuUse::since(cpu_before.as_ref(), None);
+        Ok(row)
     }
 }

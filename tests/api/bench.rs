@@ -17,6 +17,8 @@ async fn load_generator_smoke_run(app: TestApp) {
             duration: Duration::from_millis(800),
             scenario,
             users: 6,
+            // The test server runs in this process.
+            server_pid: Some(std::process::id()),
         };
         let report = run(&app.config, options).await.unwrap();
         assert!(report.payments > 0, "{report:?}");
@@ -30,6 +32,11 @@ async fn load_generator_smoke_run(app: TestApp) {
             table.contains("payments/s") && table.contains("p99 ms") && table.contains("ledger verify: OK"),
             "{table}"
         );
+        if cfg!(target_os = "linux") {
+            let cpu = report.cpu.expect("CPU use, from /proc");
+            assert!(cpu.client > 0.0 && cpu.server.is_some_and(|s| s > 0.0), "{cpu:?}");
+            assert!(table.contains("us of CPU per payment"), "{table}");
+        }
     }
 }
 

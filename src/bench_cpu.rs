@@ -3,10 +3,10 @@
 //!
 //! On a machine that runs all three, throughput is bounded by CPU time per payment: a
 //! run whose cores are all busy cannot go faster without spending less per payment. So
-//! the report puts each run's CPU per payment beside its rate, and the ratio between two
-//! runs' CPU per operation is the most one could outrun the other with every core busy
-//! in both (`bench_report`). Off Linux, or where `/proc` cannot be read, there is no
-//! sample and the report leaves the figures out.
+//! the report puts each run's CPU per payment beside its rate, and the rate it would
+//! reach with every core busy (the cores over that cost), which is the most this
+//! machine allows at that cost (`bench_report`). Off Linux, or where `/proc` cannot be
+//! read, there is no sample and the report leaves the figures out.
 //!
 //! PostgreSQL is counted as every process named `postgres` on the machine, so its
 //! figure is right only for a local server with nothing else running on it (a remote
@@ -109,7 +109,7 @@ impl CpuUse {
     /// benchmark's processes: the most this machine could do without spending less per
     /// operation.
     pub fn rate_with_every_core_busy(&self, rate: f64) -> f64 {
-        let us = self.us_per_op(rate);
+        let us = self.cpu_per_op_us(rate);
         if us > 0.0 {
             self.cores as f64 * 1e6 / us
         } else {
@@ -119,7 +119,7 @@ impl CpuUse {
 
     /// Microseconds of CPU per operation, by all the benchmark's processes, at `rate`
     /// operations per second.
-    pub fn us_per_op(&self, rate: f64) -> f64 {
+    pub fn cpu_per_op_us(&self, rate: f64) -> f64 {
         if rate > 0.0 {
             self.busy() * 1e6 / rate
         } else {
@@ -138,7 +138,7 @@ impl CpuUse {
             self.other(),
             self.idle,
             self.cores,
-            self.us_per_op(rate),
+            self.cpu_per_op_us(rate),
             self.rate_with_every_core_busy(rate)
         )
     }
@@ -225,10 +225,10 @@ mod tests {
         assert!((used.idle - 0.6).abs() < 1e-9, "{used:?}");
         // 1.16 cores at 1,000 operations per second: 1,160 us each; the 2 cores could
         // then do 2e6 / 1,160 per second, and 0.24 cores went elsewhere.
-        assert!((used.us_per_op(1000.0) - 1160.0).abs() < 1e-6);
+        assert!((used.cpu_per_op_us(1000.0) - 1160.0).abs() < 1e-6);
         assert!((used.rate_with_every_core_busy(1000.0) - 2e6 / 1160.0).abs() < 1e-6);
         assert!((used.other() - 0.24).abs() < 1e-9, "{used:?}");
-        assert_eq!(used.us_per_op(0.0), 0.0);
+        assert_eq!(used.cpu_per_op_us(0.0), 0.0);
         assert_eq!(used.rate_with_every_core_busy(0.0), 0.0);
         assert!(CpuUse::between(&after, &after).is_none(), "no time passed");
     }

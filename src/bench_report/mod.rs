@@ -4,9 +4,10 @@
 //! ledger` (one transaction per transfer, row locks), then, for the uniform and
 //! livestream scenarios at each client count, a release server started as a child
 //! process with its default settings, driven over gRPC by `dmpay bench payments`, with
-//! the server's memory sampled throughout. Every run has a fresh database. The figures, the ratios
-//! and the targets go into one Markdown report (BENCHMARKS.md) with a description of the
-//! machine, so the file is regenerated, never typed.
+//! the server's memory sampled throughout and the machine's CPU accounted for
+//! (`bench_cpu`). Every run has a fresh database. The figures, the ratios, where the CPU
+//! went and the targets go into one Markdown report (BENCHMARKS.md) with a description
+//! of the machine, so the file is regenerated, never typed.
 
 mod render;
 

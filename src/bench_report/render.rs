@@ -218,7 +218,7 @@ fn cpu_section(md: &mut String, options: &ReportOptions, s: &Section) {
     );
     let _ = writeln!(md, "|---|---:|---:|{}---:|---:|---:|---:|---:|", if postgres { "---:|" } else { "" });
     let row = |md: &mut String, name: String, clients: usize, c: &CpuUse, rate: f64| {
-        let us = c.us_per_op(rate);
+        let us = c.cpu_per_op_us(rate);
         let _ = writeln!(
             md,
             "| {name} | {clients} | {} | {}{:.2} | {:.2} | {:.2} | {us:.0} | {:.0} |",

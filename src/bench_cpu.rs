@@ -28,8 +28,8 @@ pub struct CpuSample {
     cores: usize,
     /// This process: the load generator, or the baseline's clients.
     own: u64,
-    /// The server under load, when its process id is known.
-    server: Option<u64>,
+    /// The server under load, when its process id is known: the process and its ticks.
+    server: Option<(u32, u64)>,
     /// Each `postgres` process, by process id.
     postgres: HashMap<u32, u64>,
 }
@@ -59,7 +59,7 @@ impl CpuSample {
             machine_idle,
             cores,
             own: process_ticks(std::process::id())?,
-            server: server_pid.and_then(process_ticks),
+            server: server_pid.and_then(|pid| Some((pid, process_ticks(pid)?))),
             postgres: postgres_ticks(),
         })
     }
@@ -83,15 +83,16 @@ impl CpuUse {
         Some(CpuUse {
             cores,
             client: in_cores(after.own.saturating_sub(before.own)),
-            server: before.server.zip(after.server).map(|(b, a)| in_cores(a.saturating_sub(b))),
+            server: before.server.zip(after.server).map(|((_, b), (_, a))| in_cores(a.saturating_sub(b))),
             postgres: in_cores(postgres),
             idle: in_cores(idle),
         })
     }
 
-    /// What was used from `before` (when there is one) until now.
-    pub fn since(before: Option<&CpuSample>, server_pid: Option<u32>) -> Option<CpuUse> {
-        CpuUse::between(before?, &CpuSample::take(server_pid)?)
+    /// What was used from `before` (when there is one) until now, by the same server.
+    pub fn since(before: Option<&CpuSample>) -> Option<CpuUse> {
+        let before = before?;
+        CpuUse::between(before, &CpuSample::take(before.server.map(|(pid, _)| pid))?)
     }
 
     /// Cores the benchmark's processes used together.
@@ -206,7 +207,7 @@ mod tests {
             machine_idle: idle,
             cores: 2,
             own,
-            server: Some(server),
+            server: Some((7, server)),
             postgres: postgres.iter().copied().collect(),
         }
     }

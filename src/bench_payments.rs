@@ -299,7 +299,7 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
         paid_seller += p;
     }
     let elapsed = started.elapsed();
-    let cpu = CpuUse::since(cpu_before.as_ref(), options.server_pid);
+    let cpu = CpuUse::since(cpu_before.as_ref());
     progress.abort();
     eprintln!();
     lat.sort_unstable();

@@ -260,7 +260,7 @@ async fn run_engine(
     }
     let (lat, errors) = collect(tasks).await;
     let mut row = summarize("engine", if hot { "hot" } else { "uniform" }, lat, errors, started.elapsed());
-    row.cpu = CpuUse::since(cpu_before.as_ref(), None);
+    row.cpu = CpuUse::since(cpu_before.as_ref());
     let batches = stats.batches.load(Ordering::Relaxed).saturating_sub(batches0);
     let commands = stats.commands.load(Ordering::Relaxed).saturating_sub(commands0);
     row.batch_mean = (batches > 0).then(|| commands as f64 / batches as f64);
@@ -428,7 +428,7 @@ impl Naive {
         }
         let (lat, errors) = collect(tasks).await;
         let mut row = summarize("naive", if hot { "hot" } else { "uniform" }, lat, errors, started.elapsed());
-        row.cpu = CpuUse::since(cpu_before.as_ref(), None);
+        row.cpu = CpuUse::since(cpu_before.as_ref());
         Ok(row)
     }
 }

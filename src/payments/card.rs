@@ -4,7 +4,7 @@
 //! the resolver can resume it from any point. One attempt at a time holds the payment's
 //! claim (`store::Claim`), renewed before every step that cannot be undone.
 
-use super::store::{Claim, Inserted};
+use super::store::{Claim, DailyCap, Inserted};
 use super::{model, spend, FundingSource, Payment, PaymentStatus, Payments, SendInput, ACTOR};
 use crate::accounts::UserId;
 use crate::error::{Error, Result};
@@ -45,10 +45,7 @@ impl Payments {
         let currency = input.amount.currency();
         if let Some((existing, existing_hash)) = self.store.by_key(sender.as_str(), &input.idempotency_key).await? {
             if existing_hash != request_hash {
-                return Err(Error::AlreadyExists(format!(
-                    "idempotency_key {:?} was already used for a different payment",
-                    input.idempotency_key
-                )));
+                return Err(super::key_reused(&input.idempotency_key));
             }
             return Self::replay(existing);
         }
@@ -56,17 +53,16 @@ impl Payments {
         // Rules, before any money moves; a refusal here writes nothing.
         let sender_account = self.accounts.ensure(sender).await?;
         let recipient_account = self.accounts.ensure(&input.recipient).await?;
+        // A first look, so that a send plainly over the limit writes nothing; the count
+        // itself is taken atomically with the payment row (`PaymentStore::insert`).
         let sent = spend::sent(self.store.db(), sender.as_str(), currency.code(), now_us()).await?;
-        model::check_send_rules(
-            sender_account.status,
-            recipient_account.status,
-            self.config.limits(sender_account.tier),
-            input.amount,
-            sent,
-        )?;
+        let limits = self.config.limits(sender_account.tier);
+        model::check_send_rules(sender_account.status, recipient_account.status, limits, input.amount, sent)?;
 
         // The split between wallet and card.
         let wallet = self.ledger.accounts().wallet(sender, currency).await?;
+        let daily =
+            DailyCap { wallet_account_id: wallet.id, max_minor: model::major_to_minor(limits.daily_max, currency) };
         let available = self.ledger.accounts().balance(wallet.id).await?.available(true).unwrap_or(0).max(0);
         let (wallet_part, card_part) = match input.funding {
             FundingSource::Balance => (input.amount.minor(), 0),
@@ -120,10 +116,12 @@ impl Payments {
         }
         let claim = Claim::new();
         let until = now.saturating_add(self.lease_us());
-        let payment = match self.store.insert(&payment, &input.idempotency_key, request_hash, &claim, until).await? {
-            Inserted::New(p) => p,
-            Inserted::Existing(p) => return Self::replay(p),
-        };
+        let payment =
+            match self.store.insert(&payment, &input.idempotency_key, request_hash, &claim, until, Some(&daily)).await?
+            {
+                Inserted::New(p) => p,
+                Inserted::Existing(p) => return Self::replay(p),
+            };
         if payment.status == PaymentStatus::Failed {
             return Self::replay(payment);
         }

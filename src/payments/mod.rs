@@ -58,6 +58,28 @@ pub struct SendInput {
     pub request_id: Option<String>,
 }
 
+impl SendInput {
+    /// The digest a retry with the same key must match: everything the caller chose.
+    pub(crate) fn request_hash(&self) -> String {
+        crate::ledger::hash_request(&serde_json::json!({
+            "recipient": self.recipient.as_str(),
+            "currency": self.amount.currency().code(),
+            "amount": self.amount.minor(),
+            "note": self.note,
+            "conversation": self.conversation_id,
+            "message": self.message_id,
+            "funding": self.funding.as_str(),
+            "token": self.payment_method_token,
+            "request": self.request_id,
+        }))
+    }
+}
+
+/// The answer to a key used before for a different payment.
+pub(crate) fn key_reused(key: &str) -> Error {
+    Error::AlreadyExists(format!("idempotency_key {key:?} was already used for a different payment"))
+}
+
 #[derive(Clone)]
 pub struct Payments {
     store: Arc<PaymentStore>,
@@ -118,18 +140,7 @@ impl Payments {
         model::check_note("note", &input.note)?;
         model::check_opaque("conversation_id", &input.conversation_id)?;
         model::check_opaque("message_id", &input.message_id)?;
-        let currency = input.amount.currency();
-        let request_hash = crate::ledger::hash_request(&serde_json::json!({
-            "recipient": input.recipient.as_str(),
-            "currency": currency.code(),
-            "amount": input.amount.minor(),
-            "note": input.note,
-            "conversation": input.conversation_id,
-            "message": input.message_id,
-            "funding": input.funding.as_str(),
-            "token": input.payment_method_token,
-            "request": input.request_id,
-        }));
+        let request_hash = input.request_hash();
         if &input.recipient == sender {
             return Err(Error::invalid("recipient_id", "you cannot pay yourself"));
         }

@@ -230,16 +230,23 @@ pub fn check_send_rules(
     }
     let daily_max = major_to_minor(limits.daily_max, currency);
     if sent.saturating_add(amount.minor()) > daily_max {
-        return Err(Error::ResourceExhausted {
-            reason: "DAILY_LIMIT",
-            message: format!(
-                "at most {} in 24 hours for your account; {} already sent",
-                Money::from_minor(currency, daily_max),
-                Money::from_minor(currency, sent)
-            ),
-        });
+        return Err(daily_limit_error(currency, daily_max, sent));
     }
     Ok(())
+}
+
+/// The refusal of a send over the rolling 24-hour limit `daily_max` (minor units), with
+/// what the sender already `sent` in the window.
+pub fn daily_limit_error(currency: Currency, daily_max: i64, sent: i64) -> Error {
+    use crate::money::Money;
+    Error::ResourceExhausted {
+        reason: "DAILY_LIMIT",
+        message: format!(
+            "at most {} in 24 hours for your account; {} already sent",
+            Money::from_minor(currency, daily_max),
+            Money::from_minor(currency, sent)
+        ),
+    }
 }
 
 /// A limit in major units as minor units of `currency`.

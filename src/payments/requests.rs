@@ -284,38 +284,69 @@ impl Payments {
         if req.status == to {
             return Ok(req);
         }
-        self.transition(&req, to, if to == RequestStatus::Declined { "request.declined" } else { "request.cancelled" })
-            .await?
-            .ok_or_else(|| Error::FailedPrecondition {
-                reason: "REQUEST_NOT_OPEN",
-                message: format!("the request is {}", req.status.as_str()),
-            })
+        let event = if to == RequestStatus::Declined { "request.declined" } else { "request.cancelled" };
+        match self.transition(&req, to, event).await? {
+            Closed::Done(updated) => Ok(updated),
+            Closed::NotOpen => {
+                // Closed or paid since it was read: answer with what it is now.
+                let now = self.request_row(request_id).await?.ok_or_else(|| not_found(request_id))?;
+                if now.status == to {
+                    return Ok(now);
+                }
+                Err(Error::FailedPrecondition {
+                    reason: "REQUEST_NOT_OPEN",
+                    message: format!("the request is {}", now.status.as_str()),
+                })
+            }
+            Closed::PaymentInFlight(payment_id) => Err(Error::FailedPrecondition {
+                reason: "REQUEST_PAYMENT_IN_PROGRESS",
+                message: format!(
+                    "payment {payment_id} of this request is being processed; it settles (and the request is paid) \
+                     or fails (and the request can be closed) shortly"
+                ),
+            }),
+        }
     }
 
-    /// open -> `to` with its event, in one transaction; None if it was not open.
-    async fn transition(
-        &self,
-        req: &PaymentRequest,
-        to: RequestStatus,
-        event: &'static str,
-    ) -> Result<Option<PaymentRequest>> {
+    /// open -> `to` with its event, in one transaction. `Closed::NotOpen` if it was not
+    /// open; `Closed::PaymentInFlight` if a payment of it is still pending.
+    ///
+    /// The rule for a request being paid: it cannot close under a payment in flight.
+    /// The update locks the request row first, and only then looks for a pending
+    /// payment (a statement of its own, so on PostgreSQL it sees every payment committed
+    /// before the lock was granted); a payment's insert takes the same row lock
+    /// (`PaymentStore::insert`), so either the payment is recorded first and the close
+    /// is refused, or the close commits first and the payment is refused.
+    async fn transition(&self, req: &PaymentRequest, to: RequestStatus, event: &'static str) -> Result<Closed> {
         let sql = format!(
             "UPDATE payment_requests SET status = $2, updated_at_us = $3 WHERE request_id = $1 AND status = 'open' \
              RETURNING {REQUEST_COLUMNS}"
         );
-        let row: Option<RequestRow> = with_db!(self.store.writer(), pool => {
+        let closed: Closed = with_db!(self.store.writer(), pool => async {
             let mut tx = pool.begin().await?;
             let row: Option<RequestRow> =
                 sqlx::query_as(&sql).bind(&req.request_id).bind(to.as_str()).bind(now_us()).fetch_optional(&mut *tx).await?;
-            if let Some(r) = &row {
-                let updated = PaymentRequest::try_from(r.clone()).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-                append_event!(tx, &updated.event(event));
+            let Some(row) = row else { return Ok(Closed::NotOpen) };
+            let in_flight: Option<String> = sqlx::query_scalar(
+                "SELECT payment_id FROM payments WHERE request_id = $1 AND status <> 'failed' AND status = 'pending'",
+            )
+            .bind(&req.request_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(payment_id) = in_flight {
+                // Dropping the transaction rolls the status change back.
+                return Ok(Closed::PaymentInFlight(payment_id));
             }
+            let updated = PaymentRequest::try_from(row).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+            append_event!(tx, &updated.event(event));
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(row)
-        })?;
-        self.store.notify();
-        row.map(PaymentRequest::try_from).transpose()
+            Ok::<_, sqlx::Error>(Closed::Done(updated))
+        }
+        .await)?;
+        if matches!(closed, Closed::Done(_)) {
+            self.store.notify();
+        }
+        Ok(closed)
     }
 
     pub async fn decline_request(&self, payer: &UserId, request_id: &str) -> Result<PaymentRequest> {
@@ -340,11 +371,29 @@ impl Payments {
         if req.payer_id != payer.as_str() {
             return Err(Error::PermissionDenied("only the payer can pay a request".into()));
         }
-        // A retry of the pay that went through returns that payment.
-        if let Some((existing, _)) = self.store.by_key(payer.as_str(), &idempotency_key).await? {
-            if existing.request_id.as_deref() == Some(request_id) {
-                return Self::replay(existing);
+        let input = SendInput {
+            idempotency_key,
+            recipient: UserId::parse("requester_id", &req.requester_id)?,
+            amount: Money::from_minor(req.currency()?, req.amount),
+            note: req.note.clone(),
+            conversation_id: req.conversation_id.clone(),
+            message_id: req.message_id.clone(),
+            funding,
+            payment_method_token: token,
+            request_id: Some(req.request_id.clone()),
+        };
+        let request_hash = input.request_hash();
+        // A retry of the pay that went through returns that payment; the same key with
+        // another request, funding source or card is refused, as for every write.
+        let replay = |(existing, hash): (Payment, String)| {
+            if hash == request_hash {
+                Self::replay(existing)
+            } else {
+                Err(super::key_reused(&input.idempotency_key))
             }
+        };
+        if let Some(found) = self.store.by_key(payer.as_str(), &input.idempotency_key).await? {
+            return replay(found);
         }
         let refusal = match req.status {
             RequestStatus::Open if req.expires_at_us > now_us() => None,
@@ -359,24 +408,11 @@ impl Payments {
         if let Some(refusal) = refusal {
             // A concurrent pay with this key may have paid it since the lookup above:
             // answer as it did.
-            if let Some((existing, _)) = self.store.by_key(payer.as_str(), &idempotency_key).await? {
-                if existing.request_id.as_deref() == Some(request_id) {
-                    return Self::replay(existing);
-                }
+            if let Some(found) = self.store.by_key(payer.as_str(), &input.idempotency_key).await? {
+                return replay(found);
             }
             return Err(refusal);
         }
-        let input = SendInput {
-            idempotency_key,
-            recipient: UserId::parse("requester_id", &req.requester_id)?,
-            amount: Money::from_minor(req.currency()?, req.amount),
-            note: req.note.clone(),
-            conversation_id: req.conversation_id.clone(),
-            message_id: req.message_id.clone(),
-            funding,
-            payment_method_token: token,
-            request_id: Some(req.request_id.clone()),
-        };
         self.send(payer, input).await
     }
 
@@ -390,12 +426,22 @@ impl Payments {
         let mut n = 0;
         for row in rows {
             let req = PaymentRequest::try_from(row)?;
-            if self.transition(&req, RequestStatus::Expired, "request.expired").await?.is_some() {
+            // A request with a payment in flight expires once that payment fails (a
+            // later pass), or is paid when it settles.
+            if matches!(self.transition(&req, RequestStatus::Expired, "request.expired").await?, Closed::Done(_)) {
                 n += 1;
             }
         }
         Ok(n)
     }
+}
+
+/// How a close of an open request ended.
+enum Closed {
+    Done(PaymentRequest),
+    NotOpen,
+    /// A payment of the request (this id) is still pending.
+    PaymentInFlight(String),
 }
 
 #[derive(sqlx::FromRow)]

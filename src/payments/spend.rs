@@ -55,11 +55,13 @@ macro_rules! change {
 }
 pub(crate) use change;
 
+/// What sender `$1` sent in currency `$2` from bucket `$3` on (NULL for nothing).
+pub(crate) const SUM_SQL: &str =
+    "SELECT CAST(SUM(amount) AS BIGINT) FROM payment_spend WHERE sender_id = $1 AND currency = $2 AND hour >= $3";
+
 /// What `sender` sent in `currency` in the window ending at `now_us`.
 pub async fn sent(db: &Db, sender: &str, currency: &str, now_us: i64) -> crate::error::Result<i64> {
-    let sum: Option<i64> = with_db!(db, pool => sqlx::query_scalar(
-        "SELECT CAST(SUM(amount) AS BIGINT) FROM payment_spend WHERE sender_id = $1 AND currency = $2 AND hour >= $3",
-    )
+    let sum: Option<i64> = with_db!(db, pool => sqlx::query_scalar(SUM_SQL)
     .bind(sender)
     .bind(currency)
     .bind(window_start(now_us))

@@ -165,6 +165,23 @@ pub struct PaymentStore {
     hub: super::events::EventHub,
 }
 
+/// The sender's rolling 24-hour limit, checked and counted atomically by `insert`.
+pub struct DailyCap {
+    /// The sender's wallet in the payment's currency: its row lock serializes the
+    /// sender's sends on PostgreSQL.
+    pub wallet_account_id: i64,
+    /// The tier's limit in minor units of the payment's currency.
+    pub max_minor: i64,
+}
+
+/// Why `insert` wrote nothing.
+enum Refused {
+    /// Over the daily limit, given what was sent in the window.
+    Daily(i64),
+    /// The request this payment would pay is no longer open.
+    RequestClosed,
+}
+
 pub enum Inserted {
     New(Payment),
     /// Another request with the same key got there first.
@@ -215,6 +232,15 @@ impl PaymentStore {
 
     /// Inserts a new payment with its first event; the caller holds `claim` on it until
     /// `claimed_until_us` (see `renew`).
+    ///
+    /// A payment that will move money (not one recorded as failed) is counted against
+    /// the sender's rolling 24-hour limit in the same transaction, and the check and the
+    /// count are one atomic step: on PostgreSQL the transaction first locks the sender's
+    /// wallet row, the lock under which the posting engine checks and counts
+    /// wallet-funded sends (`batch`), so card sends, wallet sends and request payments
+    /// of one sender take turns; on SQLite the insert that opens the transaction takes
+    /// the database's one write lock before the sum is read. A payment over the limit is
+    /// rolled back: nothing is written and the answer is `DAILY_LIMIT`.
     pub async fn insert(
         &self,
         p: &Payment,
@@ -222,12 +248,39 @@ impl PaymentStore {
         request_hash: &str,
         claim: &Claim,
         claimed_until_us: i64,
+        daily: Option<&DailyCap>,
     ) -> Result<Inserted> {
         let event = if p.status == PaymentStatus::Failed { "payment.failed" } else { "payment.created" };
+        let on_postgres = matches!(self.writer, Db::Postgres(_));
+        let window_start = super::spend::window_start(now_us());
         // An async block, so `?` inside stops here and the unique violation of a
-        // concurrent duplicate can be told apart below.
+        // concurrent duplicate can be told apart below. It answers the rolling sum that
+        // refused the payment, if it was refused.
         let result = with_db!(&self.writer, pool => async {
             let mut tx = pool.begin().await?;
+            if let (true, Some(cap), false) = (on_postgres, daily, p.status == PaymentStatus::Failed) {
+                sqlx::query("SELECT id FROM ledger_accounts WHERE id = $1 FOR UPDATE")
+                    .bind(cap.wallet_account_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if let Some(request_id) = &p.request_id {
+                // The request row is the point where paying it and closing it meet: this
+                // lock makes a concurrent decline, cancel or expiry wait for the payment
+                // row (and then refuse against it), and a request closed first is not
+                // paid.
+                let open: Option<i64> = sqlx::query_scalar(
+                    "UPDATE payment_requests SET updated_at_us = $2 WHERE request_id = $1 AND status = 'open' \
+                     RETURNING expires_at_us",
+                )
+                .bind(request_id)
+                .bind(p.created_at_us)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if open.is_none() {
+                    return Ok(Err(Refused::RequestClosed));
+                }
+            }
             sqlx::query(
                 "INSERT INTO payments (payment_id, sender_id, recipient_id, currency, amount, wallet_amount, card_amount, \
                  fee_amount, status, funding_source, payment_method_token, note, conversation_id, message_id, request_id, \
@@ -260,18 +313,39 @@ impl PaymentStore {
             .execute(&mut *tx)
             .await?;
             if p.status != PaymentStatus::Failed {
+                if let Some(cap) = daily {
+                    let sent: Option<i64> = sqlx::query_scalar(super::spend::SUM_SQL)
+                        .bind(&p.sender_id)
+                        .bind(&p.currency)
+                        .bind(window_start)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    let sent = sent.unwrap_or(0);
+                    if sent.saturating_add(p.amount) > cap.max_minor {
+                        // Dropping the transaction rolls the payment row back.
+                        return Ok(Err(Refused::Daily(sent)));
+                    }
+                }
                 super::spend::change!(tx, super::spend::ADD_SQL, p);
             }
             append_event!(tx, &EventFields::payment(event, p));
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(())
+            Ok::<_, sqlx::Error>(Ok(()))
         }
         .await);
         match result {
-            Ok(()) => {
+            Ok(Ok(())) => {
                 self.notify();
                 Ok(Inserted::New(p.clone()))
             }
+            Ok(Err(Refused::Daily(sent))) => {
+                let cap = daily.map(|c| c.max_minor).unwrap_or(0);
+                Err(super::model::daily_limit_error(p.currency()?, cap, sent))
+            }
+            Ok(Err(Refused::RequestClosed)) => Err(Error::FailedPrecondition {
+                reason: "REQUEST_NOT_OPEN",
+                message: "the request is no longer open".into(),
+            }),
             Err(e) if is_unique_violation(&e) => match self.by_key(&p.sender_id, key).await? {
                 Some((existing, _)) => Ok(Inserted::Existing(existing)),
                 // Not the key: the request this payment would pay has a live payment.
@@ -339,20 +413,26 @@ impl PaymentStore {
             if done.rows_affected() == 1 {
                 if let Some(r) = &row {
                     let p = Payment::try_from(r.clone()).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+                    // The request row before the spend bucket and the event counter: the
+                    // order in which `insert` and a request's close take them too.
+                    let mut paid = None;
+                    if let (Some(request_id), PaymentStatus::Settled) = (&p.request_id, status) {
+                        let sql = format!("UPDATE payment_requests SET status = 'paid', payment_id = $2, updated_at_us = $3 \
+                             WHERE request_id = $1 AND status = 'open' RETURNING {}", super::requests::REQUEST_COLUMNS);
+                        let row: Option<super::requests::RequestRow> =
+                            sqlx::query_as(&sql).bind(request_id).bind(&p.payment_id).bind(now).fetch_optional(&mut *tx).await?;
+                        paid = row
+                            .map(super::requests::PaymentRequest::try_from)
+                            .transpose()
+                            .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+                    }
                     if status == PaymentStatus::Failed {
                         // A failed payment no longer counts against the daily limit.
                         super::spend::change!(tx, super::spend::SUB_SQL, &p);
                     }
                     append_event!(tx, &EventFields::payment(event, &p));
-                    if let (Some(request_id), PaymentStatus::Settled) = (&p.request_id, status) {
-                        let sql = format!("UPDATE payment_requests SET status = 'paid', payment_id = $2, updated_at_us = $3 \
-                             WHERE request_id = $1 AND status = 'open' RETURNING {}", super::requests::REQUEST_COLUMNS);
-                        let paid: Option<super::requests::RequestRow> =
-                            sqlx::query_as(&sql).bind(request_id).bind(&p.payment_id).bind(now).fetch_optional(&mut *tx).await?;
-                        if let Some(req) = paid {
-                            let req = super::requests::PaymentRequest::try_from(req).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-                            append_event!(tx, &req.event("request.paid"));
-                        }
+                    if let Some(req) = paid {
+                        append_event!(tx, &req.event("request.paid"));
                     }
                 }
             }

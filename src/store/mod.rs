@@ -344,6 +344,32 @@ fn sqlite_path(url: &str) -> &str {
     rest.split('?').next().unwrap_or(rest)
 }
 
+impl Db {
+    /// The statement that opens a transaction whose reads decide its writes (a limit
+    /// counted, then consumed). On SQLite `BEGIN IMMEDIATE` takes the database's one write
+    /// lock at once, so no commit of another connection can come between the reads and
+    /// the writes (a deferred transaction would instead fail with SQLITE_BUSY_SNAPSHOT
+    /// when it first wrote after such a commit). On PostgreSQL a plain `BEGIN`: the
+    /// transaction locks the row its decision hangs on itself (`lock_user_sql`).
+    pub fn begin_deciding_sql(&self) -> &'static str {
+        match self {
+            Db::Postgres(_) => "BEGIN",
+            Db::Sqlite(_) => "BEGIN IMMEDIATE",
+        }
+    }
+
+    /// A statement that locks platform account `$1` until the transaction ends, so that
+    /// one user's limit checks take turns: `SELECT ... FOR UPDATE` on PostgreSQL; on
+    /// SQLite none is needed (`begin_deciding_sql` holds the whole database), and a
+    /// harmless read stands in.
+    pub fn lock_user_sql(&self) -> &'static str {
+        match self {
+            Db::Postgres(_) => "SELECT user_id FROM accounts WHERE user_id = $1 FOR UPDATE",
+            Db::Sqlite(_) => "SELECT user_id FROM accounts WHERE user_id = $1",
+        }
+    }
+}
+
 /// Now, in microseconds since the Unix epoch.
 pub fn now_us() -> i64 {
     let real = SystemTime::now()

@@ -54,6 +54,27 @@ use crate::with_db;
 pub const ACTIVE_METHODS_MAX: i64 = 10;
 pub const HOLDER_NAME_LEN_MAX: usize = 100;
 pub const POSTAL_CODE_LEN_MAX: usize = 16;
+/// A validated card about to be stored, sealed before the transaction that stores it.
+struct NewCard {
+    token: String,
+    sealed: Sealed,
+    fingerprint: String,
+    holder: String,
+    postal: String,
+    card: card::ValidCard,
+}
+
+/// How a tokenization's transaction ended.
+enum Tokenized {
+    /// Over the hourly limit: nothing written.
+    RateLimited,
+    /// The card was invalid: only the attempt's audit record was written.
+    Invalid,
+    /// This account already holds the card: its method.
+    Existing(MethodRow),
+    New(MethodRow),
+}
+
 /// CVCs held in memory between tokenization and link, at most. Past this the oldest are
 /// dropped (their link asks for a new tokenization).
 const CVC_CACHE_MAX: usize = 100_000;
@@ -76,6 +97,13 @@ pub struct Vault {
 
 fn not_found() -> Error {
     Error::NotFound("payment method not found (unknown, expired or another account's)".into())
+}
+
+fn method_limit() -> Error {
+    Error::ResourceExhausted {
+        reason: "PAYMENT_METHOD_LIMIT",
+        message: format!("at most {ACTIVE_METHODS_MAX} active payment methods; remove one first"),
+    }
 }
 
 fn new_token() -> String {
@@ -132,18 +160,6 @@ impl Vault {
         Ok(())
     }
 
-    async fn recent_attempts(&self, user: &UserId) -> Result<i64> {
-        let since = now_us() - 3_600_000_000;
-        let n = with_db!(&self.db, pool => sqlx::query_scalar::<_, i64>(
-            "SELECT COUNT(*) FROM audit_log WHERE actor = $1 AND action = 'card.tokenize' AND at_us > $2",
-        )
-        .bind(user.as_str())
-        .bind(since)
-        .fetch_one(pool)
-        .await)?;
-        Ok(n)
-    }
-
     fn remember_cvc(&self, token: &str, cvc: Cvc) {
         if let Ok(mut cache) = self.cvcs.lock() {
             let now = Instant::now();
@@ -185,16 +201,14 @@ impl Vault {
 
     /// `TokenizeCard`: validates, encrypts and stores the card unlinked. The same card
     /// tokenized again by the same account returns its existing method.
+    ///
+    /// Every attempt, failed ones included (card testing is many failures), counts
+    /// against `DMPAY_VAULT_TOKENIZE_PER_HOUR_MAX`, as one `card.tokenize` audit record.
+    /// The count and the record are one atomic step: one transaction that holds the
+    /// account's row lock (PostgreSQL) or the write lock (SQLite) counts the records of
+    /// the last hour and writes this attempt's, so parallel calls cannot all pass the
+    /// same count. An attempt over the limit writes nothing.
     pub async fn tokenize(&self, user: &UserId, input: TokenizeInput<'_>) -> Result<PaymentMethod> {
-        if self.recent_attempts(user).await? >= self.config.tokenize_per_hour_max {
-            return Err(Error::ResourceExhausted {
-                reason: "TOKENIZE_RATE_LIMIT",
-                message: format!(
-                    "at most {} card tokenizations per hour per account; try again later",
-                    self.config.tokenize_per_hour_max
-                ),
-            });
-        }
         let validated = card::validate(input.card_number, input.exp_month, input.exp_year, input.cvc, today())
             .and_then(|c| {
                 let holder = parse_text("holder_name", input.holder_name, HOLDER_NAME_LEN_MAX, false)?;
@@ -209,92 +223,119 @@ impl Vault {
                 }
                 Ok((c, holder, postal.to_owned()))
             });
-        let (card, holder, postal) = match validated {
-            Ok(v) => v,
-            Err(e) => {
-                // Failed attempts count against the rate limit: card testing is many
-                // failures. The detail names the field, never the value.
-                let field = match &e {
-                    Error::InvalidArgument(v) => v.first().map(|f| f.field.clone()).unwrap_or_default(),
-                    _ => String::new(),
-                };
-                self.audit(user.as_str(), "card.tokenize", "-", "invalid", &field).await?;
-                return Err(e);
-            }
-        };
         self.accounts.ensure(user).await?;
-        let fingerprint = self.keys.fingerprint(&card.pan);
         let now = now_us();
-
-        // The same card on this account: reuse it (dedup by fingerprint).
-        if let Some(row) = self.live_by_fingerprint(user, &fingerprint).await? {
-            if row.expired(now) {
-                self.purge(Some(&row.token)).await?;
-            } else {
-                if row.status == "unlinked" {
-                    self.remember_cvc(&row.token, card.cvc.clone());
+        // What the transaction writes: for an invalid card only the attempt's record,
+        // naming the field, never the value; for a valid one the sealed card, unless this
+        // account already holds it. The sealing happens before the transaction.
+        let (card, invalid) = match validated {
+            Ok((card, holder, postal)) => {
+                let fingerprint = self.keys.fingerprint(&card.pan);
+                // An expired unlinked copy of the card would block the insert: clear it.
+                if let Some(row) = self.live_by_fingerprint(user, &fingerprint).await? {
+                    if row.expired(now) {
+                        self.purge(Some(&row.token)).await?;
+                    }
                 }
-                self.audit(user.as_str(), "card.tokenize", &row.token, "duplicate", "same card already vaulted")
-                    .await?;
-                return row.into_method();
+                let token = new_token();
+                let sealed = self.keys.seal_pan(&card.pan, &token, user.as_str());
+                (Some(NewCard { token, sealed, fingerprint, holder, postal, card }), None)
             }
-        }
-
-        let token = new_token();
-        let sealed = self.keys.seal_pan(&card.pan, &token, user.as_str());
+            Err(e) => (None, Some(e)),
+        };
+        let invalid_field = match &invalid {
+            Some(Error::InvalidArgument(v)) => v.first().map(|f| f.field.clone()).unwrap_or_default(),
+            _ => String::new(),
+        };
         let expires = now + i64::try_from(self.config.unlinked_ttl.as_micros()).unwrap_or(i64::MAX);
-        let sql = format!(
+        let max = self.config.tokenize_per_hour_max;
+        let insert_sql = format!(
             "INSERT INTO payment_methods (token, user_id, brand, last4, exp_month, exp_year, holder_name, postal_code, \
              fingerprint, status, is_default, kek_id, wrapped_dek, pan_ciphertext, created_at_us, expires_at_us) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'unlinked', FALSE, $10, $11, $12, $13, $14) \
              RETURNING {METHOD_COLUMNS}"
         );
-        let inserted: std::result::Result<MethodRow, sqlx::Error> = with_db!(&self.writer, pool => async {
-            let mut tx = pool.begin().await?;
-            let row = sqlx::query_as(&sql)
-                .bind(&token)
+        let live_sql = format!(
+            "SELECT {METHOD_COLUMNS} FROM payment_methods WHERE user_id = $1 AND fingerprint = $2 AND status <> 'removed'"
+        );
+        let (begin, lock) = (self.writer.begin_deciding_sql(), self.writer.lock_user_sql());
+        let outcome: std::result::Result<Tokenized, sqlx::Error> = with_db!(&self.writer, pool => async {
+            let mut tx = pool.begin_with(begin).await?;
+            sqlx::query(lock).bind(user.as_str()).execute(&mut *tx).await?;
+            let attempts: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM audit_log WHERE actor = $1 AND action = 'card.tokenize' AND at_us > $2",
+            )
+            .bind(user.as_str())
+            .bind(now - 3_600_000_000)
+            .fetch_one(&mut *tx)
+            .await?;
+            if attempts >= max {
+                return Ok(Tokenized::RateLimited);
+            }
+            let Some(new) = &card else {
+                insert_audit!(&mut *tx, user.as_str(), "card.tokenize", "-", "invalid", &invalid_field, now).await?;
+                tx.commit().await?;
+                return Ok(Tokenized::Invalid);
+            };
+            // The same card on this account: reuse it (dedup by fingerprint).
+            let existing: Option<MethodRow> =
+                sqlx::query_as(&live_sql).bind(user.as_str()).bind(&new.fingerprint).fetch_optional(&mut *tx).await?;
+            let existing = match existing {
+                Some(row) if row.expired(now) => {
+                    // Expired since the purge above: it goes now, as the purge would.
+                    sqlx::query("DELETE FROM payment_methods WHERE token = $1 AND status = 'unlinked'")
+                        .bind(&row.token)
+                        .execute(&mut *tx)
+                        .await?;
+                    None
+                }
+                other => other,
+            };
+            if let Some(row) = existing {
+                insert_audit!(&mut *tx, user.as_str(), "card.tokenize", &row.token, "duplicate", "same card already vaulted", now)
+                    .await?;
+                tx.commit().await?;
+                return Ok(Tokenized::Existing(row));
+            }
+            let row: MethodRow = sqlx::query_as(&insert_sql)
+                .bind(&new.token)
                 .bind(user.as_str())
-                .bind(card.brand.as_str())
-                .bind(card.pan.last4())
-                .bind(card.exp_month as i32)
-                .bind(card.exp_year as i32)
-                .bind(&holder)
-                .bind(&postal)
-                .bind(&fingerprint)
-                .bind(&sealed.kek_id)
-                .bind(&sealed.wrapped_dek)
-                .bind(&sealed.ciphertext)
+                .bind(new.card.brand.as_str())
+                .bind(new.card.pan.last4())
+                .bind(new.card.exp_month as i32)
+                .bind(new.card.exp_year as i32)
+                .bind(&new.holder)
+                .bind(&new.postal)
+                .bind(&new.fingerprint)
+                .bind(&new.sealed.kek_id)
+                .bind(&new.sealed.wrapped_dek)
+                .bind(&new.sealed.ciphertext)
                 .bind(now)
                 .bind(expires)
                 .fetch_one(&mut *tx)
                 .await?;
-            sqlx::query("INSERT INTO audit_log (actor, action, target, reason, result, at_us) VALUES ($1, 'card.tokenize', $2, $3, 'ok', $4)")
-                .bind(user.as_str())
-                .bind(format!("pm:{token}"))
-                .bind(format!("{} ****{}", card.brand.as_str(), card.pan.last4()))
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+            let detail = format!("{} ****{}", new.card.brand.as_str(), new.card.pan.last4());
+            insert_audit!(&mut *tx, user.as_str(), "card.tokenize", &new.token, "ok", &detail, now).await?;
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(row)
+            Ok(Tokenized::New(row))
         }
         .await);
-        let row = match inserted {
-            Ok(row) => row,
-            // The same card, tokenized concurrently by the same account: one method.
-            Err(e) if crate::store::is_unique_violation(&e) => {
-                let existing = self
-                    .live_by_fingerprint(user, &fingerprint)
-                    .await?
-                    .ok_or_else(|| Error::internal(anyhow::anyhow!("card conflict without a row")))?;
-                if existing.status == "unlinked" {
-                    self.remember_cvc(&existing.token, card.cvc);
-                }
-                return existing.into_method();
+        let row = match outcome {
+            Ok(Tokenized::RateLimited) => {
+                return Err(Error::ResourceExhausted {
+                    reason: "TOKENIZE_RATE_LIMIT",
+                    message: format!("at most {max} card tokenizations per hour per account; try again later"),
+                })
             }
+            Ok(Tokenized::Invalid) => {
+                return Err(invalid.unwrap_or_else(|| Error::internal(anyhow::anyhow!("invalid card without an error"))))
+            }
+            Ok(Tokenized::Existing(row) | Tokenized::New(row)) => row,
             Err(e) => return Err(e.into()),
         };
-        self.remember_cvc(&token, card.cvc);
+        if let (Some(new), "unlinked") = (card, row.status.as_str()) {
+            self.remember_cvc(&row.token, new.card.cvc);
+        }
         row.into_method()
     }
 
@@ -339,10 +380,7 @@ impl Vault {
         .fetch_one(pool)
         .await)?;
         if active >= ACTIVE_METHODS_MAX {
-            return Err(Error::ResourceExhausted {
-                reason: "PAYMENT_METHOD_LIMIT",
-                message: format!("at most {ACTIVE_METHODS_MAX} active payment methods; remove one first"),
-            });
+            return Err(method_limit());
         }
         let cvc = self.take_cvc(token).ok_or_else(|| Error::FailedPrecondition {
             reason: "CVC_UNAVAILABLE",
@@ -374,8 +412,22 @@ impl Vault {
         }
         drop(cvc);
         let now = now_us();
-        with_db!(&self.writer, pool => {
-            let mut tx = pool.begin().await?;
+        // The cap is counted and the card linked in one transaction that holds the
+        // account's row lock (PostgreSQL) or the write lock (SQLite): parallel links of
+        // one account take turns, so they cannot all pass the same count.
+        let (begin, lock) = (self.writer.begin_deciding_sql(), self.writer.lock_user_sql());
+        let linked: bool = with_db!(&self.writer, pool => async {
+            let mut tx = pool.begin_with(begin).await?;
+            sqlx::query(lock).bind(user.as_str()).execute(&mut *tx).await?;
+            let active: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM payment_methods WHERE user_id = $1 AND status = 'active'",
+            )
+            .bind(user.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+            if active >= ACTIVE_METHODS_MAX {
+                return Ok(false);
+            }
             let has_default: i64 = sqlx::query_scalar(
                 "SELECT COUNT(*) FROM payment_methods WHERE user_id = $1 AND is_default",
             )
@@ -401,8 +453,12 @@ impl Vault {
             .await?;
             insert_audit!(&mut *tx, user.as_str(), "card.link", token, "ok", "", now).await?;
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(())
-        })?;
+            Ok::<_, sqlx::Error>(true)
+        }
+        .await)?;
+        if !linked {
+            return Err(method_limit());
+        }
         self.row(user, token).await?.ok_or_else(not_found)?.into_method()
     }
 

@@ -219,6 +219,32 @@ macro_rules! backend_tests {
     };
 }
 
+/// Runs each named `async fn(Backend)` (a test that starts its own server, with
+/// settings of its own) once on SQLite and once on PostgreSQL.
+#[macro_export]
+macro_rules! backend_fn_tests {
+    ($($name:ident),* $(,)?) => {
+        mod by_backend {
+            mod sqlite {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        super::super::$name($crate::helpers::Backend::Sqlite).await;
+                    }
+                )*
+            }
+            mod postgres {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        super::super::$name($crate::helpers::Backend::Postgres).await;
+                    }
+                )*
+            }
+        }
+    };
+}
+
 pub const LEDGER_SCOPES: &str = "ledger:write ledger:read";
 
 impl TestApp {

@@ -19,6 +19,7 @@ mod ops;
 mod outage;
 mod payments;
 mod processor_faults;
+mod races;
 mod raw;
 mod secrets;
 mod vault;

@@ -9,8 +9,8 @@ use super::{principal, timestamp, timestamp_us, to_status};
 use crate::auth::scope;
 use crate::error::{Error, Result};
 use crate::ledger::{
-    self, read, AccountCode, AccountType, Direction, Entry, EntryStatus, Ledger, LedgerAccount, PostEntryInput,
-    PostingInput,
+    self, callers, read, AccountCode, AccountType, Direction, Entry, EntryStatus, Ledger, LedgerAccount,
+    PostEntryInput, PostingInput,
 };
 use crate::money::Money;
 
@@ -155,7 +155,22 @@ impl pb::ledger_server::Ledger for LedgerApi {
         caller.require(scope::LEDGER_WRITE).map_err(to_status)?;
         let result = async {
             let input = self.post_entry_input(req.get_ref())?;
-            self.ledger.post_entry(&caller.sub, input).await
+            // Crediting a wallet (a top-up from a platform account) needs `ledger:write`
+            // only; taking money out of a user's wallet through the generic API is a
+            // power of its own.
+            if let Some(i) = input
+                .postings
+                .iter()
+                .position(|p| p.direction == Direction::Debit && p.account_code.as_wallet().is_some())
+            {
+                if !caller.has(scope::LEDGER_WALLET_DEBIT) {
+                    return Err(Error::PermissionDenied(format!(
+                        "postings[{i}] debits a user's wallet, which needs scope {}",
+                        scope::LEDGER_WALLET_DEBIT
+                    )));
+                }
+            }
+            self.ledger.post_entry(&callers::api(&caller.sub), input).await
         }
         .await;
         result.map(|e| Response::new(entry_to_wire(e))).map_err(to_status)
@@ -167,7 +182,14 @@ impl pb::ledger_server::Ledger for LedgerApi {
         let r = req.get_ref();
         let result = async {
             let amount = optional_positive("amount", r.amount.as_ref(), self.ledger.accounts().currencies())?;
-            self.ledger.post_pending(&caller.sub, super::id("entry_id", &r.entry_id)?, &r.idempotency_key, amount).await
+            self.ledger
+                .post_pending(
+                    &callers::api(&caller.sub),
+                    super::id("entry_id", &r.entry_id)?,
+                    &r.idempotency_key,
+                    amount,
+                )
+                .await
         }
         .await;
         result.map(|e| Response::new(entry_to_wire(e))).map_err(to_status)
@@ -178,7 +200,9 @@ impl pb::ledger_server::Ledger for LedgerApi {
         caller.require(scope::LEDGER_WRITE).map_err(to_status)?;
         let r = req.get_ref();
         let result = async {
-            self.ledger.void_pending(&caller.sub, super::id("entry_id", &r.entry_id)?, &r.idempotency_key).await
+            self.ledger
+                .void_pending(&callers::api(&caller.sub), super::id("entry_id", &r.entry_id)?, &r.idempotency_key)
+                .await
         }
         .await;
         result.map(|e| Response::new(entry_to_wire(e))).map_err(to_status)
@@ -189,7 +213,24 @@ impl pb::ledger_server::Ledger for LedgerApi {
         caller.require(scope::LEDGER_WRITE).map_err(to_status)?;
         let r = req.get_ref();
         let result = async {
-            self.ledger.reverse(&caller.sub, super::id("entry_id", &r.entry_id)?, &r.idempotency_key, &r.reason).await
+            let entry_id = super::id("entry_id", &r.entry_id)?;
+            // A reversal debits what the entry credited: reversing a wallet top-up takes
+            // money out of the wallet, which needs the same scope as a debit.
+            if !caller.has(scope::LEDGER_WALLET_DEBIT) && !entry_id.is_empty() && entry_id.len() <= 64 {
+                if let Ok(original) = self.ledger.get_entry(entry_id).await {
+                    if original
+                        .postings
+                        .iter()
+                        .any(|p| p.direction == Direction::Credit && p.account_code.as_wallet().is_some())
+                    {
+                        return Err(Error::PermissionDenied(format!(
+                            "reversing entry {entry_id} debits a user's wallet, which needs scope {}",
+                            scope::LEDGER_WALLET_DEBIT
+                        )));
+                    }
+                }
+            }
+            self.ledger.reverse(&callers::api(&caller.sub), entry_id, &r.idempotency_key, &r.reason).await
         }
         .await;
         result.map(|e| Response::new(entry_to_wire(e))).map_err(to_status)

@@ -35,6 +35,8 @@ pub mod scope {
     pub const METHODS_WRITE: &str = "methods:write";
     pub const ACCOUNTS_ADMIN: &str = "accounts:admin";
     pub const LEDGER_WRITE: &str = "ledger:write";
+    /// With `ledger:write`: `PostEntry` may debit a user's wallet.
+    pub const LEDGER_WALLET_DEBIT: &str = "ledger:wallet_debit";
     pub const LEDGER_READ: &str = "ledger:read";
     pub const FINANCE: &str = "finance";
 }

@@ -177,9 +177,10 @@ async fn run_transaction(ctx: &BatchContext<'_>, cmds: Vec<&Command>) -> Vec<Res
                 return decisions
                     .into_iter()
                     .map(|d| match d {
-                        Decision::Accept(draft) => {
-                            Ok(Outcome::Created { entry: draft.to_entry(created_at_us), batch_clock_us: plan.now_us })
-                        }
+                        Decision::Accept(draft) => Ok(Outcome::Created {
+                            entry: Box::new(draft.to_entry(created_at_us)),
+                            batch_clock_us: plan.now_us,
+                        }),
                         Decision::Reject(e) => Err(e),
                         Decision::KeyTaken => Err(Error::Aborted),
                         Decision::Answered(answer) => answer,

@@ -59,6 +59,7 @@ impl Draft {
             pending_entry_id: self.pending_entry_id.clone(),
             reverses_entry_id: self.reverses_entry_id.clone(),
             expires_at_us: self.expires_at_us,
+            created_by: self.created_by.clone(),
             created_at_us,
         }
     }

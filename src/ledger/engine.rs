@@ -113,7 +113,7 @@ pub struct Idem {
 pub enum Outcome {
     /// The command was applied now.
     Created {
-        entry: Entry,
+        entry: Box<Entry>,
         /// The batch's clock reading, which the batch hook's rows were stamped with (a
         /// payment's `settled_at`). The entry's own `created_at_us` is the later of it
         /// and the last batch's time (`batch::Committed`), so the two differ when a

@@ -13,7 +13,7 @@ use crate::with_db;
 const EXPIRE_BATCH_MAX: i64 = 500;
 
 /// The caller recorded on entries the sweeper writes.
-pub const EXPIRY_ACTOR: &str = "system:expiry";
+pub const EXPIRY_ACTOR: &str = super::callers::EXPIRY;
 
 /// Expires every pending entry past its timeout; returns how many it expired.
 pub async fn expire_due(db: &Db, engine: &EngineHandle) -> Result<usize> {

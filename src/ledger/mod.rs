@@ -2,6 +2,7 @@
 //!
 //! - `model`      accounts, postings, entries, balances and their validation
 //! - `accounts`   account lookup (cached), wallets on first use, system accounts
+//! - `callers`    who writes (modules, API callers) and which entries belong to whom
 //! - `engine`     the batching posting engine, the single write path
 //! - `batch`      one batch from commands to answers: duplicates, keys, retries
 //! - `intake`     how the engine gathers a batch, setting aside calls on busy accounts
@@ -18,6 +19,7 @@ mod batch;
 mod batch_pg;
 mod batch_sqlite;
 pub mod bench;
+pub mod callers;
 mod decide;
 pub mod engine;
 pub mod hook;
@@ -106,7 +108,7 @@ impl Ledger {
 
     async fn finish(&self, outcome: Outcome) -> Result<Entry> {
         match outcome {
-            Outcome::Created { entry, .. } => Ok(entry),
+            Outcome::Created { entry, .. } => Ok(*entry),
             Outcome::Replayed(id) => self.get_entry(&id).await,
         }
     }
@@ -179,6 +181,7 @@ impl Ledger {
     pub async fn post_pending(&self, caller: &str, entry_id: &str, key: &str, amount: Option<Money>) -> Result<Entry> {
         check_idempotency_key("idempotency_key", key)?;
         let pending = self.pending_entry(entry_id).await?;
+        callers::check_may_change(caller, &pending)?;
         let partial = match amount {
             None => None,
             Some(m) => {
@@ -209,6 +212,7 @@ impl Ledger {
     pub async fn void_pending(&self, caller: &str, entry_id: &str, key: &str) -> Result<Entry> {
         check_idempotency_key("idempotency_key", key)?;
         let pending = self.pending_entry(entry_id).await?;
+        callers::check_may_change(caller, &pending)?;
         let request_hash = hash_request(&serde_json::json!({"entry": entry_id}));
         let idem = Idem { key: key.to_owned(), operation: "void_pending", request_hash };
         let outcome = self.engine.submit(caller, Some(idem), Op::Resolve { pending, action: Resolution::Void }).await?;
@@ -220,6 +224,7 @@ impl Ledger {
         check_idempotency_key("idempotency_key", key)?;
         crate::accounts::parse_text("reason", reason, DESCRIPTION_LEN_MAX, true)?;
         let original = self.get_entry_field("entry_id", entry_id).await?;
+        callers::check_may_change(caller, &original)?;
         if original.status != EntryStatus::Posted || original.postings.is_empty() {
             return Err(Error::FailedPrecondition {
                 reason: "ENTRY_NOT_POSTED",

@@ -203,6 +203,8 @@ pub struct Entry {
     pub pending_entry_id: Option<String>,
     pub reverses_entry_id: Option<String>,
     pub expires_at_us: Option<i64>,
+    /// The caller that wrote it (`callers`): a module's name or `api:<sub>`.
+    pub created_by: String,
     pub created_at_us: i64,
 }
 

@@ -23,6 +23,7 @@ struct EntryRow {
     pending_entry_id: Option<String>,
     reverses_entry_id: Option<String>,
     expires_at_us: Option<i64>,
+    created_by: String,
     created_at_us: i64,
     resolved_status: Option<String>,
 }
@@ -38,7 +39,7 @@ struct PostingRow {
 }
 
 const ENTRY_COLUMNS: &str = "e.id, e.sequence, e.kind, e.description, e.metadata, e.status, e.pending_entry_id, \
-     e.reverses_entry_id, e.expires_at_us, e.created_at_us, r.status AS resolved_status";
+     e.reverses_entry_id, e.expires_at_us, e.created_by, e.created_at_us, r.status AS resolved_status";
 
 fn placeholders(n: usize) -> String {
     (1..=n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
@@ -100,6 +101,7 @@ pub async fn get_entries(db: &Db, ids: &[String]) -> Result<Vec<Entry>> {
             pending_entry_id: row.pending_entry_id,
             reverses_entry_id: row.reverses_entry_id,
             expires_at_us: row.expires_at_us,
+            created_by: row.created_by,
             created_at_us: row.created_at_us,
         };
         by_id.insert(entry.id.clone(), entry);

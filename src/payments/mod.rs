@@ -40,7 +40,7 @@ use crate::store::{now_us, Db};
 use crate::vault::Vault;
 
 /// The caller recorded on ledger entries and idempotency keys of payments.
-const ACTOR: &str = "payments";
+const ACTOR: &str = crate::ledger::callers::PAYMENTS;
 /// How often daily-limit buckets that left the window are deleted.
 const SPEND_PURGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
 

@@ -133,6 +133,7 @@ const MATRIX: &[(&str, &str)] = &[
 const ALL_SCOPES: &[&str] = &[
     "accounts:admin",
     "ledger:write",
+    "ledger:wallet_debit",
     "ledger:read",
     "methods:write",
     "payments:write",

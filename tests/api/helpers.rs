@@ -245,7 +245,8 @@ macro_rules! backend_fn_tests {
     };
 }
 
-pub const LEDGER_SCOPES: &str = "ledger:write ledger:read";
+/// A ledger service that may also debit wallets (transfers between users in tests).
+pub const LEDGER_SCOPES: &str = "ledger:write ledger:read ledger:wallet_debit";
 
 impl TestApp {
     pub fn ledger(&self) -> pb::ledger_client::LedgerClient<Channel> {

@@ -188,7 +188,7 @@ async fn run_case(backend: Backend, ops: Vec<OpSpec>) {
     let seen = seen.lock().await;
     for (key, entry_id) in &seen.by_key {
         let stored: String = dmpay::with_db!(&app.db, pool => sqlx::query_scalar(
-            "SELECT result_id FROM idempotency_keys WHERE caller = 'svc-prop' AND key = $1",
+            "SELECT result_id FROM idempotency_keys WHERE caller = 'api:svc-prop' AND key = $1",
         )
         .bind(key)
         .fetch_one(pool)

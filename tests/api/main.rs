@@ -17,6 +17,7 @@ mod ledger_props;
 mod limits;
 mod ops;
 mod outage;
+mod ownership;
 mod payments;
 mod processor_faults;
 mod races;

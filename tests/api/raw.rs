@@ -68,6 +68,7 @@ pub const RPCS: &[Rpc] = &[
 pub const ALL_SCOPES: &[&str] = &[
     "accounts:admin",
     "ledger:write",
+    "ledger:wallet_debit",
     "ledger:read",
     "methods:write",
     "payments:write",

@@ -19,7 +19,7 @@ use crate::store::{now_us, Db};
 use crate::with_db;
 
 /// The caller on the ledger entries reconciliation books.
-const RECON_ACTOR: &str = "finance:reconciliation";
+const RECON_ACTOR: &str = crate::ledger::callers::RECONCILIATION;
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Run {

@@ -4,9 +4,10 @@ CARGO ?= cargo
 
 .PHONY: run build release test test-sqlite check fmt migrate token clean bench fuzz fuzz-build secrets-scan chaos
 
-## Start the server on the embedded SQLite default (./var/dmpay.db), no setup.
+## Start the server on the embedded SQLite default (./var/dmpay.db), no setup. dmpay runs
+## in production mode unless told otherwise; this is a development server, so it says so.
 run:
-	$(CARGO) run --bin dmpay -- serve
+	DMPAY_ENV=development $(CARGO) run --bin dmpay -- serve
 
 build:
 	$(CARGO) build
@@ -97,7 +98,7 @@ BENCH_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 BENCH_DURATION ?= 30s
 bench: release
 	@pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null || pg_ctlcluster --skip-systemctl-redirect "$$(ls /etc/postgresql)" main start || true
-	./target/release/dmpay bench report --postgres-url "$(BENCH_POSTGRES_URL)" --duration $(BENCH_DURATION) --out BENCHMARKS.md
+	DMPAY_ENV=development ./target/release/dmpay bench report --postgres-url "$(BENCH_POSTGRES_URL)" --duration $(BENCH_DURATION) --out BENCHMARKS.md
 
 fmt:
 	$(CARGO) fmt --all

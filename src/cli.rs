@@ -454,6 +454,8 @@ pub fn main() -> ExitCode {
         }
         Command::Vault { command: VaultCommand::Rotate } => run_async(async move {
             init_logging(config.log_format);
+            // Production must not re-wrap every card under the published development key.
+            config.check_for_serving()?;
             let db = Db::connect(&config).await?;
             db.migrate().await?;
             let keys = std::sync::Arc::new(config.key_ring()?);

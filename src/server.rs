@@ -68,6 +68,19 @@ const SERVICE_NAMES: &[&str] = &[
 impl Application {
     /// Connects to the database, runs migrations and binds the listeners.
     pub async fn build(config: Config) -> anyhow::Result<Application> {
+        config.check_for_serving()?;
+        if config.env == crate::config::Environment::Development {
+            tracing::warn!(
+                "DEVELOPMENT MODE (DMPAY_ENV=development): tokens signed with the published development secret \
+                 and the development vault keys are accepted; never expose this server"
+            );
+        }
+        if config.sandbox_in_production() {
+            tracing::warn!(
+                "the SANDBOX card processor serves in production (DMPAY_ALLOW_SANDBOX_PROCESSOR_IN_PRODUCTION=true): \
+                 no real card is charged"
+            );
+        }
         let verifier = Verifier::from_config(&config)?;
         let db = Db::connect(&config).await?;
         db.migrate().await?;
@@ -162,6 +175,7 @@ impl Application {
         });
 
         let (health, health_service) = tonic_health::server::health_reporter();
+        let reload_task = verifier.clone().spawn_reloader(config.jwt_keys_reload_interval);
         let auth = AuthInterceptor::new(verifier);
         let size_max = config.grpc_message_size_max;
         let accounts = AccountsServer::new(AccountsApi::new(accounts))
@@ -227,6 +241,7 @@ impl Application {
         tokio::select! {
             result = &mut server => {
                 probe_task.abort();
+                reload_task.abort();
                 checkpoint_task.abort();
                 maintenance_task.abort();
                 purge_task.abort();
@@ -251,6 +266,7 @@ impl Application {
             }
         }
         probe_task.abort();
+        reload_task.abort();
         checkpoint_task.abort();
         maintenance_task.abort();
         purge_task.abort();

@@ -1000,6 +1000,7 @@ async fn run(backend: Backend) {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let env: Vec<(String, String)> = [
+        ("DMPAY_ENV", "development"),
         ("DMPAY_DATABASE_URL", url.as_str()),
         ("DMPAY_GRPC_ADDR", &addr.to_string()),
         ("DMPAY_METRICS_ADDR", "off"),
@@ -1024,7 +1025,8 @@ async fn run(backend: Backend) {
     server.wait_ready().await.unwrap_or_else(|e| panic!("{e}"));
     let db = Db::connect_url(&url, 4, Duration::from_secs(10)).await.expect("the test's own connection");
 
-    let config = dmpay::config::Config::load_from(&HashMap::<String, String>::new(), None).expect("dev config");
+    let dev = HashMap::from([("DMPAY_ENV".to_string(), "development".to_string())]);
+    let config = dmpay::config::Config::load_from(&dev, None).expect("dev config");
     let ttl = knobs.load + Duration::from_secs(3600);
     let run_id = &uuid::Uuid::new_v4().simple().to_string()[..6];
     let users: Vec<User> = (0..knobs.users)
@@ -1755,6 +1757,7 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
     }
     let out = Command::new(&server.bin)
         .args(["finance", "verify", "--addr", &format!("http://{}", server.addr)])
+        .env("DMPAY_ENV", "development")
         .env_remove("DMPAY_CONFIG")
         .env_remove("DMPAY_TOKEN")
         .output()

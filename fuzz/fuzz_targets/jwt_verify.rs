@@ -51,7 +51,10 @@ fn fixture() -> &'static Fixture {
         // The dev config plus the test suite's RSA public key, so that RS256 is accepted
         // too and an HS256 token "signed" with that public key (algorithm confusion) can
         // be tried.
-        let env = HashMap::from([("DMPAY_JWT_PUBLIC_KEYS".to_string(), RSA_PUBLIC_PEM.to_string())]);
+        let env = HashMap::from([
+            ("DMPAY_ENV".to_string(), "development".to_string()),
+            ("DMPAY_JWT_PUBLIC_KEYS".to_string(), RSA_PUBLIC_PEM.to_string()),
+        ]);
         let config = Config::load_from(&env, None).expect("the dev config loads");
         let verifier = Verifier::from_config(&config).expect("the dev verifier builds");
         // Valid for a day: longer than any fuzz run.

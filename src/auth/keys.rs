@@ -11,6 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 pub struct KeyError(pub String);
 
 /// One verification key, usable only with `alg`.
+#[derive(Clone)]
 pub(crate) struct Key {
     pub alg: Algorithm,
     pub kid: Option<String>,

@@ -28,6 +28,12 @@ pub fn mint_dev_token(config: &Config, sub: &str, scope: &str, ttl: Duration) ->
     );
     anyhow::ensure!(config.hs256_enabled(), "HS256 is switched off (DMPAY_JWT_HS256_SECRET=off)");
     anyhow::ensure!(!sub.is_empty() && sub.len() <= 128, "--sub must be 1 to 128 characters");
+    anyhow::ensure!(
+        ttl <= config.jwt_lifetime_max,
+        "--ttl {} is longer than the {} a token may live (DMPAY_JWT_LIFETIME_MAX)",
+        humantime::format_duration(ttl),
+        humantime::format_duration(config.jwt_lifetime_max)
+    );
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let claims = MintClaims {
         sub,

@@ -5,12 +5,20 @@
 //! with its own algorithm, so an HS256 token can never be checked against an RSA public
 //! key (algorithm confusion) and `alg: none` is refused before any key is looked at.
 //! Verified claims reach handlers as a `Principal` in the request extensions.
+//!
+//! A token must also say when it was issued (`iat`) and live no longer than
+//! `DMPAY_JWT_LIFETIME_MAX`, so a leaked token cannot be good for years; and a header
+//! with `crit` is refused, since dmpay understands no critical extension (RFC 7515
+//! 4.1.11: a recipient must then reject the token). Public keys are read again from
+//! their file every `DMPAY_JWT_KEYS_RELOAD_INTERVAL` and on SIGHUP (`reload`), so a key
+//! rotated at the identity service takes effect without a restart.
 
 mod keys;
 mod mint;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 
 use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
@@ -65,6 +73,12 @@ impl Principal {
 #[derive(Debug, Deserialize)]
 struct Claims {
     sub: String,
+    /// Validated by jsonwebtoken as a number of seconds; read here for the lifetime.
+    exp: u64,
+    /// Required: a token that does not say when it was issued cannot be held to a
+    /// lifetime.
+    #[serde(default, deserialize_with = "present")]
+    iat: Option<serde_json::Value>,
     #[serde(default)]
     scope: String,
     /// Checked again here for its type: jsonwebtoken accepts a list naming the issuer.
@@ -83,9 +97,15 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::
 }
 
 struct Inner {
-    keys: Vec<keys::Key>,
+    /// The HS256 key (if on) and the public keys; replaced whole by `reload`. A std
+    /// lock: held to clone the `Arc`, never across an await.
+    keys: RwLock<Arc<Vec<keys::Key>>>,
+    /// Where the public keys are read from, again on every reload.
+    public_keys: Option<PathBuf>,
+    hs256: Option<keys::Key>,
     issuer: String,
     audience: String,
+    lifetime_max_s: u64,
 }
 
 /// Verifies bearer tokens. Cheap to clone.
@@ -96,19 +116,91 @@ pub struct Verifier {
 
 impl Verifier {
     pub fn from_config(config: &Config) -> Result<Self, KeyError> {
-        let mut keys = Vec::new();
-        if config.hs256_enabled() {
-            keys.push(keys::Key::hs256(&config.jwt_hs256_secret));
-        }
-        if let Some(path) = &config.jwt_public_keys {
+        let hs256 = config.hs256_enabled().then(|| keys::Key::hs256(&config.jwt_hs256_secret));
+        let keys = Self::load(hs256.as_ref(), config.jwt_public_keys.as_ref())?;
+        Ok(Verifier {
+            inner: Arc::new(Inner {
+                keys: RwLock::new(Arc::new(keys)),
+                public_keys: config.jwt_public_keys.clone(),
+                hs256,
+                issuer: config.jwt_issuer.clone(),
+                audience: config.jwt_audience.clone(),
+                lifetime_max_s: config.jwt_lifetime_max.as_secs(),
+            }),
+        })
+    }
+
+    fn load(hs256: Option<&keys::Key>, public_keys: Option<&PathBuf>) -> Result<Vec<keys::Key>, KeyError> {
+        let mut keys: Vec<keys::Key> = hs256.into_iter().cloned().collect();
+        if let Some(path) = public_keys {
             keys.extend(keys::load_public_keys(path)?);
         }
         if keys.is_empty() {
             return Err(KeyError("no JWT verification key configured".into()));
         }
-        Ok(Verifier {
-            inner: Arc::new(Inner { keys, issuer: config.jwt_issuer.clone(), audience: config.jwt_audience.clone() }),
-        })
+        Ok(keys)
+    }
+
+    /// Reads the public keys again. On any error the keys in use stay (a half-written
+    /// or broken file must not lock every caller out); the error is for the log.
+    /// Returns how many public keys are now in use.
+    pub fn reload(&self) -> Result<usize, KeyError> {
+        let Some(path) = &self.inner.public_keys else { return Ok(0) };
+        let keys = Self::load(self.inner.hs256.as_ref(), Some(path))?;
+        let public = keys.len() - usize::from(self.inner.hs256.is_some());
+        if let Ok(mut slot) = self.inner.keys.write() {
+            *slot = Arc::new(keys);
+        }
+        Ok(public)
+    }
+
+    /// Reloads the public keys every `interval` and on SIGHUP, until the task is
+    /// aborted. The SIGHUP handler is in place when this returns, so a signal sent after
+    /// it is never missed (nor, with no handler, fatal to the process).
+    pub fn spawn_reloader(self, interval: std::time::Duration) -> tokio::task::JoinHandle<()> {
+        #[cfg(unix)]
+        let hup = match self.inner.public_keys {
+            Some(_) => tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok(),
+            None => None,
+        };
+        #[cfg(not(unix))]
+        let hup = None::<()>;
+        tokio::spawn(self.run_reloader(interval, hup))
+    }
+
+    async fn run_reloader(
+        self,
+        interval: std::time::Duration,
+        #[cfg(unix)] mut hup: Option<tokio::signal::unix::Signal>,
+        #[cfg(not(unix))] _hup: Option<()>,
+    ) {
+        if self.inner.public_keys.is_none() {
+            return;
+        }
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            #[cfg(unix)]
+            let hangup = async {
+                match hup.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let hangup = std::future::pending::<()>();
+            let why = tokio::select! {
+                _ = tick.tick() => "interval",
+                () = hangup => "SIGHUP",
+            };
+            match self.reload() {
+                Ok(n) => tracing::debug!(keys = n, trigger = why, "JWT public keys reloaded"),
+                Err(e) => tracing::error!(error = %e, trigger = why, "JWT public keys not reloaded; the previous keys stay in use"),
+            }
+        }
     }
 
     /// Checks an `authorization` header value and returns the caller.
@@ -132,7 +224,11 @@ impl Verifier {
         // An `alg` that jsonwebtoken does not know, `none` included, fails here.
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| Error::Unauthenticated("malformed token or unsupported algorithm".into()))?;
-        let key = self.pick_key(header.alg, header.kid.as_deref())?;
+        if has_crit(token) {
+            return Err(Error::Unauthenticated("token header has critical extensions (crit), none supported".into()));
+        }
+        let keys = self.inner.keys.read().map(|k| k.clone()).unwrap_or_default();
+        let key = Self::pick_key(&keys, header.alg, header.kid.as_deref())?;
 
         let mut validation = Validation::new(key.alg);
         validation.set_issuer(&[&self.inner.issuer]);
@@ -161,6 +257,22 @@ impl Verifier {
         if data.claims.nbf.as_ref().is_some_and(|n| !n.is_u64()) {
             return Err(Error::Unauthenticated("token nbf must be whole seconds since the epoch".into()));
         }
+        let iat = match data.claims.iat.as_ref() {
+            None => return Err(Error::Unauthenticated("token lacks iat (issued at)".into())),
+            Some(v) => v
+                .as_u64()
+                .ok_or_else(|| Error::Unauthenticated("token iat must be whole seconds since the epoch".into()))?,
+        };
+        let now = jsonwebtoken::get_current_timestamp();
+        if iat > now.saturating_add(LEEWAY_S) {
+            return Err(Error::Unauthenticated("token issued in the future (iat)".into()));
+        }
+        if data.claims.exp.saturating_sub(iat) > self.inner.lifetime_max_s {
+            return Err(Error::Unauthenticated(format!(
+                "token lifetime (exp - iat) longer than {} s (DMPAY_JWT_LIFETIME_MAX)",
+                self.inner.lifetime_max_s
+            )));
+        }
         let sub = data.claims.sub;
         if sub.is_empty() || sub.len() > 128 {
             return Err(Error::Unauthenticated("token sub must be 1 to 128 characters".into()));
@@ -168,20 +280,32 @@ impl Verifier {
         Ok(Principal { sub, scopes: data.claims.scope.split_whitespace().map(str::to_owned).collect() })
     }
 
-    fn pick_key(&self, alg: Algorithm, kid: Option<&str>) -> Result<&keys::Key, Error> {
-        let mut same_alg = self.inner.keys.iter().filter(|k| k.alg == alg).peekable();
+    fn pick_key<'k>(keys: &'k [keys::Key], alg: Algorithm, kid: Option<&str>) -> Result<&'k keys::Key, Error> {
+        let mut same_alg = keys.iter().filter(|k| k.alg == alg).peekable();
         if same_alg.peek().is_none() {
             return Err(Error::Unauthenticated(format!("algorithm {alg:?} not accepted")));
         }
         match kid {
             // A kid that matches no key of that algorithm is refused rather than tried
             // against the others: a rotated-out key must stop working.
-            Some(kid) if self.inner.keys.iter().any(|k| k.kid.is_some()) => same_alg
+            Some(kid) if keys.iter().any(|k| k.kid.is_some()) => same_alg
                 .find(|k| k.kid.as_deref() == Some(kid))
                 .ok_or_else(|| Error::Unauthenticated("unknown key id (kid)".into())),
             _ => same_alg.next().ok_or_else(|| Error::Unauthenticated(format!("algorithm {alg:?} not accepted"))),
         }
     }
+}
+
+/// Whether the token's header names critical extensions (`crit`). jsonwebtoken's header
+/// type drops unknown fields, so the header is read again as plain JSON; a header that
+/// does not decode was already refused by `decode_header`.
+fn has_crit(token: &str) -> bool {
+    use base64::Engine;
+    let Some(segment) = token.split('.').next() else { return false };
+    let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(segment.trim_end_matches('=')) else {
+        return false;
+    };
+    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&bytes).is_ok_and(|h| h.contains_key("crit"))
 }
 
 /// The tonic interceptor for every dmpay service: verifies the token and stores the

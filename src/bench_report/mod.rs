@@ -235,6 +235,7 @@ impl Server {
         let log = std::env::temp_dir().join(format!("dmpay-bench-server-{port}.log"));
         let child = tokio::process::Command::new(std::env::current_exe()?)
             .arg("serve")
+            .env("DMPAY_ENV", "development")
             .env("DMPAY_DATABASE_URL", url)
             .env("DMPAY_GRPC_ADDR", format!("127.0.0.1:{port}"))
             .env("DMPAY_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))

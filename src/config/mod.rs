@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
+mod security;
 mod settings;
 
+pub use security::{ProcessorKind, HS256_SECRET_LEN_MIN};
 use settings::Settings;
 pub use settings::{ProcessEnv, Source};
 
@@ -48,6 +50,14 @@ pub struct Config {
     pub jwt_public_keys: Option<PathBuf>,
     pub jwt_issuer: String,
     pub jwt_audience: String,
+    /// The longest a token may live (`exp - iat`); longer ones are refused.
+    pub jwt_lifetime_max: Duration,
+    /// How often `DMPAY_JWT_PUBLIC_KEYS` is read again (also on SIGHUP).
+    pub jwt_keys_reload_interval: Duration,
+    /// The card processor; `None` when production named none (refused at start).
+    pub processor: Option<ProcessorKind>,
+    /// Production may run on the sandbox processor only when this says so.
+    pub allow_sandbox_in_production: bool,
     pub log_format: LogFormat,
     /// Largest gRPC message accepted or sent.
     pub grpc_message_size_max: usize,
@@ -89,7 +99,7 @@ pub enum ConfigError {
     Invalid { name: &'static str, detail: String },
     #[error("config file {path}: {detail}")]
     File { path: String, detail: String },
-    #[error("DMPAY_ENV=production refuses {0}")]
+    #[error("DMPAY_ENV=production (the default; DMPAY_ENV=development for a development server) refuses {0}")]
     Production(String),
 }
 
@@ -120,6 +130,26 @@ impl Config {
             ("production", Environment::Production),
             ("prod", Environment::Production),
         ];
+        // Production unless development is chosen: a binary started with nothing set
+        // must not trust the published development secrets.
+        let env = s.choice("DMPAY_ENV", "production", &environments)?;
+        let jwt_hs256_secret = s.string_or("DMPAY_JWT_HS256_SECRET", DEV_JWT_SECRET);
+        security::check_hs256_spelling(&jwt_hs256_secret)?;
+        // Development runs on the sandbox unless told otherwise; production names its
+        // processor.
+        let processor = match s.raw("DMPAY_PROCESSOR") {
+            None if env == Environment::Development => Some(ProcessorKind::Sandbox),
+            None => None,
+            Some(raw) => Some(match raw.as_str() {
+                "sandbox" => ProcessorKind::Sandbox,
+                other => {
+                    return Err(ConfigError::Invalid {
+                        name: "DMPAY_PROCESSOR",
+                        detail: format!("expected one of sandbox, got {other:?}"),
+                    })
+                }
+            }),
+        };
         let engine = EngineConfig::default();
         let vault = VaultConfig::default();
         let payments = PaymentsConfig::default();
@@ -129,11 +159,19 @@ impl Config {
             grpc_addr,
             metrics_addr: s.addr_or_off("DMPAY_METRICS_ADDR", "127.0.0.1:9464")?,
             database_url: SecretString::from(database_url),
-            env: s.choice("DMPAY_ENV", "development", &environments)?,
-            jwt_hs256_secret: SecretString::from(s.string_or("DMPAY_JWT_HS256_SECRET", DEV_JWT_SECRET)),
+            env,
+            jwt_hs256_secret: SecretString::from(jwt_hs256_secret),
             jwt_public_keys: s.raw("DMPAY_JWT_PUBLIC_KEYS").map(PathBuf::from),
             jwt_issuer: s.string_or("DMPAY_JWT_ISSUER", "dmpay-dev"),
             jwt_audience: s.string_or("DMPAY_JWT_AUDIENCE", "dmpay"),
+            jwt_lifetime_max: s.duration("DMPAY_JWT_LIFETIME_MAX", Duration::from_secs(86_400))?,
+            jwt_keys_reload_interval: s.duration("DMPAY_JWT_KEYS_RELOAD_INTERVAL", Duration::from_secs(300))?,
+            processor,
+            allow_sandbox_in_production: s.choice(
+                "DMPAY_ALLOW_SANDBOX_PROCESSOR_IN_PRODUCTION",
+                "false",
+                &[("false", false), ("true", true)],
+            )?,
             log_format: s.choice(
                 "DMPAY_LOG_FORMAT",
                 "pretty",
@@ -207,35 +245,13 @@ impl Config {
                 detail: "at least 7 days: clients may retry for a week".into(),
             });
         }
-        config.check_production()?;
+        if !(Duration::from_secs(60)..=Duration::from_secs(30 * 86_400)).contains(&config.jwt_lifetime_max) {
+            return Err(ConfigError::Invalid { name: "DMPAY_JWT_LIFETIME_MAX", detail: "1m to 30d".into() });
+        }
+        if config.jwt_keys_reload_interval < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid { name: "DMPAY_JWT_KEYS_RELOAD_INTERVAL", detail: "at least 1s".into() });
+        }
         Ok(config)
-    }
-
-    /// Production must not run on anything whose value is published in this repository.
-    fn check_production(&self) -> Result<(), ConfigError> {
-        if self.env != Environment::Production {
-            return Ok(());
-        }
-        if self.jwt_public_keys.is_none() && self.jwt_hs256_secret.expose_secret() == DEV_JWT_SECRET {
-            return Err(ConfigError::Production(
-                "the development JWT secret: set DMPAY_JWT_HS256_SECRET or DMPAY_JWT_PUBLIC_KEYS".into(),
-            ));
-        }
-        if self.jwt_hs256_secret.expose_secret() == DEV_JWT_SECRET && self.jwt_public_keys.is_some() {
-            // Public keys are configured; the dev HS256 secret would still verify tokens
-            // anyone can mint, so it must not stay enabled beside them.
-            return Err(ConfigError::Production(
-                "the development JWT secret beside DMPAY_JWT_PUBLIC_KEYS: set DMPAY_JWT_HS256_SECRET=off".into(),
-            ));
-        }
-        let ring =
-            self.key_ring().map_err(|e| ConfigError::Invalid { name: "DMPAY_VAULT_KEKS", detail: e.to_string() })?;
-        if ring.uses_dev_keys() {
-            return Err(ConfigError::Production(
-                "the development vault keys: set DMPAY_VAULT_KEKS and DMPAY_VAULT_FINGERPRINT_KEY".into(),
-            ));
-        }
-        Ok(())
     }
 
     /// The vault's keys, checked.
@@ -283,10 +299,16 @@ mod tests {
     #[test]
     fn defaults_match_the_readme() {
         let c = Config::load_from(&env(&[]), None).unwrap();
+        assert_eq!(c.env, Environment::Production, "production unless development is chosen");
+        assert!(c.check_for_serving().is_err(), "and production refuses the published defaults");
+        assert_eq!(c.processor, None);
+        assert_eq!(c.jwt_lifetime_max, Duration::from_secs(86_400));
+        let c = Config::load_from(&env(&[("DMPAY_ENV", "development")]), None).unwrap();
+        assert!(c.check_for_serving().is_ok());
+        assert_eq!(c.processor, Some(ProcessorKind::Sandbox));
         assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:50051");
         assert_eq!(c.metrics_addr.unwrap().to_string(), "127.0.0.1:9464");
         assert_eq!(c.database_url.expose_secret(), "sqlite://var/dmpay.db");
-        assert_eq!(c.env, Environment::Development);
         assert_eq!(c.jwt_issuer, "dmpay-dev");
         assert_eq!(c.jwt_audience, "dmpay");
         assert_eq!(c.log_format, LogFormat::Pretty);
@@ -295,25 +317,56 @@ mod tests {
         assert!(err.to_string().contains("DMPAY_PAYMENTS_RESOLVE_INTERVAL"), "{err}");
     }
 
+    /// Each production refusal names the setting to change.
     #[test]
-    fn production_refuses_the_dev_secret() {
-        let err = Config::load_from(&env(&[("DMPAY_ENV", "production")]), None).unwrap_err();
-        assert!(matches!(err, ConfigError::Production(_)), "{err}");
-        let real_jwt = ("DMPAY_JWT_HS256_SECRET", "a-real-secret-from-a-vault");
-        let err = Config::load_from(&env(&[("DMPAY_ENV", "production"), real_jwt]), None).unwrap_err();
-        assert!(err.to_string().contains("vault"), "{err}");
+    fn production_fails_closed() {
         let kek = format!("prod-1:{}", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7u8; 32]));
         let fp = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [8u8; 32]);
-        let ok = Config::load_from(
+        let real_jwt = "a-real-secret-from-a-vault-32-bytes!";
+        let serve = |extra: &[(&str, &str)]| {
+            let mut pairs = vec![
+                ("DMPAY_JWT_HS256_SECRET", real_jwt),
+                ("DMPAY_VAULT_KEKS", kek.as_str()),
+                ("DMPAY_VAULT_FINGERPRINT_KEY", fp.as_str()),
+                ("DMPAY_PROCESSOR", "sandbox"),
+                ("DMPAY_ALLOW_SANDBOX_PROCESSOR_IN_PRODUCTION", "true"),
+            ];
+            pairs.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
+            pairs.extend_from_slice(extra);
+            Config::load_from(&env(&pairs), None).and_then(|c| c.check_for_serving().map(|()| c))
+        };
+        let c = serve(&[]).expect("a complete production configuration serves");
+        assert!(c.sandbox_in_production());
+        let refused = |extra: &[(&str, &str)], name: &str| {
+            let err = serve(extra).map(|_| ()).unwrap_err();
+            assert!(err.to_string().contains(name), "{extra:?}: {err}");
+        };
+        refused(&[("DMPAY_JWT_HS256_SECRET", DEV_JWT_SECRET)], "DMPAY_JWT_HS256_SECRET");
+        refused(&[("DMPAY_JWT_HS256_SECRET", "short-secret")], "DMPAY_JWT_HS256_SECRET shorter than 32 bytes");
+        refused(&[("DMPAY_JWT_HS256_SECRET", "")], "DMPAY_JWT_HS256_SECRET");
+        refused(&[("DMPAY_JWT_HS256_SECRET", "OFF")], "DMPAY_JWT_HS256_SECRET");
+        refused(&[("DMPAY_JWT_HS256_SECRET", "disabled")], "DMPAY_JWT_HS256_SECRET");
+        refused(&[("DMPAY_VAULT_KEKS", DEV_KEKS)], "DMPAY_VAULT_KEKS");
+        refused(&[("DMPAY_ALLOW_SANDBOX_PROCESSOR_IN_PRODUCTION", "false")], "DMPAY_ALLOW_SANDBOX_PROCESSOR_IN_PRODUCTION");
+        refused(&[("DMPAY_ALLOW_SANDBOX_PROCESSOR_IN_PRODUCTION", "yes")], "DMPAY_ALLOW_SANDBOX_PROCESSOR_IN_PRODUCTION");
+        refused(&[("DMPAY_PROCESSOR", "stripe")], "DMPAY_PROCESSOR");
+        refused(&[("DMPAY_ENV", "staging")], "DMPAY_ENV");
+        // No processor named at all.
+        let err = Config::load_from(
             &env(&[
-                ("DMPAY_ENV", "production"),
-                real_jwt,
+                ("DMPAY_JWT_HS256_SECRET", real_jwt),
                 ("DMPAY_VAULT_KEKS", &kek),
                 ("DMPAY_VAULT_FINGERPRINT_KEY", &fp),
             ]),
             None,
-        );
-        assert!(ok.is_ok(), "{:?}", ok.err());
+        )
+        .unwrap()
+        .check_for_serving()
+        .unwrap_err();
+        assert!(err.to_string().contains("DMPAY_PROCESSOR"), "{err}");
+        // `off` switches HS256 off, so no HS256 secret is needed beside public keys.
+        let c = serve(&[("DMPAY_JWT_HS256_SECRET", "off"), ("DMPAY_JWT_PUBLIC_KEYS", "/keys.pem")]).unwrap();
+        assert!(!c.hs256_enabled());
     }
 
     #[test]

@@ -170,3 +170,123 @@ mod rs256 {
 }
 
 backend_tests!(token_matrix, scopes_and_ownership);
+
+fn sign_rs256(claims: &serde_json::Value, private_pem: &str, kid: &str) -> String {
+    let private = std::fs::read(format!("{FIXTURES}/{private_pem}")).unwrap();
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(kid.into());
+    jsonwebtoken::encode(&header, claims, &EncodingKey::from_rsa_pem(&private).unwrap()).unwrap()
+}
+
+/// A token lives at most DMPAY_JWT_LIFETIME_MAX (exp - iat), must say when it was
+/// issued, not in the future, and a header with critical extensions is refused.
+async fn lifetime_iat_and_crit(backend: Backend) {
+    let Some(app) = TestApp::spawn_with(backend, &[("DMPAY_JWT_LIFETIME_MAX", "1h")]).await else { return };
+    let with = |f: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        let mut c = claims("alice", "").as_object().unwrap().clone();
+        f(&mut c);
+        sign_hs256(&serde_json::Value::Object(c), dev_secret())
+    };
+    let ok = with(&|c| {
+        c.insert("exp".into(), json!(now() + 3000));
+    });
+    get_self(&app, Some(&ok)).await.expect("50 minutes is within the hour");
+    let cases: [(&str, String); 5] = [
+        ("lifetime", with(&|c| {
+            c.insert("exp".into(), json!(now() + 7200));
+        })),
+        ("lifetime", with(&|c| {
+            c.insert("iat".into(), json!(now() - 86_400));
+            c.insert("exp".into(), json!(now() + 60));
+        })),
+        ("lacks iat", with(&|c| {
+            c.remove("iat");
+        })),
+        ("iat", with(&|c| {
+            c.insert("iat".into(), json!("yesterday"));
+        })),
+        ("future", with(&|c| {
+            c.insert("iat".into(), json!(now() + 600));
+        })),
+    ];
+    for (why, token) in cases {
+        let e = get_self(&app, Some(&token)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{why}");
+        assert!(e.message().contains(why), "{why}: {}", e.message());
+    }
+    // A header with `crit`, correctly signed: refused.
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = b64.encode(json!({"alg": "HS256", "typ": "JWT", "crit": ["exp"]}).to_string());
+    let payload = b64.encode(claims("alice", "").to_string());
+    let mac = {
+        use hmac::Mac;
+        let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(dev_secret()).unwrap();
+        m.update(format!("{header}.{payload}").as_bytes());
+        b64.encode(m.finalize().into_bytes())
+    };
+    let e = get_self(&app, Some(&format!("{header}.{payload}.{mac}"))).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("crit"), "{}", e.message());
+}
+
+async fn wait_until_accepted(app: &TestApp, token: &str, accepted: bool) {
+    for _ in 0..100 {
+        if get_self(app, Some(token)).await.is_ok() == accepted {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the token was never {}", if accepted { "accepted" } else { "refused" });
+}
+
+/// Public keys are read again on SIGHUP and on an interval, without a restart; a broken
+/// file keeps the keys in use.
+async fn public_keys_reload_without_a_restart(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jwks.json");
+    std::fs::copy(format!("{FIXTURES}/jwks-a.json"), &path).unwrap();
+    let keys = path.to_str().unwrap().to_owned();
+    let Some(app) = TestApp::spawn_with(
+        backend,
+        &[("DMPAY_JWT_PUBLIC_KEYS", keys.as_str()), ("DMPAY_JWT_KEYS_RELOAD_INTERVAL", "1h")],
+    )
+    .await
+    else {
+        return;
+    };
+    let a = sign_rs256(&claims("alice", ""), "rs256-private.pem", "key-a");
+    let b = sign_rs256(&claims("alice", ""), "rs256-b-private.pem", "key-b");
+    get_self(&app, Some(&a)).await.expect("key A is in the file");
+    assert_eq!(get_self(&app, Some(&b)).await.unwrap_err().code(), Code::Unauthenticated);
+    // Rotate at the identity service: the file now holds key B only. An hour-long
+    // interval: only SIGHUP makes the server read it.
+    std::fs::copy(format!("{FIXTURES}/jwks-b.json"), &path).unwrap();
+    let hup = std::process::Command::new("kill").args(["-HUP", &std::process::id().to_string()]).status().unwrap();
+    assert!(hup.success());
+    wait_until_accepted(&app, &b, true).await;
+    assert_eq!(get_self(&app, Some(&a)).await.unwrap_err().code(), Code::Unauthenticated, "key A was rotated out");
+    // A broken file: the keys in use stay.
+    std::fs::write(&path, "{ not json").unwrap();
+    let hup = std::process::Command::new("kill").args(["-HUP", &std::process::id().to_string()]).status().unwrap();
+    assert!(hup.success());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    get_self(&app, Some(&b)).await.expect("a broken key file keeps the keys in use");
+    app.stop().await;
+
+    // The interval: a server that reads the file every second picks key A up by itself.
+    std::fs::copy(format!("{FIXTURES}/jwks-b.json"), &path).unwrap();
+    let Some(app) = TestApp::spawn_with(
+        backend,
+        &[("DMPAY_JWT_PUBLIC_KEYS", keys.as_str()), ("DMPAY_JWT_KEYS_RELOAD_INTERVAL", "1s")],
+    )
+    .await
+    else {
+        return;
+    };
+    get_self(&app, Some(&b)).await.expect("key B is in the file");
+    std::fs::copy(format!("{FIXTURES}/jwks-a.json"), &path).unwrap();
+    wait_until_accepted(&app, &a, true).await;
+    wait_until_accepted(&app, &b, false).await;
+}
+
+crate::backend_fn_tests!(lifetime_iat_and_crit, public_keys_reload_without_a_restart);

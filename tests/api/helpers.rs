@@ -92,6 +92,7 @@ impl TestApp {
             }
         };
         let mut env: HashMap<String, String> = HashMap::from([
+            ("DMPAY_ENV".into(), "development".into()),
             ("DMPAY_GRPC_ADDR".into(), "127.0.0.1:0".into()),
             ("DMPAY_METRICS_ADDR".into(), "127.0.0.1:0".into()),
             ("DMPAY_DATABASE_URL".into(), route(url)),

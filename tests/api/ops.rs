@@ -85,6 +85,7 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
     let db_path = dir.path().join("dmpay.db");
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_dmpay"))
         .arg("serve")
+        .env("DMPAY_ENV", "development")
         .env("DMPAY_GRPC_ADDR", "127.0.0.1:0")
         .env("DMPAY_METRICS_ADDR", "off")
         .env("DMPAY_DATABASE_URL", format!("sqlite://{}", db_path.display()))
@@ -112,7 +113,8 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
-    let config = dmpay::config::Config::load_from(&std::collections::HashMap::<String, String>::new(), None).unwrap();
+    let dev = std::collections::HashMap::from([("DMPAY_ENV".to_string(), "development".to_string())]);
+    let config = dmpay::config::Config::load_from(&dev, None).unwrap();
     let token = dmpay::auth::mint_dev_token(&config, "ops", "accounts:admin", Duration::from_secs(600)).unwrap();
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
 

@@ -89,7 +89,8 @@ impl Application {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,
         };
-        let metrics = Metrics::new();
+        let metrics = Metrics::new(crate::api::known_methods());
+        metrics.set_sandbox_in_production(config.sandbox_in_production());
         metrics.set_db(db.clone());
         // Wallet-funded sends commit their payment rows in the engine's batches.
         let payments_config = Arc::new(config.payments.clone());

@@ -31,6 +31,33 @@ pub mod pb {
 /// Descriptor set served by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dmpay_descriptor");
 
+/// Every gRPC path the server serves (`/package.Service/Method`): dmpay's services, from
+/// the descriptor set, plus health and reflection. The metrics' `method` label takes
+/// only these values.
+pub fn known_methods() -> Vec<String> {
+    use prost::Message;
+    let mut paths = Vec::new();
+    if let Ok(set) = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET) {
+        for file in &set.file {
+            let package = file.package();
+            for service in &file.service {
+                for method in &service.method {
+                    paths.push(format!("/{package}.{}/{}", service.name(), method.name()));
+                }
+            }
+        }
+    }
+    for fixed in [
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ] {
+        paths.push(fixed.to_owned());
+    }
+    paths
+}
+
 /// Longest id (payment, request, entry, card token, reconciliation run or item) a
 /// request may name, in bytes. Every id dmpay issues is under 64; the bound keeps a
 /// hostile id out of queries and error messages.

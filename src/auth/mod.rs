@@ -198,7 +198,9 @@ impl Verifier {
             };
             match self.reload() {
                 Ok(n) => tracing::debug!(keys = n, trigger = why, "JWT public keys reloaded"),
-                Err(e) => tracing::error!(error = %e, trigger = why, "JWT public keys not reloaded; the previous keys stay in use"),
+                Err(e) => {
+                    tracing::error!(error = %e, trigger = why, "JWT public keys not reloaded; the previous keys stay in use")
+                }
             }
         }
     }

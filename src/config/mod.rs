@@ -347,8 +347,14 @@ mod tests {
         refused(&[("DMPAY_JWT_HS256_SECRET", "OFF")], "DMPAY_JWT_HS256_SECRET");
         refused(&[("DMPAY_JWT_HS256_SECRET", "disabled")], "DMPAY_JWT_HS256_SECRET");
         refused(&[("DMPAY_VAULT_KEKS", DEV_KEKS)], "DMPAY_VAULT_KEKS");
-        refused(&[("DMPAY_ALLOW_SANDBOX_PROCESSOR_IN_PRODUCTION", "false")], "DMPAY_ALLOW_SANDBOX_PROCESSOR_IN_PRODUCTION");
-        refused(&[("DMPAY_ALLOW_SANDBOX_PROCESSOR_IN_PRODUCTION", "yes")], "DMPAY_ALLOW_SANDBOX_PROCESSOR_IN_PRODUCTION");
+        refused(
+            &[("DMPAY_ALLOW_SANDBOX_PROCESSOR_IN_PRODUCTION", "false")],
+            "DMPAY_ALLOW_SANDBOX_PROCESSOR_IN_PRODUCTION",
+        );
+        refused(
+            &[("DMPAY_ALLOW_SANDBOX_PROCESSOR_IN_PRODUCTION", "yes")],
+            "DMPAY_ALLOW_SANDBOX_PROCESSOR_IN_PRODUCTION",
+        );
         refused(&[("DMPAY_PROCESSOR", "stripe")], "DMPAY_PROCESSOR");
         refused(&[("DMPAY_ENV", "staging")], "DMPAY_ENV");
         // No processor named at all.

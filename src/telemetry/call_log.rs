@@ -60,32 +60,8 @@ fn request_id(req: &Request<impl Sized>) -> HeaderValue {
 
 /// The `grpc-status` of a trailers-only response (every error from a unary handler);
 /// a response that starts a body reports OK here and its final status in trailers.
-fn code_name(resp: &Response<impl Sized>) -> &'static str {
-    let code = resp
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.parse::<i32>().ok())
-        .unwrap_or(0);
-    match tonic::Code::from_i32(code) {
-        tonic::Code::Ok => "OK",
-        tonic::Code::Cancelled => "CANCELLED",
-        tonic::Code::Unknown => "UNKNOWN",
-        tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
-        tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        tonic::Code::NotFound => "NOT_FOUND",
-        tonic::Code::AlreadyExists => "ALREADY_EXISTS",
-        tonic::Code::PermissionDenied => "PERMISSION_DENIED",
-        tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
-        tonic::Code::Aborted => "ABORTED",
-        tonic::Code::OutOfRange => "OUT_OF_RANGE",
-        tonic::Code::Unimplemented => "UNIMPLEMENTED",
-        tonic::Code::Internal => "INTERNAL",
-        tonic::Code::Unavailable => "UNAVAILABLE",
-        tonic::Code::DataLoss => "DATA_LOSS",
-        tonic::Code::Unauthenticated => "UNAUTHENTICATED",
-    }
+fn grpc_code(resp: &Response<impl Sized>) -> i32 {
+    resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<i32>().ok()).unwrap_or(0)
 }
 
 impl<S, B, RB> Service<Request<B>> for CallLog<S>
@@ -104,7 +80,9 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let started = Instant::now();
-        let method = req.uri().path().to_owned();
+        // The label, never the raw path: a caller must not be able to add series (or
+        // log fields of its choosing) by calling made-up paths.
+        let method = self.metrics.method_index(req.uri().path());
         let rid = request_id(&req);
         let slot = CallSlot::default();
         req.extensions_mut().insert(slot.clone());
@@ -119,13 +97,15 @@ where
             let elapsed = started.elapsed();
             let sub = slot.sub.get().map(String::as_str).unwrap_or("-");
             let rid_str = rid.to_str().unwrap_or("-");
+            let method_name = metrics.method_name(method);
             match result {
                 Ok(mut resp) => {
-                    let code = code_name(&resp);
+                    let code_index = super::metrics::code_index(grpc_code(&resp));
+                    let code = super::metrics::code_label(code_index);
                     resp.headers_mut().insert("x-request-id", rid.clone());
-                    metrics.record_call(&method, code, elapsed);
+                    metrics.record_call(method, code_index, elapsed);
                     tracing::info!(
-                        method = %method,
+                        method = %method_name,
                         sub = %sub,
                         code,
                         latency_us = elapsed.as_micros() as u64,
@@ -135,8 +115,8 @@ where
                     Ok(resp)
                 }
                 Err(e) => {
-                    metrics.record_call(&method, "TRANSPORT_ERROR", elapsed);
-                    tracing::warn!(method = %method, sub = %sub, request_id = %rid_str, "grpc call failed in transport");
+                    metrics.record_call(method, super::metrics::TRANSPORT_ERROR, elapsed);
+                    tracing::warn!(method = %method_name, sub = %sub, request_id = %rid_str, "grpc call failed in transport");
                     Err(e)
                 }
             }

@@ -192,22 +192,37 @@ async fn lifetime_iat_and_crit(backend: Backend) {
     });
     get_self(&app, Some(&ok)).await.expect("50 minutes is within the hour");
     let cases: [(&str, String); 5] = [
-        ("lifetime", with(&|c| {
-            c.insert("exp".into(), json!(now() + 7200));
-        })),
-        ("lifetime", with(&|c| {
-            c.insert("iat".into(), json!(now() - 86_400));
-            c.insert("exp".into(), json!(now() + 60));
-        })),
-        ("lacks iat", with(&|c| {
-            c.remove("iat");
-        })),
-        ("iat", with(&|c| {
-            c.insert("iat".into(), json!("yesterday"));
-        })),
-        ("future", with(&|c| {
-            c.insert("iat".into(), json!(now() + 600));
-        })),
+        (
+            "lifetime",
+            with(&|c| {
+                c.insert("exp".into(), json!(now() + 7200));
+            }),
+        ),
+        (
+            "lifetime",
+            with(&|c| {
+                c.insert("iat".into(), json!(now() - 86_400));
+                c.insert("exp".into(), json!(now() + 60));
+            }),
+        ),
+        (
+            "lacks iat",
+            with(&|c| {
+                c.remove("iat");
+            }),
+        ),
+        (
+            "iat",
+            with(&|c| {
+                c.insert("iat".into(), json!("yesterday"));
+            }),
+        ),
+        (
+            "future",
+            with(&|c| {
+                c.insert("iat".into(), json!(now() + 600));
+            }),
+        ),
     ];
     for (why, token) in cases {
         let e = get_self(&app, Some(&token)).await.unwrap_err();

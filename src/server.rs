@@ -193,7 +193,10 @@ impl Application {
             let db = db.clone();
             tokio::spawn(async move { db.run_sqlite_checkpointer().await })
         };
-        let payments_api = PaymentsServer::new(PaymentsApi::new(payments.clone()))
+        let feed =
+            crate::payments::feed::Feed::start(db.clone(), payments.events_hub().clone(), metrics.clone()).await?;
+        let watchers = crate::api::watch::Watchers::new(config.watch, metrics.clone());
+        let payments_api = PaymentsServer::new(PaymentsApi::new(payments.clone(), feed, watchers))
             .max_decoding_message_size(size_max)
             .max_encoding_message_size(size_max);
         let finance_api = FinanceServer::new(FinanceApi::new(db.clone(), ledger.clone(), config.recon_time_tolerance))

@@ -9,6 +9,7 @@ pub mod money;
 mod payment_methods;
 mod payments;
 pub mod status;
+pub mod watch;
 pub mod wire;
 
 pub use accounts::AccountsApi;

@@ -1,48 +1,35 @@
 //! `dmpay.v1.Payments`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::Stream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response};
 
 use super::money::{positive, to_wire};
 use super::pb;
 use super::status::ApiResult;
+use super::watch::{self, WatchStream, Watchers};
 use super::{principal, timestamp, to_status};
 use crate::accounts::UserId;
 use crate::auth::{scope, Principal};
 use crate::error::{Error, Result};
 use crate::money::Money;
+use crate::payments::feed::Feed;
 use crate::payments::requests::{PaymentRequest, RequestInput, RequestStatus};
 use crate::payments::{events, model, FundingSource, Payment, PaymentStatus, Payments, SendInput};
 
-/// Watchers served at once by this process; beyond it, RESOURCE_EXHAUSTED.
-const WATCHERS_MAX: usize = 10_000;
-/// Events queued toward one watcher's connection.
-const WATCH_BUFFER: usize = 64;
-/// A watcher this far behind the newest event is disconnected (it resumes from its
-/// last sequence with a new call).
-const WATCH_LAG_MAX: i64 = 50_000;
-/// A consumer that takes longer than this to accept the next event is disconnected.
-const WATCH_SEND_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often a watcher looks for events committed by other processes.
-const WATCH_POLL: Duration = Duration::from_millis(250);
-
 pub struct PaymentsApi {
     payments: Arc<Payments>,
-    watchers: Arc<Semaphore>,
+    feed: Feed,
+    watchers: Watchers,
 }
 
 impl PaymentsApi {
-    pub fn new(payments: Arc<Payments>) -> Self {
-        PaymentsApi { payments, watchers: Arc::new(Semaphore::new(WATCHERS_MAX)) }
+    pub fn new(payments: Arc<Payments>, feed: Feed, watchers: Watchers) -> Self {
+        PaymentsApi { payments, feed, watchers }
     }
 }
 
-fn event_to_wire(e: events::Event) -> Result<pb::PaymentEvent> {
+pub(super) fn event_to_wire(e: events::Event) -> Result<pb::PaymentEvent> {
     Ok(pb::PaymentEvent {
         sequence: e.sequence,
         r#type: e.event_type,
@@ -50,90 +37,6 @@ fn event_to_wire(e: events::Event) -> Result<pb::PaymentEvent> {
         request: e.request.map(request_to_wire).transpose()?,
         occurred_at: Some(timestamp(e.occurred_at_us)),
     })
-}
-
-/// A watch's answer: the events, then the status that ended it, if the server did.
-/// That status travels beside the event channel, not in it: a consumer too slow to
-/// take events is cut off exactly when the channel is full, and a status queued behind
-/// the events would be lost (the client would see a clean end of stream).
-pub struct WatchStream {
-    events: ReceiverStream<std::result::Result<pb::PaymentEvent, Status>>,
-    end: Option<oneshot::Receiver<Status>>,
-}
-
-impl Stream for WatchStream {
-    type Item = std::result::Result<pb::PaymentEvent, Status>;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        // The event channel closes only once the loop has returned, after it set `end`.
-        match std::task::ready!(std::pin::Pin::new(&mut self.events).poll_next(cx)) {
-            Some(item) => std::task::Poll::Ready(Some(item)),
-            None => std::task::Poll::Ready(self.end.take().and_then(|mut end| end.try_recv().ok()).map(Err)),
-        }
-    }
-}
-
-/// Streams events to one watcher until it disconnects or falls too far behind; a
-/// status that ends the stream goes to `end`.
-async fn watch_loop(
-    payments: Arc<Payments>,
-    user: Option<String>,
-    conversation: String,
-    mut cursor: i64,
-    tx: mpsc::Sender<std::result::Result<pb::PaymentEvent, Status>>,
-    end: oneshot::Sender<Status>,
-    _permit: OwnedSemaphorePermit,
-) {
-    let mut wake = payments.events_hub().subscribe();
-    loop {
-        let page = match events::read(payments.db(), user.as_deref(), &conversation, cursor).await {
-            Ok(page) => page,
-            Err(e) => {
-                let _ = end.send(to_status(e));
-                return;
-            }
-        };
-        let full = page.len() as i64 >= events::PAGE_MAX;
-        for event in page {
-            let sequence = event.sequence;
-            let wire = match event_to_wire(event) {
-                Ok(w) => w,
-                Err(e) => {
-                    let _ = end.send(to_status(e));
-                    return;
-                }
-            };
-            match tokio::time::timeout(WATCH_SEND_TIMEOUT, tx.send(Ok(wire))).await {
-                Ok(Ok(())) => cursor = sequence,
-                Ok(Err(_)) => return,
-                Err(_) => {
-                    let _ = end.send(Status::resource_exhausted(format!(
-                        "the stream fell behind; resume with after_sequence={cursor}"
-                    )));
-                    return;
-                }
-            }
-        }
-        if full {
-            if let Ok(latest) = events::latest(payments.db()).await {
-                if latest - cursor > WATCH_LAG_MAX {
-                    let _ = end.send(Status::resource_exhausted(format!(
-                        "more than {WATCH_LAG_MAX} events behind; resume with after_sequence={cursor}"
-                    )));
-                    return;
-                }
-            }
-            continue;
-        }
-        tokio::select! {
-            _ = wake.changed() => {}
-            _ = tokio::time::sleep(WATCH_POLL) => {}
-            _ = tx.closed() => return,
-        }
-    }
 }
 
 fn user(caller: &Principal, needed: &str) -> Result<UserId> {
@@ -379,15 +282,16 @@ impl pb::payments_server::Payments for PaymentsApi {
         if r.after_sequence < 0 {
             return Err(to_status(Error::invalid("after_sequence", "must not be negative")));
         }
-        let permit = self
-            .watchers
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Status::resource_exhausted("too many watchers; retry later"))?;
-        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        let (end_tx, end_rx) = oneshot::channel();
-        let conversation = r.conversation_id.clone();
-        tokio::spawn(watch_loop(self.payments.clone(), user, conversation, r.after_sequence, tx, end_tx, permit));
-        Ok(Response::new(WatchStream { events: ReceiverStream::new(rx), end: Some(end_rx) }))
+        let permit = self.watchers.admit(&caller.sub).map_err(to_status)?;
+        let stream = watch::start(
+            self.payments.clone(),
+            self.watchers.metrics().clone(),
+            &self.feed,
+            user,
+            r.conversation_id.clone(),
+            r.after_sequence,
+            permit,
+        );
+        Ok(Response::new(stream))
     }
 }

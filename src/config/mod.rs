@@ -65,6 +65,8 @@ pub struct Config {
     pub grpc_concurrent_streams_max: u32,
     /// Deadline for one unary call on the server side.
     pub grpc_call_timeout: Duration,
+    /// `WatchPayments` streams open at once, in all and per caller.
+    pub watch: crate::api::watch::WatchLimits,
     /// Database connections in the pool.
     pub db_pool_size: u32,
     /// How long a caller waits for a free connection before UNAVAILABLE.
@@ -180,6 +182,10 @@ impl Config {
             grpc_message_size_max: s.num("DMPAY_GRPC_MESSAGE_SIZE_MAX", 1024 * 1024, 1024..=64 * 1024 * 1024)?,
             grpc_concurrent_streams_max: s.num("DMPAY_GRPC_CONCURRENT_STREAMS_MAX", 256, 1..=10_000)?,
             grpc_call_timeout: s.duration("DMPAY_GRPC_CALL_TIMEOUT", Duration::from_secs(10))?,
+            watch: crate::api::watch::WatchLimits {
+                total_max: s.num("DMPAY_WATCHERS_MAX", 10_000, 1..=1_000_000)?,
+                per_user_max: s.num("DMPAY_WATCHERS_PER_USER_MAX", 5, 1..=1_000)?,
+            },
             db_pool_size: s.num("DMPAY_DB_POOL_SIZE", 16, 1..=512)?,
             db_acquire_timeout: s.duration("DMPAY_DB_ACQUIRE_TIMEOUT", Duration::from_secs(3))?,
             currencies: parse_currencies(s.raw("DMPAY_CURRENCIES"))?,

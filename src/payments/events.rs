@@ -22,6 +22,11 @@ pub const PAGE_MAX: i64 = 200;
 pub struct Event {
     pub sequence: i64,
     pub event_type: String,
+    /// Whom it concerns: the sender and recipient of a payment, the requester and payer
+    /// of a request.
+    pub party_a: String,
+    pub party_b: String,
+    pub conversation_id: String,
     pub payment: Option<Payment>,
     pub request: Option<PaymentRequest>,
     pub occurred_at_us: i64,
@@ -31,6 +36,9 @@ pub struct Event {
 struct EventRow {
     sequence: i64,
     event_type: String,
+    party_a: String,
+    party_b: String,
+    conversation_id: String,
     payment_id: Option<String>,
     request_id: Option<String>,
     /// A JSON copy of the payment or request, in events written before the state moved
@@ -82,12 +90,25 @@ impl EventHub {
 /// now, with the state the event recorded laid over it, so a replayed
 /// `payment.created` still shows the payment as it was then.
 pub async fn read(db: &Db, user: Option<&str>, conversation: &str, after: i64) -> Result<Vec<Event>> {
-    let rows: Vec<EventRow> = with_db!(db, pool => sqlx::query_as(
-        "SELECT sequence, event_type, payment_id, request_id, snapshot, status, refunded_amount, failure_reason, \
-         failure_message, authorization_ref, capture_ref, settled_at_us, occurred_at_us FROM payment_events \
-         WHERE sequence > $1 AND ($2 IS NULL OR party_a = $2 OR party_b = $2) AND ($3 = '' OR conversation_id = $3) \
-         ORDER BY sequence LIMIT $4",
-    )
+    // One user's events come through the two party indexes, each an index range from
+    // the cursor: `party_a = $2 OR party_b = $2` in one query reads the whole table's
+    // range after the cursor instead (150 ms a poll at a million events on SQLite).
+    const COLUMNS: &str = "sequence, event_type, party_a, party_b, conversation_id, payment_id, request_id, snapshot, status, refunded_amount, \
+         failure_reason, failure_message, authorization_ref, capture_ref, settled_at_us, occurred_at_us";
+    let sql = match user {
+        None => format!(
+            "SELECT {COLUMNS} FROM payment_events WHERE sequence > $1 AND ($3 = '' OR conversation_id = $3) \
+             AND $2 IS NULL ORDER BY sequence LIMIT $4"
+        ),
+        Some(_) => format!(
+            "SELECT * FROM (SELECT {COLUMNS} FROM payment_events WHERE party_a = $2 AND sequence > $1 \
+             AND ($3 = '' OR conversation_id = $3) ORDER BY sequence LIMIT $4) AS a \
+             UNION ALL SELECT * FROM (SELECT {COLUMNS} FROM payment_events WHERE party_b = $2 AND party_a <> $2 \
+             AND sequence > $1 AND ($3 = '' OR conversation_id = $3) ORDER BY sequence LIMIT $4) AS b \
+             ORDER BY sequence LIMIT $4"
+        ),
+    };
+    let rows: Vec<EventRow> = with_db!(db, pool => sqlx::query_as(&sql)
     .bind(after)
     .bind(user)
     .bind(conversation)
@@ -133,7 +154,16 @@ pub async fn read(db: &Db, user: Option<&str>, conversation: &str, after: i64) -
                 });
                 (None, request)
             };
-            Event { sequence: r.sequence, event_type: r.event_type, payment, request, occurred_at_us: r.occurred_at_us }
+            Event {
+                sequence: r.sequence,
+                event_type: r.event_type,
+                party_a: r.party_a,
+                party_b: r.party_b,
+                conversation_id: r.conversation_id,
+                payment,
+                request,
+                occurred_at_us: r.occurred_at_us,
+            }
         })
         .collect())
 }

@@ -10,6 +10,8 @@
 //! - `spend`  per-hour sums of what each sender sent, for the rolling 24-hour limit
 //! - `store`  payment rows and the event outbox (state change and event in one
 //!   transaction, gap-free event sequence)
+//! - `events` reading the outbox; `feed` the process's one reader that fans new events
+//!   out to its watchers
 //!
 //! A send is a sequence of steps, each idempotent under a key derived from the payment
 //! id (`pay:<id>:hold`, `:auth`, `:capture`, `:settle`, `:post_hold`, `:void_hold`), so
@@ -19,6 +21,7 @@
 pub mod batch;
 mod card;
 pub mod events;
+pub mod feed;
 pub mod model;
 pub mod refunds;
 pub mod requests;

@@ -92,6 +92,10 @@ pub struct Counters {
     pub watchers_open: AtomicU64,
     /// Writes refused by a caller's rate limit.
     pub rate_limited: AtomicU64,
+    /// Reads of the outbox by the process's shared event feed.
+    pub event_feed_reads: AtomicU64,
+    /// Reads of the outbox by single watchers catching up (at the start, after lagging).
+    pub watch_table_reads: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -320,6 +324,18 @@ impl Collector for Collect {
             counter(&c.connections_idle_closed),
         )?;
         Self::single(&mut encoder, "dmpay_watchers_open", "WatchPayments streams open", gauge(&c.watchers_open))?;
+        Self::single(
+            &mut encoder,
+            "dmpay_event_feed_reads",
+            "Outbox reads by the shared event feed (one per poll or local commit, whatever the watchers)",
+            counter(&c.event_feed_reads),
+        )?;
+        Self::single(
+            &mut encoder,
+            "dmpay_watch_table_reads",
+            "Outbox reads by single watchers catching up from their cursor",
+            counter(&c.watch_table_reads),
+        )?;
         Self::single(
             &mut encoder,
             "dmpay_rate_limited",

@@ -141,6 +141,60 @@ impl TestApp {
         })
     }
 
+    /// A second server on this one's database, as another replica behind the same load
+    /// balancer would be. It leaves the database to this app.
+    pub async fn spawn_replica(&self) -> TestApp {
+        let mut config = self.config.clone();
+        config.grpc_addr = "127.0.0.1:0".parse().unwrap();
+        config.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+        let app = Application::build(config.clone()).await.expect("build replica");
+        let addr = app.local_addr();
+        let metrics_addr = app.metrics_addr();
+        let (db, vault, ledger_handle, payments_service) =
+            (app.db().clone(), app.vault().clone(), app.ledger().clone(), app.payments().clone());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until(async move {
+            let _ = stop_rx.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
+        TestApp {
+            addr,
+            metrics_addr,
+            channel,
+            config,
+            backend: self.backend,
+            db,
+            vault,
+            ledger_handle,
+            payments_service,
+            stop: Some(stop_tx),
+            server: Some(server),
+            pg_database: None,
+            _dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// The server's `/metrics` text.
+    pub async fn scrape(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.metrics_addr.expect("metrics on");
+        let mut socket = tokio::net::TcpStream::connect(addr).await.expect("connect metrics");
+        socket.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        socket.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        out.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
+    }
+
+    /// A counter or gauge without labels from `/metrics` (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let body = self.scrape().await;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0.0)
+    }
+
     /// A token for `sub` with `scope`, signed with the server's dev secret.
     pub fn token(&self, sub: &str, scope: &str) -> String {
         dmpay::auth::mint_dev_token(&self.config, sub, scope, Duration::from_secs(600)).expect("mint")

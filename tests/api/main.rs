@@ -24,3 +24,4 @@ mod races;
 mod raw;
 mod secrets;
 mod vault;
+mod watchers;

@@ -2,7 +2,7 @@
 //! show: alice links a card, tops up, and pays bob three times (card, split, wallet).
 //!
 //! ```sh
-//! cargo run --example dm_demo -- http://127.0.0.1:50051
+//! DMPAY_ENV=development cargo run --example dm_demo -- http://127.0.0.1:50051
 //! ```
 
 use std::time::Duration;
@@ -26,7 +26,19 @@ async fn main() -> anyhow::Result<()> {
     let token = |sub: &str, scope: &str| dmpay::auth::mint_dev_token(&config, sub, scope, Duration::from_secs(600));
     let alice = token("alice", "payments:write payments:read methods:write")?;
     let treasury = token("treasury", "ledger:write")?;
+    let platform = token("platform-users", "accounts:admin")?;
     let channel = tonic::transport::Channel::from_shared(addr)?.connect().await?;
+    // The platform creates its users' accounts when they sign up; a payment to a name
+    // without one is refused.
+    let mut accounts = pb::accounts_client::AccountsClient::new(channel.clone());
+    for (user, name) in [("alice", "Alice"), ("bob", "Bob")] {
+        accounts
+            .upsert_account(authed(
+                pb::UpsertAccountRequest { user_id: user.into(), display_name: name.into(), ..Default::default() },
+                &platform,
+            ))
+            .await?;
+    }
     let mut methods = pb::payment_methods_client::PaymentMethodsClient::new(channel.clone());
     let mut payments = pb::payments_client::PaymentsClient::new(channel.clone());
     let mut ledger = pb::ledger_client::LedgerClient::new(channel);

@@ -195,6 +195,18 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
     while let Some(r) = setup.join_next().await {
         r??;
     }
+    // The seller is a platform user too: a payment to a name without an account is
+    // refused.
+    pb::accounts_client::AccountsClient::new(channels[0].clone())
+        .upsert_account(authed(
+            pb::UpsertAccountRequest {
+                user_id: seller.clone(),
+                display_name: "seller".into(),
+                tier: pb::Tier::Verified as i32,
+            },
+            &admin,
+        )?)
+        .await?;
 
     // The authorization header of each user and each recipient id, made once: the load
     // generator shares the machine with the server, so it should cost little per call.

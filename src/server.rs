@@ -11,6 +11,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
+use tower::Layer;
 
 use crate::accounts::Accounts;
 use crate::api::pb::accounts_server::AccountsServer;
@@ -178,6 +179,12 @@ impl Application {
         let (health, health_service) = tonic_health::server::health_reporter();
         let reload_task = verifier.clone().spawn_reloader(config.jwt_keys_reload_interval);
         let auth = AuthInterceptor::new(verifier);
+        // Inside the interceptor, so that it sees the verified caller.
+        let rate = crate::api::rate::RateLimitLayer::new(crate::api::rate::Limiter::new(
+            config.rate_limits,
+            accounts.clone(),
+            metrics.clone(),
+        ));
         let size_max = config.grpc_message_size_max;
         let accounts = AccountsServer::new(AccountsApi::new(accounts))
             .max_decoding_message_size(size_max)
@@ -232,11 +239,11 @@ impl Application {
             .layer(crate::api::gate::DatabaseGateLayer::new(&db, ledger.engine().database().clone()))
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(InterceptedService::new(accounts, auth.clone()))
-            .add_service(InterceptedService::new(ledger_api, auth.clone()))
-            .add_service(InterceptedService::new(methods_api, auth.clone()))
-            .add_service(InterceptedService::new(payments_api, auth.clone()))
-            .add_service(InterceptedService::new(finance_api, auth.clone()))
+            .add_service(InterceptedService::new(rate.layer(accounts), auth.clone()))
+            .add_service(InterceptedService::new(rate.layer(ledger_api), auth.clone()))
+            .add_service(InterceptedService::new(rate.layer(methods_api), auth.clone()))
+            .add_service(InterceptedService::new(rate.layer(payments_api), auth.clone()))
+            .add_service(InterceptedService::new(rate.layer(finance_api), auth.clone()))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 let _ = stop_rx.await;
             });

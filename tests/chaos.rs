@@ -1001,6 +1001,12 @@ async fn run(backend: Backend) {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let env: Vec<(String, String)> = [
         ("DMPAY_ENV", "development"),
+        // The crash test is about crashes: its clients write as fast as they can, which a
+        // production rate limit would (rightly) refuse.
+        ("DMPAY_RATE_VERIFIED_PER_SECOND", "1000000"),
+        ("DMPAY_RATE_VERIFIED_BURST", "1000000"),
+        ("DMPAY_RATE_SERVICE_PER_SECOND", "1000000"),
+        ("DMPAY_RATE_SERVICE_BURST", "1000000"),
         ("DMPAY_DATABASE_URL", url.as_str()),
         ("DMPAY_GRPC_ADDR", &addr.to_string()),
         ("DMPAY_METRICS_ADDR", "off"),

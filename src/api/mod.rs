@@ -8,6 +8,7 @@ mod ledger;
 pub mod money;
 mod payment_methods;
 mod payments;
+pub mod rate;
 pub mod status;
 pub mod watch;
 pub mod wire;

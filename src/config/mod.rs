@@ -65,6 +65,8 @@ pub struct Config {
     pub grpc_concurrent_streams_max: u32,
     /// Deadline for one unary call on the server side.
     pub grpc_call_timeout: Duration,
+    /// Writes per second (and burst) per caller, by tier.
+    pub rate_limits: crate::api::rate::RateLimits,
     /// `WatchPayments` streams open at once, in all and per caller.
     pub watch: crate::api::watch::WatchLimits,
     /// Database connections in the pool.
@@ -182,6 +184,20 @@ impl Config {
             grpc_message_size_max: s.num("DMPAY_GRPC_MESSAGE_SIZE_MAX", 1024 * 1024, 1024..=64 * 1024 * 1024)?,
             grpc_concurrent_streams_max: s.num("DMPAY_GRPC_CONCURRENT_STREAMS_MAX", 256, 1..=10_000)?,
             grpc_call_timeout: s.duration("DMPAY_GRPC_CALL_TIMEOUT", Duration::from_secs(10))?,
+            rate_limits: {
+                let d = crate::api::rate::RateLimits::default();
+                let rate = |per_second: &'static str, burst: &'static str, default: crate::api::rate::Rate| {
+                    Ok::<_, ConfigError>(crate::api::rate::Rate {
+                        per_second: s.num(per_second, default.per_second, 0.001..=1_000_000.0)?,
+                        burst: s.num(burst, default.burst, 1.0..=10_000_000.0)?,
+                    })
+                };
+                crate::api::rate::RateLimits {
+                    unverified: rate("DMPAY_RATE_UNVERIFIED_PER_SECOND", "DMPAY_RATE_UNVERIFIED_BURST", d.unverified)?,
+                    verified: rate("DMPAY_RATE_VERIFIED_PER_SECOND", "DMPAY_RATE_VERIFIED_BURST", d.verified)?,
+                    service: rate("DMPAY_RATE_SERVICE_PER_SECOND", "DMPAY_RATE_SERVICE_BURST", d.service)?,
+                }
+            },
             watch: crate::api::watch::WatchLimits {
                 total_max: s.num("DMPAY_WATCHERS_MAX", 10_000, 1..=1_000_000)?,
                 per_user_max: s.num("DMPAY_WATCHERS_PER_USER_MAX", 5, 1..=1_000)?,

@@ -51,8 +51,12 @@ impl Payments {
         }
 
         // Rules, before any money moves; a refusal here writes nothing.
+        let recipient_account = self
+            .accounts
+            .get(&input.recipient)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("recipient_id: no user {}", input.recipient)))?;
         let sender_account = self.accounts.ensure(sender).await?;
-        let recipient_account = self.accounts.ensure(&input.recipient).await?;
         // A first look, so that a send plainly over the limit writes nothing; the count
         // itself is taken atomically with the payment row (`PaymentStore::insert`).
         let sent = spend::sent(self.store.db(), sender.as_str(), currency.code(), now_us()).await?;

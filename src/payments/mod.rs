@@ -168,13 +168,27 @@ impl Payments {
         }
     }
 
-    /// Creates the platform account of `user` on first use. A read first: accounts
-    /// usually exist, and on SQLite a write would take the database's one write lock
-    /// from the posting engine.
+    /// Creates the platform account of `user`, the authenticated caller, on first use.
+    /// A read first: accounts usually exist, and on SQLite a write would take the
+    /// database's one write lock from the posting engine.
     async fn ensure_user(&self, user: &UserId) -> Result<()> {
         if !self.known_users.contains(user) {
             if self.accounts.get(user).await?.is_none() {
                 self.accounts.ensure(user).await?;
+            }
+            self.known_users.insert(user);
+        }
+        Ok(())
+    }
+
+    /// Refuses a counterparty (`field`) that has no platform account, before anything is
+    /// written. Accounts come from the platform (`Accounts.UpsertAccount`, when a user
+    /// signs up) or from the user's own first call; a payment to a made-up name must not
+    /// create an account, a wallet, a payment row or an event.
+    pub(crate) async fn require_user(&self, field: &str, user: &UserId) -> Result<()> {
+        if !self.known_users.contains(user) {
+            if self.accounts.get(user).await?.is_none() {
+                return Err(Error::NotFound(format!("{field}: no user {user}")));
             }
             self.known_users.insert(user);
         }
@@ -190,8 +204,8 @@ impl Payments {
         input: &SendInput,
         request_hash: &str,
     ) -> Result<Option<Payment>> {
+        self.require_user("recipient_id", &input.recipient).await?;
         self.ensure_user(sender).await?;
-        self.ensure_user(&input.recipient).await?;
         let currency = input.amount.currency();
         let from = self.ledger.accounts().wallet(sender, currency).await?;
         let to = self.ledger.accounts().wallet(&input.recipient, currency).await?;

@@ -215,10 +215,9 @@ pub fn check_send_rules(
         return Err(Error::FailedPrecondition { reason: "ACCOUNT_FROZEN", message: "your account is frozen".into() });
     }
     if recipient == Status::Frozen {
-        return Err(Error::FailedPrecondition {
-            reason: "RECIPIENT_FROZEN",
-            message: "the recipient's account cannot receive payments".into(),
-        });
+        // The same answer as any refusal the sender cannot act on: whether another user's
+        // account is frozen is between that user, finance and the platform.
+        return Err(recipient_unavailable());
     }
     let currency = amount.currency();
     let payment_max = major_to_minor(limits.payment_max, currency);
@@ -246,6 +245,15 @@ pub fn daily_limit_error(currency: Currency, daily_max: i64, sent: i64) -> Error
             Money::from_minor(currency, daily_max),
             Money::from_minor(currency, sent)
         ),
+    }
+}
+
+/// The refusal of a payment to a recipient who cannot receive it now, for whatever
+/// reason; it names none.
+pub fn recipient_unavailable() -> Error {
+    Error::FailedPrecondition {
+        reason: "RECIPIENT_UNAVAILABLE",
+        message: "this user cannot receive payments right now".into(),
     }
 }
 
@@ -284,7 +292,7 @@ mod tests {
         };
         let m = |minor| Money::from_minor(usd, minor);
         assert_eq!(reason(check_send_rules(Frozen, Frozen, limits, m(1), 0)), "ACCOUNT_FROZEN");
-        assert_eq!(reason(check_send_rules(Active, Frozen, limits, m(1), 0)), "RECIPIENT_FROZEN");
+        assert_eq!(reason(check_send_rules(Active, Frozen, limits, m(1), 0)), "RECIPIENT_UNAVAILABLE");
         assert_eq!(reason(check_send_rules(Active, Active, limits, m(25_001), 0)), "PAYMENT_LIMIT");
         assert_eq!(reason(check_send_rules(Active, Active, limits, m(25_000), 25_000)), "ok");
         assert_eq!(reason(check_send_rules(Active, Active, limits, m(1), 50_000)), "DAILY_LIMIT");

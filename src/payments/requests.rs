@@ -204,8 +204,8 @@ impl Payments {
         if let Some(found) = lookup().await? {
             return replay(found);
         }
+        self.require_user("payer_id", &input.payer).await?;
         let me = self.accounts.ensure(requester).await?;
-        self.accounts.ensure(&input.payer).await?;
         if me.status == AccountStatus::Frozen {
             return Err(Error::FailedPrecondition {
                 reason: "ACCOUNT_FROZEN",

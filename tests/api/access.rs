@@ -167,6 +167,7 @@ async fn every_rpc_needs_its_scope(app: TestApp) {
 }
 
 async fn others_resources_are_not_found(app: TestApp) {
+    app.users(CAST).await;
     let t = app.token("svc", LEDGER_SCOPES);
     fund(&app, &t, "alice", "100.00").await;
     let alice = app.token("alice", PAY_SCOPES);
@@ -389,6 +390,8 @@ mod every_rpc {
     /// Another user's payment, request or card answers exactly as a missing one: the
     /// same code (NOT_FOUND) and the same message once the id is blanked out.
     async fn others_resources_answer_like_missing_ones(app: TestApp) {
+        app.users(CAST).await;
+        app.users(&["mallory"]).await;
         let treasury = app.token("treasury", LEDGER_SCOPES);
         fund(&app, &treasury, "alice", "100.00").await;
         let alice = app.token("alice", PAY_SCOPES);
@@ -593,6 +596,7 @@ mod every_rpc {
     /// Each restricted watcher's first event is its own, made after everyone else's, so
     /// skipping the others is proved without waiting for silence.
     async fn only_watch_all_sees_other_users(app: TestApp) {
+        app.users(CAST).await;
         let treasury = app.token("treasury", LEDGER_SCOPES);
         fund(&app, &treasury, "alice", "100.00").await;
         let alice = app.token("alice", PAY_SCOPES);
@@ -606,6 +610,7 @@ mod every_rpc {
                 c.watch_payments(authed(pb::WatchPaymentsRequest::default(), &token)).await.unwrap().into_inner()
             }
         };
+        app.users(&["chat-svc", "mallory"]).await;
         let mut all = watch(app.token("chat-backend", "payments:watch_all")).await;
         let mut svc = watch(app.token("chat-svc", "payments:read")).await;
         let mut user = watch(app.token("mallory", "payments:read")).await;

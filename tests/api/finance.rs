@@ -10,6 +10,7 @@ fn amt(m: &Option<pb::Money>) -> String {
 }
 
 async fn trial_balance_now_and_in_the_past(app: TestApp) {
+    app.users(CAST).await;
     let t = app.token("svc", LEDGER_SCOPES);
     fund(&app, &t, "alice", "100.00").await;
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -171,6 +172,7 @@ async fn export_streams_every_posting(app: TestApp) {
 }
 
 async fn reconcile_clean_and_with_discrepancies(app: TestApp) {
+    app.users(CAST).await;
     let alice = app.token("alice", PAY_SCOPES);
     app.add_card(&alice, "4242424242424242", true).await.unwrap();
     for (i, amount) in ["10.00", "20.00", "30.00"].iter().enumerate() {
@@ -312,6 +314,7 @@ async fn reconcile_clean_and_with_discrepancies(app: TestApp) {
 }
 
 async fn statements_show_every_movement(app: TestApp) {
+    app.users(CAST).await;
     let t = app.token("svc", LEDGER_SCOPES);
     fund(&app, &t, "alice", "50.00").await;
     let mid = dmpay::store::now_us();
@@ -384,6 +387,7 @@ async fn statements_show_every_movement(app: TestApp) {
 /// leaves the books balanced and verified. Shifting the clock is process-wide, so this
 /// needs nextest's one process per test.
 async fn two_days_of_card_payments_reconcile(app: TestApp) {
+    app.users(CAST).await;
     assert!(
         std::env::var_os("NEXTEST").is_some(),
         "run the suite with cargo nextest (`make test`): this test shifts the process clock"
@@ -557,6 +561,7 @@ async fn export_of_a_large_range_streams(app: TestApp) {
 
 /// A report row without a processor reference matches by amount, currency and time.
 async fn rows_without_reference_match_by_amount_and_time(app: TestApp) {
+    app.users(CAST).await;
     let alice = app.token("alice", PAY_SCOPES);
     app.add_card(&alice, "4242424242424242", true).await.unwrap();
     app.send(&alice, "nr-1", "bob", "10.00", pb::FundingSource::Card).await.unwrap();

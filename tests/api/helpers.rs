@@ -102,6 +102,10 @@ impl TestApp {
             // resolve by hand assert what their own call did. Tests of the background
             // resolver turn it back on.
             ("DMPAY_PAYMENTS_RESOLVE_INTERVAL".into(), "24h".into()),
+            // Tests fire bursts of writes from one user on purpose (limits under
+            // concurrency); the rate limit has its own tests, with its own settings.
+            ("DMPAY_RATE_UNVERIFIED_BURST".into(), "100000".into()),
+            ("DMPAY_RATE_VERIFIED_BURST".into(), "100000".into()),
         ]);
         for (k, v) in extra {
             env.insert((*k).into(), (*v).into());
@@ -171,6 +175,17 @@ impl TestApp {
             server: Some(server),
             pg_database: None,
             _dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// Platform users: their dmpay accounts, as the platform creates them when they sign
+    /// up. A payment or request to a name without one is refused (NOT_FOUND), so a test
+    /// creates the users it pays.
+    pub async fn users(&self, names: &[&str]) {
+        let accounts = dmpay::accounts::Accounts::new(self.db.clone());
+        for name in names {
+            let user = dmpay::accounts::UserId::parse("user_id", name).expect("a user id");
+            accounts.ensure(&user).await.expect("create the platform account");
         }
     }
 
@@ -247,6 +262,26 @@ pub fn authed<T>(msg: T, token: &str) -> Request<T> {
     req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("ascii token"));
     req
 }
+
+/// The platform users most tests pay (`TestApp::users` creates them).
+pub const CAST: &[&str] = &[
+    "alice",
+    "bob",
+    "carol",
+    "dave",
+    "paul",
+    "seller",
+    "neighbour",
+    "shop0",
+    "shop1",
+    "shop2",
+    "shop3",
+    "shop4",
+    "r0",
+    "r1",
+    "r2",
+    "r3",
+];
 
 /// Runs each named `async fn(TestApp)` once on SQLite and once on PostgreSQL.
 #[macro_export]
@@ -368,8 +403,9 @@ pub fn transfer(key: &str, from: &str, to: &str, amount: &str) -> pb::PostEntryR
     }
 }
 
-/// Funds a user's USD wallet from the treasury.
+/// Funds a user's USD wallet from the treasury (a platform user: see `TestApp::users`).
 pub async fn fund(app: &TestApp, token: &str, user: &str, amount: &str) -> pb::Entry {
+    app.users(&[user]).await;
     app.ledger()
         .post_entry(authed(
             transfer(

@@ -969,6 +969,7 @@ async fn nul_in_ids_is_the_callers_fault(app: TestApp) {
 /// Hostile writes land in the same posting-engine batches as honest ones: none of them
 /// may fail an honest neighbour (a command that breaks its batch's transaction would).
 async fn hostile_neighbours_never_fail_honest_calls(app: TestApp) {
+    app.users(CAST).await;
     raw::panics::watch();
     let fx = fixture(&app).await;
     let token = everything(&app);

@@ -190,6 +190,7 @@ async fn huge_tokens_are_refused(app: TestApp) {
 /// RESOURCE_EXHAUSTED naming the sequence to resume from; resuming there yields the
 /// rest, none twice. Meanwhile other clients are served and memory stays bounded.
 async fn a_watcher_that_never_reads_is_cut_off(app: TestApp) {
+    app.users(CAST).await;
     const SENDS: usize = 300;
     let ledger_token = app.token("treasury", LEDGER_SCOPES);
     fund(&app, &ledger_token, "alice", "100.00").await;

@@ -9,6 +9,7 @@ mod access;
 mod accounts;
 mod auth;
 mod bench;
+mod callers;
 mod finance;
 mod hostile;
 mod ledger;

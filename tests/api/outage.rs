@@ -436,6 +436,9 @@ async fn outage_under_load(mode: Mode) {
         fund(&app, &treasury, &sender(s), FUNDED).await;
     }
     fund(&app, &treasury, "prober", FUNDED).await;
+    let recipients: Vec<String> = (0..SENDERS).map(recipient_of).collect();
+    app.users(&recipients.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    app.users(CAST).await;
     assert_eq!(health(&app).await, Some(ServingStatus::Serving as i32));
 
     let app = Arc::new(app);

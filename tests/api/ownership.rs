@@ -37,6 +37,7 @@ async fn reverse(app: &TestApp, token: &str, entry_id: &str, key: &str) -> Resul
 /// its hold, whatever its `sub` (even `payments`); the payment and the balances stay as
 /// they were.
 async fn payment_entries_belong_to_payments(app: TestApp) {
+    app.users(CAST).await;
     let svc = app.token("svc-treasury", LEDGER_SCOPES);
     fund(&app, &svc, "alice", "30.00").await;
     let alice = app.token("alice", PAY_SCOPES);
@@ -109,6 +110,7 @@ async fn payment_entries_belong_to_payments(app: TestApp) {
 /// An API caller whose `sub` is a module's name, using that module's own key, gets an
 /// entry of its own: the namespaces never meet.
 async fn api_keys_never_collide_with_module_keys(app: TestApp) {
+    app.users(CAST).await;
     let svc = app.token("svc-treasury", LEDGER_SCOPES);
     fund(&app, &svc, "alice", "5.00").await;
     let alice = app.token("alice", PAY_SCOPES);

@@ -29,6 +29,7 @@ async fn fund_user(app: &TestApp, user: &str, amount: &str) {
 }
 
 async fn send_from_balance_and_read_back(app: TestApp) {
+    app.users(CAST).await;
     fund_user(&app, "alice", "100.00").await;
     let alice = app.token("alice", PAY_SCOPES);
     let p = app.send(&alice, "k1", "bob", "12.50", Balance).await.unwrap();
@@ -100,6 +101,7 @@ async fn send_from_balance_and_read_back(app: TestApp) {
 }
 
 async fn retries_are_idempotent_and_failures_recorded(app: TestApp) {
+    app.users(CAST).await;
     fund_user(&app, "alice", "10.00").await;
     let alice = app.token("alice", PAY_SCOPES);
     let first = app.send(&alice, "same", "bob", "4.00", Balance).await.unwrap();
@@ -164,6 +166,7 @@ async fn retries_are_idempotent_and_failures_recorded(app: TestApp) {
 }
 
 async fn card_funded_and_split(app: TestApp) {
+    app.users(CAST).await;
     let alice = app.token("alice", PAY_SCOPES);
     app.add_card(&alice, "4242424242424242", true).await.unwrap();
     // All from the card: the wallet is empty.
@@ -201,6 +204,7 @@ async fn card_funded_and_split(app: TestApp) {
 }
 
 async fn declines_and_missing_cards(app: TestApp) {
+    app.users(CAST).await;
     let alice = app.token("alice", PAY_SCOPES);
     // No card and no balance.
     let err = app.send(&alice, "none", "bob", "5.00", Auto).await.unwrap_err();
@@ -239,6 +243,7 @@ async fn declines_and_missing_cards(app: TestApp) {
 }
 
 async fn rules_limits_and_bad_input(app: TestApp) {
+    app.users(CAST).await;
     fund_user(&app, "alice", "1000.00").await;
     let alice = app.token("alice", PAY_SCOPES);
     let err = app.send(&alice, "self", "alice", "1.00", Balance).await.unwrap_err();
@@ -268,7 +273,8 @@ async fn rules_limits_and_bad_input(app: TestApp) {
         .await
         .unwrap();
     let err = app.send(&alice, "to-frozen", "carol", "1.00", Balance).await.unwrap_err();
-    assert_eq!(reason(&err), "RECIPIENT_FROZEN");
+    assert_eq!(reason(&err), "RECIPIENT_UNAVAILABLE");
+    assert!(!err.message().contains("frozen"), "{}", err.message());
     app.accounts()
         .freeze_account(authed(pb::FreezeAccountRequest { user_id: "alice".into(), reason: "review".into() }, &admin))
         .await
@@ -306,6 +312,7 @@ async fn rules_limits_and_bad_input(app: TestApp) {
 }
 
 async fn concurrent_sends_never_overdraw(app: TestApp) {
+    app.users(CAST).await;
     fund_user(&app, "alice", "50.00").await;
     let alice = app.token("alice", PAY_SCOPES);
     app.add_card(&alice, "5555555555554444", true).await.unwrap();
@@ -359,6 +366,7 @@ async fn concurrent_sends_never_overdraw(app: TestApp) {
 }
 
 async fn unknown_card_outcome_resolves_to_one_charge(app: TestApp) {
+    app.users(CAST).await;
     let alice = app.token("alice", PAY_SCOPES);
     app.add_card(&alice, "4242424242424242", true).await.unwrap();
     let flaky = Arc::new(Sandbox::new(app.db.clone(), SandboxConfig { timeout_rate: 1.0, ..Default::default() }));
@@ -418,6 +426,7 @@ async fn unknown_card_outcome_resolves_to_one_charge(app: TestApp) {
 /// Concurrent sends of one sender are checked against the rolling limit together: the
 /// batch that decides them sees what the earlier ones in it and before it used.
 async fn daily_limit_holds_under_concurrency(app: TestApp) {
+    app.users(CAST).await;
     fund_user(&app, "alice", "2000.00").await;
     let alice = app.token("alice", PAY_SCOPES);
     // Unverified: 500.00 a day; 30 concurrent sends of 40.00 can only fit 12 of them.
@@ -460,6 +469,7 @@ async fn daily_limit_holds_under_concurrency(app: TestApp) {
 
 /// The same key sent many times at once is one payment: every caller gets it back.
 async fn concurrent_duplicates_are_one_payment(app: TestApp) {
+    app.users(CAST).await;
     fund_user(&app, "alice", "100.00").await;
     let alice = app.token("alice", PAY_SCOPES);
     let mut tasks = Vec::new();
@@ -500,6 +510,7 @@ async fn concurrent_duplicates_are_one_payment(app: TestApp) {
 /// A sender short of funds gets a recorded failure (replayed on retry) while the other
 /// sends of the same batch go through.
 async fn a_short_sender_fails_alone(app: TestApp) {
+    app.users(CAST).await;
     fund_user(&app, "alice", "10.00").await;
     for u in ["u1", "u2", "u3"] {
         fund_user(&app, u, "10.00").await;
@@ -544,6 +555,7 @@ async fn a_short_sender_fails_alone(app: TestApp) {
 /// command at fault fails alone, the others commit when retried one by one, no entry of
 /// the refused payment remains, and the engine's connection takes the next batch.
 async fn a_batch_refused_part_way_writes_nothing(app: TestApp) {
+    app.users(CAST).await;
     let trigger: &[&str] = match app.backend {
         Backend::Sqlite => &["CREATE TRIGGER poison BEFORE INSERT ON payments WHEN NEW.note = 'poison' \
              BEGIN SELECT RAISE(ABORT, 'poisoned payment row'); END"],
@@ -668,6 +680,7 @@ async fn pay(app: &TestApp, payer: &str, request_id: &str, key: &str) -> Result<
 }
 
 async fn requests_pay_decline_cancel_expire(app: TestApp) {
+    app.users(CAST).await;
     fund_user(&app, "bob", "100.00").await;
     let r = request(&app, "alice", "r1", "bob", "30.00", 0).await.unwrap();
     assert_eq!(r.status, pb::RequestStatus::Open as i32);
@@ -759,6 +772,7 @@ async fn requests_pay_decline_cancel_expire(app: TestApp) {
 }
 
 async fn refunds_full_partial_and_never_more(app: TestApp) {
+    app.users(CAST).await;
     fund_user(&app, "alice", "100.00").await;
     let alice = app.token("alice", PAY_SCOPES);
     let bob = app.token("bob", PAY_SCOPES);
@@ -860,6 +874,7 @@ async fn refunds_full_partial_and_never_more(app: TestApp) {
 /// the refund, whichever commits first: the loser must not be told there is nothing left
 /// to refund (found by the crash test, which sends duplicates concurrently).
 async fn concurrent_duplicate_refunds_get_one_answer(app: TestApp) {
+    app.users(CAST).await;
     fund_user(&app, "alice", "100.00").await;
     let alice = app.token("alice", PAY_SCOPES);
     let bob = app.token("bob", PAY_SCOPES);
@@ -892,6 +907,7 @@ async fn concurrent_duplicate_refunds_get_one_answer(app: TestApp) {
 /// Copies of one one-tap pay (same key) sent at the same moment all get the payment; a
 /// copy that finds the request already paid by another copy replays it.
 async fn concurrent_duplicate_pays_get_one_answer(app: TestApp) {
+    app.users(CAST).await;
     fund_user(&app, "bob", "100.00").await;
     let r = request(&app, "alice", "dup-r", "bob", "12.00", 0).await.unwrap();
     let mut tasks = Vec::new();
@@ -924,6 +940,7 @@ async fn concurrent_duplicate_pays_get_one_answer(app: TestApp) {
 /// must be turned away: otherwise the refund would be both failed (its reservation
 /// undone, so the payment could be refunded again) and paid.
 async fn a_failed_refund_is_never_paid_later(app: TestApp) {
+    app.users(CAST).await;
     use dmpay::ledger::{AccountCode, Direction, PostEntryInput, PostingInput};
     fund_user(&app, "alice", "10.00").await;
     let alice = app.token("alice", PAY_SCOPES);
@@ -997,6 +1014,7 @@ async fn a_failed_refund_is_never_paid_later(app: TestApp) {
 /// the payments module alone: no account row is touched) waits on SQLite and does not
 /// on PostgreSQL; on both it is written once, afterwards, with its event.
 async fn request_writes_take_turns_with_the_engine(app: TestApp) {
+    app.users(CAST).await;
     let r = request(&app, "rita", "r1", "paul", "2.00", 3600).await.expect("a request");
     let events_before = app.count("payment_events").await;
     let paul = app.token("paul", PAY_SCOPES);
@@ -1041,6 +1059,7 @@ async fn watch(app: &TestApp, token: &str, after: i64, conversation: &str) -> to
 }
 
 async fn watchers_see_their_events_once_in_order(app: TestApp) {
+    app.users(CAST).await;
     fund_user(&app, "alice", "500.00").await;
     fund_user(&app, "carol", "500.00").await;
     let alice = app.token("alice", PAY_SCOPES);
@@ -1121,6 +1140,7 @@ async fn watchers_see_their_events_once_in_order(app: TestApp) {
 /// the journal's times in sequence order, so it is later than the payment's. Shifting
 /// the clock is process-wide, so this needs nextest's one process per test.
 async fn settled_at_agrees_when_the_clock_is_behind_the_journal(app: TestApp) {
+    app.users(CAST).await;
     assert!(
         std::env::var_os("NEXTEST").is_some(),
         "run the suite with cargo nextest (`make test`): this test shifts the process clock"
@@ -1174,6 +1194,7 @@ async fn card_fee_is_charged_and_parts_sum(backend: Backend) {
     else {
         return;
     };
+    app.users(CAST).await;
     let alice = app.token("alice", PAY_SCOPES);
     app.add_card(&alice, "4242424242424242", true).await.unwrap();
     fund_user(&app, "alice", "2.50").await;

@@ -159,6 +159,8 @@ async fn faults_end_settled_or_failed_once(backend: Backend) {
     };
     raw::panics::watch();
     let panics_before = raw::panics::count();
+    let payees: Vec<String> = (0..RECIPIENTS).map(recipient).collect();
+    app.users(&payees.iter().map(String::as_str).collect::<Vec<_>>()).await;
     let treasury = app.token("svc-treasury", LEDGER_SCOPES);
     // Payer 0 holds the card that declines every charge; the others approve.
     for s in 0..SENDERS {
@@ -397,6 +399,7 @@ fn payments_over(app: &TestApp, processor: Arc<Sandbox>) -> Payments {
 /// attempt that lost it stops and answers with the payment as it stands (pending, then
 /// settled by the resolver).
 async fn resolver_racing_a_live_send_agrees_with_the_caller(app: TestApp) {
+    app.users(CAST).await;
     let alice = app.token("alice", PAY_SCOPES);
     link_card(&app, &alice, "4242424242424242").await;
     // The request's processor answers after 3 s with a processing error; the resolver's

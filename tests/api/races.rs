@@ -109,6 +109,7 @@ async fn send_many(app: &TestApp, user: &str, funding: pb::FundingSource, amount
 /// 50 card-funded sends of 20.00 at once from an unverified sender (500.00 a day):
 /// exactly 25 settle, the rest are DAILY_LIMIT, and nothing of theirs is written.
 async fn card_sends_hold_the_daily_limit(app: TestApp) {
+    app.users(CAST).await;
     let alice = app.token("alice", PAY_SCOPES);
     app.add_card(&alice, "4242424242424242", true).await.unwrap();
     let t = send_many(&app, "alice", Card, "20.00").await;
@@ -124,6 +125,7 @@ async fn card_sends_hold_the_daily_limit(app: TestApp) {
 /// (decided in the engine's batch) and card-funded ones (the card path) of one sender
 /// share one limit.
 async fn split_sends_hold_the_daily_limit(app: TestApp) {
+    app.users(CAST).await;
     fund_user(&app, "alice", "100.00").await;
     let alice = app.token("alice", PAY_SCOPES);
     app.add_card(&alice, "4242424242424242", true).await.unwrap();
@@ -292,6 +294,7 @@ async fn a_request_never_closes_under_its_payment(backend: Backend) {
 /// cancelled or declined; once the payment fails, it can.
 async fn a_pending_request_payment_blocks_the_close(backend: Backend) {
     let Some(app) = TestApp::spawn(backend).await else { return };
+    app.users(CAST).await;
     let (alice, bob) = (app.token("alice", PAY_SCOPES), app.token("bob", PAY_SCOPES));
     let r = request(&app, "alice", "pending-r", "bob", "3.00").await;
     // The payment in flight, as the card path leaves one whose processor outcome is

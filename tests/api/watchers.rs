@@ -83,7 +83,9 @@ async fn one_caller_cannot_take_every_watcher_slot(app: TestApp) {
 /// shared reader without another read of the table by any watcher. The watcher whose
 /// user gets paid sees it at once.
 async fn idle_watchers_read_nothing(app: TestApp) {
+    app.users(CAST).await;
     fund_user(&app, "payer", "100.00").await;
+    app.users(&["quiet7"]).await;
     let mut streams = Vec::new();
     for i in 0..40 {
         let t = app.token(&format!("quiet{i}"), PAY_SCOPES);
@@ -117,6 +119,7 @@ async fn idle_watchers_read_nothing(app: TestApp) {
 
 /// A watcher on one replica sees what another replica commits.
 async fn a_watcher_sees_another_replicas_commits(app: TestApp) {
+    app.users(CAST).await;
     fund_user(&app, "alice", "10.00").await;
     let replica = app.spawn_replica().await;
     let bob = replica.token("bob", PAY_SCOPES);

@@ -19,6 +19,7 @@
 //! - `api`       tonic services: protobuf <-> domain, errors -> gRPC status
 //! - `telemetry` logs, Prometheus metrics, the per-call log line
 //! - `server`    startup: build, bind, serve, graceful shutdown
+//! - `connections` the gRPC listener's connections: a cap on open ones, an idle timeout
 //! - `bench_payments` `dmpay bench payments`: the gRPC load generator
 //! - `bench_report` `dmpay bench report` (`make bench`): baseline, server runs, BENCHMARKS.md
 //! - `bench_cpu` where a benchmark's CPU goes (server, PostgreSQL, load, idle), from /proc
@@ -33,6 +34,7 @@ pub mod bench_report;
 pub mod cli;
 pub mod cli_finance;
 pub mod config;
+pub mod connections;
 pub mod dates;
 pub mod error;
 pub mod finance;

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
@@ -85,7 +84,7 @@ impl Application {
         let verifier = Verifier::from_config(&config)?;
         let db = Db::connect(&config).await?;
         db.migrate().await?;
-        let listener = TcpListener::bind(config.grpc_addr).await?;
+        let listener = crate::connections::bind(config.grpc_addr)?;
         let metrics_listener = match config.metrics_addr {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,
@@ -233,6 +232,8 @@ impl Application {
         let server = Server::builder()
             .timeout(config.grpc_call_timeout)
             .max_concurrent_streams(Some(config.grpc_concurrent_streams_max))
+            .http2_keepalive_interval(Some(config.grpc_keepalive_interval))
+            .http2_keepalive_timeout(Some(config.grpc_keepalive_timeout))
             .tcp_nodelay(true)
             .layer(CallLogLayer::new(metrics.clone()))
             .layer(UnreadableRequestLayer)
@@ -244,9 +245,12 @@ impl Application {
             .add_service(InterceptedService::new(rate.layer(methods_api), auth.clone()))
             .add_service(InterceptedService::new(rate.layer(payments_api), auth.clone()))
             .add_service(InterceptedService::new(rate.layer(finance_api), auth.clone()))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                let _ = stop_rx.await;
-            });
+            .serve_with_incoming_shutdown(
+                crate::connections::incoming(listener, config.connections, metrics.clone()),
+                async move {
+                    let _ = stop_rx.await;
+                },
+            );
         let mut server = tokio::spawn(server);
 
         tokio::select! {

@@ -65,6 +65,12 @@ pub struct Config {
     pub grpc_concurrent_streams_max: u32,
     /// Deadline for one unary call on the server side.
     pub grpc_call_timeout: Duration,
+    /// HTTP/2 PING interval, and how long an unanswered PING waits before the
+    /// connection is closed.
+    pub grpc_keepalive_interval: Duration,
+    pub grpc_keepalive_timeout: Duration,
+    /// Open connections, and how long a silent one stays.
+    pub connections: crate::connections::ConnectionLimits,
     /// Writes per second (and burst) per caller, by tier.
     pub rate_limits: crate::api::rate::RateLimits,
     /// `WatchPayments` streams open at once, in all and per caller.
@@ -184,6 +190,12 @@ impl Config {
             grpc_message_size_max: s.num("DMPAY_GRPC_MESSAGE_SIZE_MAX", 1024 * 1024, 1024..=64 * 1024 * 1024)?,
             grpc_concurrent_streams_max: s.num("DMPAY_GRPC_CONCURRENT_STREAMS_MAX", 256, 1..=10_000)?,
             grpc_call_timeout: s.duration("DMPAY_GRPC_CALL_TIMEOUT", Duration::from_secs(10))?,
+            grpc_keepalive_interval: s.duration("DMPAY_GRPC_KEEPALIVE_INTERVAL", Duration::from_secs(30))?,
+            grpc_keepalive_timeout: s.duration("DMPAY_GRPC_KEEPALIVE_TIMEOUT", Duration::from_secs(10))?,
+            connections: crate::connections::ConnectionLimits {
+                open_max: s.num("DMPAY_GRPC_CONNECTIONS_MAX", 10_000, 1..=1_000_000)?,
+                idle_timeout: s.duration("DMPAY_GRPC_IDLE_TIMEOUT", Duration::from_secs(120))?,
+            },
             rate_limits: {
                 let d = crate::api::rate::RateLimits::default();
                 let rate = |per_second: &'static str, burst: &'static str, default: crate::api::rate::Rate| {
@@ -265,6 +277,23 @@ impl Config {
             return Err(ConfigError::Invalid {
                 name: "DMPAY_IDEMPOTENCY_RETENTION",
                 detail: "at least 7 days: clients may retry for a week".into(),
+            });
+        }
+        if config.grpc_keepalive_interval < Duration::from_secs(1)
+            || config.grpc_keepalive_timeout < Duration::from_secs(1)
+        {
+            return Err(ConfigError::Invalid {
+                name: "DMPAY_GRPC_KEEPALIVE_INTERVAL",
+                detail: "the interval and DMPAY_GRPC_KEEPALIVE_TIMEOUT are at least 1s".into(),
+            });
+        }
+        // A live client answers every PING, so a connection is only idle this long when
+        // its client is gone or silent; a timeout shorter than the PING round would close
+        // healthy connections between pings.
+        if config.connections.idle_timeout <= config.grpc_keepalive_interval + config.grpc_keepalive_timeout {
+            return Err(ConfigError::Invalid {
+                name: "DMPAY_GRPC_IDLE_TIMEOUT",
+                detail: "must be longer than DMPAY_GRPC_KEEPALIVE_INTERVAL plus DMPAY_GRPC_KEEPALIVE_TIMEOUT".into(),
             });
         }
         if !(Duration::from_secs(60)..=Duration::from_secs(30 * 86_400)).contains(&config.jwt_lifetime_max) {

@@ -12,6 +12,7 @@ mod bench;
 mod callers;
 mod finance;
 mod hostile;
+mod hostile_load;
 mod ledger;
 mod ledger_checks;
 mod ledger_props;

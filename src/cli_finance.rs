@@ -183,7 +183,11 @@ fn item_rows(items: &[pb::ReconciliationItem]) -> Vec<Vec<String>> {
                 i.processor_reference.clone(),
                 amount(&i.report_amount),
                 amount(&i.ledger_amount),
-                if i.resolution.is_empty() { String::new() } else { format!("{} by {}", i.resolution, i.resolved_by) },
+                match (i.resolution.is_empty(), i.superseded) {
+                    (false, _) => format!("{} by {}", i.resolution, i.resolved_by),
+                    (true, true) => "superseded".to_owned(),
+                    (true, false) => String::new(),
+                },
             ]
         })
         .collect()
@@ -192,7 +196,7 @@ fn item_rows(items: &[pb::ReconciliationItem]) -> Vec<Vec<String>> {
 const ITEM_HEADERS: [&str; 6] = ["item", "status", "reference", "report", "ledger", "resolution"];
 
 fn is_open(i: &pb::ReconciliationItem) -> bool {
-    i.status != "matched" && i.resolution.is_empty()
+    i.status != "matched" && i.resolution.is_empty() && !i.superseded
 }
 
 async fn all_items(
@@ -242,11 +246,15 @@ pub async fn reconcile(
     let mut client = pb::finance_client::FinanceClient::new(conn.channel().await?);
     let msg = pb::ImportSettlementReportRequest { processor: processor.to_owned(), report_date: date.clone(), csv };
     let run = client.import_settlement_report(conn.request(config, msg)?).await?.into_inner();
-    println!(
-        "Reconciliation {} of {} for {}
-",
-        run.run_id, run.processor, run.report_date
-    );
+    let what = match (run.created, run.superseded_run_id.is_empty()) {
+        (false, _) => " (this report was imported before: the same run)".to_owned(),
+        (true, false) => format!(" (supersedes {}: the day's books now follow this report)", run.superseded_run_id),
+        (true, true) => String::new(),
+    };
+    println!("Reconciliation {} of {} for {}{what}\n", run.run_id, run.processor, run.report_date);
+    if !run.current {
+        println!("A later report of this day superseded this one: the books follow it, and these items are closed.\n");
+    }
     let counts = [
         ("report rows", run.rows),
         ("matched", run.matched),
@@ -259,10 +267,27 @@ pub async fn reconcile(
         "{}",
         table(&["", "count"], &counts.iter().map(|(k, v)| vec![(*k).to_owned(), v.to_string()]).collect::<Vec<_>>())
     );
+    if run.bookings.is_empty() {
+        println!("\nbooked: nothing (the day's books already match this report)");
+    } else {
+        println!("\nbooked:");
+        let rows: Vec<Vec<String>> = run
+            .bookings
+            .iter()
+            .map(|b| {
+                let amount = b.amount.as_ref().map(|m| format!("{} {}", m.amount, m.currency)).unwrap_or_default();
+                vec![b.entry_id.clone(), b.kind.clone(), amount, b.description.clone()]
+            })
+            .collect();
+        print!("{}", table(&["entry", "kind", "amount", "description"], &rows));
+    }
+    if run.carried_resolutions > 0 {
+        println!("\n{} resolution(s) carried over from the superseded run", run.carried_resolutions);
+    }
     let items = all_items(config, conn, &mut client, &run.run_id, Some("open")).await?;
     if items.is_empty() {
-        println!("\nreconciled: every row matched");
-        return Ok(true);
+        println!("\nreconciled: every row matched or resolved");
+        return Ok(run.current);
     }
     println!("\n{} open item(s):", items.len());
     print!("{}", table(&ITEM_HEADERS, &item_rows(&items)));

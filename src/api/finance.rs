@@ -13,7 +13,7 @@ use crate::auth::scope;
 use crate::error::Error;
 use crate::finance;
 use crate::finance::export::{self, Cursor, Format};
-use crate::finance::recon::{Item, Reconciler, Run};
+use crate::finance::recon::{Imported, Item, Reconciler};
 use crate::store::Db;
 
 pub struct FinanceApi {
@@ -32,7 +32,8 @@ impl FinanceApi {
     }
 }
 
-fn run_to_wire(r: Run) -> pb::ReconciliationRun {
+fn run_to_wire(i: Imported) -> pb::ReconciliationRun {
+    let r = i.run;
     pb::ReconciliationRun {
         run_id: r.run_id,
         processor: r.processor,
@@ -43,6 +44,20 @@ fn run_to_wire(r: Run) -> pb::ReconciliationRun {
         missing_in_ledger: r.missing_in_ledger,
         missing_in_report: r.missing_in_report,
         duplicates: r.duplicates,
+        superseded_run_id: r.prev_run_id.unwrap_or_default(),
+        current: i.current,
+        created: i.new,
+        bookings: i
+            .bookings
+            .into_iter()
+            .map(|b| pb::ReconciliationBooking {
+                entry_id: b.entry_id,
+                kind: b.kind,
+                amount: Some(to_wire(b.amount)),
+                description: b.description,
+            })
+            .collect(),
+        carried_resolutions: i.carried,
     }
 }
 
@@ -64,6 +79,8 @@ fn item_to_wire(i: Item) -> pb::ReconciliationItem {
         resolution: i.resolution.unwrap_or_default(),
         note: i.note.unwrap_or_default(),
         resolved_by: i.resolved_by.unwrap_or_default(),
+        superseded: i.superseded,
+        adjustment_entry_id: i.adjustment_entry_id.unwrap_or_default(),
     }
 }
 

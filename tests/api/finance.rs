@@ -1,6 +1,7 @@
 //! Finance through the real server and the CLI, on both backends.
 
 use tonic::Code;
+use tonic_types::StatusExt;
 
 use crate::backend_tests;
 use crate::helpers::*;
@@ -606,7 +607,215 @@ async fn rows_without_reference_match_by_amount_and_time(app: TestApp) {
     assert!(items.iter().all(|i| i.processor_reference.starts_with("sbx_")), "{items:?}");
 }
 
+/// Fees and net of a settlement CSV, in minor units.
+fn report_totals(csv: &str) -> (i64, i64) {
+    let minor = |s: &str| {
+        let (units, cents) = s.split_once('.').unwrap();
+        units.parse::<i64>().unwrap() * 100 + cents.parse::<i64>().unwrap()
+    };
+    csv.lines()
+        .skip(1)
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .fold((0, 0), |(f, n), c| (f + minor(c[3]), n + minor(c[4])))
+}
+
+fn cents(m: &Option<pb::Money>) -> i64 {
+    let s = amt(m);
+    let negative = s.starts_with('-');
+    let (units, frac) = s.trim_start_matches('-').split_once('.').unwrap();
+    let v = units.parse::<i64>().unwrap() * 100 + frac.parse::<i64>().unwrap();
+    if negative {
+        -v
+    } else {
+        v
+    }
+}
+
+/// Four reports for one day, each superseding the one before: every run books the
+/// difference from the last (so the fee and bank accounts hold exactly the current
+/// report's totals), a resolution carries over to the same discrepancy in the next
+/// report and is reversed once a report no longer has it, a superseded run's items can
+/// no longer be resolved, and with the current run's items resolved the clearing
+/// account is at zero, to the cent, after every report.
+async fn a_later_report_supersedes_the_days_books(app: TestApp) {
+    app.users(CAST).await;
+    let alice = app.token("alice", PAY_SCOPES);
+    app.add_card(&alice, "4242424242424242", true).await.unwrap();
+    for (i, amount) in ["10.00", "20.00", "30.00"].iter().enumerate() {
+        app.send(&alice, &format!("card-{i}"), "bob", amount, pb::FundingSource::Card).await.unwrap();
+    }
+    let today = dmpay::dates::ymd(dmpay::store::now_us());
+    let date = format!("{:04}-{:02}-{:02}", today.0, today.1, today.2);
+    let sandbox = dmpay::processor::sandbox::Sandbox::new(app.db.clone(), Default::default());
+    let clean = dmpay::processor::CardProcessor::settlement_report(&sandbox, &date).await.unwrap();
+    let fin = app.token("finance-staff", "finance");
+    let svc = app.token("svc", LEDGER_SCOPES);
+    let client = pb::finance_client::FinanceClient::new(app.channel.clone());
+    let import = |csv: String| {
+        let (mut c, fin, date) = (client.clone(), fin.clone(), date.clone());
+        async move {
+            c.import_settlement_report(authed(
+                pb::ImportSettlementReportRequest { processor: "sandbox".into(), report_date: date, csv },
+                &fin,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let open_items = |run_id: String| {
+        let (mut c, fin) = (client.clone(), fin.clone());
+        async move {
+            c.list_reconciliation_items(authed(
+                pb::ListReconciliationItemsRequest { run_id, status: "open".into(), ..Default::default() },
+                &fin,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .items
+        }
+    };
+    let resolve = |item_id: String| {
+        let (mut c, fin) = (client.clone(), fin.clone());
+        async move {
+            c.resolve_reconciliation_item(authed(
+                pb::ResolveReconciliationItemRequest {
+                    item_id,
+                    resolution: "suspense".into(),
+                    note: "booked to suspense pending the processor's answer".into(),
+                },
+                &fin,
+            ))
+            .await
+        }
+    };
+    // After each report, with its items resolved: the books hold its totals, clearing
+    // is zero, and the ledger verifies.
+    let books_follow = |csv: String| {
+        let (app, svc) = (&app, svc.clone());
+        async move {
+            let (fees, net) = report_totals(&csv);
+            assert_eq!(cents(&balance(app, &svc, "platform:processor_fees:USD").await.posted), fees);
+            assert_eq!(cents(&balance(app, &svc, "platform:settlement_bank:USD").await.posted), net);
+            assert_eq!(amt(&balance(app, &svc, "processor:sandbox:clearing:USD").await.posted), "0.00");
+            assert!(app.verify().await.ok());
+        }
+    };
+
+    // 1. The first row is missing: resolved to suspense.
+    let r1_csv = dmpay::processor::sandbox::inject_discrepancies(&clean, Some(1), None, false, &date).unwrap();
+    let r1 = import(r1_csv.clone()).await;
+    assert!(r1.current && r1.created && r1.superseded_run_id.is_empty());
+    assert_eq!(r1.bookings.len(), 2, "fees and settlement: {:?}", r1.bookings);
+    let items = open_items(r1.run_id.clone()).await;
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].status, "missing_in_report");
+    let first_adjustment = resolve(items[0].item_id.clone()).await.unwrap().into_inner().adjustment_entry_id;
+    assert!(!first_adjustment.is_empty());
+    books_follow(r1_csv.clone()).await;
+
+    // 2. Still missing, and the second row changed: the resolution carries over (no new
+    // adjustment), the change is open; the books move by the change only.
+    let r2_csv = dmpay::processor::sandbox::inject_discrepancies(&clean, Some(1), Some(2), false, &date).unwrap();
+    let entries_before = app.count("ledger_entries").await;
+    let r2 = import(r2_csv.clone()).await;
+    assert_eq!(r2.superseded_run_id, r1.run_id);
+    assert_eq!(r2.carried_resolutions, 1);
+    assert_eq!(
+        r2.bookings.iter().map(|b| (b.kind.as_str(), amt(&b.amount))).collect::<Vec<_>>(),
+        [("processor_settlement", "1.00".to_string())],
+        "the changed row's net grew by 1.00; its fee did not change"
+    );
+    assert_eq!(app.count("ledger_entries").await, entries_before + 1);
+    let items = open_items(r2.run_id.clone()).await;
+    assert_eq!(items.iter().map(|i| i.status.as_str()).collect::<Vec<_>>(), ["amount_mismatch"]);
+    // The superseded run answers as such, and its items are closed.
+    let again = import(r1_csv.clone()).await;
+    assert_eq!((again.run_id.as_str(), again.current, again.created), (r1.run_id.as_str(), false, false));
+    assert_eq!(app.count("ledger_entries").await, entries_before + 1, "re-importing booked nothing new");
+    let r1_items: Vec<pb::ReconciliationItem> = client
+        .clone()
+        .list_reconciliation_items(authed(
+            pb::ListReconciliationItemsRequest { run_id: r1.run_id.clone(), ..Default::default() },
+            &fin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert!(r1_items.iter().all(|i| i.superseded));
+    resolve(items[0].item_id.clone()).await.unwrap();
+    books_follow(r2_csv.clone()).await;
+
+    // 3. The full, clean report: nothing open, and both adjustments are reversed.
+    let r3 = import(clean.clone()).await;
+    assert_eq!(r3.superseded_run_id, r2.run_id);
+    assert!(open_items(r3.run_id.clone()).await.is_empty());
+    let reversals: Vec<&pb::ReconciliationBooking> =
+        r3.bookings.iter().filter(|b| b.kind == "adjustment_reversal").collect();
+    assert_eq!(reversals.len(), 2, "{:?}", r3.bookings);
+    books_follow(clean.clone()).await;
+
+    // 4. A changed row and an extra one, resolved.
+    let r4_csv = dmpay::processor::sandbox::inject_discrepancies(&clean, None, Some(3), true, &date).unwrap();
+    let r4 = import(r4_csv.clone()).await;
+    let items = open_items(r4.run_id.clone()).await;
+    assert_eq!(items.len(), 2);
+    for i in items {
+        resolve(i.item_id).await.unwrap();
+    }
+    books_follow(r4_csv).await;
+    let tb = client.clone().get_trial_balance(authed(pb::GetTrialBalanceRequest::default(), &fin)).await.unwrap();
+    assert!(tb.into_inner().balanced);
+}
+
+/// An open item of a superseded run cannot be resolved: ITEM_SUPERSEDED, nothing written.
+async fn a_superseded_item_cannot_be_resolved(app: TestApp) {
+    app.users(CAST).await;
+    let alice = app.token("alice", PAY_SCOPES);
+    app.add_card(&alice, "4242424242424242", true).await.unwrap();
+    app.send(&alice, "c1", "bob", "10.00", pb::FundingSource::Card).await.unwrap();
+    app.send(&alice, "c2", "bob", "20.00", pb::FundingSource::Card).await.unwrap();
+    let today = dmpay::dates::ymd(dmpay::store::now_us());
+    let date = format!("{:04}-{:02}-{:02}", today.0, today.1, today.2);
+    let sandbox = dmpay::processor::sandbox::Sandbox::new(app.db.clone(), Default::default());
+    let clean = dmpay::processor::CardProcessor::settlement_report(&sandbox, &date).await.unwrap();
+    let fin = app.token("finance-staff", "finance");
+    let mut client = pb::finance_client::FinanceClient::new(app.channel.clone());
+    let dropped = dmpay::processor::sandbox::inject_discrepancies(&clean, Some(1), None, false, &date).unwrap();
+    for csv in [dropped, clean] {
+        client
+            .import_settlement_report(authed(
+                pb::ImportSettlementReportRequest { processor: "sandbox".into(), report_date: date.clone(), csv },
+                &fin,
+            ))
+            .await
+            .unwrap();
+    }
+    let stale: String = dmpay::with_db!(&app.db, pool => sqlx::query_scalar(
+        "SELECT i.item_id FROM recon_items i JOIN recon_runs r ON r.run_id = i.run_id \
+         WHERE i.status = 'missing_in_report' ORDER BY r.created_at_us LIMIT 1"
+    )
+    .fetch_one(pool)
+    .await)
+    .unwrap();
+    let (entries, resolutions) = (app.count("ledger_entries").await, app.count("recon_resolutions").await);
+    let e = client
+        .resolve_reconciliation_item(authed(
+            pb::ResolveReconciliationItemRequest { item_id: stale, resolution: "suspense".into(), note: "late".into() },
+            &fin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(e.get_error_details().error_info().unwrap().reason, "ITEM_SUPERSEDED");
+    assert_eq!((app.count("ledger_entries").await, app.count("recon_resolutions").await), (entries, resolutions));
+}
+
 backend_tests!(
+    a_later_report_supersedes_the_days_books,
+    a_superseded_item_cannot_be_resolved,
     rows_without_reference_match_by_amount_and_time,
     export_of_a_large_range_streams,
     two_days_of_card_payments_reconcile,

@@ -1,19 +1,40 @@
 //! Settlement reconciliation: a processor's daily report against the ledger's card
 //! entries. Each report row is matched by processor reference; ledger card entries of
-//! that day the report lacks are flagged; fees and the net settlement are posted once
-//! per processor and day. Runs, items and resolutions are append-only.
+//! that day the report lacks are flagged. Runs, items and resolutions are append-only.
+//!
+//! A day may get more than one report (a processor corrects or completes a day), and a
+//! later report **supersedes** the earlier one:
+//! - the books follow the current report: each run books the difference between its
+//!   fees and net settlement and those of the run it superseded (so the day's bookings
+//!   sum to the current report's totals, and a capture is settled once, whatever the
+//!   number of reports);
+//! - the new run's items are the day's open questions; the superseded run's open items
+//!   can no longer be resolved (`ITEM_SUPERSEDED`);
+//! - a superseded item's resolution carries over to the new run's identical item
+//!   (same kind, reference and amounts), its adjustment entry kept; an adjustment whose
+//!   discrepancy the new report no longer has is reversed.
+//!
+//! So once every item of the current run is matched or resolved, the clearing account
+//! nets to zero for the day. Imports and resolutions of one day take turns on the day's
+//! row (`recon_days`). What a run books is recomputed from stored data, so importing
+//! the same report again completes an import that was cut off and books nothing twice.
 //!
 //! - `report`  strict parsing of the settlement CSV
+//! - `books`   what a run books: the differences along the chain of runs, the reversals
+//! - `items`   listing and resolving a run's items
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+mod books;
+mod items;
 mod report;
 
+pub use books::Booking;
 pub use report::{parse_report, ReportRow, REPORT_BYTES_MAX};
 
 use crate::dates;
 use crate::error::{Error, Result};
-use crate::ledger::{AccountCode, Direction, Ledger, PostEntryInput, PostingInput, SYSTEM_CLEARING};
+use crate::ledger::Ledger;
 use crate::money::{Currency, Money};
 use crate::store::{now_us, Db};
 use crate::with_db;
@@ -32,6 +53,26 @@ pub struct Run {
     pub missing_in_ledger: i64,
     pub missing_in_report: i64,
     pub duplicates: i64,
+    /// The run of the same day this one superseded.
+    pub prev_run_id: Option<String>,
+    /// Books along the chain of runs (every run since migration 0013); earlier runs
+    /// booked the whole day once, under keys that name the day.
+    pub chained: bool,
+}
+
+/// What an import did: the run, whether it is the day's current report, and what it
+/// booked (on a repeated import of the same report, the same entries, replayed).
+#[derive(Debug, Clone)]
+pub struct Imported {
+    pub run: Run,
+    /// False for a report that a later one of the same day has superseded: the books
+    /// follow the later one.
+    pub current: bool,
+    /// True when this call made the run; false when the report was imported before.
+    pub new: bool,
+    pub bookings: Vec<Booking>,
+    /// Resolutions of the superseded run carried to this run's identical items.
+    pub carried: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -48,10 +89,18 @@ pub struct Item {
     pub resolution: Option<String>,
     pub note: Option<String>,
     pub resolved_by: Option<String>,
+    /// The adjustment entry of a `suspense` resolution.
+    pub adjustment_entry_id: Option<String>,
+    /// Its run is no longer the day's current report: it cannot be resolved.
+    pub superseded: bool,
 }
 
-const RUN_COLUMNS: &str =
-    "run_id, processor, report_date, rows_count, matched, amount_mismatch, missing_in_ledger, missing_in_report, duplicates";
+const RUN_COLUMNS: &str = "run_id, processor, report_date, rows_count, matched, amount_mismatch, missing_in_ledger, \
+     missing_in_report, duplicates, prev_run_id, chained";
+
+/// Most runs (reports) one processor day may have: each run's bookings are completed
+/// along the chain of the runs before it.
+pub const RUNS_PER_DAY_MAX: i64 = 100;
 
 /// A ledger card entry: id, processor reference, amount charged (clearing debit).
 struct LedgerCharge {
@@ -110,6 +159,26 @@ struct NewItem {
     line: Option<i64>,
 }
 
+impl NewItem {
+    /// Whether a resolved item of an earlier run stands for the same discrepancy.
+    fn same_as(&self, earlier: &Item) -> bool {
+        self.status == earlier.status
+            && self.reference == earlier.processor_reference
+            && self.currency.code() == earlier.currency
+            && self.report_amount == earlier.report_amount
+            && self.ledger_amount == earlier.ledger_amount
+    }
+}
+
+/// How a run's insert ended.
+enum Inserted {
+    New(Run, i64),
+    /// Another import of the day committed between the read and the write: try again.
+    Raced,
+    /// The same report, imported concurrently.
+    Duplicate,
+}
+
 impl Reconciler {
     pub fn new(db: Db, ledger: Ledger, time_tolerance: std::time::Duration) -> Self {
         Reconciler { db, ledger, time_tolerance_us: i64::try_from(time_tolerance.as_micros()).unwrap_or(i64::MAX) }
@@ -123,19 +192,55 @@ impl Reconciler {
         Ok(run)
     }
 
-    /// `ImportSettlementReport`. The same report imported again is the same run.
-    pub async fn import(&self, actor: &str, processor: &str, report_date: &str, csv: &str) -> Result<Run> {
+    pub(crate) async fn run(&self, run_id: &str) -> Result<Run> {
+        let sql = format!("SELECT {RUN_COLUMNS} FROM recon_runs WHERE run_id = $1");
+        let run: Option<Run> =
+            with_db!(&self.db, pool => sqlx::query_as(&sql).bind(run_id).fetch_optional(pool).await)?;
+        run.ok_or_else(|| Error::NotFound(format!("reconciliation run {run_id} not found")))
+    }
+
+    /// The day's current run, if the day has one.
+    pub(crate) async fn current_run_id(&self, processor: &str, date: &str) -> Result<Option<String>> {
+        let id: Option<String> = with_db!(&self.db, pool => sqlx::query_scalar(
+            "SELECT current_run_id FROM recon_days WHERE processor = $1 AND report_date = $2",
+        )
+        .bind(processor)
+        .bind(date)
+        .fetch_optional(pool)
+        .await)?;
+        Ok(id)
+    }
+
+    /// `ImportSettlementReport`. The same report imported again is the same run (and
+    /// completes what it books, if an earlier import was cut off); another report of a
+    /// day already reconciled supersedes the day's current run.
+    pub async fn import(&self, actor: &str, processor: &str, report_date: &str, csv: &str) -> Result<Imported> {
         if processor != "sandbox" {
             return Err(Error::invalid("processor", "only the sandbox processor is configured"));
         }
         let (y, m, d) = dates::parse_date(report_date).ok_or_else(|| Error::invalid("report_date", "YYYY-MM-DD"))?;
         let rows = parse_report(csv, self.ledger.accounts().currencies())?;
         let hash = crate::ledger::sha256_hex(csv.as_bytes());
-        if let Some(run) = self.run_by_hash(processor, report_date, &hash).await? {
-            self.post_settlement(&run, &rows).await?;
-            return Ok(run);
-        }
         let day_start = dates::day_start_us(y, m, d);
+        // A few attempts: another report of the same day may be imported meanwhile.
+        for _ in 0..3 {
+            if let Some(run) = self.run_by_hash(processor, report_date, &hash).await? {
+                return self.complete(run, false, 0).await;
+            }
+            let prev = self.current_run_id(processor, report_date).await?;
+            let items = self.match_rows(&rows, day_start).await?;
+            match self.insert_run(actor, processor, report_date, &hash, &rows, items, prev.as_deref()).await? {
+                Inserted::New(run, carried) => return self.complete(run, true, carried).await,
+                Inserted::Raced | Inserted::Duplicate => continue,
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "other reports of {report_date} were imported at the same time; retry the import"
+        )))
+    }
+
+    /// Matches a report's rows against the ledger's card charges of the day.
+    async fn match_rows(&self, rows: &[ReportRow], day_start: i64) -> Result<Vec<NewItem>> {
         let charges = ledger_charges(&self.db, day_start).await?;
         let mut by_ref: HashMap<&str, Vec<&LedgerCharge>> = HashMap::new();
         for c in &charges {
@@ -145,7 +250,7 @@ impl Reconciler {
         // Ledger charges a report row has claimed, by index into `charges`.
         let mut claimed: HashSet<usize> = HashSet::new();
         let index_of = |c: &LedgerCharge| charges.iter().position(|x| std::ptr::eq(x, c));
-        for row in &rows {
+        for row in rows {
             let currency = row.amount.currency();
             let found: Vec<&LedgerCharge> = if row.reference.is_empty() {
                 // No reference: the nearest unclaimed charge of the same amount and
@@ -216,6 +321,24 @@ impl Reconciler {
                 line: None,
             });
         }
+        Ok(items)
+    }
+
+    /// Writes the run, its items and totals, and the resolutions it carries over from
+    /// the run it supersedes (`prev`), and makes it the day's current run: one
+    /// transaction that holds the day's row, so it takes turns with resolutions and
+    /// other imports of the day (PostgreSQL: the row's lock; SQLite: the write lock).
+    #[allow(clippy::too_many_arguments)]
+    async fn insert_run(
+        &self,
+        actor: &str,
+        processor: &str,
+        report_date: &str,
+        hash: &str,
+        rows: &[ReportRow],
+        items: Vec<NewItem>,
+        prev: Option<&str>,
+    ) -> Result<Inserted> {
         let count = |s: &str| items.iter().filter(|i| i.status == s).count() as i64;
         let run = Run {
             run_id: format!("run_{}", uuid::Uuid::now_v7().simple()),
@@ -227,19 +350,53 @@ impl Reconciler {
             missing_in_ledger: count("missing_in_ledger"),
             missing_in_report: count("missing_in_report"),
             duplicates: count("duplicate"),
+            prev_run_id: prev.map(str::to_owned),
+            chained: true,
+        };
+        let mut totals: BTreeMap<Currency, (i64, i64)> = BTreeMap::new();
+        for r in rows {
+            let t = totals.entry(r.amount.currency()).or_default();
+            t.0 += r.fee.minor();
+            t.1 += r.net.minor();
+        }
+        // The superseded run's resolved items, read under the day's lock below.
+        let resolved_sql = format!("{} WHERE i.run_id = $1 AND r.item_id IS NOT NULL", items::ITEM_SELECT);
+        let begin = self.db.begin_deciding_sql();
+        let lock_day = match self.db {
+            Db::Postgres(_) => {
+                "SELECT current_run_id FROM recon_days WHERE processor = $1 AND report_date = $2 FOR UPDATE"
+            }
+            Db::Sqlite(_) => "SELECT current_run_id FROM recon_days WHERE processor = $1 AND report_date = $2",
         };
         let now = now_us();
-        let written = with_db!(&self.db, pool => async {
-            let mut tx = pool.begin().await?;
+        let result = with_db!(&self.db, pool => async {
+            let mut tx = pool.begin_with(begin).await?;
+            let current: Option<String> =
+                sqlx::query_scalar(lock_day).bind(processor).bind(report_date).fetch_optional(&mut *tx).await?;
+            if current.as_deref() != prev {
+                return Ok(Inserted::Raced);
+            }
+            let runs_of_day: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM recon_runs WHERE processor = $1 AND report_date = $2")
+                .bind(processor)
+                .bind(report_date)
+                .fetch_one(&mut *tx)
+                .await?;
+            if runs_of_day >= RUNS_PER_DAY_MAX {
+                return Err(sqlx::Error::Protocol(RUNS_PER_DAY_EXCEEDED.into()));
+            }
+            let earlier: Vec<Item> = match prev {
+                Some(p) => sqlx::query_as(&resolved_sql).bind(p).fetch_all(&mut *tx).await?,
+                None => Vec::new(),
+            };
             sqlx::query(
                 "INSERT INTO recon_runs (run_id, processor, report_date, report_hash, rows_count, matched, amount_mismatch, \
-                 missing_in_ledger, missing_in_report, duplicates, created_by, created_at_us) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                 missing_in_ledger, missing_in_report, duplicates, created_by, created_at_us, prev_run_id, chained) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, TRUE)",
             )
             .bind(&run.run_id)
             .bind(processor)
             .bind(report_date)
-            .bind(&hash)
+            .bind(hash)
             .bind(run.rows_count)
             .bind(run.matched)
             .bind(run.amount_mismatch)
@@ -248,14 +405,27 @@ impl Reconciler {
             .bind(run.duplicates)
             .bind(actor)
             .bind(now)
+            .bind(prev)
             .execute(&mut *tx)
             .await?;
+            for (currency, (fees, net)) in &totals {
+                sqlx::query("INSERT INTO recon_run_totals (run_id, currency, fees, net) VALUES ($1, $2, $3, $4)")
+                    .bind(&run.run_id)
+                    .bind(currency.code())
+                    .bind(fees)
+                    .bind(net)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let mut carried = 0i64;
+            let mut used: HashSet<&str> = HashSet::new();
             for (k, item) in items.iter().enumerate() {
+                let item_id = format!("{}_{k:06}", run.run_id.replacen("run_", "item_", 1));
                 sqlx::query(
                     "INSERT INTO recon_items (item_id, run_id, status, processor_reference, currency, report_amount, \
                      ledger_amount, entry_id, line, created_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 )
-                .bind(format!("{}_{k:06}", run.run_id.replacen("run_", "item_", 1)))
+                .bind(&item_id)
                 .bind(&run.run_id)
                 .bind(item.status)
                 .bind(&item.reference)
@@ -267,233 +437,54 @@ impl Reconciler {
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
+                // The same discrepancy, already resolved in the run this supersedes: the
+                // resolution (and its adjustment, if any) stands.
+                if item.status == "matched" {
+                    continue;
+                }
+                if let Some(e) = earlier.iter().find(|e| !used.contains(e.item_id.as_str()) && item.same_as(e)) {
+                    used.insert(e.item_id.as_str());
+                    sqlx::query(
+                        "INSERT INTO recon_resolutions (item_id, resolution, note, entry_id, resolved_by, resolved_at_us) \
+                         VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind(&item_id)
+                    .bind(e.resolution.as_deref().unwrap_or("explained"))
+                    .bind(format!("carried over from {}: {}", e.item_id, e.note.as_deref().unwrap_or_default()))
+                    .bind(&e.adjustment_entry_id)
+                    .bind(e.resolved_by.as_deref().unwrap_or(actor))
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    carried += 1;
+                }
             }
+            sqlx::query(
+                "INSERT INTO recon_days (processor, report_date, current_run_id, updated_at_us) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (processor, report_date) DO UPDATE SET current_run_id = excluded.current_run_id, \
+                 updated_at_us = excluded.updated_at_us",
+            )
+            .bind(processor)
+            .bind(report_date)
+            .bind(&run.run_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(())
+            Ok::<_, sqlx::Error>(Inserted::New(run.clone(), carried))
         }
         .await);
-        if let Err(e) = written {
-            if crate::store::is_unique_violation(&e) {
-                // The same report imported concurrently: that run.
-                return self.run_by_hash(processor, report_date, &hash).await?.ok_or_else(|| Error::internal(e));
-            }
-            return Err(e.into());
+        match result {
+            Ok(inserted) => Ok(inserted),
+            Err(sqlx::Error::Protocol(m)) if m == RUNS_PER_DAY_EXCEEDED => Err(Error::ResourceExhausted {
+                reason: "RECON_RUNS_PER_DAY",
+                message: format!("at most {RUNS_PER_DAY_MAX} reports per processor and day"),
+            }),
+            // The same report, imported concurrently: that run.
+            Err(e) if crate::store::is_unique_violation(&e) => Ok(Inserted::Duplicate),
+            Err(e) => Err(e.into()),
         }
-        self.post_settlement(&run, &rows).await?;
-        Ok(run)
-    }
-
-    /// Posts the day's fees (expense against clearing) and net settlement (clearing to
-    /// the bank), once per processor, day and currency: the keys name the day, so a
-    /// second, corrected report of the same day reconciles its items without booking
-    /// the money twice. The postings are the reconciliation's own (`RECON_ACTOR`).
-    async fn post_settlement(&self, run: &Run, rows: &[ReportRow]) -> Result<()> {
-        let mut fees: BTreeMap<Currency, i64> = BTreeMap::new();
-        let mut net: BTreeMap<Currency, i64> = BTreeMap::new();
-        for r in rows {
-            *fees.entry(r.fee.currency()).or_default() += r.fee.minor();
-            *net.entry(r.net.currency()).or_default() += r.net.minor();
-        }
-        let post = |key: String, kind: &str, debit: AccountCode, credit: AccountCode, amount: Money| PostEntryInput {
-            idempotency_key: key,
-            kind: kind.into(),
-            description: format!("{} settlement of {}", run.processor, run.report_date),
-            postings: vec![
-                PostingInput { account_code: debit, direction: Direction::Debit, amount },
-                PostingInput { account_code: credit, direction: Direction::Credit, amount },
-            ],
-            metadata: [
-                ("run_id".to_string(), run.run_id.clone()),
-                ("report_date".to_string(), run.report_date.clone()),
-            ]
-            .into(),
-            pending: false,
-            pending_timeout_s: 0,
-        };
-        for (c, minor) in fees {
-            if minor > 0 {
-                let input = post(
-                    format!("recon:{}:{}:fees:{c}", run.processor, run.report_date),
-                    "processor_fees",
-                    AccountCode::system("platform:processor_fees", c),
-                    AccountCode::system(SYSTEM_CLEARING, c),
-                    Money::from_minor(c, minor),
-                );
-                self.book(input).await?;
-            }
-        }
-        for (c, minor) in net {
-            if minor == 0 {
-                continue;
-            }
-            let (debit, credit) = if minor > 0 {
-                (AccountCode::system("platform:settlement_bank", c), AccountCode::system(SYSTEM_CLEARING, c))
-            } else {
-                (AccountCode::system(SYSTEM_CLEARING, c), AccountCode::system("platform:settlement_bank", c))
-            };
-            let input = post(
-                format!("recon:{}:{}:settle:{c}", run.processor, run.report_date),
-                "processor_settlement",
-                debit,
-                credit,
-                Money::from_minor(c, minor.abs()),
-            );
-            self.book(input).await?;
-        }
-        Ok(())
-    }
-
-    /// Posts a settlement entry once per day; a later report of the same day with other
-    /// totals leaves the first booking in place (its differences are the run's items).
-    async fn book(&self, input: PostEntryInput) -> Result<()> {
-        match self.ledger.post_entry(RECON_ACTOR, input).await {
-            Ok(_) => Ok(()),
-            Err(Error::AlreadyExists(_)) => {
-                tracing::warn!("the day's settlement was booked by an earlier report; differences stay as items");
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    pub async fn items(
-        &self,
-        run_id: &str,
-        status: Option<&str>,
-        page_size: u32,
-        after: &str,
-    ) -> Result<(Vec<Item>, Option<String>)> {
-        let size = match page_size {
-            0 => 100,
-            n if n > 1000 => return Err(Error::invalid("page_size", "at most 1000")),
-            n => n,
-        };
-        if let Some(s) = status {
-            if !["matched", "amount_mismatch", "missing_in_ledger", "missing_in_report", "duplicate", "open"]
-                .contains(&s)
-            {
-                return Err(Error::invalid(
-                    "status",
-                    "matched, amount_mismatch, missing_in_ledger, missing_in_report, duplicate or open",
-                ));
-            }
-        }
-        let rows: Vec<Item> = with_db!(&self.db, pool => sqlx::query_as(
-            "SELECT i.item_id, i.run_id, i.status, i.processor_reference, i.currency, i.report_amount, i.ledger_amount, \
-                    i.entry_id, i.line, r.resolution, r.note, r.resolved_by \
-             FROM recon_items i LEFT JOIN recon_resolutions r ON r.item_id = i.item_id \
-             WHERE i.run_id = $1 AND i.item_id > $2 \
-               AND ($3 = '' OR i.status = $3 OR ($3 = 'open' AND i.status <> 'matched' AND r.item_id IS NULL)) \
-             ORDER BY i.item_id LIMIT $4",
-        )
-        .bind(run_id)
-        .bind(after)
-        .bind(status.unwrap_or(""))
-        .bind(i64::from(size) + 1)
-        .fetch_all(pool)
-        .await)?;
-        let mut rows = rows;
-        let next = if rows.len() > size as usize {
-            rows.truncate(size as usize);
-            rows.last().map(|i| i.item_id.clone())
-        } else {
-            None
-        };
-        Ok((rows, next))
-    }
-
-    /// Resolves an unmatched item: by an adjusting entry to suspense, or as explained.
-    /// Records who and why; an item is resolved once.
-    pub async fn resolve(&self, actor: &str, item_id: &str, resolution: &str, note: &str) -> Result<Item> {
-        crate::accounts::parse_text("note", note, 500, true)?;
-        if !matches!(resolution, "suspense" | "explained") {
-            return Err(Error::invalid("resolution", "suspense or explained"));
-        }
-        let item = self.item(item_id).await?;
-        if item.status == "matched" {
-            return Err(Error::FailedPrecondition {
-                reason: "ITEM_MATCHED",
-                message: "a matched item needs no resolution".into(),
-            });
-        }
-        if item.resolution.is_some() {
-            return Err(Error::FailedPrecondition {
-                reason: "ITEM_RESOLVED",
-                message: format!("item {item_id} is already resolved"),
-            });
-        }
-        let currency =
-            Currency::from_code(&item.currency).ok_or_else(|| Error::internal(anyhow::anyhow!("bad currency")))?;
-        let mut entry_id = None;
-        if resolution == "suspense" {
-            // What the clearing account is off by: positive when the processor settled
-            // more than the ledger booked.
-            let diff = match item.status.as_str() {
-                "missing_in_ledger" => item.report_amount.unwrap_or(0),
-                "missing_in_report" => -item.ledger_amount.unwrap_or(0),
-                _ => item.report_amount.unwrap_or(0) - item.ledger_amount.unwrap_or(0),
-            };
-            if diff != 0 {
-                let clearing = AccountCode::system(SYSTEM_CLEARING, currency);
-                let suspense = AccountCode::system("platform:suspense", currency);
-                let (debit, credit) = if diff > 0 { (clearing, suspense) } else { (suspense, clearing) };
-                let amount = Money::from_minor(currency, diff.abs());
-                let entry = self
-                    .ledger
-                    .post_entry(
-                        actor,
-                        PostEntryInput {
-                            idempotency_key: format!("recon-resolve:{item_id}"),
-                            kind: "reconciliation_adjustment".into(),
-                            description: note.to_owned(),
-                            postings: vec![
-                                PostingInput { account_code: debit, direction: Direction::Debit, amount },
-                                PostingInput { account_code: credit, direction: Direction::Credit, amount },
-                            ],
-                            metadata: [("item_id".to_string(), item_id.to_string())].into(),
-                            pending: false,
-                            pending_timeout_s: 0,
-                        },
-                    )
-                    .await?;
-                entry_id = Some(entry.id);
-            }
-        }
-        let inserted = with_db!(&self.db, pool => sqlx::query(
-            "INSERT INTO recon_resolutions (item_id, resolution, note, entry_id, resolved_by, resolved_at_us) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(item_id)
-        .bind(resolution)
-        .bind(note)
-        .bind(&entry_id)
-        .bind(actor)
-        .bind(now_us())
-        .execute(pool)
-        .await
-        .map(|_| ()));
-        match inserted {
-            Ok(()) => {}
-            Err(e) if crate::store::is_unique_violation(&e) => {
-                return Err(Error::FailedPrecondition {
-                    reason: "ITEM_RESOLVED",
-                    message: format!("item {item_id} is already resolved"),
-                })
-            }
-            Err(e) => return Err(e.into()),
-        }
-        self.item(item_id).await
-    }
-
-    async fn item(&self, item_id: &str) -> Result<Item> {
-        let item: Option<Item> = with_db!(&self.db, pool => sqlx::query_as(
-            "SELECT i.item_id, i.run_id, i.status, i.processor_reference, i.currency, i.report_amount, i.ledger_amount, \
-                    i.entry_id, i.line, r.resolution, r.note, r.resolved_by \
-             FROM recon_items i LEFT JOIN recon_resolutions r ON r.item_id = i.item_id WHERE i.item_id = $1",
-        )
-        .bind(item_id)
-        .fetch_optional(pool)
-        .await)?;
-        item.ok_or_else(|| Error::NotFound(format!("reconciliation item {item_id} not found")))
     }
 }
+
+const RUNS_PER_DAY_EXCEEDED: &str = "runs per day exceeded";

@@ -1,0 +1,54 @@
+-- A later settlement report for a day supersedes the earlier one (src/finance/recon):
+-- the day's books move to the new report's totals, by entries of the difference.
+--
+-- recon_days points at each day's current run; runs chain to the run they superseded
+-- and keep their per-currency totals, so what a run books (its totals less its
+-- predecessor's) can be recomputed, and completed, by importing its report again.
+CREATE TABLE recon_days (
+    processor      TEXT NOT NULL,
+    report_date    TEXT NOT NULL,
+    current_run_id TEXT NOT NULL REFERENCES recon_runs (run_id),
+    updated_at_us  INTEGER NOT NULL,
+    PRIMARY KEY (processor, report_date)
+) STRICT;
+
+-- prev_run_id: the run this one superseded. chained: books by the chain (below); the
+-- runs made before this migration booked once per day under keys that name the day.
+ALTER TABLE recon_runs ADD COLUMN prev_run_id TEXT REFERENCES recon_runs (run_id);
+ALTER TABLE recon_runs ADD COLUMN chained INTEGER NOT NULL DEFAULT 0 CHECK (chained IN (0, 1));
+
+CREATE TABLE recon_run_totals (
+    run_id   TEXT NOT NULL REFERENCES recon_runs (run_id),
+    currency TEXT NOT NULL,
+    fees     INTEGER NOT NULL,
+    net      INTEGER NOT NULL,
+    PRIMARY KEY (run_id, currency)
+) STRICT;
+CREATE TRIGGER recon_run_totals_no_update BEFORE UPDATE ON recon_run_totals
+BEGIN
+    SELECT RAISE(ABORT, 'table recon_run_totals is append-only');
+END;
+CREATE TRIGGER recon_run_totals_no_delete BEFORE DELETE ON recon_run_totals
+BEGIN
+    SELECT RAISE(ABORT, 'table recon_run_totals is append-only');
+END;
+
+-- Days reconciled before: the run that booked the day (the first) is current, and its
+-- totals are what it booked.
+INSERT INTO recon_days (processor, report_date, current_run_id, updated_at_us)
+SELECT r.processor, r.report_date, r.run_id, r.created_at_us FROM recon_runs r
+WHERE r.run_id = (SELECT f.run_id FROM recon_runs f WHERE f.processor = r.processor AND f.report_date = r.report_date
+                  ORDER BY f.created_at_us, f.run_id LIMIT 1);
+
+INSERT INTO recon_run_totals (run_id, currency, fees, net)
+SELECT json_extract(e.metadata, '$.run_id'), p.currency,
+       SUM(CASE WHEN e.kind = 'processor_fees' THEN p.amount ELSE 0 END),
+       SUM(CASE WHEN e.kind = 'processor_settlement' THEN CASE WHEN p.direction = 'D' THEN p.amount ELSE -p.amount END ELSE 0 END)
+FROM ledger_entries e
+JOIN ledger_postings p ON p.entry_id = e.id
+JOIN ledger_accounts a ON a.id = p.account_id
+WHERE e.created_by = 'finance:reconciliation'
+  AND ((e.kind = 'processor_fees' AND a.code LIKE 'platform:processor_fees:%')
+    OR (e.kind = 'processor_settlement' AND a.code LIKE 'platform:settlement_bank:%'))
+  AND json_extract(e.metadata, '$.run_id') IN (SELECT run_id FROM recon_runs)
+GROUP BY 1, 2;

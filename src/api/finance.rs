@@ -176,10 +176,14 @@ impl pb::finance_server::Finance for FinanceApi {
             }
             let mut cursor = Cursor::default();
             loop {
-                match export::page(&db, from, to, cursor, export::PAGE_ROWS, format).await {
+                match export::page(&db, from, to, cursor, export::PAGE_ENTRIES, format).await {
                     Ok((data, rows, next)) => {
-                        if rows > 0 && tx.send(Ok(pb::ExportChunk { data, rows: rows as i64 })).await.is_err() {
-                            return;
+                        if rows > 0 {
+                            for (data, lines) in export::chunks(data) {
+                                if tx.send(Ok(pb::ExportChunk { data, rows: lines as i64 })).await.is_err() {
+                                    return;
+                                }
+                            }
                         }
                         match next {
                             Some(c) => cursor = c,

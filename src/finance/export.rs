@@ -1,5 +1,13 @@
-//! Streaming export of ledger postings: one row per posting, in sequence order, read in
-//! bounded pages so any range costs constant memory.
+//! Streaming export of the journal: one row per posting, in sequence order, read a page
+//! of entries at a time so any range costs constant memory and each page is one index
+//! range from the last entry sent (a cursor on postings, `(sequence, idx)`, cannot be
+//! one range, and made the export slower with every page).
+//!
+//! An entry's `status` is its status as the export runs: a pending hold later posted,
+//! voided or expired says so, and names the entry that resolved it
+//! (`resolved_by_entry_id`). A resolution without postings of its own (a void, an
+//! expiry) is a row too, with the account, direction and amount empty, naming the hold
+//! it resolved (`resolves_entry_id`); so does the entry that posted a hold.
 
 use serde_json::json;
 
@@ -8,8 +16,40 @@ use crate::money::{Currency, Money};
 use crate::store::Db;
 use crate::with_db;
 
-/// Postings read per page.
-pub const PAGE_ROWS: i64 = 2_000;
+/// Entries read per page: 500 postings for two-posting transfers, 25,000 (about 3 MB)
+/// at most with `ledger::POSTINGS_MAX` each; a page goes out in chunks of at most
+/// `CHUNK_BYTES_MAX`.
+pub const PAGE_ENTRIES: i64 = 250;
+
+/// Largest chunk of export bytes in one message, well under the gRPC message limit.
+pub const CHUNK_BYTES_MAX: usize = 256 * 1024;
+
+/// Splits a page's bytes into chunks of at most `CHUNK_BYTES_MAX` (a single longer line
+/// stays whole), each with its count of lines.
+pub fn chunks(data: Vec<u8>) -> Vec<(Vec<u8>, usize)> {
+    if data.len() <= CHUNK_BYTES_MAX {
+        let lines = data.iter().filter(|b| **b == b'\n').count();
+        return vec![(data, lines)];
+    }
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < data.len() {
+        let limit = (start + CHUNK_BYTES_MAX).min(data.len());
+        // The last line end within the limit, else the end of the first line.
+        let end = data[start..limit]
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map(|i| start + i + 1)
+            .filter(|e| *e > start)
+            .or_else(|| data[start..].iter().position(|b| *b == b'\n').map(|i| start + i + 1))
+            .unwrap_or(data.len());
+        let chunk = data[start..end].to_vec();
+        let lines = chunk.iter().filter(|b| **b == b'\n').count();
+        out.push((chunk, lines));
+        start = end;
+    }
+    out
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -17,28 +57,29 @@ pub enum Format {
     Jsonl,
 }
 
-pub const CSV_HEADER: &str = "entry_id,sequence,created_at,kind,status,account,direction,amount,currency,metadata\n";
+pub const CSV_HEADER: &str = "entry_id,sequence,created_at,kind,status,account,direction,amount,currency,metadata,\
+resolves_entry_id,resolved_by_entry_id\n";
 
 #[derive(sqlx::FromRow)]
 struct Row {
     entry_id: String,
     sequence: i64,
-    idx: i16,
     created_at_us: i64,
     kind: String,
     status: String,
-    code: String,
-    direction: String,
-    amount: i64,
-    currency: String,
+    code: Option<String>,
+    direction: Option<String>,
+    amount: Option<i64>,
+    currency: Option<String>,
     metadata: String,
+    resolves_entry_id: Option<String>,
+    resolved_by_entry_id: Option<String>,
 }
 
-/// Where the next page starts: after (sequence, posting index).
+/// Where the next page starts: after the entry with this sequence.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Cursor {
     pub sequence: i64,
-    pub idx: i16,
 }
 
 fn csv_field(s: &str) -> String {
@@ -49,35 +90,58 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-/// One page of the export as bytes, and the cursor after it (None at the end).
+/// One page of the export (at most `entries_max` entries created in `[from_us, to_us)`
+/// after `after`) as bytes, how many rows it holds, and the cursor after it (None at
+/// the end).
 pub async fn page(
     db: &Db,
     from_us: i64,
     to_us: i64,
     after: Cursor,
-    rows_max: i64,
+    entries_max: i64,
     format: Format,
 ) -> Result<(Vec<u8>, usize, Option<Cursor>)> {
-    let rows: Vec<Row> = with_db!(db, pool => sqlx::query_as(
-        "SELECT e.id AS entry_id, e.sequence, p.idx, e.created_at_us, e.kind, e.status, a.code, p.direction, p.amount, \
-                p.currency, e.metadata \
-         FROM ledger_entries e JOIN ledger_postings p ON p.entry_id = e.id JOIN ledger_accounts a ON a.id = p.account_id \
-         WHERE e.created_at_us >= $1 AND e.created_at_us < $2 AND (e.sequence > $3 OR (e.sequence = $3 AND p.idx > $4)) \
-         ORDER BY e.sequence, p.idx LIMIT $5",
-    )
-    .bind(from_us)
-    .bind(to_us)
-    .bind(after.sequence)
-    .bind(after.idx)
-    .bind(rows_max)
-    .fetch_all(pool)
-    .await)?;
+    // Entries' times never go backwards in sequence order (`ledger::read`), so the
+    // range's first entry is found once through the index by time, and every page is a
+    // range of the sequence index; the time filter stays, which keeps the answer exact
+    // for entries written before times were assigned in order.
+    let sql = format!(
+        "WITH page AS (SELECT id, sequence, created_at_us, kind, status, metadata, pending_entry_id \
+           FROM ledger_entries WHERE sequence > $3 AND sequence > {first} \
+           AND created_at_us >= $1 AND created_at_us < $2 ORDER BY sequence LIMIT $4) \
+         SELECT e.id AS entry_id, e.sequence, e.created_at_us, e.kind, \
+                CASE WHEN e.status = 'pending' AND r.id IS NOT NULL THEN r.status ELSE e.status END AS status, \
+                a.code, p.direction, p.amount, p.currency, e.metadata, \
+                e.pending_entry_id AS resolves_entry_id, r.id AS resolved_by_entry_id \
+         FROM page e LEFT JOIN ledger_postings p ON p.entry_id = e.id \
+         LEFT JOIN ledger_accounts a ON a.id = p.account_id \
+         LEFT JOIN ledger_entries r ON r.pending_entry_id = e.id \
+         ORDER BY e.sequence, p.idx",
+        first = crate::ledger::read::sequence_before("<", "$1"),
+    );
+    let rows: Vec<Row> = with_db!(db, pool => sqlx::query_as(&sql)
+        .bind(from_us)
+        .bind(to_us)
+        .bind(after.sequence)
+        .bind(entries_max)
+        .fetch_all(pool)
+        .await)?;
     let mut out = Vec::with_capacity(rows.len() * 160);
     for r in &rows {
-        let amount = Currency::from_code(&r.currency)
-            .map(|c| Money::from_minor(c, r.amount).amount_string())
-            .unwrap_or_else(|| r.amount.to_string());
-        let direction = if r.direction == "D" { "debit" } else { "credit" };
+        let currency = r.currency.as_deref().unwrap_or_default();
+        let amount = match (Currency::from_code(currency), r.amount) {
+            (Some(c), Some(minor)) => Money::from_minor(c, minor).amount_string(),
+            (None, Some(minor)) => minor.to_string(),
+            (_, None) => String::new(),
+        };
+        let direction = match r.direction.as_deref() {
+            Some("D") => "debit",
+            Some(_) => "credit",
+            None => "",
+        };
+        let account = r.code.as_deref().unwrap_or_default();
+        let resolves = r.resolves_entry_id.as_deref().unwrap_or_default();
+        let resolved_by = r.resolved_by_entry_id.as_deref().unwrap_or_default();
         let at = crate::dates::rfc3339(r.created_at_us);
         match format {
             Format::Csv => {
@@ -87,11 +151,13 @@ pub async fn page(
                     &at,
                     &r.kind,
                     &r.status,
-                    &r.code,
+                    account,
                     direction,
                     &amount,
-                    &r.currency,
+                    currency,
                     &r.metadata,
+                    resolves,
+                    resolved_by,
                 ]
                 .iter()
                 .map(|f| csv_field(f))
@@ -103,16 +169,20 @@ pub async fn page(
                 let metadata: serde_json::Value = serde_json::from_str(&r.metadata).unwrap_or(json!({}));
                 let line = json!({
                     "entry_id": r.entry_id, "sequence": r.sequence, "created_at": at, "kind": r.kind,
-                    "status": r.status, "account": r.code, "direction": direction, "amount": amount,
-                    "currency": r.currency, "metadata": metadata,
+                    "status": r.status, "account": account, "direction": direction, "amount": amount,
+                    "currency": currency, "metadata": metadata, "resolves_entry_id": resolves,
+                    "resolved_by_entry_id": resolved_by,
                 });
                 out.extend_from_slice(line.to_string().as_bytes());
             }
         }
         out.push(b'\n');
     }
-    let next = (rows.len() as i64 == rows_max)
-        .then(|| rows.last().map(|r| Cursor { sequence: r.sequence, idx: r.idx }))
-        .flatten();
+    let entries = {
+        let mut seqs: Vec<i64> = rows.iter().map(|r| r.sequence).collect();
+        seqs.dedup();
+        seqs.len() as i64
+    };
+    let next = (entries == entries_max).then(|| rows.last().map(|r| Cursor { sequence: r.sequence })).flatten();
     Ok((out, rows.len(), next))
 }

@@ -98,7 +98,7 @@ async fn export_streams_every_posting(app: TestApp) {
     for i in 0..12 {
         fund(&app, &t, &format!("u{i}"), &format!("{i}.05")).await;
     }
-    // The library pages: a page of 5 rows across 24 postings.
+    // The library pages: pages of 5 entries (10 postings) across 12 entries.
     let mut cursor = dmpay::finance::export::Cursor::default();
     let mut pages = 0;
     let mut lines = 0;
@@ -108,16 +108,16 @@ async fn export_streams_every_posting(app: TestApp) {
                 .await
                 .unwrap();
         lines += String::from_utf8(data).unwrap().lines().count();
-        assert!(lines % 5 == 0 || next.is_none());
+        assert!(lines % 10 == 0 || next.is_none());
         pages += 1;
-        assert!(rows <= 5);
+        assert!(rows <= 10);
         match next {
             Some(c) => cursor = c,
             None => break,
         }
     }
     assert_eq!(lines, 24);
-    assert_eq!(pages, 5);
+    assert_eq!(pages, 3);
 
     // Over gRPC, CSV: the header, then one row per posting, exact amounts.
     let fin = app.token("finance-staff", "finance");
@@ -136,7 +136,11 @@ async fn export_streams_every_posting(app: TestApp) {
     }
     let csv = String::from_utf8(csv).unwrap();
     let rows: Vec<&str> = csv.lines().collect();
-    assert_eq!(rows[0], "entry_id,sequence,created_at,kind,status,account,direction,amount,currency,metadata");
+    assert_eq!(
+        rows[0],
+        "entry_id,sequence,created_at,kind,status,account,direction,amount,currency,metadata,resolves_entry_id,\
+         resolved_by_entry_id"
+    );
     assert_eq!(rows.len(), 25);
     assert!(rows.iter().any(|r| r.contains(",user:u7:wallet:USD,credit,7.05,USD,")), "{csv}");
     // JSON lines.
@@ -540,7 +544,7 @@ async fn export_of_a_large_range_streams(app: TestApp) {
                 continue;
             }
             let cols: Vec<&str> = line.split(',').collect();
-            assert_eq!(cols.len(), 10, "{line}");
+            assert_eq!(cols.len(), 12, "{line}");
             if cols[6] == "credit" {
                 assert_eq!(cols[7], "1.00");
                 credits += 1;
@@ -549,15 +553,12 @@ async fn export_of_a_large_range_streams(app: TestApp) {
             }
         }
     }
-    assert_eq!(
-        header.as_deref(),
-        Some("entry_id,sequence,created_at,kind,status,account,direction,amount,currency,metadata")
-    );
+    assert_eq!(header.as_deref(), Some(dmpay::finance::export::CSV_HEADER.trim_end()));
     assert_eq!(rows, 100_000);
     assert_eq!(credits, 99_000);
     // Streamed in pages, never as one blob.
-    assert!(chunks >= 50, "{chunks} chunks");
-    assert!(biggest < 1024 * 1024, "largest chunk {biggest} bytes");
+    assert!(chunks >= 40, "{chunks} chunks");
+    assert!(biggest <= dmpay::finance::export::CHUNK_BYTES_MAX, "largest chunk {biggest} bytes");
 }
 
 /// A report row without a processor reference matches by amount, currency and time.
@@ -813,7 +814,78 @@ async fn a_superseded_item_cannot_be_resolved(app: TestApp) {
     assert_eq!((app.count("ledger_entries").await, app.count("recon_resolutions").await), (entries, resolutions));
 }
 
+/// The export shows what the ledger says as it runs: a hold later voided is `voided`
+/// (not `pending`), names the void, and the void is a row of its own; a hold later
+/// posted is `posted` and the entry that posted it names it.
+async fn export_shows_holds_as_they_ended(app: TestApp) {
+    let t = app.token("svc", LEDGER_SCOPES);
+    fund(&app, &t, "alice", "50.00").await;
+    let hold = |key: &str, amount: &str| pb::PostEntryRequest {
+        pending: true,
+        ..transfer(key, "user:alice:wallet:USD", "platform:treasury:USD", amount)
+    };
+    let voided = app.ledger().post_entry(authed(hold("h1", "5.00"), &t)).await.unwrap().into_inner();
+    let posted = app.ledger().post_entry(authed(hold("h2", "7.00"), &t)).await.unwrap().into_inner();
+    let open = app.ledger().post_entry(authed(hold("h3", "1.00"), &t)).await.unwrap().into_inner();
+    let void = app
+        .ledger()
+        .void_pending(authed(
+            pb::VoidPendingRequest { entry_id: voided.entry_id.clone(), idempotency_key: "v1".into() },
+            &t,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let post = app
+        .ledger()
+        .post_pending(authed(
+            pb::PostPendingRequest { entry_id: posted.entry_id.clone(), idempotency_key: "p1".into(), amount: None },
+            &t,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let fin = app.token("finance-staff", "finance");
+    let mut stream = pb::finance_client::FinanceClient::new(app.channel.clone())
+        .export_entries(authed(
+            pb::ExportEntriesRequest { format: pb::ExportFormat::Jsonl as i32, ..Default::default() },
+            &fin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut jsonl = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        jsonl.extend(chunk.data);
+    }
+    let rows: Vec<serde_json::Value> =
+        String::from_utf8(jsonl).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let of = |id: &str| rows.iter().filter(|r| r["entry_id"] == id).cloned().collect::<Vec<_>>();
+    let h1 = of(&voided.entry_id);
+    assert_eq!(h1.len(), 2, "the hold's two postings");
+    assert!(
+        h1.iter().all(|r| r["status"] == "voided" && r["resolved_by_entry_id"] == void.entry_id.as_str()),
+        "{h1:?}"
+    );
+    let v = of(&void.entry_id);
+    assert_eq!(v.len(), 1, "the void is a row of its own");
+    assert_eq!(v[0]["status"], "voided");
+    assert_eq!(v[0]["resolves_entry_id"], voided.entry_id.as_str());
+    assert_eq!((v[0]["account"].as_str(), v[0]["amount"].as_str()), (Some(""), Some("")));
+    assert!(of(&posted.entry_id)
+        .iter()
+        .all(|r| r["status"] == "posted" && r["resolved_by_entry_id"] == post.entry_id.as_str()));
+    assert!(of(&post.entry_id).iter().all(|r| r["resolves_entry_id"] == posted.entry_id.as_str()));
+    assert!(of(&open.entry_id).iter().all(|r| r["status"] == "pending" && r["resolved_by_entry_id"] == ""));
+    // The sequence order holds: every entry, once, in order.
+    let mut seqs: Vec<i64> = rows.iter().map(|r| r["sequence"].as_i64().unwrap()).collect();
+    seqs.dedup();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(seqs.len() as i64, app.count("ledger_entries").await);
+}
+
 backend_tests!(
+    export_shows_holds_as_they_ended,
     a_later_report_supersedes_the_days_books,
     a_superseded_item_cannot_be_resolved,
     rows_without_reference_match_by_amount_and_time,

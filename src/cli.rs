@@ -445,7 +445,11 @@ pub fn main() -> ExitCode {
                 let csv =
                     crate::processor::sandbox::inject_discrepancies(&csv, drop_row, change_row, extra_row, &date)?;
                 match out {
-                    Some(path) => std::fs::write(&path, csv)?,
+                    // The processor's settlement report: readable by its owner only.
+                    Some(path) => {
+                        use std::io::Write;
+                        crate::store::create_private_file(&path)?.write_all(csv.as_bytes())?
+                    }
                     None => print!("{csv}"),
                 }
                 db.close().await;

@@ -155,7 +155,8 @@ pub async fn export(
     };
     let mut stream = client.export_entries(conn.request(config, msg)?).await?.into_inner();
     let mut sink: Box<dyn Write> = match out {
-        Some(path) => Box::new(std::io::BufWriter::new(std::fs::File::create(path)?)),
+        // Every posting of the range: readable by its owner only.
+        Some(path) => Box::new(std::io::BufWriter::new(crate::store::create_private_file(path)?)),
         None => Box::new(std::io::BufWriter::new(std::io::stdout())),
     };
     let mut rows = 0i64;

@@ -194,7 +194,7 @@ impl Application {
         let methods_api = PaymentMethodsServer::new(PaymentMethodsApi::new(vault.clone()))
             .max_decoding_message_size(size_max)
             .max_encoding_message_size(size_max);
-        let purge_task = tokio::spawn(purge_unlinked(vault.clone()));
+        let purge_task = tokio::spawn(purge_unlinked(vault.clone(), config.vault.purge_interval));
         let checkpoint_task = {
             let db = db.clone();
             tokio::spawn(async move { db.run_sqlite_checkpointer().await })
@@ -348,13 +348,20 @@ async fn health_probe(db: Db, health: HealthReporter, engine: Arc<DatabaseState>
     }
 }
 
-/// Deletes expired unlinked card tokens every minute.
-async fn purge_unlinked(vault: Arc<Vault>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(60));
+/// Deletes expired unlinked card tokens and destroys the numbers of cards removed past
+/// their retention, every `interval`.
+async fn purge_unlinked(vault: Arc<Vault>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         if let Err(e) = vault.purge(None).await {
             tracing::warn!(error = %e, "purging expired card tokens failed; will retry");
+        }
+        match vault.destroy_removed().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(destroyed = n, "destroyed the numbers of removed cards past their retention"),
+            Err(e) => tracing::warn!(error = %e, "destroying removed cards failed; will retry"),
         }
     }
 }

@@ -109,7 +109,41 @@ pub fn parse_text(field: &str, raw: &str, len_max: usize, required: bool) -> Res
     if raw.chars().any(char::is_control) {
         return Err(Error::invalid(field, "control characters are not allowed"));
     }
+    if let Some(c) = spoofing_char(raw) {
+        return Err(Error::invalid(
+            field,
+            format!("invisible or direction-changing characters are not allowed (U+{:04X})", u32::from(c)),
+        ));
+    }
     Ok(raw.to_owned())
+}
+
+/// The first character that could make text in a chat bubble read other than it is:
+/// a bidirectional embedding, override or isolate (which reorders what follows, so
+/// "pay 100" can show as "pay 001"), a direction mark, or a zero-width or invisible
+/// character (which hides text or splits a word a reader would match). A zero-width
+/// joiner between two pictographs is allowed: it is how emoji such as 🏳️‍🌈 are built.
+pub fn spoofing_char(text: &str) -> Option<char> {
+    let chars: Vec<char> = text.chars().collect();
+    let pictograph =
+        |c: char| matches!(u32::from(c), 0x2190..=0x2BFF | 0x1F000..=0x1FAFF | 0xFE0F) && !c.is_alphanumeric();
+    chars.iter().enumerate().find_map(|(i, &c)| {
+        let forbidden = match u32::from(c) {
+            // Embeddings and overrides, isolates, marks.
+            0x202A..=0x202E | 0x2066..=0x2069 | 0x200E | 0x200F | 0x061C => true,
+            // Zero-width space and non-joiner, word joiner and invisible operators,
+            // zero-width no-break space, Mongolian vowel separator, soft hyphen,
+            // Hangul fillers.
+            0x200B | 0x200C | 0x2060..=0x2064 | 0xFEFF | 0x180E | 0x00AD | 0x115F | 0x1160 | 0x3164 | 0xFFA0 => true,
+            0x200D => {
+                let before = i.checked_sub(1).and_then(|j| chars.get(j)).copied();
+                let after = chars.get(i + 1).copied();
+                !(before.is_some_and(pictograph) && after.is_some_and(pictograph))
+            }
+            _ => false,
+        };
+        forbidden.then_some(c)
+    })
 }
 
 #[derive(sqlx::FromRow)]
@@ -265,6 +299,26 @@ impl Accounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spoofing_characters_are_refused_and_emoji_kept() {
+        for bad in [
+            "pay \u{202E}001",
+            "a\u{2066}b",
+            "zero\u{200B}width",
+            "a\u{200D}b",
+            "\u{FEFF}x",
+            "l\u{200F}r",
+            "x\u{00AD}y",
+        ] {
+            let err = parse_text("note", bad, 280, false).unwrap_err();
+            assert!(err.to_string().contains("note"), "{bad:?}: {err}");
+        }
+        for good in ["lunch 🍕", "🏳️\u{200D}🌈", "👨\u{200D}👩\u{200D}👧", "café", "שלום", "مرحبا", "日本語"]
+        {
+            assert!(parse_text("note", good, 280, false).is_ok(), "{good:?}");
+        }
+    }
 
     #[test]
     fn user_ids_are_checked() {

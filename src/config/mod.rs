@@ -236,6 +236,8 @@ impl Config {
                     vault.tokenize_per_hour_max,
                     1..=100_000,
                 )?,
+                removed_retention: s.duration("DMPAY_VAULT_REMOVED_RETENTION", vault.removed_retention)?,
+                purge_interval: s.duration("DMPAY_VAULT_PURGE_INTERVAL", vault.purge_interval)?,
             },
             sandbox: SandboxConfig {
                 latency: s.duration("DMPAY_SANDBOX_LATENCY", Duration::ZERO)?,
@@ -278,6 +280,15 @@ impl Config {
                 name: "DMPAY_IDEMPOTENCY_RETENTION",
                 detail: "at least 7 days: clients may retry for a week".into(),
             });
+        }
+        if config.vault.removed_retention > Duration::from_secs(400 * 86_400) {
+            return Err(ConfigError::Invalid {
+                name: "DMPAY_VAULT_REMOVED_RETENTION",
+                detail: "at most 400d: a removed card's number is kept no longer than needed".into(),
+            });
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&config.vault.purge_interval) {
+            return Err(ConfigError::Invalid { name: "DMPAY_VAULT_PURGE_INTERVAL", detail: "100ms to 1h".into() });
         }
         if config.grpc_keepalive_interval < Duration::from_secs(1)
             || config.grpc_keepalive_timeout < Duration::from_secs(1)

@@ -131,10 +131,20 @@ impl Db {
         if url.starts_with("sqlite:") {
             let path = sqlite_path(url);
             if let Some(parent) = Path::new(path).parent() {
-                if !parent.as_os_str().is_empty() && path != ":memory:" {
+                if !parent.as_os_str().is_empty() && path != ":memory:" && !parent.exists() {
                     std::fs::create_dir_all(parent)
                         .map_err(|e| anyhow::anyhow!("creating {}: {e}", parent.display()))?;
+                    // A folder dmpay made (./var by default) is its owner's only.
+                    #[cfg(unix)]
+                    {
+                        use std::os::unix::fs::PermissionsExt;
+                        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700))
+                            .map_err(|e| anyhow::anyhow!("restricting {}: {e}", parent.display()))?;
+                    }
                 }
+            }
+            if path != ":memory:" && !path.is_empty() {
+                owner_only(Path::new(path))?;
             }
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
@@ -337,6 +347,41 @@ impl SqliteWal {
             }
         }
     }
+}
+
+/// Makes the SQLite database file readable and writable by its owner only (0600),
+/// creating it so if missing, and tightens its write-ahead log and shared-memory files
+/// if they exist. SQLite creates those with the database file's permissions, so they
+/// follow. The file holds every card's ciphertext and every payment: nobody else on the
+/// machine has a reason to read it.
+pub fn owner_only(path: &Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let created = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path);
+        created.map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+        for suffix in ["", "-wal", "-shm"] {
+            let file = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+            if file.exists() {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| anyhow::anyhow!("restricting {}: {e}", file.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates (or truncates) a file for data dmpay writes out (a settlement report, an
+/// export), readable by its owner only.
+pub fn create_private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path)
 }
 
 fn sqlite_path(url: &str) -> &str {

@@ -13,11 +13,20 @@ pub struct VaultConfig {
     pub unlinked_ttl: Duration,
     /// Tokenization attempts per account per hour.
     pub tokenize_per_hour_max: i64,
+    /// How long a removed card's number is kept (encrypted) before it is destroyed.
+    pub removed_retention: Duration,
+    /// How often expired unlinked cards are deleted and removed ones destroyed.
+    pub purge_interval: Duration,
 }
 
 impl Default for VaultConfig {
     fn default() -> Self {
-        VaultConfig { unlinked_ttl: Duration::from_secs(15 * 60), tokenize_per_hour_max: 20 }
+        VaultConfig {
+            unlinked_ttl: Duration::from_secs(15 * 60),
+            tokenize_per_hour_max: 20,
+            removed_retention: Duration::from_secs(30 * 86_400),
+            purge_interval: Duration::from_secs(60),
+        }
     }
 }
 

@@ -7,6 +7,7 @@ mod helpers;
 
 mod access;
 mod accounts;
+mod at_rest;
 mod auth;
 mod bench;
 mod callers;

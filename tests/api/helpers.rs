@@ -521,6 +521,14 @@ impl TestApp {
             .map(|r| r.into_inner())
     }
 
+    /// GetBalance with `token` (which may be refused).
+    pub async fn wallet_of(&self, token: &str) -> Result<pb::Balance, tonic::Status> {
+        self.payments()
+            .get_balance(authed(pb::GetBalanceRequest { currency: "USD".into() }, token))
+            .await
+            .map(|r| r.into_inner())
+    }
+
     pub async fn wallet(&self, user: &str) -> pb::Balance {
         let t = self.token(user, PAY_SCOPES);
         self.payments()

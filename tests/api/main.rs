@@ -23,6 +23,7 @@ mod outage;
 mod ownership;
 mod payments;
 mod processor_faults;
+mod production;
 mod races;
 mod raw;
 mod secrets;

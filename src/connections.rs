@@ -1,6 +1,6 @@
 //! The gRPC listener's connections, bounded: at most `DMPAY_GRPC_CONNECTIONS_MAX` open
-//! at once, and each closed when its client has sent nothing for
-//! `DMPAY_GRPC_IDLE_TIMEOUT`.
+//! at once and `DMPAY_GRPC_CONNECTIONS_PER_IP_MAX` from one address, and each closed
+//! when its client has sent nothing for `DMPAY_GRPC_IDLE_TIMEOUT`.
 //!
 //! Without these, every TCP connection a client opens and never uses stays open for
 //! ever, each holding a socket, buffers and a task; a few thousand silent ones from one
@@ -10,13 +10,16 @@
 //! `DMPAY_GRPC_KEEPALIVE_INTERVAL` (HTTP/2 PING, which hyper closes the connection over
 //! when it goes unanswered for `DMPAY_GRPC_KEEPALIVE_TIMEOUT`), and the client's answer
 //! counts as activity; a client that never completes the HTTP/2 handshake, or a peer
-//! that is gone, is.
+//! that is gone, is. A client that completes the handshake and then only answers PINGs
+//! holds its connection; the cap per address keeps one host from holding them all.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -37,6 +40,9 @@ const ACCEPT_QUEUE: usize = 128;
 pub struct ConnectionLimits {
     /// Open at once; more are closed as they come.
     pub open_max: usize,
+    /// Open at once from one IP address (behind a load balancer, every connection comes
+    /// from its addresses: set this as high as `open_max`).
+    pub per_ip_max: usize,
     /// A connection whose client sent nothing for this long is closed.
     pub idle_timeout: Duration,
 }
@@ -48,12 +54,27 @@ pub struct Conn {
     idle_timeout: Duration,
     idle: Pin<Box<Sleep>>,
     _place: OwnedSemaphorePermit,
+    peer: Option<(IpAddr, PerIp)>,
     metrics: Metrics,
 }
+
+/// Open connections per client address. A std mutex: held for a map update, never
+/// across an await; an entry goes when its count reaches zero, so the map holds at most
+/// as many addresses as there are open connections.
+type PerIp = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
 impl Drop for Conn {
     fn drop(&mut self) {
         self.metrics.counters().connections_open.fetch_sub(1, Relaxed);
+        if let Some((ip, per_ip)) = &self.peer {
+            let mut map = per_ip.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(n) = map.get_mut(ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(ip);
+                }
+            }
+        }
     }
 }
 
@@ -133,13 +154,14 @@ pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
 pub fn incoming(listener: TcpListener, limits: ConnectionLimits, metrics: Metrics) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
     let places = Arc::new(Semaphore::new(limits.open_max));
+    let per_ip: PerIp = Arc::default();
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 () = tx.closed() => return,
             };
-            let (stream, _) = match accepted {
+            let (stream, addr) = match accepted {
                 Ok(s) => s,
                 Err(e) => {
                     // Out of file descriptors, say: wait a moment rather than spin.
@@ -148,7 +170,31 @@ pub fn incoming(listener: TcpListener, limits: ConnectionLimits, metrics: Metric
                     continue;
                 }
             };
-            let Ok(place) = places.clone().try_acquire_owned() else {
+            let ip = addr.ip();
+            let admitted = {
+                let mut map = per_ip.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let n = map.entry(ip).or_insert(0);
+                if *n >= limits.per_ip_max {
+                    if *n == 0 {
+                        map.remove(&ip);
+                    }
+                    None
+                } else {
+                    match places.clone().try_acquire_owned() {
+                        Ok(place) => {
+                            *n += 1;
+                            Some(place)
+                        }
+                        Err(_) => {
+                            if *n == 0 {
+                                map.remove(&ip);
+                            }
+                            None
+                        }
+                    }
+                }
+            };
+            let Some(place) = admitted else {
                 metrics.counters().connections_refused.fetch_add(1, Relaxed);
                 drop(stream);
                 continue;
@@ -160,6 +206,7 @@ pub fn incoming(listener: TcpListener, limits: ConnectionLimits, metrics: Metric
                 idle_timeout: limits.idle_timeout,
                 idle: Box::pin(tokio::time::sleep(limits.idle_timeout)),
                 _place: place,
+                peer: Some((ip, per_ip.clone())),
                 metrics: metrics.clone(),
             };
             if tx.send(Ok(conn)).await.is_err() {

@@ -33,22 +33,28 @@ BEGIN
     SELECT RAISE(ABORT, 'table recon_run_totals is append-only');
 END;
 
--- Days reconciled before: the run that booked the day (the first) is current, and its
--- totals are what it booked.
+-- Days reconciled before: the first run is current, and its totals are what the day's
+-- bookings hold. Those were made under keys naming the day, by whichever run of the day
+-- got to each currency first (a later report could book a currency the first had
+-- none of), so they are summed per day and currency, whatever run booked them.
 INSERT INTO recon_days (processor, report_date, current_run_id, updated_at_us)
 SELECT r.processor, r.report_date, r.run_id, r.created_at_us FROM recon_runs r
 WHERE r.run_id = (SELECT f.run_id FROM recon_runs f WHERE f.processor = r.processor AND f.report_date = r.report_date
                   ORDER BY f.created_at_us, f.run_id LIMIT 1);
 
 INSERT INTO recon_run_totals (run_id, currency, fees, net)
-SELECT json_extract(e.metadata, '$.run_id'), p.currency,
-       SUM(CASE WHEN e.kind = 'processor_fees' THEN p.amount ELSE 0 END),
-       SUM(CASE WHEN e.kind = 'processor_settlement' THEN CASE WHEN p.direction = 'D' THEN p.amount ELSE -p.amount END ELSE 0 END)
-FROM ledger_entries e
-JOIN ledger_postings p ON p.entry_id = e.id
-JOIN ledger_accounts a ON a.id = p.account_id
-WHERE e.created_by = 'finance:reconciliation'
-  AND ((e.kind = 'processor_fees' AND a.code LIKE 'platform:processor_fees:%')
-    OR (e.kind = 'processor_settlement' AND a.code LIKE 'platform:settlement_bank:%'))
-  AND json_extract(e.metadata, '$.run_id') IN (SELECT run_id FROM recon_runs)
-GROUP BY 1, 2;
+SELECT d.current_run_id, b.currency, SUM(b.fees), SUM(b.net)
+FROM (
+    SELECT r.processor, r.report_date, p.currency,
+           CASE WHEN e.kind = 'processor_fees' THEN p.amount ELSE 0 END AS fees,
+           CASE WHEN e.kind = 'processor_settlement' THEN CASE WHEN p.direction = 'D' THEN p.amount ELSE -p.amount END ELSE 0 END AS net
+    FROM ledger_entries e
+    JOIN ledger_postings p ON p.entry_id = e.id
+    JOIN ledger_accounts a ON a.id = p.account_id
+    JOIN recon_runs r ON r.run_id = json_extract(e.metadata, '$.run_id')
+    WHERE e.created_by = 'finance:reconciliation'
+      AND ((e.kind = 'processor_fees' AND a.code LIKE 'platform:processor_fees:%')
+        OR (e.kind = 'processor_settlement' AND a.code LIKE 'platform:settlement_bank:%'))
+) b
+JOIN recon_days d ON d.processor = b.processor AND d.report_date = b.report_date
+GROUP BY d.current_run_id, b.currency;

@@ -135,6 +135,14 @@ pub fn spoofing_char(text: &str) -> Option<char> {
             // zero-width no-break space, Mongolian vowel separator, soft hyphen,
             // Hangul fillers.
             0x200B | 0x200C | 0x2060..=0x2064 | 0xFEFF | 0x180E | 0x00AD | 0x115F | 0x1160 | 0x3164 | 0xFFA0 => true,
+            // Combining grapheme joiner, line and paragraph separators.
+            0x034F | 0x2028 | 0x2029 => true,
+            // Tags are invisible; they belong only in a flag's tag sequence (🏴 then
+            // tags, as in the flags of England or Scotland).
+            0xE0000..=0xE007F => {
+                let before = i.checked_sub(1).and_then(|j| chars.get(j)).copied();
+                !before.is_some_and(|b| b == '\u{1F3F4}' || matches!(u32::from(b), 0xE0020..=0xE007E))
+            }
             0x200D => {
                 let before = i.checked_sub(1).and_then(|j| chars.get(j)).copied();
                 let after = chars.get(i + 1).copied();
@@ -314,7 +322,11 @@ mod tests {
             let err = parse_text("note", bad, 280, false).unwrap_err();
             assert!(err.to_string().contains("note"), "{bad:?}: {err}");
         }
-        for good in ["lunch 🍕", "🏳️\u{200D}🌈", "👨\u{200D}👩\u{200D}👧", "café", "שלום", "مرحبا", "日本語"]
+        for bad in ["a\u{E0041}", "x\u{2028}y", "c\u{034F}d"] {
+            assert!(parse_text("note", bad, 280, false).is_err(), "{bad:?}");
+        }
+        let scotland = "\u{1F3F4}\u{E0067}\u{E0062}\u{E0073}\u{E0063}\u{E0074}\u{E007F}";
+        for good in ["lunch 🍕", "🏳️\u{200D}🌈", "👨\u{200D}👩\u{200D}👧", "café", "שלום", "مرحبا", "日本語", scotland]
         {
             assert!(parse_text("note", good, 280, false).is_ok(), "{good:?}");
         }

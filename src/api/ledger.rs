@@ -214,23 +214,8 @@ impl pb::ledger_server::Ledger for LedgerApi {
         let r = req.get_ref();
         let result = async {
             let entry_id = super::id("entry_id", &r.entry_id)?;
-            // A reversal debits what the entry credited: reversing a wallet top-up takes
-            // money out of the wallet, which needs the same scope as a debit.
-            if !caller.has(scope::LEDGER_WALLET_DEBIT) && !entry_id.is_empty() && entry_id.len() <= 64 {
-                if let Ok(original) = self.ledger.get_entry(entry_id).await {
-                    if original
-                        .postings
-                        .iter()
-                        .any(|p| p.direction == Direction::Credit && p.account_code.as_wallet().is_some())
-                    {
-                        return Err(Error::PermissionDenied(format!(
-                            "reversing entry {entry_id} debits a user's wallet, which needs scope {}",
-                            scope::LEDGER_WALLET_DEBIT
-                        )));
-                    }
-                }
-            }
-            self.ledger.reverse(&callers::api(&caller.sub), entry_id, &r.idempotency_key, &r.reason).await
+            let may_debit_wallets = caller.has(scope::LEDGER_WALLET_DEBIT);
+            self.ledger.reverse(&callers::api(&caller.sub), entry_id, &r.idempotency_key, &r.reason, may_debit_wallets).await
         }
         .await;
         result.map(|e| Response::new(entry_to_wire(e))).map_err(to_status)

@@ -152,7 +152,9 @@ impl Limiter {
     pub async fn take(&self, caller: &Principal) -> Result<(), Duration> {
         let rate = self.rate(caller).await;
         let now = Instant::now();
-        let Ok(mut map) = self.shard(&caller.sub).lock() else { return Ok(()) };
+        // A lock poisoned by a panic elsewhere still holds valid buckets: keep counting
+        // (letting every write through would fail open).
+        let mut map = self.shard(&caller.sub).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if !map.contains_key(&caller.sub) && map.len() >= BUCKETS_MAX / SHARDS {
             map.retain(|_, b| !b.full(now));
             if map.len() >= BUCKETS_MAX / SHARDS {

@@ -4,9 +4,9 @@
 //! Bounds: at most `DMPAY_WATCHERS_MAX` streams per process and
 //! `DMPAY_WATCHERS_PER_USER_MAX` per caller (so one user cannot take every slot); a
 //! stream queues at most `WATCH_BUFFER` events toward its connection; a consumer that
-//! does not take an event for `WATCH_SEND_TIMEOUT`, or falls more than `WATCH_LAG_MAX`
-//! events behind, is disconnected with RESOURCE_EXHAUSTED and resumes from its last
-//! sequence.
+//! does not take an event for `WATCH_SEND_TIMEOUT`, or (watching every user's events)
+//! falls more than `WATCH_LAG_MAX` events behind, is disconnected with
+//! RESOURCE_EXHAUSTED and resumes from its last sequence.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -81,11 +81,11 @@ impl Watchers {
         Watchers { limits, slots: Arc::new(Semaphore::new(limits.total_max)), per_user: Arc::default(), metrics }
     }
 
-    /// A place for one more stream of `caller`, or RESOURCE_EXHAUSTED.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
+    /// A place for one more stream of `caller`, or RESOURCE_EXHAUSTED.
     pub fn admit(&self, caller: &str) -> Result<WatcherPermit> {
         let mut map = self.per_user.lock().map_err(|_| Error::internal(anyhow::anyhow!("watchers lock poisoned")))?;
         let open = map.get(caller).copied().unwrap_or(0);
@@ -219,6 +219,12 @@ async fn watch_loop(
             }
             if !full {
                 break;
+            }
+            // Only a watcher of every event can be measured against the newest: a user's
+            // own events are sparse among everyone's, so their cursor trails the newest
+            // sequence by a long way even when nothing of theirs is left unread.
+            if filter.user.is_some() {
+                continue;
             }
             let latest = events::latest(payments.db()).await.map_err(to_status)?;
             if latest - cursor > WATCH_LAG_MAX {

@@ -194,6 +194,7 @@ impl Config {
             grpc_keepalive_timeout: s.duration("DMPAY_GRPC_KEEPALIVE_TIMEOUT", Duration::from_secs(10))?,
             connections: crate::connections::ConnectionLimits {
                 open_max: s.num("DMPAY_GRPC_CONNECTIONS_MAX", 10_000, 1..=1_000_000)?,
+                per_ip_max: s.num("DMPAY_GRPC_CONNECTIONS_PER_IP_MAX", 1_000, 1..=1_000_000)?,
                 idle_timeout: s.duration("DMPAY_GRPC_IDLE_TIMEOUT", Duration::from_secs(120))?,
             },
             rate_limits: {

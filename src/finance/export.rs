@@ -5,7 +5,9 @@
 //!
 //! An entry's `status` is its status as the export runs: a pending hold later posted,
 //! voided or expired says so, and names the entry that resolved it
-//! (`resolved_by_entry_id`). A resolution without postings of its own (a void, an
+//! (`resolved_by_entry_id`). A hold's postings are `reservation` rows: they never moved
+//! money (the entry that posted the hold carries the postings that did), so the money
+//! moved is the sum of the other rows. A resolution without postings of its own (a void, an
 //! expiry) is a row too, with the account, direction and amount empty, naming the hold
 //! it resolved (`resolves_entry_id`); so does the entry that posted a hold.
 
@@ -57,8 +59,8 @@ pub enum Format {
     Jsonl,
 }
 
-pub const CSV_HEADER: &str = "entry_id,sequence,created_at,kind,status,account,direction,amount,currency,metadata,\
-resolves_entry_id,resolved_by_entry_id\n";
+pub const CSV_HEADER: &str = "entry_id,sequence,created_at,kind,status,account,direction,amount,currency,\
+reservation,metadata,resolves_entry_id,resolved_by_entry_id\n";
 
 #[derive(sqlx::FromRow)]
 struct Row {
@@ -71,6 +73,9 @@ struct Row {
     direction: Option<String>,
     amount: Option<i64>,
     currency: Option<String>,
+    /// A pending entry's posting: it reserves, it never moved money itself (the entry
+    /// that posted it did).
+    reservation: Option<bool>,
     metadata: String,
     resolves_entry_id: Option<String>,
     resolved_by_entry_id: Option<String>,
@@ -102,22 +107,23 @@ pub async fn page(
     format: Format,
 ) -> Result<(Vec<u8>, usize, Option<Cursor>)> {
     // Entries' times never go backwards in sequence order (`ledger::read`), so the
-    // range's first entry is found once through the index by time, and every page is a
-    // range of the sequence index; the time filter stays, which keeps the answer exact
-    // for entries written before times were assigned in order.
+    // range's ends are found through the index by time and every page is a range of the
+    // sequence index between them (the last page stops at the range's end instead of
+    // reading on to the journal's). The time filter stays as well.
     let sql = format!(
         "WITH page AS (SELECT id, sequence, created_at_us, kind, status, metadata, pending_entry_id \
-           FROM ledger_entries WHERE sequence > $3 AND sequence > {first} \
+           FROM ledger_entries WHERE sequence > $3 AND sequence > {first} AND sequence <= {last} \
            AND created_at_us >= $1 AND created_at_us < $2 ORDER BY sequence LIMIT $4) \
          SELECT e.id AS entry_id, e.sequence, e.created_at_us, e.kind, \
                 CASE WHEN e.status = 'pending' AND r.id IS NOT NULL THEN r.status ELSE e.status END AS status, \
-                a.code, p.direction, p.amount, p.currency, e.metadata, \
+                a.code, p.direction, p.amount, p.currency, p.pending AS reservation, e.metadata, \
                 e.pending_entry_id AS resolves_entry_id, r.id AS resolved_by_entry_id \
          FROM page e LEFT JOIN ledger_postings p ON p.entry_id = e.id \
          LEFT JOIN ledger_accounts a ON a.id = p.account_id \
          LEFT JOIN ledger_entries r ON r.pending_entry_id = e.id \
          ORDER BY e.sequence, p.idx",
         first = crate::ledger::read::sequence_before("<", "$1"),
+        last = crate::ledger::read::sequence_before("<", "$2"),
     );
     let rows: Vec<Row> = with_db!(db, pool => sqlx::query_as(&sql)
         .bind(from_us)
@@ -142,6 +148,11 @@ pub async fn page(
         let account = r.code.as_deref().unwrap_or_default();
         let resolves = r.resolves_entry_id.as_deref().unwrap_or_default();
         let resolved_by = r.resolved_by_entry_id.as_deref().unwrap_or_default();
+        let reservation = match r.reservation {
+            Some(true) => "true",
+            Some(false) => "false",
+            None => "",
+        };
         let at = crate::dates::rfc3339(r.created_at_us);
         match format {
             Format::Csv => {
@@ -155,6 +166,7 @@ pub async fn page(
                     direction,
                     &amount,
                     currency,
+                    reservation,
                     &r.metadata,
                     resolves,
                     resolved_by,
@@ -170,7 +182,7 @@ pub async fn page(
                 let line = json!({
                     "entry_id": r.entry_id, "sequence": r.sequence, "created_at": at, "kind": r.kind,
                     "status": r.status, "account": account, "direction": direction, "amount": amount,
-                    "currency": currency, "metadata": metadata, "resolves_entry_id": resolves,
+                    "currency": currency, "reservation": r.reservation, "metadata": metadata, "resolves_entry_id": resolves,
                     "resolved_by_entry_id": resolved_by,
                 });
                 out.extend_from_slice(line.to_string().as_bytes());

@@ -219,12 +219,29 @@ impl Ledger {
         self.finish(outcome).await
     }
 
-    /// Posts the mirror of a posted entry.
-    pub async fn reverse(&self, caller: &str, entry_id: &str, key: &str, reason: &str) -> Result<Entry> {
+    /// Posts the mirror of a posted entry. A reversal debits what the entry credited:
+    /// unless `may_debit_wallets`, an entry that credited a user's wallet (a top-up) is
+    /// refused, as a debit of a wallet would be.
+    pub async fn reverse(
+        &self,
+        caller: &str,
+        entry_id: &str,
+        key: &str,
+        reason: &str,
+        may_debit_wallets: bool,
+    ) -> Result<Entry> {
         check_idempotency_key("idempotency_key", key)?;
         crate::accounts::parse_text("reason", reason, DESCRIPTION_LEN_MAX, true)?;
         let original = self.get_entry_field("entry_id", entry_id).await?;
         callers::check_may_change(caller, &original)?;
+        if !may_debit_wallets
+            && original.postings.iter().any(|p| p.direction == Direction::Credit && p.account_code.as_wallet().is_some())
+        {
+            return Err(Error::PermissionDenied(format!(
+                "reversing entry {entry_id} debits a user's wallet, which needs scope {}",
+                crate::auth::scope::LEDGER_WALLET_DEBIT
+            )));
+        }
         if original.status != EntryStatus::Posted || original.postings.is_empty() {
             return Err(Error::FailedPrecondition {
                 reason: "ENTRY_NOT_POSTED",

@@ -418,8 +418,13 @@ impl Payments {
 
     /// Expires open requests past their time, each with its event.
     pub async fn expire_requests(&self) -> Result<usize> {
+        // A request with a payment in flight expires only once that payment has failed
+        // (`transition`); leaving those out keeps them from filling every pass.
         let sql = format!(
-            "SELECT {REQUEST_COLUMNS} FROM payment_requests WHERE status = 'open' AND expires_at_us <= $1 LIMIT 200"
+            "SELECT {REQUEST_COLUMNS} FROM payment_requests r WHERE status = 'open' AND expires_at_us <= $1 \
+             AND NOT EXISTS (SELECT 1 FROM payments p WHERE p.request_id = r.request_id AND p.status <> 'failed' \
+                             AND p.status = 'pending') \
+             ORDER BY expires_at_us, request_id LIMIT 200"
         );
         let rows: Vec<RequestRow> =
             with_db!(self.store.db(), pool => sqlx::query_as(&sql).bind(now_us()).fetch_all(pool).await)?;

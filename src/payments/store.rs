@@ -271,7 +271,7 @@ impl PaymentStore {
                 // paid.
                 let open: Option<i64> = sqlx::query_scalar(
                     "UPDATE payment_requests SET updated_at_us = $2 WHERE request_id = $1 AND status = 'open' \
-                     RETURNING expires_at_us",
+                     AND expires_at_us > $2 RETURNING expires_at_us",
                 )
                 .bind(request_id)
                 .bind(p.created_at_us)
@@ -344,7 +344,7 @@ impl PaymentStore {
             }
             Ok(Err(Refused::RequestClosed)) => Err(Error::FailedPrecondition {
                 reason: "REQUEST_NOT_OPEN",
-                message: "the request is no longer open".into(),
+                message: "the request is no longer open (paid, declined, cancelled or expired)".into(),
             }),
             Err(e) if is_unique_violation(&e) => match self.by_key(&p.sender_id, key).await? {
                 Some((existing, _)) => Ok(Inserted::Existing(existing)),
@@ -396,6 +396,18 @@ impl PaymentStore {
         let sql = format!("SELECT {COLUMNS} FROM payments WHERE payment_id = $1");
         let row: Option<PaymentRow> = with_db!(&self.writer, pool => {
             let mut tx = pool.begin().await?;
+            // The payment's request row first, if it has one: `insert` takes a request's
+            // row before it writes a payment, and a second payment's insert waits on this
+            // payment's row (the unique index of live payments per request), so taking
+            // the payment's row first here could deadlock with it. A write, so that on
+            // SQLite the transaction holds the write lock before it reads.
+            sqlx::query(
+                "UPDATE payment_requests SET updated_at_us = updated_at_us \
+                 WHERE request_id = (SELECT request_id FROM payments WHERE payment_id = $1)",
+            )
+            .bind(payment_id)
+            .execute(&mut *tx)
+            .await?;
             let done = sqlx::query(
                 "UPDATE payments SET status = $2, failure_reason = $3, failure_message = $4, settled_at_us = $5, \
                  updated_at_us = $6 WHERE payment_id = $1 AND status = 'pending' AND ($7 IS NULL OR claim = $7)",
@@ -413,8 +425,9 @@ impl PaymentStore {
             if done.rows_affected() == 1 {
                 if let Some(r) = &row {
                     let p = Payment::try_from(r.clone()).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-                    // The request row before the spend bucket and the event counter: the
-                    // order in which `insert` and a request's close take them too.
+                    // The request row (locked above) is marked paid before the spend bucket
+                    // and the event counter are taken: the order `insert` and a request's
+                    // close take them in too.
                     let mut paid = None;
                     if let (Some(request_id), PaymentStatus::Settled) = (&p.request_id, status) {
                         let sql = format!("UPDATE payment_requests SET status = 'paid', payment_id = $2, updated_at_us = $3 \

@@ -136,11 +136,7 @@ async fn export_streams_every_posting(app: TestApp) {
     }
     let csv = String::from_utf8(csv).unwrap();
     let rows: Vec<&str> = csv.lines().collect();
-    assert_eq!(
-        rows[0],
-        "entry_id,sequence,created_at,kind,status,account,direction,amount,currency,metadata,resolves_entry_id,\
-         resolved_by_entry_id"
-    );
+    assert_eq!(rows[0], dmpay::finance::export::CSV_HEADER.trim_end());
     assert_eq!(rows.len(), 25);
     assert!(rows.iter().any(|r| r.contains(",user:u7:wallet:USD,credit,7.05,USD,")), "{csv}");
     // JSON lines.
@@ -544,7 +540,7 @@ async fn export_of_a_large_range_streams(app: TestApp) {
                 continue;
             }
             let cols: Vec<&str> = line.split(',').collect();
-            assert_eq!(cols.len(), 12, "{line}");
+            assert_eq!(cols.len(), 13, "{line}");
             if cols[6] == "credit" {
                 assert_eq!(cols[7], "1.00");
                 credits += 1;
@@ -867,6 +863,7 @@ async fn export_shows_holds_as_they_ended(app: TestApp) {
         h1.iter().all(|r| r["status"] == "voided" && r["resolved_by_entry_id"] == void.entry_id.as_str()),
         "{h1:?}"
     );
+    assert!(h1.iter().all(|r| r["reservation"] == true), "a hold's postings reserve, they moved nothing");
     let v = of(&void.entry_id);
     assert_eq!(v.len(), 1, "the void is a row of its own");
     assert_eq!(v[0]["status"], "voided");
@@ -876,6 +873,15 @@ async fn export_shows_holds_as_they_ended(app: TestApp) {
         .iter()
         .all(|r| r["status"] == "posted" && r["resolved_by_entry_id"] == post.entry_id.as_str()));
     assert!(of(&post.entry_id).iter().all(|r| r["resolves_entry_id"] == posted.entry_id.as_str()));
+    assert!(of(&post.entry_id).iter().all(|r| r["reservation"] == false));
+    // The money moved: the rows that are not reservations. The posted hold's 7.00 counts
+    // once (through the entry that posted it), the voided and the open hold not at all.
+    let moved_out_of_alice: Vec<&str> = rows
+        .iter()
+        .filter(|r| r["reservation"] == false && r["account"] == "user:alice:wallet:USD" && r["direction"] == "debit")
+        .map(|r| r["amount"].as_str().unwrap())
+        .collect();
+    assert_eq!(moved_out_of_alice, ["7.00"]);
     assert!(of(&open.entry_id).iter().all(|r| r["status"] == "pending" && r["resolved_by_entry_id"] == ""));
     // The sequence order holds: every entry, once, in order.
     let mut seqs: Vec<i64> = rows.iter().map(|r| r["sequence"].as_i64().unwrap()).collect();

@@ -163,7 +163,7 @@ impl Reconciler {
         for entry_id in gone {
             let key = format!("recon:{}:unwind:{entry_id}", run.run_id);
             let reason = format!("report {} of {} no longer has this discrepancy", run.run_id, run.report_date);
-            match self.ledger.reverse(RECON_ACTOR, &entry_id, &key, &reason).await {
+            match self.ledger.reverse(RECON_ACTOR, &entry_id, &key, &reason, true).await {
                 Ok(e) => {
                     let amount = e.postings.first().map(|p| p.amount).ok_or_else(|| overflow(run))?;
                     out.push(Booking {

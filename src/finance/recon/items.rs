@@ -105,7 +105,7 @@ impl Reconciler {
                 _ => item.report_amount.unwrap_or(0) - item.ledger_amount.unwrap_or(0),
             };
             if diff != 0 {
-                entry_id = Some(self.adjust(item_id, currency, diff, note).await?);
+                entry_id = Some(self.adjust(item_id, currency, diff).await?);
             }
         }
         // Recorded under the day's row, where imports take turns: an import that
@@ -152,7 +152,7 @@ impl Reconciler {
                 let winner = self.item(item_id).await?;
                 if let Some(entry) = entry_id.filter(|e| winner.adjustment_entry_id.as_deref() != Some(e.as_str())) {
                     let key = format!("recon-resolve:{item_id}:undo");
-                    match self.ledger.reverse(RECON_ACTOR, &entry, &key, "the item could not be resolved").await {
+                    match self.ledger.reverse(RECON_ACTOR, &entry, &key, "the item could not be resolved", true).await {
                         Ok(_) | Err(Error::FailedPrecondition { reason: "ALREADY_REVERSED", .. }) => {}
                         Err(e) => return Err(e),
                     }
@@ -167,7 +167,7 @@ impl Reconciler {
 
     /// The adjusting entry of a suspense resolution: clearing against suspense by
     /// `diff` (positive: the processor settled more than the ledger booked).
-    async fn adjust(&self, item_id: &str, currency: Currency, diff: i64, note: &str) -> Result<String> {
+    async fn adjust(&self, item_id: &str, currency: Currency, diff: i64) -> Result<String> {
         let clearing = AccountCode::system(SYSTEM_CLEARING, currency);
         let suspense = AccountCode::system("platform:suspense", currency);
         let (debit, credit) = if diff > 0 { (clearing, suspense) } else { (suspense, clearing) };
@@ -182,7 +182,10 @@ impl Reconciler {
                 PostEntryInput {
                     idempotency_key: format!("recon-resolve:{item_id}"),
                     kind: "reconciliation_adjustment".into(),
-                    description: note.to_owned(),
+                    // Not the note: the entry must be the same whatever a retry says, so
+                    // that a retry after a crash before the resolution was recorded finds
+                    // the adjustment already made and records it (the note goes there).
+                    description: format!("reconciliation adjustment of item {item_id}"),
                     postings: vec![
                         PostingInput { account_code: debit, direction: Direction::Debit, amount },
                         PostingInput { account_code: credit, direction: Direction::Credit, amount },

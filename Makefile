@@ -41,7 +41,7 @@ SECRETS_SCAN_FILTERS ?=
 secrets-scan:
 	.ci/secrets-scan $(SECRETS_SCAN_FILTERS)
 
-## Coverage-guided fuzzing (cargo-fuzz + libFuzzer, README "Fuzzing") of the hostile-input
+## Coverage-guided fuzzing (cargo-fuzz + libFuzzer, docs/testing.md "Fuzzing") of the hostile-input
 ## parsers: each target runs for FUZZ_SECONDS from its seeds in fuzz/corpus/<target>
 ## (new inputs and the log go to the git-ignored fuzz/work/); any crash, timeout or out-
 ## of-memory fails the target and leaves its input in fuzz/artifacts/<target>. cargo-fuzz
@@ -76,7 +76,7 @@ fuzz: fuzz-build
 	done; \
 	echo "fuzz: $$n passed, 0 failed"
 
-## The crash test (README "Crash test", tests/chaos.rs): builds the release server, then
+## The crash test (docs/testing.md "Crash test", tests/chaos.rs): builds the release server, then
 ## on a fresh PostgreSQL database (on the local server, started when it is down) and on a
 ## fresh SQLite file runs it as a child process under concurrent sends, requests and
 ## refunds, SIGKILLs it CHAOS_KILLS times at random moments during CHAOS_SECONDS of load,

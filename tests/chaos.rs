@@ -1,4 +1,4 @@
-//! The crash test (`make chaos`; README "Crash test"). For each backend, a fresh
+//! The crash test (`make chaos`; docs/testing.md "Crash test"). For each backend, a fresh
 //! PostgreSQL database and a fresh SQLite file, the server binary runs as a child
 //! process while concurrent clients send money (from the wallet, a card, or both), pay
 //! requests with one tap, refund payments and top wallets up through the Ledger API,

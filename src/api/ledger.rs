@@ -215,7 +215,9 @@ impl pb::ledger_server::Ledger for LedgerApi {
         let result = async {
             let entry_id = super::id("entry_id", &r.entry_id)?;
             let may_debit_wallets = caller.has(scope::LEDGER_WALLET_DEBIT);
-            self.ledger.reverse(&callers::api(&caller.sub), entry_id, &r.idempotency_key, &r.reason, may_debit_wallets).await
+            self.ledger
+                .reverse(&callers::api(&caller.sub), entry_id, &r.idempotency_key, &r.reason, may_debit_wallets)
+                .await
         }
         .await;
         result.map(|e| Response::new(entry_to_wire(e))).map_err(to_status)

@@ -235,7 +235,10 @@ impl Ledger {
         let original = self.get_entry_field("entry_id", entry_id).await?;
         callers::check_may_change(caller, &original)?;
         if !may_debit_wallets
-            && original.postings.iter().any(|p| p.direction == Direction::Credit && p.account_code.as_wallet().is_some())
+            && original
+                .postings
+                .iter()
+                .any(|p| p.direction == Direction::Credit && p.account_code.as_wallet().is_some())
         {
             return Err(Error::PermissionDenied(format!(
                 "reversing entry {entry_id} debits a user's wallet, which needs scope {}",

@@ -184,7 +184,7 @@ async fn huge_tokens_are_refused(app: TestApp) {
 }
 
 /// A WatchPayments consumer that never reads: the server stops feeding it once the
-/// stream's buffers are full, disconnects it after 10 s without progress (README: "one
+/// stream's buffers are full, disconnects it after 10 s without progress (docs/api.md: "one
 /// that does not take an event for 10 s, is disconnected with RESOURCE_EXHAUSTED"), and
 /// what the client finally reads is the events that were buffered, then
 /// RESOURCE_EXHAUSTED naming the sequence to resume from; resuming there yields the

@@ -27,10 +27,11 @@ test:
 	DMPAY_TEST_POSTGRES_URL="$(DMPAY_TEST_POSTGRES_URL)" DMPAY_TEST_REQUIRE_POSTGRES=1 \
 		$(CARGO) nextest run --workspace --all-targets --no-fail-fast
 
-## Formatting and lints, warnings as errors.
+## Formatting and lints, warnings as errors; the module graph's layers (tests/layers.rs).
 check:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) test --quiet --test layers
 
 ## The integration suite with every log at TRACE (PostgreSQL through a URL with a
 ## password; PostgreSQL must be up on 127.0.0.1:5432), its output scanned for card

@@ -23,7 +23,8 @@ fn authed<T>(msg: T, token: &str) -> Request<T> {
 async fn main() -> anyhow::Result<()> {
     let addr = std::env::args().nth(1).unwrap_or_else(|| "http://127.0.0.1:50051".into());
     let config = Config::load(None)?;
-    let token = |sub: &str, scope: &str| dmpay::auth::mint_dev_token(&config, sub, scope, Duration::from_secs(600));
+    let token =
+        |sub: &str, scope: &str| dmpay::auth::mint_dev_token(&config.jwt(), sub, scope, Duration::from_secs(600));
     let alice = token("alice", "payments:write payments:read methods:write")?;
     let treasury = token("treasury", "ledger:write")?;
     let platform = token("platform-users", "accounts:admin")?;

@@ -1038,11 +1038,11 @@ async fn run(backend: Backend) {
     let users: Vec<User> = (0..knobs.users)
         .map(|i| {
             let name = format!("chaos-{run_id}-u{i}");
-            let token = dmpay::auth::mint_dev_token(&config, &name, PAY_SCOPES, ttl).expect("mint");
+            let token = dmpay::auth::mint_dev_token(&config.jwt(), &name, PAY_SCOPES, ttl).expect("mint");
             User { name, token, has_card: i % 8 != 7 }
         })
         .collect();
-    let service_token = dmpay::auth::mint_dev_token(&config, SERVICE, SERVICE_SCOPES, ttl).expect("mint");
+    let service_token = dmpay::auth::mint_dev_token(&config.jwt(), SERVICE, SERVICE_SCOPES, ttl).expect("mint");
     let mut channels = Vec::new();
     for _ in 0..knobs.clients.div_ceil(4) {
         channels.push(

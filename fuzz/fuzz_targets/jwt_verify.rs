@@ -56,9 +56,9 @@ fn fixture() -> &'static Fixture {
             ("DMPAY_JWT_PUBLIC_KEYS".to_string(), RSA_PUBLIC_PEM.to_string()),
         ]);
         let config = Config::load_from(&env, None).expect("the dev config loads");
-        let verifier = Verifier::from_config(&config).expect("the dev verifier builds");
+        let verifier = Verifier::new(&config.jwt()).expect("the dev verifier builds");
         // Valid for a day: longer than any fuzz run.
-        let token = mint_dev_token(&config, "alice", "payments:write payments:read", Duration::from_secs(86_400))
+        let token = mint_dev_token(&config.jwt(), "alice", "payments:write payments:read", Duration::from_secs(86_400))
             .expect("a dev token mints");
         verifier.verify(&token).expect("the fresh dev token verifies");
         Fixture {

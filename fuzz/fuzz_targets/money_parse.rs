@@ -1,4 +1,4 @@
-//! Amount parsing: `dmpay::money::parse_minor` and `parse_positive` on any string.
+//! Amount parsing: `dmpay::kernel::money::parse_minor` and `parse_positive` on any string.
 //!
 //! Input: byte 0 picks the currency (mod 15) and whether negatives are allowed (bit 7);
 //! the rest is the amount text (UTF-8, else ignored). Oracles: no panic; the result
@@ -8,7 +8,7 @@
 //! amounts above zero.
 #![no_main]
 
-use dmpay::money::{parse_minor, parse_positive, Currency, Money, AMOUNT_MINOR_MAX};
+use dmpay::kernel::money::{parse_minor, parse_positive, Currency, Money, AMOUNT_MINOR_MAX};
 use libfuzzer_sys::fuzz_target;
 
 /// What the strict grammar says `raw` is worth, in minor units, or None if refused.

@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 
 use dmpay::finance::recon::parse_report;
-use dmpay::money::{Currencies, Currency, AMOUNT_MINOR_MAX};
+use dmpay::kernel::money::{Currencies, Currency, AMOUNT_MINOR_MAX};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,46 +2,13 @@
 //! are frozen. Every change by an admin lands in the append-only audit log in the same
 //! transaction.
 
-use std::fmt;
-
-use crate::error::{Error, Result};
+use crate::kernel::error::{Error, Result};
+use crate::kernel::ids::UserId;
 use crate::store::{now_us, Db};
 use crate::with_db;
 
-/// Longest user id; also bounds ledger account codes built from it.
-pub const USER_ID_LEN_MAX: usize = 128;
 pub const DISPLAY_NAME_LEN_MAX: usize = 100;
 pub const REASON_LEN_MAX: usize = 500;
-
-/// A platform user id: 1 to 128 characters of `[A-Za-z0-9_.-]`. The alphabet keeps ids
-/// safe inside ledger account codes (`user:<id>:wallet:USD`) and log lines.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct UserId(String);
-
-impl UserId {
-    pub fn parse(field: &str, raw: &str) -> Result<Self> {
-        if raw.is_empty() {
-            return Err(Error::invalid(field, "required"));
-        }
-        if raw.len() > USER_ID_LEN_MAX {
-            return Err(Error::invalid(field, format!("at most {USER_ID_LEN_MAX} characters")));
-        }
-        if !raw.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')) {
-            return Err(Error::invalid(field, "only letters, digits, '_', '.' and '-' are allowed"));
-        }
-        Ok(UserId(raw.to_owned()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for UserId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Tier {
@@ -98,62 +65,6 @@ pub struct Account {
     pub created_at_us: i64,
 }
 
-/// A display name or reason: bounded, no control characters.
-pub fn parse_text(field: &str, raw: &str, len_max: usize, required: bool) -> Result<String> {
-    if required && raw.trim().is_empty() {
-        return Err(Error::invalid(field, "required"));
-    }
-    if raw.chars().count() > len_max {
-        return Err(Error::invalid(field, format!("at most {len_max} characters")));
-    }
-    if raw.chars().any(char::is_control) {
-        return Err(Error::invalid(field, "control characters are not allowed"));
-    }
-    if let Some(c) = spoofing_char(raw) {
-        return Err(Error::invalid(
-            field,
-            format!("invisible or direction-changing characters are not allowed (U+{:04X})", u32::from(c)),
-        ));
-    }
-    Ok(raw.to_owned())
-}
-
-/// The first character that could make text in a chat bubble read other than it is:
-/// a bidirectional embedding, override or isolate (which reorders what follows, so
-/// "pay 100" can show as "pay 001"), a direction mark, or a zero-width or invisible
-/// character (which hides text or splits a word a reader would match). A zero-width
-/// joiner between two pictographs is allowed: it is how emoji such as 🏳️‍🌈 are built.
-pub fn spoofing_char(text: &str) -> Option<char> {
-    let chars: Vec<char> = text.chars().collect();
-    let pictograph =
-        |c: char| matches!(u32::from(c), 0x2190..=0x2BFF | 0x1F000..=0x1FAFF | 0xFE0F) && !c.is_alphanumeric();
-    chars.iter().enumerate().find_map(|(i, &c)| {
-        let forbidden = match u32::from(c) {
-            // Embeddings and overrides, isolates, marks.
-            0x202A..=0x202E | 0x2066..=0x2069 | 0x200E | 0x200F | 0x061C => true,
-            // Zero-width space and non-joiner, word joiner and invisible operators,
-            // zero-width no-break space, Mongolian vowel separator, soft hyphen,
-            // Hangul fillers.
-            0x200B | 0x200C | 0x2060..=0x2064 | 0xFEFF | 0x180E | 0x00AD | 0x115F | 0x1160 | 0x3164 | 0xFFA0 => true,
-            // Combining grapheme joiner, line and paragraph separators.
-            0x034F | 0x2028 | 0x2029 => true,
-            // Tags are invisible; they belong only in a flag's tag sequence (🏴 then
-            // tags, as in the flags of England or Scotland).
-            0xE0000..=0xE007F => {
-                let before = i.checked_sub(1).and_then(|j| chars.get(j)).copied();
-                !before.is_some_and(|b| b == '\u{1F3F4}' || matches!(u32::from(b), 0xE0020..=0xE007E))
-            }
-            0x200D => {
-                let before = i.checked_sub(1).and_then(|j| chars.get(j)).copied();
-                let after = chars.get(i + 1).copied();
-                !(before.is_some_and(pictograph) && after.is_some_and(pictograph))
-            }
-            _ => false,
-        };
-        forbidden.then_some(c)
-    })
-}
-
 #[derive(sqlx::FromRow)]
 struct AccountRow {
     user_id: String,
@@ -167,7 +78,7 @@ impl TryFrom<AccountRow> for Account {
     type Error = Error;
     fn try_from(row: AccountRow) -> Result<Self> {
         Ok(Account {
-            user_id: UserId(row.user_id),
+            user_id: UserId::from_db(row.user_id),
             display_name: row.display_name,
             tier: Tier::from_db(&row.tier)?,
             status: Status::from_db(&row.status)?,
@@ -309,30 +220,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spoofing_characters_are_refused_and_emoji_kept() {
-        for bad in [
-            "pay \u{202E}001",
-            "a\u{2066}b",
-            "zero\u{200B}width",
-            "a\u{200D}b",
-            "\u{FEFF}x",
-            "l\u{200F}r",
-            "x\u{00AD}y",
-        ] {
-            let err = parse_text("note", bad, 280, false).unwrap_err();
-            assert!(err.to_string().contains("note"), "{bad:?}: {err}");
-        }
-        for bad in ["a\u{E0041}", "x\u{2028}y", "c\u{034F}d"] {
-            assert!(parse_text("note", bad, 280, false).is_err(), "{bad:?}");
-        }
-        let scotland = "\u{1F3F4}\u{E0067}\u{E0062}\u{E0073}\u{E0063}\u{E0074}\u{E007F}";
-        for good in ["lunch 🍕", "🏳️\u{200D}🌈", "👨\u{200D}👩\u{200D}👧", "café", "שלום", "مرحبا", "日本語", scotland]
-        {
-            assert!(parse_text("note", good, 280, false).is_ok(), "{good:?}");
-        }
-    }
-
-    #[test]
     fn user_ids_are_checked() {
         assert!(UserId::parse("user_id", "alice-01.x_y").is_ok());
         for bad in ["", "a b", "al:ice", "ünï", &"x".repeat(129)] {
@@ -370,13 +257,5 @@ mod tests {
         let account = ensure.await.expect("written once the connection is free");
         assert_eq!(account.user_id, user);
         assert_eq!(account.status, Status::Active);
-    }
-
-    #[test]
-    fn text_rejects_control_characters_and_length() {
-        assert!(parse_text("reason", "fraud\n", 10, true).is_err());
-        assert!(parse_text("reason", "  ", 10, true).is_err());
-        assert!(parse_text("reason", &"é".repeat(11), 10, true).is_err());
-        assert_eq!(parse_text("reason", "é".repeat(10).as_str(), 10, true).unwrap(), "é".repeat(10));
     }
 }

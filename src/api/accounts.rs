@@ -5,9 +5,11 @@ use tonic::{Request, Response, Status};
 use super::pb;
 use super::status::ApiResult;
 use super::{principal, timestamp, to_status};
-use crate::accounts::{self, parse_text, Account, Accounts, Status as AccountStatus, Tier, UserId};
+use crate::accounts::{self, Account, Accounts, Status as AccountStatus, Tier};
 use crate::auth::scope;
-use crate::error::Error;
+use crate::kernel::error::Error;
+use crate::kernel::ids::UserId;
+use crate::kernel::text::parse_text;
 
 pub struct AccountsApi {
     accounts: Accounts,

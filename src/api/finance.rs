@@ -10,15 +10,15 @@ use super::pb;
 use super::status::ApiResult;
 use super::{principal, timestamp, timestamp_us, to_status};
 use crate::auth::scope;
-use crate::error::Error;
 use crate::finance;
 use crate::finance::export::{self, Cursor, Format};
 use crate::finance::recon::{Imported, Item, Reconciler};
+use crate::kernel::error::Error;
 use crate::store::Db;
 
 pub struct FinanceApi {
     db: Db,
-    currencies: crate::money::Currencies,
+    currencies: crate::kernel::money::Currencies,
     recon: Reconciler,
 }
 
@@ -64,7 +64,8 @@ fn run_to_wire(i: Imported) -> pb::ReconciliationRun {
 fn item_to_wire(i: Item) -> pb::ReconciliationItem {
     let money = |minor: Option<i64>| {
         minor.and_then(|m| {
-            crate::money::Currency::from_code(&i.currency).map(|c| to_wire(crate::money::Money::from_minor(c, m)))
+            crate::kernel::money::Currency::from_code(&i.currency)
+                .map(|c| to_wire(crate::kernel::money::Money::from_minor(c, m)))
         })
     };
     pb::ReconciliationItem {
@@ -255,7 +256,7 @@ impl pb::finance_server::Finance for FinanceApi {
         caller.require(scope::FINANCE).map_err(to_status)?;
         let r = req.get_ref();
         let result = async {
-            let user = crate::accounts::UserId::parse("user_id", &r.user_id)?;
+            let user = crate::kernel::ids::UserId::parse("user_id", &r.user_id)?;
             let currency = self.currencies.parse("currency", &r.currency)?;
             let from = r.from_time.as_ref().map(|t| timestamp_us("from_time", t)).transpose()?.unwrap_or(0);
             let to = r.to_time.as_ref().map(|t| timestamp_us("to_time", t)).transpose()?.unwrap_or(i64::MAX);

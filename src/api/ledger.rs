@@ -7,12 +7,12 @@ use super::pb;
 use super::status::ApiResult;
 use super::{principal, timestamp, timestamp_us, to_status};
 use crate::auth::scope;
-use crate::error::{Error, Result};
+use crate::kernel::error::{Error, Result};
+use crate::kernel::money::Money;
 use crate::ledger::{
     self, callers, read, AccountCode, AccountType, Direction, Entry, EntryStatus, Ledger, LedgerAccount,
     PostEntryInput, PostingInput,
 };
-use crate::money::Money;
 
 pub struct LedgerApi {
     ledger: Ledger,
@@ -214,9 +214,13 @@ impl pb::ledger_server::Ledger for LedgerApi {
         let r = req.get_ref();
         let result = async {
             let entry_id = super::id("entry_id", &r.entry_id)?;
-            let may_debit_wallets = caller.has(scope::LEDGER_WALLET_DEBIT);
+            let wallet_debits = if caller.has(scope::LEDGER_WALLET_DEBIT) {
+                ledger::WalletDebits::Allowed
+            } else {
+                ledger::WalletDebits::NeedScope(scope::LEDGER_WALLET_DEBIT)
+            };
             self.ledger
-                .reverse(&callers::api(&caller.sub), entry_id, &r.idempotency_key, &r.reason, may_debit_wallets)
+                .reverse(&callers::api(&caller.sub), entry_id, &r.idempotency_key, &r.reason, wallet_debits)
                 .await
         }
         .await;

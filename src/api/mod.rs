@@ -2,11 +2,13 @@
 //! This is the only module that knows tonic and protobuf; domain modules never see them.
 
 mod accounts;
+pub mod connections;
 mod finance;
 pub mod gate;
 mod ledger;
 pub mod money;
 mod payment_methods;
+mod payment_wire;
 mod payments;
 pub mod rate;
 pub mod status;
@@ -69,12 +71,12 @@ pub const ID_LEN_MAX: usize = 128;
 /// `ID_LEN_MAX` bytes and no control characters (NUL included, which PostgreSQL refuses
 /// in text while SQLite would look it up). An empty id passes: each RPC says what an
 /// empty one means. The same bad id is INVALID_ARGUMENT on both backends.
-pub fn id<'a>(field: &str, value: &'a str) -> crate::error::Result<&'a str> {
+pub fn id<'a>(field: &str, value: &'a str) -> crate::kernel::error::Result<&'a str> {
     if value.len() > ID_LEN_MAX {
-        return Err(crate::error::Error::invalid(field, format!("at most {ID_LEN_MAX} bytes")));
+        return Err(crate::kernel::error::Error::invalid(field, format!("at most {ID_LEN_MAX} bytes")));
     }
     if value.chars().any(char::is_control) {
-        return Err(crate::error::Error::invalid(field, "may not contain control characters"));
+        return Err(crate::kernel::error::Error::invalid(field, "may not contain control characters"));
     }
     Ok(value)
 }
@@ -91,13 +93,13 @@ pub fn timestamp(us: i64) -> prost_types::Timestamp {
 }
 
 /// A protobuf timestamp to microseconds since the epoch, for optional time filters.
-pub fn timestamp_us(field: &str, ts: &prost_types::Timestamp) -> crate::error::Result<i64> {
+pub fn timestamp_us(field: &str, ts: &prost_types::Timestamp) -> crate::kernel::error::Result<i64> {
     if !(0..1_000_000_000).contains(&ts.nanos) {
-        return Err(crate::error::Error::invalid(field, "nanos must be within 0..1e9"));
+        return Err(crate::kernel::error::Error::invalid(field, "nanos must be within 0..1e9"));
     }
     ts.seconds
         .checked_mul(1_000_000)
         .and_then(|s| s.checked_add(i64::from(ts.nanos / 1000)))
         .filter(|us| *us >= 0)
-        .ok_or_else(|| crate::error::Error::invalid(field, "out of range"))
+        .ok_or_else(|| crate::kernel::error::Error::invalid(field, "out of range"))
 }

@@ -1,8 +1,8 @@
 //! `dmpay.v1.Money` <-> domain money.
 
 use super::pb;
-use crate::error::{Error, Result};
-use crate::money::{parse_positive, Currencies, Money};
+use crate::kernel::error::{Error, Result};
+use crate::kernel::money::{parse_positive, Currencies, Money};
 
 /// A required positive amount: `field.currency` and `field.amount` are checked.
 pub fn positive(field: &str, wire: Option<&pb::Money>, currencies: &Currencies) -> Result<Money> {

@@ -8,9 +8,9 @@ use tonic::{Request, Response};
 use super::pb;
 use super::status::ApiResult;
 use super::{principal, timestamp, to_status};
-use crate::accounts::UserId;
 use crate::auth::{scope, Principal};
-use crate::error::Result;
+use crate::kernel::error::Result;
+use crate::kernel::ids::UserId;
 use crate::vault::card::Brand;
 use crate::vault::{MethodStatus, PaymentMethod, TokenizeInput, Vault};
 

@@ -5,17 +5,18 @@ use std::sync::Arc;
 use tonic::{Request, Response};
 
 use super::money::{positive, to_wire};
+use super::payment_wire::{payment_to_wire, request_to_wire};
 use super::pb;
 use super::status::ApiResult;
 use super::watch::{self, WatchStream, Watchers};
-use super::{principal, timestamp, to_status};
-use crate::accounts::UserId;
+use super::{principal, to_status};
 use crate::auth::{scope, Principal};
-use crate::error::{Error, Result};
-use crate::money::Money;
+use crate::kernel::error::{Error, Result};
+use crate::kernel::ids::UserId;
+use crate::kernel::money::Money;
 use crate::payments::feed::Feed;
-use crate::payments::requests::{PaymentRequest, RequestInput, RequestStatus};
-use crate::payments::{events, model, FundingSource, Payment, PaymentStatus, Payments, SendInput};
+use crate::payments::requests::RequestInput;
+use crate::payments::{model, FundingSource, Payments, SendInput};
 
 pub struct PaymentsApi {
     payments: Arc<Payments>,
@@ -29,70 +30,9 @@ impl PaymentsApi {
     }
 }
 
-pub(super) fn event_to_wire(e: events::Event) -> Result<pb::PaymentEvent> {
-    Ok(pb::PaymentEvent {
-        sequence: e.sequence,
-        r#type: e.event_type,
-        payment: e.payment.map(payment_to_wire).transpose()?,
-        request: e.request.map(request_to_wire).transpose()?,
-        occurred_at: Some(timestamp(e.occurred_at_us)),
-    })
-}
-
 fn user(caller: &Principal, needed: &str) -> Result<UserId> {
     caller.require(needed)?;
     UserId::parse("sub", &caller.sub)
-}
-
-pub(crate) fn payment_to_wire(p: Payment) -> Result<pb::Payment> {
-    let currency = p.currency()?;
-    let money = |minor: i64| Some(to_wire(Money::from_minor(currency, minor)));
-    Ok(pb::Payment {
-        amount: money(p.amount),
-        card_funded_amount: money(p.card_amount),
-        refunded_amount: money(p.refunded_amount),
-        fee: money(p.fee_amount),
-        status: match p.status {
-            PaymentStatus::Pending => pb::PaymentStatus::Pending,
-            PaymentStatus::Settled => pb::PaymentStatus::Settled,
-            PaymentStatus::Failed => pb::PaymentStatus::Failed,
-            PaymentStatus::PartiallyRefunded => pb::PaymentStatus::PartiallyRefunded,
-            PaymentStatus::Refunded => pb::PaymentStatus::Refunded,
-        } as i32,
-        created_at: Some(timestamp(p.created_at_us)),
-        settled_at: p.settled_at_us.map(timestamp),
-        payment_id: p.payment_id,
-        sender_id: p.sender_id,
-        recipient_id: p.recipient_id,
-        note: p.note,
-        conversation_id: p.conversation_id,
-        message_id: p.message_id,
-        request_id: p.request_id.unwrap_or_default(),
-        failure_reason: p.failure_reason,
-    })
-}
-
-pub(crate) fn request_to_wire(r: PaymentRequest) -> Result<pb::PaymentRequest> {
-    let currency = r.currency()?;
-    Ok(pb::PaymentRequest {
-        amount: Some(to_wire(Money::from_minor(currency, r.amount))),
-        status: match r.status {
-            RequestStatus::Open => pb::RequestStatus::Open,
-            RequestStatus::Paid => pb::RequestStatus::Paid,
-            RequestStatus::Declined => pb::RequestStatus::Declined,
-            RequestStatus::Cancelled => pb::RequestStatus::Cancelled,
-            RequestStatus::Expired => pb::RequestStatus::Expired,
-        } as i32,
-        created_at: Some(timestamp(r.created_at_us)),
-        expires_at: Some(timestamp(r.expires_at_us)),
-        request_id: r.request_id,
-        requester_id: r.requester_id,
-        payer_id: r.payer_id,
-        note: r.note,
-        conversation_id: r.conversation_id,
-        message_id: r.message_id,
-        payment_id: r.payment_id.unwrap_or_default(),
-    })
 }
 
 fn funding_from_wire(raw: i32) -> Result<FundingSource> {

@@ -28,8 +28,9 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 use tower::{Layer, Service};
 
-use crate::accounts::{Accounts, Tier, UserId};
+use crate::accounts::{Accounts, Tier};
 use crate::auth::{scope, Principal};
+use crate::kernel::ids::UserId;
 
 /// Callers remembered across all shards.
 const BUCKETS_MAX: usize = 200_000;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::error::Error;
+use crate::kernel::error::Error;
 
 /// `ErrorInfo.domain` of every dmpay error.
 pub const ERROR_DOMAIN: &str = "dmpay.v1";

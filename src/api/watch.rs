@@ -20,7 +20,7 @@ use tonic::Status;
 
 use super::pb;
 use super::to_status;
-use crate::error::{Error, Result};
+use crate::kernel::error::{Error, Result};
 use crate::payments::events::{self, Event};
 use crate::payments::feed::Feed;
 use crate::payments::Payments;
@@ -181,7 +181,7 @@ type Sender = mpsc::Sender<std::result::Result<pb::PaymentEvent, Status>>;
 /// Sends one event; `Ok(false)` when the consumer went away.
 async fn send(tx: &Sender, event: Event, cursor: &mut i64) -> std::result::Result<bool, Status> {
     let sequence = event.sequence;
-    let wire = super::payments::event_to_wire(event).map_err(to_status)?;
+    let wire = super::payment_wire::event_to_wire(event).map_err(to_status)?;
     match tokio::time::timeout(WATCH_SEND_TIMEOUT, tx.send(Ok(wire))).await {
         Ok(Ok(())) => {
             *cursor = sequence;

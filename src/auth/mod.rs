@@ -23,8 +23,7 @@ use std::sync::{Arc, RwLock};
 use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 
-use crate::config::Config;
-use crate::error::Error;
+use crate::kernel::error::Error;
 
 pub use keys::KeyError;
 pub use mint::mint_dev_token;
@@ -47,6 +46,21 @@ pub mod scope {
     pub const LEDGER_WALLET_DEBIT: &str = "ledger:wallet_debit";
     pub const LEDGER_READ: &str = "ledger:read";
     pub const FINANCE: &str = "finance";
+}
+
+/// What verifies (and, in development, mints) tokens: `DMPAY_JWT_*`.
+#[derive(Debug, Clone)]
+pub struct JwtSettings {
+    /// The HS256 key; `None` when HS256 is off (`DMPAY_JWT_HS256_SECRET=off`).
+    pub hs256_secret: Option<secrecy::SecretString>,
+    /// A PEM or JWKS file of public keys, read again on reload.
+    pub public_keys: Option<PathBuf>,
+    pub issuer: String,
+    pub audience: String,
+    /// The longest a token may live (`exp - iat`).
+    pub lifetime_max: std::time::Duration,
+    /// Development mode: `dmpay token` may mint tokens.
+    pub development: bool,
 }
 
 /// The verified caller: a user or a platform service.
@@ -115,17 +129,17 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    pub fn from_config(config: &Config) -> Result<Self, KeyError> {
-        let hs256 = config.hs256_enabled().then(|| keys::Key::hs256(&config.jwt_hs256_secret));
-        let keys = Self::load(hs256.as_ref(), config.jwt_public_keys.as_ref())?;
+    pub fn new(settings: &JwtSettings) -> Result<Self, KeyError> {
+        let hs256 = settings.hs256_secret.as_ref().map(keys::Key::hs256);
+        let keys = Self::load(hs256.as_ref(), settings.public_keys.as_ref())?;
         Ok(Verifier {
             inner: Arc::new(Inner {
                 keys: RwLock::new(Arc::new(keys)),
-                public_keys: config.jwt_public_keys.clone(),
+                public_keys: settings.public_keys.clone(),
                 hs256,
-                issuer: config.jwt_issuer.clone(),
-                audience: config.jwt_audience.clone(),
-                lifetime_max_s: config.jwt_lifetime_max.as_secs(),
+                issuer: settings.issuer.clone(),
+                audience: settings.audience.clone(),
+                lifetime_max_s: settings.lifetime_max.as_secs(),
             }),
         })
     }

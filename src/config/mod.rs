@@ -14,8 +14,8 @@ pub use security::{ProcessorKind, HS256_SECRET_LEN_MIN};
 use settings::Settings;
 pub use settings::{ProcessEnv, Source};
 
+use crate::kernel::money::{Currencies, Currency};
 use crate::ledger::EngineConfig;
-use crate::money::{Currencies, Currency};
 use crate::payments::model::TierLimits;
 use crate::payments::PaymentsConfig;
 use crate::processor::sandbox::SandboxConfig;
@@ -32,11 +32,7 @@ pub enum Environment {
     Production,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Pretty,
-    Json,
-}
+pub use crate::telemetry::LogFormat;
 
 /// Fully resolved settings. Secrets are `SecretString`, whose Debug prints a mask.
 #[derive(Debug, Clone)]
@@ -70,7 +66,7 @@ pub struct Config {
     pub grpc_keepalive_interval: Duration,
     pub grpc_keepalive_timeout: Duration,
     /// Open connections, and how long a silent one stays.
-    pub connections: crate::connections::ConnectionLimits,
+    pub connections: crate::api::connections::ConnectionLimits,
     /// Writes per second (and burst) per caller, by tier.
     pub rate_limits: crate::api::rate::RateLimits,
     /// `WatchPayments` streams open at once, in all and per caller.
@@ -192,7 +188,7 @@ impl Config {
             grpc_call_timeout: s.duration("DMPAY_GRPC_CALL_TIMEOUT", Duration::from_secs(10))?,
             grpc_keepalive_interval: s.duration("DMPAY_GRPC_KEEPALIVE_INTERVAL", Duration::from_secs(30))?,
             grpc_keepalive_timeout: s.duration("DMPAY_GRPC_KEEPALIVE_TIMEOUT", Duration::from_secs(10))?,
-            connections: crate::connections::ConnectionLimits {
+            connections: crate::api::connections::ConnectionLimits {
                 open_max: s.num("DMPAY_GRPC_CONNECTIONS_MAX", 10_000, 1..=1_000_000)?,
                 per_ip_max: s.num("DMPAY_GRPC_CONNECTIONS_PER_IP_MAX", 1_000, 1..=1_000_000)?,
                 idle_timeout: s.duration("DMPAY_GRPC_IDLE_TIMEOUT", Duration::from_secs(120))?,
@@ -320,6 +316,27 @@ impl Config {
     /// The vault's keys, checked.
     pub fn key_ring(&self) -> Result<KeyRing, crate::vault::keys::KeyError> {
         KeyRing::new(&self.vault_keks, self.vault_active_kek.as_deref(), &self.vault_fingerprint_key)
+    }
+
+    /// The token verifier's (and the dev token minter's) settings.
+    pub fn jwt(&self) -> crate::auth::JwtSettings {
+        crate::auth::JwtSettings {
+            hs256_secret: self.hs256_enabled().then(|| self.jwt_hs256_secret.clone()),
+            public_keys: self.jwt_public_keys.clone(),
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+            lifetime_max: self.jwt_lifetime_max,
+            development: self.env == Environment::Development,
+        }
+    }
+
+    /// The store's settings.
+    pub fn store(&self) -> crate::store::StoreSettings {
+        crate::store::StoreSettings {
+            url: self.database_url.clone(),
+            pool_size: self.db_pool_size,
+            acquire_timeout: self.db_acquire_timeout,
+        }
     }
 
     pub fn is_sqlite(&self) -> bool {

@@ -13,8 +13,8 @@
 
 use serde_json::json;
 
-use crate::error::Result;
-use crate::money::{Currency, Money};
+use crate::kernel::error::Result;
+use crate::kernel::money::{Currency, Money};
 use crate::store::Db;
 use crate::with_db;
 
@@ -153,7 +153,7 @@ pub async fn page(
             Some(false) => "false",
             None => "",
         };
-        let at = crate::dates::rfc3339(r.created_at_us);
+        let at = crate::kernel::dates::rfc3339(r.created_at_us);
         match format {
             Format::Csv => {
                 let line = [

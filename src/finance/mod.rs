@@ -7,9 +7,9 @@ pub mod statement;
 
 use std::collections::BTreeMap;
 
-use crate::error::{Error, Result};
+use crate::kernel::error::{Error, Result};
+use crate::kernel::money::{Currency, Money};
 use crate::ledger::AccountType;
-use crate::money::{Currency, Money};
 use crate::store::{now_us, Db};
 use crate::with_db;
 

@@ -3,11 +3,11 @@
 
 use std::collections::BTreeMap;
 
-use crate::accounts::UserId;
-use crate::error::{Error, Result};
+use crate::kernel::error::{Error, Result};
+use crate::kernel::ids::UserId;
+use crate::kernel::money::{Currency, Money};
 use crate::ledger::read::sequence_before;
 use crate::ledger::AccountCode;
-use crate::money::{Currency, Money};
 use crate::store::Db;
 use crate::with_db;
 

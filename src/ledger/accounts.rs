@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 
 use super::model::{AccountCode, AccountType, Balance, LedgerAccount};
-use crate::accounts::UserId;
-use crate::error::{Error, Result};
-use crate::money::{Currencies, Currency};
+use crate::kernel::error::{Error, Result};
+use crate::kernel::ids::UserId;
+use crate::kernel::money::{Currencies, Currency};
 use crate::store::{is_unique_violation, now_us, Db};
 use crate::with_db;
 

@@ -12,7 +12,7 @@
 //! domain that owns the entry, which keeps its own rows in step.
 
 use super::model::Entry;
-use crate::error::{Error, Result};
+use crate::kernel::error::{Error, Result};
 
 /// One-click payments: sends, holds, card settlement, refunds.
 pub const PAYMENTS: &str = "payments";

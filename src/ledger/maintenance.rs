@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::engine::{EngineHandle, Op, Resolution};
 use super::read;
-use crate::error::Result;
+use crate::kernel::error::Result;
 use crate::store::{now_us, Db};
 use crate::with_db;
 

@@ -12,18 +12,10 @@
 //! - `read`       entries, listings and point-in-time balances
 //! - `verify`     recompute everything from postings and report differences
 //! - `maintenance` pending-entry expiry and idempotency-key retention
-//! - `bench`      `dmpay bench ledger`: the engine against naive per-transfer SQL
 
 pub mod accounts;
-mod batch;
-mod batch_pg;
-mod batch_sqlite;
-pub mod bench;
 pub mod callers;
-mod decide;
 pub mod engine;
-pub mod hook;
-mod intake;
 pub(crate) mod keys;
 pub mod maintenance;
 pub mod model;
@@ -38,8 +30,8 @@ pub use accounts::{AccountStore, SYSTEM_CLEARING, SYSTEM_FEES};
 pub use engine::{DatabaseState, Engine, EngineConfig, EngineHandle, Idem, NewEntry, Op, Outcome, Resolution};
 pub use model::*;
 
-use crate::error::{Error, Result};
-use crate::money::{Currencies, Money};
+use crate::kernel::error::{Error, Result};
+use crate::kernel::money::{Currencies, Money};
 use crate::store::Db;
 
 /// A posting as the caller names it, before its account is resolved.
@@ -61,6 +53,14 @@ pub struct PostEntryInput {
     pub pending: bool,
     /// 0 means the default.
     pub pending_timeout_s: u32,
+}
+
+/// Whether a caller may take money out of a user's wallet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalletDebits {
+    Allowed,
+    /// Not without this scope (named in the refusal).
+    NeedScope(&'static str),
 }
 
 /// The ledger service: validation, then the engine for writes and `read` for reads.
@@ -118,7 +118,7 @@ impl Ledger {
     pub async fn post_entry(&self, caller: &str, input: PostEntryInput) -> Result<Entry> {
         check_idempotency_key("idempotency_key", &input.idempotency_key)?;
         check_kind("kind", &input.kind)?;
-        crate::accounts::parse_text("description", &input.description, DESCRIPTION_LEN_MAX, false)?;
+        crate::kernel::text::parse_text("description", &input.description, DESCRIPTION_LEN_MAX, false)?;
         check_metadata("metadata", &input.metadata)?;
         if input.postings.len() < 2 {
             return Err(Error::invalid("postings", "an entry needs at least two postings"));
@@ -219,31 +219,31 @@ impl Ledger {
         self.finish(outcome).await
     }
 
-    /// Posts the mirror of a posted entry. A reversal debits what the entry credited:
-    /// unless `may_debit_wallets`, an entry that credited a user's wallet (a top-up) is
-    /// refused, as a debit of a wallet would be.
+    /// Posts the mirror of a posted entry. A reversal debits what the entry credited: an
+    /// entry that credited a user's wallet (a top-up) is refused unless the caller may
+    /// debit wallets, as a debit of a wallet would be.
     pub async fn reverse(
         &self,
         caller: &str,
         entry_id: &str,
         key: &str,
         reason: &str,
-        may_debit_wallets: bool,
+        wallet_debits: WalletDebits,
     ) -> Result<Entry> {
         check_idempotency_key("idempotency_key", key)?;
-        crate::accounts::parse_text("reason", reason, DESCRIPTION_LEN_MAX, true)?;
+        crate::kernel::text::parse_text("reason", reason, DESCRIPTION_LEN_MAX, true)?;
         let original = self.get_entry_field("entry_id", entry_id).await?;
         callers::check_may_change(caller, &original)?;
-        if !may_debit_wallets
-            && original
+        if let WalletDebits::NeedScope(scope) = wallet_debits {
+            if original
                 .postings
                 .iter()
                 .any(|p| p.direction == Direction::Credit && p.account_code.as_wallet().is_some())
-        {
-            return Err(Error::PermissionDenied(format!(
-                "reversing entry {entry_id} debits a user's wallet, which needs scope {}",
-                crate::auth::scope::LEDGER_WALLET_DEBIT
-            )));
+            {
+                return Err(Error::PermissionDenied(format!(
+                    "reversing entry {entry_id} debits a user's wallet, which needs scope {scope}"
+                )));
+            }
         }
         if original.status != EntryStatus::Posted || original.postings.is_empty() {
             return Err(Error::FailedPrecondition {

@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::accounts::UserId;
-use crate::error::{Error, Result};
-use crate::money::{Currency, Money};
+use crate::kernel::error::{Error, Result};
+use crate::kernel::ids::UserId;
+use crate::kernel::money::{Currency, Money};
 
 /// Longest ledger account code.
 pub const ACCOUNT_CODE_LEN_MAX: usize = 200;

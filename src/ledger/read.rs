@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 
 use super::model::{AccountCode, Direction, Entry, EntryStatus, Metadata, Posting};
-use crate::error::{Error, Result};
-use crate::money::{Currency, Money};
+use crate::kernel::error::{Error, Result};
+use crate::kernel::money::{Currency, Money};
 use crate::store::Db;
 use crate::with_db;
 

@@ -3,7 +3,7 @@
 //! service; reports each difference instead of stopping at the first.
 
 use super::model::Balance;
-use crate::error::Result;
+use crate::kernel::error::Result;
 use crate::store::Db;
 use crate::with_db;
 

@@ -6,10 +6,10 @@
 
 use super::store::{Claim, DailyCap, Inserted};
 use super::{model, spend, FundingSource, Payment, PaymentStatus, Payments, SendInput, ACTOR};
-use crate::accounts::UserId;
-use crate::error::{Error, Result};
+use crate::kernel::error::{Error, Result};
+use crate::kernel::ids::UserId;
+use crate::kernel::money::{Currency, Money};
 use crate::ledger::{AccountCode, Direction, Entry, PostEntryInput, PostingInput, SYSTEM_CLEARING, SYSTEM_FEES};
-use crate::money::{Currency, Money};
 use crate::processor::ProcessorError;
 use crate::store::now_us;
 

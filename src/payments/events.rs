@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use super::requests::{PaymentRequest, RequestRow, RequestStatus, REQUEST_COLUMNS};
-use super::store::{PaymentRow, COLUMNS};
+use super::model::{PaymentRequest, RequestStatus};
+use super::rows::{PaymentRow, RequestRow, COLUMNS, REQUEST_COLUMNS};
 use super::{Payment, PaymentStatus};
-use crate::error::Result;
+use crate::kernel::error::Result;
 use crate::store::{json_rows, Db};
 use crate::with_db;
 

@@ -12,7 +12,7 @@
 //! watcher that falls further behind is told it lagged and reads its own events from
 //! the table (`events::read`, through the party indexes) until it has caught up, as a
 //! new watcher does from its `after_sequence`. Sequence numbers are assigned in commit
-//! order under the counter row (`store::append_event!`), so reading `sequence > head`
+//! order under the counter row (`rows::append_event!`), so reading `sequence > head`
 //! never skips an event that commits later with a smaller number.
 
 use std::sync::Arc;
@@ -38,7 +38,7 @@ pub struct Feed {
 impl Feed {
     /// Starts the reader, from the newest event in the outbox, until every clone of the
     /// feed is dropped.
-    pub async fn start(db: Db, hub: EventHub, metrics: Metrics) -> crate::error::Result<Feed> {
+    pub async fn start(db: Db, hub: EventHub, metrics: Metrics) -> crate::kernel::error::Result<Feed> {
         let head = events::latest(&db).await?;
         let (events, _) = broadcast::channel(CHANNEL_CAPACITY);
         let feed = Feed { events };

@@ -25,6 +25,7 @@ pub mod feed;
 pub mod model;
 pub mod refunds;
 pub mod requests;
+pub(crate) mod rows;
 pub mod spend;
 pub mod store;
 
@@ -35,10 +36,11 @@ pub use model::{FundingSource, Payment, PaymentStatus, PaymentsConfig};
 pub use store::Claim;
 use store::PaymentStore;
 
-use crate::accounts::{Accounts, UserId};
-use crate::error::{Error, Result};
+use crate::accounts::Accounts;
+use crate::kernel::error::{Error, Result};
+use crate::kernel::ids::UserId;
+use crate::kernel::money::Money;
 use crate::ledger::{Direction, Ledger, NewEntry, Op, Outcome, Posting};
-use crate::money::Money;
 use crate::store::{now_us, Db};
 use crate::vault::Vault;
 

@@ -2,9 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::accounts::{Tier, UserId};
-use crate::error::{Error, Result};
-use crate::money::Currency;
+use crate::accounts::Tier;
+use crate::kernel::error::{Error, Result};
+use crate::kernel::ids::UserId;
+use crate::kernel::money::Currency;
 
 pub const NOTE_LEN_MAX: usize = 280;
 pub const OPAQUE_ID_LEN_MAX: usize = 128;
@@ -134,7 +135,7 @@ fn reason_static(reason: &str) -> &'static str {
 
 /// Notes: up to 280 characters, no control characters.
 pub fn check_note(field: &str, note: &str) -> Result<()> {
-    crate::accounts::parse_text(field, note, NOTE_LEN_MAX, false).map(|_| ())
+    crate::kernel::text::parse_text(field, note, NOTE_LEN_MAX, false).map(|_| ())
 }
 
 /// Conversation and message ids: opaque, up to 128 characters, printable.
@@ -206,11 +207,11 @@ pub fn check_send_rules(
     sender: crate::accounts::Status,
     recipient: crate::accounts::Status,
     limits: TierLimits,
-    amount: crate::money::Money,
+    amount: crate::kernel::money::Money,
     sent: i64,
 ) -> Result<()> {
     use crate::accounts::Status;
-    use crate::money::Money;
+    use crate::kernel::money::Money;
     if sender == Status::Frozen {
         return Err(Error::FailedPrecondition { reason: "ACCOUNT_FROZEN", message: "your account is frozen".into() });
     }
@@ -237,7 +238,7 @@ pub fn check_send_rules(
 /// The refusal of a send over the rolling 24-hour limit `daily_max` (minor units), with
 /// what the sender already `sent` in the window.
 pub fn daily_limit_error(currency: Currency, daily_max: i64, sent: i64) -> Error {
-    use crate::money::Money;
+    use crate::kernel::money::Money;
     Error::ResourceExhausted {
         reason: "DAILY_LIMIT",
         message: format!(
@@ -266,6 +267,63 @@ pub fn parse_recipient(raw: &str) -> Result<UserId> {
     UserId::parse("recipient_id", raw)
 }
 
+/// A request for money in a DM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestStatus {
+    Open,
+    Paid,
+    Declined,
+    Cancelled,
+    Expired,
+}
+
+impl RequestStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestStatus::Open => "open",
+            RequestStatus::Paid => "paid",
+            RequestStatus::Declined => "declined",
+            RequestStatus::Cancelled => "cancelled",
+            RequestStatus::Expired => "expired",
+        }
+    }
+
+    pub(crate) fn from_db(s: &str) -> Result<Self> {
+        Ok(match s {
+            "open" => RequestStatus::Open,
+            "paid" => RequestStatus::Paid,
+            "declined" => RequestStatus::Declined,
+            "cancelled" => RequestStatus::Cancelled,
+            "expired" => RequestStatus::Expired,
+            other => return Err(Error::internal(anyhow::anyhow!("unknown request status {other:?}"))),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentRequest {
+    pub request_id: String,
+    pub requester_id: String,
+    pub payer_id: String,
+    pub currency: String,
+    pub amount: i64,
+    pub note: String,
+    pub conversation_id: String,
+    pub message_id: String,
+    pub status: RequestStatus,
+    pub payment_id: Option<String>,
+    pub created_at_us: i64,
+    pub expires_at_us: i64,
+}
+
+impl PaymentRequest {
+    pub fn currency(&self) -> Result<Currency> {
+        Currency::from_code(&self.currency)
+            .ok_or_else(|| Error::internal(anyhow::anyhow!("unknown currency {} on a request", self.currency)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,7 +340,7 @@ mod tests {
     #[test]
     fn send_rules_in_order() {
         use crate::accounts::Status::{Active, Frozen};
-        use crate::money::Money;
+        use crate::kernel::money::Money;
         let usd = Currency::from_code("USD").unwrap();
         let limits = TierLimits { payment_max: 250, daily_max: 500 };
         let reason = |r: Result<()>| match r {

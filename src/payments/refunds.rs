@@ -4,12 +4,12 @@
 //! never exceed the payment, so concurrent refunds cannot over-refund), then the ledger
 //! moves the money; if the recipient's wallet cannot cover it, the reservation is undone.
 
-use super::store::{append_event, EventFields, PaymentRow, COLUMNS};
+use super::rows::{append_event, EventFields, PaymentRow, COLUMNS};
 use super::{model, Payment, PaymentStatus, Payments};
-use crate::accounts::UserId;
-use crate::error::{Error, Result};
+use crate::kernel::error::{Error, Result};
+use crate::kernel::ids::UserId;
+use crate::kernel::money::Money;
 use crate::ledger::{AccountCode, Direction, PostEntryInput, PostingInput};
-use crate::money::Money;
 use crate::store::{is_unique_violation, now_us};
 use crate::with_db;
 

@@ -1,132 +1,18 @@
 //! Payment requests: a requester asks a payer in a DM; the payer pays with one tap
 //! (at most once), declines, or lets it expire; the requester may cancel.
 
-use serde::{Deserialize, Serialize};
-
-use super::store::{append_event, EventFields};
+use super::model::{PaymentRequest, RequestStatus};
+use super::rows::{append_event, EventFields, RequestRow, REQUEST_COLUMNS};
 use super::{model, FundingSource, Payment, Payments, SendInput};
-use crate::accounts::{Status as AccountStatus, UserId};
-use crate::error::{Error, Result};
-use crate::money::{Currency, Money};
+use crate::accounts::Status as AccountStatus;
+use crate::kernel::error::{Error, Result};
+use crate::kernel::ids::UserId;
+use crate::kernel::money::Money;
 use crate::store::{is_unique_violation, now_us};
 use crate::with_db;
 
 pub const EXPIRES_DEFAULT_S: u32 = 7 * 86_400;
 pub const EXPIRES_MAX_S: u32 = 30 * 86_400;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RequestStatus {
-    Open,
-    Paid,
-    Declined,
-    Cancelled,
-    Expired,
-}
-
-impl RequestStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RequestStatus::Open => "open",
-            RequestStatus::Paid => "paid",
-            RequestStatus::Declined => "declined",
-            RequestStatus::Cancelled => "cancelled",
-            RequestStatus::Expired => "expired",
-        }
-    }
-
-    pub(crate) fn from_db(s: &str) -> Result<Self> {
-        Ok(match s {
-            "open" => RequestStatus::Open,
-            "paid" => RequestStatus::Paid,
-            "declined" => RequestStatus::Declined,
-            "cancelled" => RequestStatus::Cancelled,
-            "expired" => RequestStatus::Expired,
-            other => return Err(Error::internal(anyhow::anyhow!("unknown request status {other:?}"))),
-        })
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PaymentRequest {
-    pub request_id: String,
-    pub requester_id: String,
-    pub payer_id: String,
-    pub currency: String,
-    pub amount: i64,
-    pub note: String,
-    pub conversation_id: String,
-    pub message_id: String,
-    pub status: RequestStatus,
-    pub payment_id: Option<String>,
-    pub created_at_us: i64,
-    pub expires_at_us: i64,
-}
-
-impl PaymentRequest {
-    pub fn currency(&self) -> Result<Currency> {
-        Currency::from_code(&self.currency)
-            .ok_or_else(|| Error::internal(anyhow::anyhow!("unknown currency {} on a request", self.currency)))
-    }
-
-    pub(crate) fn event(&self, event_type: &'static str) -> EventFields {
-        EventFields {
-            event_type,
-            payment_id: self.payment_id.clone(),
-            request_id: Some(self.request_id.clone()),
-            party_a: self.requester_id.clone(),
-            party_b: self.payer_id.clone(),
-            conversation_id: self.conversation_id.clone(),
-            status: self.status.as_str(),
-            refunded_amount: 0,
-            failure_reason: String::new(),
-            failure_message: String::new(),
-            authorization_ref: None,
-            capture_ref: None,
-            settled_at_us: None,
-        }
-    }
-}
-
-#[derive(Clone, sqlx::FromRow)]
-pub(crate) struct RequestRow {
-    request_id: String,
-    requester_id: String,
-    payer_id: String,
-    currency: String,
-    amount: i64,
-    note: String,
-    conversation_id: String,
-    message_id: String,
-    status: String,
-    payment_id: Option<String>,
-    created_at_us: i64,
-    expires_at_us: i64,
-}
-
-impl TryFrom<RequestRow> for PaymentRequest {
-    type Error = Error;
-    fn try_from(r: RequestRow) -> Result<Self> {
-        Ok(PaymentRequest {
-            status: RequestStatus::from_db(&r.status)?,
-            request_id: r.request_id,
-            requester_id: r.requester_id,
-            payer_id: r.payer_id,
-            currency: r.currency,
-            amount: r.amount,
-            note: r.note,
-            conversation_id: r.conversation_id,
-            message_id: r.message_id,
-            payment_id: r.payment_id,
-            created_at_us: r.created_at_us,
-            expires_at_us: r.expires_at_us,
-        })
-    }
-}
-
-pub(crate) const REQUEST_COLUMNS: &str =
-    "request_id, requester_id, payer_id, currency, amount, note, conversation_id, \
-     message_id, status, payment_id, created_at_us, expires_at_us";
 
 /// `RequestPayment` after wire parsing.
 pub struct RequestInput {
@@ -248,7 +134,7 @@ impl Payments {
             .bind(req.expires_at_us)
             .execute(&mut *tx)
             .await?;
-            append_event!(tx, &req.event("request.created"));
+            append_event!(tx, &EventFields::request("request.created", &req));
             tx.commit().await?;
             Ok::<_, sqlx::Error>(())
         }
@@ -338,7 +224,7 @@ impl Payments {
                 return Ok(Closed::PaymentInFlight(payment_id));
             }
             let updated = PaymentRequest::try_from(row).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-            append_event!(tx, &updated.event(event));
+            append_event!(tx, &EventFields::request(event, &updated));
             tx.commit().await?;
             Ok::<_, sqlx::Error>(Closed::Done(updated))
         }

@@ -60,7 +60,7 @@ pub(crate) const SUM_SQL: &str =
     "SELECT CAST(SUM(amount) AS BIGINT) FROM payment_spend WHERE sender_id = $1 AND currency = $2 AND hour >= $3";
 
 /// What `sender` sent in `currency` in the window ending at `now_us`.
-pub async fn sent(db: &Db, sender: &str, currency: &str, now_us: i64) -> crate::error::Result<i64> {
+pub async fn sent(db: &Db, sender: &str, currency: &str, now_us: i64) -> crate::kernel::error::Result<i64> {
     let sum: Option<i64> = with_db!(db, pool => sqlx::query_scalar(SUM_SQL)
     .bind(sender)
     .bind(currency)
@@ -71,7 +71,7 @@ pub async fn sent(db: &Db, sender: &str, currency: &str, now_us: i64) -> crate::
 }
 
 /// Deletes buckets long out of the window. Returns how many.
-pub async fn purge(db: &Db, now_us: i64) -> crate::error::Result<u64> {
+pub async fn purge(db: &Db, now_us: i64) -> crate::kernel::error::Result<u64> {
     let n = with_db!(db, pool => sqlx::query("DELETE FROM payment_spend WHERE hour < $1")
         .bind(window_start(now_us) - KEEP_HOURS)
         .execute(pool)

@@ -11,8 +11,8 @@ pub mod sandbox;
 
 use async_trait::async_trait;
 
-use crate::money::Money;
-use crate::vault::card::{Cvc, Pan};
+use crate::kernel::card_data::{Cvc, Pan};
+use crate::kernel::money::Money;
 
 /// The card as the processor needs it for one call.
 #[derive(Debug, Clone, Copy)]

@@ -27,8 +27,8 @@ use async_trait::async_trait;
 use rand::Rng;
 
 use super::{CallKind, CallRecord, CardDetails, CardProcessor, DeclineCode, ProcessorError};
-use crate::dates;
-use crate::money::{Currency, Money};
+use crate::kernel::dates;
+use crate::kernel::money::{Currency, Money};
 use crate::store::{is_unique_violation, now_us, Db};
 use crate::with_db;
 
@@ -375,7 +375,8 @@ pub fn inject_discrepancies(
         let currency = Currency::from_code(&cols[5]).ok_or_else(|| anyhow::anyhow!("unknown currency {}", cols[5]))?;
         let one = 10_i64.pow(currency.exponent());
         let bump = |s: &str| -> anyhow::Result<String> {
-            let minor = crate::money::parse_minor("amount", s, currency, true).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let minor =
+                crate::kernel::money::parse_minor("amount", s, currency, true).map_err(|e| anyhow::anyhow!("{e}"))?;
             Ok(Money::from_minor(currency, minor + one).amount_string())
         };
         cols[2] = bump(&cols[2])?;

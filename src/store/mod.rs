@@ -17,11 +17,20 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::ConnectOptions;
 
-use crate::config::Config;
-use crate::error::Error;
+use crate::kernel::error::Error;
 
 pub static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 pub static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Where the database is and how its pool behaves (`DMPAY_DATABASE_URL`,
+/// `DMPAY_DB_POOL_SIZE`, `DMPAY_DB_ACQUIRE_TIMEOUT`).
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// `sqlite://PATH` or `postgres://...`; a secret, since it may carry a password.
+    pub url: secrecy::SecretString,
+    pub pool_size: u32,
+    pub acquire_timeout: Duration,
+}
 
 /// A connection pool on one of the two backends. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -100,22 +109,19 @@ pub enum PoolRole {
 impl Db {
     /// Opens the pool described by `DMPAY_DATABASE_URL`. For SQLite the file and its
     /// folder are created when missing.
-    pub async fn connect(config: &Config) -> anyhow::Result<Db> {
-        Self::connect_url(config.database_url.expose_secret(), config.db_pool_size, config.db_acquire_timeout).await
+    pub async fn connect(settings: &StoreSettings) -> anyhow::Result<Db> {
+        Self::connect_url(settings.url.expose_secret(), settings.pool_size, settings.acquire_timeout).await
     }
 
     /// The posting engine's own pool: one connection per worker and one spare. On
     /// SQLite, one connection for its one worker: every batch then finds that
     /// connection's page cache warm, where alternating connections would each see the
     /// other's commits as a changed file and drop their caches.
-    pub async fn connect_engine(config: &Config) -> anyhow::Result<Db> {
-        let url = config.database_url.expose_secret();
-        let size = if url.starts_with("sqlite:") {
-            1
-        } else {
-            u32::try_from(config.engine.workers).unwrap_or(64).saturating_add(1)
-        };
-        Self::connect_role(url, size, config.db_acquire_timeout, PoolRole::Engine).await
+    pub async fn connect_engine(settings: &StoreSettings, engine_workers: usize) -> anyhow::Result<Db> {
+        let url = settings.url.expose_secret();
+        let size =
+            if url.starts_with("sqlite:") { 1 } else { u32::try_from(engine_workers).unwrap_or(64).saturating_add(1) };
+        Self::connect_role(url, size, settings.acquire_timeout, PoolRole::Engine).await
     }
 
     pub async fn connect_url(url: &str, pool_size: u32, acquire_timeout: Duration) -> anyhow::Result<Db> {
@@ -431,31 +437,6 @@ static CLOCK_OFFSET_US: std::sync::atomic::AtomicI64 = std::sync::atomic::Atomic
 #[doc(hidden)]
 pub fn set_clock_offset_for_tests(offset_us: i64) {
     CLOCK_OFFSET_US.store(offset_us, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Turns a driver error into a domain error: outages and lock contention the caller may
-/// retry become UNAVAILABLE; everything else is INTERNAL (and is logged by the api layer).
-pub fn classify(err: sqlx::Error) -> Error {
-    match &err {
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
-            Error::Unavailable("database unavailable, retry later".into())
-        }
-        sqlx::Error::Database(db) => {
-            let code = db.code().unwrap_or_default();
-            // PostgreSQL: 40001 serialization failure, 40P01 deadlock, 08* connection,
-            // 57P0* shutdown, 53* insufficient resources. SQLite: 5 BUSY, 6 LOCKED.
-            let retryable = matches!(code.as_ref(), "40001" | "40P01" | "5" | "6" | "517" | "261")
-                || code.starts_with("08")
-                || code.starts_with("57P")
-                || code.starts_with("53");
-            if retryable {
-                Error::Unavailable("database busy or unavailable, retry later".into())
-            } else {
-                Error::Internal(err.into())
-            }
-        }
-        _ => Error::Internal(err.into()),
-    }
 }
 
 /// The SQLSTATE / SQLite code of a database error, if it is one.

@@ -108,7 +108,7 @@ struct Inner {
     latency: Vec<Latency>,
     counters: Counters,
     db: OnceLock<Db>,
-    engine: OnceLock<Arc<crate::ledger::engine::EngineStats>>,
+    engine: OnceLock<Arc<super::EngineStats>>,
     sandbox_in_production: AtomicBool,
 }
 
@@ -155,7 +155,7 @@ impl Metrics {
     }
 
     /// The posting engine whose batches are reported.
-    pub fn set_engine(&self, stats: Arc<crate::ledger::engine::EngineStats>) {
+    pub fn set_engine(&self, stats: Arc<super::EngineStats>) {
         let _ = self.inner.engine.set(stats);
     }
 

@@ -11,7 +11,24 @@ pub use metrics::{serve_metrics, Metrics};
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// What the posting engine has done since it started, for metrics and benchmarks: the
+/// engine adds to these, the metrics read them.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Batch transactions run (retries of a refused batch included).
+    pub batches: std::sync::atomic::AtomicU64,
+    /// Commands taken from the queue.
+    pub commands: std::sync::atomic::AtomicU64,
+    /// Time spent committing batches, microseconds, summed over workers.
+    pub busy_us: std::sync::atomic::AtomicU64,
+}
 
 /// The filter used when `RUST_LOG` is not set.
 pub const DEFAULT_FILTER: &str = "info,sqlx=warn,h2=warn";

@@ -1,66 +1,10 @@
 //! Card data: secret types that never print what they hold, and the validation of a
 //! card number, expiry and CVC. Nothing here ever echoes a number in an error.
 
-use std::fmt;
-
 use zeroize::Zeroizing;
 
-use crate::error::{Error, Result};
-
-/// A primary account number: digits only, 12 to 19 of them, Luhn-valid. Debug and
-/// Display show at most the last four digits; the memory is wiped on drop.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Pan(Zeroizing<String>);
-
-impl Pan {
-    /// The digits, for the encryption and the processor call only.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    pub fn last4(&self) -> &str {
-        &self.0[self.0.len() - 4..]
-    }
-
-    /// Rebuilds a PAN from decrypted storage, which was validated when written.
-    pub(crate) fn from_vault(digits: Zeroizing<String>) -> Self {
-        Pan(digits)
-    }
-}
-
-impl fmt::Debug for Pan {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Pan(****{})", self.last4())
-    }
-}
-
-impl fmt::Display for Pan {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "****{}", self.last4())
-    }
-}
-
-/// A card verification code. Never stored; wiped on drop; prints as `***`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Cvc(Zeroizing<String>);
-
-impl Cvc {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Cvc {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Cvc(***)")
-    }
-}
-
-impl fmt::Display for Cvc {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
+pub use crate::kernel::card_data::{Cvc, Pan};
+use crate::kernel::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Brand {
@@ -213,7 +157,7 @@ pub fn validate(
     if !cvc.bytes().all(|b| b.is_ascii_digit()) || cvc.len() != brand.cvc_len() {
         return Err(Error::invalid("cvc", format!("{} digits for this card", brand.cvc_len())));
     }
-    Ok(ValidCard { pan: Pan(digits), brand, exp_month, exp_year, cvc: Cvc(cvc) })
+    Ok(ValidCard { pan: Pan::from_validated(digits), brand, exp_month, exp_year, cvc: Cvc::from_validated(cvc) })
 }
 
 #[cfg(test)]

@@ -171,7 +171,7 @@ impl KeyRing {
         let cipher = Aes256Gcm::new_from_slice(&dek).map_err(|_| KeyError::Decrypt)?;
         let plain = open(&cipher, &sealed.ciphertext, &aad("pan", token, user, ""))?;
         let digits = String::from_utf8(plain.to_vec()).map_err(|_| KeyError::Decrypt)?;
-        Ok(Pan::from_vault(Zeroizing::new(digits)))
+        Ok(Pan::from_validated(Zeroizing::new(digits)))
     }
 
     /// Re-wraps the record's DEK under the active KEK; the PAN ciphertext is unchanged.

@@ -5,7 +5,7 @@
 use super::keys::Sealed;
 use super::model::SealedRow;
 use super::Vault;
-use crate::error::{Error, Result};
+use crate::kernel::error::{Error, Result};
 use crate::store::now_us;
 use crate::with_db;
 

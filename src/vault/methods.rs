@@ -2,8 +2,8 @@
 
 use super::model::{MethodRow, METHOD_COLUMNS};
 use super::{check_token, not_found, PaymentMethod, Vault};
-use crate::accounts::UserId;
-use crate::error::{Error, Result};
+use crate::kernel::error::{Error, Result};
+use crate::kernel::ids::UserId;
 use crate::store::now_us;
 use crate::with_db;
 

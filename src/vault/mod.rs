@@ -43,9 +43,11 @@ use rand::RngCore;
 
 use self::card::{Cvc, Pan};
 use self::keys::{KeyRing, Sealed};
-use crate::accounts::{parse_text, Accounts, UserId};
-use crate::dates;
-use crate::error::{Error, Result};
+use crate::accounts::Accounts;
+use crate::kernel::dates;
+use crate::kernel::error::{Error, Result};
+use crate::kernel::ids::UserId;
+use crate::kernel::text::parse_text;
 use crate::processor::{CardDetails, CardProcessor, ProcessorError};
 use crate::store::{now_us, Db};
 use crate::with_db;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::card::{Brand, Pan};
-use crate::error::{Error, Result};
+use crate::kernel::error::{Error, Result};
 use crate::processor::CardDetails;
 
 #[derive(Debug, Clone)]

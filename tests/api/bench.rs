@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use dmpay::bench_payments::{run, Options, Scenario};
+use dmpay::bench::payments::{run, Options, Scenario};
 
 use crate::backend_tests;
 use crate::helpers::*;

@@ -179,7 +179,7 @@ async fn reconcile_clean_and_with_discrepancies(app: TestApp) {
     for (i, amount) in ["10.00", "20.00", "30.00"].iter().enumerate() {
         app.send(&alice, &format!("card-{i}"), "bob", amount, pb::FundingSource::Card).await.unwrap();
     }
-    let today = dmpay::dates::ymd(dmpay::store::now_us());
+    let today = dmpay::kernel::dates::ymd(dmpay::store::now_us());
     let date = format!("{:04}-{:02}-{:02}", today.0, today.1, today.2);
     let sandbox = dmpay::processor::sandbox::Sandbox::new(app.db.clone(), Default::default());
     let report = dmpay::processor::CardProcessor::settlement_report(&sandbox, &date).await.unwrap();
@@ -398,12 +398,12 @@ async fn two_days_of_card_payments_reconcile(app: TestApp) {
     let day_us = 86_400_000_000;
     // Yesterday.
     dmpay::store::set_clock_offset_for_tests(-day_us);
-    let yesterday = dmpay::dates::ymd(dmpay::store::now_us());
+    let yesterday = dmpay::kernel::dates::ymd(dmpay::store::now_us());
     for i in 0..2 {
         app.send(&alice, &format!("d1-{i}"), "bob", "10.00", pb::FundingSource::Card).await.unwrap();
     }
     dmpay::store::set_clock_offset_for_tests(0);
-    let today = dmpay::dates::ymd(dmpay::store::now_us());
+    let today = dmpay::kernel::dates::ymd(dmpay::store::now_us());
     for i in 0..3 {
         app.send(&alice, &format!("d2-{i}"), "bob", "20.00", pb::FundingSource::Card).await.unwrap();
     }
@@ -480,8 +480,8 @@ async fn two_days_of_card_payments_reconcile(app: TestApp) {
 
 /// 100,000 postings stream out in bounded chunks, every one of them, with exact amounts.
 async fn export_of_a_large_range_streams(app: TestApp) {
+    use dmpay::kernel::money::{Currency, Money};
     use dmpay::ledger::{AccountCode, Direction, PostEntryInput, PostingInput};
-    use dmpay::money::{Currency, Money};
     let usd = Currency::from_code("USD").unwrap();
     let mut tasks = tokio::task::JoinSet::new();
     // 1,000 entries of 100 postings: one debit of 99.00 and 99 credits of 1.00.
@@ -564,7 +564,7 @@ async fn rows_without_reference_match_by_amount_and_time(app: TestApp) {
     app.add_card(&alice, "4242424242424242", true).await.unwrap();
     app.send(&alice, "nr-1", "bob", "10.00", pb::FundingSource::Card).await.unwrap();
     app.send(&alice, "nr-2", "bob", "20.00", pb::FundingSource::Card).await.unwrap();
-    let today = dmpay::dates::ymd(dmpay::store::now_us());
+    let today = dmpay::kernel::dates::ymd(dmpay::store::now_us());
     let date = format!("{:04}-{:02}-{:02}", today.0, today.1, today.2);
     let sandbox = dmpay::processor::sandbox::Sandbox::new(app.db.clone(), Default::default());
     let report = dmpay::processor::CardProcessor::settlement_report(&sandbox, &date).await.unwrap();
@@ -641,7 +641,7 @@ async fn a_later_report_supersedes_the_days_books(app: TestApp) {
     for (i, amount) in ["10.00", "20.00", "30.00"].iter().enumerate() {
         app.send(&alice, &format!("card-{i}"), "bob", amount, pb::FundingSource::Card).await.unwrap();
     }
-    let today = dmpay::dates::ymd(dmpay::store::now_us());
+    let today = dmpay::kernel::dates::ymd(dmpay::store::now_us());
     let date = format!("{:04}-{:02}-{:02}", today.0, today.1, today.2);
     let sandbox = dmpay::processor::sandbox::Sandbox::new(app.db.clone(), Default::default());
     let clean = dmpay::processor::CardProcessor::settlement_report(&sandbox, &date).await.unwrap();
@@ -774,7 +774,7 @@ async fn a_superseded_item_cannot_be_resolved(app: TestApp) {
     app.add_card(&alice, "4242424242424242", true).await.unwrap();
     app.send(&alice, "c1", "bob", "10.00", pb::FundingSource::Card).await.unwrap();
     app.send(&alice, "c2", "bob", "20.00", pb::FundingSource::Card).await.unwrap();
-    let today = dmpay::dates::ymd(dmpay::store::now_us());
+    let today = dmpay::kernel::dates::ymd(dmpay::store::now_us());
     let date = format!("{:04}-{:02}-{:02}", today.0, today.1, today.2);
     let sandbox = dmpay::processor::sandbox::Sandbox::new(app.db.clone(), Default::default());
     let clean = dmpay::processor::CardProcessor::settlement_report(&sandbox, &date).await.unwrap();

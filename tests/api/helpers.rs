@@ -184,7 +184,7 @@ impl TestApp {
     pub async fn users(&self, names: &[&str]) {
         let accounts = dmpay::accounts::Accounts::new(self.db.clone());
         for name in names {
-            let user = dmpay::accounts::UserId::parse("user_id", name).expect("a user id");
+            let user = dmpay::kernel::ids::UserId::parse("user_id", name).expect("a user id");
             accounts.ensure(&user).await.expect("create the platform account");
         }
     }
@@ -212,7 +212,7 @@ impl TestApp {
 
     /// A token for `sub` with `scope`, signed with the server's dev secret.
     pub fn token(&self, sub: &str, scope: &str) -> String {
-        dmpay::auth::mint_dev_token(&self.config, sub, scope, Duration::from_secs(600)).expect("mint")
+        dmpay::auth::mint_dev_token(&self.config.jwt(), sub, scope, Duration::from_secs(600)).expect("mint")
     }
 
     pub fn accounts(&self) -> pb::accounts_client::AccountsClient<Channel> {

@@ -128,7 +128,7 @@ fn value(text: &str, name: &str) -> f64 {
 fn token(sub: &str, scope: &str) -> String {
     let dev = std::collections::HashMap::from([("DMPAY_ENV".to_string(), "development".to_string())]);
     let config = dmpay::config::Config::load_from(&dev, None).unwrap();
-    dmpay::auth::mint_dev_token(&config, sub, scope, Duration::from_secs(3600)).unwrap()
+    dmpay::auth::mint_dev_token(&config.jwt(), sub, scope, Duration::from_secs(3600)).unwrap()
 }
 
 /// Times `n` honest calls, one after the other: GetBalance, a read every chat thread

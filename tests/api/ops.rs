@@ -115,7 +115,7 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
 
     let dev = std::collections::HashMap::from([("DMPAY_ENV".to_string(), "development".to_string())]);
     let config = dmpay::config::Config::load_from(&dev, None).unwrap();
-    let token = dmpay::auth::mint_dev_token(&config, "ops", "accounts:admin", Duration::from_secs(600)).unwrap();
+    let token = dmpay::auth::mint_dev_token(&config.jwt(), "ops", "accounts:admin", Duration::from_secs(600)).unwrap();
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
 
     // Hold the write lock.

@@ -388,11 +388,11 @@ async fn unknown_card_outcome_resolves_to_one_charge(app: TestApp) {
             std::sync::Arc::new(PaymentsConfig { resolve_after_s: 0, ..Default::default() }),
         )
     };
-    let sender = dmpay::accounts::UserId::parse("u", "alice").unwrap();
+    let sender = dmpay::kernel::ids::UserId::parse("u", "alice").unwrap();
     let input = || dmpay::payments::SendInput {
         idempotency_key: "flaky-1".into(),
-        recipient: dmpay::accounts::UserId::parse("u", "bob").unwrap(),
-        amount: dmpay::money::Money::from_minor(dmpay::money::Currency::from_code("USD").unwrap(), 700),
+        recipient: dmpay::kernel::ids::UserId::parse("u", "bob").unwrap(),
+        amount: dmpay::kernel::money::Money::from_minor(dmpay::kernel::money::Currency::from_code("USD").unwrap(), 700),
         note: String::new(),
         conversation_id: String::new(),
         message_id: String::new(),
@@ -969,9 +969,9 @@ async fn a_failed_refund_is_never_paid_later(app: TestApp) {
     .fetch_one(pool)
     .await)
     .expect("refund row");
-    let usd = dmpay::money::Currency::from_code("USD").unwrap();
-    let five = dmpay::money::Money::from_minor(usd, 500);
-    let wallet = |u: &str| AccountCode::wallet(&dmpay::accounts::UserId::parse("u", u).unwrap(), usd);
+    let usd = dmpay::kernel::money::Currency::from_code("USD").unwrap();
+    let five = dmpay::kernel::money::Money::from_minor(usd, 500);
+    let wallet = |u: &str| AccountCode::wallet(&dmpay::kernel::ids::UserId::parse("u", u).unwrap(), usd);
     let late = app
         .ledger_handle
         .post_entry(
@@ -994,7 +994,7 @@ async fn a_failed_refund_is_never_paid_later(app: TestApp) {
             },
         )
         .await;
-    assert!(matches!(late, Err(dmpay::error::Error::AlreadyExists(_))), "the late post went through: {late:?}");
+    assert!(matches!(late, Err(dmpay::kernel::error::Error::AlreadyExists(_))), "the late post went through: {late:?}");
     assert_eq!(amt(&app.wallet("carol").await.posted), "5.00");
     assert_eq!(amt(&app.wallet("alice").await.posted), "5.00");
 

@@ -12,8 +12,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dmpay::accounts::{Accounts, UserId};
-use dmpay::money::{Currency, Money};
+use dmpay::accounts::Accounts;
+use dmpay::kernel::ids::UserId;
+use dmpay::kernel::money::{Currency, Money};
 use dmpay::payments::{FundingSource, Payments, PaymentsConfig, SendInput};
 use dmpay::processor::sandbox::{Sandbox, SandboxConfig};
 use dmpay::vault::{Vault, VaultConfig};

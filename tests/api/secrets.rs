@@ -144,7 +144,7 @@ async fn no_card_data_in_clear(backend: Backend) {
     // A declined card and a bad one go through other paths.
     let _ = app.add_card(&t, "4000000000000002", false).await;
     let _ = app.tokenize(&t, "4242424242424241").await;
-    let pat = dmpay::accounts::UserId::parse("u", "pat").unwrap();
+    let pat = dmpay::kernel::ids::UserId::parse("u", "pat").unwrap();
     let _ = app.vault.chargeable(&pat, None, "test").await.unwrap();
 
     let db = dump_database(&app).await;

@@ -8,8 +8,9 @@ use secrecy::SecretString;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use dmpay::accounts::{Accounts, UserId};
-use dmpay::money::{Currency, Money};
+use dmpay::accounts::Accounts;
+use dmpay::kernel::ids::UserId;
+use dmpay::kernel::money::{Currency, Money};
 use dmpay::processor::sandbox::{Sandbox, SandboxConfig};
 use dmpay::processor::{CardDetails, CardProcessor, DeclineCode, ProcessorError};
 use dmpay::vault::keys::{KeyRing, DEV_FINGERPRINT_KEY, DEV_KEKS};
@@ -245,7 +246,7 @@ async fn charges_at_the_sandbox(app: TestApp) {
     ));
 
     // The settlement report lists the capture and the refund of today, with fees.
-    let today = dmpay::dates::ymd(dmpay::store::now_us());
+    let today = dmpay::kernel::dates::ymd(dmpay::store::now_us());
     let report = sandbox.settlement_report(&format!("{:04}-{:02}-{:02}", today.0, today.1, today.2)).await.unwrap();
     let lines: Vec<&str> = report.lines().collect();
     assert_eq!(lines[0], "processor_reference,type,amount,fee,net,currency,created_at");

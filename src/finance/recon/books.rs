@@ -13,9 +13,9 @@
 use std::collections::{BTreeMap, HashSet};
 
 use super::{Imported, Reconciler, Run, RECON_ACTOR, RUNS_PER_DAY_MAX};
-use crate::error::{Error, Result};
+use crate::kernel::error::{Error, Result};
+use crate::kernel::money::{Currency, Money};
 use crate::ledger::{AccountCode, Direction, PostEntryInput, PostingInput, SYSTEM_CLEARING};
-use crate::money::{Currency, Money};
 use crate::with_db;
 
 /// One entry a run booked.
@@ -163,7 +163,8 @@ impl Reconciler {
         for entry_id in gone {
             let key = format!("recon:{}:unwind:{entry_id}", run.run_id);
             let reason = format!("report {} of {} no longer has this discrepancy", run.run_id, run.report_date);
-            match self.ledger.reverse(RECON_ACTOR, &entry_id, &key, &reason, true).await {
+            match self.ledger.reverse(RECON_ACTOR, &entry_id, &key, &reason, crate::ledger::WalletDebits::Allowed).await
+            {
                 Ok(e) => {
                     let amount = e.postings.first().map(|p| p.amount).ok_or_else(|| overflow(run))?;
                     out.push(Booking {

@@ -3,10 +3,10 @@
 //! resolved: a superseded run's discrepancies are the new run's to settle.
 
 use super::{Item, Reconciler, RECON_ACTOR};
-use crate::accounts::parse_text;
-use crate::error::{Error, Result};
+use crate::kernel::error::{Error, Result};
+use crate::kernel::money::{Currency, Money};
+use crate::kernel::text::parse_text;
 use crate::ledger::{AccountCode, Direction, PostEntryInput, PostingInput, SYSTEM_CLEARING};
-use crate::money::{Currency, Money};
 use crate::store::{now_us, Db};
 use crate::with_db;
 
@@ -152,7 +152,17 @@ impl Reconciler {
                 let winner = self.item(item_id).await?;
                 if let Some(entry) = entry_id.filter(|e| winner.adjustment_entry_id.as_deref() != Some(e.as_str())) {
                     let key = format!("recon-resolve:{item_id}:undo");
-                    match self.ledger.reverse(RECON_ACTOR, &entry, &key, "the item could not be resolved", true).await {
+                    match self
+                        .ledger
+                        .reverse(
+                            RECON_ACTOR,
+                            &entry,
+                            &key,
+                            "the item could not be resolved",
+                            crate::ledger::WalletDebits::Allowed,
+                        )
+                        .await
+                    {
                         Ok(_) | Err(Error::FailedPrecondition { reason: "ALREADY_REVERSED", .. }) => {}
                         Err(e) => return Err(e),
                     }

@@ -32,10 +32,10 @@ mod report;
 pub use books::Booking;
 pub use report::{parse_report, ReportRow, REPORT_BYTES_MAX};
 
-use crate::dates;
-use crate::error::{Error, Result};
+use crate::kernel::dates;
+use crate::kernel::error::{Error, Result};
+use crate::kernel::money::{Currency, Money};
 use crate::ledger::Ledger;
-use crate::money::{Currency, Money};
 use crate::store::{now_us, Db};
 use crate::with_db;
 

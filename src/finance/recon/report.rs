@@ -3,8 +3,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::error::{Error, Result};
-use crate::money::{parse_minor, Currencies, Money};
+use crate::kernel::error::{Error, Result};
+use crate::kernel::money::{parse_minor, Currencies, Money};
 
 /// Largest report accepted, in bytes (about 10 MB: over 100,000 rows).
 pub const REPORT_BYTES_MAX: usize = 10 * 1024 * 1024;

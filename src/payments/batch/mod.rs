@@ -25,12 +25,12 @@ use sqlx::postgres::PgArguments;
 use sqlx::sqlite::SqliteArguments;
 
 use super::model::{Payment, PaymentStatus, PaymentsConfig};
-use super::store::EventFields;
+use super::rows::EventFields;
 use crate::accounts::{Status as AccountStatus, Tier};
-use crate::error::{Error, Result};
-use crate::ledger::hook::{Admit, BatchHook, Conn, HookBatch};
+use crate::kernel::error::{Error, Result};
+use crate::kernel::money::Money;
+use crate::ledger::engine::hook::{Admit, BatchHook, Conn, HookBatch};
 use crate::ledger::Outcome;
-use crate::money::Money;
 
 /// A wallet-funded send, attached to its transfer entry.
 #[derive(Clone)]

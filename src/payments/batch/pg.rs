@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use sqlx::error::BoxDynError;
 use sqlx::postgres::PgArguments;
 
-use crate::ledger::hook::bind_step;
+use crate::ledger::engine::hook::bind_step;
 
 use super::*;
 

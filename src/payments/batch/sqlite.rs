@@ -153,7 +153,7 @@ pub(super) fn steps(
          r.v ->> 5, r.v ->> 6, r.v ->> 7, r.v ->> 8, r.v ->> 9, r.v ->> 10, \
          r.v ->> 11, r.v ->> 12, r.v ->> 13, r.v ->> 14, ?, r.v ->> 15 FROM r; \
          WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?)) INSERT INTO payment_events (sequence, ",
-        crate::payments::store::EVENT_COLUMNS!(),
+        crate::payments::rows::EVENT_COLUMNS!(),
         ", snapshot, occurred_at_us) \
          SELECT (SELECT last_value FROM payment_event_sequence WHERE id = 1) + (r.v ->> 0), r.v ->> 1, r.v ->> 2, \
          r.v ->> 3, r.v ->> 4, r.v ->> 5, r.v ->> 6, r.v ->> 7, r.v ->> 8, r.v ->> 9, r.v ->> 10, r.v ->> 11, \

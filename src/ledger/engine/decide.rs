@@ -4,11 +4,11 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::engine::{Command, NewEntry, Op, Outcome, Resolution};
+use super::command::{Command, NewEntry, Op, Outcome, Resolution};
 use super::hook::{Admit, HookBatch};
-use super::model::{Balance, Direction, Entry, EntryStatus, Metadata, Posting};
-use crate::error::{Error, Result};
-use crate::money::Money;
+use crate::kernel::error::{Error, Result};
+use crate::kernel::money::Money;
+use crate::ledger::model::{Balance, Direction, Entry, EntryStatus, Metadata, Posting};
 use crate::store::now_us;
 
 /// Balance state of one locked account during a batch.
@@ -359,7 +359,7 @@ impl<'a> Plan<'a> {
 }
 
 fn truncate_kind(mut kind: String) -> String {
-    kind.truncate(super::model::KIND_LEN_MAX);
+    kind.truncate(crate::ledger::model::KIND_LEN_MAX);
     kind
 }
 

@@ -104,7 +104,32 @@ impl Error {
 
 impl From<sqlx::Error> for Error {
     fn from(err: sqlx::Error) -> Self {
-        crate::store::classify(err)
+        classify(err)
+    }
+}
+
+/// Turns a driver error into a domain error: outages and lock contention the caller may
+/// retry become UNAVAILABLE; everything else is INTERNAL (and is logged by the api layer).
+pub fn classify(err: sqlx::Error) -> Error {
+    match &err {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
+            Error::Unavailable("database unavailable, retry later".into())
+        }
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // PostgreSQL: 40001 serialization failure, 40P01 deadlock, 08* connection,
+            // 57P0* shutdown, 53* insufficient resources. SQLite: 5 BUSY, 6 LOCKED.
+            let retryable = matches!(code.as_ref(), "40001" | "40P01" | "5" | "6" | "517" | "261")
+                || code.starts_with("08")
+                || code.starts_with("57P")
+                || code.starts_with("53");
+            if retryable {
+                Error::Unavailable("database busy or unavailable, retry later".into())
+            } else {
+                Error::Internal(err.into())
+            }
+        }
+        _ => Error::Internal(err.into()),
     }
 }
 

@@ -17,9 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::bench_payments::{self, Scenario};
+use crate::bench::ledger::{BenchOptions, BenchRow};
+use crate::bench::payments::{self, Scenario};
 use crate::config::Config;
-use crate::ledger::bench::{BenchOptions, BenchRow};
 use crate::store::{Db, PoolRole};
 
 /// How long the started server may take to answer.
@@ -39,7 +39,7 @@ pub struct ReportOptions {
 struct Run {
     scenario: Scenario,
     clients: usize,
-    report: bench_payments::Report,
+    report: payments::Report,
     /// Payments per posting-engine batch in the server, from its metrics.
     batch_mean: Option<f64>,
 }
@@ -154,7 +154,7 @@ async fn naive_baseline(
     db.migrate().await?;
     let version = database_version(&db).await;
     let engine_db = Db::connect_role(url, 2, Duration::from_secs(30), PoolRole::Engine).await?;
-    let naive = crate::ledger::bench::run(
+    let naive = crate::bench::ledger::run(
         db.clone(),
         engine_db.clone(),
         BenchOptions {
@@ -184,9 +184,9 @@ async fn payments_run(
     let server = Server::start(url).await?;
     let outcome = async {
         let before = server.engine_counters().await;
-        let report = bench_payments::run(
+        let report = payments::run(
             config,
-            bench_payments::Options {
+            payments::Options {
                 addr: server.addr.clone(),
                 clients,
                 duration: options.duration,

@@ -81,10 +81,10 @@ impl Application {
                  no real card is charged"
             );
         }
-        let verifier = Verifier::from_config(&config)?;
-        let db = Db::connect(&config).await?;
+        let verifier = Verifier::new(&config.jwt())?;
+        let db = Db::connect(&config.store()).await?;
         db.migrate().await?;
-        let listener = crate::connections::bind(config.grpc_addr)?;
+        let listener = crate::api::connections::bind(config.grpc_addr)?;
         let metrics_listener = match config.metrics_addr {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,
@@ -95,7 +95,7 @@ impl Application {
         // Wallet-funded sends commit their payment rows in the engine's batches.
         let payments_config = Arc::new(config.payments.clone());
         let hook = Arc::new(PaymentsHook::new(payments_config.clone()));
-        let engine_db = Db::connect_engine(&config).await?;
+        let engine_db = Db::connect_engine(&config.store(), config.engine.workers).await?;
         let (engine, engine_handle) = Engine::start(engine_db.clone(), config.engine.clone(), Some(hook))?;
         metrics.set_engine(engine_handle.stats().clone());
         let ledger = Ledger::new(db.clone(), config.currencies.clone(), engine_handle);
@@ -176,7 +176,8 @@ impl Application {
         });
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        let reload_task = verifier.clone().spawn_reloader(config.jwt_keys_reload_interval);
+        // The background tasks, stopped together when serving ends.
+        let mut tasks = vec![verifier.clone().spawn_reloader(config.jwt_keys_reload_interval)];
         let auth = AuthInterceptor::new(verifier);
         // Inside the interceptor, so that it sees the verified caller.
         let rate = crate::api::rate::RateLimitLayer::new(crate::api::rate::Limiter::new(
@@ -194,11 +195,11 @@ impl Application {
         let methods_api = PaymentMethodsServer::new(PaymentMethodsApi::new(vault.clone()))
             .max_decoding_message_size(size_max)
             .max_encoding_message_size(size_max);
-        let purge_task = tokio::spawn(purge_unlinked(vault.clone(), config.vault.purge_interval));
-        let checkpoint_task = {
+        tasks.push(tokio::spawn(purge_unlinked(vault.clone(), config.vault.purge_interval)));
+        tasks.push({
             let db = db.clone();
             tokio::spawn(async move { db.run_sqlite_checkpointer().await })
-        };
+        });
         let feed =
             crate::payments::feed::Feed::start(db.clone(), payments.events_hub().clone(), metrics.clone()).await?;
         let watchers = crate::api::watch::Watchers::new(config.watch, metrics.clone());
@@ -208,13 +209,13 @@ impl Application {
         let finance_api = FinanceServer::new(FinanceApi::new(db.clone(), ledger.clone(), config.recon_time_tolerance))
             .max_decoding_message_size(size_max)
             .max_encoding_message_size(size_max);
-        let resolver_task = tokio::spawn(payments.as_ref().clone().run_resolver(config.payments_resolve_interval));
-        let maintenance_task = tokio::spawn(maintenance::run(
+        tasks.push(tokio::spawn(payments.as_ref().clone().run_resolver(config.payments_resolve_interval)));
+        tasks.push(tokio::spawn(maintenance::run(
             db.clone(),
             ledger.engine().clone(),
             config.ledger_expiry_interval,
             config.idempotency_retention,
-        ));
+        )));
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .build_v1()?;
@@ -223,8 +224,7 @@ impl Application {
         // The probe pings through the posting engine's pool: its spare connection is free
         // whatever a burst of reads does to the general pool, so a miss means the
         // database, not a busy pool.
-        let probe_task =
-            tokio::spawn(health_probe(engine_db.clone(), health.clone(), ledger.engine().database().clone()));
+        tasks.push(tokio::spawn(health_probe(engine_db.clone(), health.clone(), ledger.engine().database().clone())));
 
         tracing::info!(addr = %addr, backend = db.backend(), "dmpay serving gRPC on {addr}");
 
@@ -246,55 +246,46 @@ impl Application {
             .add_service(InterceptedService::new(rate.layer(payments_api), auth.clone()))
             .add_service(InterceptedService::new(rate.layer(finance_api), auth.clone()))
             .serve_with_incoming_shutdown(
-                crate::connections::incoming(listener, config.connections, metrics.clone()),
+                crate::api::connections::incoming(listener, config.connections, metrics.clone()),
                 async move {
                     let _ = stop_rx.await;
                 },
             );
         let mut server = tokio::spawn(server);
 
-        tokio::select! {
-            result = &mut server => {
-                probe_task.abort();
-                reload_task.abort();
-                checkpoint_task.abort();
-                maintenance_task.abort();
-                purge_task.abort();
-                resolver_task.abort();
-                drop(payments);
-                drop(ledger);
-                engine.shutdown().await;
-                engine_db.close().await;
-                result??;
-                return Ok(());
+        // Serve until asked to stop (or until the server fails on its own).
+        let stopped_by_itself = tokio::select! {
+            result = &mut server => Some(result),
+            () = shutdown => None,
+        };
+        let served = match stopped_by_itself {
+            Some(result) => result,
+            None => {
+                tracing::info!("shutdown requested: draining in-flight calls");
+                set_serving(&health, false).await;
+                let _ = stop_tx.send(());
+                match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        tracing::warn!("in-flight calls did not finish within {SHUTDOWN_GRACE:?}; stopping anyway");
+                        server.abort();
+                        Ok(Ok(()))
+                    }
+                }
             }
-            () = shutdown => {}
+        };
+        // The calls are done: stop the background tasks, then commit whatever is still
+        // queued in the posting engine (its last handles go with `payments` and
+        // `ledger`), then close the pools.
+        for task in tasks.into_iter().chain(metrics_task) {
+            task.abort();
         }
-        tracing::info!("shutdown requested: draining in-flight calls");
-        set_serving(&health, false).await;
-        let _ = stop_tx.send(());
-        match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
-            Ok(result) => result??,
-            Err(_) => {
-                tracing::warn!("in-flight calls did not finish within {SHUTDOWN_GRACE:?}; stopping anyway");
-                server.abort();
-            }
-        }
-        probe_task.abort();
-        reload_task.abort();
-        checkpoint_task.abort();
-        maintenance_task.abort();
-        purge_task.abort();
-        resolver_task.abort();
         drop(payments);
-        // Calls are done: commit whatever is still queued in the posting engine.
         drop(ledger);
         engine.shutdown().await;
         engine_db.close().await;
-        if let Some(task) = metrics_task {
-            task.abort();
-        }
         db.close().await;
+        served??;
         tracing::info!("dmpay stopped");
         Ok(())
     }

@@ -16,9 +16,9 @@ use tonic::transport::Channel;
 use tonic::Request;
 
 use crate::api::pb;
-use crate::bench_cpu::{CpuSample, CpuUse};
+use crate::bench::cpu::{CpuSample, CpuUse};
+use crate::bench::ledger::percentile;
 use crate::config::Config;
-use crate::ledger::bench::percentile;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scenario {
@@ -99,13 +99,13 @@ impl Report {
             vec!["p99 ms".to_owned(), format!("{:.2}", self.latency_ms_p99)],
             vec!["max ms".to_owned(), format!("{:.2}", self.latency_ms_max)],
         ];
-        out.push_str(&crate::cli_finance::table(&["", "value"], &rows));
+        out.push_str(&crate::kernel::text::table(&["", "value"], &rows));
         if self.errors.is_empty() {
             out.push_str("\nerrors: none\n");
         } else {
             let rows: Vec<Vec<String>> = self.errors.iter().map(|(k, v)| vec![k.clone(), v.to_string()]).collect();
             out.push('\n');
-            out.push_str(&crate::cli_finance::table(&["error", "count"], &rows));
+            out.push_str(&crate::kernel::text::table(&["error", "count"], &rows));
         }
         if let Some(cpu) = &self.cpu {
             out.push_str(&format!("\n{}\n", cpu.summary(self.payments_per_s, "payment")));
@@ -130,9 +130,9 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
     let user = |i: usize| format!("bench-{run_id}-u{i}");
     let seller = format!("bench-{run_id}-seller");
     let ttl = options.duration + Duration::from_secs(600);
-    let service = crate::auth::mint_dev_token(config, "bench", "ledger:write ledger:read finance", ttl)?;
+    let service = crate::auth::mint_dev_token(&config.jwt(), "bench", "ledger:write ledger:read finance", ttl)?;
     let tokens: Vec<String> = (0..options.users)
-        .map(|i| crate::auth::mint_dev_token(config, &user(i), "payments:write payments:read", ttl))
+        .map(|i| crate::auth::mint_dev_token(&config.jwt(), &user(i), "payments:write payments:read", ttl))
         .collect::<anyhow::Result<_>>()?;
 
     // Channels: a few HTTP/2 connections shared by the clients, as a chat backend would.
@@ -146,7 +146,7 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
     // Create every user (verified, so the tier's daily limit does not cut a long run
     // short) and fund their wallets through the ledger API, so sends settle from balance.
     eprintln!("creating and funding {} users ...", options.users);
-    let admin = crate::auth::mint_dev_token(config, "bench", "accounts:admin", ttl)?;
+    let admin = crate::auth::mint_dev_token(&config.jwt(), "bench", "accounts:admin", ttl)?;
     let mut ledger = pb::ledger_client::LedgerClient::new(channels[0].clone());
     let mut setup = tokio::task::JoinSet::new();
     for i in 0..options.users {

@@ -1,31 +1,19 @@
 //! One batch, from its commands to their answers: duplicates inside the batch follow
-//! their first, the batch transaction runs on either backend (`batch_pg`,
-//! `batch_sqlite`), keys another process committed first are looked up and answered as
+//! their first, the batch transaction runs on either backend (`backend::pg`,
+//! `backend::sqlite`), keys another process committed first are looked up and answered as
 //! replays, a concurrent duplicate reruns the batch, and a batch the database refuses is
 //! retried command by command so only the culprit fails.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use super::backend::{self, BatchResult, Committed, KeyRecord};
+use super::command::{Command, Idem, Outcome};
 use super::decide::{Decision, Plan};
-use super::engine::{Command, DatabaseState, Idem, Outcome};
+use super::health::DatabaseState;
 use super::hook::BatchHook;
-use crate::error::{Error, Result};
+use crate::kernel::error::{Error, Result};
 use crate::store::Db;
-
-/// The outcome of one batch transaction: a decision per command of the plan.
-/// The batch's decisions, and the time its entries were written with (`Committed`).
-pub(crate) type BatchResult = std::result::Result<Committed, sqlx::Error>;
-
-/// A committed batch: its decisions, and its entries' `created_at_us`. That time is
-/// assigned under the journal's sequence row, as the later of the batch's clock reading
-/// and the last batch's time, so entries' times never go backwards in sequence order
-/// (two concurrent batches read the clock before either takes the row) and a time range
-/// of the journal is a sequence range (`read::sequence_before`).
-pub(crate) struct Committed {
-    pub decisions: Vec<Decision>,
-    pub created_at_us: i64,
-}
 
 /// What running a batch needs besides its commands.
 pub(super) struct BatchContext<'a> {
@@ -91,7 +79,7 @@ pub(super) async fn process_batch(ctx: &BatchContext<'_>, batch: Vec<Command>) {
                     }
                 }
                 Err(e) => {
-                    let err = crate::store::classify(e);
+                    let err = crate::kernel::error::classify(e);
                     for i in taken {
                         results[i] = Some(Err(err.duplicate()));
                     }
@@ -126,16 +114,6 @@ fn key_reused(key: &str) -> Error {
     ))
 }
 
-/// A committed idempotency record.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub(crate) struct KeyRecord {
-    pub caller: String,
-    pub key: String,
-    pub operation: String,
-    pub request_hash: String,
-    pub result_id: String,
-}
-
 fn replay(idem: &Idem, record: &KeyRecord) -> Result<Outcome> {
     if record.request_hash == idem.request_hash && record.operation == idem.operation {
         Ok(Outcome::Replayed(record.result_id.clone()))
@@ -154,8 +132,8 @@ async fn lookup_keys_of(
         return Ok(HashMap::new());
     }
     let records = match db {
-        Db::Postgres(pool) => super::batch_pg::lookup_keys(pool, &pairs).await?,
-        Db::Sqlite(pool) => super::batch_sqlite::lookup_keys(pool, &pairs).await?,
+        Db::Postgres(pool) => backend::pg::lookup_keys(pool, &pairs).await?,
+        Db::Sqlite(pool) => backend::sqlite::lookup_keys(pool, &pairs).await?,
     };
     Ok(records.into_iter().map(|r| ((r.caller.clone(), r.key.clone()), r)).collect())
 }
@@ -169,8 +147,8 @@ async fn run_transaction(ctx: &BatchContext<'_>, cmds: Vec<&Command>) -> Vec<Res
         attempt += 1;
         let plan = Plan::new(cmds.clone());
         let result: BatchResult = match db {
-            Db::Postgres(pool) => super::batch_pg::commit(pool, hook, &plan, timeout).await,
-            Db::Sqlite(pool) => super::batch_sqlite::commit(pool, hook, &plan).await,
+            Db::Postgres(pool) => backend::pg::commit(pool, hook, &plan, timeout).await,
+            Db::Sqlite(pool) => backend::sqlite::commit(pool, hook, &plan).await,
         };
         let err = match result {
             Ok(Committed { decisions, created_at_us }) => {
@@ -203,7 +181,7 @@ async fn run_transaction(ctx: &BatchContext<'_>, cmds: Vec<&Command>) -> Vec<Res
             tracing::debug!(size = cmds.len(), "ledger batch met a concurrent duplicate; running it again");
             continue;
         }
-        let err = crate::store::classify(err);
+        let err = crate::kernel::error::classify(err);
         if cmds.len() > 1 && matches!(err, Error::Internal(_)) {
             // The database refused the batch. Retry one by one so only the command at
             // fault fails.

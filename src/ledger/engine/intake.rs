@@ -7,7 +7,8 @@ use std::sync::Mutex;
 
 use tokio::sync::{mpsc, watch};
 
-use super::engine::{Command, EngineConfig};
+use super::command::Command;
+use super::config::EngineConfig;
 
 /// The queue's receiving end, held by the one worker gathering a batch.
 ///
@@ -128,10 +129,10 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::*;
-    use crate::error::Result;
+    use crate::kernel::error::Result;
+    use crate::kernel::money::{Currency, Money};
     use crate::ledger::engine::{NewEntry, Op, Outcome};
     use crate::ledger::model::{AccountCode, Direction, Metadata, Posting};
-    use crate::money::{Currency, Money};
 
     /// A transfer between two accounts, and the receiver its answer would go to.
     fn transfer(from: i64, to: i64) -> (Command, oneshot::Receiver<Result<Outcome>>) {

@@ -11,10 +11,10 @@ use sqlx::pool::PoolConnection;
 use sqlx::sqlite::SqliteArguments;
 use sqlx::{Arguments, Sqlite, SqliteConnection, SqlitePool};
 
-use super::batch::{BatchResult, Committed, KeyRecord};
-use super::decide::{accepted, number_accepted, AccountState, Decision, Draft, Plan};
-use super::hook::{BatchHook, Conn};
-use super::model::Balance;
+use super::{BatchResult, Committed, KeyRecord};
+use crate::ledger::engine::decide::{accepted, number_accepted, AccountState, Decision, Draft, Plan};
+use crate::ledger::engine::hook::{BatchHook, Conn};
+use crate::ledger::model::Balance;
 use crate::store::{from_json_rows, json_rows};
 
 pub(crate) async fn lookup_keys(pool: &SqlitePool, pairs: &[(String, String)]) -> Result<Vec<KeyRecord>, sqlx::Error> {

@@ -25,137 +25,29 @@
 //! stops intake and drains the queue (`Intake` says how the next batch is gathered).
 //! On SQLite the one worker runs on a thread of its own (`Engine::start` says why).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
-use super::batch::{process_batch, BatchContext};
-use super::hook::{Attachment, BatchHook};
-use super::intake::{InFlight, Intake};
-use super::model::{Entry, Metadata, Posting};
-use crate::error::{Error, Result};
+mod backend;
+mod batch;
+pub(crate) mod command;
+mod config;
+pub(crate) mod decide;
+mod health;
+pub mod hook;
+mod intake;
+
+use crate::kernel::error::{Error, Result};
 use crate::store::Db;
-
-/// Engine settings (`DMPAY_LEDGER_*`).
-#[derive(Debug, Clone)]
-pub struct EngineConfig {
-    /// Most commands committed in one transaction.
-    pub batch_size_max: usize,
-    /// Longest wait for more commands once one is in hand.
-    pub commit_wait: Duration,
-    /// Commands waiting beyond this many are refused with RESOURCE_EXHAUSTED.
-    pub queue_capacity: usize,
-    /// Batches committed concurrently by this process.
-    pub workers: usize,
-    /// Longest a batch transaction may take on PostgreSQL before its connection is
-    /// dropped and its callers hear UNAVAILABLE.
-    pub batch_timeout: Duration,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        EngineConfig {
-            batch_size_max: 256,
-            commit_wait: Duration::from_micros(200),
-            queue_capacity: 20_000,
-            workers: 2,
-            // Normal batches take milliseconds, the largest well under a second.
-            batch_timeout: Duration::from_secs(2),
-        }
-    }
-}
-
-/// A new entry whose postings are validated, resolved and balanced.
-#[derive(Debug, Clone)]
-pub struct NewEntry {
-    pub kind: String,
-    pub description: String,
-    pub metadata: Metadata,
-    pub postings: Vec<Posting>,
-    /// `Some(seconds)` reserves the entry as pending with that timeout.
-    pub pending_timeout_s: Option<u32>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resolution {
-    /// Post the pending entry; `Some(minor)` posts part of a two-posting entry.
-    Post(Option<i64>),
-    Void,
-    Expire,
-}
-
-#[derive(Debug, Clone)]
-pub enum Op {
-    Post(NewEntry),
-    /// Resolve a pending entry (read beforehand, with its postings).
-    Resolve {
-        pending: Entry,
-        action: Resolution,
-    },
-    /// Post the mirror of a posted entry (read beforehand).
-    Reverse {
-        original: Entry,
-        description: String,
-    },
-}
-
-/// A caller's idempotency key with the hash of the request it came with.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Idem {
-    pub key: String,
-    pub operation: &'static str,
-    pub request_hash: String,
-}
-
-#[derive(Debug, Clone)]
-pub enum Outcome {
-    /// The command was applied now.
-    Created {
-        entry: Box<Entry>,
-        /// The batch's clock reading, which the batch hook's rows were stamped with (a
-        /// payment's `settled_at`). The entry's own `created_at_us` is the later of it
-        /// and the last batch's time (`batch::Committed`), so the two differ when a
-        /// concurrent batch with a later clock took the sequence row first.
-        batch_clock_us: i64,
-    },
-    /// The key was used before with the same request: this is the entry it produced.
-    Replayed(String),
-}
-
-pub(crate) struct Command {
-    pub caller: String,
-    pub idem: Option<Idem>,
-    pub op: Op,
-    /// Another module's part of this command, handed to the engine's `BatchHook`.
-    pub attachment: Option<Attachment>,
-    pub(super) reply: oneshot::Sender<Result<Outcome>>,
-}
-
-impl Command {
-    /// A command as `EngineHandle::submit_attached` makes it, for the intake's tests.
-    #[cfg(test)]
-    pub(crate) fn new(
-        caller: String,
-        idem: Option<Idem>,
-        op: Op,
-        attachment: Option<Attachment>,
-        reply: oneshot::Sender<Result<Outcome>>,
-    ) -> Self {
-        Command { caller, idem, op, attachment, reply }
-    }
-
-    /// The accounts whose balance rows the command's batch locks.
-    pub(crate) fn account_ids(&self) -> impl Iterator<Item = i64> + '_ {
-        let postings = match &self.op {
-            Op::Post(e) => &e.postings,
-            Op::Resolve { pending, .. } => &pending.postings,
-            Op::Reverse { original, .. } => &original.postings,
-        };
-        postings.iter().map(|p| p.account_id)
-    }
-}
+use batch::{process_batch, BatchContext};
+pub(crate) use command::Command;
+pub use command::{Idem, NewEntry, Op, Outcome, Resolution};
+pub use config::EngineConfig;
+pub use health::DatabaseState;
+use hook::{Attachment, BatchHook};
+use intake::{InFlight, Intake};
 
 /// Cheap to clone; every clone submits to the same queue.
 #[derive(Clone)]
@@ -166,63 +58,13 @@ pub struct EngineHandle {
     db: Db,
 }
 
-/// Whether the database answers, as last seen by the engine (a batch that got no answer
-/// in time) and by the server's health probe (a ping). While it does not, commands are
-/// refused at once with UNAVAILABLE instead of each waiting out a timeout behind the
-/// one before: callers learn of an outage in microseconds and retry with their key.
-#[derive(Debug)]
-pub struct DatabaseState {
-    reachable: std::sync::atomic::AtomicBool,
-    /// The health probe's verdict alone (two missed pings in a row), for those who wait
-    /// for it (`api::gate`): a single slow batch refuses ledger writes for a moment, but
-    /// does not declare an outage.
-    outage: tokio::sync::watch::Sender<bool>,
-}
-
-impl Default for DatabaseState {
-    fn default() -> Self {
-        DatabaseState {
-            reachable: std::sync::atomic::AtomicBool::new(true),
-            outage: tokio::sync::watch::Sender::new(false),
-        }
-    }
-}
-
-impl DatabaseState {
-    pub fn reachable(&self) -> bool {
-        self.reachable.load(Ordering::Relaxed)
-    }
-
-    /// Set by the health probe after each ping, and by a batch that got no answer.
-    pub fn set_reachable(&self, reachable: bool) {
-        self.reachable.store(reachable, Ordering::Relaxed);
-    }
-
-    /// Set by the health probe: whether it has declared the database unreachable.
-    pub fn set_outage(&self, outage: bool) {
-        self.outage.send_if_modified(|now| std::mem::replace(now, outage) != outage);
-    }
-
-    /// Sees every change of the probe's verdict (`true`: an outage).
-    pub fn subscribe_outage(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.outage.subscribe()
-    }
-}
-
 fn unreachable_error() -> Error {
     Error::Unavailable("the database is unreachable; retry with the same idempotency key".into())
 }
 
-/// What the engine has done since it started, for metrics and benchmarks.
-#[derive(Debug, Default)]
-pub struct EngineStats {
-    /// Batch transactions run (retries of a refused batch included).
-    pub batches: AtomicU64,
-    /// Commands taken from the queue.
-    pub commands: AtomicU64,
-    /// Time spent committing batches, microseconds, summed over workers.
-    pub busy_us: AtomicU64,
-}
+/// What the engine has done since it started; the counters live with the metrics that
+/// report them.
+pub use crate::telemetry::EngineStats;
 
 impl EngineHandle {
     /// Where other ledger writes go so that they take turns with the engine's batches

@@ -18,8 +18,8 @@ use sqlx::error::BoxDynError;
 use sqlx::postgres::PgArguments;
 use sqlx::sqlite::SqliteArguments;
 
-use super::engine::Outcome;
-use crate::error::{Error, Result};
+use super::command::Outcome;
+use crate::kernel::error::{Error, Result};
 
 /// The batch transaction's connection, on either backend.
 pub enum Conn<'c> {
@@ -27,8 +27,7 @@ pub enum Conn<'c> {
     Sqlite(&'c mut sqlx::SqliteConnection),
 }
 
-/// What another module attaches to a ledger command, opaque to the engine.
-pub type Attachment = Box<dyn Any + Send + Sync>;
+pub use super::command::Attachment;
 
 /// The hook's say on a command, just before its ledger decision.
 pub enum Admit {

@@ -26,7 +26,7 @@ impl Connection {
     fn token(&self, config: &Config) -> anyhow::Result<String> {
         match &self.token {
             Some(t) => Ok(t.clone()),
-            None => crate::auth::mint_dev_token(config, "finance-cli", "finance", Duration::from_secs(300))
+            None => crate::auth::mint_dev_token(&config.jwt(), "finance-cli", "finance", Duration::from_secs(300))
                 .map_err(|e| anyhow::anyhow!("{e}; pass --token or set DMPAY_TOKEN")),
         }
     }
@@ -38,32 +38,7 @@ impl Connection {
     }
 }
 
-/// A plain table: the first column left-aligned, the rest right-aligned.
-pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
-        for (i, cell) in row.iter().enumerate() {
-            widths[i] = widths[i].max(cell.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| if i == 0 { format!("{c:<w$}", w = widths[i]) } else { format!("{c:>w$}", w = widths[i]) })
-            .collect::<Vec<_>>()
-            .join("  ")
-    };
-    let mut out = line(&headers.iter().map(|h| h.to_string()).collect::<Vec<_>>());
-    out.push('\n');
-    out.push_str(&widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
-    out.push('\n');
-    for row in rows {
-        out.push_str(&line(row));
-        out.push('\n');
-    }
-    out
-}
+use crate::kernel::text::table;
 
 fn amount(m: &Option<pb::Money>) -> String {
     m.as_ref().map(|m| m.amount.clone()).unwrap_or_default()
@@ -72,8 +47,8 @@ fn amount(m: &Option<pb::Money>) -> String {
 /// `YYYY-MM-DD` or an RFC 3339 time. A bare date means the end of that UTC day for
 /// `--as-of` (the books as they closed) and its start for range bounds.
 fn parse_time(flag: &str, raw: &str, end_of_day: bool) -> anyhow::Result<prost_types::Timestamp> {
-    if let Some((y, m, d)) = crate::dates::parse_date(raw) {
-        let start = crate::dates::day_start_us(y, m, d);
+    if let Some((y, m, d)) = crate::kernel::dates::parse_date(raw) {
+        let start = crate::kernel::dates::day_start_us(y, m, d);
         return Ok(crate::api::timestamp(if end_of_day { start + 86_400_000_000 - 1 } else { start }));
     }
     let t = humantime::parse_rfc3339_weak(raw)
@@ -100,7 +75,7 @@ pub async fn trial_balance(
     };
     let tb = client.get_trial_balance(conn.request(config, msg)?).await?.into_inner();
     let as_of_us = tb.as_of.map(|t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000).unwrap_or(0);
-    println!("Trial balance as of {}\n", crate::dates::rfc3339(as_of_us));
+    println!("Trial balance as of {}\n", crate::kernel::dates::rfc3339(as_of_us));
     let mut rows: Vec<Vec<String>> = tb
         .rows
         .iter()
@@ -348,7 +323,7 @@ pub async fn statement(
     for m in &st.movements {
         let at = m
             .time
-            .map(|t| crate::dates::rfc3339(t.seconds * 1_000_000 + i64::from(t.nanos) / 1000))
+            .map(|t| crate::kernel::dates::rfc3339(t.seconds * 1_000_000 + i64::from(t.nanos) / 1000))
             .unwrap_or_default();
         rows.push(vec![at, m.kind.clone(), m.counterparty.clone(), m.note.clone(), amount(&m.amount)]);
     }
@@ -381,25 +356,44 @@ pub async fn verify(config: &Config, conn: &Connection) -> anyhow::Result<bool> 
     Ok(report.ok)
 }
 
+/// `dmpay finance ...`: true when what was checked is right (exit 0), false when it is
+/// not (exit 1).
+pub(super) async fn run(
+    config: Config,
+    conn: Connection,
+    command: super::args::FinanceCommand,
+) -> anyhow::Result<bool> {
+    use super::args::FinanceCommand;
+    match command {
+        FinanceCommand::TrialBalance { as_of, currency } => {
+            trial_balance(&config, &conn, as_of.as_deref(), currency.as_deref()).await
+        }
+        FinanceCommand::Verify => verify(&config, &conn).await,
+        FinanceCommand::Reconcile { processor, file, date } => {
+            reconcile(&config, &conn, &processor, &file, date.as_deref()).await
+        }
+        FinanceCommand::Items { run, status } => items(&config, &conn, &run, status.as_deref()).await,
+        FinanceCommand::Resolve { item, suspense, explained: _, note } => {
+            resolve(&config, &conn, &item, if suspense { "suspense" } else { "explained" }, &note).await
+        }
+        FinanceCommand::Statement { user, currency, from, to } => {
+            statement(&config, &conn, &user, &currency, from.as_deref(), to.as_deref()).await.map(|()| true)
+        }
+        FinanceCommand::Export { from, to, format, out } => {
+            export(&config, &conn, from.as_deref(), to.as_deref(), &format, out.as_deref()).await.map(|()| true)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn tables_align_amounts_right() {
-        let t =
-            table(&["account", "debits"], &[vec!["a".into(), "1.00".into()], vec!["longer".into(), "100.00".into()]]);
-        let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines[0], "account  debits");
-        assert_eq!(lines[2], "a          1.00");
-        assert_eq!(lines[3], "longer   100.00");
-    }
-
-    #[test]
     fn as_of_dates_mean_the_end_of_the_day() {
         let t = parse_as_of("2026-11-24").unwrap();
         assert_eq!(
-            crate::dates::rfc3339(t.seconds * 1_000_000 + i64::from(t.nanos) / 1000),
+            crate::kernel::dates::rfc3339(t.seconds * 1_000_000 + i64::from(t.nanos) / 1000),
             "2026-11-24T23:59:59.999999Z"
         );
         assert!(parse_as_of("yesterday").is_err());

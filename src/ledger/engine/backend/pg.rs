@@ -20,10 +20,10 @@ use sqlx::error::BoxDynError;
 use sqlx::postgres::PgArguments;
 use sqlx::{Arguments, PgPool};
 
-use super::batch::{BatchResult, Committed, KeyRecord};
-use super::decide::{accepted, number_accepted, AccountState, Decision, Draft, Plan};
-use super::hook::{bind_step, BatchHook, Conn, HookBatch};
-use super::model::Balance;
+use super::{BatchResult, Committed, KeyRecord};
+use crate::ledger::engine::decide::{accepted, number_accepted, AccountState, Decision, Draft, Plan};
+use crate::ledger::engine::hook::{bind_step, BatchHook, Conn, HookBatch};
+use crate::ledger::model::Balance;
 
 pub(crate) async fn lookup_keys(pool: &PgPool, pairs: &[(String, String)]) -> Result<Vec<KeyRecord>, sqlx::Error> {
     let (callers, keys): (Vec<&str>, Vec<&str>) = pairs.iter().map(|(c, k)| (c.as_str(), k.as_str())).unzip();

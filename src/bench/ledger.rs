@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use serde::Serialize;
 
-use super::engine::{Engine, EngineConfig};
-use super::model::{AccountCode, AccountType, Direction};
-use super::{Ledger, PostEntryInput, PostingInput};
-use crate::bench_cpu::{CpuSample, CpuUse};
-use crate::money::{Currencies, Currency, Money};
+use crate::bench::cpu::{CpuSample, CpuUse};
+use crate::kernel::money::{Currencies, Currency, Money};
+use crate::ledger::engine::{Engine, EngineConfig};
+use crate::ledger::model::{AccountCode, AccountType, Direction};
+use crate::ledger::{Ledger, PostEntryInput, PostingInput};
 use crate::store::Db;
 use crate::with_db;
 

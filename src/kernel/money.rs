@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use rust_decimal::Decimal;
 
-use crate::error::{Error, Result};
+use crate::kernel::error::{Error, Result};
 
 /// Largest single amount, in minor units (10^15: ten trillion dollars). Far below
 /// i64::MAX, so sums of many amounts cannot overflow before a check catches them.

@@ -1,0 +1,244 @@
+//! The `dmpay` command line's arguments (clap).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "dmpay", version, about = "One-click payments inside direct messages")]
+pub(super) struct Cli {
+    /// Optional TOML file with settings (environment variables win).
+    #[arg(long, global = true, env = "DMPAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub(super) enum Command {
+    /// Run the gRPC server (migrates first).
+    Serve,
+    /// Run the database migrations and exit.
+    Migrate,
+    /// Ledger maintenance.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+    /// Books for finance staff (talks to a running server).
+    Finance {
+        /// Server address.
+        #[arg(long, global = true, env = "DMPAY_ADDR", default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        /// Bearer token with scope `finance` (in development a dev token is minted).
+        #[arg(long, global = true, env = "DMPAY_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        #[command(subcommand)]
+        command: FinanceCommand,
+    },
+    /// The built-in sandbox card processor.
+    Processor {
+        #[command(subcommand)]
+        command: ProcessorCommand,
+    },
+    /// Card vault maintenance.
+    Vault {
+        #[command(subcommand)]
+        command: VaultCommand,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+    /// Print a development token signed with the configured HS256 secret.
+    Token {
+        /// Subject: the user or service id.
+        #[arg(long)]
+        sub: String,
+        /// Space-separated scopes, e.g. "payments:write payments:read methods:write".
+        #[arg(long, default_value = "")]
+        scope: String,
+        /// Lifetime, e.g. 15m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+pub(super) enum LedgerCommand {
+    /// Recompute every balance from postings, check every entry; exit 1 if anything is off.
+    Verify,
+}
+
+#[derive(Subcommand)]
+pub(super) enum FinanceCommand {
+    /// Every account's debits, credits and balance; exit 1 if the books do not balance.
+    TrialBalance {
+        /// YYYY-MM-DD (end of that UTC day) or an RFC 3339 time; default now.
+        #[arg(long)]
+        as_of: Option<String>,
+        #[arg(long)]
+        currency: Option<String>,
+    },
+    /// Recompute every balance from postings and check every entry; exit 1 if anything is off.
+    Verify,
+    /// Import a processor's settlement report and reconcile it; exit 1 if items stay open.
+    Reconcile {
+        #[arg(long, default_value = "sandbox")]
+        processor: String,
+        /// The report (CSV).
+        #[arg(long)]
+        file: PathBuf,
+        /// YYYY-MM-DD; default the date of the report's first row.
+        #[arg(long)]
+        date: Option<String>,
+    },
+    /// The items of a reconciliation run; exit 1 if any is open.
+    Items {
+        #[arg(long)]
+        run: String,
+        /// matched, amount_mismatch, missing_in_ledger, missing_in_report, duplicate or open.
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Resolve an unmatched item: an adjusting entry to suspense, or explained.
+    Resolve {
+        item: String,
+        #[arg(long, conflicts_with = "explained", required_unless_present = "explained")]
+        suspense: bool,
+        #[arg(long)]
+        explained: bool,
+        /// Why (recorded with who resolved it).
+        #[arg(long)]
+        note: String,
+    },
+    /// A user's wallet statement: opening balance, movements, closing balance.
+    Statement {
+        user: String,
+        #[arg(long, default_value = "USD")]
+        currency: String,
+        /// YYYY-MM-DD or an RFC 3339 time; default the beginning.
+        #[arg(long)]
+        from: Option<String>,
+        /// YYYY-MM-DD (exclusive) or an RFC 3339 time; default now.
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Every posting of the entries created in [--from, --to), as CSV or JSON lines.
+    Export {
+        /// YYYY-MM-DD (start of that UTC day) or an RFC 3339 time; default the beginning.
+        #[arg(long)]
+        from: Option<String>,
+        /// YYYY-MM-DD (start of that UTC day, exclusive) or an RFC 3339 time; default now.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, default_value = "csv", value_parser = ["csv", "jsonl"])]
+        format: String,
+        /// Write to this file (progress goes to standard error); default standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(super) enum ProcessorCommand {
+    /// The sandbox's settlement report (CSV) of one UTC day, optionally with injected
+    /// discrepancies to practise reconciliation.
+    Report {
+        /// YYYY-MM-DD.
+        #[arg(long)]
+        date: String,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Leave out data row N (1-based).
+        #[arg(long)]
+        drop_row: Option<usize>,
+        /// Add 1.00 (one major unit) to the amount of data row N.
+        #[arg(long)]
+        change_row: Option<usize>,
+        /// Append a row the ledger has never seen.
+        #[arg(long)]
+        extra_row: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub(super) enum VaultCommand {
+    /// Re-wrap every card's data key under DMPAY_VAULT_ACTIVE_KEK. Online and resumable:
+    /// run it again after an interruption. Afterwards the old KEK can be removed from
+    /// DMPAY_VAULT_KEKS.
+    Rotate,
+}
+
+#[derive(Subcommand)]
+pub(super) enum BenchCommand {
+    /// Drive a running server over gRPC like chat clients and measure payments.
+    Payments {
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// uniform, livestream or mixed.
+        #[arg(long, default_value = "uniform")]
+        scenario: String,
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// The server's process id, when it runs on this machine: its CPU is then
+        /// reported beside the load generator's and PostgreSQL's.
+        #[arg(long)]
+        server_pid: Option<u32>,
+    },
+    /// The whole benchmark (what `make bench` runs): on fresh PostgreSQL and SQLite
+    /// databases, the naive-SQL baseline and a started release server driven over gRPC
+    /// (uniform and livestream at each client count), written to a Markdown report.
+    Report {
+        /// A PostgreSQL URL whose user may create databases; `off` skips PostgreSQL.
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+        postgres_url: String,
+        /// Skip SQLite.
+        #[arg(long)]
+        no_sqlite: bool,
+        /// Length of each payments run.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Length of each naive-baseline load.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        naive_duration: Duration,
+        /// Comma-separated client counts.
+        #[arg(long, default_value = "64,256")]
+        clients: String,
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+        /// Where the report goes.
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        out: PathBuf,
+    },
+    /// The posting engine in-process against naive per-transfer transactions, on the
+    /// configured database (use a scratch database: it writes benchmark accounts).
+    Ledger {
+        /// Concurrent clients: one count, or a comma-separated list to run the whole
+        /// comparison at each (a live-stream burst is hundreds of payers at once).
+        #[arg(long, default_value = "64,256")]
+        clients: String,
+        /// Length of each of the four runs.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Accounts for the uniform load.
+        #[arg(long, default_value_t = 1000)]
+        accounts: usize,
+        /// Which modes to run: `naive`, `engine` or both (the ratios need both).
+        #[arg(long, default_value = "naive,engine")]
+        modes: String,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}

@@ -1,0 +1,15 @@
+//! The shared kernel: types every layer uses and none of dmpay's own modules above.
+//!
+//! - `error`     the domain error shared by every module, and how driver errors map to it
+//! - `money`     currencies, exact amounts in minor units, strict parsing
+//! - `ids`       identifier newtypes (`UserId`)
+//! - `text`      free text people read: bounds, no control or spoofing characters
+//! - `dates`     UTC calendar arithmetic for expiries, reports and timestamps
+//! - `card_data` card numbers and CVCs in memory, masked and zeroized
+
+pub mod card_data;
+pub mod dates;
+pub mod error;
+pub mod ids;
+pub mod money;
+pub mod text;

@@ -1,0 +1,191 @@
+//! The module graph stays layered and acyclic (`make check` runs this).
+//!
+//! Layers, top to bottom; a module may import from its own layer and those below, never
+//! from above:
+//!
+//! | layer  | modules |
+//! |---|---|
+//! | shell  | `cli`, `server`, `bench`, `config` |
+//! | edge   | `api`, `auth` |
+//! | domain | `payments`, `finance`, `vault`, `ledger`, `processor`, `accounts` |
+//! | infra  | `telemetry`, `store` |
+//! | kernel | `kernel` |
+//!
+//! And: no cycle among the top-level modules, nor among the sibling modules of any
+//! folder (a child may use what its parent declares: that is how Rust's module tree
+//! works); no domain, infra or kernel file names `tonic`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+const LAYERS: &[(&str, &[&str])] = &[
+    ("shell", &["cli", "server", "bench", "config"]),
+    ("edge", &["api", "auth"]),
+    ("domain", &["payments", "finance", "vault", "ledger", "processor", "accounts"]),
+    ("infra", &["telemetry", "store"]),
+    ("kernel", &["kernel"]),
+];
+
+fn rank(top: &str) -> Option<usize> {
+    LAYERS.iter().position(|(_, mods)| mods.contains(&top))
+}
+
+/// Every `.rs` file under `dir`, with its module path (`ledger::engine::batch`).
+fn modules(dir: &Path, prefix: &[String], out: &mut Vec<(Vec<String>, PathBuf)>) {
+    let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    entries.sort();
+    for path in entries {
+        let name = path.file_stem().unwrap().to_string_lossy().to_string();
+        if path.is_dir() {
+            let mut p = prefix.to_vec();
+            p.push(name);
+            modules(&path, &p, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            let mut p = prefix.to_vec();
+            if name != "mod" && !(prefix.is_empty() && (name == "lib" || name == "main")) {
+                p.push(name);
+            }
+            if !p.is_empty() {
+                out.push((p, path));
+            }
+        }
+    }
+}
+
+/// The code of a file without comments (doc comments name modules freely).
+fn code(text: &str) -> String {
+    text.lines().map(|l| l.split("//").next().unwrap_or("")).collect::<Vec<_>>().join("\n")
+}
+
+/// The module paths a file refers to (`crate::a::b`, `super::c`), resolved against the
+/// modules that exist, as deep as they go.
+fn references(module: &[String], text: &str, known: &BTreeSet<Vec<String>>) -> BTreeSet<Vec<String>> {
+    let mut out = BTreeSet::new();
+    let bytes = text.as_bytes();
+    let ident = |i: usize| {
+        let mut j = i;
+        while j < bytes.len() && (bytes[j].is_ascii_alphanumeric() || bytes[j] == b'_' || bytes[j] == b':') {
+            j += 1;
+        }
+        &text[i..j]
+    };
+    for (needle, base) in [("crate::", Vec::new()), ("super::", module[..module.len().saturating_sub(1)].to_vec())] {
+        let mut from = 0;
+        while let Some(pos) = text[from..].find(needle) {
+            let start = from + pos;
+            from = start + needle.len();
+            if start > 0
+                && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_' || bytes[start - 1] == b':')
+            {
+                continue;
+            }
+            let mut path = base.clone();
+            let mut deepest = None;
+            for seg in ident(from).split("::").filter(|s| !s.is_empty()) {
+                path.push(seg.to_string());
+                if known.contains(&path) {
+                    deepest = Some(path.clone());
+                }
+            }
+            if let Some(d) = deepest {
+                out.insert(d);
+            }
+        }
+    }
+    out
+}
+
+fn cycle(edges: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        n: &str,
+        edges: &BTreeMap<String, BTreeSet<String>>,
+        state: &mut BTreeMap<String, u8>,
+        stack: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
+        state.insert(n.to_string(), 1);
+        stack.push(n.to_string());
+        for m in edges.get(n).into_iter().flatten() {
+            match state.get(m.as_str()) {
+                Some(1) => {
+                    let at = stack.iter().position(|s| s == m).unwrap_or(0);
+                    let mut c = stack[at..].to_vec();
+                    c.push(m.clone());
+                    return Some(c);
+                }
+                Some(_) => {}
+                None => {
+                    if let Some(c) = visit(m, edges, state, stack) {
+                        return Some(c);
+                    }
+                }
+            }
+        }
+        stack.pop();
+        state.insert(n.to_string(), 2);
+        None
+    }
+    let mut state = BTreeMap::new();
+    for n in edges.keys() {
+        if !state.contains_key(n) {
+            if let Some(c) = visit(n, edges, &mut state, &mut Vec::new()) {
+                return Some(c);
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn the_module_graph_is_layered_and_acyclic() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    modules(&src, &[], &mut files);
+    let known: BTreeSet<Vec<String>> = files.iter().map(|(m, _)| m.clone()).collect();
+    let mut problems = Vec::new();
+    // Edges between siblings, by parent folder ("" for the top level).
+    let mut siblings: BTreeMap<String, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
+    for (module, path) in &files {
+        let text = code(&std::fs::read_to_string(path).unwrap());
+        let top = &module[0];
+        let Some(own) = rank(top) else {
+            problems.push(format!("{}: module {top} has no layer in tests/layers.rs", path.display()));
+            continue;
+        };
+        if own >= 2 && (text.contains("tonic::") || text.contains("use tonic")) {
+            problems.push(format!("{}: a {} module names tonic", path.display(), LAYERS[own].0));
+        }
+        for target in references(module, &text, &known) {
+            let target_rank = rank(&target[0]).unwrap_or(usize::MAX);
+            if target_rank < own {
+                problems.push(format!(
+                    "{}: {} ({}) imports {} ({}), a layer above",
+                    path.display(),
+                    module.join("::"),
+                    LAYERS[own].0,
+                    target.join("::"),
+                    LAYERS.get(target_rank).map_or("?", |l| l.0)
+                ));
+            }
+            // The first segment where the two paths part: an edge between siblings,
+            // unless the target is an ancestor of the module (a child using its parent).
+            let common = module.iter().zip(&target).take_while(|(a, b)| a == b).count();
+            if common < target.len() && common < module.len() {
+                siblings
+                    .entry(module[..common].join("::"))
+                    .or_default()
+                    .entry(module[common].clone())
+                    .or_default()
+                    .insert(target[common].clone());
+            }
+        }
+    }
+    for (parent, edges) in &siblings {
+        if let Some(c) = cycle(edges) {
+            let at = if parent.is_empty() { "the top level".to_string() } else { parent.clone() };
+            problems.push(format!("a cycle among the modules of {at}: {}", c.join(" -> ")));
+        }
+    }
+    assert!(problems.is_empty(), "{} problem(s):\n{}", problems.len(), problems.join("\n"));
+}

@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: run build release test test-sqlite check fmt migrate token clean bench fuzz fuzz-build secrets-scan chaos
+.PHONY: run build release test test-sqlite check proto-check fmt migrate token clean bench fuzz fuzz-build secrets-scan chaos
 
 ## Start the server on the embedded SQLite default (./var/dmpay.db), no setup. dmpay runs
 ## in production mode unless told otherwise; this is a development server, so it says so.
@@ -27,11 +27,28 @@ test:
 	DMPAY_TEST_POSTGRES_URL="$(DMPAY_TEST_POSTGRES_URL)" DMPAY_TEST_REQUIRE_POSTGRES=1 \
 		$(CARGO) nextest run --workspace --all-targets --no-fail-fast
 
-## Formatting and lints, warnings as errors; the module graph's layers (tests/layers.rs).
-check:
+## Formatting and lints, warnings as errors; the module graph's layers (tests/layers.rs);
+## the proto's lint and breaking-change check.
+check: proto-check
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) test --quiet --test layers
+
+## `buf lint` (proto/buf.yaml) and `buf breaking` against the previous commit's proto
+## (docs/api.md, "Proto rules"). buf comes from npm's @bufbuild/buf, installed into the
+## git-ignored .cache/buf on first use.
+BUF_VERSION ?= 1.75.0
+BUF := .cache/buf/node_modules/.bin/buf
+$(BUF):
+	npm install --silent --no-save --no-audit --no-fund --prefix .cache/buf @bufbuild/buf@$(BUF_VERSION)
+proto-check: $(BUF)
+	cd proto && ../$(BUF) lint
+	@if git rev-parse -q --verify HEAD~1 >/dev/null; then \
+		echo "buf breaking --against HEAD~1"; \
+		cd proto && ../$(BUF) breaking --against '../.git#ref=HEAD~1,subdir=proto'; \
+	else \
+		echo "proto-check: this clone has no previous commit to compare the proto with" >&2; exit 1; \
+	fi
 
 ## The integration suite with every log at TRACE (PostgreSQL through a URL with a
 ## password; PostgreSQL must be up on 127.0.0.1:5432), its output scanned for card

@@ -310,7 +310,7 @@ impl Drop for PgDatabase {
 enum CallReq {
     Send(pb::SendPaymentRequest),
     Request(pb::RequestPaymentRequest),
-    Pay(pb::PayRequestRequest),
+    Pay(pb::PayBillRequest),
     Refund(pb::RefundPaymentRequest),
     Topup(pb::PostEntryRequest),
 }
@@ -438,10 +438,8 @@ async fn execute(channel: &Channel, token: &str, req: &CallReq) -> Result<Outcom
         CallReq::Request(m) => payments
             .request_payment(authed(m.clone(), token))
             .await
-            .map(|r| Outcome::Request { id: r.into_inner().request_id }),
-        CallReq::Pay(m) => {
-            payments.pay_request(authed(m.clone(), token)).await.map(|r| Outcome::payment(r.into_inner()))
-        }
+            .map(|r| Outcome::Request { id: r.into_inner().bill_id }),
+        CallReq::Pay(m) => payments.pay_bill(authed(m.clone(), token)).await.map(|r| Outcome::payment(r.into_inner())),
         CallReq::Refund(m) => {
             payments.refund_payment(authed(m.clone(), token)).await.map(|r| Outcome::payment(r.into_inner()))
         }
@@ -701,8 +699,8 @@ async fn client(ctx: Arc<Ctx>, w: usize, seed: u64, until: Instant) {
                     let requested =
                         ctx.call(&mut rng, &channel, Caller::User(requester), CallReq::Request(req)).await?;
                     if let Outcome::Request { id } = requested {
-                        let pay = pb::PayRequestRequest {
-                            request_id: id,
+                        let pay = pb::PayBillRequest {
+                            bill_id: id,
                             idempotency_key: format!("p-{w}-{n}"),
                             funding_source: funding(&mut rng) as i32,
                             payment_method_token: String::new(),

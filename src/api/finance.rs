@@ -12,7 +12,7 @@ use super::{principal, timestamp, timestamp_us, to_status};
 use crate::auth::scope;
 use crate::finance;
 use crate::finance::export::{self, Cursor, Format};
-use crate::finance::recon::{Imported, Item, Reconciler};
+use crate::finance::recon::{BookingKind, Imported, Item, ItemFilter, ItemStatus, Reconciler, Resolution};
 use crate::kernel::error::Error;
 use crate::store::Db;
 
@@ -52,12 +52,68 @@ fn run_to_wire(i: Imported) -> pb::ReconciliationRun {
             .into_iter()
             .map(|b| pb::ReconciliationBooking {
                 entry_id: b.entry_id,
-                kind: b.kind,
+                kind: booking_kind_to_wire(b.kind) as i32,
                 amount: Some(to_wire(b.amount)),
                 description: b.description,
             })
             .collect(),
         carried_resolutions: i.carried,
+    }
+}
+
+fn booking_kind_to_wire(k: BookingKind) -> pb::ReconciliationBookingKind {
+    match k {
+        BookingKind::ProcessorFees => pb::ReconciliationBookingKind::ProcessorFees,
+        BookingKind::ProcessorSettlement => pb::ReconciliationBookingKind::ProcessorSettlement,
+        BookingKind::AdjustmentReversal => pb::ReconciliationBookingKind::AdjustmentReversal,
+    }
+}
+
+fn item_status_to_wire(s: ItemStatus) -> pb::ReconciliationItemStatus {
+    use pb::ReconciliationItemStatus as W;
+    match s {
+        ItemStatus::Matched => W::Matched,
+        ItemStatus::AmountMismatch => W::AmountMismatch,
+        ItemStatus::MissingInLedger => W::MissingInLedger,
+        ItemStatus::MissingInReport => W::MissingInReport,
+        ItemStatus::Duplicate => W::Duplicate,
+    }
+}
+
+fn item_filter_from_wire(r: &pb::ListReconciliationItemsRequest) -> Result<ItemFilter, Error> {
+    use pb::ReconciliationItemStatus as W;
+    let status = match W::try_from(r.status) {
+        Ok(W::Unspecified) => None,
+        Ok(W::Matched) => Some(ItemStatus::Matched),
+        Ok(W::AmountMismatch) => Some(ItemStatus::AmountMismatch),
+        Ok(W::MissingInLedger) => Some(ItemStatus::MissingInLedger),
+        Ok(W::MissingInReport) => Some(ItemStatus::MissingInReport),
+        Ok(W::Duplicate) => Some(ItemStatus::Duplicate),
+        Err(_) => return Err(Error::invalid("status", format!("unknown reconciliation item status {}", r.status))),
+    };
+    match (status, r.open) {
+        (Some(_), true) => Err(Error::invalid("open", "cannot be combined with status")),
+        (Some(s), false) => Ok(ItemFilter::Status(s)),
+        (None, true) => Ok(ItemFilter::Open),
+        (None, false) => Ok(ItemFilter::All),
+    }
+}
+
+fn resolution_to_wire(r: Resolution) -> pb::ReconciliationResolution {
+    match r {
+        Resolution::Suspense => pb::ReconciliationResolution::Suspense,
+        Resolution::Explained => pb::ReconciliationResolution::Explained,
+    }
+}
+
+fn resolution_from_wire(raw: i32) -> Result<Resolution, Error> {
+    match pb::ReconciliationResolution::try_from(raw) {
+        Ok(pb::ReconciliationResolution::Suspense) => Ok(Resolution::Suspense),
+        Ok(pb::ReconciliationResolution::Explained) => Ok(Resolution::Explained),
+        Ok(pb::ReconciliationResolution::Unspecified) => {
+            Err(Error::invalid("resolution", "required: RECONCILIATION_RESOLUTION_SUSPENSE or _EXPLAINED"))
+        }
+        Err(_) => Err(Error::invalid("resolution", format!("unknown resolution {raw}"))),
     }
 }
 
@@ -73,11 +129,11 @@ fn item_to_wire(i: Item) -> pb::ReconciliationItem {
         ledger_amount: money(i.ledger_amount),
         item_id: i.item_id,
         run_id: i.run_id,
-        status: i.status,
+        status: item_status_to_wire(i.status) as i32,
         processor_reference: i.processor_reference,
         entry_id: i.entry_id.unwrap_or_default(),
         line: i.line.unwrap_or(0),
-        resolution: i.resolution.unwrap_or_default(),
+        resolution: i.resolution.map_or(0, |r| resolution_to_wire(r) as i32),
         note: i.note.unwrap_or_default(),
         resolved_by: i.resolved_by.unwrap_or_default(),
         superseded: i.superseded,
@@ -222,10 +278,10 @@ impl pb::finance_server::Finance for FinanceApi {
         let caller = principal(&req)?;
         caller.require(scope::FINANCE).map_err(to_status)?;
         let r = req.get_ref();
-        let status = (!r.status.is_empty()).then_some(r.status.as_str());
+        let filter = item_filter_from_wire(r).map_err(to_status)?;
         let run_id = super::id("run_id", &r.run_id).map_err(to_status)?;
         self.recon
-            .items(run_id, status, r.page_size, &r.page_token)
+            .items(run_id, filter, r.page_size, &r.page_token)
             .await
             .map(|(items, next)| {
                 Response::new(pb::ListReconciliationItemsResponse {
@@ -244,8 +300,9 @@ impl pb::finance_server::Finance for FinanceApi {
         caller.require(scope::FINANCE).map_err(to_status)?;
         let r = req.get_ref();
         let item_id = super::id("item_id", &r.item_id).map_err(to_status)?;
+        let resolution = resolution_from_wire(r.resolution).map_err(to_status)?;
         self.recon
-            .resolve(&caller.sub, item_id, &r.resolution, &r.note)
+            .resolve(&caller.sub, item_id, resolution, &r.note)
             .await
             .map(|i| Response::new(item_to_wire(i)))
             .map_err(to_status)

@@ -1,4 +1,4 @@
-//! Payments, requests and their events on the wire.
+//! Payments, bills (the API's name for payment requests) and their events on the wire.
 
 use super::money::to_wire;
 use super::pb;
@@ -12,11 +12,31 @@ use crate::payments::{Payment, PaymentStatus};
 pub(super) fn event_to_wire(e: events::Event) -> Result<pb::PaymentEvent> {
     Ok(pb::PaymentEvent {
         sequence: e.sequence,
-        r#type: e.event_type,
+        r#type: event_type_to_wire(&e.event_type) as i32,
         payment: e.payment.map(payment_to_wire).transpose()?,
-        request: e.request.map(request_to_wire).transpose()?,
+        bill: e.request.map(bill_to_wire).transpose()?,
         occurred_at: Some(timestamp(e.occurred_at_us)),
     })
+}
+
+/// The stored event type (`payment.created`, `request.paid`, ...) as the API's enum.
+/// Every type the payments module writes has a value; a type this build does not know
+/// (written by a newer one) is unspecified rather than an error, so a watcher keeps up.
+fn event_type_to_wire(stored: &str) -> pb::PaymentEventType {
+    use pb::PaymentEventType as T;
+    match stored {
+        "payment.created" => T::PaymentCreated,
+        "payment.settled" => T::PaymentSettled,
+        "payment.failed" => T::PaymentFailed,
+        "payment.refunded" => T::PaymentRefunded,
+        "payment.refund_failed" => T::PaymentRefundFailed,
+        "request.created" => T::BillCreated,
+        "request.paid" => T::BillPaid,
+        "request.declined" => T::BillDeclined,
+        "request.cancelled" => T::BillCancelled,
+        "request.expired" => T::BillExpired,
+        _ => T::Unspecified,
+    }
 }
 
 pub(crate) fn payment_to_wire(p: Payment) -> Result<pb::Payment> {
@@ -42,25 +62,25 @@ pub(crate) fn payment_to_wire(p: Payment) -> Result<pb::Payment> {
         note: p.note,
         conversation_id: p.conversation_id,
         message_id: p.message_id,
-        request_id: p.request_id.unwrap_or_default(),
+        bill_id: p.request_id.unwrap_or_default(),
         failure_reason: p.failure_reason,
     })
 }
 
-pub(crate) fn request_to_wire(r: PaymentRequest) -> Result<pb::PaymentRequest> {
+pub(crate) fn bill_to_wire(r: PaymentRequest) -> Result<pb::Bill> {
     let currency = r.currency()?;
-    Ok(pb::PaymentRequest {
+    Ok(pb::Bill {
         amount: Some(to_wire(Money::from_minor(currency, r.amount))),
         status: match r.status {
-            RequestStatus::Open => pb::RequestStatus::Open,
-            RequestStatus::Paid => pb::RequestStatus::Paid,
-            RequestStatus::Declined => pb::RequestStatus::Declined,
-            RequestStatus::Cancelled => pb::RequestStatus::Cancelled,
-            RequestStatus::Expired => pb::RequestStatus::Expired,
+            RequestStatus::Open => pb::BillStatus::Open,
+            RequestStatus::Paid => pb::BillStatus::Paid,
+            RequestStatus::Declined => pb::BillStatus::Declined,
+            RequestStatus::Cancelled => pb::BillStatus::Cancelled,
+            RequestStatus::Expired => pb::BillStatus::Expired,
         } as i32,
         created_at: Some(timestamp(r.created_at_us)),
         expires_at: Some(timestamp(r.expires_at_us)),
-        request_id: r.request_id,
+        bill_id: r.request_id,
         requester_id: r.requester_id,
         payer_id: r.payer_id,
         note: r.note,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response};
 
 use super::money::{positive, to_wire};
-use super::payment_wire::{payment_to_wire, request_to_wire};
+use super::payment_wire::{bill_to_wire, payment_to_wire};
 use super::pb;
 use super::status::ApiResult;
 use super::watch::{self, WatchStream, Watchers};
@@ -37,7 +37,8 @@ fn user(caller: &Principal, needed: &str) -> Result<UserId> {
 
 fn funding_from_wire(raw: i32) -> Result<FundingSource> {
     match pb::FundingSource::try_from(raw) {
-        Ok(pb::FundingSource::Auto) => Ok(FundingSource::Auto),
+        // Unspecified is AUTO: the one-tap default of a chat client that sends nothing.
+        Ok(pb::FundingSource::Unspecified | pb::FundingSource::Auto) => Ok(FundingSource::Auto),
         Ok(pb::FundingSource::Balance) => Ok(FundingSource::Balance),
         Ok(pb::FundingSource::Card) => Ok(FundingSource::Card),
         Err(_) => Err(Error::invalid("funding_source", format!("unknown funding source {raw}"))),
@@ -120,7 +121,7 @@ impl pb::payments_server::Payments for PaymentsApi {
         result.map(Response::new).map_err(to_status)
     }
 
-    async fn request_payment(&self, req: Request<pb::RequestPaymentRequest>) -> ApiResult<pb::PaymentRequest> {
+    async fn request_payment(&self, req: Request<pb::RequestPaymentRequest>) -> ApiResult<pb::Bill> {
         let caller = principal(&req)?;
         let r = req.get_ref();
         let result = async {
@@ -134,13 +135,13 @@ impl pb::payments_server::Payments for PaymentsApi {
                 message_id: r.message_id.clone(),
                 expires_in_s: r.expires_in_seconds,
             };
-            request_to_wire(self.payments.request(&requester, input).await?)
+            bill_to_wire(self.payments.request(&requester, input).await?)
         }
         .await;
         result.map(Response::new).map_err(to_status)
     }
 
-    async fn pay_request(&self, req: Request<pb::PayRequestRequest>) -> ApiResult<pb::Payment> {
+    async fn pay_bill(&self, req: Request<pb::PayBillRequest>) -> ApiResult<pb::Payment> {
         let caller = principal(&req)?;
         let r = req.get_ref();
         let result = async {
@@ -148,7 +149,7 @@ impl pb::payments_server::Payments for PaymentsApi {
             crate::ledger::check_idempotency_key("idempotency_key", &r.idempotency_key)?;
             let funding = funding_from_wire(r.funding_source)?;
             let token = (!r.payment_method_token.is_empty()).then(|| r.payment_method_token.clone());
-            let request_id = super::id("request_id", &r.request_id)?;
+            let request_id = super::id("bill_id", &r.bill_id)?;
             super::id("payment_method_token", &r.payment_method_token)?;
             let paid = self.payments.pay_request(&payer, request_id, r.idempotency_key.clone(), funding, token).await?;
             payment_to_wire(paid)
@@ -157,35 +158,31 @@ impl pb::payments_server::Payments for PaymentsApi {
         result.map(Response::new).map_err(to_status)
     }
 
-    async fn decline_request(&self, req: Request<pb::DeclineRequestRequest>) -> ApiResult<pb::PaymentRequest> {
+    async fn decline_bill(&self, req: Request<pb::DeclineBillRequest>) -> ApiResult<pb::Bill> {
         let caller = principal(&req)?;
         let result = async {
             let me = user(caller, scope::PAYMENTS_WRITE)?;
-            request_to_wire(
-                self.payments.decline_request(&me, super::id("request_id", &req.get_ref().request_id)?).await?,
-            )
+            bill_to_wire(self.payments.decline_request(&me, super::id("bill_id", &req.get_ref().bill_id)?).await?)
         }
         .await;
         result.map(Response::new).map_err(to_status)
     }
 
-    async fn cancel_request(&self, req: Request<pb::CancelRequestRequest>) -> ApiResult<pb::PaymentRequest> {
+    async fn cancel_bill(&self, req: Request<pb::CancelBillRequest>) -> ApiResult<pb::Bill> {
         let caller = principal(&req)?;
         let result = async {
             let me = user(caller, scope::PAYMENTS_WRITE)?;
-            request_to_wire(
-                self.payments.cancel_request(&me, super::id("request_id", &req.get_ref().request_id)?).await?,
-            )
+            bill_to_wire(self.payments.cancel_request(&me, super::id("bill_id", &req.get_ref().bill_id)?).await?)
         }
         .await;
         result.map(Response::new).map_err(to_status)
     }
 
-    async fn get_payment_request(&self, req: Request<pb::GetPaymentRequestRequest>) -> ApiResult<pb::PaymentRequest> {
+    async fn get_bill(&self, req: Request<pb::GetBillRequest>) -> ApiResult<pb::Bill> {
         let caller = principal(&req)?;
         let result = async {
             let me = user(caller, scope::PAYMENTS_READ)?;
-            request_to_wire(self.payments.get_request(&me, super::id("request_id", &req.get_ref().request_id)?).await?)
+            bill_to_wire(self.payments.get_request(&me, super::id("bill_id", &req.get_ref().bill_id)?).await?)
         }
         .await;
         result.map(Response::new).map_err(to_status)

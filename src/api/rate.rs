@@ -275,7 +275,7 @@ mod tests {
         for m in ["GetPayment", "ListPayments", "WatchPayments", "ExportEntries", "VerifyLedger", "GetBalance"] {
             assert!(is_read(m), "{m}");
         }
-        for m in ["SendPayment", "PayRequest", "PostEntry", "TokenizeCard", "UpsertAccount", "NewThing"] {
+        for m in ["SendPayment", "PayBill", "PostEntry", "TokenizeCard", "UpsertAccount", "NewThing"] {
             assert!(!is_read(m), "{m}");
         }
     }

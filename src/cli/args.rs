@@ -99,8 +99,9 @@ pub(super) enum FinanceCommand {
     Items {
         #[arg(long)]
         run: String,
-        /// matched, amount_mismatch, missing_in_ledger, missing_in_report, duplicate or open.
-        #[arg(long)]
+        /// Only items of this status, or `open` (unmatched, unresolved, of the day's
+        /// current report).
+        #[arg(long, value_parser = ["matched", "amount_mismatch", "missing_in_ledger", "missing_in_report", "duplicate", "open"])]
         status: Option<String>,
     },
     /// Resolve an unmatched item: an adjusting entry to suspense, or explained.

@@ -149,18 +149,36 @@ pub async fn export(
     Ok(())
 }
 
+/// A wire enum's value as the CLI prints and takes it: the name without the enum's
+/// prefix, in lower case (`RECONCILIATION_ITEM_STATUS_AMOUNT_MISMATCH`: `amount_mismatch`).
+fn short_name(name: &str, prefix: &str) -> String {
+    name.strip_prefix(prefix).unwrap_or(name).to_ascii_lowercase()
+}
+
+fn item_status(raw: i32) -> String {
+    pb::ReconciliationItemStatus::try_from(raw)
+        .map(|s| short_name(s.as_str_name(), "RECONCILIATION_ITEM_STATUS_"))
+        .unwrap_or_else(|_| raw.to_string())
+}
+
+fn resolution(raw: i32) -> String {
+    pb::ReconciliationResolution::try_from(raw)
+        .map(|s| short_name(s.as_str_name(), "RECONCILIATION_RESOLUTION_"))
+        .unwrap_or_else(|_| raw.to_string())
+}
+
 fn item_rows(items: &[pb::ReconciliationItem]) -> Vec<Vec<String>> {
     items
         .iter()
         .map(|i| {
             vec![
                 i.item_id.clone(),
-                i.status.clone(),
+                item_status(i.status),
                 i.processor_reference.clone(),
                 amount(&i.report_amount),
                 amount(&i.ledger_amount),
-                match (i.resolution.is_empty(), i.superseded) {
-                    (false, _) => format!("{} by {}", i.resolution, i.resolved_by),
+                match (i.resolution == 0, i.superseded) {
+                    (false, _) => format!("{} by {}", resolution(i.resolution), i.resolved_by),
                     (true, true) => "superseded".to_owned(),
                     (true, false) => String::new(),
                 },
@@ -172,7 +190,7 @@ fn item_rows(items: &[pb::ReconciliationItem]) -> Vec<Vec<String>> {
 const ITEM_HEADERS: [&str; 6] = ["item", "status", "reference", "report", "ledger", "resolution"];
 
 fn is_open(i: &pb::ReconciliationItem) -> bool {
-    i.status != "matched" && i.resolution.is_empty() && !i.superseded
+    i.status != pb::ReconciliationItemStatus::Matched as i32 && i.resolution == 0 && !i.superseded
 }
 
 async fn all_items(
@@ -182,12 +200,24 @@ async fn all_items(
     run: &str,
     status: Option<&str>,
 ) -> anyhow::Result<Vec<pb::ReconciliationItem>> {
+    // `open` is its own flag on the wire; every other name is a status.
+    let (status, open) = match status {
+        None => (0, false),
+        Some("open") => (0, true),
+        Some(name) => {
+            let full = format!("RECONCILIATION_ITEM_STATUS_{}", name.to_ascii_uppercase());
+            let s = pb::ReconciliationItemStatus::from_str_name(&full)
+                .ok_or_else(|| anyhow::anyhow!("unknown status {name}"))?;
+            (s as i32, false)
+        }
+    };
     let mut out = Vec::new();
     let mut token = String::new();
     loop {
         let msg = pb::ListReconciliationItemsRequest {
             run_id: run.to_owned(),
-            status: status.unwrap_or_default().to_owned(),
+            status,
+            open,
             page_size: 1000,
             page_token: token.clone(),
         };
@@ -252,7 +282,10 @@ pub async fn reconcile(
             .iter()
             .map(|b| {
                 let amount = b.amount.as_ref().map(|m| format!("{} {}", m.amount, m.currency)).unwrap_or_default();
-                vec![b.entry_id.clone(), b.kind.clone(), amount, b.description.clone()]
+                let kind = pb::ReconciliationBookingKind::try_from(b.kind)
+                    .map(|k| short_name(k.as_str_name(), "RECONCILIATION_BOOKING_KIND_"))
+                    .unwrap_or_else(|_| b.kind.to_string());
+                vec![b.entry_id.clone(), kind, amount, b.description.clone()]
             })
             .collect();
         print!("{}", table(&["entry", "kind", "amount", "description"], &rows));
@@ -282,13 +315,13 @@ pub async fn resolve(
     config: &Config,
     conn: &Connection,
     item: &str,
-    resolution: &str,
+    resolution: pb::ReconciliationResolution,
     note: &str,
 ) -> anyhow::Result<bool> {
     let mut client = pb::finance_client::FinanceClient::new(conn.channel().await?);
     let msg = pb::ResolveReconciliationItemRequest {
         item_id: item.to_owned(),
-        resolution: resolution.to_owned(),
+        resolution: resolution as i32,
         note: note.to_owned(),
     };
     let done = client.resolve_reconciliation_item(conn.request(config, msg)?).await?.into_inner();
@@ -374,7 +407,14 @@ pub(super) async fn run(
         }
         FinanceCommand::Items { run, status } => items(&config, &conn, &run, status.as_deref()).await,
         FinanceCommand::Resolve { item, suspense, explained: _, note } => {
-            resolve(&config, &conn, &item, if suspense { "suspense" } else { "explained" }, &note).await
+            resolve(
+                &config,
+                &conn,
+                &item,
+                if suspense { pb::ReconciliationResolution::Suspense } else { pb::ReconciliationResolution::Explained },
+                &note,
+            )
+            .await
         }
         FinanceCommand::Statement { user, currency, from, to } => {
             statement(&config, &conn, &user, &currency, from.as_deref(), to.as_deref()).await.map(|()| true)

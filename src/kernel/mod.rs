@@ -5,6 +5,7 @@
 //! - `ids`       identifier newtypes (`UserId`)
 //! - `text`      free text people read: bounds, no control or spoofing characters
 //! - `dates`     UTC calendar arithmetic for expiries, reports and timestamps
+//! - `stored`    `stored_enum!`: closed sets of values kept as text in the database
 //! - `card_data` card numbers and CVCs in memory, masked and zeroized
 
 pub mod card_data;
@@ -12,4 +13,5 @@ pub mod dates;
 pub mod error;
 pub mod ids;
 pub mod money;
+pub mod stored;
 pub mod text;

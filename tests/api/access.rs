@@ -192,15 +192,9 @@ async fn others_resources_are_not_found(app: TestApp) {
     let checks = [
         c.get_payment(authed(pb::GetPaymentRequest { payment_id: p.payment_id.clone() }, &mallory)).await.map(|_| ()),
         c.get_payment(authed(pb::GetPaymentRequest { payment_id: "pay_missing".into() }, &mallory)).await.map(|_| ()),
-        c.get_payment_request(authed(pb::GetPaymentRequestRequest { request_id: req.request_id.clone() }, &mallory))
-            .await
-            .map(|_| ()),
-        c.pay_request(authed(
-            pb::PayRequestRequest {
-                request_id: req.request_id.clone(),
-                idempotency_key: "m".into(),
-                ..Default::default()
-            },
+        c.get_bill(authed(pb::GetBillRequest { bill_id: req.bill_id.clone() }, &mallory)).await.map(|_| ()),
+        c.pay_bill(authed(
+            pb::PayBillRequest { bill_id: req.bill_id.clone(), idempotency_key: "m".into(), ..Default::default() },
             &mallory,
         ))
         .await
@@ -414,7 +408,7 @@ mod every_rpc {
                     .await
                     .unwrap()
                     .into_inner()
-                    .request_id
+                    .bill_id
             }
         };
         let to_bob = request("bob", "own-r1").await;
@@ -443,27 +437,27 @@ mod every_rpc {
                 }),
             ),
             (
-                "/dmpay.v1.Payments/GetPaymentRequest",
+                "/dmpay.v1.Payments/GetBill",
                 to_bob.clone(),
-                Box::new(|id| pb::GetPaymentRequestRequest { request_id: id.into() }.encode_to_vec()),
+                Box::new(|id| pb::GetBillRequest { bill_id: id.into() }.encode_to_vec()),
             ),
             (
-                "/dmpay.v1.Payments/PayRequest",
+                "/dmpay.v1.Payments/PayBill",
                 to_bob.clone(),
                 Box::new(|id| {
-                    pb::PayRequestRequest { request_id: id.into(), idempotency_key: "m".into(), ..Default::default() }
+                    pb::PayBillRequest { bill_id: id.into(), idempotency_key: "m".into(), ..Default::default() }
                         .encode_to_vec()
                 }),
             ),
             (
-                "/dmpay.v1.Payments/DeclineRequest",
+                "/dmpay.v1.Payments/DeclineBill",
                 to_bob.clone(),
-                Box::new(|id| pb::DeclineRequestRequest { request_id: id.into() }.encode_to_vec()),
+                Box::new(|id| pb::DeclineBillRequest { bill_id: id.into() }.encode_to_vec()),
             ),
             (
-                "/dmpay.v1.Payments/CancelRequest",
+                "/dmpay.v1.Payments/CancelBill",
                 to_bob.clone(),
-                Box::new(|id| pb::CancelRequestRequest { request_id: id.into() }.encode_to_vec()),
+                Box::new(|id| pb::CancelBillRequest { bill_id: id.into() }.encode_to_vec()),
             ),
             (
                 "/dmpay.v1.PaymentMethods/LinkPaymentMethod",
@@ -496,13 +490,13 @@ mod every_rpc {
                 }),
             ),
             (
-                "/dmpay.v1.Payments/PayRequest",
+                "/dmpay.v1.Payments/PayBill",
                 linked.clone(),
                 Box::new({
                     let to_mallory = to_mallory.clone();
                     move |id| {
-                        pb::PayRequestRequest {
-                            request_id: to_mallory.clone(),
+                        pb::PayBillRequest {
+                            bill_id: to_mallory.clone(),
                             idempotency_key: format!("m-{id}"),
                             funding_source: pb::FundingSource::Card as i32,
                             payment_method_token: id.into(),
@@ -536,11 +530,11 @@ mod every_rpc {
         assert_eq!(p.status, pb::PaymentStatus::Settled as i32);
         let r = app
             .payments()
-            .get_payment_request(authed(pb::GetPaymentRequestRequest { request_id: to_bob.clone() }, &alice))
+            .get_bill(authed(pb::GetBillRequest { bill_id: to_bob.clone() }, &alice))
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(r.status, pb::RequestStatus::Open as i32);
+        assert_eq!(r.status, pb::BillStatus::Open as i32);
         let methods = app
             .methods()
             .list_payment_methods(authed(pb::ListPaymentMethodsRequest { include_removed: true }, &alice))

@@ -226,11 +226,7 @@ async fn reconcile_clean_and_with_discrepancies(app: TestApp) {
     );
     let items = client
         .list_reconciliation_items(authed(
-            pb::ListReconciliationItemsRequest {
-                run_id: run.run_id.clone(),
-                status: "open".into(),
-                ..Default::default()
-            },
+            pb::ListReconciliationItemsRequest { run_id: run.run_id.clone(), open: true, ..Default::default() },
             &fin,
         ))
         .await
@@ -238,22 +234,22 @@ async fn reconcile_clean_and_with_discrepancies(app: TestApp) {
         .into_inner()
         .items;
     assert_eq!(items.len(), 3);
-    let by_status = |s: &str| items.iter().find(|i| i.status == s).unwrap().clone();
-    assert_eq!(by_status("missing_in_report").processor_reference, dropped_ref);
-    assert_eq!(by_status("amount_mismatch").processor_reference, changed_ref);
-    assert!(by_status("missing_in_ledger").processor_reference.starts_with("sbx_extra_"));
+    let by_status = |s: pb::ReconciliationItemStatus| items.iter().find(|i| i.status == s as i32).unwrap().clone();
+    assert_eq!(by_status(pb::ReconciliationItemStatus::MissingInReport).processor_reference, dropped_ref);
+    assert_eq!(by_status(pb::ReconciliationItemStatus::AmountMismatch).processor_reference, changed_ref);
+    assert!(by_status(pb::ReconciliationItemStatus::MissingInLedger).processor_reference.starts_with("sbx_extra_"));
 
     // Resolve: two by suspense entries, one explained; each records who and why, once.
     for (item, how) in [
-        (by_status("missing_in_report"), "suspense"),
-        (by_status("amount_mismatch"), "suspense"),
-        (by_status("missing_in_ledger"), "explained"),
+        (by_status(pb::ReconciliationItemStatus::MissingInReport), pb::ReconciliationResolution::Suspense),
+        (by_status(pb::ReconciliationItemStatus::AmountMismatch), pb::ReconciliationResolution::Suspense),
+        (by_status(pb::ReconciliationItemStatus::MissingInLedger), pb::ReconciliationResolution::Explained),
     ] {
         let done = client
             .resolve_reconciliation_item(authed(
                 pb::ResolveReconciliationItemRequest {
                     item_id: item.item_id.clone(),
-                    resolution: how.into(),
+                    resolution: how as i32,
                     note: "checked with the processor".into(),
                 },
                 &fin,
@@ -261,17 +257,17 @@ async fn reconcile_clean_and_with_discrepancies(app: TestApp) {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(done.resolution, how);
+        assert_eq!(done.resolution, how as i32);
         assert_eq!(done.resolved_by, "finance-staff");
-        if how == "suspense" {
+        if how == pb::ReconciliationResolution::Suspense {
             assert!(!done.entry_id.is_empty());
         }
     }
     let err = client
         .resolve_reconciliation_item(authed(
             pb::ResolveReconciliationItemRequest {
-                item_id: by_status("missing_in_ledger").item_id,
-                resolution: "explained".into(),
+                item_id: by_status(pb::ReconciliationItemStatus::MissingInLedger).item_id,
+                resolution: pb::ReconciliationResolution::Explained as i32,
                 note: "again".into(),
             },
             &fin,
@@ -281,17 +277,47 @@ async fn reconcile_clean_and_with_discrepancies(app: TestApp) {
     assert_eq!(err.code(), Code::FailedPrecondition);
     let open = client
         .list_reconciliation_items(authed(
-            pb::ListReconciliationItemsRequest {
-                run_id: run.run_id.clone(),
-                status: "open".into(),
-                ..Default::default()
-            },
+            pb::ListReconciliationItemsRequest { run_id: run.run_id.clone(), open: true, ..Default::default() },
             &fin,
         ))
         .await
         .unwrap()
         .into_inner();
     assert!(open.items.is_empty());
+    // The enums are checked at the edge, naming the field, and change nothing.
+    let resolutions_before = app.count("recon_resolutions").await;
+    for (msg, field) in [
+        (
+            pb::ListReconciliationItemsRequest {
+                run_id: run.run_id.clone(),
+                open: true,
+                status: pb::ReconciliationItemStatus::Matched as i32,
+                ..Default::default()
+            },
+            "open",
+        ),
+        (pb::ListReconciliationItemsRequest { run_id: run.run_id.clone(), status: 99, ..Default::default() }, "status"),
+    ] {
+        let err = client.list_reconciliation_items(authed(msg, &fin)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(&format!("{field}: ")), "{field}: {}", err.message());
+    }
+    for raw in [pb::ReconciliationResolution::Unspecified as i32, 7] {
+        let err = client
+            .resolve_reconciliation_item(authed(
+                pb::ResolveReconciliationItemRequest {
+                    item_id: items[0].item_id.clone(),
+                    resolution: raw,
+                    note: "n".into(),
+                },
+                &fin,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains("resolution: "), "{}", err.message());
+    }
+    assert_eq!(app.count("recon_resolutions").await, resolutions_before);
     let tb = client.get_trial_balance(authed(pb::GetTrialBalanceRequest::default(), &fin)).await.unwrap().into_inner();
     assert!(tb.balanced);
     let report = client.verify_ledger(authed(pb::VerifyLedgerRequest {}, &fin)).await.unwrap().into_inner();
@@ -441,11 +467,7 @@ async fn two_days_of_card_payments_reconcile(app: TestApp) {
     );
     let items = client
         .list_reconciliation_items(authed(
-            pb::ListReconciliationItemsRequest {
-                run_id: run.run_id.clone(),
-                status: "open".into(),
-                ..Default::default()
-            },
+            pb::ListReconciliationItemsRequest { run_id: run.run_id.clone(), open: true, ..Default::default() },
             &fin,
         ))
         .await
@@ -454,14 +476,28 @@ async fn two_days_of_card_payments_reconcile(app: TestApp) {
         .items;
     let dropped = report2.lines().nth(3).unwrap().split(',').next().unwrap();
     let changed = report2.lines().nth(1).unwrap().split(',').next().unwrap();
-    assert_eq!(items.iter().find(|i| i.status == "missing_in_report").unwrap().processor_reference, dropped);
-    assert_eq!(items.iter().find(|i| i.status == "amount_mismatch").unwrap().processor_reference, changed);
+    assert_eq!(
+        items
+            .iter()
+            .find(|i| i.status == pb::ReconciliationItemStatus::MissingInReport as i32)
+            .unwrap()
+            .processor_reference,
+        dropped
+    );
+    assert_eq!(
+        items
+            .iter()
+            .find(|i| i.status == pb::ReconciliationItemStatus::AmountMismatch as i32)
+            .unwrap()
+            .processor_reference,
+        changed
+    );
     for item in items {
         client
             .resolve_reconciliation_item(authed(
                 pb::ResolveReconciliationItemRequest {
                     item_id: item.item_id,
-                    resolution: "suspense".into(),
+                    resolution: pb::ReconciliationResolution::Suspense as i32,
                     note: "investigated".into(),
                 },
                 &fin,
@@ -664,7 +700,7 @@ async fn a_later_report_supersedes_the_days_books(app: TestApp) {
         let (mut c, fin) = (client.clone(), fin.clone());
         async move {
             c.list_reconciliation_items(authed(
-                pb::ListReconciliationItemsRequest { run_id, status: "open".into(), ..Default::default() },
+                pb::ListReconciliationItemsRequest { run_id, open: true, ..Default::default() },
                 &fin,
             ))
             .await
@@ -679,7 +715,7 @@ async fn a_later_report_supersedes_the_days_books(app: TestApp) {
             c.resolve_reconciliation_item(authed(
                 pb::ResolveReconciliationItemRequest {
                     item_id,
-                    resolution: "suspense".into(),
+                    resolution: pb::ReconciliationResolution::Suspense as i32,
                     note: "booked to suspense pending the processor's answer".into(),
                 },
                 &fin,
@@ -707,7 +743,7 @@ async fn a_later_report_supersedes_the_days_books(app: TestApp) {
     assert_eq!(r1.bookings.len(), 2, "fees and settlement: {:?}", r1.bookings);
     let items = open_items(r1.run_id.clone()).await;
     assert_eq!(items.len(), 1);
-    assert_eq!(items[0].status, "missing_in_report");
+    assert_eq!(items[0].status, pb::ReconciliationItemStatus::MissingInReport as i32);
     let first_adjustment = resolve(items[0].item_id.clone()).await.unwrap().into_inner().adjustment_entry_id;
     assert!(!first_adjustment.is_empty());
     books_follow(r1_csv.clone()).await;
@@ -720,13 +756,13 @@ async fn a_later_report_supersedes_the_days_books(app: TestApp) {
     assert_eq!(r2.superseded_run_id, r1.run_id);
     assert_eq!(r2.carried_resolutions, 1);
     assert_eq!(
-        r2.bookings.iter().map(|b| (b.kind.as_str(), amt(&b.amount))).collect::<Vec<_>>(),
-        [("processor_settlement", "1.00".to_string())],
+        r2.bookings.iter().map(|b| (b.kind(), amt(&b.amount))).collect::<Vec<_>>(),
+        [(pb::ReconciliationBookingKind::ProcessorSettlement, "1.00".to_string())],
         "the changed row's net grew by 1.00; its fee did not change"
     );
     assert_eq!(app.count("ledger_entries").await, entries_before + 1);
     let items = open_items(r2.run_id.clone()).await;
-    assert_eq!(items.iter().map(|i| i.status.as_str()).collect::<Vec<_>>(), ["amount_mismatch"]);
+    assert_eq!(items.iter().map(|i| i.status()).collect::<Vec<_>>(), [pb::ReconciliationItemStatus::AmountMismatch]);
     // The superseded run answers as such, and its items are closed.
     let again = import(r1_csv.clone()).await;
     assert_eq!((again.run_id.as_str(), again.current, again.created), (r1.run_id.as_str(), false, false));
@@ -750,7 +786,7 @@ async fn a_later_report_supersedes_the_days_books(app: TestApp) {
     assert_eq!(r3.superseded_run_id, r2.run_id);
     assert!(open_items(r3.run_id.clone()).await.is_empty());
     let reversals: Vec<&pb::ReconciliationBooking> =
-        r3.bookings.iter().filter(|b| b.kind == "adjustment_reversal").collect();
+        r3.bookings.iter().filter(|b| b.kind == pb::ReconciliationBookingKind::AdjustmentReversal as i32).collect();
     assert_eq!(reversals.len(), 2, "{:?}", r3.bookings);
     books_follow(clean.clone()).await;
 
@@ -800,7 +836,11 @@ async fn a_superseded_item_cannot_be_resolved(app: TestApp) {
     let (entries, resolutions) = (app.count("ledger_entries").await, app.count("recon_resolutions").await);
     let e = client
         .resolve_reconciliation_item(authed(
-            pb::ResolveReconciliationItemRequest { item_id: stale, resolution: "suspense".into(), note: "late".into() },
+            pb::ResolveReconciliationItemRequest {
+                item_id: stale,
+                resolution: pb::ReconciliationResolution::Suspense as i32,
+                note: "late".into(),
+            },
             &fin,
         ))
         .await

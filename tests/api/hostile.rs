@@ -376,19 +376,19 @@ fn fields(path: &str, fx: &Fixture) -> BoxedStrategy<Encoded> {
                 })
             })
             .boxed(),
-        "/dmpay.v1.Payments/PayRequest" => (id(&fx.requests), key(), enum_v(), id(&fx.cards))
-            .prop_map(|(request_id, idempotency_key, funding_source, payment_method_token)| {
-                enc(pb::PayRequestRequest { request_id, idempotency_key, funding_source, payment_method_token })
+        "/dmpay.v1.Payments/PayBill" => (id(&fx.requests), key(), enum_v(), id(&fx.cards))
+            .prop_map(|(bill_id, idempotency_key, funding_source, payment_method_token)| {
+                enc(pb::PayBillRequest { bill_id, idempotency_key, funding_source, payment_method_token })
             })
             .boxed(),
-        "/dmpay.v1.Payments/DeclineRequest" => {
-            id(&fx.requests).prop_map(|request_id| enc(pb::DeclineRequestRequest { request_id })).boxed()
+        "/dmpay.v1.Payments/DeclineBill" => {
+            id(&fx.requests).prop_map(|bill_id| enc(pb::DeclineBillRequest { bill_id })).boxed()
         }
-        "/dmpay.v1.Payments/CancelRequest" => {
-            id(&fx.requests).prop_map(|request_id| enc(pb::CancelRequestRequest { request_id })).boxed()
+        "/dmpay.v1.Payments/CancelBill" => {
+            id(&fx.requests).prop_map(|bill_id| enc(pb::CancelBillRequest { bill_id })).boxed()
         }
-        "/dmpay.v1.Payments/GetPaymentRequest" => {
-            id(&fx.requests).prop_map(|request_id| enc(pb::GetPaymentRequestRequest { request_id })).boxed()
+        "/dmpay.v1.Payments/GetBill" => {
+            id(&fx.requests).prop_map(|bill_id| enc(pb::GetBillRequest { bill_id })).boxed()
         }
         "/dmpay.v1.Payments/RefundPayment" => (id(&fx.payments), key(), money(), text())
             .prop_map(|(payment_id, idempotency_key, amount, reason)| {
@@ -420,24 +420,16 @@ fn fields(path: &str, fx: &Fixture) -> BoxedStrategy<Encoded> {
                 })
                 .boxed()
         }
-        "/dmpay.v1.Finance/ListReconciliationItems" => {
-            let status =
-                prop_oneof![select(vec!["", "open", "matched", "resolved", "OPEN"]).prop_map(str::to_owned), text()];
-            (id(&fx.runs), status, u32v(), page_token())
-                .prop_map(|(run_id, status, page_size, page_token)| {
-                    enc(pb::ListReconciliationItemsRequest { run_id, status, page_size, page_token })
-                })
-                .boxed()
-        }
-        "/dmpay.v1.Finance/ResolveReconciliationItem" => {
-            let resolution =
-                prop_oneof![select(vec!["suspense", "explained", "", "SUSPENSE"]).prop_map(str::to_owned), text()];
-            (id(&fx.items), resolution, text())
-                .prop_map(|(item_id, resolution, note)| {
-                    enc(pb::ResolveReconciliationItemRequest { item_id, resolution, note })
-                })
-                .boxed()
-        }
+        "/dmpay.v1.Finance/ListReconciliationItems" => (id(&fx.runs), enum_v(), any::<bool>(), u32v(), page_token())
+            .prop_map(|(run_id, status, open, page_size, page_token)| {
+                enc(pb::ListReconciliationItemsRequest { run_id, status, open, page_size, page_token })
+            })
+            .boxed(),
+        "/dmpay.v1.Finance/ResolveReconciliationItem" => (id(&fx.items), enum_v(), text())
+            .prop_map(|(item_id, resolution, note)| {
+                enc(pb::ResolveReconciliationItemRequest { item_id, resolution, note })
+            })
+            .boxed(),
         "/dmpay.v1.Finance/GetStatement" => (user(), currency(), time(), time())
             .prop_map(|(user_id, currency, from_time, to_time)| {
                 enc(pb::GetStatementRequest { user_id, currency, from_time, to_time })
@@ -481,10 +473,10 @@ fn decodes(path: &str, bytes: &[u8]) -> bool {
         "/dmpay.v1.Payments/ListPayments" => pb::ListPaymentsRequest,
         "/dmpay.v1.Payments/GetBalance" => pb::GetBalanceRequest,
         "/dmpay.v1.Payments/RequestPayment" => pb::RequestPaymentRequest,
-        "/dmpay.v1.Payments/PayRequest" => pb::PayRequestRequest,
-        "/dmpay.v1.Payments/DeclineRequest" => pb::DeclineRequestRequest,
-        "/dmpay.v1.Payments/CancelRequest" => pb::CancelRequestRequest,
-        "/dmpay.v1.Payments/GetPaymentRequest" => pb::GetPaymentRequestRequest,
+        "/dmpay.v1.Payments/PayBill" => pb::PayBillRequest,
+        "/dmpay.v1.Payments/DeclineBill" => pb::DeclineBillRequest,
+        "/dmpay.v1.Payments/CancelBill" => pb::CancelBillRequest,
+        "/dmpay.v1.Payments/GetBill" => pb::GetBillRequest,
         "/dmpay.v1.Payments/RefundPayment" => pb::RefundPaymentRequest,
         "/dmpay.v1.Payments/WatchPayments" => pb::WatchPaymentsRequest,
         "/dmpay.v1.Finance/GetTrialBalance" => pb::GetTrialBalanceRequest,
@@ -603,7 +595,7 @@ async fn fixture(app: &TestApp) -> Fixture {
             .await
             .expect("fixture request")
             .into_inner();
-        fx.requests.push(r.request_id);
+        fx.requests.push(r.bill_id);
     }
     let posted = fund(app, &t, "alice", "20.00").await;
     fx.entries.push(posted.entry_id);
@@ -868,15 +860,12 @@ async fn nul_in_ids_is_the_callers_fault(app: TestApp) {
             pb::RefundPaymentRequest { payment_id: id.clone(), idempotency_key: "k".into(), ..Default::default() }
                 .encode_to_vec(),
         ),
+        ("/dmpay.v1.Payments/GetBill", pb::GetBillRequest { bill_id: id.clone() }.encode_to_vec()),
+        ("/dmpay.v1.Payments/DeclineBill", pb::DeclineBillRequest { bill_id: id.clone() }.encode_to_vec()),
+        ("/dmpay.v1.Payments/CancelBill", pb::CancelBillRequest { bill_id: id.clone() }.encode_to_vec()),
         (
-            "/dmpay.v1.Payments/GetPaymentRequest",
-            pb::GetPaymentRequestRequest { request_id: id.clone() }.encode_to_vec(),
-        ),
-        ("/dmpay.v1.Payments/DeclineRequest", pb::DeclineRequestRequest { request_id: id.clone() }.encode_to_vec()),
-        ("/dmpay.v1.Payments/CancelRequest", pb::CancelRequestRequest { request_id: id.clone() }.encode_to_vec()),
-        (
-            "/dmpay.v1.Payments/PayRequest",
-            pb::PayRequestRequest { request_id: id.clone(), idempotency_key: "k".into(), ..Default::default() }
+            "/dmpay.v1.Payments/PayBill",
+            pb::PayBillRequest { bill_id: id.clone(), idempotency_key: "k".into(), ..Default::default() }
                 .encode_to_vec(),
         ),
         (
@@ -938,7 +927,7 @@ async fn nul_in_ids_is_the_callers_fault(app: TestApp) {
             "/dmpay.v1.Finance/ResolveReconciliationItem",
             pb::ResolveReconciliationItemRequest {
                 item_id: id.clone(),
-                resolution: "explained".into(),
+                resolution: pb::ReconciliationResolution::Explained as i32,
                 note: "n".into(),
             }
             .encode_to_vec(),
@@ -984,7 +973,7 @@ async fn hostile_neighbours_never_fail_honest_calls(app: TestApp) {
         "/dmpay.v1.Ledger/ReverseEntry",
         "/dmpay.v1.Payments/SendPayment",
         "/dmpay.v1.Payments/RequestPayment",
-        "/dmpay.v1.Payments/PayRequest",
+        "/dmpay.v1.Payments/PayBill",
         "/dmpay.v1.Payments/RefundPayment",
     ] {
         let strategy = fields(path, &fx);

@@ -296,10 +296,7 @@ async fn answers_to_huge_ids_stay_small(app: TestApp) {
     let err = payments.get_payment(authed(pb::GetPaymentRequest { payment_id: id.clone() }, &t)).await.unwrap_err();
     assert!(matches!(err.code(), Code::NotFound | Code::InvalidArgument), "{err:?}");
     assert!(err.message().chars().count() <= dmpay::api::status::MESSAGE_CHARS_MAX + 1, "{}", err.message().len());
-    let err = payments
-        .get_payment_request(authed(pb::GetPaymentRequestRequest { request_id: id.clone() }, &t))
-        .await
-        .unwrap_err();
+    let err = payments.get_bill(authed(pb::GetBillRequest { bill_id: id.clone() }, &t)).await.unwrap_err();
     assert!(err.message().chars().count() <= dmpay::api::status::MESSAGE_CHARS_MAX + 1);
     let err = app
         .ledger()

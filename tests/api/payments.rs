@@ -185,11 +185,18 @@ async fn card_funded_and_split(app: TestApp) {
     let p = app.send(&alice, "card-2", "bob", "10.00", Card).await.unwrap();
     assert_eq!(amt(&p.card_funded_amount), "10.00");
     assert_eq!(amt(&app.wallet("alice").await.posted), "50.00");
-    // The processor is owed what the cards paid: 20 + 15 + 10.
+    // Unspecified funding is AUTO: the 50.00 in the wallet, 10.00 from the card. A retry
+    // that says AUTO is the same request, and gets the same payment.
+    let p = app.send(&alice, "unspecified-1", "bob", "60.00", pb::FundingSource::Unspecified).await.unwrap();
+    assert_eq!(amt(&p.card_funded_amount), "10.00");
+    assert_eq!(amt(&app.wallet("alice").await.posted), "0.00");
+    let again = app.send(&alice, "unspecified-1", "bob", "60.00", Auto).await.unwrap();
+    assert_eq!(again.payment_id, p.payment_id);
+    // The processor is owed what the cards paid: 20 + 15 + 10 + 10.
     let t = app.token("svc", LEDGER_SCOPES);
-    assert_eq!(amt(&balance(&app, &t, "processor:sandbox:clearing:USD").await.posted), "45.00");
+    assert_eq!(amt(&balance(&app, &t, "processor:sandbox:clearing:USD").await.posted), "55.00");
     let captures: i64 = dmpay::with_db!(&app.db, pool => sqlx::query_scalar("SELECT COUNT(*) FROM sandbox_processor_calls WHERE kind = 'capture'").fetch_one(pool).await).unwrap();
-    assert_eq!(captures, 3);
+    assert_eq!(captures, 4);
     // Each card entry names its capture, for reconciliation with the processor's report.
     let linked: i64 = dmpay::with_db!(&app.db, pool => sqlx::query_scalar(
         "SELECT COUNT(*) FROM ledger_entries e JOIN sandbox_processor_calls c \
@@ -199,7 +206,7 @@ async fn card_funded_and_split(app: TestApp) {
     .fetch_one(pool)
     .await)
     .unwrap();
-    assert_eq!(linked, 3);
+    assert_eq!(linked, 4);
     assert!(app.verify().await.ok());
 }
 
@@ -649,7 +656,7 @@ async fn request(
     payer: &str,
     amount: &str,
     expires_s: u32,
-) -> Result<pb::PaymentRequest, tonic::Status> {
+) -> Result<pb::Bill, tonic::Status> {
     let t = app.token(requester, PAY_SCOPES);
     app.payments()
         .request_payment(authed(
@@ -668,11 +675,11 @@ async fn request(
         .map(|r| r.into_inner())
 }
 
-async fn pay(app: &TestApp, payer: &str, request_id: &str, key: &str) -> Result<pb::Payment, tonic::Status> {
+async fn pay(app: &TestApp, payer: &str, bill_id: &str, key: &str) -> Result<pb::Payment, tonic::Status> {
     let t = app.token(payer, PAY_SCOPES);
     app.payments()
-        .pay_request(authed(
-            pb::PayRequestRequest { request_id: request_id.into(), idempotency_key: key.into(), ..Default::default() },
+        .pay_bill(authed(
+            pb::PayBillRequest { bill_id: bill_id.into(), idempotency_key: key.into(), ..Default::default() },
             &t,
         ))
         .await
@@ -683,31 +690,31 @@ async fn requests_pay_decline_cancel_expire(app: TestApp) {
     app.users(CAST).await;
     fund_user(&app, "bob", "100.00").await;
     let r = request(&app, "alice", "r1", "bob", "30.00", 0).await.unwrap();
-    assert_eq!(r.status, pb::RequestStatus::Open as i32);
+    assert_eq!(r.status, pb::BillStatus::Open as i32);
     let week = r.expires_at.unwrap().seconds - r.created_at.unwrap().seconds;
     assert_eq!(week, 7 * 86_400);
-    assert_eq!(request(&app, "alice", "r1", "bob", "30.00", 0).await.unwrap().request_id, r.request_id, "idempotent");
+    assert_eq!(request(&app, "alice", "r1", "bob", "30.00", 0).await.unwrap().bill_id, r.bill_id, "idempotent");
     // Only the payer pays; outsiders do not even see it.
-    let err = pay(&app, "alice", &r.request_id, "p0").await.unwrap_err();
+    let err = pay(&app, "alice", &r.bill_id, "p0").await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
-    let err = pay(&app, "mallory", &r.request_id, "p0").await.unwrap_err();
+    let err = pay(&app, "mallory", &r.bill_id, "p0").await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let paid = pay(&app, "bob", &r.request_id, "p1").await.unwrap();
+    let paid = pay(&app, "bob", &r.bill_id, "p1").await.unwrap();
     assert_eq!(paid.status, pb::PaymentStatus::Settled as i32);
-    assert_eq!(paid.request_id, r.request_id);
+    assert_eq!(paid.bill_id, r.bill_id);
     assert_eq!(paid.recipient_id, "alice");
     // The retry returns the same payment; a second pay is refused.
-    assert_eq!(pay(&app, "bob", &r.request_id, "p1").await.unwrap().payment_id, paid.payment_id);
-    let err = pay(&app, "bob", &r.request_id, "p2").await.unwrap_err();
+    assert_eq!(pay(&app, "bob", &r.bill_id, "p1").await.unwrap().payment_id, paid.payment_id);
+    let err = pay(&app, "bob", &r.bill_id, "p2").await.unwrap_err();
     assert_eq!(reason(&err), "REQUEST_NOT_OPEN");
     let alice = app.token("alice", PAY_SCOPES);
     let seen = app
         .payments()
-        .get_payment_request(authed(pb::GetPaymentRequestRequest { request_id: r.request_id.clone() }, &alice))
+        .get_bill(authed(pb::GetBillRequest { bill_id: r.bill_id.clone() }, &alice))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(seen.status, pb::RequestStatus::Paid as i32);
+    assert_eq!(seen.status, pb::BillStatus::Paid as i32);
     assert_eq!(seen.payment_id, paid.payment_id);
     assert_eq!(amt(&app.wallet("alice").await.posted), "30.00");
 
@@ -716,39 +723,39 @@ async fn requests_pay_decline_cancel_expire(app: TestApp) {
     let bob = app.token("bob", PAY_SCOPES);
     let err = app
         .payments()
-        .cancel_request(authed(pb::CancelRequestRequest { request_id: d.request_id.clone() }, &bob))
+        .cancel_bill(authed(pb::CancelBillRequest { bill_id: d.bill_id.clone() }, &bob))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     let declined = app
         .payments()
-        .decline_request(authed(pb::DeclineRequestRequest { request_id: d.request_id.clone() }, &bob))
+        .decline_bill(authed(pb::DeclineBillRequest { bill_id: d.bill_id.clone() }, &bob))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(declined.status, pb::RequestStatus::Declined as i32);
-    assert_eq!(reason(&pay(&app, "bob", &d.request_id, "p3").await.unwrap_err()), "REQUEST_NOT_OPEN");
+    assert_eq!(declined.status, pb::BillStatus::Declined as i32);
+    assert_eq!(reason(&pay(&app, "bob", &d.bill_id, "p3").await.unwrap_err()), "REQUEST_NOT_OPEN");
     let c = request(&app, "alice", "r3", "bob", "5.00", 0).await.unwrap();
     let cancelled = app
         .payments()
-        .cancel_request(authed(pb::CancelRequestRequest { request_id: c.request_id.clone() }, &alice))
+        .cancel_bill(authed(pb::CancelBillRequest { bill_id: c.bill_id.clone() }, &alice))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(cancelled.status, pb::RequestStatus::Cancelled as i32);
+    assert_eq!(cancelled.status, pb::BillStatus::Cancelled as i32);
 
     // Expiry: a request that lived one second.
     let e = request(&app, "alice", "r4", "bob", "5.00", 1).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    assert_eq!(reason(&pay(&app, "bob", &e.request_id, "p4").await.unwrap_err()), "REQUEST_EXPIRED");
+    assert_eq!(reason(&pay(&app, "bob", &e.bill_id, "p4").await.unwrap_err()), "REQUEST_EXPIRED");
     assert_eq!(app.payments_service.expire_requests().await.unwrap(), 1);
     let expired = app
         .payments()
-        .get_payment_request(authed(pb::GetPaymentRequestRequest { request_id: e.request_id.clone() }, &bob))
+        .get_bill(authed(pb::GetBillRequest { bill_id: e.bill_id.clone() }, &bob))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(expired.status, pb::RequestStatus::Expired as i32);
+    assert_eq!(expired.status, pb::BillStatus::Expired as i32);
 
     // Bad input.
     let err = request(&app, "alice", "r5", "alice", "5.00", 0).await.unwrap_err();
@@ -913,11 +920,11 @@ async fn concurrent_duplicate_pays_get_one_answer(app: TestApp) {
     let mut tasks = Vec::new();
     for _ in 0..6 {
         let app_payments = app.payments();
-        let (t, id) = (app.token("bob", PAY_SCOPES), r.request_id.clone());
+        let (t, id) = (app.token("bob", PAY_SCOPES), r.bill_id.clone());
         tasks.push(tokio::spawn(async move {
             let mut c = app_payments;
-            c.pay_request(authed(
-                pb::PayRequestRequest { request_id: id, idempotency_key: "tap".into(), ..Default::default() },
+            c.pay_bill(authed(
+                pb::PayBillRequest { bill_id: id, idempotency_key: "tap".into(), ..Default::default() },
                 &t,
             ))
             .await
@@ -1019,9 +1026,9 @@ async fn request_writes_take_turns_with_the_engine(app: TestApp) {
     let events_before = app.count("payment_events").await;
     let paul = app.token("paul", PAY_SCOPES);
     let mut payments = app.payments();
-    let call = payments.decline_request(authed(pb::DeclineRequestRequest { request_id: r.request_id.clone() }, &paul));
+    let call = payments.decline_bill(authed(pb::DeclineBillRequest { bill_id: r.bill_id.clone() }, &paul));
     let declined = app.with_engine_connection_held("payment_events", call).await.expect("declined");
-    assert_eq!(declined.into_inner().status, pb::RequestStatus::Declined as i32);
+    assert_eq!(declined.into_inner().status, pb::BillStatus::Declined as i32);
     assert_eq!(app.count("payment_events").await, events_before + 1, "one event for the decline");
 }
 
@@ -1114,7 +1121,7 @@ async fn watchers_see_their_events_once_in_order(app: TestApp) {
         let p = e.payment.as_ref().expect("payment event");
         assert!(p.sender_id == "bob" || p.recipient_id == "bob", "bob saw someone else's event: {e:?}");
     }
-    assert_eq!(all.iter().filter(|e| e.r#type == "payment.settled").count(), 13);
+    assert_eq!(all.iter().filter(|e| e.r#type() == pb::PaymentEventType::PaymentSettled).count(), 13);
     // Nothing more for bob.
     assert!(tokio::time::timeout(std::time::Duration::from_millis(600), resumed.message()).await.is_err());
 
@@ -1127,6 +1134,21 @@ async fn watchers_see_their_events_once_in_order(app: TestApp) {
     let mut all_users = watch(&app, &backend, 0, "").await;
     let everything = next_events(&mut all_users, 30).await;
     assert!(everything.iter().any(|e| e.payment.as_ref().is_some_and(|p| p.sender_id == "carol")));
+    // A bill's events are typed like a payment's and carry the bill.
+    let bill = request(&app, "bob", "w-bill", "alice", "3.00", 0).await.unwrap();
+    pay(&app, "alice", &bill.bill_id, "w-bill-pay").await.unwrap();
+    let mut bill_conv = watch(&app, &bob, 0, "conv-r").await;
+    let mut types = Vec::new();
+    while !types.contains(&pb::PaymentEventType::BillPaid) {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), bill_conv.message()).await;
+        let e = next.expect("the bill's events arrive").unwrap().expect("the stream stays open");
+        if let Some(b) = &e.bill {
+            assert_eq!(b.bill_id, bill.bill_id);
+        }
+        types.push(e.r#type());
+    }
+    assert_eq!(types[0], pb::PaymentEventType::BillCreated, "{types:?}");
+    assert!(!types.contains(&pb::PaymentEventType::Unspecified), "{types:?}");
     // Without payments:read, no stream.
     let none = app.token("bob", "payments:write");
     let err = app.payments().watch_payments(authed(pb::WatchPaymentsRequest::default(), &none)).await.unwrap_err();
@@ -1161,7 +1183,7 @@ async fn settled_at_agrees_when_the_clock_is_behind_the_journal(app: TestApp) {
     assert_eq!(seen, sent, "GetPayment agrees with SendPayment's answer");
     let mut stream = watch(&app, &alice, 0, "").await;
     let events = next_events(&mut stream, 2).await;
-    assert_eq!(events[1].r#type, "payment.settled");
+    assert_eq!(events[1].r#type(), pb::PaymentEventType::PaymentSettled);
     assert_eq!(events[1].payment.as_ref().unwrap().settled_at, Some(settled_at), "the settled event agrees");
     // The journal kept its order: the entry is no earlier than the funding entry, an
     // hour after the payment's clock reading.

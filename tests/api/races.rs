@@ -138,7 +138,7 @@ async fn split_sends_hold_the_daily_limit(app: TestApp) {
     assert!(app.verify().await.ok());
 }
 
-async fn request(app: &TestApp, requester: &str, key: &str, payer: &str, amount: &str) -> pb::PaymentRequest {
+async fn request(app: &TestApp, requester: &str, key: &str, payer: &str, amount: &str) -> pb::Bill {
     let t = app.token(requester, PAY_SCOPES);
     app.payments()
         .request_payment(authed(
@@ -162,7 +162,7 @@ async fn request_pays_hold_the_daily_limit(app: TestApp) {
     app.add_card(&bob, "4242424242424242", true).await.unwrap();
     let mut ids = Vec::new();
     for i in 0..PARALLEL {
-        ids.push(request(&app, &format!("friend{}", i % 10), &format!("rq-{i}"), "bob", "20.00").await.request_id);
+        ids.push(request(&app, &format!("friend{}", i % 10), &format!("rq-{i}"), "bob", "20.00").await.bill_id);
     }
     let mut tasks = Vec::new();
     for (i, id) in ids.into_iter().enumerate() {
@@ -170,8 +170,8 @@ async fn request_pays_hold_the_daily_limit(app: TestApp) {
         let t = bob.clone();
         tasks.push(tokio::spawn(async move {
             client
-                .pay_request(authed(
-                    pb::PayRequestRequest { request_id: id, idempotency_key: format!("tap-{i}"), ..Default::default() },
+                .pay_bill(authed(
+                    pb::PayBillRequest { bill_id: id, idempotency_key: format!("tap-{i}"), ..Default::default() },
                     &t,
                 ))
                 .await
@@ -202,16 +202,16 @@ async fn a_request_never_closes_under_its_payment(backend: Backend) {
     let alice = app.token("alice", PAY_SCOPES);
     let mut ids = Vec::new();
     for i in 0..PARALLEL {
-        ids.push(request(&app, "alice", &format!("race-{i}"), "bob", "1.00").await.request_id);
+        ids.push(request(&app, "alice", &format!("race-{i}"), "bob", "1.00").await.bill_id);
     }
     let mut tasks = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         let (mut pay_client, mut close_client) = (app.payments(), app.payments());
         let (b, a, id, db) = (bob.clone(), alice.clone(), id.clone(), app.db.clone());
         tasks.push(tokio::spawn(async move {
-            let pay = pay_client.pay_request(authed(
-                pb::PayRequestRequest {
-                    request_id: id.clone(),
+            let pay = pay_client.pay_bill(authed(
+                pb::PayBillRequest {
+                    bill_id: id.clone(),
                     idempotency_key: format!("p-{i}"),
                     funding_source: Card as i32,
                     ..Default::default()
@@ -237,9 +237,9 @@ async fn a_request_never_closes_under_its_payment(backend: Backend) {
                     }
                 }
                 if i % 2 == 0 {
-                    close_client.cancel_request(authed(pb::CancelRequestRequest { request_id: id.clone() }, &a)).await
+                    close_client.cancel_bill(authed(pb::CancelBillRequest { bill_id: id.clone() }, &a)).await
                 } else {
-                    close_client.decline_request(authed(pb::DeclineRequestRequest { request_id: id.clone() }, &b)).await
+                    close_client.decline_bill(authed(pb::DeclineBillRequest { bill_id: id.clone() }, &b)).await
                 }
             };
             let (paid, closed) = tokio::join!(pay, close);
@@ -249,12 +249,8 @@ async fn a_request_never_closes_under_its_payment(backend: Backend) {
     let mut in_progress = 0;
     for (id, (paid, closed)) in ids.iter().zip(join_all(tasks).await) {
         let t = app.token("alice", PAY_SCOPES);
-        let now = app
-            .payments()
-            .get_payment_request(authed(pb::GetPaymentRequestRequest { request_id: id.clone() }, &t))
-            .await
-            .unwrap()
-            .into_inner();
+        let now =
+            app.payments().get_bill(authed(pb::GetBillRequest { bill_id: id.clone() }, &t)).await.unwrap().into_inner();
         let settled: Vec<String> = dmpay::with_db!(&app.db, pool => sqlx::query_scalar(
             "SELECT payment_id FROM payments WHERE request_id = $1 AND status = 'settled'"
         )
@@ -262,8 +258,8 @@ async fn a_request_never_closes_under_its_payment(backend: Backend) {
         .fetch_all(pool)
         .await)
         .unwrap();
-        match pb::RequestStatus::try_from(now.status).unwrap() {
-            pb::RequestStatus::Paid => {
+        match pb::BillStatus::try_from(now.status).unwrap() {
+            pb::BillStatus::Paid => {
                 assert_eq!(settled, vec![now.payment_id.clone()], "{id}");
                 let p = paid.expect("the pay that paid it answered with its payment");
                 assert_eq!(p.payment_id, now.payment_id);
@@ -275,7 +271,7 @@ async fn a_request_never_closes_under_its_payment(backend: Backend) {
                     assert_eq!(reason(&e), "REQUEST_NOT_OPEN", "{e:?}");
                 }
             }
-            pb::RequestStatus::Cancelled | pb::RequestStatus::Declined => {
+            pb::BillStatus::Cancelled | pb::BillStatus::Declined => {
                 assert!(settled.is_empty(), "money moved for closed request {id}: {settled:?}");
                 let e = paid.expect_err("a closed request was not paid");
                 assert_eq!(reason(&e), "REQUEST_NOT_OPEN", "{e:?}");
@@ -305,7 +301,7 @@ async fn a_pending_request_payment_blocks_the_close(backend: Backend) {
          failure_message, idempotency_key, request_hash, created_at_us, updated_at_us) \
          VALUES ('pay_inflight', 'bob', 'alice', 'USD', 300, 0, 300, 0, 'pending', 'card', '', '', '', $1, '', '', 'k', 'h', 1, 1)"
     )
-    .bind(&r.request_id)
+    .bind(&r.bill_id)
     .execute(pool)
     .await
     .map(|_| ()))
@@ -313,7 +309,7 @@ async fn a_pending_request_payment_blocks_the_close(backend: Backend) {
     let events_before = app.count("payment_events").await;
     let e = app
         .payments()
-        .cancel_request(authed(pb::CancelRequestRequest { request_id: r.request_id.clone() }, &alice))
+        .cancel_bill(authed(pb::CancelBillRequest { bill_id: r.bill_id.clone() }, &alice))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
@@ -321,13 +317,13 @@ async fn a_pending_request_payment_blocks_the_close(backend: Backend) {
     assert!(e.message().contains("pay_inflight"), "{}", e.message());
     let e = app
         .payments()
-        .decline_request(authed(pb::DeclineRequestRequest { request_id: r.request_id.clone() }, &bob))
+        .decline_bill(authed(pb::DeclineBillRequest { bill_id: r.bill_id.clone() }, &bob))
         .await
         .unwrap_err();
     assert_eq!(reason(&e), "REQUEST_PAYMENT_IN_PROGRESS");
     // Nor does it expire under the payment.
     dmpay::with_db!(&app.db, pool => sqlx::query("UPDATE payment_requests SET expires_at_us = 1 WHERE request_id = $1")
-        .bind(&r.request_id)
+        .bind(&r.bill_id)
         .execute(pool)
         .await
         .map(|_| ()))
@@ -337,11 +333,11 @@ async fn a_pending_request_payment_blocks_the_close(backend: Backend) {
     assert_eq!(app.count("payment_events").await, events_before);
     let now = app
         .payments()
-        .get_payment_request(authed(pb::GetPaymentRequestRequest { request_id: r.request_id.clone() }, &alice))
+        .get_bill(authed(pb::GetBillRequest { bill_id: r.bill_id.clone() }, &alice))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(now.status, pb::RequestStatus::Open as i32);
+    assert_eq!(now.status, pb::BillStatus::Open as i32);
     // The payment fails: the request can close.
     dmpay::with_db!(&app.db, pool => sqlx::query("UPDATE payments SET status = 'failed' WHERE payment_id = 'pay_inflight'")
         .execute(pool)
@@ -350,11 +346,11 @@ async fn a_pending_request_payment_blocks_the_close(backend: Backend) {
     .unwrap();
     let closed = app
         .payments()
-        .cancel_request(authed(pb::CancelRequestRequest { request_id: r.request_id.clone() }, &alice))
+        .cancel_bill(authed(pb::CancelBillRequest { bill_id: r.bill_id.clone() }, &alice))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(closed.status, pb::RequestStatus::Cancelled as i32);
+    assert_eq!(closed.status, pb::BillStatus::Cancelled as i32);
 }
 
 /// `PayRequest` replays check the body: the same key with another funding source or
@@ -366,14 +362,14 @@ async fn pay_request_replays_check_the_body(app: TestApp) {
     let r = request(&app, "alice", "body-r", "bob", "5.00").await;
     let pay = |funding: pb::FundingSource, token: &str| {
         let mut c = app.payments();
-        let req = pb::PayRequestRequest {
-            request_id: r.request_id.clone(),
+        let req = pb::PayBillRequest {
+            bill_id: r.bill_id.clone(),
             idempotency_key: "tap".into(),
             funding_source: funding as i32,
             payment_method_token: token.into(),
         };
         let t = bob.clone();
-        async move { c.pay_request(authed(req, &t)).await.map(|p| p.into_inner()) }
+        async move { c.pay_bill(authed(req, &t)).await.map(|p| p.into_inner()) }
     };
     let first = pay(Auto, "").await.unwrap();
     assert_eq!(pay(Auto, "").await.unwrap().payment_id, first.payment_id, "a true retry replays");
@@ -385,8 +381,8 @@ async fn pay_request_replays_check_the_body(app: TestApp) {
     let other = request(&app, "alice", "body-r2", "bob", "5.00").await;
     let e = app
         .payments()
-        .pay_request(authed(
-            pb::PayRequestRequest { request_id: other.request_id, idempotency_key: "tap".into(), ..Default::default() },
+        .pay_bill(authed(
+            pb::PayBillRequest { bill_id: other.bill_id, idempotency_key: "tap".into(), ..Default::default() },
             &bob,
         ))
         .await

@@ -131,9 +131,9 @@ async fn a_watcher_sees_another_replicas_commits(app: TestApp) {
         let e =
             tokio::time::timeout(Duration::from_secs(5), stream.message()).await.expect("in time").unwrap().unwrap();
         assert_eq!(e.payment.as_ref().unwrap().payment_id, paid.payment_id);
-        types.push(e.r#type);
+        types.push(e.r#type());
     }
-    assert_eq!(types, ["payment.created", "payment.settled"]);
+    assert_eq!(types, [pb::PaymentEventType::PaymentCreated, pb::PaymentEventType::PaymentSettled]);
     replica.stop().await;
 }
 

@@ -18,12 +18,23 @@ use crate::kernel::money::{Currency, Money};
 use crate::ledger::{AccountCode, Direction, PostEntryInput, PostingInput, SYSTEM_CLEARING};
 use crate::with_db;
 
+crate::stored_enum! {
+    /// What a run booked; the text is the ledger entry's kind.
+    pub enum BookingKind {
+        /// The difference in the processor's fees from the superseded report.
+        ProcessorFees = "processor_fees",
+        /// The difference in the net settlement from the superseded report.
+        ProcessorSettlement = "processor_settlement",
+        /// The reversal of an adjustment the new report no longer needs.
+        AdjustmentReversal = "adjustment_reversal",
+    }
+}
+
 /// One entry a run booked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Booking {
     pub entry_id: String,
-    /// `processor_fees`, `processor_settlement` or `adjustment_reversal`.
-    pub kind: String,
+    pub kind: BookingKind,
     /// What moved, from the first posting's point of view (always positive).
     pub amount: Money,
     pub description: String,
@@ -89,14 +100,18 @@ impl Reconciler {
                     let (debit, credit) =
                         if fees_delta > 0 { (fee_account, clearing.clone()) } else { (clearing.clone(), fee_account) };
                     let key = format!("recon:{}:{}:{}:fees:{code}", run.processor, run.report_date, run.run_id);
-                    bookings.push(self.post(run, key, "processor_fees", debit, credit, currency, fees_delta).await?);
+                    bookings.push(
+                        self.post(run, key, BookingKind::ProcessorFees, debit, credit, currency, fees_delta).await?,
+                    );
                 }
                 let net_delta = net.checked_sub(net_before).ok_or_else(|| overflow(run))?;
                 if net_delta != 0 {
                     let (debit, credit) = if net_delta > 0 { (bank, clearing) } else { (clearing, bank) };
                     let key = format!("recon:{}:{}:{}:settle:{code}", run.processor, run.report_date, run.run_id);
-                    bookings
-                        .push(self.post(run, key, "processor_settlement", debit, credit, currency, net_delta).await?);
+                    bookings.push(
+                        self.post(run, key, BookingKind::ProcessorSettlement, debit, credit, currency, net_delta)
+                            .await?,
+                    );
                 }
             }
             if let Some(prev) = &prev {
@@ -111,7 +126,7 @@ impl Reconciler {
         &self,
         run: &Run,
         key: String,
-        kind: &str,
+        kind: BookingKind,
         debit: AccountCode,
         credit: AccountCode,
         currency: Currency,
@@ -126,7 +141,7 @@ impl Reconciler {
         };
         let input = PostEntryInput {
             idempotency_key: key,
-            kind: kind.into(),
+            kind: kind.as_str().into(),
             description: description.clone(),
             postings: vec![
                 PostingInput { account_code: debit, direction: Direction::Debit, amount },
@@ -141,7 +156,7 @@ impl Reconciler {
             pending_timeout_s: 0,
         };
         let entry = self.ledger.post_entry(RECON_ACTOR, input).await?;
-        Ok(Booking { entry_id: entry.id, kind: kind.into(), amount, description })
+        Ok(Booking { entry_id: entry.id, kind, amount, description })
     }
 
     /// Reverses the adjustments of `prev`'s resolutions that `run` did not carry over.
@@ -169,7 +184,7 @@ impl Reconciler {
                     let amount = e.postings.first().map(|p| p.amount).ok_or_else(|| overflow(run))?;
                     out.push(Booking {
                         entry_id: e.id,
-                        kind: "adjustment_reversal".into(),
+                        kind: BookingKind::AdjustmentReversal,
                         amount,
                         description: reason,
                     });

@@ -2,7 +2,7 @@
 //! entry to suspense or as explained. Only an item of the day's current run can be
 //! resolved: a superseded run's discrepancies are the new run's to settle.
 
-use super::{Item, Reconciler, RECON_ACTOR};
+use super::{Item, ItemFilter, ItemRow, ItemStatus, Reconciler, Resolution, RECON_ACTOR};
 use crate::kernel::error::{Error, Result};
 use crate::kernel::money::{Currency, Money};
 use crate::kernel::text::parse_text;
@@ -29,7 +29,7 @@ impl Reconciler {
     pub async fn items(
         &self,
         run_id: &str,
-        status: Option<&str>,
+        filter: ItemFilter,
         page_size: u32,
         after: &str,
     ) -> Result<(Vec<Item>, Option<String>)> {
@@ -38,16 +38,6 @@ impl Reconciler {
             n if n > 1000 => return Err(Error::invalid("page_size", "at most 1000")),
             n => n,
         };
-        if let Some(s) = status {
-            if !["matched", "amount_mismatch", "missing_in_ledger", "missing_in_report", "duplicate", "open"]
-                .contains(&s)
-            {
-                return Err(Error::invalid(
-                    "status",
-                    "matched, amount_mismatch, missing_in_ledger, missing_in_report, duplicate or open",
-                ));
-            }
-        }
         // `open`: unmatched, unresolved, and of the day's current run.
         let sql = format!(
             "{ITEM_SELECT} WHERE i.run_id = $1 AND i.item_id > $2 \
@@ -55,13 +45,19 @@ impl Reconciler {
                   AND d.current_run_id = i.run_id)) \
              ORDER BY i.item_id LIMIT $4"
         );
-        let mut rows: Vec<Item> = with_db!(&self.db, pool => sqlx::query_as(&sql)
+        let status = match filter {
+            ItemFilter::All => "",
+            ItemFilter::Status(s) => s.as_str(),
+            ItemFilter::Open => "open",
+        };
+        let rows: Vec<ItemRow> = with_db!(&self.db, pool => sqlx::query_as(&sql)
             .bind(run_id)
             .bind(after)
-            .bind(status.unwrap_or(""))
+            .bind(status)
             .bind(i64::from(size) + 1)
             .fetch_all(pool)
             .await)?;
+        let mut rows = rows.into_iter().map(Item::try_from).collect::<Result<Vec<Item>>>()?;
         let next = if rows.len() > size as usize {
             rows.truncate(size as usize);
             rows.last().map(|i| i.item_id.clone())
@@ -74,13 +70,10 @@ impl Reconciler {
     /// Resolves an unmatched item of the day's current run: by an adjusting entry to
     /// suspense (the reconciliation's own), or as explained. Records who and why; an
     /// item is resolved once.
-    pub async fn resolve(&self, actor: &str, item_id: &str, resolution: &str, note: &str) -> Result<Item> {
+    pub async fn resolve(&self, actor: &str, item_id: &str, resolution: Resolution, note: &str) -> Result<Item> {
         parse_text("note", note, 500, true)?;
-        if !matches!(resolution, "suspense" | "explained") {
-            return Err(Error::invalid("resolution", "suspense or explained"));
-        }
         let item = self.item(item_id).await?;
-        if item.status == "matched" {
+        if item.status == ItemStatus::Matched {
             return Err(Error::FailedPrecondition {
                 reason: "ITEM_MATCHED",
                 message: "a matched item needs no resolution".into(),
@@ -96,12 +89,12 @@ impl Reconciler {
         let currency =
             Currency::from_code(&item.currency).ok_or_else(|| Error::internal(anyhow::anyhow!("bad currency")))?;
         let mut entry_id = None;
-        if resolution == "suspense" {
+        if resolution == Resolution::Suspense {
             // What the clearing account is off by: positive when the processor settled
             // more than the ledger booked.
-            let diff = match item.status.as_str() {
-                "missing_in_ledger" => item.report_amount.unwrap_or(0),
-                "missing_in_report" => -item.ledger_amount.unwrap_or(0),
+            let diff = match item.status {
+                ItemStatus::MissingInLedger => item.report_amount.unwrap_or(0),
+                ItemStatus::MissingInReport => -item.ledger_amount.unwrap_or(0),
                 _ => item.report_amount.unwrap_or(0) - item.ledger_amount.unwrap_or(0),
             };
             if diff != 0 {
@@ -130,7 +123,7 @@ impl Reconciler {
                  VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (item_id) DO NOTHING",
             )
             .bind(item_id)
-            .bind(resolution)
+            .bind(resolution.as_str())
             .bind(note)
             .bind(&entry_id)
             .bind(actor)
@@ -211,9 +204,9 @@ impl Reconciler {
 
     pub(super) async fn item(&self, item_id: &str) -> Result<Item> {
         let sql = format!("{ITEM_SELECT} WHERE i.item_id = $1");
-        let item: Option<Item> =
+        let item: Option<ItemRow> =
             with_db!(&self.db, pool => sqlx::query_as(&sql).bind(item_id).fetch_optional(pool).await)?;
-        item.ok_or_else(|| Error::NotFound(format!("reconciliation item {item_id} not found")))
+        item.ok_or_else(|| Error::NotFound(format!("reconciliation item {item_id} not found")))?.try_into()
     }
 }
 

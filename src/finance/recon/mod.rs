@@ -29,7 +29,7 @@ mod books;
 mod items;
 mod report;
 
-pub use books::Booking;
+pub use books::{Booking, BookingKind};
 pub use report::{parse_report, ReportRow, REPORT_BYTES_MAX};
 
 use crate::kernel::dates;
@@ -75,24 +75,100 @@ pub struct Imported {
     pub carried: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+crate::stored_enum! {
+    /// How a report row, or a ledger charge the report lacks, came out of matching.
+    pub enum ItemStatus {
+        Matched = "matched",
+        /// The report and the ledger have the reference with different amounts.
+        AmountMismatch = "amount_mismatch",
+        /// In the report, not in the ledger.
+        MissingInLedger = "missing_in_ledger",
+        /// In the ledger, not in the report.
+        MissingInReport = "missing_in_report",
+        /// The report has the reference more than once.
+        Duplicate = "duplicate",
+    }
+}
+
+crate::stored_enum! {
+    /// How finance closed an item that did not match.
+    pub enum Resolution {
+        /// An adjusting entry books the difference to the suspense account.
+        Suspense = "suspense",
+        /// Recorded with its note; nothing is booked.
+        Explained = "explained",
+    }
+}
+
+/// Which of a run's items to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemFilter {
+    All,
+    Status(ItemStatus),
+    /// Unmatched, unresolved and of the day's current run: what still needs a decision.
+    Open,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Item {
     pub item_id: String,
     pub run_id: String,
-    pub status: String,
+    pub status: ItemStatus,
     pub processor_reference: String,
     pub currency: String,
     pub report_amount: Option<i64>,
     pub ledger_amount: Option<i64>,
     pub entry_id: Option<String>,
     pub line: Option<i64>,
-    pub resolution: Option<String>,
+    pub resolution: Option<Resolution>,
     pub note: Option<String>,
     pub resolved_by: Option<String>,
     /// The adjustment entry of a `suspense` resolution.
     pub adjustment_entry_id: Option<String>,
     /// Its run is no longer the day's current report: it cannot be resolved.
     pub superseded: bool,
+}
+
+/// An item as its tables store it; `Item` is the same with its texts parsed.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(super) struct ItemRow {
+    item_id: String,
+    run_id: String,
+    status: String,
+    processor_reference: String,
+    currency: String,
+    report_amount: Option<i64>,
+    ledger_amount: Option<i64>,
+    entry_id: Option<String>,
+    line: Option<i64>,
+    resolution: Option<String>,
+    note: Option<String>,
+    resolved_by: Option<String>,
+    adjustment_entry_id: Option<String>,
+    superseded: bool,
+}
+
+impl TryFrom<ItemRow> for Item {
+    type Error = Error;
+
+    fn try_from(r: ItemRow) -> Result<Item> {
+        Ok(Item {
+            status: ItemStatus::from_db(&r.status)?,
+            resolution: r.resolution.as_deref().map(Resolution::from_db).transpose()?,
+            item_id: r.item_id,
+            run_id: r.run_id,
+            processor_reference: r.processor_reference,
+            currency: r.currency,
+            report_amount: r.report_amount,
+            ledger_amount: r.ledger_amount,
+            entry_id: r.entry_id,
+            line: r.line,
+            note: r.note,
+            resolved_by: r.resolved_by,
+            adjustment_entry_id: r.adjustment_entry_id,
+            superseded: r.superseded,
+        })
+    }
 }
 
 const RUN_COLUMNS: &str = "run_id, processor, report_date, rows_count, matched, amount_mismatch, missing_in_ledger, \
@@ -150,7 +226,7 @@ pub struct Reconciler {
 }
 
 struct NewItem {
-    status: &'static str,
+    status: ItemStatus,
     reference: String,
     currency: Currency,
     report_amount: Option<i64>,
@@ -161,8 +237,8 @@ struct NewItem {
 
 impl NewItem {
     /// Whether a resolved item of an earlier run stands for the same discrepancy.
-    fn same_as(&self, earlier: &Item) -> bool {
-        self.status == earlier.status
+    fn same_as(&self, earlier: &ItemRow) -> bool {
+        self.status.as_str() == earlier.status
             && self.reference == earlier.processor_reference
             && self.currency.code() == earlier.currency
             && self.report_amount == earlier.report_amount
@@ -281,7 +357,7 @@ impl Reconciler {
             };
             let item = match (row.kind.as_str(), found.as_slice()) {
                 ("capture", [one]) => NewItem {
-                    status: if one.amount == row.amount { "matched" } else { "amount_mismatch" },
+                    status: if one.amount == row.amount { ItemStatus::Matched } else { ItemStatus::AmountMismatch },
                     reference,
                     currency,
                     report_amount: Some(row.amount.minor()),
@@ -290,7 +366,7 @@ impl Reconciler {
                     line: Some(row.line),
                 },
                 ("capture", [first, ..]) => NewItem {
-                    status: "duplicate",
+                    status: ItemStatus::Duplicate,
                     reference,
                     currency,
                     report_amount: Some(row.amount.minor()),
@@ -299,7 +375,7 @@ impl Reconciler {
                     line: Some(row.line),
                 },
                 _ => NewItem {
-                    status: "missing_in_ledger",
+                    status: ItemStatus::MissingInLedger,
                     reference,
                     currency,
                     report_amount: Some(row.amount.minor()),
@@ -312,7 +388,7 @@ impl Reconciler {
         }
         for (_, c) in charges.iter().enumerate().filter(|(i, c)| c.in_day && !claimed.contains(i)) {
             items.push(NewItem {
-                status: "missing_in_report",
+                status: ItemStatus::MissingInReport,
                 reference: c.reference.clone(),
                 currency: c.amount.currency(),
                 report_amount: None,
@@ -339,17 +415,17 @@ impl Reconciler {
         items: Vec<NewItem>,
         prev: Option<&str>,
     ) -> Result<Inserted> {
-        let count = |s: &str| items.iter().filter(|i| i.status == s).count() as i64;
+        let count = |s: ItemStatus| items.iter().filter(|i| i.status == s).count() as i64;
         let run = Run {
             run_id: format!("run_{}", uuid::Uuid::now_v7().simple()),
             processor: processor.to_owned(),
             report_date: report_date.to_owned(),
             rows_count: rows.len() as i64,
-            matched: count("matched"),
-            amount_mismatch: count("amount_mismatch"),
-            missing_in_ledger: count("missing_in_ledger"),
-            missing_in_report: count("missing_in_report"),
-            duplicates: count("duplicate"),
+            matched: count(ItemStatus::Matched),
+            amount_mismatch: count(ItemStatus::AmountMismatch),
+            missing_in_ledger: count(ItemStatus::MissingInLedger),
+            missing_in_report: count(ItemStatus::MissingInReport),
+            duplicates: count(ItemStatus::Duplicate),
             prev_run_id: prev.map(str::to_owned),
             chained: true,
         };
@@ -384,7 +460,7 @@ impl Reconciler {
             if runs_of_day >= RUNS_PER_DAY_MAX {
                 return Err(sqlx::Error::Protocol(RUNS_PER_DAY_EXCEEDED.into()));
             }
-            let earlier: Vec<Item> = match prev {
+            let earlier: Vec<ItemRow> = match prev {
                 Some(p) => sqlx::query_as(&resolved_sql).bind(p).fetch_all(&mut *tx).await?,
                 None => Vec::new(),
             };
@@ -427,7 +503,7 @@ impl Reconciler {
                 )
                 .bind(&item_id)
                 .bind(&run.run_id)
-                .bind(item.status)
+                .bind(item.status.as_str())
                 .bind(&item.reference)
                 .bind(item.currency.code())
                 .bind(item.report_amount)
@@ -439,7 +515,7 @@ impl Reconciler {
                 .await?;
                 // The same discrepancy, already resolved in the run this supersedes: the
                 // resolution (and its adjustment, if any) stands.
-                if item.status == "matched" {
+                if item.status == ItemStatus::Matched {
                     continue;
                 }
                 if let Some(e) = earlier.iter().find(|e| !used.contains(e.item_id.as_str()) && item.same_as(e)) {
@@ -449,7 +525,7 @@ impl Reconciler {
                          VALUES ($1, $2, $3, $4, $5, $6)",
                     )
                     .bind(&item_id)
-                    .bind(e.resolution.as_deref().unwrap_or("explained"))
+                    .bind(e.resolution.as_deref().unwrap_or(Resolution::Explained.as_str()))
                     .bind(format!("carried over from {}: {}", e.item_id, e.note.as_deref().unwrap_or_default()))
                     .bind(&e.adjustment_entry_id)
                     .bind(e.resolved_by.as_deref().unwrap_or(actor))

@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: run build release test test-sqlite check proto-check fmt migrate token clean bench fuzz fuzz-build secrets-scan chaos
+.PHONY: run build release test test-one-process test-sqlite check proto-check fmt migrate token clean bench fuzz fuzz-build secrets-scan chaos
 
 ## Start the server on the embedded SQLite default (./var/dmpay.db), no setup. dmpay runs
 ## in production mode unless told otherwise; this is a development server, so it says so.
@@ -18,14 +18,23 @@ release:
 ## The whole test suite, every integration test on both backends: SQLite, and
 ## PostgreSQL at DMPAY_TEST_POSTGRES_URL (the local server by default, started when it
 ## is down; a PostgreSQL test that cannot reach it fails rather than skips). The suite
-## needs cargo-nextest (one process per test: some tests shift the process clock); it
-## is installed from crates.io when missing.
+## runs under cargo-nextest (each test in its own process, in parallel); plain `cargo
+## test` runs it too, in one process per test binary. cargo-nextest is installed from
+## crates.io when missing.
 DMPAY_TEST_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 test:
 	@$(CARGO) nextest --version >/dev/null 2>&1 || $(CARGO) install cargo-nextest --locked
 	@pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null || pg_ctlcluster --skip-systemctl-redirect "$$(ls /etc/postgresql)" main start || true
 	DMPAY_TEST_POSTGRES_URL="$(DMPAY_TEST_POSTGRES_URL)" DMPAY_TEST_REQUIRE_POSTGRES=1 \
 		$(CARGO) nextest run --workspace --all-targets --no-fail-fast
+
+## The same suite under plain `cargo test`: every test of a binary in one process, as
+## an IDE runs them. Nothing in dmpay is process-global (each server has its own clock),
+## so the tests must not need a process of their own; CI runs this too.
+test-one-process:
+	@pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null || pg_ctlcluster --skip-systemctl-redirect "$$(ls /etc/postgresql)" main start || true
+	DMPAY_TEST_POSTGRES_URL="$(DMPAY_TEST_POSTGRES_URL)" DMPAY_TEST_REQUIRE_POSTGRES=1 \
+		$(CARGO) test --workspace --all-targets
 
 ## Formatting and lints, warnings as errors; the module graph's layers (tests/layers.rs);
 ## the proto's lint and breaking-change check.

@@ -2,9 +2,10 @@
 //! are frozen. Every change by an admin lands in the append-only audit log in the same
 //! transaction.
 
+use crate::kernel::clock::Clock;
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::UserId;
-use crate::store::{now_us, Db};
+use crate::store::Db;
 use crate::with_db;
 
 pub const DISPLAY_NAME_LEN_MAX: usize = 100;
@@ -100,18 +101,24 @@ pub struct Accounts {
     /// of polling for SQLite's write lock, which the engine holds nearly all the time
     /// during a burst (the new viewers of a live stream are all first payments).
     writer: Db,
+    clock: Clock,
 }
 
 impl Accounts {
     /// Reads and writes on `db`.
-    pub fn new(db: Db) -> Self {
-        Accounts { writer: db.clone(), db }
+    pub fn new(db: Db, clock: Clock) -> Self {
+        Accounts { writer: db.clone(), db, clock }
     }
 
     /// Reads on `db`, writes on `writer`. No write holds its connection while it waits
     /// for anything but the database, so sharing the engine's pool cannot deadlock.
-    pub fn with_writer(db: Db, writer: Db) -> Self {
-        Accounts { db, writer }
+    pub fn with_writer(db: Db, writer: Db, clock: Clock) -> Self {
+        Accounts { db, writer, clock }
+    }
+
+    /// The clock account rows are stamped with.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     pub async fn get(&self, user_id: &UserId) -> Result<Option<Account>> {
@@ -124,7 +131,7 @@ impl Accounts {
 
     /// Returns the account, creating it unverified and active on first use.
     pub async fn ensure(&self, user_id: &UserId) -> Result<Account> {
-        let now = now_us();
+        let now = self.clock.now_us();
         with_db!(&self.writer, pool => sqlx::query(
             "INSERT INTO accounts (user_id, display_name, tier, status, created_at_us, updated_at_us) \
              VALUES ($1, '', 'unverified', 'active', $2, $2) ON CONFLICT (user_id) DO NOTHING",
@@ -146,7 +153,7 @@ impl Accounts {
         display_name: &str,
         tier: Option<Tier>,
     ) -> Result<Account> {
-        let now = now_us();
+        let now = self.clock.now_us();
         let tier_new = tier.map(Tier::as_str);
         let row: AccountRow = with_db!(&self.writer, pool => {
             let mut tx = pool.begin().await?;
@@ -184,7 +191,7 @@ impl Accounts {
     /// created first if the platform never upserted it.
     pub async fn set_status(&self, actor: &str, user_id: &UserId, status: Status, reason: &str) -> Result<Account> {
         self.ensure(user_id).await?;
-        let now = now_us();
+        let now = self.clock.now_us();
         let action = match status {
             Status::Frozen => "account.freeze",
             Status::Active => "account.unfreeze",
@@ -241,7 +248,7 @@ mod tests {
         let db = Db::connect_url(&url, 4, Duration::from_secs(5)).await.expect("general pool");
         db.migrate().await.expect("migrations");
         let writer = Db::connect_role(&url, 1, Duration::from_secs(5), PoolRole::Engine).await.expect("writer pool");
-        let accounts = Accounts::with_writer(db.clone(), writer.clone());
+        let accounts = Accounts::with_writer(db.clone(), writer.clone(), Clock::system());
         let Db::Sqlite(pool) = &writer else { panic!("a SQLite pool") };
         let held = pool.acquire().await.expect("the writer's one connection");
 

@@ -20,12 +20,14 @@ pub struct FinanceApi {
     db: Db,
     currencies: crate::kernel::money::Currencies,
     recon: Reconciler,
+    clock: crate::kernel::clock::Clock,
 }
 
 impl FinanceApi {
     pub fn new(db: Db, ledger: crate::ledger::Ledger, recon_time_tolerance: std::time::Duration) -> Self {
         FinanceApi {
             currencies: ledger.accounts().currencies().clone(),
+            clock: ledger.clock().clone(),
             recon: Reconciler::new(db.clone(), ledger, recon_time_tolerance),
             db,
         }
@@ -151,7 +153,7 @@ impl pb::finance_server::Finance for FinanceApi {
             let as_of = r.as_of.as_ref().map(|t| timestamp_us("as_of", t)).transpose()?;
             let currency =
                 if r.currency.is_empty() { None } else { Some(self.currencies.parse("currency", &r.currency)?) };
-            let tb = finance::trial_balance(&self.db, as_of, currency).await?;
+            let tb = finance::trial_balance(&self.db, as_of, self.clock.now_us(), currency).await?;
             Ok(pb::TrialBalance {
                 balanced: tb.balanced(),
                 as_of: Some(timestamp(tb.as_of_us)),

@@ -163,7 +163,8 @@ async fn run_engines(
     run_id: &str,
     rows: &mut Vec<BenchRow>,
 ) -> anyhow::Result<()> {
-    let (engine, handle) = Engine::start(engine_db.clone(), options.engine.clone(), None)?;
+    let (engine, handle) =
+        Engine::start(engine_db.clone(), options.engine.clone(), None, crate::kernel::clock::Clock::system())?;
     let ledger = Ledger::new(db.clone(), Currencies::new(vec![usd]), handle);
     ledger.accounts().ensure_system_accounts().await?;
     let mut codes = Vec::with_capacity(options.accounts + 1);
@@ -382,7 +383,7 @@ impl Naive {
                                 Db::Sqlite(_) => pool.begin_with("BEGIN IMMEDIATE").await?,
                                 Db::Postgres(_) => pool.begin().await?,
                             };
-                            let now = crate::store::now_us();
+                            let now = crate::kernel::clock::system_now_us();
                             let entry_id = uuid::Uuid::now_v7().to_string();
                             let fresh: Option<String> = sqlx::query_scalar(&sql[0])
                                 .bind("bench")

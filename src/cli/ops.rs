@@ -75,7 +75,11 @@ pub(super) async fn processor_report(
 ) -> anyhow::Result<()> {
     let db = Db::connect(&config.store()).await?;
     db.migrate().await?;
-    let sandbox = crate::processor::sandbox::Sandbox::new(db.clone(), config.sandbox.clone());
+    let sandbox = crate::processor::sandbox::Sandbox::new(
+        db.clone(),
+        config.sandbox.clone(),
+        crate::kernel::clock::Clock::system(),
+    );
     let csv = crate::processor::CardProcessor::settlement_report(&sandbox, &date)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -101,12 +105,16 @@ pub(super) async fn vault_rotate(config: Config) -> anyhow::Result<()> {
     db.migrate().await?;
     let keys = Arc::new(config.key_ring()?);
     let active = keys.active_kek().to_owned();
-    let processor = Arc::new(crate::processor::sandbox::Sandbox::new(db.clone(), config.sandbox.clone()));
+    let processor = Arc::new(crate::processor::sandbox::Sandbox::new(
+        db.clone(),
+        config.sandbox.clone(),
+        crate::kernel::clock::Clock::system(),
+    ));
     let vault = crate::vault::Vault::new(
         db.clone(),
         keys,
         processor,
-        crate::accounts::Accounts::new(db.clone()),
+        crate::accounts::Accounts::new(db.clone(), crate::kernel::clock::Clock::system()),
         config.vault.clone(),
     );
     let n = vault.rotate("cli:vault-rotate").await?;

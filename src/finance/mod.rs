@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use crate::kernel::error::{Error, Result};
 use crate::kernel::money::{Currency, Money};
 use crate::ledger::AccountType;
-use crate::store::{now_us, Db};
+use crate::store::Db;
 use crate::with_db;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,9 +38,15 @@ impl TrialBalance {
 }
 
 /// Posted debits and credits of every account with activity, up to and including
-/// `as_of_us` (from the postings, so a past moment shows that moment's balances).
-pub async fn trial_balance(db: &Db, as_of_us: Option<i64>, currency: Option<Currency>) -> Result<TrialBalance> {
-    let as_of = as_of_us.unwrap_or_else(now_us);
+/// `as_of_us` (from the postings, so a past moment shows that moment's balances), or
+/// `now_us` when not given.
+pub async fn trial_balance(
+    db: &Db,
+    as_of_us: Option<i64>,
+    now_us: i64,
+    currency: Option<Currency>,
+) -> Result<TrialBalance> {
+    let as_of = as_of_us.unwrap_or(now_us);
     let rows: Vec<(String, String, String, i64, i64)> = with_db!(db, pool => sqlx::query_as(
         "SELECT a.code, a.type, a.currency, \
            CAST(COALESCE(SUM(CASE WHEN p.direction = 'D' THEN p.amount ELSE 0 END), 0) AS BIGINT), \

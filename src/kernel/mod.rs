@@ -4,11 +4,13 @@
 //! - `money`     currencies, exact amounts in minor units, strict parsing
 //! - `ids`       identifier newtypes (`UserId`)
 //! - `text`      free text people read: bounds, no control or spoofing characters
+//! - `clock`     the injected clock rows are stamped with
 //! - `dates`     UTC calendar arithmetic for expiries, reports and timestamps
 //! - `stored`    `stored_enum!`: closed sets of values kept as text in the database
 //! - `card_data` card numbers and CVCs in memory, masked and zeroized
 
 pub mod card_data;
+pub mod clock;
 pub mod dates;
 pub mod error;
 pub mod ids;

@@ -5,10 +5,11 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 
 use super::model::{AccountCode, AccountType, Balance, LedgerAccount};
+use crate::kernel::clock::Clock;
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::UserId;
 use crate::kernel::money::{Currencies, Currency};
-use crate::store::{is_unique_violation, now_us, Db};
+use crate::store::{is_unique_violation, Db};
 use crate::with_db;
 
 /// Accounts kept in the lookup cache; past this the cache starts over, so memory stays
@@ -70,11 +71,12 @@ pub struct AccountStore {
     writer: Db,
     currencies: Currencies,
     cache: RwLock<HashMap<String, LedgerAccount>>,
+    clock: Clock,
 }
 
 impl AccountStore {
-    pub fn new(db: Db, writer: Db, currencies: Currencies) -> Self {
-        AccountStore { db, writer, currencies, cache: RwLock::new(HashMap::new()) }
+    pub fn new(db: Db, writer: Db, currencies: Currencies, clock: Clock) -> Self {
+        AccountStore { db, writer, currencies, cache: RwLock::new(HashMap::new()), clock }
     }
 
     pub fn currencies(&self) -> &Currencies {
@@ -108,7 +110,7 @@ impl AccountStore {
         .bind(currency.code())
         .bind(allow_negative)
         .bind(account_type.credit_normal())
-        .bind(now_us())
+        .bind(self.clock.now_us())
         .execute(pool)
         .await
         .map(|_| ()))?;
@@ -136,7 +138,7 @@ impl AccountStore {
         .bind(currency.code())
         .bind(allow_negative)
         .bind(account_type.credit_normal())
-        .bind(now_us())
+        .bind(self.clock.now_us())
         .execute(pool)
         .await
         .map(|_| ()));

@@ -6,8 +6,8 @@
 //! ledger request ever carries: a later post under the key is then refused as a key
 //! reused for another request, and the tombstone's writer knows the entry will not appear.
 
-/// Takes `$key` of `$caller` with the tombstone `$operation`, in the caller's own
-/// transaction `$tx` (either backend, inside `with_db!`). Evaluates to
+/// Takes `$key` of `$caller` with the tombstone `$operation`, stamped `$now_us`, in the
+/// caller's own transaction `$tx` (either backend, inside `with_db!`). Evaluates to
 /// `Result<Option<String>, sqlx::Error>`: `None` when the tombstone took the key, or the
 /// operation of whatever held it already (the entry's own, or another tombstone).
 ///
@@ -15,7 +15,7 @@
 /// that transaction, so the answer is final; on SQLite the writer holds the whole
 /// database, so no other row can be in flight.
 macro_rules! fence_idempotency_key {
-    ($tx:expr, $caller:expr, $key:expr, $operation:expr) => {{
+    ($tx:expr, $caller:expr, $key:expr, $operation:expr, $now_us:expr) => {{
         let placed = sqlx::query(
             "INSERT INTO idempotency_keys (caller, key, operation, request_hash, result_id, created_at_us) \
              VALUES ($1, $2, $3, '', '', $4) ON CONFLICT (caller, key) DO NOTHING",
@@ -23,7 +23,7 @@ macro_rules! fence_idempotency_key {
         .bind($caller)
         .bind($key)
         .bind($operation)
-        .bind($crate::store::now_us())
+        .bind($now_us)
         .execute(&mut *$tx)
         .await?
         .rows_affected()

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::engine::{EngineHandle, Op, Resolution};
 use super::read;
 use crate::kernel::error::Result;
-use crate::store::{now_us, Db};
+use crate::store::Db;
 use crate::with_db;
 
 /// Pending entries expired per sweep; the next sweep takes the rest.
@@ -22,7 +22,7 @@ pub async fn expire_due(db: &Db, engine: &EngineHandle) -> Result<usize> {
          AND NOT EXISTS (SELECT 1 FROM ledger_entries r WHERE r.pending_entry_id = e.id) \
          ORDER BY e.expires_at_us LIMIT $2",
     )
-    .bind(now_us())
+    .bind(engine.clock().now_us())
     .bind(EXPIRE_BATCH_MAX)
     .fetch_all(pool)
     .await)?;
@@ -46,8 +46,8 @@ pub async fn expire_due(db: &Db, engine: &EngineHandle) -> Result<usize> {
 }
 
 /// Deletes idempotency keys older than `retention`.
-pub async fn prune_keys(db: &Db, retention: Duration) -> Result<u64> {
-    let cutoff = now_us().saturating_sub(i64::try_from(retention.as_micros()).unwrap_or(i64::MAX));
+pub async fn prune_keys(db: &Db, retention: Duration, now_us: i64) -> Result<u64> {
+    let cutoff = now_us.saturating_sub(i64::try_from(retention.as_micros()).unwrap_or(i64::MAX));
     let n = with_db!(db, pool => sqlx::query("DELETE FROM idempotency_keys WHERE created_at_us < $1")
         .bind(cutoff)
         .execute(pool)
@@ -70,7 +70,7 @@ pub async fn run(db: Db, engine: EngineHandle, expiry_interval: Duration, key_re
         }
         if last_prune.elapsed() >= Duration::from_secs(3600) {
             last_prune = tokio::time::Instant::now();
-            match prune_keys(&db, key_retention).await {
+            match prune_keys(&db, key_retention, engine.clock().now_us()).await {
                 Ok(n) => tracing::info!(deleted = n, "pruned idempotency keys past retention"),
                 Err(e) => tracing::warn!(error = %e, "idempotency key pruning failed; will retry"),
             }

@@ -30,6 +30,7 @@ pub use accounts::{AccountStore, SYSTEM_CLEARING, SYSTEM_FEES};
 pub use engine::{DatabaseState, Engine, EngineConfig, EngineHandle, Idem, NewEntry, Op, Outcome, Resolution};
 pub use model::*;
 
+use crate::kernel::clock::Clock;
 use crate::kernel::error::{Error, Result};
 use crate::kernel::money::{Currencies, Money};
 use crate::store::Db;
@@ -91,7 +92,11 @@ pub fn hash_request(parts: &serde_json::Value) -> String {
 impl Ledger {
     pub fn new(db: Db, currencies: Currencies, engine: EngineHandle) -> Self {
         let writer = engine.writer(&db).clone();
-        Ledger { accounts: Arc::new(AccountStore::new(db.clone(), writer, currencies)), db, engine }
+        Ledger {
+            accounts: Arc::new(AccountStore::new(db.clone(), writer, currencies, engine.clock().clone())),
+            db,
+            engine,
+        }
     }
 
     pub fn accounts(&self) -> &AccountStore {
@@ -100,6 +105,11 @@ impl Ledger {
 
     pub fn engine(&self) -> &EngineHandle {
         &self.engine
+    }
+
+    /// The clock the ledger's rows are stamped with.
+    pub fn clock(&self) -> &Clock {
+        self.engine.clock()
     }
 
     pub fn db(&self) -> &Db {

@@ -11,7 +11,6 @@ use crate::kernel::ids::UserId;
 use crate::kernel::money::{Currency, Money};
 use crate::ledger::{AccountCode, Direction, Entry, PostEntryInput, PostingInput, SYSTEM_CLEARING, SYSTEM_FEES};
 use crate::processor::ProcessorError;
-use crate::store::now_us;
 
 fn key(payment_id: &str, step: &str) -> String {
     format!("pay:{payment_id}:{step}")
@@ -59,7 +58,7 @@ impl Payments {
         let sender_account = self.accounts.ensure(sender).await?;
         // A first look, so that a send plainly over the limit writes nothing; the count
         // itself is taken atomically with the payment row (`PaymentStore::insert`).
-        let sent = spend::sent(self.store.db(), sender.as_str(), currency.code(), now_us()).await?;
+        let sent = spend::sent(self.store.db(), sender.as_str(), currency.code(), self.now_us()).await?;
         let limits = self.config.limits(sender_account.tier);
         model::check_send_rules(sender_account.status, recipient_account.status, limits, input.amount, sent)?;
 
@@ -84,7 +83,7 @@ impl Payments {
             })?;
         }
 
-        let now = now_us();
+        let now = self.now_us();
         let mut payment = Payment {
             payment_id: format!("pay_{}", uuid::Uuid::now_v7().simple()),
             sender_id: sender.to_string(),

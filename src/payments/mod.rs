@@ -41,7 +41,7 @@ use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::UserId;
 use crate::kernel::money::Money;
 use crate::ledger::{Direction, Ledger, NewEntry, Op, Outcome, Posting};
-use crate::store::{now_us, Db};
+use crate::store::Db;
 use crate::vault::Vault;
 
 /// The caller recorded on ledger entries and idempotency keys of payments.
@@ -123,7 +123,11 @@ impl Payments {
     /// `config` is shared with the `batch::PaymentsHook` registered with the engine.
     pub fn new(db: Db, ledger: Ledger, vault: Arc<Vault>, accounts: Accounts, config: Arc<PaymentsConfig>) -> Self {
         Payments {
-            store: Arc::new(PaymentStore::new(db.clone(), ledger.engine().writer(&db).clone())),
+            store: Arc::new(PaymentStore::new(
+                db.clone(),
+                ledger.engine().writer(&db).clone(),
+                ledger.engine().clock().clone(),
+            )),
             ledger,
             vault,
             accounts,
@@ -232,7 +236,7 @@ impl Payments {
             failure_message: String::new(),
             authorization_ref: None,
             capture_ref: None,
-            created_at_us: now_us(),
+            created_at_us: self.now_us(),
             settled_at_us: None,
         };
         let postings = vec![
@@ -347,7 +351,7 @@ impl Payments {
             // SQLite every write takes the lock the posting engine commits under.
             if last_purge.is_none_or(|t| t.elapsed() >= SPEND_PURGE_INTERVAL) {
                 last_purge = Some(std::time::Instant::now());
-                match spend::purge(self.store.db(), now_us()).await {
+                match spend::purge(self.store.db(), self.now_us()).await {
                     Ok(0) => {}
                     Ok(n) => tracing::debug!(deleted = n, "purged old daily-limit buckets"),
                     Err(e) => tracing::warn!(error = %e, "purging daily-limit buckets failed; will retry"),
@@ -373,6 +377,11 @@ impl Payments {
 
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+
+    /// Now, by the clock the payments' rows are stamped with.
+    fn now_us(&self) -> i64 {
+        self.store.clock().now_us()
     }
 
     pub fn events_hub(&self) -> &events::EventHub {

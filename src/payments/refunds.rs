@@ -10,7 +10,7 @@ use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::UserId;
 use crate::kernel::money::Money;
 use crate::ledger::{AccountCode, Direction, PostEntryInput, PostingInput};
-use crate::store::{is_unique_violation, now_us};
+use crate::store::is_unique_violation;
 use crate::with_db;
 
 #[derive(sqlx::FromRow)]
@@ -149,7 +149,7 @@ impl Payments {
 
         // Reserve: the condition keeps refunds within the payment under any concurrency.
         let refund_id = format!("rf_{}", uuid::Uuid::now_v7().simple());
-        let now = now_us();
+        let now = self.now_us();
         let sql = format!(
             "UPDATE payments SET refunded_amount = refunded_amount + $2, \
              status = CASE WHEN refunded_amount + $2 >= amount THEN 'refunded' ELSE 'partially_refunded' END, \
@@ -183,7 +183,7 @@ impl Payments {
                 return Ok::<_, sqlx::Error>(false);
             };
             let p = Payment::try_from(row).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-            append_event!(tx, &EventFields::payment("payment.refunded", &p));
+            append_event!(tx, self.now_us(), &EventFields::payment("payment.refunded", &p));
             tx.commit().await?;
             Ok(true)
         }
@@ -261,7 +261,7 @@ impl Payments {
             let mut tx = pool.begin().await?;
             // The tombstone (see above), through the ledger, which owns the keys.
             let fence = if refused {
-                Some(crate::ledger::keys::fence_idempotency_key!(tx, REFUND_CALLER, &entry_key, REFUND_TOMBSTONE)?)
+                Some(crate::ledger::keys::fence_idempotency_key!(tx, REFUND_CALLER, &entry_key, REFUND_TOMBSTONE, self.now_us())?)
             } else {
                 None
             };
@@ -287,12 +287,12 @@ impl Payments {
                     .bind(payment_id)
                     .bind(refunded)
                     .bind(status_after(current.amount, refunded))
-                    .bind(now_us())
+                    .bind(self.now_us())
                     .execute(&mut *tx)
                     .await?;
                 let p: PaymentRow = sqlx::query_as(&sql).bind(payment_id).fetch_one(&mut *tx).await?;
                 let after = Payment::try_from(p).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-                append_event!(tx, &EventFields::payment("payment.refund_failed", &after));
+                append_event!(tx, self.now_us(), &EventFields::payment("payment.refund_failed", &after));
             }
             tx.commit().await?;
             Ok::<_, sqlx::Error>(failed)
@@ -306,7 +306,7 @@ impl Payments {
 
     /// Finishes refunds left pending by a crash.
     pub async fn resolve_refunds(&self) -> Result<usize> {
-        let idle = now_us() - self.config.resolve_after_s * 1_000_000;
+        let idle = self.now_us() - self.config.resolve_after_s * 1_000_000;
         let rows: Vec<(String, String, i64)> = with_db!(self.store.db(), pool => sqlx::query_as(
             "SELECT refund_id, payment_id, amount FROM payment_refunds WHERE status = 'pending' AND created_at_us < $1 LIMIT 100",
         )

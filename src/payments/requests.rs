@@ -8,7 +8,7 @@ use crate::accounts::Status as AccountStatus;
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::UserId;
 use crate::kernel::money::Money;
-use crate::store::{is_unique_violation, now_us};
+use crate::store::is_unique_violation;
 use crate::with_db;
 
 pub const EXPIRES_DEFAULT_S: u32 = 7 * 86_400;
@@ -98,7 +98,7 @@ impl Payments {
                 message: "your account is frozen".into(),
             });
         }
-        let now = now_us();
+        let now = self.now_us();
         let req = PaymentRequest {
             request_id: format!("req_{}", uuid::Uuid::now_v7().simple()),
             requester_id: requester.to_string(),
@@ -134,7 +134,7 @@ impl Payments {
             .bind(req.expires_at_us)
             .execute(&mut *tx)
             .await?;
-            append_event!(tx, &EventFields::request("request.created", &req));
+            append_event!(tx, self.now_us(), &EventFields::request("request.created", &req));
             tx.commit().await?;
             Ok::<_, sqlx::Error>(())
         }
@@ -211,7 +211,7 @@ impl Payments {
         let closed: Closed = with_db!(self.store.writer(), pool => async {
             let mut tx = pool.begin().await?;
             let row: Option<RequestRow> =
-                sqlx::query_as(&sql).bind(&req.request_id).bind(to.as_str()).bind(now_us()).fetch_optional(&mut *tx).await?;
+                sqlx::query_as(&sql).bind(&req.request_id).bind(to.as_str()).bind(self.now_us()).fetch_optional(&mut *tx).await?;
             let Some(row) = row else { return Ok(Closed::NotOpen) };
             let in_flight: Option<String> = sqlx::query_scalar(
                 "SELECT payment_id FROM payments WHERE request_id = $1 AND status <> 'failed' AND status = 'pending'",
@@ -224,7 +224,7 @@ impl Payments {
                 return Ok(Closed::PaymentInFlight(payment_id));
             }
             let updated = PaymentRequest::try_from(row).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-            append_event!(tx, &EventFields::request(event, &updated));
+            append_event!(tx, self.now_us(), &EventFields::request(event, &updated));
             tx.commit().await?;
             Ok::<_, sqlx::Error>(Closed::Done(updated))
         }
@@ -282,7 +282,7 @@ impl Payments {
             return replay(found);
         }
         let refusal = match req.status {
-            RequestStatus::Open if req.expires_at_us > now_us() => None,
+            RequestStatus::Open if req.expires_at_us > self.now_us() => None,
             RequestStatus::Open => {
                 Some(Error::FailedPrecondition { reason: "REQUEST_EXPIRED", message: "the request has expired".into() })
             }
@@ -313,7 +313,7 @@ impl Payments {
              ORDER BY expires_at_us, request_id LIMIT 200"
         );
         let rows: Vec<RequestRow> =
-            with_db!(self.store.db(), pool => sqlx::query_as(&sql).bind(now_us()).fetch_all(pool).await)?;
+            with_db!(self.store.db(), pool => sqlx::query_as(&sql).bind(self.now_us()).fetch_all(pool).await)?;
         let mut n = 0;
         for row in rows {
             let req = PaymentRequest::try_from(row)?;

@@ -67,9 +67,9 @@ pub(crate) const COLUMNS: &str =
 
 /// Appends an event inside the caller's transaction, with the next sequence number.
 /// The counter row's lock, held to commit, is what keeps the sequence gap-free.
-/// `$e` is an `EventFields`.
+/// `$e` is an `EventFields`; `$now_us` its time.
 macro_rules! append_event {
-    ($tx:expr, $e:expr) => {{
+    ($tx:expr, $now_us:expr, $e:expr) => {{
         let e: &EventFields = $e;
         let seq: i64 = sqlx::query_scalar(
             "UPDATE payment_event_sequence SET last_value = last_value + 1 WHERE id = 1 RETURNING last_value",
@@ -95,7 +95,7 @@ macro_rules! append_event {
         .bind(&e.authorization_ref)
         .bind(&e.capture_ref)
         .bind(e.settled_at_us)
-        .bind($crate::store::now_us())
+        .bind($now_us)
         .execute(&mut *$tx)
         .await?;
         seq

@@ -3,8 +3,9 @@
 
 use super::model::{Payment, PaymentRequest, PaymentStatus};
 use super::rows::{append_event, EventFields, PaymentRow, RequestRow, COLUMNS, REQUEST_COLUMNS};
+use crate::kernel::clock::Clock;
 use crate::kernel::error::{Error, Result};
-use crate::store::{is_unique_violation, now_us, Db};
+use crate::store::{is_unique_violation, Db};
 use crate::with_db;
 
 pub struct PaymentStore {
@@ -16,6 +17,7 @@ pub struct PaymentStore {
     /// None of them holds its connection while it waits for anything but the database.
     writer: Db,
     hub: super::events::EventHub,
+    clock: Clock,
 }
 
 /// The sender's rolling 24-hour limit, checked and counted atomically by `insert`.
@@ -43,8 +45,13 @@ pub enum Inserted {
 
 impl PaymentStore {
     /// Reads on `db`, writes on `writer`.
-    pub fn new(db: Db, writer: Db) -> Self {
-        PaymentStore { db, writer, hub: super::events::EventHub::default() }
+    pub fn new(db: Db, writer: Db, clock: Clock) -> Self {
+        PaymentStore { db, writer, hub: super::events::EventHub::default(), clock }
+    }
+
+    /// The clock payment rows and events are stamped with.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     pub async fn get(&self, payment_id: &str) -> Result<Option<Payment>> {
@@ -105,7 +112,7 @@ impl PaymentStore {
     ) -> Result<Inserted> {
         let event = if p.status == PaymentStatus::Failed { "payment.failed" } else { "payment.created" };
         let on_postgres = matches!(self.writer, Db::Postgres(_));
-        let window_start = super::spend::window_start(now_us());
+        let window_start = super::spend::window_start(self.clock.now_us());
         // An async block, so `?` inside stops here and the unique violation of a
         // concurrent duplicate can be told apart below. It answers the rolling sum that
         // refused the payment, if it was refused.
@@ -181,7 +188,7 @@ impl PaymentStore {
                 }
                 super::spend::change!(tx, super::spend::ADD_SQL, p);
             }
-            append_event!(tx, &EventFields::payment(event, p));
+            append_event!(tx, self.clock.now_us(), &EventFields::payment(event, p));
             tx.commit().await?;
             Ok::<_, sqlx::Error>(Ok(()))
         }
@@ -221,7 +228,7 @@ impl PaymentStore {
         .bind(payment_id)
         .bind(authorization)
         .bind(capture)
-        .bind(now_us())
+        .bind(self.clock.now_us())
         .execute(pool)
         .await
         .map(|_| ()))?;
@@ -240,7 +247,7 @@ impl PaymentStore {
         message: &str,
         claim: Option<&Claim>,
     ) -> Result<Payment> {
-        let now = now_us();
+        let now = self.clock.now_us();
         let settled_at = (status == PaymentStatus::Settled).then_some(now);
         let event = match status {
             PaymentStatus::Settled => "payment.settled",
@@ -296,9 +303,9 @@ impl PaymentStore {
                         // A failed payment no longer counts against the daily limit.
                         super::spend::change!(tx, super::spend::SUB_SQL, &p);
                     }
-                    append_event!(tx, &EventFields::payment(event, &p));
+                    append_event!(tx, self.clock.now_us(), &EventFields::payment(event, &p));
                     if let Some(req) = paid {
-                        append_event!(tx, &EventFields::request("request.paid", &req));
+                        append_event!(tx, self.clock.now_us(), &EventFields::request("request.paid", &req));
                     }
                 }
             }
@@ -340,7 +347,7 @@ impl PaymentStore {
     /// stalled), each by a conditional update, so that two resolvers, or a resolver and
     /// a live attempt, never work on one payment at once. The new claim lasts `lease_us`.
     pub async fn claim_stale(&self, lease_us: i64, limit: i64) -> Result<Vec<(Payment, Claim)>> {
-        let now = now_us();
+        let now = self.clock.now_us();
         let sql = format!(
             "SELECT {COLUMNS} FROM payments WHERE status = 'pending' AND (claimed_until_us IS NULL OR claimed_until_us < $1) \
              ORDER BY updated_at_us LIMIT $2"
@@ -372,7 +379,7 @@ impl PaymentStore {
     /// Extends `claim` on a pending payment by `lease_us` from now; false when the
     /// payment is no longer pending or someone else holds it (the resolver took over).
     pub async fn renew(&self, payment_id: &str, claim: &Claim, lease_us: i64) -> Result<bool> {
-        let now = now_us();
+        let now = self.clock.now_us();
         let renewed = with_db!(&self.writer, pool => sqlx::query(
             "UPDATE payments SET claimed_until_us = $3, updated_at_us = $4 \
              WHERE payment_id = $1 AND status = 'pending' AND claim = $2",

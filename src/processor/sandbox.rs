@@ -27,9 +27,10 @@ use async_trait::async_trait;
 use rand::Rng;
 
 use super::{CallKind, CallRecord, CardDetails, CardProcessor, DeclineCode, ProcessorError};
+use crate::kernel::clock::Clock;
 use crate::kernel::dates;
 use crate::kernel::money::{Currency, Money};
-use crate::store::{is_unique_violation, now_us, Db};
+use crate::store::{is_unique_violation, Db};
 use crate::with_db;
 
 /// Fault injection settings (`DMPAY_SANDBOX_*`).
@@ -55,6 +56,7 @@ pub fn capture_fee(amount: Money) -> i64 {
 pub struct Sandbox {
     db: Db,
     config: SandboxConfig,
+    clock: Clock,
 }
 
 #[derive(sqlx::FromRow)]
@@ -109,8 +111,8 @@ struct NewCall<'a> {
 }
 
 impl Sandbox {
-    pub fn new(db: Db, config: SandboxConfig) -> Self {
-        Sandbox { db, config }
+    pub fn new(db: Db, config: SandboxConfig, clock: Clock) -> Self {
+        Sandbox { db, config, clock }
     }
 
     async fn find(&self, key: &str) -> Result<Option<CallRow>, ProcessorError> {
@@ -157,7 +159,7 @@ impl Sandbox {
         .bind(status)
         .bind(code)
         .bind(call.last4)
-        .bind(now_us())
+        .bind(self.clock.now_us())
         .execute(pool)
         .await
         .map(|_| ()));

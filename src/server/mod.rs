@@ -22,6 +22,7 @@ use crate::api::wire::UnreadableRequestLayer;
 use crate::api::{AccountsApi, FinanceApi, LedgerApi, PaymentMethodsApi, PaymentsApi, FILE_DESCRIPTOR_SET};
 use crate::auth::{AuthInterceptor, Verifier};
 use crate::config::Config;
+use crate::kernel::clock::Clock;
 use crate::ledger::engine::DatabaseState;
 use crate::ledger::{maintenance, Engine, Ledger};
 use crate::payments::batch::PaymentsHook;
@@ -68,6 +69,12 @@ const SERVICE_NAMES: &[&str] = &[
 impl Application {
     /// Connects to the database, runs migrations and binds the listeners.
     pub async fn build(config: Config) -> anyhow::Result<Application> {
+        Application::build_with_clock(config, Clock::system()).await
+    }
+
+    /// As `build`, with every row stamped by `clock` (tests move it to book payments on
+    /// another day).
+    pub async fn build_with_clock(config: Config, clock: Clock) -> anyhow::Result<Application> {
         config.check_for_serving()?;
         if config.env == crate::config::Environment::Development {
             tracing::warn!(
@@ -96,14 +103,16 @@ impl Application {
         let payments_config = Arc::new(config.payments.clone());
         let hook = Arc::new(PaymentsHook::new(payments_config.clone()));
         let engine_db = Db::connect_engine(&config.store(), config.engine.workers).await?;
-        let (engine, engine_handle) = Engine::start(engine_db.clone(), config.engine.clone(), Some(hook))?;
+        let (engine, engine_handle) =
+            Engine::start(engine_db.clone(), config.engine.clone(), Some(hook), clock.clone())?;
         metrics.set_engine(engine_handle.stats().clone());
         let ledger = Ledger::new(db.clone(), config.currencies.clone(), engine_handle);
         ledger.accounts().ensure_system_accounts().await?;
         let keys = Arc::new(config.key_ring()?);
-        let processor: Arc<dyn CardProcessor> = Arc::new(Sandbox::new(db.clone(), config.sandbox.clone()));
+        let processor: Arc<dyn CardProcessor> =
+            Arc::new(Sandbox::new(db.clone(), config.sandbox.clone(), clock.clone()));
         let writer = ledger.engine().writer(&db).clone();
-        let accounts = Accounts::with_writer(db.clone(), writer.clone());
+        let accounts = Accounts::with_writer(db.clone(), writer.clone(), clock.clone());
         let vault = Arc::new(
             Vault::new(db.clone(), keys, processor, accounts.clone(), config.vault.clone()).with_writer(writer),
         );

@@ -9,7 +9,7 @@
 
 use std::path::Path;
 use std::str::FromStr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use secrecy::ExposeSecret;
 use sqlx::migrate::Migrator;
@@ -419,24 +419,6 @@ impl Db {
             Db::Sqlite(_) => "SELECT user_id FROM accounts WHERE user_id = $1",
         }
     }
-}
-
-/// Now, in microseconds since the Unix epoch.
-pub fn now_us() -> i64 {
-    let real = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
-    real.saturating_add(CLOCK_OFFSET_US.load(std::sync::atomic::Ordering::Relaxed))
-}
-
-/// Shifts this process's clock (see `now_us`), for tests that need events on other days.
-/// Zero unless a test sets it; nothing in dmpay sets it.
-static CLOCK_OFFSET_US: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-
-#[doc(hidden)]
-pub fn set_clock_offset_for_tests(offset_us: i64) {
-    CLOCK_OFFSET_US.store(offset_us, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// The SQLSTATE / SQLite code of a database error, if it is one.

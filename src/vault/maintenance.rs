@@ -6,7 +6,6 @@ use super::keys::Sealed;
 use super::model::SealedRow;
 use super::Vault;
 use crate::kernel::error::{Error, Result};
-use crate::store::now_us;
 use crate::with_db;
 
 /// Records re-wrapped per transaction by `rotate`.
@@ -20,7 +19,7 @@ impl Vault {
     /// Deletes unlinked methods past their expiry (all, or one token). They never held
     /// money, and deleting unneeded card data is the point.
     pub async fn purge(&self, token: Option<&str>) -> Result<u64> {
-        let now = now_us();
+        let now = self.now_us();
         let n = with_db!(&self.writer, pool => sqlx::query(
             "DELETE FROM payment_methods WHERE status = 'unlinked' AND expires_at_us <= $1 AND ($2 IS NULL OR token = $2)",
         )
@@ -39,11 +38,11 @@ impl Vault {
     /// how many were destroyed.
     pub async fn destroy_removed(&self) -> Result<u64> {
         let retention = i64::try_from(self.config.removed_retention.as_micros()).unwrap_or(i64::MAX);
-        let cutoff = now_us().saturating_sub(retention);
+        let cutoff = self.now_us().saturating_sub(retention);
         let mut total = 0u64;
         let begin = self.writer.begin_deciding_sql();
         loop {
-            let now = now_us();
+            let now = self.now_us();
             let tokens: Vec<String> = with_db!(&self.writer, pool => async {
                 let mut tx = pool.begin_with(begin).await?;
                 let tokens: Vec<String> = sqlx::query_scalar(

@@ -4,7 +4,6 @@ use super::model::{MethodRow, METHOD_COLUMNS};
 use super::{check_token, not_found, PaymentMethod, Vault};
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::UserId;
-use crate::store::now_us;
 use crate::with_db;
 
 impl Vault {
@@ -14,7 +13,7 @@ impl Vault {
         );
         let rows: Vec<MethodRow> =
             with_db!(&self.db, pool => sqlx::query_as(&sql).bind(user.as_str()).fetch_all(pool).await)?;
-        let now = now_us();
+        let now = self.now_us();
         rows.into_iter()
             .filter(|r| !r.expired(now) && (include_removed || r.status != "removed"))
             .map(MethodRow::into_method)
@@ -56,7 +55,7 @@ impl Vault {
         if row.status == "removed" {
             return row.into_method();
         }
-        let now = now_us();
+        let now = self.now_us();
         with_db!(&self.writer, pool => {
             let mut tx = pool.begin().await?;
             sqlx::query(

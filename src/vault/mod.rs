@@ -49,7 +49,7 @@ use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::UserId;
 use crate::kernel::text::parse_text;
 use crate::processor::{CardDetails, CardProcessor, ProcessorError};
-use crate::store::{now_us, Db};
+use crate::store::Db;
 use crate::with_db;
 
 /// Active (linked) methods per account.
@@ -126,8 +126,8 @@ fn check_token(token: &str) -> Result<()> {
     Ok(())
 }
 
-fn today() -> (u32, u32) {
-    let (y, m, _) = dates::ymd(now_us());
+fn today(now_us: i64) -> (u32, u32) {
+    let (y, m, _) = dates::ymd(now_us);
     (y as u32, m)
 }
 
@@ -155,8 +155,13 @@ impl Vault {
         &self.processor
     }
 
+    /// Now, by the clock the vault's rows are stamped with (its accounts' clock).
+    fn now_us(&self) -> i64 {
+        self.accounts.clock().now_us()
+    }
+
     async fn audit(&self, actor: &str, action: &str, token: &str, result: &str, detail: &str) -> Result<()> {
-        with_db!(&self.writer, pool => insert_audit!(pool, actor, action, token, result, detail, now_us())
+        with_db!(&self.writer, pool => insert_audit!(pool, actor, action, token, result, detail, self.now_us())
             .await
             .map(|_| ()))?;
         Ok(())
@@ -184,7 +189,7 @@ impl Vault {
     async fn row(&self, user: &UserId, token: &str) -> Result<Option<MethodRow>> {
         let sql = format!("SELECT {METHOD_COLUMNS} FROM payment_methods WHERE token = $1 AND user_id = $2");
         let row: Option<MethodRow> = with_db!(&self.db, pool => sqlx::query_as(&sql).bind(token).bind(user.as_str()).fetch_optional(pool).await)?;
-        Ok(row.filter(|r| !r.expired(now_us())))
+        Ok(row.filter(|r| !r.expired(self.now_us())))
     }
 
     /// The account's method for this card that is not removed (at most one: a unique
@@ -211,22 +216,23 @@ impl Vault {
     /// the last hour and writes this attempt's, so parallel calls cannot all pass the
     /// same count. An attempt over the limit writes nothing.
     pub async fn tokenize(&self, user: &UserId, input: TokenizeInput<'_>) -> Result<PaymentMethod> {
-        let validated = card::validate(input.card_number, input.exp_month, input.exp_year, input.cvc, today())
-            .and_then(|c| {
-                let holder = parse_text("holder_name", input.holder_name, HOLDER_NAME_LEN_MAX, false)?;
-                let postal = input.postal_code.trim();
-                if postal.len() > POSTAL_CODE_LEN_MAX
-                    || !postal.bytes().all(|b| b.is_ascii_alphanumeric() || b == b' ' || b == b'-')
-                {
-                    return Err(Error::invalid(
-                        "postal_code",
-                        format!("up to {POSTAL_CODE_LEN_MAX} letters, digits, spaces and dashes"),
-                    ));
-                }
-                Ok((c, holder, postal.to_owned()))
-            });
+        let validated =
+            card::validate(input.card_number, input.exp_month, input.exp_year, input.cvc, today(self.now_us()))
+                .and_then(|c| {
+                    let holder = parse_text("holder_name", input.holder_name, HOLDER_NAME_LEN_MAX, false)?;
+                    let postal = input.postal_code.trim();
+                    if postal.len() > POSTAL_CODE_LEN_MAX
+                        || !postal.bytes().all(|b| b.is_ascii_alphanumeric() || b == b' ' || b == b'-')
+                    {
+                        return Err(Error::invalid(
+                            "postal_code",
+                            format!("up to {POSTAL_CODE_LEN_MAX} letters, digits, spaces and dashes"),
+                        ));
+                    }
+                    Ok((c, holder, postal.to_owned()))
+                });
         self.accounts.ensure(user).await?;
-        let now = now_us();
+        let now = self.now_us();
         // What the transaction writes: for an invalid card only the attempt's record,
         // naming the field, never the value; for a valid one the sealed card, unless this
         // account already holds it. The sealing happens before the transaction.
@@ -413,7 +419,7 @@ impl Vault {
             }
         }
         drop(cvc);
-        let now = now_us();
+        let now = self.now_us();
         // The cap is counted and the card linked in one transaction that holds the
         // account's row lock (PostgreSQL) or the write lock (SQLite): parallel links of
         // one account take turns, so they cannot all pass the same count.

@@ -114,7 +114,7 @@ async fn sqlite_files_are_owner_only() {
     // The processor's settlement report written by the CLI.
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("report.csv");
-    let today = dmpay::kernel::dates::ymd(dmpay::store::now_us());
+    let today = dmpay::kernel::dates::ymd(app.clock.now_us());
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_dmpay"))
         .args(["processor", "report", "--date", &format!("{:04}-{:02}-{:02}", today.0, today.1, today.2)])
         .args(["--out", report.to_str().unwrap()])

@@ -179,9 +179,9 @@ async fn reconcile_clean_and_with_discrepancies(app: TestApp) {
     for (i, amount) in ["10.00", "20.00", "30.00"].iter().enumerate() {
         app.send(&alice, &format!("card-{i}"), "bob", amount, pb::FundingSource::Card).await.unwrap();
     }
-    let today = dmpay::kernel::dates::ymd(dmpay::store::now_us());
+    let today = dmpay::kernel::dates::ymd(app.clock.now_us());
     let date = format!("{:04}-{:02}-{:02}", today.0, today.1, today.2);
-    let sandbox = dmpay::processor::sandbox::Sandbox::new(app.db.clone(), Default::default());
+    let sandbox = dmpay::processor::sandbox::Sandbox::new(app.db.clone(), Default::default(), app.clock.clone());
     let report = dmpay::processor::CardProcessor::settlement_report(&sandbox, &date).await.unwrap();
     assert_eq!(report.lines().count(), 4);
     let fin = app.token("finance-staff", "finance");
@@ -344,7 +344,7 @@ async fn statements_show_every_movement(app: TestApp) {
     app.users(CAST).await;
     let t = app.token("svc", LEDGER_SCOPES);
     fund(&app, &t, "alice", "50.00").await;
-    let mid = dmpay::store::now_us();
+    let mid = app.clock.now_us();
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     let alice = app.token("alice", PAY_SCOPES);
     let bob = app.token("bob", PAY_SCOPES);
@@ -411,30 +411,26 @@ async fn statements_show_every_movement(app: TestApp) {
 
 /// Card payments over two days, each day's report imported: the clean day reconciles
 /// fully; the day with injected discrepancies reports exactly those; resolving them
-/// leaves the books balanced and verified. Shifting the clock is process-wide, so this
-/// needs nextest's one process per test.
+/// leaves the books balanced and verified. The test moves its own
+/// server's clock.
 async fn two_days_of_card_payments_reconcile(app: TestApp) {
     app.users(CAST).await;
-    assert!(
-        std::env::var_os("NEXTEST").is_some(),
-        "run the suite with cargo nextest (`make test`): this test shifts the process clock"
-    );
     let alice = app.token("alice", PAY_SCOPES);
     app.add_card(&alice, "4242424242424242", true).await.unwrap();
     let day_us = 86_400_000_000;
     // Yesterday.
-    dmpay::store::set_clock_offset_for_tests(-day_us);
-    let yesterday = dmpay::kernel::dates::ymd(dmpay::store::now_us());
+    app.clock.set_offset_us(-day_us);
+    let yesterday = dmpay::kernel::dates::ymd(app.clock.now_us());
     for i in 0..2 {
         app.send(&alice, &format!("d1-{i}"), "bob", "10.00", pb::FundingSource::Card).await.unwrap();
     }
-    dmpay::store::set_clock_offset_for_tests(0);
-    let today = dmpay::kernel::dates::ymd(dmpay::store::now_us());
+    app.clock.set_offset_us(0);
+    let today = dmpay::kernel::dates::ymd(app.clock.now_us());
     for i in 0..3 {
         app.send(&alice, &format!("d2-{i}"), "bob", "20.00", pb::FundingSource::Card).await.unwrap();
     }
     let day = |d: (i32, u32, u32)| format!("{:04}-{:02}-{:02}", d.0, d.1, d.2);
-    let sandbox = dmpay::processor::sandbox::Sandbox::new(app.db.clone(), Default::default());
+    let sandbox = dmpay::processor::sandbox::Sandbox::new(app.db.clone(), Default::default(), app.clock.clone());
     let report1 = dmpay::processor::CardProcessor::settlement_report(&sandbox, &day(yesterday)).await.unwrap();
     let report2 = dmpay::processor::CardProcessor::settlement_report(&sandbox, &day(today)).await.unwrap();
     assert_eq!((report1.lines().count(), report2.lines().count()), (3, 4));
@@ -600,9 +596,9 @@ async fn rows_without_reference_match_by_amount_and_time(app: TestApp) {
     app.add_card(&alice, "4242424242424242", true).await.unwrap();
     app.send(&alice, "nr-1", "bob", "10.00", pb::FundingSource::Card).await.unwrap();
     app.send(&alice, "nr-2", "bob", "20.00", pb::FundingSource::Card).await.unwrap();
-    let today = dmpay::kernel::dates::ymd(dmpay::store::now_us());
+    let today = dmpay::kernel::dates::ymd(app.clock.now_us());
     let date = format!("{:04}-{:02}-{:02}", today.0, today.1, today.2);
-    let sandbox = dmpay::processor::sandbox::Sandbox::new(app.db.clone(), Default::default());
+    let sandbox = dmpay::processor::sandbox::Sandbox::new(app.db.clone(), Default::default(), app.clock.clone());
     let report = dmpay::processor::CardProcessor::settlement_report(&sandbox, &date).await.unwrap();
     // Blank every reference.
     let blanked: String = report
@@ -677,9 +673,9 @@ async fn a_later_report_supersedes_the_days_books(app: TestApp) {
     for (i, amount) in ["10.00", "20.00", "30.00"].iter().enumerate() {
         app.send(&alice, &format!("card-{i}"), "bob", amount, pb::FundingSource::Card).await.unwrap();
     }
-    let today = dmpay::kernel::dates::ymd(dmpay::store::now_us());
+    let today = dmpay::kernel::dates::ymd(app.clock.now_us());
     let date = format!("{:04}-{:02}-{:02}", today.0, today.1, today.2);
-    let sandbox = dmpay::processor::sandbox::Sandbox::new(app.db.clone(), Default::default());
+    let sandbox = dmpay::processor::sandbox::Sandbox::new(app.db.clone(), Default::default(), app.clock.clone());
     let clean = dmpay::processor::CardProcessor::settlement_report(&sandbox, &date).await.unwrap();
     let fin = app.token("finance-staff", "finance");
     let svc = app.token("svc", LEDGER_SCOPES);
@@ -810,9 +806,9 @@ async fn a_superseded_item_cannot_be_resolved(app: TestApp) {
     app.add_card(&alice, "4242424242424242", true).await.unwrap();
     app.send(&alice, "c1", "bob", "10.00", pb::FundingSource::Card).await.unwrap();
     app.send(&alice, "c2", "bob", "20.00", pb::FundingSource::Card).await.unwrap();
-    let today = dmpay::kernel::dates::ymd(dmpay::store::now_us());
+    let today = dmpay::kernel::dates::ymd(app.clock.now_us());
     let date = format!("{:04}-{:02}-{:02}", today.0, today.1, today.2);
-    let sandbox = dmpay::processor::sandbox::Sandbox::new(app.db.clone(), Default::default());
+    let sandbox = dmpay::processor::sandbox::Sandbox::new(app.db.clone(), Default::default(), app.clock.clone());
     let clean = dmpay::processor::CardProcessor::settlement_report(&sandbox, &date).await.unwrap();
     let fin = app.token("finance-staff", "finance");
     let mut client = pb::finance_client::FinanceClient::new(app.channel.clone());

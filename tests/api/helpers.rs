@@ -29,6 +29,9 @@ pub struct TestApp {
     pub vault: std::sync::Arc<dmpay::vault::Vault>,
     pub ledger_handle: dmpay::ledger::Ledger,
     pub payments_service: std::sync::Arc<dmpay::payments::Payments>,
+    /// This server's clock: a test moves it (`set_offset_us`) to book rows on another
+    /// day; no other server in the process sees the shift.
+    pub clock: dmpay::kernel::clock::Clock,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     pg_database: Option<(String, String)>,
@@ -111,7 +114,8 @@ impl TestApp {
             env.insert((*k).into(), (*v).into());
         }
         let config = Config::load_from(&env, None).expect("config");
-        let app = Application::build(config.clone()).await.expect("build app");
+        let clock = dmpay::kernel::clock::Clock::system();
+        let app = Application::build_with_clock(config.clone(), clock.clone()).await.expect("build app");
         let addr = app.local_addr();
         let metrics_addr = app.metrics_addr();
         let db = app.db().clone();
@@ -138,6 +142,7 @@ impl TestApp {
             vault,
             ledger_handle,
             payments_service,
+            clock,
             stop: Some(stop_tx),
             server: Some(server),
             pg_database,
@@ -151,7 +156,8 @@ impl TestApp {
         let mut config = self.config.clone();
         config.grpc_addr = "127.0.0.1:0".parse().unwrap();
         config.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
-        let app = Application::build(config.clone()).await.expect("build replica");
+        // The same clock: replicas of one deployment read one time.
+        let app = Application::build_with_clock(config.clone(), self.clock.clone()).await.expect("build replica");
         let addr = app.local_addr();
         let metrics_addr = app.metrics_addr();
         let (db, vault, ledger_handle, payments_service) =
@@ -171,6 +177,7 @@ impl TestApp {
             vault,
             ledger_handle,
             payments_service,
+            clock: self.clock.clone(),
             stop: Some(stop_tx),
             server: Some(server),
             pg_database: None,
@@ -182,7 +189,7 @@ impl TestApp {
     /// up. A payment or request to a name without one is refused (NOT_FOUND), so a test
     /// creates the users it pays.
     pub async fn users(&self, names: &[&str]) {
-        let accounts = dmpay::accounts::Accounts::new(self.db.clone());
+        let accounts = dmpay::accounts::Accounts::new(self.db.clone(), self.clock.clone());
         for name in names {
             let user = dmpay::kernel::ids::UserId::parse("user_id", name).expect("a user id");
             accounts.ensure(&user).await.expect("create the platform account");

@@ -616,7 +616,7 @@ async fn fixture(app: &TestApp) -> Fixture {
     fx.cards.push(card.token);
     let unlinked = app.tokenize(&t, "5555555555554444").await.expect("fixture token");
     fx.cards.push(unlinked.token);
-    let (y, m, d) = dmpay::kernel::dates::ymd(dmpay::store::now_us());
+    let (y, m, d) = dmpay::kernel::dates::ymd(app.clock.now_us());
     let today = format!("{y:04}-{m:02}-{d:02}");
     let run = pb::finance_client::FinanceClient::new(app.channel.clone())
         .import_settlement_report(authed(

@@ -598,22 +598,18 @@ async fn create_ledger_account(app: TestApp) {
 /// Entries' times never go backwards in sequence order, even when the clock does (an
 /// NTP step): the engine writes a batch with the later of its clock and the last batch's
 /// time, and answers with the time it wrote. A point-in-time balance reads the journal
-/// up to the last entry at that time. Shifting the clock is process-wide, so this needs
-/// nextest's one process per test.
+/// up to the last entry at that time. The test moves its own server's
+/// clock.
 async fn entry_times_never_go_backwards(app: TestApp) {
-    assert!(
-        std::env::var_os("NEXTEST").is_some(),
-        "run the suite with cargo nextest (`make test`): this test shifts the process clock"
-    );
     let t = app.token("svc-ledger", LEDGER_SCOPES);
     let first = fund(&app, &t, "alice", "10.00").await;
     let at = |e: &pb::Entry| {
         let ts = e.created_at.expect("created_at");
         ts.seconds * 1_000_000 + i64::from(ts.nanos) / 1000
     };
-    dmpay::store::set_clock_offset_for_tests(-3_600_000_000);
+    app.clock.set_offset_us(-3_600_000_000);
     let second = fund(&app, &t, "alice", "5.00").await;
-    dmpay::store::set_clock_offset_for_tests(0);
+    app.clock.set_offset_us(0);
     assert_eq!(second.sequence, first.sequence + 1);
     assert_eq!(at(&second), at(&first), "an hour back on the clock is not an hour back in the journal");
     let stored = app

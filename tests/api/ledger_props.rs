@@ -146,7 +146,7 @@ async fn run_case(backend: Backend, ops: Vec<OpSpec>) {
     // Every short hold is past its timeout after 1 s; then wait (bounded) until the
     // expiry sweeper has resolved all of them, however loaded the machine is.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let cutoff = dmpay::store::now_us();
+    let cutoff = app.clock.now_us();
     let waited = std::time::Instant::now();
     loop {
         let overdue: i64 = dmpay::with_db!(&app.db, pool => sqlx::query_scalar(

@@ -376,22 +376,26 @@ async fn unknown_card_outcome_resolves_to_one_charge(app: TestApp) {
     app.users(CAST).await;
     let alice = app.token("alice", PAY_SCOPES);
     app.add_card(&alice, "4242424242424242", true).await.unwrap();
-    let flaky = Arc::new(Sandbox::new(app.db.clone(), SandboxConfig { timeout_rate: 1.0, ..Default::default() }));
-    let calm = Arc::new(Sandbox::new(app.db.clone(), SandboxConfig::default()));
+    let flaky = Arc::new(Sandbox::new(
+        app.db.clone(),
+        SandboxConfig { timeout_rate: 1.0, ..Default::default() },
+        app.clock.clone(),
+    ));
+    let calm = Arc::new(Sandbox::new(app.db.clone(), SandboxConfig::default(), app.clock.clone()));
     let payments_with = |processor: Arc<Sandbox>| {
         let keys = Arc::new(app.config.key_ring().unwrap());
         let vault = Arc::new(Vault::new(
             app.db.clone(),
             keys,
             processor,
-            Accounts::new(app.db.clone()),
+            Accounts::new(app.db.clone(), app.clock.clone()),
             VaultConfig::default(),
         ));
         Payments::new(
             app.db.clone(),
             app.ledger_handle.clone(),
             vault,
-            Accounts::new(app.db.clone()),
+            Accounts::new(app.db.clone(), app.clock.clone()),
             std::sync::Arc::new(PaymentsConfig { resolve_after_s: 0, ..Default::default() }),
         )
     };
@@ -1157,21 +1161,16 @@ async fn watchers_see_their_events_once_in_order(app: TestApp) {
 
 /// A payment settled by a batch whose clock reads earlier than the last batch's time
 /// (two workers read the clock before either takes the journal's sequence row; here the
-/// process clock is set an hour back) reports one settlement time: in the answer, in
+/// server's clock is set an hour back) reports one settlement time: in the answer, in
 /// GetPayment and in its settled event. The entry's own time is clamped forward to keep
-/// the journal's times in sequence order, so it is later than the payment's. Shifting
-/// the clock is process-wide, so this needs nextest's one process per test.
+/// the journal's times in sequence order, so it is later than the payment's.
 async fn settled_at_agrees_when_the_clock_is_behind_the_journal(app: TestApp) {
     app.users(CAST).await;
-    assert!(
-        std::env::var_os("NEXTEST").is_some(),
-        "run the suite with cargo nextest (`make test`): this test shifts the process clock"
-    );
     fund_user(&app, "alice", "100.00").await;
     let alice = app.token("alice", PAY_SCOPES);
-    dmpay::store::set_clock_offset_for_tests(-3_600_000_000);
+    app.clock.set_offset_us(-3_600_000_000);
     let sent = app.send(&alice, "behind-1", "bob", "2.00", Balance).await;
-    dmpay::store::set_clock_offset_for_tests(0);
+    app.clock.set_offset_us(0);
     let sent = sent.unwrap();
     let settled_at = sent.settled_at.expect("settled_at");
     let seen = app

@@ -373,13 +373,18 @@ mod postgres {
 /// resolver picking up any pending payment at once.
 fn payments_over(app: &TestApp, processor: Arc<Sandbox>) -> Payments {
     let keys = Arc::new(app.config.key_ring().expect("key ring"));
-    let vault =
-        Arc::new(Vault::new(app.db.clone(), keys, processor, Accounts::new(app.db.clone()), VaultConfig::default()));
+    let vault = Arc::new(Vault::new(
+        app.db.clone(),
+        keys,
+        processor,
+        Accounts::new(app.db.clone(), app.clock.clone()),
+        VaultConfig::default(),
+    ));
     Payments::new(
         app.db.clone(),
         app.ledger_handle.clone(),
         vault,
-        Accounts::new(app.db.clone()),
+        Accounts::new(app.db.clone(), app.clock.clone()),
         Arc::new(PaymentsConfig { resolve_after_s: 0, ..Default::default() }),
     )
 }
@@ -408,9 +413,13 @@ async fn resolver_racing_a_live_send_agrees_with_the_caller(app: TestApp) {
     let failing = Arc::new(Sandbox::new(
         app.db.clone(),
         SandboxConfig { latency: Duration::from_secs(3), error_rate: 1.0, ..Default::default() },
+        app.clock.clone(),
     ));
-    let working =
-        Arc::new(Sandbox::new(app.db.clone(), SandboxConfig { latency: Duration::from_secs(2), ..Default::default() }));
+    let working = Arc::new(Sandbox::new(
+        app.db.clone(),
+        SandboxConfig { latency: Duration::from_secs(2), ..Default::default() },
+        app.clock.clone(),
+    ));
     let live = payments_over(&app, failing);
     let resolver = payments_over(&app, working);
     let sender = UserId::parse("u", "alice").expect("user");

@@ -21,9 +21,19 @@ struct Capture(Arc<Mutex<Vec<u8>>>);
 
 struct CaptureWriter(Arc<Mutex<Vec<u8>>>);
 
+/// The most log text the capture keeps: the newest, so a suite run in one process
+/// (plain `cargo test`, every test's logs at TRACE once this one has started) cannot
+/// grow it without bound, and this test's own lines, written last, are kept.
+const CAPTURE_BYTES_MAX: usize = 64 << 20;
+
 impl Write for CaptureWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
+        let mut kept = self.0.lock().unwrap();
+        kept.extend_from_slice(buf);
+        if kept.len() > CAPTURE_BYTES_MAX {
+            let excess = kept.len() - CAPTURE_BYTES_MAX / 2;
+            kept.drain(..excess);
+        }
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -109,14 +119,27 @@ async fn dump_database(app: &TestApp) -> Vec<u8> {
     }
 }
 
+/// The process's log subscriber, at TRACE, into one capture: installed by the first of
+/// this file's tests to run, shared by both (a process has one global subscriber, and
+/// the server logs from every runtime thread).
+fn capture() -> Capture {
+    static CAPTURE: std::sync::OnceLock<Capture> = std::sync::OnceLock::new();
+    CAPTURE
+        .get_or_init(|| {
+            let capture = Capture::default();
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::TRACE)
+                .with_ansi(false)
+                .with_writer(capture.clone())
+                .try_init()
+                .expect("this test installs the process's log subscriber (run it without TEST_LOG)");
+            capture
+        })
+        .clone()
+}
+
 async fn no_card_data_in_clear(backend: Backend) {
-    let capture = Capture::default();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(capture.clone())
-        .try_init()
-        .expect("this test owns the process's log subscriber");
+    let capture = capture();
     let Some(app) = TestApp::spawn(backend).await else { return };
     let t = app.token("pat", METHOD_SCOPES);
     for (number, cvc) in CARDS {

@@ -198,7 +198,7 @@ async fn test_cards_at_link(app: TestApp) {
 }
 
 async fn charges_at_the_sandbox(app: TestApp) {
-    let sandbox = Sandbox::new(app.db.clone(), SandboxConfig::default());
+    let sandbox = Sandbox::new(app.db.clone(), SandboxConfig::default(), app.clock.clone());
     let usd = Currency::from_code("USD").unwrap();
     let t = app.token("dave", METHOD_SCOPES);
     let dave = UserId::parse("u", "dave").unwrap();
@@ -246,7 +246,7 @@ async fn charges_at_the_sandbox(app: TestApp) {
     ));
 
     // The settlement report lists the capture and the refund of today, with fees.
-    let today = dmpay::kernel::dates::ymd(dmpay::store::now_us());
+    let today = dmpay::kernel::dates::ymd(app.clock.now_us());
     let report = sandbox.settlement_report(&format!("{:04}-{:02}-{:02}", today.0, today.1, today.2)).await.unwrap();
     let lines: Vec<&str> = report.lines().collect();
     assert_eq!(lines[0], "processor_reference,type,amount,fee,net,currency,created_at");
@@ -259,7 +259,8 @@ async fn sandbox_fault_modes(app: TestApp) {
     let usd = Currency::from_code("USD").unwrap();
     let card = dmpay::vault::card::validate("4242424242424242", 12, 2034, "123", (2026, 1)).unwrap();
     let details = CardDetails { pan: &card.pan, exp_month: 12, exp_year: 2034, cvc: None };
-    let timeouts = Sandbox::new(app.db.clone(), SandboxConfig { timeout_rate: 1.0, ..Default::default() });
+    let timeouts =
+        Sandbox::new(app.db.clone(), SandboxConfig { timeout_rate: 1.0, ..Default::default() }, app.clock.clone());
     let mut processed = 0;
     for i in 0..20 {
         let key = format!("t-{i}");
@@ -270,19 +271,23 @@ async fn sandbox_fault_modes(app: TestApp) {
             assert_eq!(record.outcome, Ok(()));
             processed += 1;
             // And a retry with the same key returns the recorded outcome, not a second charge.
-            let calm = Sandbox::new(app.db.clone(), SandboxConfig::default());
+            let calm = Sandbox::new(app.db.clone(), SandboxConfig::default(), app.clock.clone());
             assert_eq!(calm.authorize(&key, details, Money::from_minor(usd, 100)).await.unwrap(), record.reference);
         }
     }
     assert!(processed > 0 && processed < 20, "timeouts both before and after processing: {processed}");
-    let errors = Sandbox::new(app.db.clone(), SandboxConfig { error_rate: 1.0, ..Default::default() });
+    let errors =
+        Sandbox::new(app.db.clone(), SandboxConfig { error_rate: 1.0, ..Default::default() }, app.clock.clone());
     assert!(matches!(
         errors.authorize("e-1", details, Money::from_minor(usd, 100)).await,
         Err(ProcessorError::Failed(_))
     ));
     assert!(errors.lookup("e-1").await.unwrap().is_none(), "a processing error charges nothing");
-    let slow =
-        Sandbox::new(app.db.clone(), SandboxConfig { latency: Duration::from_millis(150), ..Default::default() });
+    let slow = Sandbox::new(
+        app.db.clone(),
+        SandboxConfig { latency: Duration::from_millis(150), ..Default::default() },
+        app.clock.clone(),
+    );
     let started = std::time::Instant::now();
     slow.authorize("slow-1", details, Money::from_minor(usd, 100)).await.unwrap();
     assert!(started.elapsed() >= Duration::from_millis(150));
@@ -424,8 +429,8 @@ async fn rotation_rewraps_every_key(app: TestApp) {
         Vault::new(
             app.db.clone(),
             Arc::new(ring),
-            Arc::new(Sandbox::new(app.db.clone(), SandboxConfig::default())),
-            Accounts::new(app.db.clone()),
+            Arc::new(Sandbox::new(app.db.clone(), SandboxConfig::default(), app.clock.clone())),
+            Accounts::new(app.db.clone(), app.clock.clone()),
             VaultConfig::default(),
         )
     };

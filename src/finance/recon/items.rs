@@ -7,7 +7,7 @@ use crate::kernel::error::{Error, Result};
 use crate::kernel::money::{Currency, Money};
 use crate::kernel::text::parse_text;
 use crate::ledger::{AccountCode, Direction, PostEntryInput, PostingInput, SYSTEM_CLEARING};
-use crate::store::{now_us, Db};
+use crate::store::Db;
 use crate::with_db;
 
 /// Items with their resolution and whether their run is still the day's current one.
@@ -127,7 +127,7 @@ impl Reconciler {
             .bind(note)
             .bind(&entry_id)
             .bind(actor)
-            .bind(now_us())
+            .bind(self.ledger.clock().now_us())
             .execute(&mut *tx)
             .await?;
             if inserted.rows_affected() == 0 {

@@ -36,7 +36,7 @@ use crate::kernel::dates;
 use crate::kernel::error::{Error, Result};
 use crate::kernel::money::{Currency, Money};
 use crate::ledger::Ledger;
-use crate::store::{now_us, Db};
+use crate::store::Db;
 use crate::with_db;
 
 /// The caller on the ledger entries reconciliation books.
@@ -444,7 +444,7 @@ impl Reconciler {
             }
             Db::Sqlite(_) => "SELECT current_run_id FROM recon_days WHERE processor = $1 AND report_date = $2",
         };
-        let now = now_us();
+        let now = self.ledger.clock().now_us();
         let result = with_db!(&self.db, pool => async {
             let mut tx = pool.begin_with(begin).await?;
             let current: Option<String> =

@@ -12,6 +12,7 @@ use super::command::{Command, Idem, Outcome};
 use super::decide::{Decision, Plan};
 use super::health::DatabaseState;
 use super::hook::BatchHook;
+use crate::kernel::clock::Clock;
 use crate::kernel::error::{Error, Result};
 use crate::store::Db;
 
@@ -21,6 +22,7 @@ pub(super) struct BatchContext<'a> {
     pub hook: Option<&'a dyn BatchHook>,
     pub timeout: Duration,
     pub database: &'a DatabaseState,
+    pub clock: &'a Clock,
 }
 
 pub(super) async fn process_batch(ctx: &BatchContext<'_>, batch: Vec<Command>) {
@@ -145,7 +147,7 @@ async fn run_transaction(ctx: &BatchContext<'_>, cmds: Vec<&Command>) -> Vec<Res
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let plan = Plan::new(cmds.clone());
+        let plan = Plan::new(cmds.clone(), ctx.clock.now_us());
         let result: BatchResult = match db {
             Db::Postgres(pool) => backend::pg::commit(pool, hook, &plan, timeout).await,
             Db::Sqlite(pool) => backend::sqlite::commit(pool, hook, &plan).await,

@@ -9,7 +9,6 @@ use super::hook::{Admit, HookBatch};
 use crate::kernel::error::{Error, Result};
 use crate::kernel::money::Money;
 use crate::ledger::model::{Balance, Direction, Entry, EntryStatus, Metadata, Posting};
-use crate::store::now_us;
 
 /// Balance state of one locked account during a batch.
 #[derive(Debug, Clone, Copy)]
@@ -114,7 +113,8 @@ pub(crate) struct Plan<'a> {
 }
 
 impl<'a> Plan<'a> {
-    pub(crate) fn new(cmds: Vec<&'a Command>) -> Self {
+    /// Plans `cmds` as of `now_us`, the batch's one clock reading.
+    pub(crate) fn new(cmds: Vec<&'a Command>, now_us: i64) -> Self {
         let mut ids = Vec::new();
         let mut resolve_targets = Vec::new();
         let mut reverse_targets = Vec::new();
@@ -135,7 +135,7 @@ impl<'a> Plan<'a> {
             ka.cmp(&kb)
         });
         let entry_ids = (0..cmds.len()).map(|_| new_entry_id()).collect();
-        Plan { cmds, account_ids: ids, resolve_targets, reverse_targets, keyed, entry_ids, now_us: now_us() }
+        Plan { cmds, account_ids: ids, resolve_targets, reverse_targets, keyed, entry_ids, now_us }
     }
 
     /// The commands that carry an attachment for the batch hook, with their index.

@@ -39,6 +39,7 @@ mod health;
 pub mod hook;
 mod intake;
 
+use crate::kernel::clock::Clock;
 use crate::kernel::error::{Error, Result};
 use crate::store::Db;
 use batch::{process_batch, BatchContext};
@@ -56,6 +57,7 @@ pub struct EngineHandle {
     stats: Arc<EngineStats>,
     database: Arc<DatabaseState>,
     db: Db,
+    clock: Clock,
 }
 
 fn unreachable_error() -> Error {
@@ -67,6 +69,12 @@ fn unreachable_error() -> Error {
 pub use crate::telemetry::EngineStats;
 
 impl EngineHandle {
+    /// The clock the engine's batches read; the rest of the ledger stamps its rows with
+    /// it too.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
     /// Where other ledger writes go so that they take turns with the engine's batches
     /// instead of racing them. On SQLite: the engine's own pool, whose one connection is
     /// handed out first come, first served; a write on another connection would poll
@@ -130,6 +138,7 @@ impl Engine {
         db: Db,
         config: EngineConfig,
         hook: Option<Arc<dyn BatchHook>>,
+        clock: Clock,
     ) -> std::io::Result<(Engine, EngineHandle)> {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let (stop, stop_rx) = watch::channel(false);
@@ -165,6 +174,7 @@ impl Engine {
                     stats: stats.clone(),
                     database: database.clone(),
                     sqlite_wal: crate::store::SqliteWal::default(),
+                    clock: clock.clone(),
                 };
                 match &runtime {
                     Some(rt) => rt.spawn(worker.run()),
@@ -187,7 +197,7 @@ impl Engine {
                 tokio::spawn(all_done);
             }
         }
-        Ok((Engine { stop, done }, EngineHandle { tx, stats, database, db }))
+        Ok((Engine { stop, done }, EngineHandle { tx, stats, database, db, clock }))
     }
 
     /// Refuses new commands, commits everything already queued, then returns.
@@ -207,6 +217,7 @@ struct Worker {
     stats: Arc<EngineStats>,
     database: Arc<DatabaseState>,
     sqlite_wal: crate::store::SqliteWal,
+    clock: Clock,
 }
 
 impl Worker {
@@ -231,6 +242,7 @@ impl Worker {
                     hook: self.hook.as_deref(),
                     timeout: self.config.batch_timeout,
                     database: &self.database,
+                    clock: &self.clock,
                 };
                 process_batch(&ctx, batch).await;
             } else {

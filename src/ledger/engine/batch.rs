@@ -25,28 +25,61 @@ pub(super) struct BatchContext<'a> {
     pub clock: &'a Clock,
 }
 
+/// A command's part in its batch, by its idempotency key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Role {
+    /// Decided in the transaction: no key, or the first command of its (caller, key).
+    Lead,
+    /// The same request as an earlier command of the batch (its index): it gets the
+    /// leader's answer, as a replay.
+    Follow(usize),
+    /// The key of an earlier command of the batch with another request: ALREADY_EXISTS.
+    KeyReused,
+}
+
+/// Each command's role: the first of each (caller, key) leads; a later one with the same
+/// request follows it, one with another request is refused.
+pub(super) fn roles(batch: &[Command]) -> Vec<Role> {
+    let mut leaders: HashMap<(&str, &str), usize> = HashMap::new();
+    batch
+        .iter()
+        .enumerate()
+        .map(|(i, cmd)| {
+            let Some(idem) = &cmd.idem else { return Role::Lead };
+            match leaders.get(&(cmd.caller.as_str(), idem.key.as_str())) {
+                Some(&li) if batch[li].idem.as_ref().is_some_and(|l| l.request_hash == idem.request_hash) => {
+                    Role::Follow(li)
+                }
+                Some(_) => Role::KeyReused,
+                None => {
+                    leaders.insert((cmd.caller.as_str(), idem.key.as_str()), i);
+                    Role::Lead
+                }
+            }
+        })
+        .collect()
+}
+
 pub(super) async fn process_batch(ctx: &BatchContext<'_>, batch: Vec<Command>) {
     let db = ctx.db;
-    // Duplicates inside the batch: the first of each (caller, key) leads; a later one
-    // with the same request follows it, with another request it is ALREADY_EXISTS.
-    let mut leaders: HashMap<(String, String), usize> = HashMap::new();
+    let roles = roles(&batch);
+    // Each leader's place in `lead`, by its index in the batch (a follower's leader
+    // always comes before it).
+    let mut lead_at: Vec<usize> = vec![usize::MAX; batch.len()];
     let mut followers: Vec<(Command, usize)> = Vec::new();
     let mut lead: Vec<Command> = Vec::with_capacity(batch.len());
-    for cmd in batch {
-        if let Some(idem) = &cmd.idem {
-            let k = (cmd.caller.clone(), idem.key.clone());
-            if let Some(&li) = leaders.get(&k) {
-                let same = lead[li].idem.as_ref().is_some_and(|l| l.request_hash == idem.request_hash);
-                if same {
-                    followers.push((cmd, li));
-                } else {
-                    let _ = cmd.reply.send(Err(key_reused(&idem.key)));
-                }
-                continue;
+    for (i, (cmd, role)) in batch.into_iter().zip(roles).enumerate() {
+        match role {
+            Role::Lead => {
+                lead_at[i] = lead.len();
+                lead.push(cmd);
             }
-            leaders.insert(k, lead.len());
+            Role::Follow(leader) => followers.push((cmd, lead_at[leader])),
+            Role::KeyReused => {
+                let key = cmd.idem.as_ref().map(|k| k.key.clone()).unwrap_or_default();
+                let _ = cmd.reply.send(Err(key_reused(&key)));
+            }
         }
-        lead.push(cmd);
     }
 
     // Keys committed earlier are found by the transaction itself (its key insert
@@ -116,7 +149,7 @@ fn key_reused(key: &str) -> Error {
     ))
 }
 
-fn replay(idem: &Idem, record: &KeyRecord) -> Result<Outcome> {
+pub(super) fn replay(idem: &Idem, record: &KeyRecord) -> Result<Outcome> {
     if record.request_hash == idem.request_hash && record.operation == idem.operation {
         Ok(Outcome::Replayed(record.result_id.clone()))
     } else {
@@ -197,3 +230,7 @@ async fn run_transaction(ctx: &BatchContext<'_>, cmds: Vec<&Command>) -> Vec<Res
         return cmds.iter().map(|_| Err(err.duplicate())).collect();
     }
 }
+
+#[cfg(test)]
+#[path = "batch_tests.rs"]
+mod tests;

@@ -452,3 +452,7 @@ fn new_entry_id() -> String {
 fn metadata_json(metadata: &Metadata) -> String {
     serde_json::to_string(metadata).unwrap_or_else(|_| "{}".into())
 }
+
+#[cfg(test)]
+#[path = "decide_tests.rs"]
+mod tests;

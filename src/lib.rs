@@ -20,7 +20,8 @@
 //!         accounts   platform users: tier, frozen status, audit trail
 //! infra   telemetry  logs, Prometheus metrics, the per-call log line
 //!         store      the SQLite and PostgreSQL backends, migrations
-//! kernel  kernel     errors, money, ids, text, dates, card data in memory
+//! kernel  kernel     errors, money, ids, text, dates, the clock, stored enums, card
+//!                    data in memory
 //! ```
 
 pub mod accounts;

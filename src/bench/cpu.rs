@@ -5,7 +5,7 @@
 //! run whose cores are all busy cannot go faster without spending less per payment. So
 //! the report puts each run's CPU per payment beside its rate, and the rate it would
 //! reach with every core busy (the cores over that cost), which is the most this
-//! machine allows at that cost (`bench_report`). Off Linux, or where `/proc` cannot be
+//! machine allows at that cost (`bench::report`). Off Linux, or where `/proc` cannot be
 //! read, there is no sample and the report leaves the figures out.
 //!
 //! PostgreSQL is counted as every process named `postgres` on the machine, so its

@@ -5,7 +5,7 @@
 //! livestream scenarios at each client count, a release server started as a child
 //! process with its default settings, driven over gRPC by `dmpay bench payments`, with
 //! the server's memory sampled throughout and the machine's CPU accounted for
-//! (`bench_cpu`). Every run has a fresh database. The figures, the ratios, where the CPU
+//! (`bench::cpu`). Every run has a fresh database. The figures, the ratios, where the CPU
 //! went and the targets go into one Markdown report (BENCHMARKS.md) with a description
 //! of the machine, so the file is regenerated, never typed.
 

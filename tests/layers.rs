@@ -14,6 +14,10 @@
 //! And: no cycle among the top-level modules, nor among the sibling modules of any
 //! folder (a child may use what its parent declares: that is how Rust's module tree
 //! works); no domain, infra or kernel file names `tonic`.
+//!
+//! And one home per table: every `INSERT INTO`, `UPDATE` and `DELETE FROM` of a table
+//! is in the one module `TABLE_HOMES` names for it (a folder and what it holds); a
+//! table missing from the list fails too, so a new table gets a home when it is made.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -27,6 +31,46 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("infra", &["telemetry", "store"]),
     ("kernel", &["kernel"]),
 ];
+
+/// Each table and the module (a folder under `src/`) that alone writes it.
+const TABLE_HOMES: &[(&str, &str)] = &[
+    ("accounts", "accounts"),
+    ("audit_log", "accounts/audit.rs"),
+    ("idempotency_keys", "ledger/engine/backend"),
+    ("ledger_accounts", "ledger/engine/backend"),
+    ("ledger_entries", "ledger/engine/backend"),
+    ("ledger_postings", "ledger/engine/backend"),
+    ("ledger_sequence", "ledger/engine/backend"),
+    ("payment_event_sequence", "payments/repo"),
+    ("payment_events", "payments/repo"),
+    ("payment_methods", "vault"),
+    ("payment_refunds", "payments/repo"),
+    ("payment_requests", "payments/repo"),
+    ("payment_spend", "payments/repo"),
+    ("payments", "payments/repo"),
+    ("recon_days", "finance/recon"),
+    ("recon_items", "finance/recon"),
+    ("recon_resolutions", "finance/recon"),
+    ("recon_run_totals", "finance/recon"),
+    ("recon_runs", "finance/recon"),
+    ("sandbox_processor_calls", "processor/sandbox.rs"),
+];
+
+/// The tables a file's SQL writes: the word after `INSERT INTO`, `UPDATE` or
+/// `DELETE FROM` (an `UPDATE SET` of an upsert names no table).
+fn written_tables(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for verb in ["INSERT INTO ", "UPDATE ", "DELETE FROM "] {
+        for (at, _) in text.match_indices(verb) {
+            let rest = &text[at + verb.len()..];
+            let table: String = rest.chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
+            if !table.is_empty() {
+                out.insert(table);
+            }
+        }
+    }
+    out
+}
 
 fn rank(top: &str) -> Option<usize> {
     LAYERS.iter().position(|(_, mods)| mods.contains(&top))
@@ -188,4 +232,32 @@ fn the_module_graph_is_layered_and_acyclic() {
         }
     }
     assert!(problems.is_empty(), "{} problem(s):\n{}", problems.len(), problems.join("\n"));
+}
+
+#[test]
+fn every_table_is_written_from_its_one_home() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    modules(&src, &[], &mut files);
+    let homes: BTreeMap<&str, &str> = TABLE_HOMES.iter().copied().collect();
+    let mut problems = Vec::new();
+    for (_, path) in &files {
+        let relative = path.strip_prefix(&src).unwrap().to_string_lossy().replace('\\', "/");
+        let text = std::fs::read_to_string(path).unwrap();
+        for table in written_tables(&text) {
+            match homes.get(table.as_str()) {
+                None => problems.push(format!("src/{relative} writes {table}, which has no home in TABLE_HOMES")),
+                Some(home) if !(relative == *home || relative.starts_with(&format!("{home}/"))) => {
+                    problems.push(format!("src/{relative} writes {table}, whose one home is src/{home}"))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{} problem(s):\n{}", problems.len(), problems.join("\n"));
+    // The check can fail: a file outside a table's home that writes it is caught.
+    assert_eq!(
+        written_tables("x INSERT INTO payments (a) y UPDATE payment_spend SET"),
+        ["payment_spend", "payments"].map(String::from).into()
+    );
 }

@@ -2,6 +2,8 @@
 //! are frozen. Every change by an admin lands in the append-only audit log in the same
 //! transaction.
 
+pub mod audit;
+
 use crate::kernel::clock::Clock;
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::UserId;
@@ -174,12 +176,7 @@ impl Accounts {
             .fetch_one(&mut *tx)
             .await?;
             let detail = format!("tier={}", tier_new.unwrap_or("unchanged"));
-            sqlx::query("INSERT INTO audit_log (actor, action, target, reason, at_us) VALUES ($1, 'account.upsert', $2, $3, $4)")
-                .bind(actor)
-                .bind(format!("account:{user_id}"))
-                .bind(detail)
-                .bind(now)
-                .execute(&mut *tx)
+            audit::insert_audit!(&mut *tx, actor, "account.upsert", format!("account:{user_id}"), detail, "ok", now)
                 .await?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>(row)
@@ -207,14 +204,7 @@ impl Accounts {
             .bind(now)
             .fetch_one(&mut *tx)
             .await?;
-            sqlx::query("INSERT INTO audit_log (actor, action, target, reason, at_us) VALUES ($1, $2, $3, $4, $5)")
-                .bind(actor)
-                .bind(action)
-                .bind(format!("account:{user_id}"))
-                .bind(reason)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+            audit::insert_audit!(&mut *tx, actor, action, format!("account:{user_id}"), reason, "ok", now).await?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>(row)
         })?;

@@ -9,6 +9,7 @@ use crate::kernel::clock::Clock;
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::UserId;
 use crate::kernel::money::{Currencies, Currency};
+use crate::ledger::engine::backend::{insert_account, NewAccount};
 use crate::store::{is_unique_violation, Db};
 use crate::with_db;
 
@@ -94,6 +95,16 @@ impl AccountStore {
         Ok(())
     }
 
+    fn new_account<'a>(
+        &self,
+        code: &'a AccountCode,
+        account_type: AccountType,
+        currency: Currency,
+        allow_negative: bool,
+    ) -> NewAccount<'a> {
+        NewAccount { code, account_type, currency: currency.code(), allow_negative, created_at_us: self.clock.now_us() }
+    }
+
     async fn insert_if_missing(
         &self,
         code: &AccountCode,
@@ -101,19 +112,7 @@ impl AccountStore {
         currency: Currency,
         allow_negative: bool,
     ) -> Result<()> {
-        with_db!(&self.writer, pool => sqlx::query(
-            "INSERT INTO ledger_accounts (code, type, currency, allow_negative, credit_normal, created_at_us) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (code) DO NOTHING",
-        )
-        .bind(code.as_str())
-        .bind(account_type.as_str())
-        .bind(currency.code())
-        .bind(allow_negative)
-        .bind(account_type.credit_normal())
-        .bind(self.clock.now_us())
-        .execute(pool)
-        .await
-        .map(|_| ()))?;
+        insert_account(&self.writer, &self.new_account(code, account_type, currency, allow_negative), true).await?;
         Ok(())
     }
 
@@ -129,19 +128,8 @@ impl AccountStore {
         if code.as_str().starts_with("user:") {
             return Err(Error::invalid("code", "codes starting with \"user:\" are reserved for wallets"));
         }
-        let inserted = with_db!(&self.writer, pool => sqlx::query(
-            "INSERT INTO ledger_accounts (code, type, currency, allow_negative, credit_normal, created_at_us) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(code.as_str())
-        .bind(account_type.as_str())
-        .bind(currency.code())
-        .bind(allow_negative)
-        .bind(account_type.credit_normal())
-        .bind(self.clock.now_us())
-        .execute(pool)
-        .await
-        .map(|_| ()));
+        let inserted =
+            insert_account(&self.writer, &self.new_account(&code, account_type, currency, allow_negative), false).await;
         match inserted {
             Ok(()) => {}
             Err(e) if is_unique_violation(&e) => {}

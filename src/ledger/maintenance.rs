@@ -48,12 +48,7 @@ pub async fn expire_due(db: &Db, engine: &EngineHandle) -> Result<usize> {
 /// Deletes idempotency keys older than `retention`.
 pub async fn prune_keys(db: &Db, retention: Duration, now_us: i64) -> Result<u64> {
     let cutoff = now_us.saturating_sub(i64::try_from(retention.as_micros()).unwrap_or(i64::MAX));
-    let n = with_db!(db, pool => sqlx::query("DELETE FROM idempotency_keys WHERE created_at_us < $1")
-        .bind(cutoff)
-        .execute(pool)
-        .await
-        .map(|r| r.rows_affected()))?;
-    Ok(n)
+    Ok(crate::ledger::engine::backend::delete_keys_before(db, cutoff).await?)
 }
 
 /// Runs both jobs until the task is dropped.

@@ -4,8 +4,8 @@
 //! the resolver can resume it from any point. One attempt at a time holds the payment's
 //! claim (`store::Claim`), renewed before every step that cannot be undone.
 
-use super::store::{Claim, DailyCap, Inserted};
-use super::{model, spend, FundingSource, Payment, PaymentStatus, Payments, SendInput, ACTOR};
+use super::repo::{Claim, DailyCap, Inserted};
+use super::{model, FundingSource, Payment, PaymentStatus, Payments, SendInput, ACTOR};
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::UserId;
 use crate::kernel::money::{Currency, Money};
@@ -58,7 +58,7 @@ impl Payments {
         let sender_account = self.accounts.ensure(sender).await?;
         // A first look, so that a send plainly over the limit writes nothing; the count
         // itself is taken atomically with the payment row (`PaymentStore::insert`).
-        let sent = spend::sent(self.store.db(), sender.as_str(), currency.code(), self.now_us()).await?;
+        let sent = super::repo::spend::sent(self.store.db(), sender.as_str(), currency.code(), self.now_us()).await?;
         let limits = self.config.limits(sender_account.tier);
         model::check_send_rules(sender_account.status, recipient_account.status, limits, input.amount, sent)?;
 

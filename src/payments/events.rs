@@ -5,10 +5,9 @@
 use std::collections::HashMap;
 
 use serde::Deserialize;
-use tokio::sync::watch;
 
 use super::model::{PaymentRequest, RequestStatus};
-use super::rows::{PaymentRow, RequestRow, COLUMNS, REQUEST_COLUMNS};
+use super::repo::rows::{PaymentRow, RequestRow, COLUMNS, REQUEST_COLUMNS};
 use super::{Payment, PaymentStatus};
 use crate::kernel::error::Result;
 use crate::store::{json_rows, Db};
@@ -62,28 +61,7 @@ enum Snapshot {
     Request(Box<PaymentRequest>),
 }
 
-/// Wakes watchers in this process when an event commits; other processes' events are
-/// found by the watchers' periodic poll.
-#[derive(Clone)]
-pub struct EventHub {
-    latest: watch::Sender<i64>,
-}
-
-impl Default for EventHub {
-    fn default() -> Self {
-        EventHub { latest: watch::channel(0).0 }
-    }
-}
-
-impl EventHub {
-    pub fn notify(&self) {
-        self.latest.send_modify(|n| *n += 1);
-    }
-
-    pub fn subscribe(&self) -> watch::Receiver<i64> {
-        self.latest.subscribe()
-    }
-}
+pub use super::repo::hub::EventHub;
 
 /// Events after `after`, for `user` (every user's when `None`), optionally in one
 /// conversation, in sequence order. Each event's payment or request is its row as it is

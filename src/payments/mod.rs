@@ -24,17 +24,16 @@ pub mod events;
 pub mod feed;
 pub mod model;
 pub mod refunds;
+pub(crate) mod repo;
 pub mod requests;
-pub(crate) mod rows;
 pub mod spend;
-pub mod store;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 pub use model::{FundingSource, Payment, PaymentStatus, PaymentsConfig};
-pub use store::Claim;
-use store::PaymentStore;
+pub use repo::Claim;
+use repo::PaymentStore;
 
 use crate::accounts::Accounts;
 use crate::kernel::error::{Error, Result};
@@ -351,7 +350,7 @@ impl Payments {
             // SQLite every write takes the lock the posting engine commits under.
             if last_purge.is_none_or(|t| t.elapsed() >= SPEND_PURGE_INTERVAL) {
                 last_purge = Some(std::time::Instant::now());
-                match spend::purge(self.store.db(), self.now_us()).await {
+                match repo::spend::purge(self.store.db(), self.now_us()).await {
                     Ok(0) => {}
                     Ok(n) => tracing::debug!(deleted = n, "purged old daily-limit buckets"),
                     Err(e) => tracing::warn!(error = %e, "purging daily-limit buckets failed; will retry"),

@@ -4,7 +4,7 @@
 //! never exceed the payment, so concurrent refunds cannot over-refund), then the ledger
 //! moves the money; if the recipient's wallet cannot cover it, the reservation is undone.
 
-use super::rows::{append_event, EventFields, PaymentRow, COLUMNS};
+use super::repo::refunds::{NewRefund, REFUND_CALLER};
 use super::{model, Payment, PaymentStatus, Payments};
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::UserId;
@@ -21,24 +21,6 @@ struct RefundRow {
     status: String,
     request_hash: String,
 }
-
-fn status_after(amount: i64, refunded: i64) -> &'static str {
-    if refunded == 0 {
-        PaymentStatus::Settled.as_str()
-    } else if refunded >= amount {
-        PaymentStatus::Refunded.as_str()
-    } else {
-        PaymentStatus::PartiallyRefunded.as_str()
-    }
-}
-
-/// The ledger caller refunds post as: their idempotency keys live in its scope.
-const REFUND_CALLER: &str = "payments";
-
-/// The operation of the tombstone that takes a failed refund's ledger key (see
-/// `finish_refund`); no ledger request ever carries it, so a post under the key is
-/// refused as a key reused for another request.
-const REFUND_TOMBSTONE: &str = "refund_failed";
 
 fn refund_failed() -> Error {
     Error::FailedPrecondition {
@@ -150,44 +132,19 @@ impl Payments {
         // Reserve: the condition keeps refunds within the payment under any concurrency.
         let refund_id = format!("rf_{}", uuid::Uuid::now_v7().simple());
         let now = self.now_us();
-        let sql = format!(
-            "UPDATE payments SET refunded_amount = refunded_amount + $2, \
-             status = CASE WHEN refunded_amount + $2 >= amount THEN 'refunded' ELSE 'partially_refunded' END, \
-             updated_at_us = $3 \
-             WHERE payment_id = $1 AND refunded_amount + $2 <= amount AND status IN ('settled', 'partially_refunded') \
-             RETURNING {COLUMNS}"
-        );
-        let reserved = with_db!(self.store.writer(), pool => async {
-            let mut tx = pool.begin().await?;
-            // The key first: a concurrent call with the same key waits here for this
-            // transaction and then finds the key taken (a unique violation), and so
-            // answers as this one instead of racing it for what is left to refund.
-            sqlx::query(
-                "INSERT INTO payment_refunds (refund_id, payment_id, amount, reason, status, idempotency_key, request_hash, \
-                 created_by, created_at_us) VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $8)",
-            )
-            .bind(&refund_id)
-            .bind(payment_id)
-            .bind(minor)
-            .bind(reason)
-            .bind(idempotency_key)
-            .bind(request_hash)
-            .bind(recipient.as_str())
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            let row: Option<PaymentRow> =
-                sqlx::query_as(&sql).bind(payment_id).bind(minor).bind(now).fetch_optional(&mut *tx).await?;
-            let Some(row) = row else {
-                // Dropping the transaction rolls the key back: a later retry may succeed.
-                return Ok::<_, sqlx::Error>(false);
-            };
-            let p = Payment::try_from(row).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-            append_event!(tx, self.now_us(), &EventFields::payment("payment.refunded", &p));
-            tx.commit().await?;
-            Ok(true)
-        }
-        .await);
+        let reserved = self
+            .store
+            .reserve_refund(&NewRefund {
+                refund_id: &refund_id,
+                payment_id,
+                minor,
+                reason,
+                idempotency_key,
+                request_hash,
+                created_by: recipient.as_str(),
+                now_us: now,
+            })
+            .await;
         match reserved {
             Ok(true) => self.store.notify(),
             Ok(false) => {
@@ -256,47 +213,8 @@ impl Payments {
             Err(Error::AlreadyExists(_)) => return Err(refund_failed()),
             Err(e) => return Err(e),
         };
-        let sql = format!("SELECT {COLUMNS} FROM payments WHERE payment_id = $1");
-        let failed = with_db!(self.store.writer(), pool => {
-            let mut tx = pool.begin().await?;
-            // The tombstone (see above), through the ledger, which owns the keys.
-            let fence = if refused {
-                Some(crate::ledger::keys::fence_idempotency_key!(tx, REFUND_CALLER, &entry_key, REFUND_TOMBSTONE, self.now_us())?)
-            } else {
-                None
-            };
-            // Fenced: this call's tombstone took the key. Failed: a tombstone holds the
-            // key, this one or another finisher's; otherwise another finisher posted
-            // the refund's entry under it.
-            let fenced = matches!(fence, Some(None));
-            let failed = match &fence {
-                Some(None) => true,
-                Some(Some(operation)) => operation == REFUND_TOMBSTONE,
-                None => false,
-            };
-            let done = sqlx::query("UPDATE payment_refunds SET status = $2 WHERE refund_id = $1 AND status = 'pending'")
-                .bind(refund_id)
-                .bind(if failed { "failed" } else { "completed" })
-                .execute(&mut *tx)
-                .await?;
-            if fenced && done.rows_affected() == 1 {
-                let p: PaymentRow = sqlx::query_as(&sql).bind(payment_id).fetch_one(&mut *tx).await?;
-                let current = Payment::try_from(p).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-                let refunded = current.refunded_amount - minor;
-                sqlx::query("UPDATE payments SET refunded_amount = $2, status = $3, updated_at_us = $4 WHERE payment_id = $1")
-                    .bind(payment_id)
-                    .bind(refunded)
-                    .bind(status_after(current.amount, refunded))
-                    .bind(self.now_us())
-                    .execute(&mut *tx)
-                    .await?;
-                let p: PaymentRow = sqlx::query_as(&sql).bind(payment_id).fetch_one(&mut *tx).await?;
-                let after = Payment::try_from(p).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-                append_event!(tx, self.now_us(), &EventFields::payment("payment.refund_failed", &after));
-            }
-            tx.commit().await?;
-            Ok::<_, sqlx::Error>(failed)
-        })?;
+        let failed =
+            self.store.settle_refund(refund_id, payment_id, minor, refused.then_some(entry_key.as_str())).await?;
         self.store.notify();
         if failed {
             return Err(refund_failed());

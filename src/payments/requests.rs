@@ -2,7 +2,8 @@
 //! (at most once), declines, or lets it expire; the requester may cancel.
 
 use super::model::{PaymentRequest, RequestStatus};
-use super::rows::{append_event, EventFields, RequestRow, REQUEST_COLUMNS};
+use super::repo::requests::Closed;
+use super::repo::rows::{RequestRow, REQUEST_COLUMNS};
 use super::{model, FundingSource, Payment, Payments, SendInput};
 use crate::accounts::Status as AccountStatus;
 use crate::kernel::error::{Error, Result};
@@ -113,32 +114,7 @@ impl Payments {
             created_at_us: now,
             expires_at_us: now + i64::from(expires_in) * 1_000_000,
         };
-        let inserted = with_db!(self.store.writer(), pool => async {
-            let mut tx = pool.begin().await?;
-            sqlx::query(
-                "INSERT INTO payment_requests (request_id, requester_id, payer_id, currency, amount, note, conversation_id, \
-                 message_id, status, idempotency_key, request_hash, created_at_us, expires_at_us, updated_at_us) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'open', $9, $10, $11, $12, $11)",
-            )
-            .bind(&req.request_id)
-            .bind(&req.requester_id)
-            .bind(&req.payer_id)
-            .bind(&req.currency)
-            .bind(req.amount)
-            .bind(&req.note)
-            .bind(&req.conversation_id)
-            .bind(&req.message_id)
-            .bind(&input.idempotency_key)
-            .bind(&request_hash)
-            .bind(req.created_at_us)
-            .bind(req.expires_at_us)
-            .execute(&mut *tx)
-            .await?;
-            append_event!(tx, self.now_us(), &EventFields::request("request.created", &req));
-            tx.commit().await?;
-            Ok::<_, sqlx::Error>(())
-        }
-        .await);
+        let inserted = self.store.insert_request(&req, &input.idempotency_key, &request_hash).await;
         match inserted {
             Ok(()) => {
                 self.store.notify();
@@ -204,31 +180,7 @@ impl Payments {
     /// (`PaymentStore::insert`), so either the payment is recorded first and the close
     /// is refused, or the close commits first and the payment is refused.
     async fn transition(&self, req: &PaymentRequest, to: RequestStatus, event: &'static str) -> Result<Closed> {
-        let sql = format!(
-            "UPDATE payment_requests SET status = $2, updated_at_us = $3 WHERE request_id = $1 AND status = 'open' \
-             RETURNING {REQUEST_COLUMNS}"
-        );
-        let closed: Closed = with_db!(self.store.writer(), pool => async {
-            let mut tx = pool.begin().await?;
-            let row: Option<RequestRow> =
-                sqlx::query_as(&sql).bind(&req.request_id).bind(to.as_str()).bind(self.now_us()).fetch_optional(&mut *tx).await?;
-            let Some(row) = row else { return Ok(Closed::NotOpen) };
-            let in_flight: Option<String> = sqlx::query_scalar(
-                "SELECT payment_id FROM payments WHERE request_id = $1 AND status <> 'failed' AND status = 'pending'",
-            )
-            .bind(&req.request_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(payment_id) = in_flight {
-                // Dropping the transaction rolls the status change back.
-                return Ok(Closed::PaymentInFlight(payment_id));
-            }
-            let updated = PaymentRequest::try_from(row).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-            append_event!(tx, self.now_us(), &EventFields::request(event, &updated));
-            tx.commit().await?;
-            Ok::<_, sqlx::Error>(Closed::Done(updated))
-        }
-        .await)?;
+        let closed = self.store.close_open_request(&req.request_id, to, event).await?;
         if matches!(closed, Closed::Done(_)) {
             self.store.notify();
         }
@@ -328,12 +280,6 @@ impl Payments {
 }
 
 /// How a close of an open request ended.
-enum Closed {
-    Done(PaymentRequest),
-    NotOpen,
-    /// A payment of the request (this id) is still pending.
-    PaymentInFlight(String),
-}
 
 #[derive(sqlx::FromRow)]
 struct RequestRowWithHash {

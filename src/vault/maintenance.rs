@@ -64,7 +64,7 @@ impl Vault {
                     .bind(now)
                     .execute(&mut *tx)
                     .await?;
-                    insert_audit!(&mut *tx, "system:vault", "card.destroy", token, "ok", "retention passed", now).await?;
+                    audit_card!(&mut *tx, "system:vault", "card.destroy", token, "ok", "retention passed", now).await?;
                 }
                 tx.commit().await?;
                 Ok::<_, sqlx::Error>(tokens)

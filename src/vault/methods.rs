@@ -82,7 +82,7 @@ impl Vault {
                         .await?;
                 }
             }
-            insert_audit!(&mut *tx, user.as_str(), "card.remove", token, "ok", "", now).await?;
+            audit_card!(&mut *tx, user.as_str(), "card.remove", token, "ok", "", now).await?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>(())
         })?;

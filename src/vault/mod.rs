@@ -8,21 +8,19 @@
 //! - `methods` listing, the default card, removal
 //! - `maintenance` purge of expired unlinked cards, key rotation
 
-/// Writes the audit record of a vault action on card `$token` with `$executor`: a pool,
-/// or `&mut *tx` where the record must commit with the change it records (either backend,
-/// inside `with_db!`). Evaluates to the statement's future.
-macro_rules! insert_audit {
+/// Writes the audit record of a vault action on card `$token` (see
+/// `accounts::audit::insert_audit!`, the audit trail's one writer).
+macro_rules! audit_card {
     ($executor:expr, $actor:expr, $action:expr, $token:expr, $result:expr, $detail:expr, $at_us:expr) => {
-        sqlx::query(
-            "INSERT INTO audit_log (actor, action, target, reason, result, at_us) VALUES ($1, $2, $3, $4, $5, $6)",
+        $crate::accounts::audit::insert_audit!(
+            $executor,
+            $actor,
+            $action,
+            format!("pm:{}", $token),
+            $detail,
+            $result,
+            $at_us
         )
-        .bind($actor)
-        .bind($action)
-        .bind(format!("pm:{}", $token))
-        .bind($detail)
-        .bind($result)
-        .bind($at_us)
-        .execute($executor)
     };
 }
 
@@ -161,7 +159,7 @@ impl Vault {
     }
 
     async fn audit(&self, actor: &str, action: &str, token: &str, result: &str, detail: &str) -> Result<()> {
-        with_db!(&self.writer, pool => insert_audit!(pool, actor, action, token, result, detail, self.now_us())
+        with_db!(&self.writer, pool => audit_card!(pool, actor, action, token, result, detail, self.now_us())
             .await
             .map(|_| ()))?;
         Ok(())
@@ -281,7 +279,7 @@ impl Vault {
                 return Ok(Tokenized::RateLimited);
             }
             let Some(new) = &card else {
-                insert_audit!(&mut *tx, user.as_str(), "card.tokenize", "-", "invalid", &invalid_field, now).await?;
+                audit_card!(&mut *tx, user.as_str(), "card.tokenize", "-", "invalid", &invalid_field, now).await?;
                 tx.commit().await?;
                 return Ok(Tokenized::Invalid);
             };
@@ -300,7 +298,7 @@ impl Vault {
                 other => other,
             };
             if let Some(row) = existing {
-                insert_audit!(&mut *tx, user.as_str(), "card.tokenize", &row.token, "duplicate", "same card already vaulted", now)
+                audit_card!(&mut *tx, user.as_str(), "card.tokenize", &row.token, "duplicate", "same card already vaulted", now)
                     .await?;
                 tx.commit().await?;
                 return Ok(Tokenized::Existing(row));
@@ -323,7 +321,7 @@ impl Vault {
                 .fetch_one(&mut *tx)
                 .await?;
             let detail = format!("{} ****{}", new.card.brand.as_str(), new.card.pan.last4());
-            insert_audit!(&mut *tx, user.as_str(), "card.tokenize", &new.token, "ok", &detail, now).await?;
+            audit_card!(&mut *tx, user.as_str(), "card.tokenize", &new.token, "ok", &detail, now).await?;
             tx.commit().await?;
             Ok(Tokenized::New(row))
         }
@@ -459,7 +457,7 @@ impl Vault {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-            insert_audit!(&mut *tx, user.as_str(), "card.link", token, "ok", "", now).await?;
+            audit_card!(&mut *tx, user.as_str(), "card.link", token, "ok", "", now).await?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>(true)
         }

@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
-mod backend;
+pub(crate) mod backend;
 mod batch;
 pub(crate) mod command;
 mod config;

@@ -1,8 +1,8 @@
 //! The payments module's rows as stored, and how its outbox events are appended: the
 //! column lists and row types every reader and writer of its tables shares.
 
-use super::model::{FundingSource, Payment, PaymentRequest, PaymentStatus, RequestStatus};
 use crate::kernel::error::{Error, Result};
+use crate::payments::model::{FundingSource, Payment, PaymentRequest, PaymentStatus, RequestStatus};
 
 #[derive(Clone, sqlx::FromRow)]
 pub(crate) struct PaymentRow {
@@ -78,7 +78,7 @@ macro_rules! append_event {
         .await?;
         sqlx::query(concat!(
             "INSERT INTO payment_events (sequence, ",
-            $crate::payments::rows::EVENT_COLUMNS!(),
+            $crate::payments::repo::rows::EVENT_COLUMNS!(),
             ", snapshot, occurred_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, '', $15)"
         ))
         .bind(seq)

@@ -4,10 +4,11 @@ use sqlx::error::BoxDynError;
 use sqlx::sqlite::SqliteArguments;
 use sqlx::Arguments;
 
-use super::*;
+use super::rows::EventFields;
+use super::{split_prepared, BatchPayment, BatchSpend, Prepared};
 use crate::store::{from_json_rows, json_rows};
 
-pub(super) async fn prepare(
+pub(crate) async fn prepare(
     c: &mut sqlx::SqliteConnection,
     keys: &[(&str, &str)],
     users: &[&str],
@@ -42,10 +43,10 @@ pub(super) async fn prepare(
 
 /// The spend buckets, the payment rows, their events and the event counter's advance,
 /// as statements of the engine's last call (`HookBatch::sqlite_steps`).
-pub(super) fn steps(
+pub(crate) fn steps(
     args: &mut SqliteArguments<'static>,
-    rows: &[PaymentRow<'_>],
-    spent: &[SpendRow<'_>],
+    rows: &[BatchPayment<'_>],
+    spent: &[BatchSpend<'_>],
     events: &[EventFields],
     now_us: i64,
 ) -> std::result::Result<String, BoxDynError> {
@@ -153,7 +154,7 @@ pub(super) fn steps(
          r.v ->> 5, r.v ->> 6, r.v ->> 7, r.v ->> 8, r.v ->> 9, r.v ->> 10, \
          r.v ->> 11, r.v ->> 12, r.v ->> 13, r.v ->> 14, ?, r.v ->> 15 FROM r; \
          WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?)) INSERT INTO payment_events (sequence, ",
-        crate::payments::rows::EVENT_COLUMNS!(),
+        crate::payments::repo::rows::EVENT_COLUMNS!(),
         ", snapshot, occurred_at_us) \
          SELECT (SELECT last_value FROM payment_event_sequence WHERE id = 1) + (r.v ->> 0), r.v ->> 1, r.v ->> 2, \
          r.v ->> 3, r.v ->> 4, r.v ->> 5, r.v ->> 6, r.v ->> 7, r.v ->> 8, r.v ->> 9, r.v ->> 10, r.v ->> 11, \

@@ -8,7 +8,9 @@ use sqlx::postgres::PgArguments;
 
 use crate::ledger::engine::hook::bind_step;
 
-use super::*;
+use super::rows::EventFields;
+use super::{split_prepared, BatchPayment, BatchSpend, Prepared};
+use crate::payments::Payment;
 
 /// The rules read of `prepare`, in one of `PLAN_GENERATIONS` spellings that differ only
 /// in a comment; the spelling changes each time the number of batches this process has
@@ -57,7 +59,7 @@ fn plan_generation(n: u64) -> usize {
 /// batches (about 4 million), when the tables' sizes no longer change the plan.
 const PLAN_GENERATIONS: usize = 23;
 
-pub(super) async fn prepare(
+pub(crate) async fn prepare(
     c: &mut sqlx::PgConnection,
     keys: &[(&str, &str)],
     users: &[&str],
@@ -83,10 +85,10 @@ pub(super) async fn prepare(
 /// buckets (the card path's too) does so before it takes the event counter
 /// (`journal_steps`, `write_events`), so the two locks never wait on each other in a
 /// cycle.
-pub(super) fn write_steps(
+pub(crate) fn write_steps(
     args: &mut PgArguments,
-    rows: &[(&Payment, &str, &str)],
-    spent: &[((&str, &str, i64), i64)],
+    rows: &[BatchPayment<'_>],
+    spent: &[BatchSpend<'_>],
     now_us: i64,
 ) -> std::result::Result<String, BoxDynError> {
     let s_sender = bind_step(args, spent.iter().map(|((s, _, _), _)| *s).collect::<Vec<&str>>())?;
@@ -133,7 +135,7 @@ pub(super) fn write_steps(
 /// parameters go to `args`, numbered after what is already there. The event counter
 /// is advanced once for the whole batch; its row lock, held to commit, keeps the
 /// outbox sequence gap-free and in commit order.
-pub(super) fn journal_steps(
+pub(crate) fn journal_steps(
     args: &mut PgArguments,
     events: &[EventFields],
     now_us: i64,

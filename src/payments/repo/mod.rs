@@ -1,12 +1,26 @@
-//! Payment rows and the event outbox. Every status change and its event are written in
+//! The payments' tables, written here and nowhere else: `payments`, `payment_events`
+//! (and its counter), `payment_spend`, `payment_requests` and `payment_refunds`.
+//!
+//! The domain modules (sends, bills, refunds, the batch hook) decide; this module
+//! turns their decisions into rows, each statement on both backends. The statements of
+//! the wallet send's batch, which run inside the posting engine's transaction, are in
+//! `pg` and `sqlite`, side by side. Every status change and its event are written in
 //! one transaction; events are numbered by one counter row, so the sequence has no gaps.
 
+pub(crate) mod hub;
+pub(crate) mod pg;
+pub(crate) mod refunds;
+pub(crate) mod requests;
+pub(crate) mod rows;
+pub(crate) mod spend;
+pub(crate) mod sqlite;
+
 use super::model::{Payment, PaymentRequest, PaymentStatus};
-use super::rows::{append_event, EventFields, PaymentRow, RequestRow, COLUMNS, REQUEST_COLUMNS};
 use crate::kernel::clock::Clock;
 use crate::kernel::error::{Error, Result};
 use crate::store::{is_unique_violation, Db};
 use crate::with_db;
+use rows::{append_event, EventFields, PaymentRow, RequestRow, COLUMNS, REQUEST_COLUMNS};
 
 pub struct PaymentStore {
     /// Reads.
@@ -16,7 +30,7 @@ pub struct PaymentStore {
     /// polling for the write lock the engine holds nearly all the time during a burst.
     /// None of them holds its connection while it waits for anything but the database.
     writer: Db,
-    hub: super::events::EventHub,
+    hub: hub::EventHub,
     clock: Clock,
 }
 
@@ -46,7 +60,7 @@ pub enum Inserted {
 impl PaymentStore {
     /// Reads on `db`, writes on `writer`.
     pub fn new(db: Db, writer: Db, clock: Clock) -> Self {
-        PaymentStore { db, writer, hub: super::events::EventHub::default(), clock }
+        PaymentStore { db, writer, hub: hub::EventHub::default(), clock }
     }
 
     /// The clock payment rows and events are stamped with.
@@ -71,14 +85,9 @@ impl PaymentStore {
         row.map(|r| Ok((Payment::try_from(r.row)?, r.request_hash))).transpose()
     }
 
-    /// Inserts a new payment with its first event.
+    /// Where reads go; writes stay inside this module.
     pub fn db(&self) -> &Db {
         &self.db
-    }
-
-    /// Where this module's writes outside the engine's batches go (see `writer`).
-    pub fn writer(&self) -> &Db {
-        &self.writer
     }
 
     /// Wakes this process's watchers after an event committed.
@@ -86,7 +95,7 @@ impl PaymentStore {
         self.hub.notify();
     }
 
-    pub fn hub(&self) -> &super::events::EventHub {
+    pub fn hub(&self) -> &hub::EventHub {
         &self.hub
     }
 
@@ -112,7 +121,7 @@ impl PaymentStore {
     ) -> Result<Inserted> {
         let event = if p.status == PaymentStatus::Failed { "payment.failed" } else { "payment.created" };
         let on_postgres = matches!(self.writer, Db::Postgres(_));
-        let window_start = super::spend::window_start(self.clock.now_us());
+        let window_start = crate::payments::spend::window_start(self.clock.now_us());
         // An async block, so `?` inside stops here and the unique violation of a
         // concurrent duplicate can be told apart below. It answers the rolling sum that
         // refused the payment, if it was refused.
@@ -174,7 +183,7 @@ impl PaymentStore {
             .await?;
             if p.status != PaymentStatus::Failed {
                 if let Some(cap) = daily {
-                    let sent: Option<i64> = sqlx::query_scalar(super::spend::SUM_SQL)
+                    let sent: Option<i64> = sqlx::query_scalar(spend::SUM_SQL)
                         .bind(&p.sender_id)
                         .bind(&p.currency)
                         .bind(window_start)
@@ -186,7 +195,7 @@ impl PaymentStore {
                         return Ok(Err(Refused::Daily(sent)));
                     }
                 }
-                super::spend::change!(tx, super::spend::ADD_SQL, p);
+                spend::change!(tx, spend::ADD_SQL, p);
             }
             append_event!(tx, self.clock.now_us(), &EventFields::payment(event, p));
             tx.commit().await?;
@@ -200,7 +209,7 @@ impl PaymentStore {
             }
             Ok(Err(Refused::Daily(sent))) => {
                 let cap = daily.map(|c| c.max_minor).unwrap_or(0);
-                Err(super::model::daily_limit_error(p.currency()?, cap, sent))
+                Err(crate::payments::model::daily_limit_error(p.currency()?, cap, sent))
             }
             Ok(Err(Refused::RequestClosed)) => Err(Error::FailedPrecondition {
                 reason: "REQUEST_NOT_OPEN",
@@ -301,7 +310,7 @@ impl PaymentStore {
                     }
                     if status == PaymentStatus::Failed {
                         // A failed payment no longer counts against the daily limit.
-                        super::spend::change!(tx, super::spend::SUB_SQL, &p);
+                        spend::change!(tx, spend::SUB_SQL, &p);
                     }
                     append_event!(tx, self.clock.now_us(), &EventFields::payment(event, &p));
                     if let Some(req) = paid {
@@ -416,4 +425,30 @@ struct PaymentRowWithHash {
     #[sqlx(flatten)]
     row: PaymentRow,
     request_hash: String,
+}
+
+/// A payment the batch writes: the payment, its idempotency key and its request's hash.
+pub(crate) type BatchPayment<'a> = (&'a Payment, &'a str, &'a str);
+
+/// One rolling-limit bucket's increase in a batch: (sender, currency, hour), amount.
+pub(crate) type BatchSpend<'a> = ((&'a str, &'a str, i64), i64);
+
+/// What the batch hook's `prepare` reads on either backend: keys already used (sender,
+/// key, payment id, request hash), the parties' accounts (user, tier, status) and the
+/// senders' spend in the window (sender, currency, amount).
+pub(crate) type Prepared =
+    (Vec<(String, String, String, String)>, Vec<(String, String, String)>, Vec<(String, String, i64)>);
+
+/// Splits `prepare`'s one result set, whose first column tells the three reads apart
+/// (1: a key already used, 2: an account, 3: a sender's spend), into `Prepared`.
+fn split_prepared<K: Into<i64>>(rows: Vec<(K, String, String, String, String, i64)>) -> Prepared {
+    let (mut existing, mut accounts, mut sums) = (Vec::new(), Vec::new(), Vec::new());
+    for (kind, a, b, c, d, n) in rows {
+        match kind.into() {
+            1 => existing.push((a, b, c, d)),
+            2 => accounts.push((a, b, c)),
+            _ => sums.push((a, b, n)),
+        }
+    }
+    (existing, accounts, sums)
 }

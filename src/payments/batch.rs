@@ -25,7 +25,7 @@ use sqlx::postgres::PgArguments;
 use sqlx::sqlite::SqliteArguments;
 
 use super::model::{Payment, PaymentStatus, PaymentsConfig};
-use super::rows::EventFields;
+use super::repo::rows::EventFields;
 use crate::accounts::{Status as AccountStatus, Tier};
 use crate::kernel::error::{Error, Result};
 use crate::kernel::money::Money;
@@ -255,12 +255,6 @@ impl HookBatch for Batch {
     }
 }
 
-/// A payment row to write: the payment, its idempotency key and its request's hash.
-type PaymentRow<'a> = (&'a Payment, &'a str, &'a str);
-
-/// One rolling-limit bucket's increase: (sender, currency, hour) and the amount.
-type SpendRow<'a> = ((&'a str, &'a str, i64), i64);
-
 impl Batch {
     /// Stamps the settled payments with the batch's commit time.
     fn settle(&mut self, now_us: i64) {
@@ -273,8 +267,8 @@ impl Batch {
 
     /// The payment rows to write, and one daily-limit bucket update per sender, currency
     /// and hour, sorted so that concurrent batches lock the bucket rows in one order.
-    fn rows_and_spend(&self) -> (Vec<PaymentRow<'_>>, Vec<SpendRow<'_>>) {
-        let rows: Vec<PaymentRow<'_>> = self
+    fn rows_and_spend(&self) -> (Vec<BatchPayment<'_>>, Vec<BatchSpend<'_>>) {
+        let rows: Vec<BatchPayment<'_>> = self
             .rows
             .iter()
             .filter_map(|(cmd, p)| {
@@ -285,7 +279,7 @@ impl Batch {
         for (p, _, _) in rows.iter().filter(|(p, _, _)| p.status == PaymentStatus::Settled) {
             *spent.entry((&p.sender_id, &p.currency, super::spend::hour_of(p.created_at_us))).or_insert(0) += p.amount;
         }
-        let mut spent: Vec<SpendRow<'_>> = spent.into_iter().collect();
+        let mut spent: Vec<BatchSpend<'_>> = spent.into_iter().collect();
         spent.sort_unstable();
         (rows, spent)
     }
@@ -311,26 +305,4 @@ impl Batch {
     }
 }
 
-/// What `prepare` reads on either backend: keys already used (sender, key, payment id,
-/// request hash), the parties' accounts (user, tier, status) and the senders' spend in
-/// the window (sender, currency, amount).
-type Prepared = (Vec<(String, String, String, String)>, Vec<(String, String, String)>, Vec<(String, String, i64)>);
-
-/// Splits `prepare`'s one result set, whose first column tells the three reads apart
-/// (1: a key already used, 2: an account, 3: a sender's spend), into `Prepared`.
-fn split_prepared<K: Into<i64>>(rows: Vec<(K, String, String, String, String, i64)>) -> Prepared {
-    let (mut existing, mut accounts, mut sums) = (Vec::new(), Vec::new(), Vec::new());
-    for (kind, a, b, c, d, n) in rows {
-        match kind.into() {
-            1 => existing.push((a, b, c, d)),
-            2 => accounts.push((a, b, c)),
-            _ => sums.push((a, b, n)),
-        }
-    }
-    (existing, accounts, sums)
-}
-
-/// The statements of `prepare`, `write_steps`, `journal_steps` and `sqlite_steps` on each
-/// backend.
-mod pg;
-mod sqlite;
+use super::repo::{pg, sqlite, BatchPayment, BatchSpend};

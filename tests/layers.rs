@@ -18,6 +18,7 @@
 //! And one home per table: every `INSERT INTO`, `UPDATE` and `DELETE FROM` of a table
 //! is in the one module `TABLE_HOMES` names for it (a folder and what it holds); a
 //! table missing from the list fails too, so a new table gets a home when it is made.
+//! Finance names none of the ledger's tables: it reads the books through the ledger.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -260,4 +261,24 @@ fn every_table_is_written_from_its_one_home() {
         written_tables("x INSERT INTO payments (a) y UPDATE payment_spend SET"),
         ["payment_spend", "payments"].map(String::from).into()
     );
+}
+
+/// Finance reads the books through the ledger's read side (`ledger::read::books`), never
+/// the ledger's tables: their shape is the ledger's to change.
+#[test]
+fn finance_reads_the_books_through_the_ledger() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    modules(&src.join("finance"), &["finance".to_string()], &mut files);
+    assert!(!files.is_empty());
+    let mut problems = Vec::new();
+    for (_, path) in &files {
+        let text = std::fs::read_to_string(path).unwrap();
+        for table in ["ledger_entries", "ledger_postings", "ledger_accounts", "ledger_sequence", "idempotency_keys"] {
+            if text.contains(table) {
+                problems.push(format!("{} names the ledger's table {table}", path.display()));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }

@@ -16,7 +16,6 @@ use serde_json::json;
 use crate::kernel::error::Result;
 use crate::kernel::money::{Currency, Money};
 use crate::store::Db;
-use crate::with_db;
 
 /// Entries read per page: 500 postings for two-posting transfers, 25,000 (about 3 MB)
 /// at most with `ledger::POSTINGS_MAX` each; a page goes out in chunks of at most
@@ -62,25 +61,6 @@ pub enum Format {
 pub const CSV_HEADER: &str = "entry_id,sequence,created_at,kind,status,account,direction,amount,currency,\
 reservation,metadata,resolves_entry_id,resolved_by_entry_id\n";
 
-#[derive(sqlx::FromRow)]
-struct Row {
-    entry_id: String,
-    sequence: i64,
-    created_at_us: i64,
-    kind: String,
-    status: String,
-    code: Option<String>,
-    direction: Option<String>,
-    amount: Option<i64>,
-    currency: Option<String>,
-    /// A pending entry's posting: it reserves, it never moved money itself (the entry
-    /// that posted it did).
-    reservation: Option<bool>,
-    metadata: String,
-    resolves_entry_id: Option<String>,
-    resolved_by_entry_id: Option<String>,
-}
-
 /// Where the next page starts: after the entry with this sequence.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Cursor {
@@ -106,32 +86,7 @@ pub async fn page(
     entries_max: i64,
     format: Format,
 ) -> Result<(Vec<u8>, usize, Option<Cursor>)> {
-    // Entries' times never go backwards in sequence order (`ledger::read`), so the
-    // range's ends are found through the index by time and every page is a range of the
-    // sequence index between them (the last page stops at the range's end instead of
-    // reading on to the journal's). The time filter stays as well.
-    let sql = format!(
-        "WITH page AS (SELECT id, sequence, created_at_us, kind, status, metadata, pending_entry_id \
-           FROM ledger_entries WHERE sequence > $3 AND sequence > {first} AND sequence <= {last} \
-           AND created_at_us >= $1 AND created_at_us < $2 ORDER BY sequence LIMIT $4) \
-         SELECT e.id AS entry_id, e.sequence, e.created_at_us, e.kind, \
-                CASE WHEN e.status = 'pending' AND r.id IS NOT NULL THEN r.status ELSE e.status END AS status, \
-                a.code, p.direction, p.amount, p.currency, p.pending AS reservation, e.metadata, \
-                e.pending_entry_id AS resolves_entry_id, r.id AS resolved_by_entry_id \
-         FROM page e LEFT JOIN ledger_postings p ON p.entry_id = e.id \
-         LEFT JOIN ledger_accounts a ON a.id = p.account_id \
-         LEFT JOIN ledger_entries r ON r.pending_entry_id = e.id \
-         ORDER BY e.sequence, p.idx",
-        first = crate::ledger::read::sequence_before("<", "$1"),
-        last = crate::ledger::read::sequence_before("<", "$2"),
-    );
-    let rows: Vec<Row> = with_db!(db, pool => sqlx::query_as(&sql)
-        .bind(from_us)
-        .bind(to_us)
-        .bind(after.sequence)
-        .bind(entries_max)
-        .fetch_all(pool)
-        .await)?;
+    let rows = crate::ledger::read::books::export_page(db, from_us, to_us, after.sequence, entries_max).await?;
     let mut out = Vec::with_capacity(rows.len() * 160);
     for r in &rows {
         let currency = r.currency.as_deref().unwrap_or_default();

@@ -11,7 +11,6 @@ use crate::kernel::error::{Error, Result};
 use crate::kernel::money::{Currency, Money};
 use crate::ledger::AccountType;
 use crate::store::Db;
-use crate::with_db;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrialBalanceRow {
@@ -47,20 +46,9 @@ pub async fn trial_balance(
     currency: Option<Currency>,
 ) -> Result<TrialBalance> {
     let as_of = as_of_us.unwrap_or(now_us);
-    let rows: Vec<(String, String, String, i64, i64)> = with_db!(db, pool => sqlx::query_as(
-        "SELECT a.code, a.type, a.currency, \
-           CAST(COALESCE(SUM(CASE WHEN p.direction = 'D' THEN p.amount ELSE 0 END), 0) AS BIGINT), \
-           CAST(COALESCE(SUM(CASE WHEN p.direction = 'C' THEN p.amount ELSE 0 END), 0) AS BIGINT) \
-         FROM ledger_postings p JOIN ledger_accounts a ON a.id = p.account_id \
-         WHERE NOT p.pending AND p.created_at_us <= $1 AND ($2 = '' OR a.currency = $2) \
-         GROUP BY a.code, a.type, a.currency ORDER BY a.currency, a.code",
-    )
-    .bind(as_of)
-    .bind(currency.map(|c| c.code()).unwrap_or(""))
-    .fetch_all(pool)
-    .await)?;
+    let rows = crate::ledger::read::books::account_totals(db, as_of, currency.map(|c| c.code())).await?;
     let mut out = TrialBalance { as_of_us: as_of, rows: Vec::with_capacity(rows.len()), totals: BTreeMap::new() };
-    for (code, account_type, ccy, debits, credits) in rows {
+    for crate::ledger::read::books::AccountTotals { code, account_type, currency: ccy, debits, credits } in rows {
         let c = Currency::from_code(&ccy).ok_or_else(|| Error::internal(anyhow::anyhow!("unknown currency {ccy}")))?;
         let account_type = AccountType::from_db(&account_type)?;
         let overflow = || Error::internal(anyhow::anyhow!("trial balance overflow on {code}"));

@@ -6,10 +6,9 @@ use std::collections::BTreeMap;
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::UserId;
 use crate::kernel::money::{Currency, Money};
-use crate::ledger::read::sequence_before;
+use crate::ledger::read::books;
 use crate::ledger::AccountCode;
 use crate::store::Db;
-use crate::with_db;
 
 /// Movements in one statement, at most; a longer period is asked for in parts.
 pub const MOVEMENTS_MAX: usize = 5_000;
@@ -33,49 +32,28 @@ pub struct Statement {
     pub movements: Vec<Movement>,
 }
 
-/// entry id, sequence, time, kind, note, posting's account id, its code, direction, amount.
-type PostingLine = (String, i64, i64, String, String, i64, String, String, i64);
-
 pub async fn statement(db: &Db, user: &UserId, currency: Currency, from_us: i64, to_us: i64) -> Result<Statement> {
     let wallet = AccountCode::wallet(user, currency);
-    let id: Option<i64> = with_db!(db, pool => sqlx::query_scalar("SELECT id FROM ledger_accounts WHERE code = $1")
-        .bind(wallet.as_str())
-        .fetch_optional(pool)
-        .await)?;
-    let Some(account_id) = id else {
+    let Some(account_id) = books::account_id(db, wallet.as_str()).await? else {
         return Ok(Statement { opening: Money::zero(currency), closing: Money::zero(currency), movements: Vec::new() });
     };
     // Wallets are credit-normal: credits in, debits out.
-    // Time ranges of an account's postings are read as sequence ranges
-    // (`ledger::read::sequence_before`).
-    let sql = format!(
-        "SELECT CAST(SUM(CASE WHEN direction = 'C' THEN amount ELSE -amount END) AS BIGINT) FROM ledger_postings \
-         WHERE account_id = $1 AND sequence <= {} AND NOT pending AND created_at_us < $2",
-        sequence_before("<", "$2"),
-    );
-    let opening: Option<i64> = with_db!(db, pool => sqlx::query_scalar(&sql)
-    .bind(account_id)
-    .bind(from_us)
-    .fetch_one(pool)
-    .await)?;
+    let opening = books::net_credits_before(db, account_id, from_us).await?;
     // Every posting of the entries that touched the wallet in the period.
-    let sql = format!(
-        "SELECT e.id, e.sequence, e.created_at_us, e.kind, e.description, p.account_id, a.code, p.direction, p.amount \
-         FROM ledger_entries e JOIN ledger_postings p ON p.entry_id = e.id JOIN ledger_accounts a ON a.id = p.account_id \
-         WHERE e.id IN (SELECT entry_id FROM ledger_postings WHERE account_id = $1 AND sequence > {} \
-                        AND sequence <= {} AND NOT pending AND created_at_us >= $2 AND created_at_us < $3) \
-         ORDER BY e.sequence, p.idx",
-        sequence_before("<", "$2"),
-        sequence_before("<", "$3"),
-    );
-    let rows: Vec<PostingLine> = with_db!(db, pool => sqlx::query_as(&sql)
-    .bind(account_id)
-    .bind(from_us)
-    .bind(to_us)
-    .fetch_all(pool)
-    .await)?;
+    let rows = books::postings_of_entries_touching(db, account_id, from_us, to_us).await?;
     let mut by_entry: BTreeMap<i64, (Movement, Vec<String>)> = BTreeMap::new();
-    for (entry_id, sequence, at, kind, note, posting_account, code, direction, amount) in rows {
+    for books::PostingLine {
+        entry_id,
+        sequence,
+        created_at_us: at,
+        kind,
+        description: note,
+        account_id: posting_account,
+        code,
+        direction,
+        amount,
+    } in rows
+    {
         let slot = by_entry.entry(sequence).or_insert_with(|| {
             (
                 Movement {
@@ -108,7 +86,7 @@ pub async fn statement(db: &Db, user: &UserId, currency: Currency, from_us: i64,
         });
     }
     let mut movements = Vec::with_capacity(by_entry.len());
-    let mut closing = opening.unwrap_or(0);
+    let mut closing = opening;
     for (_, (mut m, others)) in by_entry {
         if m.amount.minor() == 0 {
             continue;
@@ -123,7 +101,7 @@ pub async fn statement(db: &Db, user: &UserId, currency: Currency, from_us: i64,
         movements.push(m);
     }
     Ok(Statement {
-        opening: Money::from_minor(currency, opening.unwrap_or(0)),
+        opening: Money::from_minor(currency, opening),
         closing: Money::from_minor(currency, closing),
         movements,
     })

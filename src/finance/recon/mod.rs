@@ -192,18 +192,11 @@ async fn ledger_charges(db: &Db, day_start: i64) -> Result<Vec<LedgerCharge>> {
     // reference; only the day itself counts for "missing in report".
     let from = day_start - 86_400_000_000;
     let to = day_start + 2 * 86_400_000_000;
-    let rows: Vec<(String, String, i64, String, i64)> = with_db!(db, pool => sqlx::query_as(
-        "SELECT e.id, e.metadata, p.amount, p.currency, e.created_at_us FROM ledger_entries e \
-         JOIN ledger_postings p ON p.entry_id = e.id JOIN ledger_accounts a ON a.id = p.account_id \
-         WHERE e.kind = 'dm_payment_card' AND e.created_at_us >= $1 AND e.created_at_us < $2 \
-           AND p.direction = 'D' AND a.code LIKE 'processor:sandbox:clearing:%'",
-    )
-    .bind(from)
-    .bind(to)
-    .fetch_all(pool)
-    .await)?;
+    let rows =
+        crate::ledger::read::books::debits_of_kind(db, "dm_payment_card", "processor:sandbox:clearing:", from, to)
+            .await?;
     let mut out = Vec::with_capacity(rows.len());
-    for (entry_id, metadata, amount, currency, at) in rows {
+    for crate::ledger::read::books::KindDebit { entry_id, metadata, amount, currency, created_at_us: at } in rows {
         let meta: BTreeMap<String, String> = serde_json::from_str(&metadata).unwrap_or_default();
         let Some(currency) = Currency::from_code(&currency) else { continue };
         out.push(LedgerCharge {

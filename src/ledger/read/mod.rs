@@ -1,5 +1,7 @@
 //! Reads: entries with their postings, account listings, point-in-time balances.
 
+pub mod books;
+
 use std::collections::HashMap;
 
 use super::model::{AccountCode, Direction, Entry, EntryStatus, Metadata, Posting};

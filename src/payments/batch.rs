@@ -15,21 +15,18 @@
 //! another process makes this batch's insert fail on the unique index, and the engine
 //! runs the batch again, which then finds the committed row.
 
-use std::any::Any;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use sqlx::error::BoxDynError;
-use sqlx::postgres::PgArguments;
-use sqlx::sqlite::SqliteArguments;
 
 use super::model::{Payment, PaymentStatus, PaymentsConfig};
 use super::repo::rows::EventFields;
 use crate::accounts::{Status as AccountStatus, Tier};
 use crate::kernel::error::{Error, Result};
 use crate::kernel::money::Money;
-use crate::ledger::engine::hook::{Admit, BatchHook, Conn, HookBatch};
+use crate::ledger::engine::hook::{Admit, BatchHook, Conn, HookBatch, Ticket};
 use crate::ledger::Outcome;
 
 /// A wallet-funded send, attached to its transfer entry.
@@ -44,14 +41,30 @@ pub(crate) struct SendAttachment {
     pub fallback_on_insufficient: bool,
 }
 
-/// Registered with the engine at startup.
+/// Registered with the engine at startup. Keeps the sends whose transfers are in the
+/// engine's hands, by ticket: at most one per command queued or in a batch, so as many
+/// as the engine's queue and batches hold.
 pub struct PaymentsHook {
     config: Arc<PaymentsConfig>,
+    sends: Mutex<HashMap<u64, SendAttachment>>,
+    next_ticket: AtomicU64,
 }
 
 impl PaymentsHook {
     pub fn new(config: Arc<PaymentsConfig>) -> Self {
-        PaymentsHook { config }
+        PaymentsHook { config, sends: Mutex::new(HashMap::new()), next_ticket: AtomicU64::new(1) }
+    }
+
+    /// Keeps `send` until the engine releases its ticket.
+    pub(crate) fn register(&self, send: SendAttachment) -> Ticket {
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        self.sends.lock().unwrap_or_else(|e| e.into_inner()).insert(ticket, send);
+        Ticket(ticket)
+    }
+
+    /// How many sends the engine holds tickets of (for tests).
+    pub fn held(&self) -> usize {
+        self.sends.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 
@@ -71,9 +84,10 @@ enum First {
 
 struct Batch {
     config: Arc<PaymentsConfig>,
-    /// Command index in the batch -> its attachment (a copy: the batch state outlives
-    /// the borrow of the commands).
+    /// Command index in the batch -> its send (a copy: the batch may be run again).
     sends: HashMap<usize, SendAttachment>,
+    /// Commands whose ticket this hook no longer holds: answered, never decided.
+    lost: Vec<usize>,
     existing: HashMap<(String, String), Existing>,
     users: HashMap<String, (Tier, AccountStatus)>,
     /// (sender, currency) -> amount sent in the window, including this batch so far.
@@ -92,13 +106,20 @@ impl BatchHook for PaymentsHook {
     async fn prepare(
         &self,
         conn: &mut Conn<'_>,
-        attached: &[(usize, &(dyn Any + Send + Sync))],
+        attached: &[(usize, Ticket)],
         now_us: i64,
     ) -> std::result::Result<Box<dyn HookBatch>, sqlx::Error> {
         let mut sends = HashMap::with_capacity(attached.len());
-        for (i, a) in attached {
-            if let Some(s) = a.downcast_ref::<SendAttachment>() {
-                sends.insert(*i, s.clone());
+        let mut lost = Vec::new();
+        {
+            let held = self.sends.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, Ticket(t)) in attached {
+                match held.get(t) {
+                    Some(s) => {
+                        sends.insert(*i, s.clone());
+                    }
+                    None => lost.push(*i),
+                }
             }
         }
         let mut keys: Vec<(&str, &str)> =
@@ -132,12 +153,20 @@ impl BatchHook for PaymentsHook {
         Ok(Box::new(Batch {
             config: self.config.clone(),
             sends,
+            lost,
             existing,
             users,
             sent,
             firsts: HashMap::new(),
             rows: Vec::new(),
         }))
+    }
+
+    fn release(&self, tickets: &[Ticket]) {
+        let mut held = self.sends.lock().unwrap_or_else(|e| e.into_inner());
+        for Ticket(t) in tickets {
+            held.remove(t);
+        }
     }
 }
 
@@ -162,8 +191,15 @@ impl Batch {
     }
 }
 
+#[async_trait]
 impl HookBatch for Batch {
     fn admit(&mut self, cmd: usize) -> Admit {
+        if self.lost.contains(&cmd) {
+            // Never moves money without its payment row.
+            return Admit::Answer(Box::new(Err(Error::internal(anyhow::anyhow!(
+                "the send of this transfer is no longer held"
+            )))));
+        }
         let Some(s) = self.sends.get(&cmd) else { return Admit::Proceed };
         let id = (s.payment.sender_id.clone(), s.idempotency_key.clone());
         if let Some((hash, first)) = self.firsts.get(&id) {
@@ -218,40 +254,27 @@ impl HookBatch for Batch {
         self.firsts.insert(id, (s.request_hash.clone(), first));
     }
 
-    fn write_steps(&mut self, args: &mut PgArguments, now_us: i64) -> std::result::Result<Option<String>, BoxDynError> {
+    async fn write_rows(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error> {
         self.settle(now_us);
         let (rows, spent) = self.rows_and_spend();
         if rows.is_empty() {
-            return Ok(None);
+            return Ok(());
         }
-        pg::write_steps(args, &rows, &spent, now_us).map(Some)
+        match conn {
+            Conn::Postgres(c) => pg::write_rows(c, &rows, &spent, now_us).await,
+            // One writer holds the whole database, so nothing is gained by numbering the
+            // events later: they go with the rows.
+            Conn::Sqlite(c) => sqlite::write_all(c, &rows, &spent, &self.events(), now_us).await,
+        }
     }
 
-    fn sqlite_steps(
-        &mut self,
-        args: &mut SqliteArguments<'static>,
-        now_us: i64,
-    ) -> std::result::Result<Option<String>, BoxDynError> {
-        self.settle(now_us);
-        let (rows, spent) = self.rows_and_spend();
-        if rows.is_empty() {
-            return Ok(None);
-        }
-        // One writer holds the whole database, so nothing is gained by numbering the
-        // events later: they go with the rows.
-        sqlite::steps(args, &rows, &spent, &self.events(), now_us).map(Some)
-    }
-
-    fn journal_steps(
-        &mut self,
-        args: &mut PgArguments,
-        now_us: i64,
-    ) -> std::result::Result<Option<String>, BoxDynError> {
+    async fn write_numbered(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error> {
+        let Conn::Postgres(c) = conn else { return Ok(()) };
         let events = self.events();
         if events.is_empty() {
-            return Ok(None);
+            return Ok(());
         }
-        pg::journal_steps(args, &events, now_us).map(Some)
+        pg::write_events(c, &events, now_us).await
     }
 }
 
@@ -306,3 +329,73 @@ impl Batch {
 }
 
 use super::repo::{pg, sqlite, BatchPayment, BatchSpend};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(lost: Vec<usize>) -> Batch {
+        Batch {
+            config: Arc::new(PaymentsConfig::default()),
+            sends: HashMap::new(),
+            lost,
+            existing: HashMap::new(),
+            users: HashMap::new(),
+            sent: HashMap::new(),
+            firsts: HashMap::new(),
+            rows: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_transfer_whose_send_is_no_longer_held_is_refused_not_decided() {
+        let mut b = batch(vec![1]);
+        assert!(matches!(b.admit(0), Admit::Proceed), "a command without a ticket is the ledger's own");
+        match b.admit(1) {
+            Admit::Answer(answer) => assert!(matches!(*answer, Err(Error::Internal(_)))),
+            Admit::Proceed => panic!("money would move without its payment row"),
+        }
+    }
+
+    #[test]
+    fn tickets_are_held_until_released() {
+        let hook = PaymentsHook::new(Arc::new(PaymentsConfig::default()));
+        let send = |id: &str| SendAttachment {
+            payment: Payment {
+                payment_id: id.into(),
+                sender_id: "alice".into(),
+                recipient_id: "bob".into(),
+                currency: "USD".into(),
+                amount: 100,
+                wallet_amount: 100,
+                card_amount: 0,
+                fee_amount: 0,
+                refunded_amount: 0,
+                status: PaymentStatus::Pending,
+                funding_source: super::super::FundingSource::Balance,
+                payment_method_token: None,
+                note: String::new(),
+                conversation_id: String::new(),
+                message_id: String::new(),
+                request_id: None,
+                failure_reason: String::new(),
+                failure_message: String::new(),
+                authorization_ref: None,
+                capture_ref: None,
+                created_at_us: 0,
+                settled_at_us: None,
+            },
+            idempotency_key: id.into(),
+            request_hash: String::new(),
+            fallback_on_insufficient: false,
+        };
+        let a = hook.register(send("a"));
+        let b = hook.register(send("b"));
+        assert_ne!(a, b);
+        assert_eq!(hook.held(), 2);
+        hook.release(&[a]);
+        assert_eq!(hook.held(), 1);
+        hook.release(&[a, b]);
+        assert_eq!(hook.held(), 0, "releasing twice is harmless");
+    }
+}

@@ -92,6 +92,7 @@ pub struct Payments {
     accounts: Accounts,
     config: Arc<PaymentsConfig>,
     known_users: Arc<KnownUsers>,
+    hook: Arc<batch::PaymentsHook>,
 }
 
 /// Users whose platform account is known to exist, so a send does not insert-or-read
@@ -119,8 +120,16 @@ impl KnownUsers {
 }
 
 impl Payments {
-    /// `config` is shared with the `batch::PaymentsHook` registered with the engine.
-    pub fn new(db: Db, ledger: Ledger, vault: Arc<Vault>, accounts: Accounts, config: Arc<PaymentsConfig>) -> Self {
+    /// `hook` is the `batch::PaymentsHook` registered with `ledger`'s engine (wallet
+    /// sends hand it their payment); `config` is shared with it.
+    pub fn new(
+        db: Db,
+        ledger: Ledger,
+        vault: Arc<Vault>,
+        accounts: Accounts,
+        config: Arc<PaymentsConfig>,
+        hook: Arc<batch::PaymentsHook>,
+    ) -> Self {
         Payments {
             store: Arc::new(PaymentStore::new(
                 db.clone(),
@@ -132,7 +141,13 @@ impl Payments {
             accounts,
             config,
             known_users: Arc::new(KnownUsers::default()),
+            hook,
         }
+    }
+
+    /// The hook registered with the engine, which holds the wallet sends in flight.
+    pub fn hook(&self) -> &Arc<batch::PaymentsHook> {
+        &self.hook
     }
 
     /// Replays a payment for a retry: the payment, or the error it failed with.
@@ -256,8 +271,10 @@ impl Payments {
             request_hash: request_hash.to_owned(),
             fallback_on_insufficient: input.funding == FundingSource::Auto,
         };
-        let outcome =
-            self.ledger.engine().submit_attached(ACTOR, None, Op::Post(entry), Some(Box::new(attachment))).await;
+        // The hook keeps the send until the engine hands its ticket back: the transfer
+        // and the payment row commit in one batch transaction.
+        let ticket = self.hook.register(attachment);
+        let outcome = self.ledger.engine().submit_attached(ACTOR, None, Op::Post(entry), Some(ticket)).await;
         match outcome {
             Ok(Outcome::Created { batch_clock_us, .. }) => {
                 self.store.notify();

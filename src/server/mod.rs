@@ -104,7 +104,7 @@ impl Application {
         let hook = Arc::new(PaymentsHook::new(payments_config.clone()));
         let engine_db = Db::connect_engine(&config.store(), config.engine.workers).await?;
         let (engine, engine_handle) =
-            Engine::start(engine_db.clone(), config.engine.clone(), Some(hook), clock.clone())?;
+            Engine::start(engine_db.clone(), config.engine.clone(), Some(hook.clone()), clock.clone())?;
         metrics.set_engine(engine_handle.stats().clone());
         let ledger = Ledger::new(db.clone(), config.currencies.clone(), engine_handle);
         ledger.accounts().ensure_system_accounts().await?;
@@ -117,7 +117,7 @@ impl Application {
             Vault::new(db.clone(), keys, processor, accounts.clone(), config.vault.clone()).with_writer(writer),
         );
         let payments =
-            Arc::new(Payments::new(db.clone(), ledger.clone(), vault.clone(), accounts.clone(), payments_config));
+            Arc::new(Payments::new(db.clone(), ledger.clone(), vault.clone(), accounts.clone(), payments_config, hook));
         Ok(Application {
             config,
             db,

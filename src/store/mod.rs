@@ -421,6 +421,17 @@ impl Db {
     }
 }
 
+/// Appends `value` to a PostgreSQL statement's parameters and returns its placeholder,
+/// `$n`: for statements put together from steps (common table expressions), each step
+/// binding its own parameters.
+pub fn bind_pg<'q, T>(args: &mut sqlx::postgres::PgArguments, value: T) -> Result<String, sqlx::error::BoxDynError>
+where
+    T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    sqlx::Arguments::add(args, value)?;
+    Ok(format!("${}", sqlx::Arguments::len(args)))
+}
+
 /// The SQLSTATE / SQLite code of a database error, if it is one.
 pub fn db_code(err: &sqlx::Error) -> Option<String> {
     match err {

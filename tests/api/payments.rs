@@ -356,6 +356,15 @@ async fn concurrent_sends_never_overdraw(app: TestApp) {
             Err(e) => assert_eq!(reason(&e), "INSUFFICIENT_FUNDS", "{e:?}"),
         }
     }
+    // The engine hands back every wallet send's ticket once its batch is answered.
+    let hook = app.payments_service.hook();
+    for _ in 0..100 {
+        if hook.held() == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(hook.held(), 0, "the hook still holds sends the engine answered");
     let w = app.wallet("alice").await;
     assert!(!amt(&w.available).starts_with('-'));
     let received: i64 = {
@@ -397,6 +406,7 @@ async fn unknown_card_outcome_resolves_to_one_charge(app: TestApp) {
             vault,
             Accounts::new(app.db.clone(), app.clock.clone()),
             std::sync::Arc::new(PaymentsConfig { resolve_after_s: 0, ..Default::default() }),
+            app.payments_service.hook().clone(),
         )
     };
     let sender = dmpay::kernel::ids::UserId::parse("u", "alice").unwrap();

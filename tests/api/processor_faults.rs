@@ -386,6 +386,7 @@ fn payments_over(app: &TestApp, processor: Arc<Sandbox>) -> Payments {
         vault,
         Accounts::new(app.db.clone(), app.clock.clone()),
         Arc::new(PaymentsConfig { resolve_after_s: 0, ..Default::default() }),
+        app.payments_service.hook().clone(),
     )
 }
 

@@ -6,8 +6,10 @@ use tokio::sync::oneshot;
 use crate::kernel::error::Result;
 use crate::ledger::model::{Entry, Metadata, Posting};
 
-/// What another module attaches to a ledger command, opaque to the engine.
-pub type Attachment = Box<dyn std::any::Any + Send + Sync>;
+/// What a command carries for the batch hook (`hook`): the number of the part of the
+/// command the hook keeps itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ticket(pub u64);
 
 /// A new entry whose postings are validated, resolved and balanced.
 #[derive(Debug, Clone)]
@@ -70,8 +72,8 @@ pub(crate) struct Command {
     pub caller: String,
     pub idem: Option<Idem>,
     pub op: Op,
-    /// Another module's part of this command, handed to the engine's `BatchHook`.
-    pub attachment: Option<Attachment>,
+    /// The ticket of another module's part of this command, for the engine's `BatchHook`.
+    pub ticket: Option<Ticket>,
     pub(crate) reply: oneshot::Sender<Result<Outcome>>,
 }
 
@@ -82,10 +84,10 @@ impl Command {
         caller: String,
         idem: Option<Idem>,
         op: Op,
-        attachment: Option<Attachment>,
+        ticket: Option<Ticket>,
         reply: oneshot::Sender<Result<Outcome>>,
     ) -> Self {
-        Command { caller, idem, op, attachment, reply }
+        Command { caller, idem, op, ticket, reply }
     }
 
     /// The accounts whose balance rows the command's batch locks.

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::command::{Command, NewEntry, Op, Outcome, Resolution};
-use super::hook::{Admit, HookBatch};
+use super::hook::{Admit, HookBatch, Ticket};
 use crate::kernel::error::{Error, Result};
 use crate::kernel::money::Money;
 use crate::ledger::model::{Balance, Direction, Entry, EntryStatus, Metadata, Posting};
@@ -138,9 +138,9 @@ impl<'a> Plan<'a> {
         Plan { cmds, account_ids: ids, resolve_targets, reverse_targets, keyed, entry_ids, now_us }
     }
 
-    /// The commands that carry an attachment for the batch hook, with their index.
-    pub fn attached(&self) -> Vec<(usize, &(dyn std::any::Any + Send + Sync))> {
-        self.cmds.iter().enumerate().filter_map(|(i, c)| c.attachment.as_deref().map(|a| (i, a))).collect()
+    /// The commands that carry a ticket for the batch hook, with their index.
+    pub fn attached(&self) -> Vec<(usize, Ticket)> {
+        self.cmds.iter().enumerate().filter_map(|(i, c)| c.ticket.map(|t| (i, t))).collect()
     }
 
     /// Decides every command in order against the locked balances. No I/O: the hook,
@@ -161,7 +161,7 @@ impl<'a> Plan<'a> {
                 out.push(Decision::KeyTaken);
                 continue;
             }
-            let hooked = hook.as_deref_mut().filter(|_| cmd.attachment.is_some());
+            let hooked = hook.as_deref_mut().filter(|_| cmd.ticket.is_some());
             let hooked = match hooked.map(|h| (h.admit(i), h)) {
                 Some((Admit::Answer(answer), _)) => {
                     out.push(Decision::Answered(*answer));

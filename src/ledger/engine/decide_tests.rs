@@ -9,7 +9,7 @@ use super::{number_accepted, AccountState, Decision, Plan};
 use crate::kernel::error::Error;
 use crate::kernel::money::{Currency, Money};
 use crate::ledger::engine::command::{Command, NewEntry, Op, Outcome, Resolution};
-use crate::ledger::engine::hook::{Admit, HookBatch};
+use crate::ledger::engine::hook::{Admit, Conn, HookBatch, Ticket};
 use crate::ledger::model::{AccountCode, Balance, Direction, Entry, EntryStatus, Posting, KIND_LEN_MAX};
 
 const NOW: i64 = 1_800_000_000_000_000;
@@ -393,6 +393,7 @@ struct Recorder {
     decided: Vec<(usize, std::result::Result<(), &'static str>)>,
 }
 
+#[async_trait::async_trait]
 impl HookBatch for Recorder {
     fn admit(&mut self, cmd: usize) -> Admit {
         if cmd == 0 {
@@ -408,26 +409,11 @@ impl HookBatch for Recorder {
         });
         self.decided.push((cmd, result));
     }
-    fn write_steps(
-        &mut self,
-        _: &mut sqlx::postgres::PgArguments,
-        _: i64,
-    ) -> std::result::Result<Option<String>, sqlx::error::BoxDynError> {
-        Ok(None)
+    async fn write_rows(&mut self, _: &mut Conn<'_>, _: i64) -> std::result::Result<(), sqlx::Error> {
+        Ok(())
     }
-    fn sqlite_steps(
-        &mut self,
-        _: &mut sqlx::sqlite::SqliteArguments<'static>,
-        _: i64,
-    ) -> std::result::Result<Option<String>, sqlx::error::BoxDynError> {
-        Ok(None)
-    }
-    fn journal_steps(
-        &mut self,
-        _: &mut sqlx::postgres::PgArguments,
-        _: i64,
-    ) -> std::result::Result<Option<String>, sqlx::error::BoxDynError> {
-        Ok(None)
+    async fn write_numbered(&mut self, _: &mut Conn<'_>, _: i64) -> std::result::Result<(), sqlx::Error> {
+        Ok(())
     }
 }
 
@@ -435,7 +421,7 @@ impl HookBatch for Recorder {
 fn the_hook_answers_its_own_commands_and_hears_every_decision() {
     let attached = |postings| {
         let mut c = post(postings);
-        c.attachment = Some(Box::new(()));
+        c.ticket = Some(Ticket(7));
         c
     };
     let cmds = [

@@ -8,17 +8,17 @@
 //! hook's checks (idempotency, frozen accounts, rolling limits) see the same state the
 //! money moves against, and its rows commit with the entries, once per batch.
 //!
-//! The engine never looks inside an attachment; it hands the attachments of a batch to
-//! the hook, which keeps its own per-batch state (`HookBatch`).
-
-use std::any::Any;
+//! The boundary is typed both ways. A command carries a `Ticket`, a number the hook gave
+//! out for the part of the command it keeps itself (the engine never sees what it
+//! stands for). The hook writes its own rows with its own statements on the batch's
+//! connection (`Conn`): the engine hands it no SQL and takes none from it. Every ticket
+//! of a batch is handed back (`release`) once the batch is answered, or at once when the
+//! command never reached the queue.
 
 use async_trait::async_trait;
-use sqlx::error::BoxDynError;
-use sqlx::postgres::PgArguments;
-use sqlx::sqlite::SqliteArguments;
 
 use super::command::Outcome;
+pub use super::command::Ticket;
 use crate::kernel::error::{Error, Result};
 
 /// The batch transaction's connection, on either backend.
@@ -26,8 +26,6 @@ pub enum Conn<'c> {
     Postgres(&'c mut sqlx::PgConnection),
     Sqlite(&'c mut sqlx::SqliteConnection),
 }
-
-pub use super::command::Attachment;
 
 /// The hook's say on a command, just before its ledger decision.
 pub enum Admit {
@@ -38,65 +36,40 @@ pub enum Admit {
     Answer(Box<Result<Outcome>>),
 }
 
-/// Registered once with the engine; called for every batch that carries attachments.
+/// Registered once with the engine; called for every batch that carries tickets.
 #[async_trait]
 pub trait BatchHook: Send + Sync + 'static {
     /// Reads what the batch's decisions need. Called under the batch's account locks,
-    /// before any decision, with the index of each attached command in the batch.
+    /// before any decision, with the index of each ticketed command in the batch (again
+    /// on each attempt, if the batch's transaction is run more than once).
     async fn prepare(
         &self,
         conn: &mut Conn<'_>,
-        attached: &[(usize, &(dyn Any + Send + Sync))],
+        attached: &[(usize, Ticket)],
         now_us: i64,
     ) -> std::result::Result<Box<dyn HookBatch>, sqlx::Error>;
+
+    /// The engine is done with these tickets: their commands were answered (or never
+    /// queued). Called once per ticket handed to the engine.
+    fn release(&self, tickets: &[Ticket]);
 }
 
 /// The hook's state for one batch transaction.
+#[async_trait]
 pub trait HookBatch: Send {
     /// Just before command `cmd`'s ledger decision, in batch order.
     fn admit(&mut self, cmd: usize) -> Admit;
     /// Right after it: accepted, or why the ledger refused it.
     fn decided(&mut self, cmd: usize, result: std::result::Result<(), &Error>);
-    /// PostgreSQL: the hook's rows that take no shared counter (its plain inserts and
-    /// upserts), as steps of one statement the engine sends before the journal
-    /// statement, together with the batch's balance updates: the batch then holds the
-    /// journal's sequence row, which every batch needs, for as short a time as possible.
-    /// Parameters and steps as for `journal_steps`; `None` when it has nothing to write.
-    /// On SQLite the hook writes everything in `sqlite_steps`.
-    fn write_steps(&mut self, args: &mut PgArguments, now_us: i64) -> std::result::Result<Option<String>, BoxDynError>;
-    /// SQLite: all of the hook's rows, as more statements of the engine's last call of
-    /// the batch, which writes the entries and commits. SQLite runs on a thread of its
-    /// own and every call is a hand-off to it and back, during which the database's one
-    /// writer sits idle. The hook appends its parameters to `args` in the order of their
-    /// positional `?` placeholders and returns its statements (`;`-separated, without a
-    /// trailing one); `None` when it has nothing to write.
-    fn sqlite_steps(
-        &mut self,
-        args: &mut SqliteArguments<'static>,
-        now_us: i64,
-    ) -> std::result::Result<Option<String>, BoxDynError>;
-    /// PostgreSQL: the hook's rows numbered by a shared counter (an outbox), as more
-    /// steps of the engine's journal statement, so they cost no round trip of their own
-    /// while the batch holds the journal's sequence row, which serializes every batch.
-    /// The hook appends its parameters to `args` and returns common table expressions
-    /// (`hook_name AS (...)`, comma-separated, named `hook_*`) whose parameters are
-    /// the ones it appended (`bind_step` appends one and names it); `None` when it has nothing to
-    /// write. The statement takes the journal's sequence row first, so the hook's counter
-    /// is always locked after it. On SQLite, whose one writer holds the whole database,
-    /// the hook writes such rows in `sqlite_steps`.
-    fn journal_steps(
-        &mut self,
-        args: &mut PgArguments,
-        now_us: i64,
-    ) -> std::result::Result<Option<String>, BoxDynError>;
-}
-
-/// Appends `value` to a journal statement's parameters (`HookBatch::journal_steps`) and
-/// returns its placeholder, `$n`.
-pub fn bind_step<'q, T>(args: &mut PgArguments, value: T) -> std::result::Result<String, BoxDynError>
-where
-    T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
-{
-    sqlx::Arguments::add(args, value)?;
-    Ok(format!("${}", sqlx::Arguments::len(args)))
+    /// Writes the hook's rows that take no shared counter (its plain inserts and
+    /// upserts), after the decisions and before the engine takes the journal's
+    /// sequence row, which every batch needs: the work done while holding that row is
+    /// what serializes batches. On SQLite, whose one writer holds the whole database,
+    /// the hook writes all of its rows here.
+    async fn write_rows(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error>;
+    /// PostgreSQL: writes the hook's rows numbered by a shared counter (an outbox),
+    /// right after the engine's journal statement, so the counter is always locked
+    /// after the journal's sequence row (no two transactions take them in the other
+    /// order). Nothing to do on SQLite.
+    async fn write_numbered(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error>;
 }

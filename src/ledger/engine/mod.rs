@@ -11,11 +11,11 @@
 //! 3. let the batch hook (payments) read what its rules need, under those locks, then
 //!    decide each command on its own against the locked balances, in memory
 //!    (`decide`): an overdraft rejects that command only, never its neighbours;
-//! 4. write the hook's own rows (payments, limit buckets);
+//! 4. let the hook write its own rows (payments, limit buckets) with its own statements;
 //! 5. take a contiguous block of the gap-free sequence (one row), write postings,
-//!    entries, one net balance update per account and the hook's numbered rows (outbox
-//!    events) with set-based statements (one on PostgreSQL), and delete the keys of
-//!    rejected commands; commit.
+//!    entries and one net balance update per account with set-based statements (one on
+//!    PostgreSQL), let the hook write its numbered rows (outbox events), and delete the
+//!    keys of rejected commands; commit.
 //!
 //! Lock order is always keys, then balance rows, then the hook's rows, then the
 //! sequence row, then the hook's counter, in every process, so there is no cycle. If the
@@ -47,7 +47,7 @@ pub(crate) use command::Command;
 pub use command::{Idem, NewEntry, Op, Outcome, Resolution};
 pub use config::EngineConfig;
 pub use health::DatabaseState;
-use hook::{Attachment, BatchHook};
+use hook::{BatchHook, Ticket};
 use intake::{InFlight, Intake};
 
 /// Cheap to clone; every clone submits to the same queue.
@@ -58,6 +58,8 @@ pub struct EngineHandle {
     database: Arc<DatabaseState>,
     db: Db,
     clock: Clock,
+    /// To hand back the ticket of a command refused before it was queued.
+    hook: Option<Arc<dyn BatchHook>>,
 }
 
 fn unreachable_error() -> Error {
@@ -92,26 +94,36 @@ impl EngineHandle {
         self.submit_attached(caller, idem, op, None).await
     }
 
-    /// Submits a command with another module's attachment, which the engine's hook sees
-    /// in the same batch transaction (see `hook`).
+    /// Submits a command with the ticket of another module's part of it, which the
+    /// engine's hook gets in the same batch transaction (see `hook`). The ticket goes
+    /// back to the hook (`BatchHook::release`) when the command is answered, or at once
+    /// when it is refused before it is queued.
     pub async fn submit_attached(
         &self,
         caller: &str,
         idem: Option<Idem>,
         op: Op,
-        attachment: Option<Attachment>,
+        ticket: Option<Ticket>,
     ) -> Result<Outcome> {
+        let refused = |e: Error| {
+            if let (Some(hook), Some(ticket)) = (&self.hook, ticket) {
+                hook.release(&[ticket]);
+            }
+            e
+        };
         if !self.database.reachable() {
-            return Err(unreachable_error());
+            return Err(refused(unreachable_error()));
         }
         let (reply, rx) = oneshot::channel();
-        let cmd = Command { caller: caller.to_owned(), idem, op, attachment, reply };
-        self.tx.try_send(cmd).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Error::ResourceExhausted {
-                reason: "LEDGER_QUEUE_FULL",
-                message: "the ledger is at capacity; retry with the same idempotency key".into(),
-            },
-            mpsc::error::TrySendError::Closed(_) => Error::Unavailable("the ledger is shutting down".into()),
+        let cmd = Command { caller: caller.to_owned(), idem, op, ticket, reply };
+        self.tx.try_send(cmd).map_err(|e| {
+            refused(match e {
+                mpsc::error::TrySendError::Full(_) => Error::ResourceExhausted {
+                    reason: "LEDGER_QUEUE_FULL",
+                    message: "the ledger is at capacity; retry with the same idempotency key".into(),
+                },
+                mpsc::error::TrySendError::Closed(_) => Error::Unavailable("the ledger is shutting down".into()),
+            })
         })?;
         rx.await.map_err(|_| Error::Unavailable("the ledger engine stopped".into()))?
     }
@@ -133,7 +145,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the workers. `hook` is called for batches that carry attachments.
+    /// Starts the workers. `hook` is called for batches that carry tickets.
     pub fn start(
         db: Db,
         config: EngineConfig,
@@ -197,7 +209,7 @@ impl Engine {
                 tokio::spawn(all_done);
             }
         }
-        Ok((Engine { stop, done }, EngineHandle { tx, stats, database, db, clock }))
+        Ok((Engine { stop, done }, EngineHandle { tx, stats, database, db, clock, hook }))
     }
 
     /// Refuses new commands, commits everything already queued, then returns.
@@ -235,6 +247,8 @@ impl Worker {
                 (batch, accounts)
             };
             let size = batch.len();
+            // Handed back to the hook once every command of the batch is answered.
+            let tickets: Vec<Ticket> = batch.iter().filter_map(|c| c.ticket).collect();
             let started = std::time::Instant::now();
             if self.database.reachable() {
                 let ctx = BatchContext {
@@ -256,6 +270,9 @@ impl Worker {
             self.stats.busy_us.fetch_add(elapsed_us, Ordering::Relaxed);
             tracing::trace!(size, elapsed_us, "ledger batch");
             self.in_flight.leave(&accounts);
+            if let (Some(hook), false) = (&self.hook, tickets.is_empty()) {
+                hook.release(&tickets);
+            }
             // After the batch's callers have their answers.
             if let Db::Sqlite(pool) = &self.db {
                 self.sqlite_wal.between_batches(pool).await;

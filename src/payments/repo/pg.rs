@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use sqlx::error::BoxDynError;
 use sqlx::postgres::PgArguments;
 
-use crate::ledger::engine::hook::bind_step;
+use crate::store::bind_pg as bind_step;
 
 use super::rows::EventFields;
 use super::{split_prepared, BatchPayment, BatchSpend, Prepared};
@@ -80,12 +80,23 @@ pub(crate) async fn prepare(
 }
 
 /// Wallet-only sends (the whole amount from the wallet, no card, no fee, no request):
-/// the payment rows and the daily-limit buckets, as steps of the engine's statement
-/// before its journal (`HookBatch::write_steps`). Every transaction that touches the
-/// buckets (the card path's too) does so before it takes the event counter
-/// (`journal_steps`, `write_events`), so the two locks never wait on each other in a
-/// cycle.
-pub(crate) fn write_steps(
+/// the payment rows and the daily-limit buckets, in one statement on the batch's
+/// connection before the engine's journal (`HookBatch::write_rows`). Every transaction
+/// that touches the buckets (the card path's too) does so before it takes the event
+/// counter (`write_events`), so the two locks never wait on each other in a cycle.
+pub(crate) async fn write_rows(
+    c: &mut sqlx::PgConnection,
+    rows: &[BatchPayment<'_>],
+    spent: &[BatchSpend<'_>],
+    now_us: i64,
+) -> std::result::Result<(), sqlx::Error> {
+    let mut args = PgArguments::default();
+    let sql = rows_statement(&mut args, rows, spent, now_us).map_err(sqlx::Error::Encode)?;
+    sqlx::query_with(&sql, args).execute(&mut *c).await?;
+    Ok(())
+}
+
+fn rows_statement(
     args: &mut PgArguments,
     rows: &[BatchPayment<'_>],
     spent: &[BatchSpend<'_>],
@@ -114,7 +125,7 @@ pub(crate) fn write_steps(
     let created = bind_step(args, rows.iter().map(|(p, _, _)| p.created_at_us).collect::<Vec<i64>>())?;
     let settled = bind_step(args, rows.iter().map(|(p, _, _)| p.settled_at_us).collect::<Vec<Option<i64>>>())?;
     Ok(format!(
-        "hook_spend AS ( \
+        "WITH hook_spend AS ( \
            INSERT INTO payment_spend (sender_id, currency, hour, amount) \
            SELECT * FROM UNNEST({s_sender}::text[], {s_currency}::text[], {s_hour}::int8[], {s_amount}::int8[]) \
            ON CONFLICT (sender_id, currency, hour) DO UPDATE SET amount = payment_spend.amount + excluded.amount \
@@ -127,15 +138,26 @@ pub(crate) fn write_steps(
              {status}::text[], {funding}::text[], {note}::text[], {conversation}::text[], {message}::text[], \
              {reason}::text[], {failure}::text[], {key}::text[], {hash}::text[], {created}::int8[], {settled}::int8[]) \
              AS t(id, s, r, c, a, st, f, n, cv, m, fr, fm, k, h, ca, sa) \
-         )"
+         ) SELECT 1"
     ))
 }
 
-/// The batch's outbox events, as steps of the engine's journal statement: their
-/// parameters go to `args`, numbered after what is already there. The event counter
-/// is advanced once for the whole batch; its row lock, held to commit, keeps the
-/// outbox sequence gap-free and in commit order.
-pub(crate) fn journal_steps(
+/// The batch's outbox events, in one statement on the batch's connection right after
+/// the engine's journal statement (`HookBatch::write_numbered`). The event counter is
+/// advanced once for the whole batch; its row lock, held to commit, keeps the outbox
+/// sequence gap-free and in commit order.
+pub(crate) async fn write_events(
+    c: &mut sqlx::PgConnection,
+    events: &[EventFields],
+    now_us: i64,
+) -> std::result::Result<(), sqlx::Error> {
+    let mut args = PgArguments::default();
+    let sql = events_statement(&mut args, events, now_us).map_err(sqlx::Error::Encode)?;
+    sqlx::query_with(&sql, args).execute(&mut *c).await?;
+    Ok(())
+}
+
+fn events_statement(
     args: &mut PgArguments,
     events: &[EventFields],
     now_us: i64,
@@ -154,7 +176,7 @@ pub(crate) fn journal_steps(
     let fm = bind_step(args, column(|e| &e.failure_message))?;
     let sa = bind_step(args, events.iter().map(|e| e.settled_at_us).collect::<Vec<Option<i64>>>())?;
     Ok(format!(
-        "hook_event_seq AS ( \
+        "WITH hook_event_seq AS ( \
            UPDATE payment_event_sequence SET last_value = last_value + {n} WHERE id = 1 \
            RETURNING last_value - {n} AS base \
          ), hook_events AS ( \
@@ -164,7 +186,7 @@ pub(crate) fn journal_steps(
            FROM UNNEST({o}::int8[], {ty}::text[], {pay}::text[], {a}::text[], {b}::text[], {cv}::text[], \
              {st}::text[], {fr}::text[], {fm}::text[], {sa}::int8[]) AS t(o, ty, p, a, b, cv, st, fr, fm, sa), \
              hook_event_seq s \
-         )"
+         ) SELECT 1"
     ))
 }
 

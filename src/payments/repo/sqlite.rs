@@ -41,15 +41,28 @@ pub(crate) async fn prepare(
     Ok(split_prepared(rows))
 }
 
-/// The spend buckets, the payment rows, their events and the event counter's advance,
-/// as statements of the engine's last call (`HookBatch::sqlite_steps`).
-pub(crate) fn steps(
+/// The spend buckets, the payment rows, their events and the event counter's advance:
+/// four statements in one call on the batch's connection (`HookBatch::write_rows`).
+pub(crate) async fn write_all(
+    c: &mut sqlx::SqliteConnection,
+    rows: &[BatchPayment<'_>],
+    spent: &[BatchSpend<'_>],
+    events: &[EventFields],
+    now_us: i64,
+) -> std::result::Result<(), sqlx::Error> {
+    let mut args = SqliteArguments::default();
+    let sql = statements(&mut args, rows, spent, events, now_us).map_err(sqlx::Error::Encode)?;
+    sqlx::query_with(sql, args).execute(&mut *c).await?;
+    Ok(())
+}
+
+fn statements(
     args: &mut SqliteArguments<'static>,
     rows: &[BatchPayment<'_>],
     spent: &[BatchSpend<'_>],
     events: &[EventFields],
     now_us: i64,
-) -> std::result::Result<String, BoxDynError> {
+) -> std::result::Result<&'static str, BoxDynError> {
     let spent: Vec<(&str, &str, i64, i64)> = spent.iter().map(|((s, c, h), a)| (*s, *c, *h, *a)).collect();
     type PaymentJson<'a> = (
         &'a str,
@@ -160,6 +173,5 @@ pub(crate) fn steps(
          r.v ->> 3, r.v ->> 4, r.v ->> 5, r.v ->> 6, r.v ->> 7, r.v ->> 8, r.v ->> 9, r.v ->> 10, r.v ->> 11, \
          r.v ->> 12, r.v ->> 13, '', ? FROM r; \
          UPDATE payment_event_sequence SET last_value = last_value + ? WHERE id = 1"
-    )
-    .to_owned())
+    ))
 }

@@ -6,7 +6,8 @@
 //!
 //! Lock order, the same in every process: idempotency keys (sorted), then balance rows
 //! (ascending id), then the rows of the batch hook's first write (the senders' limit
-//! buckets, sorted), then the sequence row, then the hook's counter (the outbox's). The
+//! buckets, sorted), then the sequence row, then the hook's counter (the outbox's,
+//! taken by its second write, after the journal's statement). The
 //! keys come first so that their inserts run before the batch holds any balance row:
 //! concurrent batches overlap on balance rows far more often than on keys, and the time
 //! between the first balance lock and commit is what serializes them. The sequence row
@@ -22,8 +23,9 @@ use sqlx::{Arguments, PgPool};
 
 use super::{BatchResult, Committed, KeyRecord};
 use crate::ledger::engine::decide::{accepted, number_accepted, AccountState, Decision, Draft, Plan};
-use crate::ledger::engine::hook::{bind_step, BatchHook, Conn, HookBatch};
+use crate::ledger::engine::hook::{BatchHook, Conn};
 use crate::ledger::model::Balance;
+use crate::store::bind_pg as bind_step;
 
 pub(crate) async fn lookup_keys(pool: &PgPool, pairs: &[(String, String)]) -> Result<Vec<KeyRecord>, sqlx::Error> {
     let (callers, keys): (Vec<&str>, Vec<&str>) = pairs.iter().map(|(c, k)| (c.as_str(), k.as_str())).unzip();
@@ -169,39 +171,28 @@ async fn transaction(conn: &mut sqlx::PgConnection, hook: Option<&dyn BatchHook>
     };
     let mut decisions = plan.decide(&mut accounts, &resolved, &reversed, &keys_taken, hook_batch.as_deref_mut());
 
-    // 5. The balances, and the hook's rows that need no shared counter (payment rows,
-    //    limit buckets), in one statement before the sequence row is taken: every batch
-    //    needs that row, so the work done while holding it is what serializes batches
-    //    whose accounts do not overlap. The balance rows are locked already (step 2).
-    //    With nothing of the hook's to write here, the balances go with the journal
-    //    rather than cost a round trip of their own.
-    let balances = balance_changes(&accounts);
-    let mut journal_balances: &[(i64, Balance)] = &balances;
+    // 5. The hook's rows that need no shared counter (payment rows, limit buckets),
+    //    with its own statement, before the sequence row is taken: every batch needs
+    //    that row, so the work done while holding it is what serializes batches whose
+    //    accounts do not overlap.
     if let Some(h) = hook_batch.as_mut() {
-        let mut args = PgArguments::default();
-        if let Some(steps) = h.write_steps(&mut args, plan.now_us).map_err(sqlx::Error::Encode)? {
-            let mut sql = format!("WITH {steps}");
-            if !balances.is_empty() {
-                sql.push_str(", ");
-                sql.push_str(&balances_step(&mut args, &balances).map_err(sqlx::Error::Encode)?);
-            }
-            sql.push_str(" SELECT 1");
-            sqlx::query_with(&sql, args).execute(&mut *tx).await?;
-            journal_balances = &[];
-        }
+        h.write_rows(&mut Conn::Postgres(&mut tx), plan.now_us).await?;
     }
 
-    // 6. Sequence block, postings, entries (and the balances, when step 5 did not write
-    //    them) in one statement, with the hook's numbered rows (outbox events) as more
-    //    steps of it: one round trip while the batch holds the sequence row, whatever the
-    //    batch size. Its AFTER STATEMENT triggers see all of it.
+    // 6. Sequence block, postings, entries and the balances (locked in step 2) in one
+    //    statement: one round trip while the batch holds the sequence row, whatever the
+    //    batch size. Its AFTER STATEMENT triggers see all of it. Then the hook's
+    //    numbered rows (outbox events), whose counter is so always taken after the
+    //    sequence row.
+    let balances = balance_changes(&accounts);
     let drafts = accepted(&decisions);
     let mut created_at_us = plan.now_us;
-    if let Some((base, at)) =
-        write_journal(&mut tx, &drafts, journal_balances, hook_batch.as_deref_mut(), plan.now_us).await?
-    {
+    if let Some((base, at)) = write_journal(&mut tx, &drafts, &balances, plan.now_us).await? {
         number_accepted(&mut decisions, base + 1);
         created_at_us = at;
+    }
+    if let Some(h) = hook_batch.as_mut() {
+        h.write_numbered(&mut Conn::Postgres(&mut tx), plan.now_us).await?;
     }
 
     // 7. Rejected commands leave no key behind: a retry may succeed later.
@@ -225,48 +216,32 @@ async fn transaction(conn: &mut sqlx::PgConnection, hook: Option<&dyn BatchHook>
     Ok(Committed { decisions, created_at_us })
 }
 
-/// Writes every accepted entry of the batch, and the hook's numbered rows, and returns
-/// the sequence base (entry `k`, 1-based in decision order, gets sequence `base + k`)
-/// and the entries' time (`batch::Committed`). `None` when the batch accepted nothing
-/// (it then takes no sequence block).
+/// Writes every accepted entry of the batch and the balances, and returns the sequence
+/// base (entry `k`, 1-based in decision order, gets sequence `base + k`) and the
+/// entries' time (`batch::Committed`). `None` when the batch accepted nothing (it then
+/// takes no sequence block, and changed no balance).
 async fn write_journal(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     drafts: &[&Draft],
     balances: &[(i64, Balance)],
-    hook: Option<&mut (dyn HookBatch + '_)>,
     now_us: i64,
 ) -> Result<Option<(i64, i64)>, sqlx::Error> {
-    let mut args = PgArguments::default();
-    let mut sql = String::new();
-    if !drafts.is_empty() {
-        sql.push_str(JOURNAL_STEPS);
-        add_journal_args(&mut args, drafts, now_us).map_err(sqlx::Error::Encode)?;
-        if !balances.is_empty() {
-            sql.push_str(", ");
-            sql.push_str(&balances_step(&mut args, balances).map_err(sqlx::Error::Encode)?);
-        }
-    }
-    if let Some(steps) =
-        hook.map(|h| h.journal_steps(&mut args, now_us)).transpose().map_err(sqlx::Error::Encode)?.flatten()
-    {
-        if !sql.is_empty() {
-            sql.push_str(", ");
-        }
-        sql.push_str(&steps);
-    }
-    if sql.is_empty() {
+    if drafts.is_empty() {
         return Ok(None);
+    }
+    let mut args = PgArguments::default();
+    let mut sql = String::from(JOURNAL_STEPS);
+    add_journal_args(&mut args, drafts, now_us).map_err(sqlx::Error::Encode)?;
+    if !balances.is_empty() {
+        sql.push_str(", ");
+        sql.push_str(&balances_step(&mut args, balances).map_err(sqlx::Error::Encode)?);
     }
     // The main query reads the sequence block, so the journal's sequence row is locked
     // before any other step runs (PostgreSQL runs the steps the main query does not read
-    // after it): the hook's counter is taken after it. No cycle could form even were
-    // that order to change, since only this statement takes both rows, always in one
-    // order, and every other transaction that takes the hook's counter takes no
-    // sequence row.
-    let main = if drafts.is_empty() { "SELECT NULL::int8, NULL::int8" } else { "SELECT base, at FROM seq" };
-    let sql = format!("WITH {sql} {main}");
-    let (base, at) = sqlx::query_as_with::<_, (Option<i64>, Option<i64>), _>(&sql, args).fetch_one(&mut **tx).await?;
-    Ok(base.zip(at))
+    // after it).
+    let sql = format!("WITH {sql} SELECT base, at FROM seq");
+    let (base, at) = sqlx::query_as_with::<_, (i64, i64), _>(&sql, args).fetch_one(&mut **tx).await?;
+    Ok(Some((base, at)))
 }
 
 /// The journal's own steps: the sequence block and the entries' time (the later of the

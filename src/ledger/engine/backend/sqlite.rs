@@ -169,9 +169,16 @@ async fn run(conn: &mut SqliteConnection, hook: Option<&dyn BatchHook>, plan: &P
     };
     let mut decisions = plan.decide(&mut accounts, &resolved, &reversed, &keys_taken, hook_batch.as_deref_mut());
 
+    // The hook's rows, all of them (one writer holds the whole database, so their order
+    // against the entries does not matter), with its own statements.
+    if let Some(h) = hook_batch.as_mut() {
+        h.write_rows(&mut Conn::Sqlite(&mut *conn), plan.now_us).await?;
+        h.write_numbered(&mut Conn::Sqlite(&mut *conn), plan.now_us).await?;
+    }
+
     number_accepted(&mut decisions, sequence_last + 1);
     let drafts = accepted(&decisions);
-    // The last call: entries, the hook's rows, keys given back, and the commit.
+    // The last call: entries, keys given back, and the commit.
     let mut args = SqliteArguments::default();
     let mut sql = String::new();
     if !drafts.is_empty() {
@@ -185,14 +192,6 @@ async fn run(conn: &mut SqliteConnection, hook: Option<&dyn BatchHook>, plan: &P
             .collect();
         sql.push_str(entries_steps(&mut args, &drafts, &changed, created_at_us).map_err(sqlx::Error::Encode)?);
         sql.push_str("; ");
-    }
-    // One writer holds the whole database, so the order of the hook's rows does not
-    // matter here.
-    if let Some(h) = hook_batch.as_mut() {
-        if let Some(steps) = h.sqlite_steps(&mut args, plan.now_us).map_err(sqlx::Error::Encode)? {
-            sql.push_str(&steps);
-            sql.push_str("; ");
-        }
     }
     // Keys of refused ledger calls are given back, so the caller may retry with them.
     let refused: Vec<(&str, &str)> = plan

@@ -188,7 +188,7 @@ pub fn is_read(method: &str) -> bool {
 pub fn limited(retry_after: Duration) -> Status {
     let millis = retry_after.as_millis().max(1);
     let details = ErrorDetails::with_error_info(
-        "RATE_LIMITED",
+        crate::kernel::reason::Reason::RateLimited.as_str(),
         super::status::ERROR_DOMAIN,
         HashMap::from([("retry_after_ms".to_string(), millis.to_string())]),
     );

@@ -46,14 +46,14 @@ pub fn to_status(err: Error) -> Status {
         Error::FailedPrecondition { reason, message } => Status::with_error_details(
             Code::FailedPrecondition,
             bounded(message),
-            ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new()),
+            ErrorDetails::with_error_info(reason.as_str(), ERROR_DOMAIN, HashMap::new()),
         ),
         Error::PermissionDenied(message) => Status::permission_denied(bounded(message)),
         Error::Unauthenticated(message) => Status::unauthenticated(bounded(message)),
         Error::ResourceExhausted { reason, message } => Status::with_error_details(
             Code::ResourceExhausted,
             bounded(message),
-            ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new()),
+            ErrorDetails::with_error_info(reason.as_str(), ERROR_DOMAIN, HashMap::new()),
         ),
         Error::Aborted => Status::aborted(Error::Aborted.to_string()),
         Error::Unavailable(message) => Status::unavailable(bounded(message)),
@@ -84,6 +84,7 @@ pub type ApiResult<T> = Result<tonic::Response<T>, Status>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::reason::Reason;
 
     #[test]
     fn invalid_argument_carries_field_violations() {
@@ -119,8 +120,10 @@ mod tests {
 
     #[test]
     fn failed_precondition_has_error_info_reason() {
-        let status =
-            to_status(Error::FailedPrecondition { reason: "INSUFFICIENT_FUNDS", message: "insufficient funds".into() });
+        let status = to_status(Error::FailedPrecondition {
+            reason: Reason::InsufficientFunds,
+            message: "insufficient funds".into(),
+        });
         assert_eq!(status.get_error_details().error_info().unwrap().reason, "INSUFFICIENT_FUNDS");
     }
 }

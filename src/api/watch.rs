@@ -21,6 +21,7 @@ use tonic::Status;
 use super::pb;
 use super::to_status;
 use crate::kernel::error::{Error, Result};
+use crate::kernel::reason::Reason;
 use crate::payments::events::{self, Event};
 use crate::payments::feed::Feed;
 use crate::payments::Payments;
@@ -91,7 +92,7 @@ impl Watchers {
         let open = map.get(caller).copied().unwrap_or(0);
         if open >= self.limits.per_user_max {
             return Err(Error::ResourceExhausted {
-                reason: "WATCHERS_PER_USER",
+                reason: Reason::WatchersPerUser,
                 message: format!(
                     "at most {} open WatchPayments streams per caller; close one first",
                     self.limits.per_user_max
@@ -99,7 +100,7 @@ impl Watchers {
             });
         }
         let slot = self.slots.clone().try_acquire_owned().map_err(|_| Error::ResourceExhausted {
-            reason: "WATCHERS",
+            reason: Reason::Watchers,
             message: "too many watchers on this server; retry later".into(),
         })?;
         map.insert(caller.to_owned(), open + 1);

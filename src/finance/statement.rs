@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::UserId;
 use crate::kernel::money::{Currency, Money};
+use crate::kernel::reason::Reason;
 use crate::ledger::read::books;
 use crate::ledger::AccountCode;
 use crate::store::Db;
@@ -81,7 +82,7 @@ pub async fn statement(db: &Db, user: &UserId, currency: Currency, from_us: i64,
     }
     if by_entry.len() > MOVEMENTS_MAX {
         return Err(Error::ResourceExhausted {
-            reason: "STATEMENT_TOO_LONG",
+            reason: Reason::StatementTooLong,
             message: format!("more than {MOVEMENTS_MAX} movements; ask for a shorter period"),
         });
     }

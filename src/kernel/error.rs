@@ -2,6 +2,7 @@
 //! carries what the caller may see; `api::status` is the one place that turns it into a
 //! gRPC status. Domain code never builds a `tonic::Status` itself.
 
+use super::reason::Reason;
 use std::fmt;
 
 /// One invalid field, in the shape of `google.rpc.BadRequest.FieldViolation`.
@@ -25,7 +26,7 @@ pub enum Error {
     /// The request is well-formed but the state does not allow it (insufficient funds,
     /// frozen account). `reason` is the machine-readable `ErrorInfo.reason`.
     #[error("{message}")]
-    FailedPrecondition { reason: &'static str, message: String },
+    FailedPrecondition { reason: Reason, message: String },
     /// The caller is known but may not do this.
     #[error("{0}")]
     PermissionDenied(String),
@@ -34,7 +35,7 @@ pub enum Error {
     Unauthenticated(String),
     /// A limit was reached (queue full, rate or amount limit). `reason` as above.
     #[error("{message}")]
-    ResourceExhausted { reason: &'static str, message: String },
+    ResourceExhausted { reason: Reason, message: String },
     /// A concurrent request got there first; retrying with the same key resolves it.
     #[error("conflicting concurrent request; retry with the same idempotency key")]
     Aborted,
@@ -72,12 +73,12 @@ impl Error {
             Error::NotFound(m) => Error::NotFound(m.clone()),
             Error::AlreadyExists(m) => Error::AlreadyExists(m.clone()),
             Error::FailedPrecondition { reason, message } => {
-                Error::FailedPrecondition { reason, message: message.clone() }
+                Error::FailedPrecondition { reason: *reason, message: message.clone() }
             }
             Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
             Error::Unauthenticated(m) => Error::Unauthenticated(m.clone()),
             Error::ResourceExhausted { reason, message } => {
-                Error::ResourceExhausted { reason, message: message.clone() }
+                Error::ResourceExhausted { reason: *reason, message: message.clone() }
             }
             Error::Aborted => Error::Aborted,
             Error::Unavailable(m) => Error::Unavailable(m.clone()),

@@ -6,6 +6,7 @@
 //! - `text`      free text people read: bounds, no control or spoofing characters
 //! - `clock`     the injected clock rows are stamped with
 //! - `dates`     UTC calendar arithmetic for expiries, reports and timestamps
+//! - `reason`    the catalogue of machine-readable reasons (`Reason`)
 //! - `stored`    `stored_enum!`: closed sets of values kept as text in the database
 //! - `card_data` card numbers and CVCs in memory, masked and zeroized
 
@@ -15,5 +16,6 @@ pub mod dates;
 pub mod error;
 pub mod ids;
 pub mod money;
+pub mod reason;
 pub mod stored;
 pub mod text;

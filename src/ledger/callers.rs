@@ -13,6 +13,7 @@
 
 use super::model::Entry;
 use crate::kernel::error::{Error, Result};
+use crate::kernel::reason::Reason;
 
 /// One-click payments: sends, holds, card settlement, refunds.
 pub const PAYMENTS: &str = "payments";
@@ -38,7 +39,7 @@ pub fn api(sub: &str) -> String {
 pub fn check_may_change(caller: &str, entry: &Entry) -> Result<()> {
     match MODULES.iter().find(|(module, _)| *module == entry.created_by) {
         Some((module, instead)) if *module != caller => Err(Error::FailedPrecondition {
-            reason: "ENTRY_OWNED_BY_MODULE",
+            reason: Reason::EntryOwnedByModule,
             message: format!(
                 "entry {} was written by dmpay's {module} module and only it may change it; {instead}",
                 entry.id

@@ -33,6 +33,7 @@ pub use model::*;
 use crate::kernel::clock::Clock;
 use crate::kernel::error::{Error, Result};
 use crate::kernel::money::{Currencies, Money};
+use crate::kernel::reason::Reason;
 use crate::store::Db;
 
 /// A posting as the caller names it, before its account is resolved.
@@ -257,13 +258,13 @@ impl Ledger {
         }
         if original.status != EntryStatus::Posted || original.postings.is_empty() {
             return Err(Error::FailedPrecondition {
-                reason: "ENTRY_NOT_POSTED",
+                reason: Reason::EntryNotPosted,
                 message: format!("entry {entry_id} is not a posted entry; void a pending entry instead"),
             });
         }
         if original.pending_entry_id.is_none() && original.expires_at_us.is_some() {
             return Err(Error::FailedPrecondition {
-                reason: "ENTRY_NOT_POSTED",
+                reason: Reason::EntryNotPosted,
                 message: format!("entry {entry_id} is a reservation; reverse the entry that posted it"),
             });
         }
@@ -278,7 +279,7 @@ impl Ledger {
         let entry = self.get_entry_field("entry_id", entry_id).await?;
         if entry.expires_at_us.is_none() {
             return Err(Error::FailedPrecondition {
-                reason: "ENTRY_NOT_PENDING",
+                reason: Reason::EntryNotPending,
                 message: format!("entry {entry_id} is not a pending entry"),
             });
         }

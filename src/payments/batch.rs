@@ -243,7 +243,7 @@ impl HookBatch for Batch {
             Err(Error::FailedPrecondition { reason, message }) if !s.fallback_on_insufficient => {
                 let mut p = s.payment.clone();
                 p.status = PaymentStatus::Failed;
-                p.failure_reason = (*reason).to_owned();
+                p.failure_reason = reason.as_str().to_owned();
                 p.failure_message = message.clone();
                 let recorded = First::Recorded(p.payment_id.clone());
                 self.rows.push((cmd, p));

@@ -9,6 +9,7 @@ use super::{model, FundingSource, Payment, PaymentStatus, Payments, SendInput, A
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::UserId;
 use crate::kernel::money::{Currency, Money};
+use crate::kernel::reason::Reason;
 use crate::ledger::{AccountCode, Direction, Entry, PostEntryInput, PostingInput, SYSTEM_CLEARING, SYSTEM_FEES};
 use crate::processor::ProcessorError;
 
@@ -23,7 +24,7 @@ fn posting(code: AccountCode, direction: Direction, amount: Money) -> PostingInp
 /// Why a card charge did not produce a capture.
 enum Charge {
     /// Refused: the payment fails with this reason.
-    Declined(&'static str, String),
+    Declined(Reason, String),
     /// No answer: leave the payment pending for the resolver.
     Unknown,
     /// The resolver took the payment over from this attempt: stop, it finishes it.
@@ -110,7 +111,7 @@ impl Payments {
         };
         if card_part > 0 && input.payment_method_token.is_none() && !self.has_default_card(sender).await? {
             payment.status = PaymentStatus::Failed;
-            payment.failure_reason = "NO_PAYMENT_METHOD".into();
+            payment.failure_reason = Reason::NoPaymentMethod.as_str().into();
             payment.failure_message = if input.funding == FundingSource::Auto {
                 "insufficient wallet balance and no default card to charge the rest".into()
             } else {
@@ -181,8 +182,11 @@ impl Payments {
 
     /// Fails the payment, if `claim` still holds it; otherwise answers with the payment
     /// as whoever holds it has made it.
-    async fn fail(&self, payment: &Payment, claim: &Claim, reason: &str, message: &str) -> Result<Payment> {
-        let p = self.store.finish(&payment.payment_id, PaymentStatus::Failed, reason, message, Some(claim)).await?;
+    async fn fail(&self, payment: &Payment, claim: &Claim, reason: Reason, message: &str) -> Result<Payment> {
+        let p = self
+            .store
+            .finish(&payment.payment_id, PaymentStatus::Failed, reason.as_str(), message, Some(claim))
+            .await?;
         Self::replay(p)
     }
 
@@ -324,7 +328,7 @@ impl Payments {
     ) -> Result<()> {
         match self.ledger.post_pending(ACTOR, &hold.id, &key(&payment.payment_id, "post_hold"), None).await {
             Ok(_) => Ok(()),
-            Err(Error::FailedPrecondition { reason: "ENTRY_NOT_PENDING" | "ENTRY_EXPIRED", .. }) => {
+            Err(Error::FailedPrecondition { reason: Reason::EntryNotPending | Reason::EntryExpired, .. }) => {
                 let current = self.ledger.get_entry(&hold.id).await?;
                 if current.status == crate::ledger::EntryStatus::Posted {
                     return Ok(());
@@ -370,7 +374,7 @@ impl Payments {
             Ok(reference) => Ok(reference),
             Err(ProcessorError::Declined(code)) => Err(Charge::Declined(code.reason(), code.message().to_owned())),
             Err(ProcessorError::Failed(_)) => {
-                Err(Charge::Declined("PROCESSING_ERROR", "the card processor could not process the charge".into()))
+                Err(Charge::Declined(Reason::ProcessingError, "the card processor could not process the charge".into()))
             }
             Err(ProcessorError::Unknown) => Err(Charge::Unknown),
         };
@@ -384,7 +388,7 @@ impl Payments {
                     self.vault.chargeable(sender, payment.payment_method_token.as_deref(), "charge").await.map_err(
                         |e| match e {
                             Error::FailedPrecondition { reason, message } => Charge::Declined(reason, message),
-                            Error::NotFound(m) => Charge::Declined("NO_PAYMENT_METHOD", m),
+                            Error::NotFound(m) => Charge::Declined(Reason::NoPaymentMethod, m),
                             other => Charge::Other(other),
                         },
                     )?;
@@ -406,7 +410,7 @@ impl Payments {
     async fn release(&self, payment: &Payment, hold: Option<&Entry>) -> Result<()> {
         if let Some(h) = hold {
             match self.ledger.void_pending(ACTOR, &h.id, &key(&payment.payment_id, "void_hold")).await {
-                Ok(_) | Err(Error::FailedPrecondition { reason: "ENTRY_NOT_PENDING", .. }) => {}
+                Ok(_) | Err(Error::FailedPrecondition { reason: Reason::EntryNotPending, .. }) => {}
                 Err(e) => return Err(e),
             }
         }

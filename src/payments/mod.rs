@@ -39,6 +39,7 @@ use crate::accounts::Accounts;
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::UserId;
 use crate::kernel::money::Money;
+use crate::kernel::reason::Reason;
 use crate::ledger::{Direction, Ledger, NewEntry, Op, Outcome, Posting};
 use crate::store::Db;
 use crate::vault::Vault;
@@ -286,7 +287,7 @@ impl Payments {
                 let p = self.store.get(&payment_id).await?.ok_or_else(|| Error::not_found("payment"))?;
                 Self::replay(p).map(Some)
             }
-            Err(Error::FailedPrecondition { reason: "INSUFFICIENT_FUNDS", .. })
+            Err(Error::FailedPrecondition { reason: Reason::InsufficientFunds, .. })
                 if input.funding == FundingSource::Auto =>
             {
                 Ok(None)

@@ -6,6 +6,7 @@ use crate::accounts::Tier;
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::UserId;
 use crate::kernel::money::Currency;
+use crate::kernel::reason::Reason;
 
 pub const NOTE_LEN_MAX: usize = 280;
 pub const OPAQUE_ID_LEN_MAX: usize = 128;
@@ -110,27 +111,11 @@ impl Payment {
     /// The error a FAILED payment answers with, so a retry returns the same error.
     pub fn failure(&self) -> Option<Error> {
         (self.status == PaymentStatus::Failed).then(|| Error::FailedPrecondition {
-            reason: reason_static(&self.failure_reason),
+            // A reason this build does not know (written by a newer one) still fails.
+            reason: Reason::from_db(&self.failure_reason).unwrap_or(Reason::PaymentFailed),
             message: self.failure_message.clone(),
         })
     }
-}
-
-/// `ErrorInfo.reason` is a `&'static str`; map the stored text back to one.
-fn reason_static(reason: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "INSUFFICIENT_FUNDS",
-        "CARD_DECLINED",
-        "LOST_CARD",
-        "STOLEN_CARD",
-        "CARD_EXPIRED",
-        "INCORRECT_CVC",
-        "FRAUD_SUSPECTED",
-        "NO_PAYMENT_METHOD",
-        "PAYMENT_METHOD_NOT_ACTIVE",
-        "PROCESSING_ERROR",
-    ];
-    KNOWN.iter().find(|k| **k == reason).copied().unwrap_or("PAYMENT_FAILED")
 }
 
 /// Notes: up to 280 characters, no control characters.
@@ -213,7 +198,10 @@ pub fn check_send_rules(
     use crate::accounts::Status;
     use crate::kernel::money::Money;
     if sender == Status::Frozen {
-        return Err(Error::FailedPrecondition { reason: "ACCOUNT_FROZEN", message: "your account is frozen".into() });
+        return Err(Error::FailedPrecondition {
+            reason: Reason::AccountFrozen,
+            message: "your account is frozen".into(),
+        });
     }
     if recipient == Status::Frozen {
         // The same answer as any refusal the sender cannot act on: whether another user's
@@ -224,7 +212,7 @@ pub fn check_send_rules(
     let payment_max = major_to_minor(limits.payment_max, currency);
     if amount.minor() > payment_max {
         return Err(Error::ResourceExhausted {
-            reason: "PAYMENT_LIMIT",
+            reason: Reason::PaymentLimit,
             message: format!("at most {} per payment for your account", Money::from_minor(currency, payment_max)),
         });
     }
@@ -240,7 +228,7 @@ pub fn check_send_rules(
 pub fn daily_limit_error(currency: Currency, daily_max: i64, sent: i64) -> Error {
     use crate::kernel::money::Money;
     Error::ResourceExhausted {
-        reason: "DAILY_LIMIT",
+        reason: Reason::DailyLimit,
         message: format!(
             "at most {} in 24 hours for your account; {} already sent",
             Money::from_minor(currency, daily_max),
@@ -253,7 +241,7 @@ pub fn daily_limit_error(currency: Currency, daily_max: i64, sent: i64) -> Error
 /// reason; it names none.
 pub fn recipient_unavailable() -> Error {
     Error::FailedPrecondition {
-        reason: "RECIPIENT_UNAVAILABLE",
+        reason: Reason::RecipientUnavailable,
         message: "this user cannot receive payments right now".into(),
     }
 }
@@ -344,7 +332,7 @@ mod tests {
         let usd = Currency::from_code("USD").unwrap();
         let limits = TierLimits { payment_max: 250, daily_max: 500 };
         let reason = |r: Result<()>| match r {
-            Err(Error::FailedPrecondition { reason, .. } | Error::ResourceExhausted { reason, .. }) => reason,
+            Err(Error::FailedPrecondition { reason, .. } | Error::ResourceExhausted { reason, .. }) => reason.as_str(),
             Err(e) => panic!("{e}"),
             Ok(()) => "ok",
         };

@@ -9,6 +9,7 @@ use super::{model, Payment, PaymentStatus, Payments};
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::UserId;
 use crate::kernel::money::Money;
+use crate::kernel::reason::Reason;
 use crate::ledger::{AccountCode, Direction, PostEntryInput, PostingInput};
 use crate::store::is_unique_violation;
 use crate::with_db;
@@ -24,7 +25,7 @@ struct RefundRow {
 
 fn refund_failed() -> Error {
     Error::FailedPrecondition {
-        reason: "INSUFFICIENT_FUNDS",
+        reason: Reason::InsufficientFunds,
         message: "the refund failed: your wallet could not cover it".into(),
     }
 }
@@ -61,7 +62,8 @@ impl Payments {
             // the payment on, between the lookup above and the refusal: answer as it did.
             Err(
                 refusal @ Error::FailedPrecondition {
-                    reason: "REFUND_EXCEEDS_PAYMENT" | "PAYMENT_NOT_REFUNDABLE", ..
+                    reason: Reason::RefundExceedsPayment | Reason::PaymentNotRefundable,
+                    ..
                 },
             ) => match self.replay_refund(recipient, payment_id, idempotency_key, &request_hash).await? {
                 Some(answer) => answer,
@@ -116,7 +118,7 @@ impl Payments {
         let currency = payment.currency()?;
         if !matches!(payment.status, PaymentStatus::Settled | PaymentStatus::PartiallyRefunded) {
             return Err(Error::FailedPrecondition {
-                reason: "PAYMENT_NOT_REFUNDABLE",
+                reason: Reason::PaymentNotRefundable,
                 message: format!("a {} payment cannot be refunded", payment.status.as_str()),
             });
         }
@@ -124,7 +126,7 @@ impl Payments {
         let minor = amount.map_or(left, |m| m.minor());
         if minor > left || left == 0 {
             return Err(Error::FailedPrecondition {
-                reason: "REFUND_EXCEEDS_PAYMENT",
+                reason: Reason::RefundExceedsPayment,
                 message: format!("at most {} is left to refund", Money::from_minor(currency, left)),
             });
         }
@@ -149,7 +151,7 @@ impl Payments {
             Ok(true) => self.store.notify(),
             Ok(false) => {
                 return Err(Error::FailedPrecondition {
-                    reason: "REFUND_EXCEEDS_PAYMENT",
+                    reason: Reason::RefundExceedsPayment,
                     message: "the payment has less left to refund".into(),
                 })
             }

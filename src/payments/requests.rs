@@ -9,6 +9,7 @@ use crate::accounts::Status as AccountStatus;
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::UserId;
 use crate::kernel::money::Money;
+use crate::kernel::reason::Reason;
 use crate::store::is_unique_violation;
 use crate::with_db;
 
@@ -95,7 +96,7 @@ impl Payments {
         let me = self.accounts.ensure(requester).await?;
         if me.status == AccountStatus::Frozen {
             return Err(Error::FailedPrecondition {
-                reason: "ACCOUNT_FROZEN",
+                reason: Reason::AccountFrozen,
                 message: "your account is frozen".into(),
             });
         }
@@ -156,12 +157,12 @@ impl Payments {
                     return Ok(now);
                 }
                 Err(Error::FailedPrecondition {
-                    reason: "REQUEST_NOT_OPEN",
+                    reason: Reason::RequestNotOpen,
                     message: format!("the request is {}", now.status.as_str()),
                 })
             }
             Closed::PaymentInFlight(payment_id) => Err(Error::FailedPrecondition {
-                reason: "REQUEST_PAYMENT_IN_PROGRESS",
+                reason: Reason::RequestPaymentInProgress,
                 message: format!(
                     "payment {payment_id} of this request is being processed; it settles (and the request is paid) \
                      or fails (and the request can be closed) shortly"
@@ -235,11 +236,12 @@ impl Payments {
         }
         let refusal = match req.status {
             RequestStatus::Open if req.expires_at_us > self.now_us() => None,
-            RequestStatus::Open => {
-                Some(Error::FailedPrecondition { reason: "REQUEST_EXPIRED", message: "the request has expired".into() })
-            }
+            RequestStatus::Open => Some(Error::FailedPrecondition {
+                reason: Reason::RequestExpired,
+                message: "the request has expired".into(),
+            }),
             other => Some(Error::FailedPrecondition {
-                reason: "REQUEST_NOT_OPEN",
+                reason: Reason::RequestNotOpen,
                 message: format!("the request is {}", other.as_str()),
             }),
         };

@@ -7,6 +7,7 @@
 //! timeout, connection lost) is never retried blindly: the caller records it and
 //! resolves it later with `lookup`.
 
+use crate::kernel::reason::Reason;
 pub mod sandbox;
 
 use async_trait::async_trait;
@@ -38,27 +39,28 @@ pub enum DeclineCode {
 }
 
 impl DeclineCode {
-    pub fn reason(self) -> &'static str {
+    pub fn reason(self) -> Reason {
         match self {
-            DeclineCode::CardDeclined => "CARD_DECLINED",
-            DeclineCode::InsufficientFunds => "INSUFFICIENT_FUNDS",
-            DeclineCode::LostCard => "LOST_CARD",
-            DeclineCode::StolenCard => "STOLEN_CARD",
-            DeclineCode::CardExpired => "CARD_EXPIRED",
-            DeclineCode::IncorrectCvc => "INCORRECT_CVC",
-            DeclineCode::Fraud => "FRAUD_SUSPECTED",
+            DeclineCode::CardDeclined => Reason::CardDeclined,
+            DeclineCode::InsufficientFunds => Reason::InsufficientFunds,
+            DeclineCode::LostCard => Reason::LostCard,
+            DeclineCode::StolenCard => Reason::StolenCard,
+            DeclineCode::CardExpired => Reason::CardExpired,
+            DeclineCode::IncorrectCvc => Reason::IncorrectCvc,
+            DeclineCode::Fraud => Reason::FraudSuspected,
         }
     }
 
-    pub fn from_reason(s: &str) -> Option<Self> {
-        Some(match s {
-            "CARD_DECLINED" => DeclineCode::CardDeclined,
-            "INSUFFICIENT_FUNDS" => DeclineCode::InsufficientFunds,
-            "LOST_CARD" => DeclineCode::LostCard,
-            "STOLEN_CARD" => DeclineCode::StolenCard,
-            "CARD_EXPIRED" => DeclineCode::CardExpired,
-            "INCORRECT_CVC" => DeclineCode::IncorrectCvc,
-            "FRAUD_SUSPECTED" => DeclineCode::Fraud,
+    /// The decline a stored reason stands for, if it is one.
+    pub fn from_reason(text: &str) -> Option<Self> {
+        Some(match Reason::from_db(text).ok()? {
+            Reason::CardDeclined => DeclineCode::CardDeclined,
+            Reason::InsufficientFunds => DeclineCode::InsufficientFunds,
+            Reason::LostCard => DeclineCode::LostCard,
+            Reason::StolenCard => DeclineCode::StolenCard,
+            Reason::CardExpired => DeclineCode::CardExpired,
+            Reason::IncorrectCvc => DeclineCode::IncorrectCvc,
+            Reason::FraudSuspected => DeclineCode::Fraud,
             _ => return None,
         })
     }

@@ -142,7 +142,7 @@ impl Sandbox {
         let reference = format!("sbx_{}", uuid::Uuid::new_v4().simple());
         let (status, code) = match &call.outcome {
             Ok(()) => ("succeeded", None),
-            Err(ProcessorError::Declined(c)) => ("declined", Some(c.reason())),
+            Err(ProcessorError::Declined(c)) => ("declined", Some(c.reason().as_str())),
             Err(_) => ("failed", None),
         };
         let inserted = with_db!(&self.db, pool => sqlx::query(

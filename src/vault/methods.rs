@@ -4,6 +4,7 @@ use super::model::{MethodRow, METHOD_COLUMNS};
 use super::{check_token, not_found, PaymentMethod, Vault};
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::UserId;
+use crate::kernel::reason::Reason;
 use crate::with_db;
 
 impl Vault {
@@ -25,7 +26,7 @@ impl Vault {
         let row = self.row(user, token).await?.ok_or_else(not_found)?;
         if row.status != "active" {
             return Err(Error::FailedPrecondition {
-                reason: "PAYMENT_METHOD_NOT_ACTIVE",
+                reason: Reason::PaymentMethodNotActive,
                 message: "only a linked, active payment method can be the default".into(),
             });
         }

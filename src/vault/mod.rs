@@ -45,6 +45,7 @@ use crate::accounts::Accounts;
 use crate::kernel::dates;
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::UserId;
+use crate::kernel::reason::Reason;
 use crate::kernel::text::parse_text;
 use crate::processor::{CardDetails, CardProcessor, ProcessorError};
 use crate::store::Db;
@@ -101,7 +102,7 @@ fn not_found() -> Error {
 
 fn method_limit() -> Error {
     Error::ResourceExhausted {
-        reason: "PAYMENT_METHOD_LIMIT",
+        reason: Reason::PaymentMethodLimit,
         message: format!("at most {ACTIVE_METHODS_MAX} active payment methods; remove one first"),
     }
 }
@@ -329,7 +330,7 @@ impl Vault {
         let row = match outcome {
             Ok(Tokenized::RateLimited) => {
                 return Err(Error::ResourceExhausted {
-                    reason: "TOKENIZE_RATE_LIMIT",
+                    reason: Reason::TokenizeRateLimit,
                     message: format!("at most {max} card tokenizations per hour per account; try again later"),
                 })
             }
@@ -369,7 +370,7 @@ impl Vault {
         match row.status.as_str() {
             "removed" => {
                 return Err(Error::FailedPrecondition {
-                    reason: "PAYMENT_METHOD_REMOVED",
+                    reason: Reason::PaymentMethodRemoved,
                     message: "this payment method was removed; tokenize the card again".into(),
                 })
             }
@@ -389,7 +390,7 @@ impl Vault {
             return Err(method_limit());
         }
         let cvc = self.take_cvc(token).ok_or_else(|| Error::FailedPrecondition {
-            reason: "CVC_UNAVAILABLE",
+            reason: Reason::CvcUnavailable,
             message: "the security code is no longer available; tokenize the card again".into(),
         })?;
         let pan = self.open(user.as_str(), token, user.as_str(), "verify").await?;
@@ -406,7 +407,7 @@ impl Vault {
         match verified {
             Ok(_) => {}
             Err(ProcessorError::Declined(code)) => {
-                self.audit(user.as_str(), "card.link", token, "declined", code.reason()).await?;
+                self.audit(user.as_str(), "card.link", token, "declined", code.reason().as_str()).await?;
                 return Err(Error::FailedPrecondition { reason: code.reason(), message: code.message().into() });
             }
             Err(e) => {
@@ -480,14 +481,14 @@ impl Vault {
                 let row: Option<MethodRow> =
                     with_db!(&self.db, pool => sqlx::query_as(&sql).bind(user.as_str()).fetch_optional(pool).await)?;
                 row.ok_or_else(|| Error::FailedPrecondition {
-                    reason: "NO_PAYMENT_METHOD",
+                    reason: Reason::NoPaymentMethod,
                     message: "no default payment method; link a card first".into(),
                 })?
             }
         };
         if row.status != "active" {
             return Err(Error::FailedPrecondition {
-                reason: "PAYMENT_METHOD_NOT_ACTIVE",
+                reason: Reason::PaymentMethodNotActive,
                 message: "this payment method is not linked or was removed".into(),
             });
         }

@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashSet};
 use super::{Imported, Reconciler, Run, RECON_ACTOR, RUNS_PER_DAY_MAX};
 use crate::kernel::error::{Error, Result};
 use crate::kernel::money::{Currency, Money};
+use crate::kernel::reason::Reason;
 use crate::ledger::{AccountCode, Direction, PostEntryInput, PostingInput, SYSTEM_CLEARING};
 use crate::with_db;
 
@@ -190,7 +191,7 @@ impl Reconciler {
                     });
                 }
                 // Reversed already, by the run that first left it behind.
-                Err(Error::FailedPrecondition { reason: "ALREADY_REVERSED", .. }) => {}
+                Err(Error::FailedPrecondition { reason: Reason::AlreadyReversed, .. }) => {}
                 Err(e) => return Err(e),
             }
         }

@@ -5,6 +5,7 @@
 use super::{Item, ItemFilter, ItemRow, ItemStatus, Reconciler, Resolution, RECON_ACTOR};
 use crate::kernel::error::{Error, Result};
 use crate::kernel::money::{Currency, Money};
+use crate::kernel::reason::Reason;
 use crate::kernel::text::parse_text;
 use crate::ledger::{AccountCode, Direction, PostEntryInput, PostingInput, SYSTEM_CLEARING};
 use crate::store::Db;
@@ -75,7 +76,7 @@ impl Reconciler {
         let item = self.item(item_id).await?;
         if item.status == ItemStatus::Matched {
             return Err(Error::FailedPrecondition {
-                reason: "ITEM_MATCHED",
+                reason: Reason::ItemMatched,
                 message: "a matched item needs no resolution".into(),
             });
         }
@@ -156,7 +157,7 @@ impl Reconciler {
                         )
                         .await
                     {
-                        Ok(_) | Err(Error::FailedPrecondition { reason: "ALREADY_REVERSED", .. }) => {}
+                        Ok(_) | Err(Error::FailedPrecondition { reason: Reason::AlreadyReversed, .. }) => {}
                         Err(e) => return Err(e),
                     }
                 }
@@ -211,12 +212,12 @@ impl Reconciler {
 }
 
 fn resolved(item_id: &str) -> Error {
-    Error::FailedPrecondition { reason: "ITEM_RESOLVED", message: format!("item {item_id} is already resolved") }
+    Error::FailedPrecondition { reason: Reason::ItemResolved, message: format!("item {item_id} is already resolved") }
 }
 
 fn superseded(item_id: &str, current: Option<String>) -> Error {
     Error::FailedPrecondition {
-        reason: "ITEM_SUPERSEDED",
+        reason: Reason::ItemSuperseded,
         message: format!(
             "item {item_id} belongs to a report a later one of the same day superseded; resolve the items of run {}",
             current.unwrap_or_default()

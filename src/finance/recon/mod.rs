@@ -35,6 +35,7 @@ pub use report::{parse_report, ReportRow, REPORT_BYTES_MAX};
 use crate::kernel::dates;
 use crate::kernel::error::{Error, Result};
 use crate::kernel::money::{Currency, Money};
+use crate::kernel::reason::Reason;
 use crate::ledger::Ledger;
 use crate::store::Db;
 use crate::with_db;
@@ -546,7 +547,7 @@ impl Reconciler {
         match result {
             Ok(inserted) => Ok(inserted),
             Err(sqlx::Error::Protocol(m)) if m == RUNS_PER_DAY_EXCEEDED => Err(Error::ResourceExhausted {
-                reason: "RECON_RUNS_PER_DAY",
+                reason: Reason::ReconRunsPerDay,
                 message: format!("at most {RUNS_PER_DAY_MAX} reports per processor and day"),
             }),
             // The same report, imported concurrently: that run.

@@ -8,6 +8,7 @@ use super::command::{Command, NewEntry, Op, Outcome, Resolution};
 use super::hook::{Admit, HookBatch, Ticket};
 use crate::kernel::error::{Error, Result};
 use crate::kernel::money::Money;
+use crate::kernel::reason::Reason;
 use crate::ledger::model::{Balance, Direction, Entry, EntryStatus, Metadata, Posting};
 
 /// Balance state of one locked account during a batch.
@@ -64,6 +65,9 @@ impl Draft {
     }
 }
 
+// Decisions live in one Vec per batch, and nearly all of them accept: boxing the draft
+// would cost an allocation per entry to save space in the few that do not.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Decision {
     Accept(Draft),
     Reject(Error),
@@ -175,7 +179,7 @@ impl<'a> Plan<'a> {
                 Op::Resolve { pending, action } => {
                     if resolved.contains(&pending.id) || resolved_now.contains(pending.id.as_str()) {
                         Decision::Reject(Error::FailedPrecondition {
-                            reason: "ENTRY_NOT_PENDING",
+                            reason: Reason::EntryNotPending,
                             message: format!("entry {} is no longer pending", pending.id),
                         })
                     } else {
@@ -189,7 +193,7 @@ impl<'a> Plan<'a> {
                 Op::Reverse { original, description } => {
                     if reversed.contains(&original.id) || reversed_now.contains(original.id.as_str()) {
                         Decision::Reject(Error::FailedPrecondition {
-                            reason: "ALREADY_REVERSED",
+                            reason: Reason::AlreadyReversed,
                             message: format!("entry {} is already reversed", original.id),
                         })
                     } else {
@@ -259,7 +263,7 @@ impl<'a> Plan<'a> {
     ) -> Decision {
         if action != Resolution::Expire && pending.expires_at_us.is_some_and(|t| t <= self.now_us) {
             return Decision::Reject(Error::FailedPrecondition {
-                reason: "ENTRY_EXPIRED",
+                reason: Reason::EntryExpired,
                 message: format!("pending entry {} has expired", pending.id),
             });
         }
@@ -403,7 +407,7 @@ fn apply(accounts: &mut HashMap<i64, AccountState>, effects: &[Effect], postings
         };
         let signed = if e.kind == EffectKind::Release { -e.amount } else { e.amount };
         let overflow = || Error::FailedPrecondition {
-            reason: "BALANCE_LIMIT",
+            reason: Reason::BalanceLimit,
             message: "the balance would exceed what the ledger can hold".into(),
         };
         let total = field_of(&mut state.balance, e.direction, e.kind);
@@ -419,7 +423,7 @@ fn apply(accounts: &mut HashMap<i64, AccountState>, effects: &[Effect], postings
             continue;
         }
         let available = state.balance.available(state.credit_normal).ok_or_else(|| Error::FailedPrecondition {
-            reason: "BALANCE_LIMIT",
+            reason: Reason::BalanceLimit,
             message: "the balance would exceed what the ledger can hold".into(),
         })?;
         if available < 0 {
@@ -434,7 +438,7 @@ fn apply(accounts: &mut HashMap<i64, AccountState>, effects: &[Effect], postings
                 .map(|p| p.amount.currency())
                 .map_or_else(|| (-available).to_string(), |c| Money::from_minor(c, -available).amount_string());
             return Err(Error::FailedPrecondition {
-                reason: "INSUFFICIENT_FUNDS",
+                reason: Reason::InsufficientFunds,
                 message: format!("insufficient funds in {code}: short by {short}"),
             });
         }

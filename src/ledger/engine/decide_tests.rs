@@ -139,7 +139,7 @@ fn decide_with(
 
 fn reason(d: &Decision) -> &'static str {
     match d {
-        Decision::Reject(Error::FailedPrecondition { reason, .. }) => reason,
+        Decision::Reject(Error::FailedPrecondition { reason, .. }) => reason.as_str(),
         Decision::Reject(e) => panic!("rejected without a reason: {e:?}"),
         Decision::Accept(_) => "accepted",
         Decision::KeyTaken => "key taken",
@@ -404,7 +404,7 @@ impl HookBatch for Recorder {
     }
     fn decided(&mut self, cmd: usize, result: std::result::Result<(), &Error>) {
         let result = result.map_err(|e| match e {
-            Error::FailedPrecondition { reason, .. } => *reason,
+            Error::FailedPrecondition { reason, .. } => reason.as_str(),
             _ => "other",
         });
         self.decided.push((cmd, result));

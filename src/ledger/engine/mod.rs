@@ -41,6 +41,7 @@ mod intake;
 
 use crate::kernel::clock::Clock;
 use crate::kernel::error::{Error, Result};
+use crate::kernel::reason::Reason;
 use crate::store::Db;
 use batch::{process_batch, BatchContext};
 pub(crate) use command::Command;
@@ -119,7 +120,7 @@ impl EngineHandle {
         self.tx.try_send(cmd).map_err(|e| {
             refused(match e {
                 mpsc::error::TrySendError::Full(_) => Error::ResourceExhausted {
-                    reason: "LEDGER_QUEUE_FULL",
+                    reason: Reason::LedgerQueueFull,
                     message: "the ledger is at capacity; retry with the same idempotency key".into(),
                 },
                 mpsc::error::TrySendError::Closed(_) => Error::Unavailable("the ledger is shutting down".into()),

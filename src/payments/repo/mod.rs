@@ -18,6 +18,7 @@ pub(crate) mod sqlite;
 use super::model::{Payment, PaymentRequest, PaymentStatus};
 use crate::kernel::clock::Clock;
 use crate::kernel::error::{Error, Result};
+use crate::kernel::reason::Reason;
 use crate::store::{is_unique_violation, Db};
 use crate::with_db;
 use rows::{append_event, EventFields, PaymentRow, RequestRow, COLUMNS, REQUEST_COLUMNS};
@@ -212,14 +213,14 @@ impl PaymentStore {
                 Err(crate::payments::model::daily_limit_error(p.currency()?, cap, sent))
             }
             Ok(Err(Refused::RequestClosed)) => Err(Error::FailedPrecondition {
-                reason: "REQUEST_NOT_OPEN",
+                reason: Reason::RequestNotOpen,
                 message: "the request is no longer open (paid, declined, cancelled or expired)".into(),
             }),
             Err(e) if is_unique_violation(&e) => match self.by_key(&p.sender_id, key).await? {
                 Some((existing, _)) => Ok(Inserted::Existing(existing)),
                 // Not the key: the request this payment would pay has a live payment.
                 None if p.request_id.is_some() => Err(Error::FailedPrecondition {
-                    reason: "REQUEST_NOT_OPEN",
+                    reason: Reason::RequestNotOpen,
                     message: "this request is already paid or being paid".into(),
                 }),
                 None => Err(Error::internal(anyhow::anyhow!("payment insert conflict without a row"))),

@@ -14,6 +14,7 @@ use crate::finance;
 use crate::finance::export::{self, Cursor, Format};
 use crate::finance::recon::{BookingKind, Imported, Item, ItemFilter, ItemStatus, Reconciler, Resolution};
 use crate::kernel::error::Error;
+use crate::kernel::ids::RunId;
 use crate::store::Db;
 
 pub struct FinanceApi {
@@ -37,7 +38,7 @@ impl FinanceApi {
 fn run_to_wire(i: Imported) -> pb::ReconciliationRun {
     let r = i.run;
     pb::ReconciliationRun {
-        run_id: r.run_id,
+        run_id: r.run_id.into_string(),
         processor: r.processor,
         report_date: r.report_date,
         rows: r.rows_count,
@@ -46,7 +47,7 @@ fn run_to_wire(i: Imported) -> pb::ReconciliationRun {
         missing_in_ledger: r.missing_in_ledger,
         missing_in_report: r.missing_in_report,
         duplicates: r.duplicates,
-        superseded_run_id: r.prev_run_id.unwrap_or_default(),
+        superseded_run_id: r.prev_run_id.map(RunId::into_string).unwrap_or_default(),
         current: i.current,
         created: i.new,
         bookings: i
@@ -130,7 +131,7 @@ fn item_to_wire(i: Item) -> pb::ReconciliationItem {
         report_amount: money(i.report_amount),
         ledger_amount: money(i.ledger_amount),
         item_id: i.item_id,
-        run_id: i.run_id,
+        run_id: i.run_id.into_string(),
         status: item_status_to_wire(i.status) as i32,
         processor_reference: i.processor_reference,
         entry_id: i.entry_id.unwrap_or_default(),
@@ -281,7 +282,7 @@ impl pb::finance_server::Finance for FinanceApi {
         caller.require(scope::FINANCE).map_err(to_status)?;
         let r = req.get_ref();
         let filter = item_filter_from_wire(r).map_err(to_status)?;
-        let run_id = super::id("run_id", &r.run_id).map_err(to_status)?;
+        let run_id = &RunId::parse("run_id", &r.run_id).map_err(to_status)?;
         self.recon
             .items(run_id, filter, r.page_size, &r.page_token)
             .await

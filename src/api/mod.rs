@@ -65,7 +65,7 @@ pub fn known_methods() -> Vec<String> {
 /// Longest id (payment, request, entry, card token, reconciliation run or item) a
 /// request may name, in bytes. Every id dmpay issues is under 64; the bound keeps a
 /// hostile id out of queries and error messages.
-pub const ID_LEN_MAX: usize = 128;
+pub use crate::kernel::ids::ID_LEN_MAX;
 
 /// An id from the wire, checked for shape before it reaches a query: at most
 /// `ID_LEN_MAX` bytes and no control characters (NUL included, which PostgreSQL refuses

@@ -4,7 +4,6 @@ use super::money::to_wire;
 use super::pb;
 use super::timestamp;
 use crate::kernel::error::Result;
-use crate::kernel::money::Money;
 use crate::payments::events;
 use crate::payments::model::{PaymentRequest, RequestStatus};
 use crate::payments::{Payment, PaymentStatus};
@@ -13,8 +12,8 @@ pub(super) fn event_to_wire(e: events::Event) -> Result<pb::PaymentEvent> {
     Ok(pb::PaymentEvent {
         sequence: e.sequence,
         r#type: event_type_to_wire(&e.event_type) as i32,
-        payment: e.payment.map(payment_to_wire).transpose()?,
-        bill: e.request.map(bill_to_wire).transpose()?,
+        payment: e.payment.map(payment_to_wire),
+        bill: e.request.map(bill_to_wire),
         occurred_at: Some(timestamp(e.occurred_at_us)),
     })
 }
@@ -39,14 +38,12 @@ fn event_type_to_wire(stored: &str) -> pb::PaymentEventType {
     }
 }
 
-pub(crate) fn payment_to_wire(p: Payment) -> Result<pb::Payment> {
-    let currency = p.currency()?;
-    let money = |minor: i64| Some(to_wire(Money::from_minor(currency, minor)));
-    Ok(pb::Payment {
-        amount: money(p.amount),
-        card_funded_amount: money(p.card_amount),
-        refunded_amount: money(p.refunded_amount),
-        fee: money(p.fee_amount),
+pub(crate) fn payment_to_wire(p: Payment) -> pb::Payment {
+    pb::Payment {
+        amount: Some(to_wire(p.amount)),
+        card_funded_amount: Some(to_wire(p.card_amount)),
+        refunded_amount: Some(to_wire(p.refunded_amount)),
+        fee: Some(to_wire(p.fee_amount)),
         status: match p.status {
             PaymentStatus::Pending => pb::PaymentStatus::Pending,
             PaymentStatus::Settled => pb::PaymentStatus::Settled,
@@ -56,21 +53,20 @@ pub(crate) fn payment_to_wire(p: Payment) -> Result<pb::Payment> {
         } as i32,
         created_at: Some(timestamp(p.created_at_us)),
         settled_at: p.settled_at_us.map(timestamp),
-        payment_id: p.payment_id,
-        sender_id: p.sender_id,
-        recipient_id: p.recipient_id,
+        payment_id: p.payment_id.into_string(),
+        sender_id: p.sender_id.into_string(),
+        recipient_id: p.recipient_id.into_string(),
         note: p.note,
         conversation_id: p.conversation_id,
         message_id: p.message_id,
-        bill_id: p.request_id.unwrap_or_default(),
+        bill_id: p.request_id.map(|r| r.into_string()).unwrap_or_default(),
         failure_reason: p.failure_reason,
-    })
+    }
 }
 
-pub(crate) fn bill_to_wire(r: PaymentRequest) -> Result<pb::Bill> {
-    let currency = r.currency()?;
-    Ok(pb::Bill {
-        amount: Some(to_wire(Money::from_minor(currency, r.amount))),
+pub(crate) fn bill_to_wire(r: PaymentRequest) -> pb::Bill {
+    pb::Bill {
+        amount: Some(to_wire(r.amount)),
         status: match r.status {
             RequestStatus::Open => pb::BillStatus::Open,
             RequestStatus::Paid => pb::BillStatus::Paid,
@@ -80,12 +76,12 @@ pub(crate) fn bill_to_wire(r: PaymentRequest) -> Result<pb::Bill> {
         } as i32,
         created_at: Some(timestamp(r.created_at_us)),
         expires_at: Some(timestamp(r.expires_at_us)),
-        bill_id: r.request_id,
-        requester_id: r.requester_id,
-        payer_id: r.payer_id,
+        bill_id: r.request_id.into_string(),
+        requester_id: r.requester_id.into_string(),
+        payer_id: r.payer_id.into_string(),
         note: r.note,
         conversation_id: r.conversation_id,
         message_id: r.message_id,
-        payment_id: r.payment_id.unwrap_or_default(),
-    })
+        payment_id: r.payment_id.map(|p| p.into_string()).unwrap_or_default(),
+    }
 }

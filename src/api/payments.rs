@@ -12,7 +12,7 @@ use super::watch::{self, WatchStream, Watchers};
 use super::{principal, to_status};
 use crate::auth::{scope, Principal};
 use crate::kernel::error::{Error, Result};
-use crate::kernel::ids::UserId;
+use crate::kernel::ids::{PaymentId, RequestId, UserId};
 use crate::kernel::money::Money;
 use crate::payments::feed::Feed;
 use crate::payments::requests::RequestInput;
@@ -64,7 +64,7 @@ impl pb::payments_server::Payments for PaymentsApi {
                 payment_method_token: (!r.payment_method_token.is_empty()).then(|| r.payment_method_token.clone()),
                 request_id: None,
             };
-            payment_to_wire(self.payments.send(&sender, input).await?)
+            Ok(payment_to_wire(self.payments.send(&sender, input).await?))
         }
         .await;
         result.map(Response::new).map_err(to_status)
@@ -74,7 +74,9 @@ impl pb::payments_server::Payments for PaymentsApi {
         let caller = principal(&req)?;
         let result = async {
             let me = user(caller, scope::PAYMENTS_READ)?;
-            payment_to_wire(self.payments.get(&me, super::id("payment_id", &req.get_ref().payment_id)?).await?)
+            Ok(payment_to_wire(
+                self.payments.get(&me, &PaymentId::parse("payment_id", &req.get_ref().payment_id)?).await?,
+            ))
         }
         .await;
         result.map(Response::new).map_err(to_status)
@@ -87,7 +89,7 @@ impl pb::payments_server::Payments for PaymentsApi {
             let me = user(caller, scope::PAYMENTS_READ)?;
             let (rows, next) = self.payments.list(&me, &r.conversation_id, r.page_size, &r.page_token).await?;
             Ok(pb::ListPaymentsResponse {
-                payments: rows.into_iter().map(payment_to_wire).collect::<Result<Vec<_>>>()?,
+                payments: rows.into_iter().map(payment_to_wire).collect(),
                 next_page_token: next.unwrap_or_default(),
             })
         }
@@ -135,7 +137,7 @@ impl pb::payments_server::Payments for PaymentsApi {
                 message_id: r.message_id.clone(),
                 expires_in_s: r.expires_in_seconds,
             };
-            bill_to_wire(self.payments.request(&requester, input).await?)
+            Ok(bill_to_wire(self.payments.request(&requester, input).await?))
         }
         .await;
         result.map(Response::new).map_err(to_status)
@@ -149,10 +151,10 @@ impl pb::payments_server::Payments for PaymentsApi {
             crate::ledger::check_idempotency_key("idempotency_key", &r.idempotency_key)?;
             let funding = funding_from_wire(r.funding_source)?;
             let token = (!r.payment_method_token.is_empty()).then(|| r.payment_method_token.clone());
-            let request_id = super::id("bill_id", &r.bill_id)?;
+            let request_id = &RequestId::parse("bill_id", &r.bill_id)?;
             super::id("payment_method_token", &r.payment_method_token)?;
             let paid = self.payments.pay_request(&payer, request_id, r.idempotency_key.clone(), funding, token).await?;
-            payment_to_wire(paid)
+            Ok(payment_to_wire(paid))
         }
         .await;
         result.map(Response::new).map_err(to_status)
@@ -162,7 +164,9 @@ impl pb::payments_server::Payments for PaymentsApi {
         let caller = principal(&req)?;
         let result = async {
             let me = user(caller, scope::PAYMENTS_WRITE)?;
-            bill_to_wire(self.payments.decline_request(&me, super::id("bill_id", &req.get_ref().bill_id)?).await?)
+            Ok(bill_to_wire(
+                self.payments.decline_request(&me, &RequestId::parse("bill_id", &req.get_ref().bill_id)?).await?,
+            ))
         }
         .await;
         result.map(Response::new).map_err(to_status)
@@ -172,7 +176,9 @@ impl pb::payments_server::Payments for PaymentsApi {
         let caller = principal(&req)?;
         let result = async {
             let me = user(caller, scope::PAYMENTS_WRITE)?;
-            bill_to_wire(self.payments.cancel_request(&me, super::id("bill_id", &req.get_ref().bill_id)?).await?)
+            Ok(bill_to_wire(
+                self.payments.cancel_request(&me, &RequestId::parse("bill_id", &req.get_ref().bill_id)?).await?,
+            ))
         }
         .await;
         result.map(Response::new).map_err(to_status)
@@ -182,7 +188,9 @@ impl pb::payments_server::Payments for PaymentsApi {
         let caller = principal(&req)?;
         let result = async {
             let me = user(caller, scope::PAYMENTS_READ)?;
-            bill_to_wire(self.payments.get_request(&me, super::id("bill_id", &req.get_ref().bill_id)?).await?)
+            Ok(bill_to_wire(
+                self.payments.get_request(&me, &RequestId::parse("bill_id", &req.get_ref().bill_id)?).await?,
+            ))
         }
         .await;
         result.map(Response::new).map_err(to_status)
@@ -198,8 +206,8 @@ impl pb::payments_server::Payments for PaymentsApi {
                 r.amount.as_ref(),
                 self.payments.ledger().accounts().currencies(),
             )?;
-            let payment_id = super::id("payment_id", &r.payment_id)?;
-            payment_to_wire(self.payments.refund(&me, payment_id, &r.idempotency_key, amount, &r.reason).await?)
+            let payment_id = &PaymentId::parse("payment_id", &r.payment_id)?;
+            Ok(payment_to_wire(self.payments.refund(&me, payment_id, &r.idempotency_key, amount, &r.reason).await?))
         }
         .await;
         result.map(Response::new).map_err(to_status)

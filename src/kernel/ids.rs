@@ -1,43 +1,164 @@
 //! Identifier newtypes, parsed once where they enter and trusted inside.
+//!
+//! Every id is declared by `id_type!`, so each has the same shape: `parse` for what a
+//! caller sends (the field named in the error), `from_db` for what was parsed when it
+//! was written, `as_str`, `Display`, and `generate` for the ones dmpay mints. A function
+//! that takes a `&PaymentId` cannot be handed a request id or a user id by mistake.
 
 use std::fmt;
 
 use super::error::{Error, Result};
 
-/// Longest user id; also bounds ledger account codes built from it.
-pub const USER_ID_LEN_MAX: usize = 128;
+/// Longest id of any kind; also bounds ledger account codes built from a user id.
+pub const ID_LEN_MAX: usize = 128;
 
-/// A platform user id: 1 to 128 characters of `[A-Za-z0-9_.-]`. The alphabet keeps ids
-/// safe inside ledger account codes (`user:<id>:wallet:USD`) and log lines.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct UserId(String);
+/// Declares an identifier newtype over `String`. `$check` validates a caller's text
+/// beyond the shared rules (at most `ID_LEN_MAX` bytes, no control characters: NUL
+/// among them, which PostgreSQL refuses). `$prefix` is what `generate` starts with.
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident, prefix = $prefix:literal, check = $check:expr) => {
+        $(#[$doc])*
+        // Bound and decoded as text by both backends; a decoded id was parsed when it
+        // was written.
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, sqlx::Type)]
+        #[sqlx(transparent)]
+        pub struct $name(String);
 
-impl UserId {
-    pub fn parse(field: &str, raw: &str) -> Result<Self> {
-        if raw.is_empty() {
-            return Err(Error::invalid(field, "required"));
+        impl $name {
+            /// Parses a caller's text; `field` names it in the error.
+            pub fn parse(field: &str, raw: &str) -> Result<Self> {
+                if raw.len() > ID_LEN_MAX {
+                    return Err(Error::invalid(field, format!("at most {ID_LEN_MAX} bytes")));
+                }
+                if raw.chars().any(char::is_control) {
+                    return Err(Error::invalid(field, "may not contain control characters"));
+                }
+                let check: fn(&str, &str) -> Result<()> = $check;
+                check(field, raw)?;
+                Ok($name(raw.to_owned()))
+            }
+
+            /// A fresh id, time-ordered (UUIDv7) after its prefix. (Not every kind is
+            /// minted, or read back, by dmpay itself; the macro gives each the same
+            /// surface.)
+            #[allow(dead_code)]
+            pub fn generate() -> Self {
+                $name(format!(concat!($prefix, "{}"), uuid::Uuid::now_v7().simple()))
+            }
+
+            /// An id read back from the database, which was parsed when written.
+            #[allow(dead_code)]
+            pub(crate) fn from_db(raw: String) -> Self {
+                $name(raw)
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            pub fn into_string(self) -> String {
+                self.0
+            }
         }
-        if raw.len() > USER_ID_LEN_MAX {
-            return Err(Error::invalid(field, format!("at most {USER_ID_LEN_MAX} characters")));
-        }
-        if !raw.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')) {
-            return Err(Error::invalid(field, "only letters, digits, '_', '.' and '-' are allowed"));
-        }
-        Ok(UserId(raw.to_owned()))
-    }
 
-    /// A user id read back from the database, which was parsed when written.
-    pub(crate) fn from_db(raw: String) -> Self {
-        UserId(raw)
-    }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
 
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+        // The derived `Hash` hashes the inner string, so maps keyed by ids can be
+        // looked up with a `&str`.
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+    };
 }
 
-impl fmt::Display for UserId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+/// Any id dmpay minted itself: a caller may send any bounded printable text, and one
+/// that names nothing is simply not found.
+fn any(_field: &str, _raw: &str) -> Result<()> {
+    Ok(())
+}
+
+/// User ids: required, and `[A-Za-z0-9_.-]` only, which keeps them safe inside ledger
+/// account codes (`user:<id>:wallet:USD`) and log lines.
+fn user_chars(field: &str, raw: &str) -> Result<()> {
+    if raw.is_empty() {
+        return Err(Error::invalid(field, "required"));
+    }
+    if !raw.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')) {
+        return Err(Error::invalid(field, "only letters, digits, '_', '.' and '-' are allowed"));
+    }
+    Ok(())
+}
+
+id_type!(
+    /// A platform user id: 1 to 128 characters of `[A-Za-z0-9_.-]`.
+    UserId, prefix = "", check = user_chars
+);
+id_type!(
+    /// A payment, `pay_` and a UUIDv7.
+    PaymentId, prefix = "pay_", check = any
+);
+id_type!(
+    /// A money request (a bill on the wire), `req_` and a UUIDv7.
+    RequestId, prefix = "req_", check = any
+);
+id_type!(
+    /// A refund of a payment, `rf_` and a UUIDv7.
+    RefundId, prefix = "rf_", check = any
+);
+id_type!(
+    /// A reconciliation run, `run_` and a UUIDv7.
+    RunId, prefix = "run_", check = any
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_names_the_field_and_bounds_every_id() {
+        let long = "a".repeat(ID_LEN_MAX + 1);
+        for err in [
+            UserId::parse("recipient_id", &long).unwrap_err(),
+            PaymentId::parse("payment_id", &long).unwrap_err(),
+            RequestId::parse("bill_id", "a\u{0}b").unwrap_err(),
+            UserId::parse("recipient_id", "").unwrap_err(),
+            UserId::parse("recipient_id", "a b").unwrap_err(),
+        ] {
+            assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        }
+        assert_eq!(PaymentId::parse("payment_id", "anything-printable").unwrap(), "anything-printable");
+        assert_eq!(UserId::parse("recipient_id", &"a".repeat(ID_LEN_MAX)).unwrap().as_str().len(), ID_LEN_MAX);
+    }
+
+    #[test]
+    fn generated_ids_carry_their_prefix_and_are_distinct() {
+        let (a, b) = (PaymentId::generate(), PaymentId::generate());
+        assert!(a.as_str().starts_with("pay_") && a.as_str().len() == 36, "{a}");
+        assert_ne!(a, b);
+        assert!(RunId::generate().as_str().starts_with("run_"));
     }
 }

@@ -25,7 +25,6 @@ use super::model::{Payment, PaymentStatus, PaymentsConfig};
 use super::repo::rows::EventFields;
 use crate::accounts::{Status as AccountStatus, Tier};
 use crate::kernel::error::{Error, Result};
-use crate::kernel::money::Money;
 use crate::ledger::engine::hook::{Admit, BatchHook, Conn, HookBatch, Ticket};
 use crate::ledger::Outcome;
 
@@ -77,7 +76,7 @@ struct Existing {
 /// How the first command with a given key in this batch ended.
 enum First {
     /// A payment row was (or will be) written: later duplicates replay it.
-    Recorded(String),
+    Recorded(crate::kernel::ids::PaymentId),
     /// Refused without a row: later duplicates get the same error.
     Refused(Error),
 }
@@ -170,23 +169,27 @@ impl BatchHook for PaymentsHook {
     }
 }
 
+/// The key of `Batch::sent`: the sender and the payment's currency.
+fn spend_key(p: &Payment) -> (String, String) {
+    (p.sender_id.to_string(), p.currency().code().to_owned())
+}
+
 impl Batch {
     /// The payment's own rules, under the batch's locks.
     fn rules(&self, s: &SendAttachment) -> Result<()> {
         let p = &s.payment;
         let (tier, status) = self
             .users
-            .get(&p.sender_id)
+            .get(p.sender_id.as_str())
             .copied()
             .ok_or_else(|| Error::internal(anyhow::anyhow!("sender account {} missing", p.sender_id)))?;
         let recipient = self
             .users
-            .get(&p.recipient_id)
+            .get(p.recipient_id.as_str())
             .map(|(_, status)| *status)
             .ok_or_else(|| Error::internal(anyhow::anyhow!("recipient account {} missing", p.recipient_id)))?;
-        let amount = Money::from_minor(p.currency()?, p.amount);
-        let sent = self.sent.get(&(p.sender_id.clone(), p.currency.clone())).copied().unwrap_or(0);
-        super::model::check_send_rules(status, recipient, self.config.limits(tier), amount, sent)?;
+        let sent = self.sent.get(&spend_key(p)).copied().unwrap_or(0);
+        super::model::check_send_rules(status, recipient, self.config.limits(tier), p.amount, sent)?;
         Ok(())
     }
 }
@@ -201,11 +204,11 @@ impl HookBatch for Batch {
             )))));
         }
         let Some(s) = self.sends.get(&cmd) else { return Admit::Proceed };
-        let id = (s.payment.sender_id.clone(), s.idempotency_key.clone());
+        let id = (s.payment.sender_id.to_string(), s.idempotency_key.clone());
         if let Some((hash, first)) = self.firsts.get(&id) {
             return Admit::Answer(Box::new(match first {
                 _ if *hash != s.request_hash => Err(key_reused(&s.idempotency_key)),
-                First::Recorded(payment_id) => Ok(Outcome::Replayed(payment_id.clone())),
+                First::Recorded(payment_id) => Ok(Outcome::Replayed(payment_id.to_string())),
                 First::Refused(e) => Err(e.duplicate()),
             }));
         }
@@ -227,12 +230,12 @@ impl HookBatch for Batch {
 
     fn decided(&mut self, cmd: usize, result: std::result::Result<(), &Error>) {
         let Some(s) = self.sends.get(&cmd) else { return };
-        let id = (s.payment.sender_id.clone(), s.idempotency_key.clone());
+        let id = (s.payment.sender_id.to_string(), s.idempotency_key.clone());
         let first = match result {
             Ok(_) => {
                 let mut p = s.payment.clone();
                 p.status = PaymentStatus::Settled;
-                *self.sent.entry((p.sender_id.clone(), p.currency.clone())).or_insert(0) += p.amount;
+                *self.sent.entry(spend_key(&p)).or_insert(0) += p.amount.minor();
                 let recorded = First::Recorded(p.payment_id.clone());
                 self.rows.push((cmd, p));
                 recorded
@@ -300,7 +303,8 @@ impl Batch {
             .collect();
         let mut spent: HashMap<(&str, &str, i64), i64> = HashMap::new();
         for (p, _, _) in rows.iter().filter(|(p, _, _)| p.status == PaymentStatus::Settled) {
-            *spent.entry((&p.sender_id, &p.currency, super::spend::hour_of(p.created_at_us))).or_insert(0) += p.amount;
+            let bucket = (p.sender_id.as_str(), p.currency().code(), super::spend::hour_of(p.created_at_us));
+            *spent.entry(bucket).or_insert(0) += p.amount.minor();
         }
         let mut spent: Vec<BatchSpend<'_>> = spent.into_iter().collect();
         spent.sort_unstable();
@@ -360,17 +364,20 @@ mod tests {
     #[test]
     fn tickets_are_held_until_released() {
         let hook = PaymentsHook::new(Arc::new(PaymentsConfig::default()));
+        let usd = |minor| {
+            crate::kernel::money::Money::from_minor(crate::kernel::money::Currency::from_code("USD").unwrap(), minor)
+        };
+        let user = |id: &str| crate::kernel::ids::UserId::parse("user", id).unwrap();
         let send = |id: &str| SendAttachment {
             payment: Payment {
-                payment_id: id.into(),
-                sender_id: "alice".into(),
-                recipient_id: "bob".into(),
-                currency: "USD".into(),
-                amount: 100,
-                wallet_amount: 100,
-                card_amount: 0,
-                fee_amount: 0,
-                refunded_amount: 0,
+                payment_id: crate::kernel::ids::PaymentId::parse("payment_id", id).unwrap(),
+                sender_id: user("alice"),
+                recipient_id: user("bob"),
+                amount: usd(100),
+                wallet_amount: usd(100),
+                card_amount: usd(0),
+                fee_amount: usd(0),
+                refunded_amount: usd(0),
                 status: PaymentStatus::Pending,
                 funding_source: super::super::FundingSource::Balance,
                 payment_method_token: None,

@@ -7,13 +7,13 @@
 use super::repo::{Claim, DailyCap, Inserted};
 use super::{model, FundingSource, Payment, PaymentStatus, Payments, SendInput, ACTOR};
 use crate::kernel::error::{Error, Result};
-use crate::kernel::ids::UserId;
-use crate::kernel::money::{Currency, Money};
+use crate::kernel::ids::{PaymentId, UserId};
+use crate::kernel::money::Money;
 use crate::kernel::reason::Reason;
 use crate::ledger::{AccountCode, Direction, Entry, PostEntryInput, PostingInput, SYSTEM_CLEARING, SYSTEM_FEES};
 use crate::processor::ProcessorError;
 
-fn key(payment_id: &str, step: &str) -> String {
+fn key(payment_id: &PaymentId, step: &str) -> String {
     format!("pay:{payment_id}:{step}")
 }
 
@@ -43,7 +43,7 @@ impl Payments {
         request_hash: &str,
     ) -> Result<Payment> {
         let currency = input.amount.currency();
-        if let Some((existing, existing_hash)) = self.store.by_key(sender.as_str(), &input.idempotency_key).await? {
+        if let Some((existing, existing_hash)) = self.store.by_key(sender, &input.idempotency_key).await? {
             if existing_hash != request_hash {
                 return Err(super::key_reused(&input.idempotency_key));
             }
@@ -59,7 +59,7 @@ impl Payments {
         let sender_account = self.accounts.ensure(sender).await?;
         // A first look, so that a send plainly over the limit writes nothing; the count
         // itself is taken atomically with the payment row (`PaymentStore::insert`).
-        let sent = super::repo::spend::sent(self.store.db(), sender.as_str(), currency.code(), self.now_us()).await?;
+        let sent = super::repo::spend::sent(self.store.db(), sender, currency, self.now_us()).await?;
         let limits = self.config.limits(sender_account.tier);
         model::check_send_rules(sender_account.status, recipient_account.status, limits, input.amount, sent)?;
 
@@ -86,15 +86,14 @@ impl Payments {
 
         let now = self.now_us();
         let mut payment = Payment {
-            payment_id: format!("pay_{}", uuid::Uuid::now_v7().simple()),
-            sender_id: sender.to_string(),
-            recipient_id: input.recipient.to_string(),
-            currency: currency.code().to_owned(),
-            amount: input.amount.minor(),
-            wallet_amount: wallet_part,
-            card_amount: card_part,
-            fee_amount: fee,
-            refunded_amount: 0,
+            payment_id: PaymentId::generate(),
+            sender_id: sender.clone(),
+            recipient_id: input.recipient.clone(),
+            amount: input.amount,
+            wallet_amount: Money::from_minor(currency, wallet_part),
+            card_amount: Money::from_minor(currency, card_part),
+            fee_amount: Money::from_minor(currency, fee),
+            refunded_amount: Money::zero(currency),
             status: PaymentStatus::Pending,
             funding_source: input.funding,
             payment_method_token: input.payment_method_token.clone(),
@@ -134,10 +133,6 @@ impl Payments {
 
     async fn has_default_card(&self, user: &UserId) -> Result<bool> {
         Ok(self.vault.list(user, false).await?.iter().any(|m| m.is_default))
-    }
-
-    fn wallet_code(user: &str, currency: Currency) -> Result<AccountCode> {
-        Ok(AccountCode::wallet(&UserId::parse("user_id", user)?, currency))
     }
 
     async fn entry(
@@ -207,12 +202,12 @@ impl Payments {
     /// idempotent; before each step that cannot be undone (a processor call, failing the
     /// payment) the claim is renewed, and an attempt that lost it stops.
     pub async fn settle(&self, payment: Payment, claim: &Claim) -> Result<Payment> {
-        let currency = payment.currency()?;
-        let sender_wallet = Self::wallet_code(&payment.sender_id, currency)?;
-        let recipient_wallet = Self::wallet_code(&payment.recipient_id, currency)?;
-        let wallet_part = Money::from_minor(currency, payment.wallet_amount);
+        let currency = payment.currency();
+        let sender_wallet = AccountCode::wallet(&payment.sender_id, currency);
+        let recipient_wallet = AccountCode::wallet(&payment.recipient_id, currency);
+        let wallet_part = payment.wallet_amount;
 
-        if payment.card_amount == 0 {
+        if payment.card_amount.minor() == 0 {
             let result = self
                 .entry(
                     &payment,
@@ -236,7 +231,7 @@ impl Payments {
 
         // Card funded, fully or in part. First hold the wallet part, so concurrent sends
         // cannot spend it while the card is charged.
-        let hold = if payment.wallet_amount > 0 {
+        let hold = if payment.wallet_amount.minor() > 0 {
             let held = self
                 .entry(
                     &payment,
@@ -259,10 +254,12 @@ impl Payments {
         } else {
             None
         };
-        let charge_total = Money::from_minor(currency, payment.card_amount + payment.fee_amount);
-        let sender = UserId::parse("sender_id", &payment.sender_id)?;
+        let charge_total = payment
+            .card_amount
+            .checked_add(payment.fee_amount)
+            .ok_or_else(|| Error::internal(anyhow::anyhow!("card part and fee overflow")))?;
 
-        let charged = self.charge(&payment, claim, &sender, charge_total).await;
+        let charged = self.charge(&payment, claim, charge_total).await;
         let capture_ref = match charged {
             Ok(reference) => reference,
             Err(Charge::Declined(reason, message)) => {
@@ -287,19 +284,15 @@ impl Payments {
         // The card funding and the transfer, in one entry: the processor owes dmpay what
         // the card paid, the sender's wallet is credited with it and debited for the
         // payment and the fee.
-        let card_part = Money::from_minor(currency, payment.card_amount);
+        let card_part = payment.card_amount;
         let mut postings = vec![
             posting(AccountCode::system(SYSTEM_CLEARING, currency), Direction::Debit, charge_total),
             posting(sender_wallet.clone(), Direction::Credit, charge_total),
             posting(sender_wallet.clone(), Direction::Debit, charge_total),
             posting(recipient_wallet.clone(), Direction::Credit, card_part),
         ];
-        if payment.fee_amount > 0 {
-            postings.push(posting(
-                AccountCode::system(SYSTEM_FEES, currency),
-                Direction::Credit,
-                Money::from_minor(currency, payment.fee_amount),
-            ));
+        if payment.fee_amount.minor() > 0 {
+            postings.push(posting(AccountCode::system(SYSTEM_FEES, currency), Direction::Credit, payment.fee_amount));
         }
         let charged = Payment { capture_ref: Some(capture_ref.clone()), ..payment.clone() };
         let settled = self.entry(&charged, "settle", "dm_payment_card", postings, false).await;
@@ -353,13 +346,7 @@ impl Payments {
 
     /// Authorizes and captures the card part. A call whose outcome is unknown is looked
     /// up, never retried blindly.
-    async fn charge(
-        &self,
-        payment: &Payment,
-        claim: &Claim,
-        sender: &UserId,
-        total: Money,
-    ) -> std::result::Result<String, Charge> {
+    async fn charge(&self, payment: &Payment, claim: &Claim, total: Money) -> std::result::Result<String, Charge> {
         let ours = || async {
             match self.still_ours(payment, claim).await {
                 Ok(true) => Ok(()),
@@ -384,14 +371,15 @@ impl Payments {
             Some(record) => outcome(record.outcome.map(|()| record.reference))?,
             None => {
                 ours().await?;
-                let card =
-                    self.vault.chargeable(sender, payment.payment_method_token.as_deref(), "charge").await.map_err(
-                        |e| match e {
-                            Error::FailedPrecondition { reason, message } => Charge::Declined(reason, message),
-                            Error::NotFound(m) => Charge::Declined(Reason::NoPaymentMethod, m),
-                            other => Charge::Other(other),
-                        },
-                    )?;
+                let card = self
+                    .vault
+                    .chargeable(&payment.sender_id, payment.payment_method_token.as_deref(), "charge")
+                    .await
+                    .map_err(|e| match e {
+                        Error::FailedPrecondition { reason, message } => Charge::Declined(reason, message),
+                        Error::NotFound(m) => Charge::Declined(Reason::NoPaymentMethod, m),
+                        other => Charge::Other(other),
+                    })?;
                 outcome(processor.authorize(&auth_key, card.details(), total).await)?
             }
         };

@@ -10,6 +10,8 @@ use super::model::{PaymentRequest, RequestStatus};
 use super::repo::rows::{PaymentRow, RequestRow, COLUMNS, REQUEST_COLUMNS};
 use super::{Payment, PaymentStatus};
 use crate::kernel::error::Result;
+use crate::kernel::ids::{PaymentId, RequestId};
+use crate::kernel::money::Money;
 use crate::store::{json_rows, Db};
 use crate::with_db;
 
@@ -53,12 +55,12 @@ struct EventRow {
     occurred_at_us: i64,
 }
 
-/// A legacy event's JSON copy.
+/// A legacy event's JSON copy: the row's columns under their names.
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum Snapshot {
-    Payment(Box<Payment>),
-    Request(Box<PaymentRequest>),
+    Payment(Box<PaymentRow>),
+    Request(Box<RequestRow>),
 }
 
 pub use super::repo::hub::EventHub;
@@ -108,14 +110,14 @@ pub async fn read(db: &Db, user: Option<&str>, conversation: &str, after: i64) -
         .map(|r| {
             let (payment, request) = if !r.snapshot.is_empty() {
                 match serde_json::from_str::<Snapshot>(&r.snapshot).ok() {
-                    Some(Snapshot::Payment(p)) => (Some(*p), None),
-                    Some(Snapshot::Request(q)) => (None, Some(*q)),
+                    Some(Snapshot::Payment(p)) => (Payment::try_from(*p).ok(), None),
+                    Some(Snapshot::Request(q)) => (None, PaymentRequest::try_from(*q).ok()),
                     None => (None, None),
                 }
             } else if r.event_type.starts_with("payment.") {
                 let payment = r.payment_id.as_deref().and_then(|id| payments.get(id)).map(|p| Payment {
                     status: PaymentStatus::from_db(&r.status).unwrap_or(p.status),
-                    refunded_amount: r.refunded_amount,
+                    refunded_amount: Money::from_minor(p.currency(), r.refunded_amount),
                     failure_reason: r.failure_reason.clone(),
                     failure_message: r.failure_message.clone(),
                     authorization_ref: r.authorization_ref.clone(),
@@ -127,7 +129,7 @@ pub async fn read(db: &Db, user: Option<&str>, conversation: &str, after: i64) -
             } else {
                 let request = r.request_id.as_deref().and_then(|id| requests.get(id)).map(|q| PaymentRequest {
                     status: RequestStatus::from_db(&r.status).unwrap_or(q.status),
-                    payment_id: r.payment_id.clone(),
+                    payment_id: r.payment_id.clone().map(PaymentId::from_db),
                     ..q.clone()
                 });
                 (None, request)
@@ -147,13 +149,13 @@ pub async fn read(db: &Db, user: Option<&str>, conversation: &str, after: i64) -
 }
 
 /// The payments with these ids, by id (at most a page of events' worth).
-async fn load_payments(db: &Db, ids: &[&str]) -> Result<HashMap<String, Payment>> {
+async fn load_payments(db: &Db, ids: &[&str]) -> Result<HashMap<PaymentId, Payment>> {
     let rows: Vec<PaymentRow> = rows_by_id(db, &format!("SELECT {COLUMNS} FROM payments"), "payment_id", ids).await?;
     rows.into_iter().map(|r| Payment::try_from(r).map(|p| (p.payment_id.clone(), p))).collect()
 }
 
 /// The requests with these ids, by id.
-async fn load_requests(db: &Db, ids: &[&str]) -> Result<HashMap<String, PaymentRequest>> {
+async fn load_requests(db: &Db, ids: &[&str]) -> Result<HashMap<RequestId, PaymentRequest>> {
     let rows: Vec<RequestRow> =
         rows_by_id(db, &format!("SELECT {REQUEST_COLUMNS} FROM payment_requests"), "request_id", ids).await?;
     rows.into_iter().map(|r| PaymentRequest::try_from(r).map(|q| (q.request_id.clone(), q))).collect()
@@ -193,4 +195,32 @@ pub async fn latest(db: &Db) -> Result<i64> {
         .fetch_one(pool)
         .await)?;
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Events written before migration 0008 hold a JSON copy in the shape `Payment` and
+    /// `PaymentRequest` serialized to then: their columns under the same names.
+    #[test]
+    fn legacy_json_copies_still_decode() {
+        let payment = r#"{"payment_id":"pay_1","sender_id":"alice","recipient_id":"bob","currency":"USD",
+            "amount":1250,"wallet_amount":1000,"card_amount":250,"fee_amount":0,"refunded_amount":0,
+            "status":"settled","funding_source":"auto","payment_method_token":null,"note":"pizza",
+            "conversation_id":"c1","message_id":"m1","request_id":null,"failure_reason":"","failure_message":"",
+            "authorization_ref":null,"capture_ref":"sbx_1","created_at_us":1,"settled_at_us":2}"#;
+        let Ok(Snapshot::Payment(row)) = serde_json::from_str::<Snapshot>(payment) else { panic!("not a payment") };
+        let p = Payment::try_from(*row).unwrap();
+        assert_eq!((p.payment_id.as_str(), p.sender_id.as_str(), p.status), ("pay_1", "alice", PaymentStatus::Settled));
+        assert_eq!((p.amount.minor(), p.card_amount.minor(), p.currency().code()), (1250, 250, "USD"));
+
+        let request = r#"{"request_id":"req_1","requester_id":"bob","payer_id":"alice","currency":"EUR",
+            "amount":500,"note":"","conversation_id":"c1","message_id":"m2","status":"paid",
+            "payment_id":"pay_1","created_at_us":1,"expires_at_us":9}"#;
+        let Ok(Snapshot::Request(row)) = serde_json::from_str::<Snapshot>(request) else { panic!("not a request") };
+        let q = PaymentRequest::try_from(*row).unwrap();
+        assert_eq!((q.status, q.payment_id.as_ref().map(|p| p.as_str())), (RequestStatus::Paid, Some("pay_1")));
+        assert_eq!(q.amount.to_string(), Money::from_minor(q.currency(), 500).to_string());
+    }
 }

@@ -37,7 +37,7 @@ use repo::PaymentStore;
 
 use crate::accounts::Accounts;
 use crate::kernel::error::{Error, Result};
-use crate::kernel::ids::UserId;
+use crate::kernel::ids::{PaymentId, RequestId, UserId};
 use crate::kernel::money::Money;
 use crate::kernel::reason::Reason;
 use crate::ledger::{Direction, Ledger, NewEntry, Op, Outcome, Posting};
@@ -60,7 +60,7 @@ pub struct SendInput {
     pub funding: FundingSource,
     pub payment_method_token: Option<String>,
     /// Set when this send pays a request.
-    pub request_id: Option<String>,
+    pub request_id: Option<RequestId>,
 }
 
 impl SendInput {
@@ -75,7 +75,7 @@ impl SendInput {
             "message": self.message_id,
             "funding": self.funding.as_str(),
             "token": self.payment_method_token,
-            "request": self.request_id,
+            "request": self.request_id.as_ref().map(|r| r.as_str()),
         }))
     }
 }
@@ -180,7 +180,7 @@ impl Payments {
             // A concurrent call with this key may have gone through between its lookup
             // and this refusal (using up the daily limit, say): answer as it did.
             Err(refusal @ (Error::FailedPrecondition { .. } | Error::ResourceExhausted { .. })) => {
-                match self.store.by_key(sender.as_str(), &key).await? {
+                match self.store.by_key(sender, &key).await? {
                     Some((existing, hash)) if hash == request_hash => Self::replay(existing),
                     _ => Err(refusal),
                 }
@@ -231,15 +231,14 @@ impl Payments {
         let from = self.ledger.accounts().wallet(sender, currency).await?;
         let to = self.ledger.accounts().wallet(&input.recipient, currency).await?;
         let payment = Payment {
-            payment_id: format!("pay_{}", uuid::Uuid::now_v7().simple()),
-            sender_id: sender.to_string(),
-            recipient_id: input.recipient.to_string(),
-            currency: currency.code().to_owned(),
-            amount: input.amount.minor(),
-            wallet_amount: input.amount.minor(),
-            card_amount: 0,
-            fee_amount: 0,
-            refunded_amount: 0,
+            payment_id: PaymentId::generate(),
+            sender_id: sender.clone(),
+            recipient_id: input.recipient.clone(),
+            amount: input.amount,
+            wallet_amount: input.amount,
+            card_amount: Money::zero(currency),
+            fee_amount: Money::zero(currency),
+            refunded_amount: Money::zero(currency),
             status: PaymentStatus::Pending,
             funding_source: input.funding,
             payment_method_token: None,
@@ -284,7 +283,11 @@ impl Payments {
                 Ok(Some(Payment { status: PaymentStatus::Settled, settled_at_us: Some(batch_clock_us), ..payment }))
             }
             Ok(Outcome::Replayed(payment_id)) => {
-                let p = self.store.get(&payment_id).await?.ok_or_else(|| Error::not_found("payment"))?;
+                let p = self
+                    .store
+                    .get(&PaymentId::from_db(payment_id))
+                    .await?
+                    .ok_or_else(|| Error::not_found("payment"))?;
                 Self::replay(p).map(Some)
             }
             Err(Error::FailedPrecondition { reason: Reason::InsufficientFunds, .. })
@@ -305,7 +308,7 @@ impl Payments {
     /// The metadata every entry of a payment carries.
     fn entry_metadata(payment: &Payment) -> BTreeMap<String, String> {
         [
-            ("payment_id".to_string(), payment.payment_id.clone()),
+            ("payment_id".to_string(), payment.payment_id.to_string()),
             ("conversation_id".to_string(), payment.conversation_id.clone()),
             ("message_id".to_string(), payment.message_id.clone()),
         ]
@@ -315,12 +318,12 @@ impl Payments {
     }
 
     /// A payment the user took part in; others get NOT_FOUND, as for a missing one.
-    pub async fn get(&self, user: &UserId, payment_id: &str) -> Result<Payment> {
-        if payment_id.is_empty() {
+    pub async fn get(&self, user: &UserId, payment_id: &PaymentId) -> Result<Payment> {
+        if payment_id.as_str().is_empty() {
             return Err(Error::invalid("payment_id", "required"));
         }
         match self.store.get(payment_id).await? {
-            Some(p) if p.involves(user.as_str()) => Ok(p),
+            Some(p) if p.involves(user) => Ok(p),
             _ => Err(Error::NotFound(format!("payment {payment_id} not found"))),
         }
     }

@@ -1,18 +1,15 @@
 //! Payment types and the validation of what a sender asks for.
 
-use serde::{Deserialize, Serialize};
-
 use crate::accounts::Tier;
 use crate::kernel::error::{Error, Result};
-use crate::kernel::ids::UserId;
-use crate::kernel::money::Currency;
+use crate::kernel::ids::{PaymentId, RequestId, UserId};
+use crate::kernel::money::{Currency, Money};
 use crate::kernel::reason::Reason;
 
 pub const NOTE_LEN_MAX: usize = 280;
 pub const OPAQUE_ID_LEN_MAX: usize = 128;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FundingSource {
     Auto,
     Balance,
@@ -38,8 +35,7 @@ impl FundingSource {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PaymentStatus {
     Pending,
     Settled,
@@ -71,25 +67,25 @@ impl PaymentStatus {
     }
 }
 
-/// A payment as stored and returned. Amounts in minor units of `currency`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A payment as stored and returned. Every amount is in the payment's one currency:
+/// `amount` = `wallet_amount` + `card_amount`, and the sender paid `fee_amount` on top.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Payment {
-    pub payment_id: String,
-    pub sender_id: String,
-    pub recipient_id: String,
-    pub currency: String,
-    pub amount: i64,
-    pub wallet_amount: i64,
-    pub card_amount: i64,
-    pub fee_amount: i64,
-    pub refunded_amount: i64,
+    pub payment_id: PaymentId,
+    pub sender_id: UserId,
+    pub recipient_id: UserId,
+    pub amount: Money,
+    pub wallet_amount: Money,
+    pub card_amount: Money,
+    pub fee_amount: Money,
+    pub refunded_amount: Money,
     pub status: PaymentStatus,
     pub funding_source: FundingSource,
     pub payment_method_token: Option<String>,
     pub note: String,
     pub conversation_id: String,
     pub message_id: String,
-    pub request_id: Option<String>,
+    pub request_id: Option<RequestId>,
     pub failure_reason: String,
     pub failure_message: String,
     pub authorization_ref: Option<String>,
@@ -99,13 +95,12 @@ pub struct Payment {
 }
 
 impl Payment {
-    pub fn currency(&self) -> Result<Currency> {
-        Currency::from_code(&self.currency)
-            .ok_or_else(|| Error::internal(anyhow::anyhow!("unknown currency {} on a payment", self.currency)))
+    pub fn currency(&self) -> Currency {
+        self.amount.currency()
     }
 
-    pub fn involves(&self, user: &str) -> bool {
-        self.sender_id == user || self.recipient_id == user
+    pub fn involves(&self, user: &UserId) -> bool {
+        self.sender_id == *user || self.recipient_id == *user
     }
 
     /// The error a FAILED payment answers with, so a retry returns the same error.
@@ -256,8 +251,7 @@ pub fn parse_recipient(raw: &str) -> Result<UserId> {
 }
 
 /// A request for money in a DM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestStatus {
     Open,
     Paid,
@@ -289,26 +283,24 @@ impl RequestStatus {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PaymentRequest {
-    pub request_id: String,
-    pub requester_id: String,
-    pub payer_id: String,
-    pub currency: String,
-    pub amount: i64,
+    pub request_id: RequestId,
+    pub requester_id: UserId,
+    pub payer_id: UserId,
+    pub amount: Money,
     pub note: String,
     pub conversation_id: String,
     pub message_id: String,
     pub status: RequestStatus,
-    pub payment_id: Option<String>,
+    pub payment_id: Option<PaymentId>,
     pub created_at_us: i64,
     pub expires_at_us: i64,
 }
 
 impl PaymentRequest {
-    pub fn currency(&self) -> Result<Currency> {
-        Currency::from_code(&self.currency)
-            .ok_or_else(|| Error::internal(anyhow::anyhow!("unknown currency {} on a request", self.currency)))
+    pub fn currency(&self) -> Currency {
+        self.amount.currency()
     }
 }
 

@@ -7,7 +7,7 @@
 use super::repo::refunds::{NewRefund, REFUND_CALLER};
 use super::{model, Payment, PaymentStatus, Payments};
 use crate::kernel::error::{Error, Result};
-use crate::kernel::ids::UserId;
+use crate::kernel::ids::{PaymentId, RefundId, UserId};
 use crate::kernel::money::Money;
 use crate::kernel::reason::Reason;
 use crate::ledger::{AccountCode, Direction, PostEntryInput, PostingInput};
@@ -16,8 +16,8 @@ use crate::with_db;
 
 #[derive(sqlx::FromRow)]
 struct RefundRow {
-    refund_id: String,
-    payment_id: String,
+    refund_id: RefundId,
+    payment_id: PaymentId,
     amount: i64,
     status: String,
     request_hash: String,
@@ -34,7 +34,7 @@ impl Payments {
     pub async fn refund(
         &self,
         recipient: &UserId,
-        payment_id: &str,
+        payment_id: &PaymentId,
         idempotency_key: &str,
         amount: Option<Money>,
         reason: &str,
@@ -42,17 +42,17 @@ impl Payments {
         crate::ledger::check_idempotency_key("idempotency_key", idempotency_key)?;
         model::check_note("reason", reason)?;
         let payment = self.get(recipient, payment_id).await?;
-        if payment.recipient_id != recipient.as_str() {
+        if payment.recipient_id != *recipient {
             return Err(Error::PermissionDenied("only the recipient can refund a payment".into()));
         }
-        let currency = payment.currency()?;
+        let currency = payment.currency();
         if let Some(m) = amount {
             if m.currency() != currency {
                 return Err(Error::invalid("amount.currency", format!("the payment is in {currency}")));
             }
         }
         let request_hash = crate::ledger::hash_request(
-            &serde_json::json!({"payment": payment_id, "amount": amount.map(|m| m.minor()), "reason": reason}),
+            &serde_json::json!({"payment": payment_id.as_str(), "amount": amount.map(|m| m.minor()), "reason": reason}),
         );
         if let Some(answer) = self.replay_refund(recipient, payment_id, idempotency_key, &request_hash).await? {
             return answer;
@@ -78,7 +78,7 @@ impl Payments {
     async fn replay_refund(
         &self,
         recipient: &UserId,
-        payment_id: &str,
+        payment_id: &PaymentId,
         idempotency_key: &str,
         request_hash: &str,
     ) -> Result<Option<Result<Payment>>> {
@@ -91,7 +91,7 @@ impl Payments {
         .fetch_optional(pool)
         .await)?;
         let Some(r) = existing else { return Ok(None) };
-        if r.request_hash != request_hash || r.payment_id != payment_id {
+        if r.request_hash != request_hash || r.payment_id != *payment_id {
             return Ok(Some(Err(Error::AlreadyExists(format!(
                 "idempotency_key {idempotency_key:?} was already used for a different refund"
             )))));
@@ -114,15 +114,15 @@ impl Payments {
         reason: &str,
         request_hash: &str,
     ) -> Result<Payment> {
-        let payment_id = payment.payment_id.as_str();
-        let currency = payment.currency()?;
+        let payment_id = &payment.payment_id;
+        let currency = payment.currency();
         if !matches!(payment.status, PaymentStatus::Settled | PaymentStatus::PartiallyRefunded) {
             return Err(Error::FailedPrecondition {
                 reason: Reason::PaymentNotRefundable,
                 message: format!("a {} payment cannot be refunded", payment.status.as_str()),
             });
         }
-        let left = payment.amount - payment.refunded_amount;
+        let left = payment.amount.minor() - payment.refunded_amount.minor();
         let minor = amount.map_or(left, |m| m.minor());
         if minor > left || left == 0 {
             return Err(Error::FailedPrecondition {
@@ -132,7 +132,7 @@ impl Payments {
         }
 
         // Reserve: the condition keeps refunds within the payment under any concurrency.
-        let refund_id = format!("rf_{}", uuid::Uuid::now_v7().simple());
+        let refund_id = RefundId::generate();
         let now = self.now_us();
         let reserved = self
             .store
@@ -143,7 +143,7 @@ impl Payments {
                 reason,
                 idempotency_key,
                 request_hash,
-                created_by: recipient.as_str(),
+                created_by: recipient,
                 now_us: now,
             })
             .await;
@@ -179,12 +179,12 @@ impl Payments {
     /// arbiter: whichever commits first, the refund's entry or the tombstone, wins, and
     /// the loser answers with the winner's outcome (a later post under the key is
     /// ALREADY_EXISTS; a tombstone that finds the key taken means the entry is posted).
-    async fn finish_refund(&self, refund_id: &str, payment_id: &str, minor: i64) -> Result<Payment> {
+    async fn finish_refund(&self, refund_id: &RefundId, payment_id: &PaymentId, minor: i64) -> Result<Payment> {
         let payment = self.store.get(payment_id).await?.ok_or_else(|| Error::not_found("payment"))?;
-        let currency = payment.currency()?;
+        let currency = payment.currency();
         let amount = Money::from_minor(currency, minor);
-        let from = AccountCode::wallet(&UserId::parse("recipient_id", &payment.recipient_id)?, currency);
-        let to = AccountCode::wallet(&UserId::parse("sender_id", &payment.sender_id)?, currency);
+        let from = AccountCode::wallet(&payment.recipient_id, currency);
+        let to = AccountCode::wallet(&payment.sender_id, currency);
         let entry_key = format!("refund:{refund_id}");
         let posted = self
             .ledger
@@ -227,7 +227,7 @@ impl Payments {
     /// Finishes refunds left pending by a crash.
     pub async fn resolve_refunds(&self) -> Result<usize> {
         let idle = self.now_us() - self.config.resolve_after_s * 1_000_000;
-        let rows: Vec<(String, String, i64)> = with_db!(self.store.db(), pool => sqlx::query_as(
+        let rows: Vec<(RefundId, PaymentId, i64)> = with_db!(self.store.db(), pool => sqlx::query_as(
             "SELECT refund_id, payment_id, amount FROM payment_refunds WHERE status = 'pending' AND created_at_us < $1 LIMIT 100",
         )
         .bind(idle)

@@ -7,7 +7,7 @@ use super::repo::rows::{RequestRow, REQUEST_COLUMNS};
 use super::{model, FundingSource, Payment, Payments, SendInput};
 use crate::accounts::Status as AccountStatus;
 use crate::kernel::error::{Error, Result};
-use crate::kernel::ids::UserId;
+use crate::kernel::ids::{RequestId, UserId};
 use crate::kernel::money::Money;
 use crate::kernel::reason::Reason;
 use crate::store::is_unique_violation;
@@ -27,12 +27,12 @@ pub struct RequestInput {
     pub expires_in_s: u32,
 }
 
-fn not_found(id: &str) -> Error {
+fn not_found(id: &RequestId) -> Error {
     Error::NotFound(format!("payment request {id} not found"))
 }
 
 impl Payments {
-    async fn request_row(&self, request_id: &str) -> Result<Option<PaymentRequest>> {
+    async fn request_row(&self, request_id: &RequestId) -> Result<Option<PaymentRequest>> {
         let sql = format!("SELECT {REQUEST_COLUMNS} FROM payment_requests WHERE request_id = $1");
         let row: Option<RequestRow> =
             with_db!(self.store.db(), pool => sqlx::query_as(&sql).bind(request_id).fetch_optional(pool).await)?;
@@ -40,12 +40,12 @@ impl Payments {
     }
 
     /// A request the user takes part in; others get NOT_FOUND.
-    pub async fn get_request(&self, user: &UserId, request_id: &str) -> Result<PaymentRequest> {
-        if request_id.is_empty() {
+    pub async fn get_request(&self, user: &UserId, request_id: &RequestId) -> Result<PaymentRequest> {
+        if request_id.as_str().is_empty() {
             return Err(Error::invalid("request_id", "required"));
         }
         match self.request_row(request_id).await? {
-            Some(r) if r.requester_id == user.as_str() || r.payer_id == user.as_str() => Ok(r),
+            Some(r) if r.requester_id == *user || r.payer_id == *user => Ok(r),
             _ => Err(not_found(request_id)),
         }
     }
@@ -102,11 +102,10 @@ impl Payments {
         }
         let now = self.now_us();
         let req = PaymentRequest {
-            request_id: format!("req_{}", uuid::Uuid::now_v7().simple()),
-            requester_id: requester.to_string(),
-            payer_id: input.payer.to_string(),
-            currency: currency.code().to_owned(),
-            amount: input.amount.minor(),
+            request_id: RequestId::generate(),
+            requester_id: requester.clone(),
+            payer_id: input.payer.clone(),
+            amount: input.amount,
             note: input.note.clone(),
             conversation_id: input.conversation_id.clone(),
             message_id: input.message_id.clone(),
@@ -131,11 +130,11 @@ impl Payments {
     }
 
     /// Moves an open request to `to`, by `actor`, who must be `party` of it.
-    async fn close_request(&self, actor: &UserId, request_id: &str, to: RequestStatus) -> Result<PaymentRequest> {
+    async fn close_request(&self, actor: &UserId, request_id: &RequestId, to: RequestStatus) -> Result<PaymentRequest> {
         let req = self.get_request(actor, request_id).await?;
         let allowed = match to {
-            RequestStatus::Declined => req.payer_id == actor.as_str(),
-            RequestStatus::Cancelled => req.requester_id == actor.as_str(),
+            RequestStatus::Declined => req.payer_id == *actor,
+            RequestStatus::Cancelled => req.requester_id == *actor,
             _ => false,
         };
         if !allowed {
@@ -188,11 +187,11 @@ impl Payments {
         Ok(closed)
     }
 
-    pub async fn decline_request(&self, payer: &UserId, request_id: &str) -> Result<PaymentRequest> {
+    pub async fn decline_request(&self, payer: &UserId, request_id: &RequestId) -> Result<PaymentRequest> {
         self.close_request(payer, request_id, RequestStatus::Declined).await
     }
 
-    pub async fn cancel_request(&self, requester: &UserId, request_id: &str) -> Result<PaymentRequest> {
+    pub async fn cancel_request(&self, requester: &UserId, request_id: &RequestId) -> Result<PaymentRequest> {
         self.close_request(requester, request_id, RequestStatus::Cancelled).await
     }
 
@@ -201,19 +200,19 @@ impl Payments {
     pub async fn pay_request(
         &self,
         payer: &UserId,
-        request_id: &str,
+        request_id: &RequestId,
         idempotency_key: String,
         funding: FundingSource,
         token: Option<String>,
     ) -> Result<Payment> {
         let req = self.get_request(payer, request_id).await?;
-        if req.payer_id != payer.as_str() {
+        if req.payer_id != *payer {
             return Err(Error::PermissionDenied("only the payer can pay a request".into()));
         }
         let input = SendInput {
             idempotency_key,
-            recipient: UserId::parse("requester_id", &req.requester_id)?,
-            amount: Money::from_minor(req.currency()?, req.amount),
+            recipient: req.requester_id.clone(),
+            amount: req.amount,
             note: req.note.clone(),
             conversation_id: req.conversation_id.clone(),
             message_id: req.message_id.clone(),
@@ -231,7 +230,7 @@ impl Payments {
                 Err(super::key_reused(&input.idempotency_key))
             }
         };
-        if let Some(found) = self.store.by_key(payer.as_str(), &input.idempotency_key).await? {
+        if let Some(found) = self.store.by_key(payer, &input.idempotency_key).await? {
             return replay(found);
         }
         let refusal = match req.status {
@@ -248,7 +247,7 @@ impl Payments {
         if let Some(refusal) = refusal {
             // A concurrent pay with this key may have paid it since the lookup above:
             // answer as it did.
-            if let Some(found) = self.store.by_key(payer.as_str(), &input.idempotency_key).await? {
+            if let Some(found) = self.store.by_key(payer, &input.idempotency_key).await? {
                 return replay(found);
             }
             return Err(refusal);

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use super::{Imported, Reconciler, Run, RECON_ACTOR, RUNS_PER_DAY_MAX};
 use crate::kernel::error::{Error, Result};
+use crate::kernel::ids::RunId;
 use crate::kernel::money::{Currency, Money};
 use crate::kernel::reason::Reason;
 use crate::ledger::{AccountCode, Direction, PostEntryInput, PostingInput, SYSTEM_CLEARING};
@@ -45,11 +46,11 @@ impl Reconciler {
     /// Books `run` (after the runs before it) and describes the import.
     pub(super) async fn complete(&self, run: Run, new: bool, carried: i64) -> Result<Imported> {
         let bookings = self.book(&run, 0).await?;
-        let current = self.current_run_id(&run.processor, &run.report_date).await?.as_deref() == Some(&run.run_id);
+        let current = self.current_run_id(&run.processor, &run.report_date).await?.as_ref() == Some(&run.run_id);
         Ok(Imported { run, current, new, bookings, carried })
     }
 
-    async fn totals(&self, run_id: &str) -> Result<BTreeMap<String, (i64, i64)>> {
+    async fn totals(&self, run_id: &RunId) -> Result<BTreeMap<String, (i64, i64)>> {
         let rows: Vec<(String, i64, i64)> = with_db!(&self.db, pool => sqlx::query_as(
             "SELECT currency, fees, net FROM recon_run_totals WHERE run_id = $1",
         )
@@ -149,7 +150,7 @@ impl Reconciler {
                 PostingInput { account_code: credit, direction: Direction::Credit, amount },
             ],
             metadata: [
-                ("run_id".to_string(), run.run_id.clone()),
+                ("run_id".to_string(), run.run_id.to_string()),
                 ("report_date".to_string(), run.report_date.clone()),
             ]
             .into(),
@@ -162,7 +163,7 @@ impl Reconciler {
 
     /// Reverses the adjustments of `prev`'s resolutions that `run` did not carry over.
     async fn unwind(&self, run: &Run, prev: &Run) -> Result<Vec<Booking>> {
-        let adjustments = |run_id: String| async move {
+        let adjustments = |run_id: RunId| async move {
             let ids: Vec<Option<String>> = with_db!(&self.db, pool => sqlx::query_scalar(
                 "SELECT r.entry_id FROM recon_resolutions r JOIN recon_items i ON i.item_id = r.item_id \
                  WHERE i.run_id = $1 AND r.entry_id IS NOT NULL",

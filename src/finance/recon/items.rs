@@ -22,14 +22,14 @@ pub(super) const ITEM_SELECT: &str = "SELECT i.item_id, i.run_id, i.status, i.pr
 
 /// Why a resolution could not be recorded.
 enum Refused {
-    Superseded(String),
+    Superseded(Option<crate::kernel::ids::RunId>),
     Resolved,
 }
 
 impl Reconciler {
     pub async fn items(
         &self,
-        run_id: &str,
+        run_id: &crate::kernel::ids::RunId,
         filter: ItemFilter,
         page_size: u32,
         after: &str,
@@ -114,10 +114,10 @@ impl Reconciler {
         };
         let recorded: std::result::Result<(), Refused> = with_db!(&self.db, pool => async {
             let mut tx = pool.begin_with(begin).await?;
-            let current: Option<String> =
+            let current: Option<crate::kernel::ids::RunId> =
                 sqlx::query_scalar(lock_day).bind(&run.processor).bind(&run.report_date).fetch_optional(&mut *tx).await?;
-            if current.as_deref() != Some(item.run_id.as_str()) {
-                return Ok(Err(Refused::Superseded(current.unwrap_or_default())));
+            if current.as_ref() != Some(&item.run_id) {
+                return Ok(Err(Refused::Superseded(current)));
             }
             let inserted = sqlx::query(
                 "INSERT INTO recon_resolutions (item_id, resolution, note, entry_id, resolved_by, resolved_at_us) \
@@ -162,7 +162,7 @@ impl Reconciler {
                     }
                 }
                 Err(match refused {
-                    Refused::Superseded(current) => superseded(item_id, Some(current)),
+                    Refused::Superseded(current) => superseded(item_id, current),
                     Refused::Resolved => resolved(item_id),
                 })
             }
@@ -215,12 +215,12 @@ fn resolved(item_id: &str) -> Error {
     Error::FailedPrecondition { reason: Reason::ItemResolved, message: format!("item {item_id} is already resolved") }
 }
 
-fn superseded(item_id: &str, current: Option<String>) -> Error {
+fn superseded(item_id: &str, current: Option<crate::kernel::ids::RunId>) -> Error {
     Error::FailedPrecondition {
         reason: Reason::ItemSuperseded,
         message: format!(
             "item {item_id} belongs to a report a later one of the same day superseded; resolve the items of run {}",
-            current.unwrap_or_default()
+            current.map(|r| r.into_string()).unwrap_or_default()
         ),
     }
 }

@@ -34,6 +34,7 @@ pub use report::{parse_report, ReportRow, REPORT_BYTES_MAX};
 
 use crate::kernel::dates;
 use crate::kernel::error::{Error, Result};
+use crate::kernel::ids::RunId;
 use crate::kernel::money::{Currency, Money};
 use crate::kernel::reason::Reason;
 use crate::ledger::Ledger;
@@ -45,7 +46,7 @@ const RECON_ACTOR: &str = crate::ledger::callers::RECONCILIATION;
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Run {
-    pub run_id: String,
+    pub run_id: RunId,
     pub processor: String,
     pub report_date: String,
     pub rows_count: i64,
@@ -55,7 +56,7 @@ pub struct Run {
     pub missing_in_report: i64,
     pub duplicates: i64,
     /// The run of the same day this one superseded.
-    pub prev_run_id: Option<String>,
+    pub prev_run_id: Option<RunId>,
     /// Books along the chain of runs (every run since migration 0013); earlier runs
     /// booked the whole day once, under keys that name the day.
     pub chained: bool,
@@ -113,7 +114,7 @@ pub enum ItemFilter {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Item {
     pub item_id: String,
-    pub run_id: String,
+    pub run_id: RunId,
     pub status: ItemStatus,
     pub processor_reference: String,
     pub currency: String,
@@ -134,7 +135,7 @@ pub struct Item {
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub(super) struct ItemRow {
     item_id: String,
-    run_id: String,
+    run_id: RunId,
     status: String,
     processor_reference: String,
     currency: String,
@@ -262,7 +263,7 @@ impl Reconciler {
         Ok(run)
     }
 
-    pub(crate) async fn run(&self, run_id: &str) -> Result<Run> {
+    pub(crate) async fn run(&self, run_id: &RunId) -> Result<Run> {
         let sql = format!("SELECT {RUN_COLUMNS} FROM recon_runs WHERE run_id = $1");
         let run: Option<Run> =
             with_db!(&self.db, pool => sqlx::query_as(&sql).bind(run_id).fetch_optional(pool).await)?;
@@ -270,8 +271,8 @@ impl Reconciler {
     }
 
     /// The day's current run, if the day has one.
-    pub(crate) async fn current_run_id(&self, processor: &str, date: &str) -> Result<Option<String>> {
-        let id: Option<String> = with_db!(&self.db, pool => sqlx::query_scalar(
+    pub(crate) async fn current_run_id(&self, processor: &str, date: &str) -> Result<Option<RunId>> {
+        let id: Option<RunId> = with_db!(&self.db, pool => sqlx::query_scalar(
             "SELECT current_run_id FROM recon_days WHERE processor = $1 AND report_date = $2",
         )
         .bind(processor)
@@ -299,7 +300,7 @@ impl Reconciler {
             }
             let prev = self.current_run_id(processor, report_date).await?;
             let items = self.match_rows(&rows, day_start).await?;
-            match self.insert_run(actor, processor, report_date, &hash, &rows, items, prev.as_deref()).await? {
+            match self.insert_run(actor, processor, report_date, &hash, &rows, items, prev.as_ref()).await? {
                 Inserted::New(run, carried) => return self.complete(run, true, carried).await,
                 Inserted::Raced | Inserted::Duplicate => continue,
             }
@@ -407,11 +408,11 @@ impl Reconciler {
         hash: &str,
         rows: &[ReportRow],
         items: Vec<NewItem>,
-        prev: Option<&str>,
+        prev: Option<&RunId>,
     ) -> Result<Inserted> {
         let count = |s: ItemStatus| items.iter().filter(|i| i.status == s).count() as i64;
         let run = Run {
-            run_id: format!("run_{}", uuid::Uuid::now_v7().simple()),
+            run_id: RunId::generate(),
             processor: processor.to_owned(),
             report_date: report_date.to_owned(),
             rows_count: rows.len() as i64,
@@ -420,7 +421,7 @@ impl Reconciler {
             missing_in_ledger: count(ItemStatus::MissingInLedger),
             missing_in_report: count(ItemStatus::MissingInReport),
             duplicates: count(ItemStatus::Duplicate),
-            prev_run_id: prev.map(str::to_owned),
+            prev_run_id: prev.cloned(),
             chained: true,
         };
         let mut totals: BTreeMap<Currency, (i64, i64)> = BTreeMap::new();
@@ -441,9 +442,9 @@ impl Reconciler {
         let now = self.ledger.clock().now_us();
         let result = with_db!(&self.db, pool => async {
             let mut tx = pool.begin_with(begin).await?;
-            let current: Option<String> =
+            let current: Option<RunId> =
                 sqlx::query_scalar(lock_day).bind(processor).bind(report_date).fetch_optional(&mut *tx).await?;
-            if current.as_deref() != prev {
+            if current.as_ref() != prev {
                 return Ok(Inserted::Raced);
             }
             let runs_of_day: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM recon_runs WHERE processor = $1 AND report_date = $2")
@@ -490,7 +491,7 @@ impl Reconciler {
             let mut carried = 0i64;
             let mut used: HashSet<&str> = HashSet::new();
             for (k, item) in items.iter().enumerate() {
-                let item_id = format!("{}_{k:06}", run.run_id.replacen("run_", "item_", 1));
+                let item_id = format!("{}_{k:06}", run.run_id.as_str().replacen("run_", "item_", 1));
                 sqlx::query(
                     "INSERT INTO recon_items (item_id, run_id, status, processor_reference, currency, report_amount, \
                      ledger_amount, entry_id, line, created_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",

@@ -18,6 +18,7 @@ pub(crate) mod sqlite;
 use super::model::{Payment, PaymentRequest, PaymentStatus};
 use crate::kernel::clock::Clock;
 use crate::kernel::error::{Error, Result};
+use crate::kernel::ids::{PaymentId, UserId};
 use crate::kernel::reason::Reason;
 use crate::store::{is_unique_violation, Db};
 use crate::with_db;
@@ -69,14 +70,14 @@ impl PaymentStore {
         &self.clock
     }
 
-    pub async fn get(&self, payment_id: &str) -> Result<Option<Payment>> {
+    pub async fn get(&self, payment_id: &PaymentId) -> Result<Option<Payment>> {
         let sql = format!("SELECT {COLUMNS} FROM payments WHERE payment_id = $1");
         let row: Option<PaymentRow> =
             with_db!(&self.db, pool => sqlx::query_as(&sql).bind(payment_id).fetch_optional(pool).await)?;
         row.map(Payment::try_from).transpose()
     }
 
-    pub async fn by_key(&self, sender: &str, key: &str) -> Result<Option<(Payment, String)>> {
+    pub async fn by_key(&self, sender: &UserId, key: &str) -> Result<Option<(Payment, String)>> {
         let sql = format!("SELECT {COLUMNS}, request_hash FROM payments WHERE sender_id = $1 AND idempotency_key = $2");
         let row: Option<PaymentRowWithHash> = with_db!(&self.db, pool => sqlx::query_as(&sql)
             .bind(sender)
@@ -161,11 +162,11 @@ impl PaymentStore {
             .bind(&p.payment_id)
             .bind(&p.sender_id)
             .bind(&p.recipient_id)
-            .bind(&p.currency)
-            .bind(p.amount)
-            .bind(p.wallet_amount)
-            .bind(p.card_amount)
-            .bind(p.fee_amount)
+            .bind(p.currency().code())
+            .bind(p.amount.minor())
+            .bind(p.wallet_amount.minor())
+            .bind(p.card_amount.minor())
+            .bind(p.fee_amount.minor())
             .bind(p.status.as_str())
             .bind(p.funding_source.as_str())
             .bind(&p.payment_method_token)
@@ -186,12 +187,12 @@ impl PaymentStore {
                 if let Some(cap) = daily {
                     let sent: Option<i64> = sqlx::query_scalar(spend::SUM_SQL)
                         .bind(&p.sender_id)
-                        .bind(&p.currency)
+                        .bind(p.currency().code())
                         .bind(window_start)
                         .fetch_one(&mut *tx)
                         .await?;
                     let sent = sent.unwrap_or(0);
-                    if sent.saturating_add(p.amount) > cap.max_minor {
+                    if sent.saturating_add(p.amount.minor()) > cap.max_minor {
                         // Dropping the transaction rolls the payment row back.
                         return Ok(Err(Refused::Daily(sent)));
                     }
@@ -210,7 +211,7 @@ impl PaymentStore {
             }
             Ok(Err(Refused::Daily(sent))) => {
                 let cap = daily.map(|c| c.max_minor).unwrap_or(0);
-                Err(crate::payments::model::daily_limit_error(p.currency()?, cap, sent))
+                Err(crate::payments::model::daily_limit_error(p.currency(), cap, sent))
             }
             Ok(Err(Refused::RequestClosed)) => Err(Error::FailedPrecondition {
                 reason: Reason::RequestNotOpen,
@@ -230,7 +231,12 @@ impl PaymentStore {
     }
 
     /// Records processor references as they become known (no event: not a state change).
-    pub async fn set_refs(&self, payment_id: &str, authorization: Option<&str>, capture: Option<&str>) -> Result<()> {
+    pub async fn set_refs(
+        &self,
+        payment_id: &PaymentId,
+        authorization: Option<&str>,
+        capture: Option<&str>,
+    ) -> Result<()> {
         with_db!(&self.writer, pool => sqlx::query(
             "UPDATE payments SET authorization_ref = COALESCE($2, authorization_ref), capture_ref = COALESCE($3, capture_ref), \
              updated_at_us = $4 WHERE payment_id = $1",
@@ -251,7 +257,7 @@ impl PaymentStore {
     /// fail a payment the resolver may be settling.
     pub async fn finish(
         &self,
-        payment_id: &str,
+        payment_id: &PaymentId,
         status: PaymentStatus,
         reason: &str,
         message: &str,
@@ -388,7 +394,7 @@ impl PaymentStore {
 
     /// Extends `claim` on a pending payment by `lease_us` from now; false when the
     /// payment is no longer pending or someone else holds it (the resolver took over).
-    pub async fn renew(&self, payment_id: &str, claim: &Claim, lease_us: i64) -> Result<bool> {
+    pub async fn renew(&self, payment_id: &PaymentId, claim: &Claim, lease_us: i64) -> Result<bool> {
         let now = self.clock.now_us();
         let renewed = with_db!(&self.writer, pool => sqlx::query(
             "UPDATE payments SET claimed_until_us = $3, updated_at_us = $4 \

@@ -108,10 +108,10 @@ fn rows_statement(
     let s_amount = bind_step(args, spent.iter().map(|(_, a)| *a).collect::<Vec<i64>>())?;
     let now = bind_step(args, now_us)?;
     let mut col = |f: fn(&Payment) -> &str| bind_step(args, rows.iter().map(|(p, _, _)| f(p)).collect::<Vec<&str>>());
-    let id = col(|p| &p.payment_id)?;
-    let sender = col(|p| &p.sender_id)?;
-    let recipient = col(|p| &p.recipient_id)?;
-    let currency = col(|p| &p.currency)?;
+    let id = col(|p| p.payment_id.as_str())?;
+    let sender = col(|p| p.sender_id.as_str())?;
+    let recipient = col(|p| p.recipient_id.as_str())?;
+    let currency = col(|p| p.currency().code())?;
     let status = col(|p| p.status.as_str())?;
     let funding = col(|p| p.funding_source.as_str())?;
     let note = col(|p| &p.note)?;
@@ -119,7 +119,7 @@ fn rows_statement(
     let message = col(|p| &p.message_id)?;
     let reason = col(|p| &p.failure_reason)?;
     let failure = col(|p| &p.failure_message)?;
-    let amount = bind_step(args, rows.iter().map(|(p, _, _)| p.amount).collect::<Vec<i64>>())?;
+    let amount = bind_step(args, rows.iter().map(|(p, _, _)| p.amount.minor()).collect::<Vec<i64>>())?;
     let key = bind_step(args, rows.iter().map(|(_, k, _)| *k).collect::<Vec<&str>>())?;
     let hash = bind_step(args, rows.iter().map(|(_, _, h)| *h).collect::<Vec<&str>>())?;
     let created = bind_step(args, rows.iter().map(|(p, _, _)| p.created_at_us).collect::<Vec<i64>>())?;

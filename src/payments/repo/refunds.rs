@@ -2,6 +2,7 @@
 
 use super::rows::{append_event, EventFields, PaymentRow, COLUMNS};
 use super::PaymentStore;
+use crate::kernel::ids::{PaymentId, RefundId, UserId};
 use crate::payments::{Payment, PaymentStatus};
 use crate::with_db;
 
@@ -25,13 +26,13 @@ pub(crate) const REFUND_TOMBSTONE: &str = "refund_failed";
 
 /// A refund to record and reserve on its payment.
 pub(crate) struct NewRefund<'a> {
-    pub refund_id: &'a str,
-    pub payment_id: &'a str,
+    pub refund_id: &'a RefundId,
+    pub payment_id: &'a PaymentId,
     pub minor: i64,
     pub reason: &'a str,
     pub idempotency_key: &'a str,
     pub request_hash: &'a str,
-    pub created_by: &'a str,
+    pub created_by: &'a UserId,
     pub now_us: i64,
 }
 
@@ -86,8 +87,8 @@ impl PaymentStore {
     /// `payment.refund_failed` event. Returns whether the refund failed.
     pub(crate) async fn settle_refund(
         &self,
-        refund_id: &str,
-        payment_id: &str,
+        refund_id: &RefundId,
+        payment_id: &PaymentId,
         minor: i64,
         fence_key: Option<&str>,
     ) -> std::result::Result<bool, sqlx::Error> {
@@ -123,11 +124,11 @@ impl PaymentStore {
             if fenced && done.rows_affected() == 1 {
                 let p: PaymentRow = sqlx::query_as(&sql).bind(payment_id).fetch_one(&mut *tx).await?;
                 let current = Payment::try_from(p).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-                let refunded = current.refunded_amount - minor;
+                let refunded = current.refunded_amount.minor() - minor;
                 sqlx::query("UPDATE payments SET refunded_amount = $2, status = $3, updated_at_us = $4 WHERE payment_id = $1")
                     .bind(payment_id)
                     .bind(refunded)
-                    .bind(status_after(current.amount, refunded))
+                    .bind(status_after(current.amount.minor(), refunded))
                     .bind(self.clock.now_us())
                     .execute(&mut *tx)
                     .await?;

@@ -33,8 +33,8 @@ impl PaymentStore {
             .bind(&req.request_id)
             .bind(&req.requester_id)
             .bind(&req.payer_id)
-            .bind(&req.currency)
-            .bind(req.amount)
+            .bind(req.currency().code())
+            .bind(req.amount.minor())
             .bind(&req.note)
             .bind(&req.conversation_id)
             .bind(&req.message_id)
@@ -56,7 +56,7 @@ impl PaymentStore {
     /// `Payments::transition` for the rule and its lock order).
     pub(crate) async fn close_open_request(
         &self,
-        request_id: &str,
+        request_id: &crate::kernel::ids::RequestId,
         to: RequestStatus,
         event: &'static str,
     ) -> Result<Closed> {

@@ -2,9 +2,19 @@
 //! column lists and row types every reader and writer of its tables shares.
 
 use crate::kernel::error::{Error, Result};
+use crate::kernel::ids::{PaymentId, RequestId, UserId};
+use crate::kernel::money::{Currency, Money};
 use crate::payments::model::{FundingSource, Payment, PaymentRequest, PaymentStatus, RequestStatus};
 
-#[derive(Clone, sqlx::FromRow)]
+/// A stored currency code; the database only holds codes dmpay wrote.
+fn currency(code: &str) -> Result<Currency> {
+    Currency::from_code(code)
+        .ok_or_else(|| Error::internal(anyhow::anyhow!("unknown currency {code:?} in a stored row")))
+}
+
+/// A payment's row. It also reads the JSON copies that events held before migration
+/// 0008 (`events::read`), whose fields are these columns under the same names.
+#[derive(Clone, sqlx::FromRow, serde::Deserialize)]
 pub(crate) struct PaymentRow {
     payment_id: String,
     sender_id: String,
@@ -33,23 +43,23 @@ pub(crate) struct PaymentRow {
 impl TryFrom<PaymentRow> for Payment {
     type Error = Error;
     fn try_from(r: PaymentRow) -> Result<Self> {
+        let c = currency(&r.currency)?;
         Ok(Payment {
             status: PaymentStatus::from_db(&r.status)?,
             funding_source: FundingSource::from_db(&r.funding_source)?,
-            payment_id: r.payment_id,
-            sender_id: r.sender_id,
-            recipient_id: r.recipient_id,
-            currency: r.currency,
-            amount: r.amount,
-            wallet_amount: r.wallet_amount,
-            card_amount: r.card_amount,
-            fee_amount: r.fee_amount,
-            refunded_amount: r.refunded_amount,
+            payment_id: PaymentId::from_db(r.payment_id),
+            sender_id: UserId::from_db(r.sender_id),
+            recipient_id: UserId::from_db(r.recipient_id),
+            amount: Money::from_minor(c, r.amount),
+            wallet_amount: Money::from_minor(c, r.wallet_amount),
+            card_amount: Money::from_minor(c, r.card_amount),
+            fee_amount: Money::from_minor(c, r.fee_amount),
+            refunded_amount: Money::from_minor(c, r.refunded_amount),
             payment_method_token: r.payment_method_token,
             note: r.note,
             conversation_id: r.conversation_id,
             message_id: r.message_id,
-            request_id: r.request_id,
+            request_id: r.request_id.map(RequestId::from_db),
             failure_reason: r.failure_reason,
             failure_message: r.failure_message,
             authorization_ref: r.authorization_ref,
@@ -137,10 +147,10 @@ impl EventFields {
     pub fn request(event_type: &'static str, r: &PaymentRequest) -> Self {
         EventFields {
             event_type,
-            payment_id: r.payment_id.clone(),
-            request_id: Some(r.request_id.clone()),
-            party_a: r.requester_id.clone(),
-            party_b: r.payer_id.clone(),
+            payment_id: r.payment_id.as_ref().map(|p| p.as_str().to_owned()),
+            request_id: Some(r.request_id.as_str().to_owned()),
+            party_a: r.requester_id.as_str().to_owned(),
+            party_b: r.payer_id.as_str().to_owned(),
             conversation_id: r.conversation_id.clone(),
             status: r.status.as_str(),
             refunded_amount: 0,
@@ -155,13 +165,13 @@ impl EventFields {
     pub fn payment(event_type: &'static str, p: &Payment) -> Self {
         EventFields {
             event_type,
-            payment_id: Some(p.payment_id.clone()),
-            request_id: p.request_id.clone(),
-            party_a: p.sender_id.clone(),
-            party_b: p.recipient_id.clone(),
+            payment_id: Some(p.payment_id.as_str().to_owned()),
+            request_id: p.request_id.as_ref().map(|r| r.as_str().to_owned()),
+            party_a: p.sender_id.as_str().to_owned(),
+            party_b: p.recipient_id.as_str().to_owned(),
             conversation_id: p.conversation_id.clone(),
             status: p.status.as_str(),
-            refunded_amount: p.refunded_amount,
+            refunded_amount: p.refunded_amount.minor(),
             failure_reason: p.failure_reason.clone(),
             failure_message: p.failure_message.clone(),
             authorization_ref: p.authorization_ref.clone(),
@@ -171,7 +181,8 @@ impl EventFields {
     }
 }
 
-#[derive(Clone, sqlx::FromRow)]
+/// A request's row; like `PaymentRow` it also reads pre-0008 JSON copies.
+#[derive(Clone, sqlx::FromRow, serde::Deserialize)]
 pub(crate) struct RequestRow {
     request_id: String,
     requester_id: String,
@@ -192,15 +203,14 @@ impl TryFrom<RequestRow> for PaymentRequest {
     fn try_from(r: RequestRow) -> Result<Self> {
         Ok(PaymentRequest {
             status: RequestStatus::from_db(&r.status)?,
-            request_id: r.request_id,
-            requester_id: r.requester_id,
-            payer_id: r.payer_id,
-            currency: r.currency,
-            amount: r.amount,
+            amount: Money::from_minor(currency(&r.currency)?, r.amount),
+            request_id: RequestId::from_db(r.request_id),
+            requester_id: UserId::from_db(r.requester_id),
+            payer_id: UserId::from_db(r.payer_id),
             note: r.note,
             conversation_id: r.conversation_id,
             message_id: r.message_id,
-            payment_id: r.payment_id,
+            payment_id: r.payment_id.map(PaymentId::from_db),
             created_at_us: r.created_at_us,
             expires_at_us: r.expires_at_us,
         })

@@ -22,9 +22,9 @@ macro_rules! change {
         let p: &$crate::payments::Payment = $p;
         sqlx::query($sql)
             .bind(&p.sender_id)
-            .bind(&p.currency)
+            .bind(p.currency().code())
             .bind($crate::payments::spend::hour_of(p.created_at_us))
-            .bind(p.amount)
+            .bind(p.amount.minor())
             .execute(&mut *$tx)
             .await?;
     }};
@@ -36,10 +36,15 @@ pub(crate) const SUM_SQL: &str =
     "SELECT CAST(SUM(amount) AS BIGINT) FROM payment_spend WHERE sender_id = $1 AND currency = $2 AND hour >= $3";
 
 /// What `sender` sent in `currency` in the window ending at `now_us`.
-pub async fn sent(db: &Db, sender: &str, currency: &str, now_us: i64) -> crate::kernel::error::Result<i64> {
+pub async fn sent(
+    db: &Db,
+    sender: &crate::kernel::ids::UserId,
+    currency: crate::kernel::money::Currency,
+    now_us: i64,
+) -> crate::kernel::error::Result<i64> {
     let sum: Option<i64> = with_db!(db, pool => sqlx::query_scalar(SUM_SQL)
     .bind(sender)
-    .bind(currency)
+    .bind(currency.code())
     .bind(crate::payments::spend::window_start(now_us))
     .fetch_one(pool)
     .await)?;

@@ -135,18 +135,39 @@ pub async fn export(
         None => Box::new(std::io::BufWriter::new(std::io::stdout())),
     };
     let mut rows = 0i64;
+    let started = std::time::Instant::now();
+    let mut drawn = started;
+    // The rate over the whole run so far and over the last redraw's window: a slowing
+    // export shows as the second falling below the first.
+    let mut drawn_rows = 0i64;
     while let Some(chunk) = stream.message().await? {
         sink.write_all(&chunk.data)?;
         rows += chunk.rows;
-        if out.is_some() {
-            eprint!("\rexported {rows} postings");
+        // Redrawn in place at most five times a second, when writing to a file.
+        if out.is_some() && drawn.elapsed() >= PROGRESS_EVERY {
+            let window = drawn.elapsed().as_secs_f64();
+            eprint!(
+                "\r\x1b[Kexported {rows} postings, {:.0}/s ({:.0}/s now)",
+                rate(rows, started.elapsed()),
+                (rows - drawn_rows) as f64 / window
+            );
+            drawn = std::time::Instant::now();
+            drawn_rows = rows;
         }
     }
     sink.flush()?;
     if out.is_some() {
-        eprintln!("\rexported {rows} postings: done");
+        let took = started.elapsed();
+        eprintln!("\r\x1b[Kexported {rows} postings in {:.1} s, {:.0}/s", took.as_secs_f64(), rate(rows, took));
     }
     Ok(())
+}
+
+/// How often the export's progress line is redrawn.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+fn rate(rows: i64, took: std::time::Duration) -> f64 {
+    rows as f64 / took.as_secs_f64().max(1e-9)
 }
 
 /// A wire enum's value as the CLI prints and takes it: the name without the enum's

@@ -13,8 +13,9 @@
 
 use serde_json::json;
 
-use crate::kernel::error::Result;
+use crate::kernel::error::{Error, Result};
 use crate::kernel::money::{Currency, Money};
+use crate::ledger::read::books::ExportRow;
 use crate::store::Db;
 
 /// Entries read per page: 500 postings for two-posting transfers, 25,000 (about 3 MB)
@@ -67,14 +68,6 @@ pub struct Cursor {
     pub sequence: i64,
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_owned()
-    }
-}
-
 /// One page of the export (at most `entries_max` entries created in `[from_us, to_us)`
 /// after `after`) as bytes, how many rows it holds, and the cursor after it (None at
 /// the end).
@@ -87,64 +80,10 @@ pub async fn page(
     format: Format,
 ) -> Result<(Vec<u8>, usize, Option<Cursor>)> {
     let rows = crate::ledger::read::books::export_page(db, from_us, to_us, after.sequence, entries_max).await?;
-    let mut out = Vec::with_capacity(rows.len() * 160);
-    for r in &rows {
-        let currency = r.currency.as_deref().unwrap_or_default();
-        let amount = match (Currency::from_code(currency), r.amount) {
-            (Some(c), Some(minor)) => Money::from_minor(c, minor).amount_string(),
-            (None, Some(minor)) => minor.to_string(),
-            (_, None) => String::new(),
-        };
-        let direction = match r.direction.as_deref() {
-            Some("D") => "debit",
-            Some(_) => "credit",
-            None => "",
-        };
-        let account = r.code.as_deref().unwrap_or_default();
-        let resolves = r.resolves_entry_id.as_deref().unwrap_or_default();
-        let resolved_by = r.resolved_by_entry_id.as_deref().unwrap_or_default();
-        let reservation = match r.reservation {
-            Some(true) => "true",
-            Some(false) => "false",
-            None => "",
-        };
-        let at = crate::kernel::dates::rfc3339(r.created_at_us);
-        match format {
-            Format::Csv => {
-                let line = [
-                    r.entry_id.as_str(),
-                    &r.sequence.to_string(),
-                    &at,
-                    &r.kind,
-                    &r.status,
-                    account,
-                    direction,
-                    &amount,
-                    currency,
-                    reservation,
-                    &r.metadata,
-                    resolves,
-                    resolved_by,
-                ]
-                .iter()
-                .map(|f| csv_field(f))
-                .collect::<Vec<_>>()
-                .join(",");
-                out.extend_from_slice(line.as_bytes());
-            }
-            Format::Jsonl => {
-                let metadata: serde_json::Value = serde_json::from_str(&r.metadata).unwrap_or(json!({}));
-                let line = json!({
-                    "entry_id": r.entry_id, "sequence": r.sequence, "created_at": at, "kind": r.kind,
-                    "status": r.status, "account": account, "direction": direction, "amount": amount,
-                    "currency": currency, "reservation": r.reservation, "metadata": metadata, "resolves_entry_id": resolves,
-                    "resolved_by_entry_id": resolved_by,
-                });
-                out.extend_from_slice(line.to_string().as_bytes());
-            }
-        }
-        out.push(b'\n');
-    }
+    let out = match format {
+        Format::Csv => csv_lines(&rows)?,
+        Format::Jsonl => jsonl_lines(&rows),
+    };
     let entries = {
         let mut seqs: Vec<i64> = rows.iter().map(|r| r.sequence).collect();
         seqs.dedup();
@@ -152,4 +91,68 @@ pub async fn page(
     };
     let next = (entries == entries_max).then(|| rows.last().map(|r| Cursor { sequence: r.sequence })).flatten();
     Ok((out, rows.len(), next))
+}
+
+/// A posting's fields as the export writes them, in `CSV_HEADER`'s order.
+fn fields(r: &ExportRow) -> [String; 13] {
+    let currency = r.currency.as_deref().unwrap_or_default();
+    let amount = match (Currency::from_code(currency), r.amount) {
+        (Some(c), Some(minor)) => Money::from_minor(c, minor).amount_string(),
+        (None, Some(minor)) => minor.to_string(),
+        (_, None) => String::new(),
+    };
+    let direction = match r.direction.as_deref() {
+        Some("D") => "debit",
+        Some(_) => "credit",
+        None => "",
+    };
+    let reservation = match r.reservation {
+        Some(true) => "true",
+        Some(false) => "false",
+        None => "",
+    };
+    [
+        r.entry_id.clone(),
+        r.sequence.to_string(),
+        crate::kernel::dates::rfc3339(r.created_at_us),
+        r.kind.clone(),
+        r.status.clone(),
+        r.code.clone().unwrap_or_default(),
+        direction.to_owned(),
+        amount,
+        currency.to_owned(),
+        reservation.to_owned(),
+        r.metadata.clone(),
+        r.resolves_entry_id.clone().unwrap_or_default(),
+        r.resolved_by_entry_id.clone().unwrap_or_default(),
+    ]
+}
+
+/// CSV by the `csv` crate: RFC 4180 quoting where a field needs it (metadata is JSON,
+/// with commas and quotes), records ending in `\n`.
+fn csv_lines(rows: &[ExportRow]) -> Result<Vec<u8>> {
+    let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(Vec::with_capacity(rows.len() * 160));
+    for r in rows {
+        w.write_record(fields(r)).map_err(Error::internal)?;
+    }
+    w.into_inner().map_err(|e| Error::internal(anyhow::anyhow!("export CSV: {e}")))
+}
+
+/// One JSON object per line; metadata as an object rather than its text.
+fn jsonl_lines(rows: &[ExportRow]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rows.len() * 200);
+    for r in rows {
+        let [entry_id, _, at, kind, status, account, direction, amount, currency, _, _, resolves, resolved_by] =
+            fields(r);
+        let metadata: serde_json::Value = serde_json::from_str(&r.metadata).unwrap_or(json!({}));
+        let line = json!({
+            "entry_id": entry_id, "sequence": r.sequence, "created_at": at, "kind": kind,
+            "status": status, "account": account, "direction": direction, "amount": amount,
+            "currency": currency, "reservation": r.reservation, "metadata": metadata, "resolves_entry_id": resolves,
+            "resolved_by_entry_id": resolved_by,
+        });
+        out.extend_from_slice(line.to_string().as_bytes());
+        out.push(b'\n');
+    }
+    out
 }

@@ -72,12 +72,7 @@ pub use crate::kernel::ids::ID_LEN_MAX;
 /// in text while SQLite would look it up). An empty id passes: each RPC says what an
 /// empty one means. The same bad id is INVALID_ARGUMENT on both backends.
 pub fn id<'a>(field: &str, value: &'a str) -> crate::kernel::error::Result<&'a str> {
-    if value.len() > ID_LEN_MAX {
-        return Err(crate::kernel::error::Error::invalid(field, format!("at most {ID_LEN_MAX} bytes")));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(crate::kernel::error::Error::invalid(field, "may not contain control characters"));
-    }
+    crate::kernel::ids::check_shape(field, value)?;
     Ok(value)
 }
 

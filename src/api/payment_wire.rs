@@ -3,19 +3,18 @@
 use super::money::to_wire;
 use super::pb;
 use super::timestamp;
-use crate::kernel::error::Result;
 use crate::payments::events;
 use crate::payments::model::{PaymentRequest, RequestStatus};
 use crate::payments::{Payment, PaymentStatus};
 
-pub(super) fn event_to_wire(e: events::Event) -> Result<pb::PaymentEvent> {
-    Ok(pb::PaymentEvent {
+pub(super) fn event_to_wire(e: events::Event) -> pb::PaymentEvent {
+    pb::PaymentEvent {
         sequence: e.sequence,
         r#type: event_type_to_wire(&e.event_type) as i32,
         payment: e.payment.map(payment_to_wire),
         bill: e.request.map(bill_to_wire),
         occurred_at: Some(timestamp(e.occurred_at_us)),
-    })
+    }
 }
 
 /// The stored event type (`payment.created`, `request.paid`, ...) as the API's enum.

@@ -182,7 +182,7 @@ type Sender = mpsc::Sender<std::result::Result<pb::PaymentEvent, Status>>;
 /// Sends one event; `Ok(false)` when the consumer went away.
 async fn send(tx: &Sender, event: Event, cursor: &mut i64) -> std::result::Result<bool, Status> {
     let sequence = event.sequence;
-    let wire = super::payment_wire::event_to_wire(event).map_err(to_status)?;
+    let wire = super::payment_wire::event_to_wire(event);
     match tokio::time::timeout(WATCH_SEND_TIMEOUT, tx.send(Ok(wire))).await {
         Ok(Ok(())) => {
             *cursor = sequence;

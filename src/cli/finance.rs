@@ -140,11 +140,14 @@ pub async fn export(
     // The rate over the whole run so far and over the last redraw's window: a slowing
     // export shows as the second falling below the first.
     let mut drawn_rows = 0i64;
+    // Redrawn only on a terminal: a log file gets the last line alone, without the
+    // escape that clears a line.
+    let live = out.is_some() && std::io::IsTerminal::is_terminal(&std::io::stderr());
     while let Some(chunk) = stream.message().await? {
         sink.write_all(&chunk.data)?;
         rows += chunk.rows;
-        // Redrawn in place at most five times a second, when writing to a file.
-        if out.is_some() && drawn.elapsed() >= PROGRESS_EVERY {
+        // Redrawn in place at most five times a second.
+        if live && drawn.elapsed() >= PROGRESS_EVERY {
             let window = drawn.elapsed().as_secs_f64();
             eprint!(
                 "\r\x1b[Kexported {rows} postings, {:.0}/s ({:.0}/s now)",
@@ -158,7 +161,8 @@ pub async fn export(
     sink.flush()?;
     if out.is_some() {
         let took = started.elapsed();
-        eprintln!("\r\x1b[Kexported {rows} postings in {:.1} s, {:.0}/s", took.as_secs_f64(), rate(rows, took));
+        let clear = if live { "\r\x1b[K" } else { "" };
+        eprintln!("{clear}exported {rows} postings in {:.1} s, {:.0}/s", took.as_secs_f64(), rate(rows, took));
     }
     Ok(())
 }

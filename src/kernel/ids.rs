@@ -2,8 +2,9 @@
 //!
 //! Every id is declared by `id_type!`, so each has the same shape: `parse` for what a
 //! caller sends (the field named in the error), `from_db` for what was parsed when it
-//! was written, `as_str`, `Display`, and `generate` for the ones dmpay mints. A function
-//! that takes a `&PaymentId` cannot be handed a request id or a user id by mistake.
+//! was written, `as_str`, `Display`, and `generate` (a fresh id after the kind's
+//! prefix). A function that takes a `&PaymentId` cannot be handed a request id or a user
+//! id by mistake.
 
 use std::fmt;
 
@@ -27,12 +28,7 @@ macro_rules! id_type {
         impl $name {
             /// Parses a caller's text; `field` names it in the error.
             pub fn parse(field: &str, raw: &str) -> Result<Self> {
-                if raw.len() > ID_LEN_MAX {
-                    return Err(Error::invalid(field, format!("at most {ID_LEN_MAX} bytes")));
-                }
-                if raw.chars().any(char::is_control) {
-                    return Err(Error::invalid(field, "may not contain control characters"));
-                }
+                check_shape(field, raw)?;
                 let check: fn(&str, &str) -> Result<()> = $check;
                 check(field, raw)?;
                 Ok($name(raw.to_owned()))
@@ -93,6 +89,20 @@ macro_rules! id_type {
             }
         }
     };
+}
+
+/// The rules every id from the wire meets, of any kind (the ledger's entry ids and the
+/// vault's tokens too, through `api::id`): at most `ID_LEN_MAX` bytes, and no control
+/// characters (NUL among them, which PostgreSQL refuses in text while SQLite would look
+/// it up), so the same bad id is INVALID_ARGUMENT on both backends.
+pub fn check_shape(field: &str, raw: &str) -> Result<()> {
+    if raw.len() > ID_LEN_MAX {
+        return Err(Error::invalid(field, format!("at most {ID_LEN_MAX} bytes")));
+    }
+    if raw.chars().any(char::is_control) {
+        return Err(Error::invalid(field, "may not contain control characters"));
+    }
+    Ok(())
 }
 
 /// Any id dmpay minted itself: a caller may send any bounded printable text, and one

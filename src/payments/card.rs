@@ -229,6 +229,13 @@ impl Payments {
             };
         }
 
+        // What the card pays: computed before the hold below, so an impossible total
+        // cannot leave a hold behind.
+        let charge_total = payment
+            .card_amount
+            .checked_add(payment.fee_amount)
+            .ok_or_else(|| Error::internal(anyhow::anyhow!("card part and fee overflow")))?;
+
         // Card funded, fully or in part. First hold the wallet part, so concurrent sends
         // cannot spend it while the card is charged.
         let hold = if payment.wallet_amount.minor() > 0 {
@@ -254,11 +261,6 @@ impl Payments {
         } else {
             None
         };
-        let charge_total = payment
-            .card_amount
-            .checked_add(payment.fee_amount)
-            .ok_or_else(|| Error::internal(anyhow::anyhow!("card part and fee overflow")))?;
-
         let charged = self.charge(&payment, claim, charge_total).await;
         let capture_ref = match charged {
             Ok(reference) => reference,

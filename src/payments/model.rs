@@ -317,6 +317,47 @@ mod tests {
         assert_eq!(PaymentsConfig::default().card_fee(1000), 0);
     }
 
+    /// A failed payment answers with the reason it was recorded with, the same text its
+    /// `failure_reason` field carries, so the first answer, a retry and GetPayment agree;
+    /// a reason this build does not know is PAYMENT_FAILED.
+    #[test]
+    fn a_failed_payment_answers_with_its_recorded_reason() {
+        let usd = Currency::from_code("USD").unwrap();
+        let m = Money::from_minor(usd, 100);
+        let failed = |reason: &str| Payment {
+            payment_id: PaymentId::parse("payment_id", "pay_1").unwrap(),
+            sender_id: UserId::parse("sender_id", "alice").unwrap(),
+            recipient_id: UserId::parse("recipient_id", "bob").unwrap(),
+            amount: m,
+            wallet_amount: Money::zero(usd),
+            card_amount: m,
+            fee_amount: Money::zero(usd),
+            refunded_amount: Money::zero(usd),
+            status: PaymentStatus::Failed,
+            funding_source: FundingSource::Card,
+            payment_method_token: None,
+            note: String::new(),
+            conversation_id: String::new(),
+            message_id: String::new(),
+            request_id: None,
+            failure_reason: reason.to_owned(),
+            failure_message: "m".into(),
+            authorization_ref: None,
+            capture_ref: None,
+            created_at_us: 0,
+            settled_at_us: None,
+        };
+        let reason = |p: Payment| match p.failure() {
+            Some(Error::FailedPrecondition { reason, .. }) => reason,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(reason(failed("CARD_DECLINED")), Reason::CardDeclined);
+        assert_eq!(reason(failed("PAYMENT_METHOD_REMOVED")), Reason::PaymentMethodRemoved);
+        assert_eq!(reason(failed("A_REASON_FROM_A_NEWER_BUILD")), Reason::PaymentFailed);
+        let settled = Payment { status: PaymentStatus::Settled, ..failed("") };
+        assert!(settled.failure().is_none());
+    }
+
     #[test]
     fn send_rules_in_order() {
         use crate::accounts::Status::{Active, Frozen};

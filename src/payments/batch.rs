@@ -315,14 +315,15 @@ impl Batch {
 impl Batch {
     /// The outbox events of the payments written: the thread shows each payment appear
     /// and then settle (or fail), as it does for a card payment whose steps take longer.
+    /// One event per payment: a wallet payment is created and settled (or fails) in this
+    /// one commit, so it has one state change to announce, not a `payment.created`
+    /// nobody could observe on its own.
     fn events(&self) -> Vec<EventFields> {
-        let mut events = Vec::with_capacity(self.rows.len() * 2);
+        let mut events = Vec::with_capacity(self.rows.len());
         for (cmd, p) in &self.rows {
             if !self.sends.contains_key(cmd) {
                 continue;
             }
-            let created = Payment { status: PaymentStatus::Pending, settled_at_us: None, ..p.clone() };
-            events.push(EventFields::payment("payment.created", &created));
             events.push(EventFields::payment(
                 if p.status == PaymentStatus::Settled { "payment.settled" } else { "payment.failed" },
                 p,

@@ -124,17 +124,13 @@ async fn retries_are_idempotent_and_failures_recorded(app: TestApp) {
         list.payments.iter().find(|p| p.status == pb::PaymentStatus::Failed as i32).expect("failed payment listed");
     assert_eq!(failed.failure_reason, "INSUFFICIENT_FUNDS");
     assert_eq!(amt(&app.wallet("alice").await.available), "6.00");
-    // Its batch moved no money, yet its thread still hears it appear and fail, numbered
-    // after the settled payment's two events.
+    // Its batch moved no money, yet its thread still hears it fail: one event, as for the
+    // settled payment (created and finished in one commit), numbered after that one's.
     let events: Vec<(i64, String)> = dmpay::with_db!(&app.db, pool => sqlx::query_as(
         "SELECT sequence, event_type FROM payment_events WHERE payment_id = $1 ORDER BY sequence")
         .bind(&failed.payment_id).fetch_all(pool).await)
     .unwrap();
-    assert_eq!(
-        events,
-        vec![(3, "payment.created".to_owned()), (4, "payment.failed".to_owned())],
-        "the failed payment's events"
-    );
+    assert_eq!(events, vec![(2, "payment.failed".to_owned())], "the failed payment's events");
 
     // Concurrent duplicates: one payment.
     let mut tasks = Vec::new();
@@ -482,9 +478,10 @@ async fn daily_limit_holds_under_concurrency(app: TestApp) {
     }
     assert_eq!((ok, limited), (12, 18));
     assert_eq!(amt(&app.wallet("alice").await.posted), "1520.00");
-    // A refused send wrote nothing: twelve payments, two events each.
+    // A refused send wrote nothing: twelve payments, one event each (created and
+    // settled in one commit).
     assert_eq!(app.count("payments").await, 12);
-    assert_eq!(app.count("payment_events").await, 24);
+    assert_eq!(app.count("payment_events").await, 12);
     assert!(app.verify().await.ok());
 }
 
@@ -610,7 +607,7 @@ async fn a_batch_refused_part_way_writes_nothing(app: TestApp) {
     assert_eq!(amt(&app.wallet("u2").await.posted), "10.00");
     assert_eq!(app.count("payments").await, 3);
     assert_eq!(app.count("ledger_entries").await, entries + 3);
-    assert_eq!(app.count("payment_events").await, events + 6);
+    assert_eq!(app.count("payment_events").await, events + 3);
     assert!(app.verify().await.ok());
     // The engine goes on: u2's next send, without the poisoned note, commits.
     let u2 = app.token("u2", PAY_SCOPES);
@@ -1117,20 +1114,20 @@ async fn watchers_see_their_events_once_in_order(app: TestApp) {
     };
     app.send(&carol, "other-1", "dave", "1.00", Balance).await.unwrap();
     burst.await.unwrap();
-    // 13 payments to bob, each created and settled: 26 events.
-    let first = next_events(&mut stream, 20).await;
+    // 13 payments to bob, each created and settled in one commit: 13 events.
+    let first = next_events(&mut stream, 10).await;
     drop(stream);
     let last_seen = first.last().unwrap().sequence;
     // Resume from the last sequence seen.
     let mut resumed = watch(&app, &bob, last_seen, "").await;
-    let rest = next_events(&mut resumed, 6).await;
+    let rest = next_events(&mut resumed, 3).await;
     let all: Vec<pb::PaymentEvent> = first.into_iter().chain(rest).collect();
     let seqs: Vec<i64> = all.iter().map(|e| e.sequence).collect();
     let mut sorted = seqs.clone();
     sorted.sort_unstable();
     sorted.dedup();
     assert_eq!(seqs, sorted, "in order, no duplicates");
-    assert_eq!(all.len(), 26);
+    assert_eq!(all.len(), 13);
     for e in &all {
         let p = e.payment.as_ref().expect("payment event");
         assert!(p.sender_id == "bob" || p.recipient_id == "bob", "bob saw someone else's event: {e:?}");
@@ -1141,12 +1138,12 @@ async fn watchers_see_their_events_once_in_order(app: TestApp) {
 
     // One conversation only.
     let mut conv = watch(&app, &bob, 0, "conv-1").await;
-    let in_conv = next_events(&mut conv, 20).await;
+    let in_conv = next_events(&mut conv, 10).await;
     assert!(in_conv.iter().all(|e| e.payment.as_ref().unwrap().conversation_id == "conv-1"));
     // The chat backend with payments:watch_all sees everyone's, carol's included.
     let backend = app.token("chat-backend", "payments:watch_all");
     let mut all_users = watch(&app, &backend, 0, "").await;
-    let everything = next_events(&mut all_users, 30).await;
+    let everything = next_events(&mut all_users, 15).await;
     assert!(everything.iter().any(|e| e.payment.as_ref().is_some_and(|p| p.sender_id == "carol")));
     // A bill's events are typed like a payment's and carry the bill.
     let bill = request(&app, "bob", "w-bill", "alice", "3.00", 0).await.unwrap();
@@ -1191,9 +1188,9 @@ async fn settled_at_agrees_when_the_clock_is_behind_the_journal(app: TestApp) {
         .into_inner();
     assert_eq!(seen, sent, "GetPayment agrees with SendPayment's answer");
     let mut stream = watch(&app, &alice, 0, "").await;
-    let events = next_events(&mut stream, 2).await;
-    assert_eq!(events[1].r#type(), pb::PaymentEventType::PaymentSettled);
-    assert_eq!(events[1].payment.as_ref().unwrap().settled_at, Some(settled_at), "the settled event agrees");
+    let events = next_events(&mut stream, 1).await;
+    assert_eq!(events[0].r#type(), pb::PaymentEventType::PaymentSettled);
+    assert_eq!(events[0].payment.as_ref().unwrap().settled_at, Some(settled_at), "the settled event agrees");
     // The journal kept its order: the entry is no earlier than the funding entry, an
     // hour after the payment's clock reading.
     let t = app.token("svc-ledger", LEDGER_SCOPES);

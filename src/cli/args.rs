@@ -221,6 +221,10 @@ pub(super) enum BenchCommand {
         /// Where the report goes.
         #[arg(long, default_value = "BENCHMARKS.md")]
         out: PathBuf,
+        /// PostgreSQL: also grow a database to this many payments and measure uniform
+        /// runs, bytes per payment and the export on it (0 skips it).
+        #[arg(long, default_value_t = 1_000_000)]
+        grown_payments: i64,
     },
     /// The posting engine in-process against naive per-transfer transactions, on the
     /// configured database (use a scratch database: it writes benchmark accounts).

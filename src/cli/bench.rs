@@ -25,7 +25,16 @@ pub(super) async fn run(config: Config, command: BenchCommand) -> anyhow::Result
             );
             Ok(())
         }
-        BenchCommand::Report { postgres_url, no_sqlite, duration, naive_duration, clients, users, out } => {
+        BenchCommand::Report {
+            postgres_url,
+            no_sqlite,
+            duration,
+            naive_duration,
+            clients,
+            users,
+            out,
+            grown_payments,
+        } => {
             let clients = client_counts(&clients, 4096)?;
             anyhow::ensure!((2..=100_000).contains(&users), "--users must be 2 to 100000");
             let options = crate::bench::report::ReportOptions {
@@ -36,6 +45,7 @@ pub(super) async fn run(config: Config, command: BenchCommand) -> anyhow::Result
                 clients,
                 users,
                 out,
+                grown_payments: grown_payments.max(0),
             };
             let markdown = crate::bench::report::run(&config, options).await?;
             print!("{markdown}");

@@ -5,10 +5,12 @@
 //! livestream scenarios at each client count, a release server started as a child
 //! process with its default settings, driven over gRPC by `dmpay bench payments`, with
 //! the server's memory sampled throughout and the machine's CPU accounted for
-//! (`bench::cpu`). Every run has a fresh database. The figures, the ratios, where the CPU
+//! (`bench::cpu`). Every run has a fresh database, except the grown-database run
+//! (`grown`), which fills one with a million payments first. The figures, the ratios, where the CPU
 //! went and the targets go into one Markdown report (BENCHMARKS.md) with a description
 //! of the machine, so the file is regenerated, never typed.
 
+mod grown;
 mod render;
 
 use std::path::PathBuf;
@@ -34,6 +36,9 @@ pub struct ReportOptions {
     pub clients: Vec<usize>,
     pub users: usize,
     pub out: PathBuf,
+    /// PostgreSQL only: grow a database to at least this many payments and measure the
+    /// uniform runs, bytes per payment and the export on it; 0 skips it.
+    pub grown_payments: i64,
 }
 
 struct Run {
@@ -50,6 +55,7 @@ struct Section {
     naive: Vec<BenchRow>,
     runs: Vec<Run>,
     rss_peak_mib: f64,
+    grown: Option<grown::Grown>,
 }
 
 pub async fn run(config: &Config, options: ReportOptions) -> anyhow::Result<String> {
@@ -141,7 +147,17 @@ async fn backend_section(config: &Config, options: &ReportOptions, backend: Back
             runs.push(run);
         }
     }
-    Ok(Section { backend: name, version, naive, runs, rss_peak_mib })
+    let grown = match &backend {
+        Backend::Postgres(_) if options.grown_payments > 0 => {
+            eprintln!("== {name}: the grown database ({} payments)", options.grown_payments);
+            let mut scratch = Scratch::create(&backend).await?;
+            let grown = grown::run(config, options, &scratch.url).await;
+            scratch.drop_database().await;
+            Some(grown?)
+        }
+        _ => None,
+    };
+    Ok(Section { backend: name, version, naive, runs, rss_peak_mib, grown })
 }
 
 async fn naive_baseline(

@@ -119,13 +119,15 @@ chaos: release
 ## The end-to-end benchmark (BENCHMARKS.md, regenerated): on fresh PostgreSQL
 ## (BENCH_POSTGRES_URL, a user that may create databases) and SQLite databases, the
 ## naive-SQL baseline and a release server driven over gRPC by the load generator
-## (uniform and livestream at 64 and 256 clients, BENCH_DURATION each). Not part of
+## (uniform and livestream at 64 and 256 clients, BENCH_DURATION each), then on
+## PostgreSQL a database grown to a million payments (BENCH_GROWN_PAYMENTS). Not part of
 ## `make test`; it needs the machine to itself for honest numbers.
 BENCH_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 BENCH_DURATION ?= 30s
+BENCH_GROWN_PAYMENTS ?= 1000000
 bench: release
 	@pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null || pg_ctlcluster --skip-systemctl-redirect "$$(ls /etc/postgresql)" main start || true
-	DMPAY_ENV=development ./target/release/dmpay bench report --postgres-url "$(BENCH_POSTGRES_URL)" --duration $(BENCH_DURATION) --out BENCHMARKS.md
+	DMPAY_ENV=development ./target/release/dmpay bench report --postgres-url "$(BENCH_POSTGRES_URL)" --duration $(BENCH_DURATION) --grown-payments $(BENCH_GROWN_PAYMENTS) --out BENCHMARKS.md
 
 fmt:
 	$(CARGO) fmt --all

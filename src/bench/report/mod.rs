@@ -294,10 +294,7 @@ impl Server {
         socket.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").await.ok()?;
         let mut body = String::new();
         socket.read_to_string(&mut body).await.ok()?;
-        let value = |name: &str| {
-            body.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        };
-        Some((value("dmpay_ledger_batches_total ")?, value("dmpay_ledger_commands_total ")?))
+        Some((counter(&body, "dmpay_ledger_batches_total")?, counter(&body, "dmpay_ledger_commands_total")?))
     }
 
     fn rss_peak_mib(&self) -> f64 {
@@ -316,9 +313,32 @@ impl Server {
     }
 }
 
+/// A counter without labels from a Prometheus text exposition. prometheus-client writes
+/// every value as a float (`12.0`).
+fn counter(body: &str, name: &str) -> Option<u64> {
+    let line = body.lines().find(|l| l.split_whitespace().next() == Some(name))?;
+    let value: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    (value.is_finite() && value >= 0.0).then_some(value as u64)
+}
+
 /// Resident memory of a process, from /proc (Linux).
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counters_are_read_from_the_exposition_as_the_server_writes_it() {
+        let body = "# HELP dmpay_ledger_batches_total Posting-engine batch transactions\n\
+                    # TYPE dmpay_ledger_batches_total counter\n\
+                    dmpay_ledger_batches_total 1234.0\n\
+                    dmpay_ledger_batches_total_other 9.0\n\
+                    dmpay_ledger_commands_total 56789.0\n";
+        assert_eq!(super::counter(body, "dmpay_ledger_batches_total"), Some(1234));
+        assert_eq!(super::counter(body, "dmpay_ledger_commands_total"), Some(56789));
+        assert_eq!(super::counter(body, "dmpay_missing_total"), None);
+    }
 }

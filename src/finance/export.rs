@@ -11,6 +11,8 @@
 //! expiry) is a row too, with the account, direction and amount empty, naming the hold
 //! it resolved (`resolves_entry_id`); so does the entry that posted a hold.
 
+use std::borrow::Cow;
+
 use serde_json::json;
 
 use crate::kernel::error::{Error, Result};
@@ -94,7 +96,8 @@ pub async fn page(
 }
 
 /// A posting's fields as the export writes them, in `CSV_HEADER`'s order.
-fn fields(r: &ExportRow) -> [String; 13] {
+/// The row's own text is borrowed, not copied: the export writes every posting.
+fn fields(r: &ExportRow) -> [Cow<'_, str>; 13] {
     let currency = r.currency.as_deref().unwrap_or_default();
     let amount = match (Currency::from_code(currency), r.amount) {
         (Some(c), Some(minor)) => Money::from_minor(c, minor).amount_string(),
@@ -112,19 +115,19 @@ fn fields(r: &ExportRow) -> [String; 13] {
         None => "",
     };
     [
-        r.entry_id.clone(),
-        r.sequence.to_string(),
-        crate::kernel::dates::rfc3339(r.created_at_us),
-        r.kind.clone(),
-        r.status.clone(),
-        r.code.clone().unwrap_or_default(),
-        direction.to_owned(),
-        amount,
-        currency.to_owned(),
-        reservation.to_owned(),
-        r.metadata.clone(),
-        r.resolves_entry_id.clone().unwrap_or_default(),
-        r.resolved_by_entry_id.clone().unwrap_or_default(),
+        Cow::Borrowed(r.entry_id.as_str()),
+        Cow::Owned(r.sequence.to_string()),
+        Cow::Owned(crate::kernel::dates::rfc3339(r.created_at_us)),
+        Cow::Borrowed(r.kind.as_str()),
+        Cow::Borrowed(r.status.as_str()),
+        Cow::Borrowed(r.code.as_deref().unwrap_or_default()),
+        Cow::Borrowed(direction),
+        Cow::Owned(amount),
+        Cow::Borrowed(currency),
+        Cow::Borrowed(reservation),
+        Cow::Borrowed(r.metadata.as_str()),
+        Cow::Borrowed(r.resolves_entry_id.as_deref().unwrap_or_default()),
+        Cow::Borrowed(r.resolved_by_entry_id.as_deref().unwrap_or_default()),
     ]
 }
 
@@ -133,7 +136,7 @@ fn fields(r: &ExportRow) -> [String; 13] {
 fn csv_lines(rows: &[ExportRow]) -> Result<Vec<u8>> {
     let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(Vec::with_capacity(rows.len() * 160));
     for r in rows {
-        w.write_record(fields(r)).map_err(Error::internal)?;
+        w.write_record(fields(r).iter().map(|f| f.as_bytes())).map_err(Error::internal)?;
     }
     w.into_inner().map_err(|e| Error::internal(anyhow::anyhow!("export CSV: {e}")))
 }

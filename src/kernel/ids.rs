@@ -2,9 +2,9 @@
 //!
 //! Every id is declared by `id_type!`, so each has the same shape: `parse` for what a
 //! caller sends (the field named in the error), `from_db` for what was parsed when it
-//! was written, `as_str`, `Display`, and `generate` (a fresh id after the kind's
-//! prefix). A function that takes a `&PaymentId` cannot be handed a request id or a user
-//! id by mistake.
+//! was written, `as_str`, `Display`, and `generate` for the ids dmpay mints (a fresh
+//! id after the kind's prefix). A function that takes a `&PaymentId` cannot be handed a
+//! request id or a user id by mistake.
 
 use std::fmt;
 
@@ -13,11 +13,22 @@ use super::error::{Error, Result};
 /// Longest id of any kind; also bounds ledger account codes built from a user id.
 pub const ID_LEN_MAX: usize = 128;
 
-/// Declares an identifier newtype over `String`. `$check` validates a caller's text
-/// beyond the shared rules (at most `ID_LEN_MAX` bytes, no control characters: NUL
-/// among them, which PostgreSQL refuses). `$prefix` is what `generate` starts with.
+/// Declares an identifier newtype over `String`. `check = f` validates a caller's text
+/// beyond the shared rules (`check_shape`); `minted = "pay_"` declares an id dmpay
+/// issues itself, which any text of the right shape may name (one that names nothing
+/// is simply not found) and which `generate` mints after that prefix.
 macro_rules! id_type {
-    ($(#[$doc:meta])* $name:ident, prefix = $prefix:literal, check = $check:expr) => {
+    ($(#[$doc:meta])* $name:ident, minted = $prefix:literal) => {
+        id_type!($(#[$doc])* $name, check = |_, _| Ok(()));
+
+        impl $name {
+            /// A fresh id, time-ordered (UUIDv7) after its prefix.
+            pub fn generate() -> Self {
+                $name(format!(concat!($prefix, "{}"), uuid::Uuid::now_v7().simple()))
+            }
+        }
+    };
+    ($(#[$doc:meta])* $name:ident, check = $check:expr) => {
         $(#[$doc])*
         // Bound and decoded as text by both backends; a decoded id was parsed when it
         // was written.
@@ -34,15 +45,8 @@ macro_rules! id_type {
                 Ok($name(raw.to_owned()))
             }
 
-            /// A fresh id, time-ordered (UUIDv7) after its prefix. (Not every kind is
-            /// minted, or read back, by dmpay itself; the macro gives each the same
-            /// surface.)
-            #[allow(dead_code)]
-            pub fn generate() -> Self {
-                $name(format!(concat!($prefix, "{}"), uuid::Uuid::now_v7().simple()))
-            }
-
-            /// An id read back from the database, which was parsed when written.
+            /// An id read back from the database, which was parsed when written. (Ids
+            /// in row types are decoded by sqlx instead, so not every kind calls it.)
             #[allow(dead_code)]
             pub(crate) fn from_db(raw: String) -> Self {
                 $name(raw)
@@ -105,12 +109,6 @@ pub fn check_shape(field: &str, raw: &str) -> Result<()> {
     Ok(())
 }
 
-/// Any id dmpay minted itself: a caller may send any bounded printable text, and one
-/// that names nothing is simply not found.
-fn any(_field: &str, _raw: &str) -> Result<()> {
-    Ok(())
-}
-
 /// User ids: required, and `[A-Za-z0-9_.-]` only, which keeps them safe inside ledger
 /// account codes (`user:<id>:wallet:USD`) and log lines.
 fn user_chars(field: &str, raw: &str) -> Result<()> {
@@ -125,23 +123,23 @@ fn user_chars(field: &str, raw: &str) -> Result<()> {
 
 id_type!(
     /// A platform user id: 1 to 128 characters of `[A-Za-z0-9_.-]`.
-    UserId, prefix = "", check = user_chars
+    UserId, check = user_chars
 );
 id_type!(
     /// A payment, `pay_` and a UUIDv7.
-    PaymentId, prefix = "pay_", check = any
+    PaymentId, minted = "pay_"
 );
 id_type!(
     /// A money request (a bill on the wire), `req_` and a UUIDv7.
-    RequestId, prefix = "req_", check = any
+    RequestId, minted = "req_"
 );
 id_type!(
     /// A refund of a payment, `rf_` and a UUIDv7.
-    RefundId, prefix = "rf_", check = any
+    RefundId, minted = "rf_"
 );
 id_type!(
     /// A reconciliation run, `run_` and a UUIDv7.
-    RunId, prefix = "run_", check = any
+    RunId, minted = "run_"
 );
 
 #[cfg(test)]

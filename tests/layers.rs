@@ -49,12 +49,15 @@ const TABLE_HOMES: &[(&str, &str)] = &[
     ("payment_requests", "payments/repo"),
     ("payment_spend", "payments/repo"),
     ("payments", "payments/repo"),
+    ("payouts", "payments/repo/payouts.rs"),
+    ("processor_cursors", "payments/repo/payouts.rs"),
     ("recon_days", "finance/recon"),
     ("recon_items", "finance/recon"),
     ("recon_resolutions", "finance/recon"),
     ("recon_run_totals", "finance/recon"),
     ("recon_runs", "finance/recon"),
-    ("sandbox_processor_calls", "processor/sandbox.rs"),
+    ("sandbox_processor_calls", "processor/sandbox/mod.rs"),
+    ("sandbox_processor_notifications", "processor/sandbox/payouts.rs"),
 ];
 
 /// The tables a file's SQL writes: the word after `INSERT INTO`, `UPDATE` or

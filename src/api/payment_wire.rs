@@ -5,6 +5,7 @@ use super::pb;
 use super::timestamp;
 use crate::payments::events;
 use crate::payments::model::{PaymentRequest, RequestStatus};
+use crate::payments::payouts::{Payout, PayoutSpeed, PayoutStatus};
 use crate::payments::{Payment, PaymentStatus};
 
 pub(super) fn event_to_wire(e: events::Event) -> pb::PaymentEvent {
@@ -13,6 +14,7 @@ pub(super) fn event_to_wire(e: events::Event) -> pb::PaymentEvent {
         r#type: event_type_to_wire(&e.event_type) as i32,
         payment: e.payment.map(payment_to_wire),
         bill: e.request.map(bill_to_wire),
+        payout: e.payout.map(payout_to_wire),
         occurred_at: Some(timestamp(e.occurred_at_us)),
     }
 }
@@ -33,6 +35,10 @@ fn event_type_to_wire(stored: &str) -> pb::PaymentEventType {
         "request.declined" => T::BillDeclined,
         "request.cancelled" => T::BillCancelled,
         "request.expired" => T::BillExpired,
+        "payout.created" => T::PayoutCreated,
+        "payout.paid" => T::PayoutPaid,
+        "payout.failed" => T::PayoutFailed,
+        "payout.returned" => T::PayoutReturned,
         _ => T::Unspecified,
     }
 }
@@ -60,6 +66,42 @@ pub(crate) fn payment_to_wire(p: Payment) -> pb::Payment {
         message_id: p.message_id,
         bill_id: p.request_id.map(|r| r.into_string()).unwrap_or_default(),
         failure_reason: p.failure_reason,
+    }
+}
+
+pub(crate) fn payout_to_wire(p: Payout) -> pb::Payout {
+    pb::Payout {
+        net_amount: Some(to_wire(p.net())),
+        amount: Some(to_wire(p.amount)),
+        fee: Some(to_wire(p.fee)),
+        speed: match p.speed {
+            PayoutSpeed::Standard => pb::PayoutSpeed::Standard,
+            PayoutSpeed::Instant => pb::PayoutSpeed::Instant,
+        } as i32,
+        status: match p.status {
+            PayoutStatus::Pending => pb::PayoutStatus::Pending,
+            PayoutStatus::Paid => pb::PayoutStatus::Paid,
+            PayoutStatus::Failed => pb::PayoutStatus::Failed,
+            PayoutStatus::Returned => pb::PayoutStatus::Returned,
+        } as i32,
+        created_at: Some(timestamp(p.created_at_us)),
+        paid_at: p.paid_at_us.map(timestamp),
+        returned_at: p.returned_at_us.map(timestamp),
+        payout_id: p.payout_id.into_string(),
+        user_id: p.user_id.into_string(),
+        payment_method_token: p.payment_method_token,
+        card_last4: p.card_last4,
+        failure_reason: p.failure_reason,
+        failure_message: p.failure_message,
+    }
+}
+
+/// The wire's speed; unspecified is STANDARD, the free one.
+pub(crate) fn payout_speed_from_wire(raw: i32) -> crate::kernel::error::Result<PayoutSpeed> {
+    match pb::PayoutSpeed::try_from(raw) {
+        Ok(pb::PayoutSpeed::Unspecified | pb::PayoutSpeed::Standard) => Ok(PayoutSpeed::Standard),
+        Ok(pb::PayoutSpeed::Instant) => Ok(PayoutSpeed::Instant),
+        Err(_) => Err(crate::kernel::error::Error::invalid("speed", format!("unknown payout speed {raw}"))),
     }
 }
 

@@ -5,14 +5,14 @@ use std::sync::Arc;
 use tonic::{Request, Response};
 
 use super::money::{positive, to_wire};
-use super::payment_wire::{bill_to_wire, payment_to_wire};
+use super::payment_wire::{bill_to_wire, payment_to_wire, payout_speed_from_wire, payout_to_wire};
 use super::pb;
 use super::status::ApiResult;
 use super::watch::{self, WatchStream, Watchers};
 use super::{principal, to_status};
 use crate::auth::{scope, Principal};
 use crate::kernel::error::{Error, Result};
-use crate::kernel::ids::{PaymentId, RequestId, UserId};
+use crate::kernel::ids::{PaymentId, PayoutId, RequestId, UserId};
 use crate::kernel::money::Money;
 use crate::payments::feed::Feed;
 use crate::payments::requests::RequestInput;
@@ -238,5 +238,49 @@ impl pb::payments_server::Payments for PaymentsApi {
             permit,
         );
         Ok(Response::new(stream))
+    }
+
+    async fn create_payout(&self, req: Request<pb::CreatePayoutRequest>) -> ApiResult<pb::Payout> {
+        let caller = principal(&req)?;
+        let r = req.get_ref();
+        let result = async {
+            let me = user(caller, scope::PAYMENTS_WRITE)?;
+            super::id("payment_method_token", &r.payment_method_token)?;
+            let input = crate::payments::payouts::PayoutInput {
+                idempotency_key: r.idempotency_key.clone(),
+                amount: positive("amount", r.amount.as_ref(), self.payments.ledger().accounts().currencies())?,
+                speed: payout_speed_from_wire(r.speed)?,
+                payment_method_token: (!r.payment_method_token.is_empty()).then(|| r.payment_method_token.clone()),
+            };
+            Ok(payout_to_wire(self.payments.create_payout(&me, input).await?))
+        }
+        .await;
+        result.map(Response::new).map_err(to_status)
+    }
+
+    async fn get_payout(&self, req: Request<pb::GetPayoutRequest>) -> ApiResult<pb::Payout> {
+        let caller = principal(&req)?;
+        let result = async {
+            let me = user(caller, scope::PAYMENTS_READ)?;
+            let id = PayoutId::parse("payout_id", &req.get_ref().payout_id)?;
+            Ok(payout_to_wire(self.payments.get_payout(&me, &id).await?))
+        }
+        .await;
+        result.map(Response::new).map_err(to_status)
+    }
+
+    async fn list_payouts(&self, req: Request<pb::ListPayoutsRequest>) -> ApiResult<pb::ListPayoutsResponse> {
+        let caller = principal(&req)?;
+        let r = req.get_ref();
+        let result = async {
+            let me = user(caller, scope::PAYMENTS_READ)?;
+            let (rows, next) = self.payments.list_payouts(&me, r.page_size, &r.page_token).await?;
+            Ok(pb::ListPayoutsResponse {
+                payouts: rows.into_iter().map(payout_to_wire).collect(),
+                next_page_token: next.unwrap_or_default(),
+            })
+        }
+        .await;
+        result.map(Response::new).map_err(to_status)
     }
 }

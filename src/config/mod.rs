@@ -17,6 +17,7 @@ pub use settings::{ProcessEnv, Source};
 use crate::kernel::money::{Currencies, Currency};
 use crate::ledger::EngineConfig;
 use crate::payments::model::TierLimits;
+use crate::payments::payouts::{PayoutLimits, PayoutsConfig};
 use crate::payments::PaymentsConfig;
 use crate::processor::sandbox::SandboxConfig;
 use crate::vault::keys::{KeyRing, DEV_FINGERPRINT_KEY, DEV_KEKS};
@@ -159,6 +160,7 @@ impl Config {
         let engine = EngineConfig::default();
         let vault = VaultConfig::default();
         let payments = PaymentsConfig::default();
+        let payouts = payments.payouts.clone();
         let limit = |name: &'static str, default: i64| s.num(name, default, 1..=1_000_000_000);
 
         let config = Config {
@@ -255,11 +257,43 @@ impl Config {
                 resolve_after_s: s
                     .duration("DMPAY_PAYMENTS_RESOLVE_AFTER", Duration::from_secs(payments.resolve_after_s as u64))?
                     .as_secs() as i64,
+                payouts: PayoutsConfig {
+                    unverified: PayoutLimits {
+                        payout_max: limit("DMPAY_LIMIT_UNVERIFIED_PAYOUT_MAX", payouts.unverified.payout_max)?,
+                        daily_max: limit("DMPAY_LIMIT_UNVERIFIED_PAYOUT_DAILY_MAX", payouts.unverified.daily_max)?,
+                    },
+                    verified: PayoutLimits {
+                        payout_max: limit("DMPAY_LIMIT_VERIFIED_PAYOUT_MAX", payouts.verified.payout_max)?,
+                        daily_max: limit("DMPAY_LIMIT_VERIFIED_PAYOUT_DAILY_MAX", payouts.verified.daily_max)?,
+                    },
+                    instant_fee_bps: s.num("DMPAY_PAYOUT_INSTANT_FEE_BPS", payouts.instant_fee_bps, 0..=2_000)?,
+                    instant_fee_min_minor: s.num(
+                        "DMPAY_PAYOUT_INSTANT_FEE_MIN_MINOR",
+                        payouts.instant_fee_min_minor,
+                        0..=100_000,
+                    )?,
+                    instant_fee_max_minor: s.num(
+                        "DMPAY_PAYOUT_INSTANT_FEE_MAX_MINOR",
+                        payouts.instant_fee_max_minor,
+                        0..=10_000_000,
+                    )?,
+                    instant_hold_s: s.duration("DMPAY_PAYOUT_INSTANT_HOLD", Duration::ZERO)?.as_secs() as i64,
+                },
             },
             recon_time_tolerance: s.duration("DMPAY_RECON_TIME_TOLERANCE", Duration::from_secs(3600))?,
             payments_resolve_interval: s.duration("DMPAY_PAYMENTS_RESOLVE_INTERVAL", Duration::from_secs(2))?,
         };
         s.finish()?;
+        let payouts = &config.payments.payouts;
+        if payouts.instant_fee_max_minor < payouts.instant_fee_min_minor {
+            return Err(ConfigError::Invalid {
+                name: "DMPAY_PAYOUT_INSTANT_FEE_MAX_MINOR",
+                detail: "at least DMPAY_PAYOUT_INSTANT_FEE_MIN_MINOR".into(),
+            });
+        }
+        if payouts.instant_hold_s > 30 * 86_400 {
+            return Err(ConfigError::Invalid { name: "DMPAY_PAYOUT_INSTANT_HOLD", detail: "at most 30 days".into() });
+        }
         if !(Duration::from_millis(100)..=Duration::from_secs(86_400)).contains(&config.payments_resolve_interval) {
             return Err(ConfigError::Invalid {
                 name: "DMPAY_PAYMENTS_RESOLVE_INTERVAL",

@@ -138,6 +138,10 @@ id_type!(
     RefundId, minted = "rf_"
 );
 id_type!(
+    /// A payout to a card, `po_` and a UUIDv7.
+    PayoutId, minted = "po_"
+);
+id_type!(
     /// A reconciliation run, `run_` and a UUIDv7.
     RunId, minted = "run_"
 );

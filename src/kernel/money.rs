@@ -227,6 +227,11 @@ fn max_amount_string(currency: Currency) -> String {
     Money::from_minor(currency, AMOUNT_MINOR_MAX).amount_string()
 }
 
+/// A limit in major units as minor units of `currency` (saturating).
+pub fn major_to_minor(major: i64, currency: Currency) -> i64 {
+    major.saturating_mul(10_i64.pow(currency.exponent()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,8 +31,13 @@ crate::stored_enum! {
         EntryOwnedByModule = "ENTRY_OWNED_BY_MODULE",
         /// The processor blocked the charge as suspected fraud.
         FraudSuspected = "FRAUD_SUSPECTED",
+        /// Money that arrived from card-funded payments recently cannot be cashed out
+        /// instantly yet (`DMPAY_PAYOUT_INSTANT_HOLD`); a standard payout can.
+        FundsOnHold = "FUNDS_ON_HOLD",
         /// The card's security code is incorrect.
         IncorrectCvc = "INCORRECT_CVC",
+        /// The card cannot receive instant payouts (a credit card); a standard payout can.
+        InstantPayoutUnavailable = "INSTANT_PAYOUT_UNAVAILABLE",
         /// The wallet (or the card) cannot cover the amount.
         InsufficientFunds = "INSUFFICIENT_FUNDS",
         /// A matched reconciliation item needs no resolution.
@@ -60,6 +65,10 @@ crate::stored_enum! {
         PaymentMethodRemoved = "PAYMENT_METHOD_REMOVED",
         /// The payment is not settled, so it cannot be refunded.
         PaymentNotRefundable = "PAYMENT_NOT_REFUNDABLE",
+        /// Over the tier's rolling 24-hour payout limit.
+        PayoutDailyLimit = "PAYOUT_DAILY_LIMIT",
+        /// Over the tier's per-payout limit.
+        PayoutLimit = "PAYOUT_LIMIT",
         /// The card processor could not process the charge.
         ProcessingError = "PROCESSING_ERROR",
         /// Over the caller's write rate; `RetryInfo` says when to retry.

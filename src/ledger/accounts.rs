@@ -21,6 +21,8 @@ const CACHE_ACCOUNTS_MAX: usize = 200_000;
 pub const SYSTEM_CLEARING: &str = "processor:sandbox:clearing";
 /// The platform's fee income account's name.
 pub const SYSTEM_FEES: &str = "platform:fees";
+/// Where payouts wait between the wallet and the processor.
+pub const SYSTEM_PAYOUTS_IN_TRANSIT: &str = "platform:payouts_in_transit";
 
 /// System accounts created for every enabled currency at startup.
 pub const SYSTEM_ACCOUNTS: &[(&str, AccountType)] = &[
@@ -32,6 +34,9 @@ pub const SYSTEM_ACCOUNTS: &[(&str, AccountType)] = &[
     ("platform:treasury", AccountType::Asset),
     (SYSTEM_FEES, AccountType::Income),
     ("platform:processor_fees", AccountType::Expense),
+    // Payouts on their way to users' cards: owed to the card network until the
+    // processor has paid them.
+    (SYSTEM_PAYOUTS_IN_TRANSIT, AccountType::Liability),
     // Unexplained differences parked until finance resolves them.
     ("platform:suspense", AccountType::Liability),
 ];

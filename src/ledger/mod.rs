@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-pub use accounts::{AccountStore, SYSTEM_CLEARING, SYSTEM_FEES};
+pub use accounts::{AccountStore, SYSTEM_CLEARING, SYSTEM_FEES, SYSTEM_PAYOUTS_IN_TRANSIT};
 pub use engine::{DatabaseState, Engine, EngineConfig, EngineHandle, Idem, NewEntry, Op, Outcome, Resolution};
 pub use model::*;
 

@@ -171,7 +171,7 @@ impl Payments {
 
     /// How long a claim on a pending payment lasts without renewal: the resolver's
     /// patience (`DMPAY_PAYMENTS_RESOLVE_AFTER`).
-    fn lease_us(&self) -> i64 {
+    pub(super) fn lease_us(&self) -> i64 {
         self.config.resolve_after_s.saturating_mul(1_000_000)
     }
 

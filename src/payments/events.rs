@@ -7,10 +7,12 @@ use std::collections::HashMap;
 use serde::Deserialize;
 
 use super::model::{PaymentRequest, RequestStatus};
+use super::payout::{Payout, PayoutStatus};
+use super::repo::payouts::{PayoutRow, PAYOUT_COLUMNS};
 use super::repo::rows::{PaymentRow, RequestRow, COLUMNS, REQUEST_COLUMNS};
 use super::{Payment, PaymentStatus};
 use crate::kernel::error::Result;
-use crate::kernel::ids::{PaymentId, RequestId};
+use crate::kernel::ids::{PaymentId, PayoutId, RequestId};
 use crate::kernel::money::Money;
 use crate::store::{json_rows, Db};
 use crate::with_db;
@@ -30,6 +32,8 @@ pub struct Event {
     pub conversation_id: String,
     pub payment: Option<Payment>,
     pub request: Option<PaymentRequest>,
+    /// The payout, on `payout.*` events.
+    pub payout: Option<Payout>,
     pub occurred_at_us: i64,
 }
 
@@ -52,6 +56,7 @@ struct EventRow {
     authorization_ref: Option<String>,
     capture_ref: Option<String>,
     settled_at_us: Option<i64>,
+    payout_id: Option<String>,
     occurred_at_us: i64,
 }
 
@@ -74,7 +79,7 @@ pub async fn read(db: &Db, user: Option<&str>, conversation: &str, after: i64) -
     // the cursor: `party_a = $2 OR party_b = $2` in one query reads the whole table's
     // range after the cursor instead (150 ms a poll at a million events on SQLite).
     const COLUMNS: &str = "sequence, event_type, party_a, party_b, conversation_id, payment_id, request_id, snapshot, status, refunded_amount, \
-         failure_reason, failure_message, authorization_ref, capture_ref, settled_at_us, occurred_at_us";
+         failure_reason, failure_message, authorization_ref, capture_ref, settled_at_us, payout_id, occurred_at_us";
     let sql = match user {
         None => format!(
             "SELECT {COLUMNS} FROM payment_events WHERE sequence > $1 AND ($3 = '' OR conversation_id = $3) \
@@ -101,13 +106,35 @@ pub async fn read(db: &Db, user: Option<&str>, conversation: &str, after: i64) -
         .filter(|r| r.event_type.starts_with("payment."))
         .filter_map(|r| r.payment_id.as_deref())
         .collect();
-    let request_ids: Vec<&str> =
-        typed.filter(|r| r.event_type.starts_with("request.")).filter_map(|r| r.request_id.as_deref()).collect();
+    let request_ids: Vec<&str> = typed
+        .clone()
+        .filter(|r| r.event_type.starts_with("request."))
+        .filter_map(|r| r.request_id.as_deref())
+        .collect();
+    let payout_ids: Vec<&str> =
+        typed.filter(|r| r.event_type.starts_with("payout.")).filter_map(|r| r.payout_id.as_deref()).collect();
     let payments = load_payments(db, &payment_ids).await?;
     let requests = load_requests(db, &request_ids).await?;
+    let payouts = load_payouts(db, &payout_ids).await?;
     Ok(rows
         .into_iter()
         .map(|r| {
+            // A payout's row as it is now, with the state the event recorded laid over it.
+            let payout = r
+                .event_type
+                .starts_with("payout.")
+                .then(|| r.payout_id.as_deref().and_then(|id| payouts.get(id)))
+                .flatten()
+                .map(|p| Payout {
+                    status: PayoutStatus::from_db(&r.status).unwrap_or(p.status),
+                    failure_reason: r.failure_reason.clone(),
+                    failure_message: r.failure_message.clone(),
+                    processor_ref: r.capture_ref.clone(),
+                    paid_at_us: r.settled_at_us,
+                    return_ref: if r.event_type == "payout.returned" { p.return_ref.clone() } else { None },
+                    returned_at_us: if r.event_type == "payout.returned" { p.returned_at_us } else { None },
+                    ..p.clone()
+                });
             let (payment, request) = if !r.snapshot.is_empty() {
                 // A copy that no longer decodes still delivers its event, without the
                 // payment or request, and says so in the log.
@@ -134,6 +161,8 @@ pub async fn read(db: &Db, user: Option<&str>, conversation: &str, after: i64) -
                     ..p.clone()
                 });
                 (payment, None)
+            } else if r.event_type.starts_with("payout.") {
+                (None, None)
             } else {
                 let request = r.request_id.as_deref().and_then(|id| requests.get(id)).map(|q| PaymentRequest {
                     status: RequestStatus::from_db(&r.status).unwrap_or(q.status),
@@ -150,6 +179,7 @@ pub async fn read(db: &Db, user: Option<&str>, conversation: &str, after: i64) -
                 conversation_id: r.conversation_id,
                 payment,
                 request,
+                payout,
                 occurred_at_us: r.occurred_at_us,
             }
         })
@@ -160,6 +190,13 @@ pub async fn read(db: &Db, user: Option<&str>, conversation: &str, after: i64) -
 async fn load_payments(db: &Db, ids: &[&str]) -> Result<HashMap<PaymentId, Payment>> {
     let rows: Vec<PaymentRow> = rows_by_id(db, &format!("SELECT {COLUMNS} FROM payments"), "payment_id", ids).await?;
     rows.into_iter().map(|r| Payment::try_from(r).map(|p| (p.payment_id.clone(), p))).collect()
+}
+
+/// The payouts with these ids, by id.
+async fn load_payouts(db: &Db, ids: &[&str]) -> Result<HashMap<PayoutId, Payout>> {
+    let rows: Vec<PayoutRow> =
+        rows_by_id(db, &format!("SELECT {PAYOUT_COLUMNS} FROM payouts"), "payout_id", ids).await?;
+    rows.into_iter().map(|r| Payout::try_from(r).map(|p| (p.payout_id.clone(), p))).collect()
 }
 
 /// The requests with these ids, by id.

@@ -10,6 +10,8 @@
 //! - `spend`  per-hour sums of what each sender sent, for the rolling 24-hour limit
 //! - `store`  payment rows and the event outbox (state change and event in one
 //!   transaction, gap-free event sequence)
+//! - `payout`  payouts, their statuses, limits and the instant fee
+//! - `payouts` cash-out of wallet money to the user's card, and returns
 //! - `events` reading the outbox; `feed` the process's one reader that fans new events
 //!   out to its watchers
 //!
@@ -23,6 +25,8 @@ mod card;
 pub mod events;
 pub mod feed;
 pub mod model;
+pub mod payout;
+pub mod payouts;
 pub mod refunds;
 pub(crate) mod repo;
 pub mod requests;
@@ -391,6 +395,16 @@ impl Payments {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(resolved = n, "resolved pending refunds"),
                 Err(e) => tracing::warn!(error = %e, "refund resolver failed; will retry"),
+            }
+            match self.resolve_payouts().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(resolved = n, "resolved pending payouts"),
+                Err(e) => tracing::warn!(error = %e, "payout resolver failed; will retry"),
+            }
+            match self.apply_processor_notifications().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(applied = n, "applied processor notifications"),
+                Err(e) => tracing::warn!(error = %e, "processor notifications not applied yet; will retry"),
             }
         }
     }

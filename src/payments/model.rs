@@ -146,6 +146,7 @@ pub struct PaymentsConfig {
     pub card_fee_fixed_minor: i64,
     /// A pending payment untouched this long is picked up by the resolver.
     pub resolve_after_s: i64,
+    pub payouts: PayoutsConfig,
 }
 
 impl Default for PaymentsConfig {
@@ -156,6 +157,7 @@ impl Default for PaymentsConfig {
             card_fee_bps: 0,
             card_fee_fixed_minor: 0,
             resolve_after_s: 10,
+            payouts: Default::default(),
         }
     }
 }
@@ -176,6 +178,62 @@ impl PaymentsConfig {
         }
         let pct = (i128::from(card_minor) * i128::from(self.card_fee_bps) + 5_000) / 10_000;
         i64::try_from(pct).unwrap_or(i64::MAX).saturating_add(self.card_fee_fixed_minor)
+    }
+}
+
+/// A tier's payout limits in major units (applied in every currency at its exponent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PayoutLimits {
+    pub payout_max: i64,
+    pub daily_max: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct PayoutsConfig {
+    pub unverified: PayoutLimits,
+    pub verified: PayoutLimits,
+    /// The instant fee: basis points of the amount, rounded half up, then held between
+    /// a minimum and a maximum (minor units of the payout's currency).
+    pub instant_fee_bps: i64,
+    pub instant_fee_min_minor: i64,
+    pub instant_fee_max_minor: i64,
+    /// Money a user received from card-funded payments this recently cannot be cashed
+    /// out instantly (a fraud control against stolen cards; 0 is off).
+    pub instant_hold_s: i64,
+}
+
+impl Default for PayoutsConfig {
+    fn default() -> Self {
+        PayoutsConfig {
+            unverified: PayoutLimits { payout_max: 250, daily_max: 500 },
+            verified: PayoutLimits { payout_max: 5_000, daily_max: 10_000 },
+            instant_fee_bps: 175,
+            instant_fee_min_minor: 25,
+            instant_fee_max_minor: 2_500,
+            instant_hold_s: 0,
+        }
+    }
+}
+
+impl PayoutsConfig {
+    pub fn limits(&self, tier: Tier) -> PayoutLimits {
+        match tier {
+            Tier::Unverified => self.unverified,
+            Tier::Verified => self.verified,
+        }
+    }
+
+    /// The fee of a payout of `amount` minor units: none for standard; for instant the
+    /// percentage rounded half up, then at least the minimum and at most the maximum.
+    pub fn fee(&self, speed: crate::processor::PayoutSpeed, amount: i64) -> i64 {
+        match speed {
+            crate::processor::PayoutSpeed::Standard => 0,
+            crate::processor::PayoutSpeed::Instant => {
+                let pct = (i128::from(amount) * i128::from(self.instant_fee_bps) + 5_000) / 10_000;
+                let pct = i64::try_from(pct).unwrap_or(i64::MAX);
+                pct.max(self.instant_fee_min_minor).min(self.instant_fee_max_minor.max(self.instant_fee_min_minor))
+            }
+        }
     }
 }
 
@@ -241,10 +299,7 @@ pub fn recipient_unavailable() -> Error {
     }
 }
 
-/// A limit in major units as minor units of `currency`.
-pub fn major_to_minor(major: i64, currency: Currency) -> i64 {
-    major.saturating_mul(10_i64.pow(currency.exponent()))
-}
+pub use crate::kernel::money::major_to_minor;
 
 pub fn parse_recipient(raw: &str) -> Result<UserId> {
     UserId::parse("recipient_id", raw)

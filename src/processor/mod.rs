@@ -98,6 +98,9 @@ pub enum CallKind {
     Capture,
     Void,
     Refund,
+    Payout,
+    /// Recorded by the processor when a paid payout comes back.
+    PayoutReturn,
 }
 
 impl CallKind {
@@ -108,6 +111,8 @@ impl CallKind {
             CallKind::Capture => "capture",
             CallKind::Void => "void",
             CallKind::Refund => "refund",
+            CallKind::Payout => "payout",
+            CallKind::PayoutReturn => "payout_return",
         }
     }
 }
@@ -123,6 +128,46 @@ pub struct CallRecord {
     pub outcome: Result<(), ProcessorError>,
 }
 
+/// How fast a payout reaches the card.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PayoutSpeed {
+    /// The card networks' ordinary credit: free, one to three business days.
+    Standard,
+    /// A real-time push (Visa Direct, Mastercard Send): minutes, for a fee.
+    Instant,
+}
+
+/// Which payout speeds a card can receive, as the processor knows from its BIN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PayoutSupport {
+    pub standard: bool,
+    pub instant: bool,
+}
+
+/// What the processor reports after a call, in the order it happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotificationKind {
+    /// A paid payout came back (the card was closed): the processor returned the money.
+    PayoutReturned,
+}
+
+/// One notification: what happened to which call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    /// Increasing, without reuse: where a reader resumes.
+    pub sequence: i64,
+    pub kind: NotificationKind,
+    /// The call it concerns (a payout's reference).
+    pub reference: String,
+    /// Its own reference (the return's), as the settlement report shows it.
+    pub event_reference: String,
+    pub amount: Money,
+    pub at_us: i64,
+}
+
+/// Notifications read per call, at most.
+pub const NOTIFICATIONS_PAGE_MAX: i64 = 100;
+
 #[async_trait]
 pub trait CardProcessor: Send + Sync {
     /// The processor's name in account codes and reports (`sandbox`).
@@ -137,6 +182,19 @@ pub trait CardProcessor: Send + Sync {
     async fn void(&self, key: &str, authorization: &str) -> Result<String, ProcessorError>;
     /// Refunds (part of) a capture. Returns the refund reference.
     async fn refund(&self, key: &str, capture: &str, amount: Money) -> Result<String, ProcessorError>;
+    /// Which payout speeds `card` can receive. No call is recorded.
+    fn payout_support(&self, card: CardDetails<'_>) -> PayoutSupport;
+    /// Pushes `amount` to the card. Returns the payout reference.
+    async fn payout(
+        &self,
+        key: &str,
+        card: CardDetails<'_>,
+        amount: Money,
+        speed: PayoutSpeed,
+    ) -> Result<String, ProcessorError>;
+    /// Notifications after `after`, oldest first, at most `limit`
+    /// (`NOTIFICATIONS_PAGE_MAX`).
+    async fn notifications(&self, after: i64, limit: i64) -> Result<Vec<Notification>, ProcessorError>;
     /// What happened to the call made with `key`, if it reached the processor.
     async fn lookup(&self, key: &str) -> Result<Option<CallRecord>, ProcessorError>;
     /// The settlement report of one UTC day (`YYYY-MM-DD`), as CSV with the columns

@@ -395,6 +395,18 @@ fn fields(path: &str, fx: &Fixture) -> BoxedStrategy<Encoded> {
                 enc(pb::RefundPaymentRequest { payment_id, idempotency_key, amount, reason })
             })
             .boxed(),
+        "/dmpay.v1.Payments/CreatePayout" => (key(), money(), enum_v(), id(&fx.cards))
+            .prop_map(|(idempotency_key, amount, speed, payment_method_token)| {
+                enc(pb::CreatePayoutRequest { idempotency_key, amount, speed, payment_method_token })
+            })
+            .boxed(),
+        // Payment ids and random text: every one names no payout of the caller's.
+        "/dmpay.v1.Payments/GetPayout" => {
+            id(&fx.payments).prop_map(|payout_id| enc(pb::GetPayoutRequest { payout_id })).boxed()
+        }
+        "/dmpay.v1.Payments/ListPayouts" => (u32v(), page_token())
+            .prop_map(|(page_size, page_token)| enc(pb::ListPayoutsRequest { page_size, page_token }))
+            .boxed(),
         "/dmpay.v1.Payments/WatchPayments" => (conv(), i64v())
             .prop_map(|(conversation_id, after_sequence)| {
                 enc(pb::WatchPaymentsRequest { conversation_id, after_sequence })
@@ -479,6 +491,9 @@ fn decodes(path: &str, bytes: &[u8]) -> bool {
         "/dmpay.v1.Payments/GetBill" => pb::GetBillRequest,
         "/dmpay.v1.Payments/RefundPayment" => pb::RefundPaymentRequest,
         "/dmpay.v1.Payments/WatchPayments" => pb::WatchPaymentsRequest,
+        "/dmpay.v1.Payments/CreatePayout" => pb::CreatePayoutRequest,
+        "/dmpay.v1.Payments/GetPayout" => pb::GetPayoutRequest,
+        "/dmpay.v1.Payments/ListPayouts" => pb::ListPayoutsRequest,
         "/dmpay.v1.Finance/GetTrialBalance" => pb::GetTrialBalanceRequest,
         "/dmpay.v1.Finance/VerifyLedger" => pb::VerifyLedgerRequest,
         "/dmpay.v1.Finance/ExportEntries" => pb::ExportEntriesRequest,

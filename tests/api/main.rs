@@ -22,6 +22,7 @@ mod ops;
 mod outage;
 mod ownership;
 mod payments;
+mod payouts;
 mod processor_faults;
 mod production;
 mod races;

@@ -180,8 +180,13 @@ const RUN_COLUMNS: &str = "run_id, processor, report_date, rows_count, matched, 
 /// along the chain of the runs before it.
 pub const RUNS_PER_DAY_MAX: i64 = 100;
 
-/// A ledger card entry: id, processor reference, amount charged (clearing debit).
+/// A ledger entry the processor's report should show: a card capture (the clearing
+/// account debited), a payout (credited) or a payout's return (debited). `amount` is
+/// signed as the report signs it: what came into the platform's balance at the
+/// processor.
 struct LedgerCharge {
+    /// The report's type for it: `capture`, `payout` or `payout_return`.
+    kind: &'static str,
     entry_id: String,
     reference: String,
     amount: Money,
@@ -194,20 +199,27 @@ async fn ledger_charges(db: &Db, day_start: i64) -> Result<Vec<LedgerCharge>> {
     // reference; only the day itself counts for "missing in report".
     let from = day_start - 86_400_000_000;
     let to = day_start + 2 * 86_400_000_000;
-    let rows =
-        crate::ledger::read::books::debits_of_kind(db, "dm_payment_card", "processor:sandbox:clearing:", from, to)
-            .await?;
-    let mut out = Vec::with_capacity(rows.len());
-    for crate::ledger::read::books::KindDebit { entry_id, metadata, amount, currency, created_at_us: at } in rows {
-        let meta: BTreeMap<String, String> = serde_json::from_str(&metadata).unwrap_or_default();
-        let Some(currency) = Currency::from_code(&currency) else { continue };
-        out.push(LedgerCharge {
-            entry_id,
-            reference: meta.get("processor_reference").cloned().unwrap_or_default(),
-            amount: Money::from_minor(currency, amount),
-            at_us: at,
-            in_day: at >= day_start && at < day_start + 86_400_000_000,
-        });
+    use crate::ledger::Direction;
+    const CLEARING: &str = "processor:sandbox:clearing:";
+    let mut out = Vec::new();
+    for (ledger_kind, direction, report_kind, sign) in [
+        ("dm_payment_card", Direction::Debit, "capture", 1),
+        ("payout", Direction::Credit, "payout", -1),
+        ("payout_return", Direction::Debit, "payout_return", 1),
+    ] {
+        let rows = crate::ledger::read::books::postings_of_kind(db, ledger_kind, CLEARING, direction, from, to).await?;
+        for crate::ledger::read::books::KindDebit { entry_id, metadata, amount, currency, created_at_us: at } in rows {
+            let meta: BTreeMap<String, String> = serde_json::from_str(&metadata).unwrap_or_default();
+            let Some(currency) = Currency::from_code(&currency) else { continue };
+            out.push(LedgerCharge {
+                kind: report_kind,
+                entry_id,
+                reference: meta.get("processor_reference").cloned().unwrap_or_default(),
+                amount: Money::from_minor(currency, sign * amount),
+                at_us: at,
+                in_day: at >= day_start && at < day_start + 86_400_000_000,
+            });
+        }
     }
     Ok(out)
 }
@@ -331,6 +343,7 @@ impl Reconciler {
                     .enumerate()
                     .filter(|(i, c)| {
                         !claimed.contains(i)
+                            && c.kind == row.kind
                             && c.amount == row.amount
                             && (c.at_us - row.at_us).abs() <= self.time_tolerance_us
                     })
@@ -338,7 +351,11 @@ impl Reconciler {
                     .map(|(_, c)| vec![c])
                     .unwrap_or_default()
             } else {
-                by_ref.get(row.reference.as_str()).cloned().unwrap_or_default()
+                // A ledger entry of another type under the same reference is no match.
+                by_ref
+                    .get(row.reference.as_str())
+                    .map(|v| v.iter().copied().filter(|c| c.kind == row.kind).collect())
+                    .unwrap_or_default()
             };
             for c in &found {
                 if let Some(i) = index_of(c) {
@@ -351,7 +368,7 @@ impl Reconciler {
                 row.reference.clone()
             };
             let item = match (row.kind.as_str(), found.as_slice()) {
-                ("capture", [one]) => NewItem {
+                (_, [one]) => NewItem {
                     status: if one.amount == row.amount { ItemStatus::Matched } else { ItemStatus::AmountMismatch },
                     reference,
                     currency,
@@ -360,7 +377,7 @@ impl Reconciler {
                     entry_id: Some(one.entry_id.clone()),
                     line: Some(row.line),
                 },
-                ("capture", [first, ..]) => NewItem {
+                (_, [first, ..]) => NewItem {
                     status: ItemStatus::Duplicate,
                     reference,
                     currency,

@@ -167,16 +167,29 @@ pub async fn debits_of_kind(
     from_us: i64,
     to_us: i64,
 ) -> Result<Vec<KindDebit>> {
+    postings_of_kind(db, kind, code_prefix, crate::ledger::Direction::Debit, from_us, to_us).await
+}
+
+/// `debits_of_kind` for either direction.
+pub async fn postings_of_kind(
+    db: &Db,
+    kind: &str,
+    code_prefix: &str,
+    direction: crate::ledger::Direction,
+    from_us: i64,
+    to_us: i64,
+) -> Result<Vec<KindDebit>> {
     Ok(with_db!(db, pool => sqlx::query_as(
         "SELECT e.id AS entry_id, e.metadata, p.amount, p.currency, e.created_at_us FROM ledger_entries e \
          JOIN ledger_postings p ON p.entry_id = e.id JOIN ledger_accounts a ON a.id = p.account_id \
          WHERE e.kind = $3 AND e.created_at_us >= $1 AND e.created_at_us < $2 \
-           AND p.direction = 'D' AND a.code LIKE $4",
+           AND p.direction = $5 AND a.code LIKE $4",
     )
     .bind(from_us)
     .bind(to_us)
     .bind(kind)
     .bind(format!("{code_prefix}%"))
+    .bind(direction.as_db())
     .fetch_all(pool)
     .await)?)
 }

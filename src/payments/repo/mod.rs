@@ -8,6 +8,7 @@
 //! one transaction; events are numbered by one counter row, so the sequence has no gaps.
 
 pub(crate) mod hub;
+pub(crate) mod payouts;
 pub(crate) mod pg;
 pub(crate) mod refunds;
 pub(crate) mod requests;

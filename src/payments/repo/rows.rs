@@ -89,7 +89,7 @@ macro_rules! append_event {
         sqlx::query(concat!(
             "INSERT INTO payment_events (sequence, ",
             $crate::payments::repo::rows::EVENT_COLUMNS!(),
-            ", snapshot, occurred_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, '', $15)"
+            ", payout_id, snapshot, occurred_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, '', $16)"
         ))
         .bind(seq)
         .bind(e.event_type)
@@ -105,6 +105,7 @@ macro_rules! append_event {
         .bind(&e.authorization_ref)
         .bind(&e.capture_ref)
         .bind(e.settled_at_us)
+        .bind(&e.payout_id)
         .bind($now_us)
         .execute(&mut *$tx)
         .await?;
@@ -140,6 +141,8 @@ pub struct EventFields {
     pub authorization_ref: Option<String>,
     pub capture_ref: Option<String>,
     pub settled_at_us: Option<i64>,
+    /// Set on `payout.*` events (the payment and request ids are then empty).
+    pub payout_id: Option<String>,
 }
 
 impl EventFields {
@@ -159,6 +162,27 @@ impl EventFields {
             authorization_ref: None,
             capture_ref: None,
             settled_at_us: None,
+            payout_id: None,
+        }
+    }
+
+    /// The event of a payout's change: it concerns its one user (both parties).
+    pub fn payout(event_type: &'static str, p: &crate::payments::payout::Payout) -> Self {
+        EventFields {
+            event_type,
+            payment_id: None,
+            request_id: None,
+            party_a: p.user_id.as_str().to_owned(),
+            party_b: p.user_id.as_str().to_owned(),
+            conversation_id: String::new(),
+            status: p.status.as_str(),
+            refunded_amount: 0,
+            failure_reason: p.failure_reason.clone(),
+            failure_message: p.failure_message.clone(),
+            authorization_ref: None,
+            capture_ref: p.processor_ref.clone(),
+            settled_at_us: p.paid_at_us,
+            payout_id: Some(p.payout_id.as_str().to_owned()),
         }
     }
 
@@ -177,6 +201,7 @@ impl EventFields {
             authorization_ref: p.authorization_ref.clone(),
             capture_ref: p.capture_ref.clone(),
             settled_at_us: p.settled_at_us,
+            payout_id: None,
         }
     }
 }

@@ -17,6 +17,9 @@
 //! | 4000000000000341 | verifies, then every charge declines |
 //! | 4100000000000019 | blocked as fraud |
 //!
+//! Payouts (push to card) have test cards of their own (`payouts`); every card above
+//! that declines a charge declines a payout too.
+//!
 //! Faults for tests: a fixed latency, a timeout rate (the call may or may not have been
 //! processed, the caller hears nothing) and an error rate (a processing error, nothing
 //! happens).
@@ -26,7 +29,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rand::Rng;
 
-use super::{CallKind, CallRecord, CardDetails, CardProcessor, DeclineCode, ProcessorError};
+mod payouts;
+
+use super::{
+    CallKind, CallRecord, CardDetails, CardProcessor, DeclineCode, Notification, PayoutSpeed, PayoutSupport,
+    ProcessorError,
+};
 use crate::kernel::clock::Clock;
 use crate::kernel::dates;
 use crate::kernel::money::{Currency, Money};
@@ -313,6 +321,24 @@ impl CardProcessor for Sandbox {
         .await
     }
 
+    fn payout_support(&self, card: CardDetails<'_>) -> PayoutSupport {
+        payouts::support(card.pan.expose())
+    }
+
+    async fn payout(
+        &self,
+        key: &str,
+        card: CardDetails<'_>,
+        amount: Money,
+        speed: PayoutSpeed,
+    ) -> Result<String, ProcessorError> {
+        self.push_to_card(key, card, amount, speed).await
+    }
+
+    async fn notifications(&self, after: i64, limit: i64) -> Result<Vec<Notification>, ProcessorError> {
+        self.read_notifications(after, limit).await
+    }
+
     async fn lookup(&self, key: &str) -> Result<Option<CallRecord>, ProcessorError> {
         Ok(self.find(key).await?.map(|row| CallRecord {
             idempotency_key: row.idempotency_key.clone(),
@@ -330,7 +356,7 @@ impl CardProcessor for Sandbox {
         let to = from + 86_400 * 1_000_000;
         let rows: Vec<(String, String, i64, String, i64, i64)> = with_db!(&self.db, pool => sqlx::query_as(
             "SELECT reference, kind, amount, currency, fee, created_at_us FROM sandbox_processor_calls \
-             WHERE kind IN ('capture', 'refund') AND status = 'succeeded' AND created_at_us >= $1 AND created_at_us < $2 \
+             WHERE kind IN ('capture', 'refund', 'payout', 'payout_return') AND status = 'succeeded' AND created_at_us >= $1 AND created_at_us < $2 \
              ORDER BY created_at_us, reference",
         )
         .bind(from)
@@ -341,7 +367,13 @@ impl CardProcessor for Sandbox {
         let mut csv = String::from("processor_reference,type,amount,fee,net,currency,created_at\n");
         for (reference, kind, amount, currency, fee, at) in rows {
             let Some(c) = Currency::from_code(&currency) else { continue };
-            let (signed, fee) = if kind == "refund" { (-amount, 0) } else { (amount, fee) };
+            // Signed as money into the platform's balance at the processor: captures and
+            // returned payouts come in, refunds and payouts go out.
+            let (signed, fee) = match kind.as_str() {
+                "refund" | "payout" => (-amount, 0),
+                "payout_return" => (amount, 0),
+                _ => (amount, fee),
+            };
             let net = signed - fee;
             csv.push_str(&format!(
                 "{reference},{kind},{},{},{},{currency},{}\n",

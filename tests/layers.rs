@@ -48,6 +48,7 @@ const TABLE_HOMES: &[(&str, &str)] = &[
     ("payment_refunds", "payments/repo"),
     ("payment_requests", "payments/repo"),
     ("payment_spend", "payments/repo"),
+    ("disputes", "payments/repo/disputes.rs"),
     ("payments", "payments/repo"),
     ("payouts", "payments/repo/payouts.rs"),
     ("processor_cursors", "payments/repo/payouts.rs"),

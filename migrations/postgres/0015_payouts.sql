@@ -52,12 +52,18 @@ ALTER TABLE sandbox_processor_calls ADD CONSTRAINT sandbox_processor_calls_kind_
 -- happened; dmpay reads it from where it left off (`processor_cursors`).
 CREATE TABLE sandbox_processor_notifications (
     sequence        BIGSERIAL PRIMARY KEY,
-    kind            TEXT NOT NULL CHECK (kind IN ('payout.returned')),
+    kind            TEXT NOT NULL CHECK (kind IN ('payout.returned', 'dispute.opened', 'dispute.won', 'dispute.lost')),
     -- The call it concerns (the payout's reference).
     reference       TEXT NOT NULL,
     -- Its own reference (the return's), as the settlement report shows it.
     event_reference TEXT NOT NULL UNIQUE,
+    -- The idempotency key of the call it concerns (as a real processor's metadata
+    -- carries the caller's own ids), so a caller finds it even before it learnt the
+    -- call's reference.
+    call_key        TEXT NOT NULL DEFAULT '',
     amount          BIGINT NOT NULL,
+    -- What the processor charged for it (a dispute's fee).
+    fee             BIGINT NOT NULL DEFAULT 0,
     currency        TEXT NOT NULL,
     created_at_us   BIGINT NOT NULL
 );

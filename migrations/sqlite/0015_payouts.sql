@@ -60,10 +60,12 @@ CREATE INDEX sandbox_processor_calls_day ON sandbox_processor_calls (created_at_
 
 CREATE TABLE sandbox_processor_notifications (
     sequence        INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind            TEXT NOT NULL CHECK (kind IN ('payout.returned')),
+    kind            TEXT NOT NULL CHECK (kind IN ('payout.returned', 'dispute.opened', 'dispute.won', 'dispute.lost')),
     reference       TEXT NOT NULL,
     event_reference TEXT NOT NULL UNIQUE,
+    call_key        TEXT NOT NULL DEFAULT '',
     amount          INTEGER NOT NULL,
+    fee             INTEGER NOT NULL DEFAULT 0,
     currency        TEXT NOT NULL,
     created_at_us   INTEGER NOT NULL
 ) STRICT;

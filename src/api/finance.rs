@@ -19,20 +19,52 @@ use crate::store::Db;
 
 pub struct FinanceApi {
     db: Db,
+    /// Disputes and receivables are the payments module's.
+    payments: std::sync::Arc<crate::payments::Payments>,
     currencies: crate::kernel::money::Currencies,
     recon: Reconciler,
     clock: crate::kernel::clock::Clock,
 }
 
 impl FinanceApi {
-    pub fn new(db: Db, ledger: crate::ledger::Ledger, recon_time_tolerance: std::time::Duration) -> Self {
+    pub fn new(
+        db: Db,
+        ledger: crate::ledger::Ledger,
+        payments: std::sync::Arc<crate::payments::Payments>,
+        recon_time_tolerance: std::time::Duration,
+    ) -> Self {
         FinanceApi {
+            payments,
             currencies: ledger.accounts().currencies().clone(),
             clock: ledger.clock().clone(),
             recon: Reconciler::new(db.clone(), ledger, recon_time_tolerance),
             db,
         }
     }
+}
+
+fn dispute_to_wire(d: crate::payments::disputes::Dispute) -> crate::kernel::error::Result<pb::Dispute> {
+    use crate::payments::model::DisputeStatus;
+    Ok(pb::Dispute {
+        amount: Some(to_wire(d.money(d.amount)?)),
+        fee: Some(to_wire(d.money(d.fee)?)),
+        from_wallet: Some(to_wire(d.money(d.from_wallet)?)),
+        to_receivable: Some(to_wire(d.money(d.to_receivable)?)),
+        fee_charged: Some(to_wire(d.money(d.fee_charged)?)),
+        status: match d.status()? {
+            DisputeStatus::Undisputed => pb::DisputeStatus::Unspecified,
+            DisputeStatus::Open => pb::DisputeStatus::Open,
+            DisputeStatus::Won => pb::DisputeStatus::Won,
+            DisputeStatus::Lost => pb::DisputeStatus::Lost,
+        } as i32,
+        opened_at: Some(timestamp(d.opened_at_us)),
+        decided_at: d.decided_at_us.map(timestamp),
+        dispute_id: d.dispute_id.into_string(),
+        payment_id: d.payment_id.into_string(),
+        processor_reference: d.processor_ref,
+        capture_reference: d.capture_ref,
+        recovered_from: d.recovered_from,
+    })
 }
 
 fn run_to_wire(i: Imported) -> pb::ReconciliationRun {
@@ -343,6 +375,56 @@ impl pb::finance_server::Finance for FinanceApi {
                     })
                     .collect(),
             })
+        }
+        .await;
+        result.map(Response::new).map_err(to_status)
+    }
+
+    async fn list_disputes(&self, req: Request<pb::ListDisputesRequest>) -> ApiResult<pb::ListDisputesResponse> {
+        let caller = principal(&req)?;
+        let r = req.get_ref();
+        let result = async {
+            caller.require(scope::FINANCE)?;
+            let (rows, next) = self.payments.list_disputes(r.open_only, r.page_size, &r.page_token).await?;
+            let mut disputes = Vec::with_capacity(rows.len());
+            for d in rows {
+                disputes.push(dispute_to_wire(d)?);
+            }
+            let mut at_risk = Vec::new();
+            for (currency, count, amount) in self.payments.disputes_at_risk().await? {
+                let Some(c) = crate::kernel::money::Currency::from_code(&currency) else { continue };
+                at_risk.push(pb::DisputeExposure {
+                    currency,
+                    open_disputes: count,
+                    amount_at_risk: Some(to_wire(crate::kernel::money::Money::from_minor(c, amount))),
+                });
+            }
+            Ok(pb::ListDisputesResponse { disputes, next_page_token: next.unwrap_or_default(), at_risk })
+        }
+        .await;
+        result.map(Response::new).map_err(to_status)
+    }
+
+    async fn list_receivables(
+        &self,
+        req: Request<pb::ListReceivablesRequest>,
+    ) -> ApiResult<pb::ListReceivablesResponse> {
+        let caller = principal(&req)?;
+        let r = req.get_ref();
+        let result = async {
+            caller.require(scope::FINANCE)?;
+            let (rows, next) = self.payments.debts(r.page_size, &r.page_token).await?;
+            let receivables = rows
+                .into_iter()
+                .filter_map(|(user, currency, owed)| {
+                    let c = crate::kernel::money::Currency::from_code(&currency)?;
+                    Some(pb::Receivable {
+                        user_id: user.into_string(),
+                        owed: Some(to_wire(crate::kernel::money::Money::from_minor(c, owed))),
+                    })
+                })
+                .collect();
+            Ok(pb::ListReceivablesResponse { receivables, next_page_token: next.unwrap_or_default() })
         }
         .await;
         result.map(Response::new).map_err(to_status)

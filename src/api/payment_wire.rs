@@ -4,7 +4,7 @@ use super::money::to_wire;
 use super::pb;
 use super::timestamp;
 use crate::payments::events;
-use crate::payments::model::{PaymentRequest, RequestStatus};
+use crate::payments::model::{DisputeStatus, PaymentRequest, RequestStatus};
 use crate::payments::payouts::{Payout, PayoutSpeed, PayoutStatus};
 use crate::payments::{Payment, PaymentStatus};
 
@@ -39,6 +39,9 @@ fn event_type_to_wire(stored: &str) -> pb::PaymentEventType {
         "payout.paid" => T::PayoutPaid,
         "payout.failed" => T::PayoutFailed,
         "payout.returned" => T::PayoutReturned,
+        "payment.disputed" => T::PaymentDisputed,
+        "payment.dispute_won" => T::PaymentDisputeWon,
+        "payment.dispute_lost" => T::PaymentDisputeLost,
         _ => T::Unspecified,
     }
 }
@@ -66,6 +69,12 @@ pub(crate) fn payment_to_wire(p: Payment) -> pb::Payment {
         message_id: p.message_id,
         bill_id: p.request_id.map(|r| r.into_string()).unwrap_or_default(),
         failure_reason: p.failure_reason,
+        dispute_status: match p.dispute_status {
+            DisputeStatus::Undisputed => pb::DisputeStatus::Unspecified,
+            DisputeStatus::Open => pb::DisputeStatus::Open,
+            DisputeStatus::Won => pb::DisputeStatus::Won,
+            DisputeStatus::Lost => pb::DisputeStatus::Lost,
+        } as i32,
     }
 }
 

@@ -127,6 +127,14 @@ pub(super) enum FinanceCommand {
         #[arg(long)]
         to: Option<String>,
     },
+    /// Disputes (chargebacks), newest first, and what the open ones put at risk.
+    Disputes {
+        /// Only the open ones.
+        #[arg(long)]
+        open: bool,
+    },
+    /// What users owe the platform for disputed payments their wallets could not cover.
+    Receivables,
     /// Every posting of the entries created in [--from, --to), as CSV or JSON lines.
     Export {
         /// YYYY-MM-DD (start of that UTC day) or an RFC 3339 time; default the beginning.
@@ -163,6 +171,30 @@ pub(super) enum ProcessorCommand {
         /// Append a row the ledger has never seen.
         #[arg(long)]
         extra_row: bool,
+    },
+    /// Open a dispute (chargeback) on a sandbox capture, or decide one.
+    Dispute {
+        #[command(subcommand)]
+        command: DisputeCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub(super) enum DisputeCommand {
+    /// The cardholder disputes the capture: the processor takes its amount and a fee
+    /// back, and tells dmpay (applied by the running server's resolver).
+    Open {
+        /// The capture's processor reference (`sbx_...`, a payment's capture).
+        #[arg(long)]
+        capture: String,
+    },
+    /// Decide a dispute: won gives the amount back, lost closes it.
+    Decide {
+        /// The dispute's processor reference (printed by `open`).
+        #[arg(long)]
+        dispute: String,
+        #[arg(long, value_parser = ["won", "lost"])]
+        outcome: String,
     },
 }
 

@@ -414,6 +414,76 @@ pub async fn verify(config: &Config, conn: &Connection) -> anyhow::Result<bool> 
     Ok(report.ok)
 }
 
+/// Pages read by a listing command, at most: 100 pages of 200 disputes or 500 debts.
+const LIST_PAGES_MAX: usize = 100;
+
+fn money_text(m: &Option<pb::Money>) -> String {
+    m.as_ref().map(|m| m.amount.clone()).unwrap_or_default()
+}
+
+/// `dmpay finance disputes`: the disputes and what the open ones put at risk.
+pub async fn disputes(config: &Config, conn: &Connection, open_only: bool) -> anyhow::Result<()> {
+    let mut client = pb::finance_client::FinanceClient::new(conn.channel().await?);
+    let (mut rows, mut at_risk, mut token) = (Vec::new(), Vec::new(), String::new());
+    for _ in 0..LIST_PAGES_MAX {
+        let msg = pb::ListDisputesRequest { open_only, page_size: 200, page_token: token.clone() };
+        let page = client.list_disputes(conn.request(config, msg)?).await?.into_inner();
+        at_risk = page.at_risk;
+        for d in page.disputes {
+            let status = pb::DisputeStatus::try_from(d.status).map(|s| s.as_str_name()).unwrap_or("?");
+            rows.push(vec![
+                d.dispute_id,
+                d.payment_id,
+                status.trim_start_matches("DISPUTE_STATUS_").to_lowercase(),
+                d.amount.as_ref().map(|m| m.currency.clone()).unwrap_or_default(),
+                money_text(&d.amount),
+                money_text(&d.fee),
+                d.recovered_from,
+                money_text(&d.from_wallet),
+                money_text(&d.to_receivable),
+            ]);
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    print!(
+        "{}",
+        table(
+            &["dispute", "payment", "status", "currency", "amount", "fee", "recovered from", "from wallet", "owed"],
+            &rows
+        )
+    );
+    println!();
+    let risk: Vec<Vec<String>> = at_risk
+        .iter()
+        .map(|r| vec![r.currency.clone(), r.open_disputes.to_string(), money_text(&r.amount_at_risk)])
+        .collect();
+    print!("{}", table(&["currency", "open disputes", "amount at risk"], &risk));
+    Ok(())
+}
+
+/// `dmpay finance receivables`: what users owe the platform.
+pub async fn receivables(config: &Config, conn: &Connection) -> anyhow::Result<()> {
+    let mut client = pb::finance_client::FinanceClient::new(conn.channel().await?);
+    let (mut rows, mut token) = (Vec::new(), String::new());
+    for _ in 0..LIST_PAGES_MAX {
+        let msg = pb::ListReceivablesRequest { page_size: 500, page_token: token.clone() };
+        let page = client.list_receivables(conn.request(config, msg)?).await?.into_inner();
+        for r in page.receivables {
+            let currency = r.owed.as_ref().map(|m| m.currency.clone()).unwrap_or_default();
+            rows.push(vec![r.user_id, currency, money_text(&r.owed)]);
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    print!("{}", table(&["user", "currency", "owed"], &rows));
+    Ok(())
+}
+
 /// `dmpay finance ...`: true when what was checked is right (exit 0), false when it is
 /// not (exit 1).
 pub(super) async fn run(
@@ -441,6 +511,8 @@ pub(super) async fn run(
             )
             .await
         }
+        FinanceCommand::Disputes { open } => disputes(&config, &conn, open).await.map(|()| true),
+        FinanceCommand::Receivables => receivables(&config, &conn).await.map(|()| true),
         FinanceCommand::Statement { user, currency, from, to } => {
             statement(&config, &conn, &user, &currency, from.as_deref(), to.as_deref()).await.map(|()| true)
         }

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use crate::config::Config;
-use args::{Cli, Command, LedgerCommand, ProcessorCommand, VaultCommand};
+use args::{Cli, Command, DisputeCommand, LedgerCommand, ProcessorCommand, VaultCommand};
 
 /// What a command ends with: done, or a check that found something (exit 1).
 enum Outcome {
@@ -42,6 +42,13 @@ pub fn main() -> ExitCode {
         Command::Ledger { command: LedgerCommand::Verify } => run_async(ops::ledger_verify(config)).map(Outcome::Check),
         Command::Processor { command: ProcessorCommand::Report { date, out, drop_row, change_row, extra_row } } => {
             run_async(ops::processor_report(config, date, out, drop_row, change_row, extra_row)).map(|()| Outcome::Done)
+        }
+        Command::Processor { command: ProcessorCommand::Dispute { command } } => {
+            let (capture, decision) = match command {
+                DisputeCommand::Open { capture } => (Some(capture), None),
+                DisputeCommand::Decide { dispute, outcome } => (None, Some((dispute, outcome == "won"))),
+            };
+            run_async(ops::processor_dispute(config, capture, decision)).map(|()| Outcome::Done)
         }
         Command::Vault { command: VaultCommand::Rotate } => {
             run_async(ops::vault_rotate(config)).map(|()| Outcome::Done)

@@ -96,6 +96,33 @@ pub(super) async fn processor_report(
     Ok(())
 }
 
+/// `dmpay processor dispute open|decide`: a dispute in the sandbox, which the running
+/// server hears of through the processor's notifications.
+pub(super) async fn processor_dispute(
+    config: Config,
+    capture: Option<String>,
+    decision: Option<(String, bool)>,
+) -> anyhow::Result<()> {
+    let db = Db::connect(&config.store()).await?;
+    db.migrate().await?;
+    let sandbox = crate::processor::sandbox::Sandbox::new(
+        db.clone(),
+        config.sandbox.clone(),
+        crate::kernel::clock::Clock::system(),
+    );
+    let result = match (capture, decision) {
+        (Some(capture), _) => sandbox.open_dispute(&capture).await.map(|reference| {
+            println!("dispute {reference} opened on capture {capture}");
+        }),
+        (None, Some((dispute, won))) => sandbox.decide_dispute(&dispute, won).await.map(|()| {
+            println!("dispute {dispute} {}", if won { "won" } else { "lost" });
+        }),
+        (None, None) => Ok(()),
+    };
+    db.close().await;
+    result.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 /// `dmpay vault rotate`: every card's data key under the active KEK.
 pub(super) async fn vault_rotate(config: Config) -> anyhow::Result<()> {
     init_logging(config.log_format);

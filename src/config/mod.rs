@@ -16,7 +16,7 @@ pub use settings::{ProcessEnv, Source};
 
 use crate::kernel::money::{Currencies, Currency};
 use crate::ledger::EngineConfig;
-use crate::payments::model::TierLimits;
+use crate::payments::model::{DisputeFeePayer, DisputeRecovery, TierLimits};
 use crate::payments::payouts::{PayoutLimits, PayoutsConfig};
 use crate::payments::PaymentsConfig;
 use crate::processor::sandbox::SandboxConfig;
@@ -278,6 +278,18 @@ impl Config {
                         0..=10_000_000,
                     )?,
                     instant_hold_s: s.duration("DMPAY_PAYOUT_INSTANT_HOLD", Duration::ZERO)?.as_secs() as i64,
+                },
+                disputes: crate::payments::model::DisputesConfig {
+                    recovery: s.choice(
+                        "DMPAY_DISPUTE_RECOVERY",
+                        "recipient",
+                        &[("recipient", DisputeRecovery::Recipient), ("platform", DisputeRecovery::Platform)],
+                    )?,
+                    fee_payer: s.choice(
+                        "DMPAY_DISPUTE_FEE_PAYER",
+                        "platform",
+                        &[("platform", DisputeFeePayer::Platform), ("recipient", DisputeFeePayer::Recipient)],
+                    )?,
                 },
             },
             recon_time_tolerance: s.duration("DMPAY_RECON_TIME_TOLERANCE", Duration::from_secs(3600))?,

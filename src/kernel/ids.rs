@@ -142,6 +142,10 @@ id_type!(
     PayoutId, minted = "po_"
 );
 id_type!(
+    /// A card dispute (chargeback), `dp_` and a UUIDv7.
+    DisputeId, minted = "dp_"
+);
+id_type!(
     /// A reconciliation run, `run_` and a UUIDv7.
     RunId, minted = "run_"
 );

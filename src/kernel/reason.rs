@@ -73,6 +73,10 @@ crate::stored_enum! {
         ProcessingError = "PROCESSING_ERROR",
         /// Over the caller's write rate; `RetryInfo` says when to retry.
         RateLimited = "RATE_LIMITED",
+        /// The caller owes the platform for a disputed payment their wallet could not
+        /// cover; incoming money repays it first, and until then they cannot send or
+        /// cash out.
+        ReceivableOutstanding = "RECEIVABLE_OUTSTANDING",
         /// The recipient (or payer) cannot take part in payments now.
         RecipientUnavailable = "RECIPIENT_UNAVAILABLE",
         /// The processor day has as many reconciliation runs as allowed.

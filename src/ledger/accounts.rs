@@ -21,6 +21,10 @@ const CACHE_ACCOUNTS_MAX: usize = 200_000;
 pub const SYSTEM_CLEARING: &str = "processor:sandbox:clearing";
 /// The platform's fee income account's name.
 pub const SYSTEM_FEES: &str = "platform:fees";
+/// Disputed payments the platform bears.
+pub const SYSTEM_DISPUTE_LOSSES: &str = "platform:dispute_losses";
+/// The processor's fees, an expense (reconciliation books them from the report).
+pub const SYSTEM_PROCESSOR_FEES: &str = "platform:processor_fees";
 /// Where payouts wait between the wallet and the processor.
 pub const SYSTEM_PAYOUTS_IN_TRANSIT: &str = "platform:payouts_in_transit";
 
@@ -33,10 +37,12 @@ pub const SYSTEM_ACCOUNTS: &[(&str, AccountType)] = &[
     // Cash put into the platform from outside (top-ups, test funding).
     ("platform:treasury", AccountType::Asset),
     (SYSTEM_FEES, AccountType::Income),
-    ("platform:processor_fees", AccountType::Expense),
+    (SYSTEM_PROCESSOR_FEES, AccountType::Expense),
     // Payouts on their way to users' cards: owed to the card network until the
     // processor has paid them.
     (SYSTEM_PAYOUTS_IN_TRANSIT, AccountType::Liability),
+    // Disputed payments the platform bears (`DMPAY_DISPUTE_RECOVERY=platform`).
+    (SYSTEM_DISPUTE_LOSSES, AccountType::Expense),
     // Unexplained differences parked until finance resolves them.
     ("platform:suspense", AccountType::Liability),
 ];
@@ -198,6 +204,16 @@ impl AccountStore {
     /// The wallet of `user` in `currency`, created on first use.
     pub async fn wallet(&self, user: &UserId, currency: Currency) -> Result<LedgerAccount> {
         self.resolve("wallet", &AccountCode::wallet(user, currency), true).await
+    }
+
+    /// The receivable of `user` in `currency`, created on first use.
+    pub async fn receivable(&self, user: &UserId, currency: Currency) -> Result<LedgerAccount> {
+        let code = AccountCode::receivable(user, currency);
+        if let Ok(a) = self.resolve("receivable", &code, false).await {
+            return Ok(a);
+        }
+        self.insert_if_missing(&code, AccountType::Asset, currency, false).await?;
+        self.resolve("receivable", &code, false).await
     }
 
     /// A system account of `currency`.

@@ -26,7 +26,9 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-pub use accounts::{AccountStore, SYSTEM_CLEARING, SYSTEM_FEES, SYSTEM_PAYOUTS_IN_TRANSIT};
+pub use accounts::{
+    AccountStore, SYSTEM_CLEARING, SYSTEM_DISPUTE_LOSSES, SYSTEM_FEES, SYSTEM_PAYOUTS_IN_TRANSIT, SYSTEM_PROCESSOR_FEES,
+};
 pub use engine::{DatabaseState, Engine, EngineConfig, EngineHandle, Idem, NewEntry, Op, Outcome, Resolution};
 pub use model::*;
 

@@ -147,6 +147,19 @@ impl AccountCode {
         (!user.is_empty() && !user.contains(':') && ccy.len() == 3).then_some((user, ccy))
     }
 
+    /// What a user owes the platform (a disputed payment their wallet could not cover):
+    /// an asset, never negative, repaid from their wallet.
+    pub fn receivable(user: &UserId, currency: Currency) -> Self {
+        AccountCode(format!("user:{user}:receivable:{currency}"))
+    }
+
+    /// If this is a receivable's code, the user and currency code it names.
+    pub fn as_receivable(&self) -> Option<(&str, &str)> {
+        let rest = self.0.strip_prefix("user:")?;
+        let (user, ccy) = rest.rsplit_once(":receivable:")?;
+        (!user.is_empty() && !user.contains(':') && ccy.len() == 3).then_some((user, ccy))
+    }
+
     pub fn system(name: &str, currency: Currency) -> Self {
         AccountCode(format!("{name}:{currency}"))
     }

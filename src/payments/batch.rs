@@ -392,6 +392,7 @@ mod tests {
                 capture_ref: None,
                 created_at_us: 0,
                 settled_at_us: None,
+                dispute_status: crate::payments::model::DisputeStatus::Undisputed,
             },
             idempotency_key: id.into(),
             request_hash: String::new(),

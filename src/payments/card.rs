@@ -107,6 +107,7 @@ impl Payments {
             capture_ref: None,
             created_at_us: now,
             settled_at_us: None,
+            dispute_status: crate::payments::model::DisputeStatus::Undisputed,
         };
         if card_part > 0 && input.payment_method_token.is_none() && !self.has_default_card(sender).await? {
             payment.status = PaymentStatus::Failed;

@@ -10,6 +10,8 @@
 //! - `spend`  per-hour sums of what each sender sent, for the rolling 24-hour limit
 //! - `store`  payment rows and the event outbox (state change and event in one
 //!   transaction, gap-free event sequence)
+//! - `disputes` chargebacks: booking, recovery by policy, decisions, debts
+//! - `notifications` the processor's reports after its calls, applied in order
 //! - `payout`  payouts, their statuses, limits and the instant fee
 //! - `payouts` cash-out of wallet money to the user's card, and returns
 //! - `events` reading the outbox; `feed` the process's one reader that fans new events
@@ -22,9 +24,11 @@
 
 pub mod batch;
 mod card;
+pub mod disputes;
 pub mod events;
 pub mod feed;
 pub mod model;
+mod notifications;
 pub mod payout;
 pub mod payouts;
 pub mod refunds;
@@ -98,6 +102,7 @@ pub struct Payments {
     config: Arc<PaymentsConfig>,
     known_users: Arc<KnownUsers>,
     hook: Arc<batch::PaymentsHook>,
+    debtors: Arc<disputes::Debtors>,
 }
 
 /// Users whose platform account is known to exist, so a send does not insert-or-read
@@ -147,6 +152,7 @@ impl Payments {
             config,
             known_users: Arc::new(KnownUsers::default()),
             hook,
+            debtors: Arc::new(disputes::Debtors::default()),
         }
     }
 
@@ -172,6 +178,7 @@ impl Payments {
         if &input.recipient == sender {
             return Err(Error::invalid("recipient_id", "you cannot pay yourself"));
         }
+        self.check_not_owing(sender)?;
         // From the wallet (BALANCE, and AUTO while the wallet covers the amount): one
         // command in the posting engine's batch, payment row and events included.
         if input.request_id.is_none() && input.payment_method_token.is_none() && input.funding != FundingSource::Card {
@@ -256,6 +263,7 @@ impl Payments {
             capture_ref: None,
             created_at_us: self.now_us(),
             settled_at_us: None,
+            dispute_status: crate::payments::model::DisputeStatus::Undisputed,
         };
         let postings = vec![
             Posting { account_id: from.id, account_code: from.code, direction: Direction::Debit, amount: input.amount },
@@ -351,7 +359,7 @@ impl Payments {
             page_token
                 .split_once('/')
                 .and_then(|(t, id)| Some((t.parse::<i64>().ok()?, id.to_owned())))
-                .filter(|(_, id)| id.starts_with("pay_"))
+                .filter(|(_, id)| id.starts_with("pay_") && crate::kernel::ids::check_shape("page_token", id).is_ok())
                 .ok_or_else(|| Error::invalid("page_token", "not a token from a previous page"))?
         };
         let mut rows = self.store.list(user.as_str(), conversation, before, i64::from(size) + 1).await?;
@@ -405,6 +413,11 @@ impl Payments {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(applied = n, "applied processor notifications"),
                 Err(e) => tracing::warn!(error = %e, "processor notifications not applied yet; will retry"),
+            }
+            match self.collect_receivables().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(repaid = n, "repaid receivables from incoming money"),
+                Err(e) => tracing::warn!(error = %e, "receivable collection failed; will retry"),
             }
         }
     }

@@ -67,6 +67,20 @@ impl PaymentStatus {
     }
 }
 
+crate::stored_enum! {
+    /// Whether a card-funded payment's charge was disputed by the cardholder, and how
+    /// the dispute stands.
+    pub enum DisputeStatus {
+        Undisputed = "",
+        /// The processor took the money back; the dispute is being decided.
+        Open = "open",
+        /// Decided for the platform: the money came back.
+        Won = "won",
+        /// Decided for the cardholder.
+        Lost = "lost",
+    }
+}
+
 /// A payment as stored and returned. Every amount is in the payment's one currency:
 /// `amount` = `wallet_amount` + `card_amount`, and the sender paid `fee_amount` on top.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +106,7 @@ pub struct Payment {
     pub capture_ref: Option<String>,
     pub created_at_us: i64,
     pub settled_at_us: Option<i64>,
+    pub dispute_status: DisputeStatus,
 }
 
 impl Payment {
@@ -147,6 +162,36 @@ pub struct PaymentsConfig {
     /// A pending payment untouched this long is picked up by the resolver.
     pub resolve_after_s: i64,
     pub payouts: PayoutsConfig,
+    pub disputes: DisputesConfig,
+}
+
+/// Who bears a disputed payment's amount (`DMPAY_DISPUTE_RECOVERY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisputeRecovery {
+    /// The payment's recipient: their wallet, and what it cannot cover as their
+    /// receivable.
+    Recipient,
+    /// The platform (`platform:dispute_losses`).
+    Platform,
+}
+
+/// Who bears the processor's dispute fee (`DMPAY_DISPUTE_FEE_PAYER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisputeFeePayer {
+    Platform,
+    Recipient,
+}
+
+#[derive(Debug, Clone)]
+pub struct DisputesConfig {
+    pub recovery: DisputeRecovery,
+    pub fee_payer: DisputeFeePayer,
+}
+
+impl Default for DisputesConfig {
+    fn default() -> Self {
+        DisputesConfig { recovery: DisputeRecovery::Recipient, fee_payer: DisputeFeePayer::Platform }
+    }
 }
 
 impl Default for PaymentsConfig {
@@ -158,6 +203,7 @@ impl Default for PaymentsConfig {
             card_fee_fixed_minor: 0,
             resolve_after_s: 10,
             payouts: Default::default(),
+            disputes: Default::default(),
         }
     }
 }
@@ -401,6 +447,7 @@ mod tests {
             capture_ref: None,
             created_at_us: 0,
             settled_at_us: None,
+            dispute_status: crate::payments::model::DisputeStatus::Undisputed,
         };
         let reason = |p: Payment| match p.failure() {
             Some(Error::FailedPrecondition { reason, .. }) => reason,

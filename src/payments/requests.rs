@@ -209,6 +209,7 @@ impl Payments {
         if req.payer_id != *payer {
             return Err(Error::PermissionDenied("only the payer can pay a request".into()));
         }
+        self.check_not_owing(payer)?;
         let input = SendInput {
             idempotency_key,
             recipient: req.requester_id.clone(),

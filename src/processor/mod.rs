@@ -101,6 +101,10 @@ pub enum CallKind {
     Payout,
     /// Recorded by the processor when a paid payout comes back.
     PayoutReturn,
+    /// A cardholder's dispute of a capture, recorded by the processor.
+    Dispute,
+    /// The decision of a dispute (won: the money given back).
+    DisputeReversal,
 }
 
 impl CallKind {
@@ -113,6 +117,8 @@ impl CallKind {
             CallKind::Refund => "refund",
             CallKind::Payout => "payout",
             CallKind::PayoutReturn => "payout_return",
+            CallKind::Dispute => "dispute",
+            CallKind::DisputeReversal => "dispute_reversal",
         }
     }
 }
@@ -149,6 +155,14 @@ pub struct PayoutSupport {
 pub enum NotificationKind {
     /// A paid payout came back (the card was closed): the processor returned the money.
     PayoutReturned,
+    /// The cardholder disputed a capture (`reference`): the processor took the amount
+    /// and a fee (`fee`) back from the platform. `event_reference` names the dispute.
+    DisputeOpened,
+    /// The platform won the dispute (`reference`): the processor gives the amount back.
+    /// `event_reference` names the reversal, as the settlement report shows it.
+    DisputeWon,
+    /// The platform lost the dispute (`reference`); nothing moves.
+    DisputeLost,
 }
 
 /// One notification: what happened to which call.
@@ -162,7 +176,13 @@ pub struct Notification {
     /// Its own reference (the return's), as the settlement report shows it.
     pub event_reference: String,
     pub amount: Money,
+    /// What the processor charged for it (a dispute's fee), in `amount`'s currency.
+    pub fee: Money,
     pub at_us: i64,
+    /// The idempotency key of the call it concerns (the payout's push, the capture, the
+    /// dispute), as a real processor's metadata carries the caller's own ids: the
+    /// caller finds its object by it even before it learnt the call's reference.
+    pub call_key: String,
 }
 
 /// Notifications read per call, at most.

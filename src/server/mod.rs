@@ -215,9 +215,14 @@ impl Application {
         let payments_api = PaymentsServer::new(PaymentsApi::new(payments.clone(), feed, watchers))
             .max_decoding_message_size(size_max)
             .max_encoding_message_size(size_max);
-        let finance_api = FinanceServer::new(FinanceApi::new(db.clone(), ledger.clone(), config.recon_time_tolerance))
-            .max_decoding_message_size(size_max)
-            .max_encoding_message_size(size_max);
+        let finance_api = FinanceServer::new(FinanceApi::new(
+            db.clone(),
+            ledger.clone(),
+            payments.clone(),
+            config.recon_time_tolerance,
+        ))
+        .max_decoding_message_size(size_max)
+        .max_encoding_message_size(size_max);
         tasks.push(tokio::spawn(payments.as_ref().clone().run_resolver(config.payments_resolve_interval)));
         tasks.push(tokio::spawn(maintenance::run(
             db.clone(),

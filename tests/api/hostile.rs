@@ -416,6 +416,14 @@ fn fields(path: &str, fx: &Fixture) -> BoxedStrategy<Encoded> {
             .prop_map(|(as_of, currency)| enc(pb::GetTrialBalanceRequest { as_of, currency }))
             .boxed(),
         "/dmpay.v1.Finance/VerifyLedger" => Just(enc(pb::VerifyLedgerRequest {})).boxed(),
+        "/dmpay.v1.Finance/ListDisputes" => (any::<bool>(), u32v(), page_token())
+            .prop_map(|(open_only, page_size, page_token)| {
+                enc(pb::ListDisputesRequest { open_only, page_size, page_token })
+            })
+            .boxed(),
+        "/dmpay.v1.Finance/ListReceivables" => (u32v(), page_token())
+            .prop_map(|(page_size, page_token)| enc(pb::ListReceivablesRequest { page_size, page_token }))
+            .boxed(),
         "/dmpay.v1.Finance/ExportEntries" => (time(), time(), enum_v())
             .prop_map(|(from_time, to_time, format)| enc(pb::ExportEntriesRequest { from_time, to_time, format }))
             .boxed(),
@@ -501,6 +509,8 @@ fn decodes(path: &str, bytes: &[u8]) -> bool {
         "/dmpay.v1.Finance/ListReconciliationItems" => pb::ListReconciliationItemsRequest,
         "/dmpay.v1.Finance/ResolveReconciliationItem" => pb::ResolveReconciliationItemRequest,
         "/dmpay.v1.Finance/GetStatement" => pb::GetStatementRequest,
+        "/dmpay.v1.Finance/ListDisputes" => pb::ListDisputesRequest,
+        "/dmpay.v1.Finance/ListReceivables" => pb::ListReceivablesRequest,
     }
 }
 

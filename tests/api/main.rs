@@ -11,6 +11,7 @@ mod at_rest;
 mod auth;
 mod bench;
 mod callers;
+mod disputes;
 mod finance;
 mod hostile;
 mod hostile_load;

@@ -394,6 +394,46 @@ async fn a_payout_with_an_unknown_outcome_is_finished_once(app: TestApp) {
     assert!(app.verify().await.ok());
 }
 
+/// A payout to the returning card whose push's answer was lost: the processor's return
+/// notification may come before the payout has learnt its reference. It waits until the
+/// resolver has finished the payout, and is then applied: never skipped.
+async fn a_return_before_the_payout_knows_its_reference_waits(app: TestApp) {
+    let alice = alice_with(&app, "100.00", RETURNS).await;
+    let silent = Arc::new(Sandbox::new(
+        app.db.clone(),
+        SandboxConfig { timeout_rate: 1.0, ..Default::default() },
+        app.clock.clone(),
+    ));
+    let working = Arc::new(Sandbox::new(app.db.clone(), SandboxConfig::default(), app.clock.clone()));
+    let user = dmpay::kernel::ids::UserId::parse("user", "alice").unwrap();
+    let input = dmpay::payments::payouts::PayoutInput {
+        idempotency_key: "lost-answer".into(),
+        amount: dmpay::kernel::money::Money::from_minor(
+            dmpay::kernel::money::Currency::from_code("USD").unwrap(),
+            4_000,
+        ),
+        speed: dmpay::payments::payouts::PayoutSpeed::Standard,
+        payment_method_token: None,
+    };
+    let pending = payments_over(&app, silent).create_payout(&user, input).await.unwrap();
+    assert_eq!(pending.status, dmpay::payments::payouts::PayoutStatus::Pending);
+    // Applied now, the return (if the push went through) cannot find a paid payout yet.
+    let early = app.payments_service.apply_processor_notifications().await;
+    assert!(matches!(early, Ok(0) | Err(_)), "{early:?}");
+    let resolver = payments_over(&app, working);
+    for _ in 0..20 {
+        if resolver.resolve_payouts().await.unwrap() > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.payments_service.apply_processor_notifications().await.unwrap(), 1);
+    let p = get(&app, &alice, pending.payout_id.as_str()).await.unwrap();
+    assert_eq!(p.status, pb::PayoutStatus::Returned as i32);
+    assert_eq!(amt(&app.wallet("alice").await.available), "100.00");
+    assert!(app.verify().await.ok());
+}
+
 /// The payouts service of `app`'s database and ledger over another sandbox, its
 /// resolver picking up any pending payout at once.
 fn payments_over(app: &TestApp, processor: Arc<Sandbox>) -> Payments {
@@ -463,6 +503,7 @@ backend_tests!(
     payout_calls_are_idempotent_and_checked,
     payouts_page_newest_first,
     a_payout_with_an_unknown_outcome_is_finished_once,
+    a_return_before_the_payout_knows_its_reference_waits,
     payouts_reconcile_against_the_settlement_report,
 );
 

@@ -66,6 +66,8 @@ pub const RPCS: &[Rpc] = &[
     rpc("/dmpay.v1.Finance/ListReconciliationItems", "finance"),
     rpc("/dmpay.v1.Finance/ResolveReconciliationItem", "finance"),
     rpc("/dmpay.v1.Finance/GetStatement", "finance"),
+    rpc("/dmpay.v1.Finance/ListDisputes", "finance"),
+    rpc("/dmpay.v1.Finance/ListReceivables", "finance"),
 ];
 
 pub const ALL_SCOPES: &[&str] = &[

@@ -181,11 +181,13 @@ const RUN_COLUMNS: &str = "run_id, processor, report_date, rows_count, matched, 
 pub const RUNS_PER_DAY_MAX: i64 = 100;
 
 /// A ledger entry the processor's report should show: a card capture (the clearing
-/// account debited), a payout (credited) or a payout's return (debited). `amount` is
+/// account debited), a payout (credited), a payout's return (debited), a dispute
+/// (credited the disputed amount; its fee is the report's) or a won dispute (debited). `amount` is
 /// signed as the report signs it: what came into the platform's balance at the
 /// processor.
 struct LedgerCharge {
-    /// The report's type for it: `capture`, `payout` or `payout_return`.
+    /// The report's type for it: `capture`, `payout`, `payout_return`, `dispute` or
+    /// `dispute_reversal`.
     kind: &'static str,
     entry_id: String,
     reference: String,
@@ -206,6 +208,8 @@ async fn ledger_charges(db: &Db, day_start: i64) -> Result<Vec<LedgerCharge>> {
         ("dm_payment_card", Direction::Debit, "capture", 1),
         ("payout", Direction::Credit, "payout", -1),
         ("payout_return", Direction::Debit, "payout_return", 1),
+        ("dispute", Direction::Credit, "dispute", -1),
+        ("dispute_reversal", Direction::Debit, "dispute_reversal", 1),
     ] {
         let rows = crate::ledger::read::books::postings_of_kind(db, ledger_kind, CLEARING, direction, from, to).await?;
         for crate::ledger::read::books::KindDebit { entry_id, metadata, amount, currency, created_at_us: at } in rows {

@@ -58,8 +58,8 @@ pub fn parse_report(csv: &str, currencies: &Currencies) -> Result<Vec<ReportRow>
             return Err(bad(n, "processor_reference", format!("duplicate reference {reference}")));
         }
         let kind = cell("type");
-        if !matches!(kind, "capture" | "refund" | "payout" | "payout_return") {
-            return Err(bad(n, "type", "capture, refund, payout or payout_return"));
+        if !matches!(kind, "capture" | "refund" | "payout" | "payout_return" | "dispute" | "dispute_reversal") {
+            return Err(bad(n, "type", "capture, refund, payout, payout_return, dispute or dispute_reversal"));
         }
         let currency = currencies
             .parse("currency", cell("currency"))

@@ -94,6 +94,7 @@ impl Payments {
             return Self::replay_payout(existing);
         }
         let currency = input.amount.currency();
+        self.check_not_owing(user)?;
         let account = self.accounts.get(user).await?.ok_or_else(|| nothing_available(currency))?;
         if account.status == crate::accounts::Status::Frozen {
             return Err(Error::FailedPrecondition {
@@ -205,7 +206,7 @@ impl Payments {
             page_token
                 .split_once('/')
                 .and_then(|(t, id)| Some((t.parse::<i64>().ok()?, id.to_owned())))
-                .filter(|(_, id)| id.starts_with("po_") && id.len() <= crate::kernel::ids::ID_LEN_MAX)
+                .filter(|(_, id)| id.starts_with("po_") && crate::kernel::ids::check_shape("page_token", id).is_ok())
                 .ok_or_else(|| Error::invalid("page_token", "not a token from a previous page"))?
         };
         let mut rows = self.store.list_payouts(user, before, i64::from(size) + 1).await?;

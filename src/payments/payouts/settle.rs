@@ -11,7 +11,7 @@ use crate::kernel::reason::Reason;
 use crate::ledger::{AccountCode, Direction, EntryStatus, PostEntryInput, PostingInput, SYSTEM_CLEARING, SYSTEM_FEES};
 use crate::payments::repo::Claim;
 use crate::payments::{Payments, ACTOR};
-use crate::processor::{Notification, NotificationKind, ProcessorError, NOTIFICATIONS_PAGE_MAX};
+use crate::processor::{Notification, ProcessorError};
 use crate::vault::ChargeableCard;
 
 fn key(payout_id: &PayoutId, step: &str) -> String {
@@ -126,16 +126,27 @@ impl Payments {
             Err(Push::Unknown | Push::Lost) => return self.current_payout(&payout.payout_id).await,
             Err(Push::Other(e)) => return Err(e),
         };
-        self.store.set_payout_refs(&payout.payout_id, None, Some(&reference)).await?;
+        // 3. The card is paid: from here on a failure never fails the payout; the
+        // caller hears UNAVAILABLE and the resolver retries.
+        self.book_paid(&payout, &hold_id, &reference).await.map_err(|e| {
+            tracing::error!(payout_id = %payout.payout_id, error = %e, "card paid but the payout's booking failed; will retry");
+            Error::Unavailable("the payout is being settled; retry with the same key".into())
+        })?;
+        // The card is paid and booked: PAID is the truth whoever finishes it.
+        self.store.finish_payout(&payout.payout_id, PayoutStatus::Paid, "", "", None).await
+    }
 
-        // 3. The card is paid: post the hold (or, should it have expired, the same
-        // movement as an entry of its own), then pass the money on to the processor.
-        match self.ledger.post_pending(ACTOR, &hold_id, &key(&payout.payout_id, "post_hold"), None).await {
+    /// Books a paid push: the processor's reference on the row, the hold posted (or,
+    /// should it have expired, the same movement as an entry of its own), then the net
+    /// passed on to the processor's clearing account.
+    async fn book_paid(&self, payout: &Payout, hold_id: &str, reference: &str) -> Result<()> {
+        self.store.set_payout_refs(&payout.payout_id, None, Some(reference)).await?;
+        match self.ledger.post_pending(ACTOR, hold_id, &key(&payout.payout_id, "post_hold"), None).await {
             Ok(_) => {}
             Err(Error::FailedPrecondition { reason: Reason::EntryNotPending | Reason::EntryExpired, .. }) => {
-                if self.ledger.get_entry(&hold_id).await?.status != EntryStatus::Posted {
+                if self.ledger.get_entry(hold_id).await?.status != EntryStatus::Posted {
                     tracing::warn!(payout_id = %payout.payout_id, "payout hold no longer pending; posting it directly");
-                    self.payout_entry(&payout, "direct", "payout_hold", Self::payout_postings(&payout), false, None)
+                    self.payout_entry(payout, "direct", "payout_hold", Self::payout_postings(payout), false, None)
                         .await?;
                 }
             }
@@ -143,7 +154,7 @@ impl Payments {
         }
         let currency = payout.currency();
         self.payout_entry(
-            &payout,
+            payout,
             "paid",
             "payout",
             vec![
@@ -151,11 +162,10 @@ impl Payments {
                 posting(AccountCode::system(SYSTEM_CLEARING, currency), Direction::Credit, payout.net()),
             ],
             false,
-            Some(&reference),
+            Some(reference),
         )
-        .await?;
-        // The card is paid and booked: PAID is the truth whoever finishes it.
-        self.store.finish_payout(&payout.payout_id, PayoutStatus::Paid, "", "", None).await
+        .await
+        .map(|_| ())
     }
 
     async fn current_payout(&self, payout_id: &PayoutId) -> Result<Payout> {
@@ -213,41 +223,32 @@ impl Payments {
         Ok(done)
     }
 
-    /// Applies what the processor reported since the last notification applied, in
-    /// order, a page at a time; the cursor moves past each one once it is applied, so
-    /// a crash repeats at most the one in hand (and applying is idempotent).
-    pub async fn apply_processor_notifications(&self) -> Result<usize> {
-        let processor = self.vault.processor().clone();
-        let name = processor.name();
-        let after = self.store.processor_cursor(name).await?;
-        let page = processor
-            .notifications(after, NOTIFICATIONS_PAGE_MAX)
-            .await
-            .map_err(|e| Error::Unavailable(format!("the card processor's notifications: {e}")))?;
-        let mut applied = 0;
-        for n in page {
-            match n.kind {
-                NotificationKind::PayoutReturned => self.apply_payout_return(&n).await?,
-            }
-            self.store.advance_processor_cursor(name, n.sequence).await?;
-            applied += 1;
-        }
-        Ok(applied)
-    }
-
     /// A paid payout came back: the wallet gets the whole amount back (the net from the
     /// processor's clearing account, the fee from fee income), and the payout is
     /// RETURNED.
-    async fn apply_payout_return(&self, n: &Notification) -> Result<()> {
-        let Some(p) = self.store.payout_by_ref(&n.reference).await? else {
+    pub(crate) async fn apply_payout_return(&self, n: &Notification) -> Result<()> {
+        // By its reference, or, before the payout has learnt it (a push whose answer
+        // was lost), by the push's key the notification carries.
+        let found = match self.store.payout_by_ref(&n.reference).await? {
+            Some(p) => Some(p),
+            None => match n.call_key.strip_prefix("payout:").and_then(|k| k.strip_suffix(":push")) {
+                Some(id) => self.store.payout(&PayoutId::parse("call_key", id)?).await?,
+                None => None,
+            },
+        };
+        let Some(p) = found else {
             tracing::error!(reference = %n.reference, "the processor returned a payout dmpay does not know; skipped");
             return Ok(());
         };
+        if n.amount != p.net() {
+            tracing::error!(payout_id = %p.payout_id, "the processor returned another amount than the payout's; skipped");
+            return Ok(());
+        }
         match p.status {
             PayoutStatus::Returned => return Ok(()),
             PayoutStatus::Paid => {}
-            // Its push was answered by now (a notification follows the payout), so the
-            // resolver finishes it shortly; until then the cursor waits here.
+            // The push happened (a return follows it), so the resolver finishes the
+            // payout as PAID shortly; until then the cursor waits here.
             PayoutStatus::Pending => {
                 return Err(Error::Unavailable(format!("payout {} is still being settled", p.payout_id)))
             }

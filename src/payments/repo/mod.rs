@@ -7,6 +7,7 @@
 //! `pg` and `sqlite`, side by side. Every status change and its event are written in
 //! one transaction; events are numbered by one counter row, so the sequence has no gaps.
 
+pub(crate) mod disputes;
 pub(crate) mod hub;
 pub(crate) mod payouts;
 pub(crate) mod pg;

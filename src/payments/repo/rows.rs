@@ -38,6 +38,9 @@ pub(crate) struct PaymentRow {
     capture_ref: Option<String>,
     created_at_us: i64,
     settled_at_us: Option<i64>,
+    /// Absent from the JSON copies of legacy events, which predate disputes.
+    #[serde(default)]
+    dispute_status: String,
 }
 
 impl TryFrom<PaymentRow> for Payment {
@@ -66,6 +69,7 @@ impl TryFrom<PaymentRow> for Payment {
             capture_ref: r.capture_ref,
             created_at_us: r.created_at_us,
             settled_at_us: r.settled_at_us,
+            dispute_status: crate::payments::model::DisputeStatus::from_db(&r.dispute_status)?,
         })
     }
 }
@@ -73,7 +77,7 @@ impl TryFrom<PaymentRow> for Payment {
 pub(crate) const COLUMNS: &str =
     "payment_id, sender_id, recipient_id, currency, amount, wallet_amount, card_amount, fee_amount, \
      refunded_amount, status, funding_source, payment_method_token, note, conversation_id, message_id, request_id, \
-     failure_reason, failure_message, authorization_ref, capture_ref, created_at_us, settled_at_us";
+     failure_reason, failure_message, authorization_ref, capture_ref, created_at_us, settled_at_us, dispute_status";
 
 /// Appends an event inside the caller's transaction, with the next sequence number.
 /// The counter row's lock, held to commit, is what keeps the sequence gap-free.

@@ -29,7 +29,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rand::Rng;
 
+mod disputes;
 mod payouts;
+
+pub use disputes::{dispute_fee, DISPUTED_CARD};
 
 use super::{
     CallKind, CallRecord, CardDetails, CardProcessor, DeclineCode, Notification, PayoutSpeed, PayoutSupport,
@@ -270,16 +273,34 @@ impl CardProcessor for Sandbox {
             _ => Err(ProcessorError::Failed("no such authorization".into())),
         };
         let fee = if outcome.is_ok() { capture_fee(amount) } else { 0 };
-        self.call(NewCall {
-            key,
-            kind: CallKind::Capture,
-            related: Some(authorization),
-            amount: Some(amount),
-            fee,
-            outcome,
-            last4: None,
-        })
-        .await
+        let captured = self
+            .call(NewCall {
+                key,
+                kind: CallKind::Capture,
+                related: Some(authorization),
+                amount: Some(amount),
+                fee,
+                outcome,
+                last4: None,
+            })
+            .await;
+        // The dispute test card's captures are disputed at once; also when the caller
+        // heard nothing, since what the processor recorded decides. A failure here must
+        // not change the answer about a card already charged.
+        let disputed = async {
+            if self.disputes_captures_of(authorization).await? {
+                if let Some(row) = self.find(key).await? {
+                    if row.status == "succeeded" {
+                        self.open_dispute(&row.reference).await?;
+                    }
+                }
+            }
+            Ok::<_, ProcessorError>(())
+        };
+        if let Err(e) = disputed.await {
+            tracing::error!(error = %e, "the sandbox could not open a dispute on its test card's capture");
+        }
+        captured
     }
 
     async fn void(&self, key: &str, authorization: &str) -> Result<String, ProcessorError> {
@@ -356,7 +377,8 @@ impl CardProcessor for Sandbox {
         let to = from + 86_400 * 1_000_000;
         let rows: Vec<(String, String, i64, String, i64, i64)> = with_db!(&self.db, pool => sqlx::query_as(
             "SELECT reference, kind, amount, currency, fee, created_at_us FROM sandbox_processor_calls \
-             WHERE kind IN ('capture', 'refund', 'payout', 'payout_return') AND status = 'succeeded' AND created_at_us >= $1 AND created_at_us < $2 \
+             WHERE kind IN ('capture', 'refund', 'payout', 'payout_return', 'dispute', 'dispute_reversal') \
+             AND status = 'succeeded' AND created_at_us >= $1 AND created_at_us < $2 \
              ORDER BY created_at_us, reference",
         )
         .bind(from)
@@ -367,11 +389,13 @@ impl CardProcessor for Sandbox {
         let mut csv = String::from("processor_reference,type,amount,fee,net,currency,created_at\n");
         for (reference, kind, amount, currency, fee, at) in rows {
             let Some(c) = Currency::from_code(&currency) else { continue };
-            // Signed as money into the platform's balance at the processor: captures and
-            // returned payouts come in, refunds and payouts go out.
+            // Signed as money into the platform's balance at the processor: captures,
+            // returned payouts and won disputes come in; refunds, payouts and disputes
+            // go out (a dispute with its fee).
             let (signed, fee) = match kind.as_str() {
                 "refund" | "payout" => (-amount, 0),
-                "payout_return" => (amount, 0),
+                "payout_return" | "dispute_reversal" => (amount, 0),
+                "dispute" => (-amount, fee),
                 _ => (amount, fee),
             };
             let net = signed - fee;

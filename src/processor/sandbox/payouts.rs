@@ -1,4 +1,5 @@
-//! The sandbox's payouts: push to card, and the returns it reports afterwards.
+//! The sandbox's payouts (push to card, and the returns it reports afterwards) and its
+//! notifications.
 //!
 //! Test cards (any other valid card that approves charges is a debit card that takes
 //! both speeds; a card that declines charges declines payouts the same way):
@@ -63,11 +64,16 @@ impl Sandbox {
             .await;
         if pan == PAYOUT_RETURNED {
             // Also when the caller heard nothing (a timeout after processing): what the
-            // processor recorded decides, as a real network's return would.
-            if let Some(row) = self.find(key).await? {
-                if row.status == "succeeded" {
-                    self.return_payout(&row.reference, amount).await?;
+            // processor recorded decides, as a real network's return would. A failure
+            // here must not change the answer about a card already paid.
+            let returned = async {
+                match self.find(key).await? {
+                    Some(row) if row.status == "succeeded" => self.return_payout(key, &row.reference, amount).await,
+                    _ => Ok(()),
                 }
+            };
+            if let Err(e) = returned.await {
+                tracing::error!(error = %e, "the sandbox could not record a payout's return");
             }
         }
         answer
@@ -75,7 +81,12 @@ impl Sandbox {
 
     /// Records the return of a paid payout (a call of its own, for the settlement
     /// report) and its notification, once however often it is asked.
-    async fn return_payout(&self, payout_reference: &str, amount: Money) -> Result<(), ProcessorError> {
+    async fn return_payout(
+        &self,
+        payout_key: &str,
+        payout_reference: &str,
+        amount: Money,
+    ) -> Result<(), ProcessorError> {
         let key = format!("return:{payout_reference}");
         let row = self
             .record(NewCall {
@@ -88,9 +99,23 @@ impl Sandbox {
                 last4: None,
             })
             .await?;
+        self.notify("payout.returned", payout_key, payout_reference, &row.reference, amount, 0).await
+    }
+
+    /// Records a notification, once per `event_reference`, numbered in commit order.
+    pub(super) async fn notify(
+        &self,
+        kind: &str,
+        call_key: &str,
+        reference: &str,
+        event_reference: &str,
+        amount: Money,
+        fee: i64,
+    ) -> Result<(), ProcessorError> {
         let now = self.clock.now_us();
-        let insert = "INSERT INTO sandbox_processor_notifications (kind, reference, event_reference, amount, currency, \
-                      created_at_us) VALUES ('payout.returned', $1, $2, $3, $4, $5) ON CONFLICT (event_reference) DO NOTHING";
+        let insert = "INSERT INTO sandbox_processor_notifications (kind, reference, event_reference, amount, fee, \
+                      currency, created_at_us, call_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                      ON CONFLICT (event_reference) DO NOTHING";
         match &self.db {
             Db::Postgres(pool) => {
                 // Sequence numbers are taken at insert and become visible at commit; the
@@ -102,11 +127,14 @@ impl Sandbox {
                     .await
                     .map_err(|_| unavailable())?;
                 sqlx::query(insert)
-                    .bind(payout_reference)
-                    .bind(&row.reference)
+                    .bind(kind)
+                    .bind(reference)
+                    .bind(event_reference)
                     .bind(amount.minor())
+                    .bind(fee)
                     .bind(amount.currency().code())
                     .bind(now)
+                    .bind(call_key)
                     .execute(&mut *tx)
                     .await
                     .map_err(|_| unavailable())?;
@@ -115,11 +143,14 @@ impl Sandbox {
             // SQLite commits one writer at a time, in the order it numbers the rows.
             Db::Sqlite(pool) => {
                 sqlx::query(insert)
-                    .bind(payout_reference)
-                    .bind(&row.reference)
+                    .bind(kind)
+                    .bind(reference)
+                    .bind(event_reference)
                     .bind(amount.minor())
+                    .bind(fee)
                     .bind(amount.currency().code())
                     .bind(now)
+                    .bind(call_key)
                     .execute(pool)
                     .await
                     .map_err(|_| unavailable())?;
@@ -130,8 +161,8 @@ impl Sandbox {
 
     pub(super) async fn read_notifications(&self, after: i64, limit: i64) -> Result<Vec<Notification>, ProcessorError> {
         let limit = limit.clamp(1, crate::processor::NOTIFICATIONS_PAGE_MAX);
-        let rows: Vec<(i64, String, String, String, i64, String, i64)> = with_db!(&self.db, pool => sqlx::query_as(
-            "SELECT sequence, kind, reference, event_reference, amount, currency, created_at_us \
+        let rows: Vec<NotificationRow> = with_db!(&self.db, pool => sqlx::query_as(
+            "SELECT sequence, kind, reference, event_reference, amount, fee, currency, created_at_us, call_key \
              FROM sandbox_processor_notifications WHERE sequence > $1 ORDER BY sequence LIMIT $2",
         )
         .bind(after)
@@ -140,22 +171,40 @@ impl Sandbox {
         .await)
         .map_err(|_| unavailable())?;
         let mut out = Vec::with_capacity(rows.len());
-        for (sequence, kind, reference, event_reference, amount, currency, at_us) in rows {
-            let kind = match kind.as_str() {
+        for r in rows {
+            let kind = match r.kind.as_str() {
                 "payout.returned" => NotificationKind::PayoutReturned,
+                "dispute.opened" => NotificationKind::DisputeOpened,
+                "dispute.won" => NotificationKind::DisputeWon,
+                "dispute.lost" => NotificationKind::DisputeLost,
                 other => return Err(ProcessorError::Failed(format!("unknown notification kind {other}"))),
             };
             let currency =
-                Currency::from_code(&currency).ok_or_else(|| ProcessorError::Failed("unknown currency".into()))?;
+                Currency::from_code(&r.currency).ok_or_else(|| ProcessorError::Failed("unknown currency".into()))?;
             out.push(Notification {
-                sequence,
+                sequence: r.sequence,
                 kind,
-                reference,
-                event_reference,
-                amount: Money::from_minor(currency, amount),
-                at_us,
+                reference: r.reference,
+                event_reference: r.event_reference,
+                amount: Money::from_minor(currency, r.amount),
+                fee: Money::from_minor(currency, r.fee),
+                at_us: r.created_at_us,
+                call_key: r.call_key,
             });
         }
         Ok(out)
     }
+}
+
+#[derive(sqlx::FromRow)]
+struct NotificationRow {
+    sequence: i64,
+    kind: String,
+    reference: String,
+    event_reference: String,
+    amount: i64,
+    fee: i64,
+    currency: String,
+    created_at_us: i64,
+    call_key: String,
 }

@@ -23,12 +23,15 @@ CREATE TABLE disputes (
     from_wallet    INTEGER NOT NULL CHECK (from_wallet >= 0),
     to_receivable  INTEGER NOT NULL CHECK (to_receivable >= 0),
     fee_charged    INTEGER NOT NULL CHECK (fee_charged >= 0 AND fee_charged <= fee),
+    -- What the platform bears (`platform:dispute_losses`): all of it by policy, or the
+    -- part the recipient no longer holds (refunded to the sender, the card fee).
+    platform_share INTEGER NOT NULL CHECK (platform_share >= 0),
     status         TEXT NOT NULL CHECK (status IN ('open', 'won', 'lost')),
     reversal_ref   TEXT UNIQUE,
     opened_at_us   INTEGER NOT NULL,
     decided_at_us  INTEGER,
     CHECK (recovered_from <> '' OR (from_wallet = 0 AND to_receivable = 0 AND fee_charged = 0)),
-    CHECK (recovered_from = '' OR from_wallet + to_receivable = amount + fee_charged),
+    CHECK (from_wallet + to_receivable + platform_share = amount + fee_charged),
     CHECK ((status = 'open') = (decided_at_us IS NULL))
 ) STRICT;
 CREATE INDEX disputes_open ON disputes (opened_at_us) WHERE status = 'open';

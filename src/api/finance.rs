@@ -51,6 +51,7 @@ fn dispute_to_wire(d: crate::payments::disputes::Dispute) -> crate::kernel::erro
         from_wallet: Some(to_wire(d.money(d.from_wallet)?)),
         to_receivable: Some(to_wire(d.money(d.to_receivable)?)),
         fee_charged: Some(to_wire(d.money(d.fee_charged)?)),
+        platform_share: Some(to_wire(d.money(d.platform_share)?)),
         status: match d.status()? {
             DisputeStatus::Undisputed => pb::DisputeStatus::Unspecified,
             DisputeStatus::Open => pb::DisputeStatus::Open,

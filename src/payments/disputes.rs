@@ -114,12 +114,14 @@ impl Payments {
         let currency = d.money(0)?.currency();
         let mut postings =
             vec![posting(AccountCode::system(SYSTEM_CLEARING, currency), Direction::Credit, d.money(d.amount)?)];
-        if d.recovered_from.is_empty() {
+        if d.platform_share > 0 {
             postings.push(posting(
                 AccountCode::system(SYSTEM_DISPUTE_LOSSES, currency),
                 Direction::Debit,
-                d.money(d.amount)?,
+                d.money(d.platform_share)?,
             ));
+        }
+        if d.recovered_from.is_empty() {
             return Ok(postings);
         }
         let user = UserId::from_db(d.recovered_from.clone());
@@ -170,13 +172,29 @@ impl Payments {
             tracing::error!(capture = %n.reference, "a dispute that does not fit its payment; skipped");
             return Ok(());
         }
+        // What the recipient still holds of the payment: a refunded part went back to
+        // the sender (the cardholder who now disputes), and the card-funding fee to the
+        // platform, so those are the platform's to bear.
+        let held = (payment.amount.minor() - payment.refunded_amount.minor()).max(0);
+        if held == 0 {
+            // Refunded in full: the cardholder has the money twice. dmpay books nothing;
+            // the settlement report's dispute row stays unmatched, an exception in
+            // reconciliation for finance to take up with the processor.
+            tracing::error!(payment_id = %payment.payment_id, capture = %n.reference,
+                "a dispute on a fully refunded payment; left to reconciliation");
+            return Ok(());
+        }
         let policy = &self.config.disputes;
         let recipient = payment.recipient_id.clone();
         let fee_charged = match (policy.recovery, policy.fee_payer) {
             (DisputeRecovery::Recipient, DisputeFeePayer::Recipient) => n.fee.minor(),
             _ => 0,
         };
-        let owed = n.amount.minor() + fee_charged;
+        let recipient_part = match policy.recovery {
+            DisputeRecovery::Recipient => n.amount.minor().min(held),
+            DisputeRecovery::Platform => 0,
+        };
+        let owed = recipient_part + fee_charged;
         let mut d = DisputeRow {
             dispute_id: DisputeId::generate(),
             payment_id: payment.payment_id.clone(),
@@ -189,6 +207,7 @@ impl Payments {
             from_wallet: 0,
             to_receivable: 0,
             fee_charged,
+            platform_share: n.amount.minor() - recipient_part,
             status: DisputeStatus::Open.as_str().to_owned(),
             reversal_ref: None,
             opened_at_us: self.now_us(),
@@ -251,13 +270,20 @@ impl Payments {
         let amount = d.money(d.amount)?;
         let currency = amount.currency();
         let mut postings = vec![posting(AccountCode::system(SYSTEM_CLEARING, currency), Direction::Debit, amount)];
-        if d.recovered_from.is_empty() {
-            postings.push(posting(AccountCode::system(SYSTEM_DISPUTE_LOSSES, currency), Direction::Credit, amount));
-        } else {
+        if d.platform_share > 0 {
+            postings.push(posting(
+                AccountCode::system(SYSTEM_DISPUTE_LOSSES, currency),
+                Direction::Credit,
+                d.money(d.platform_share)?,
+            ));
+        }
+        // The user's part of the amount (the fee stays with the processor).
+        let user_part = d.amount - d.platform_share;
+        if user_part > 0 && !d.recovered_from.is_empty() {
             let user = UserId::from_db(d.recovered_from.clone());
             // What is still owed is cleared first; the rest goes to the wallet.
             let owed = self.owed(&user, currency).await?;
-            let to_receivable = owed.min(d.amount);
+            let to_receivable = owed.min(user_part);
             if to_receivable > 0 {
                 postings.push(posting(
                     AccountCode::receivable(&user, currency),
@@ -265,11 +291,11 @@ impl Payments {
                     d.money(to_receivable)?,
                 ));
             }
-            if d.amount > to_receivable {
+            if user_part > to_receivable {
                 postings.push(posting(
                     AccountCode::wallet(&user, currency),
                     Direction::Credit,
-                    d.money(d.amount - to_receivable)?,
+                    d.money(user_part - to_receivable)?,
                 ));
             }
         }

@@ -84,17 +84,27 @@ async fn event_types(app: &TestApp, token: &str, n: usize) -> Vec<i32> {
     out
 }
 
-/// Bob pays Alice 30.00 with the dispute test card; Alice spends 20.00 of it; the
-/// dispute takes her last 10.00 and books 20.00 as her debt, which blocks her sends and
-/// payouts until incoming money repays it; the won dispute gives the 30.00 back, to the
-/// debt first.
+/// Bob pays Alice 30.00 with the dispute test card; Alice cashes 20.00 of it out to her
+/// card; the dispute takes her last 10.00 and books 20.00 as her debt (her wallet "goes
+/// negative" into a receivable), which blocks her sends and payouts until incoming money
+/// repays it; the won dispute gives the 30.00 back, to the debt first.
 async fn a_dispute_is_recovered_from_the_recipient_and_won_back(app: TestApp) {
     app.users(CAST).await;
     let (alice, bob) = (app.token("alice", PAY_SCOPES), app.token("bob", PAY_SCOPES));
     app.add_card(&bob, DISPUTED_CARD, true).await.unwrap();
     let paid = app.send(&bob, "disputed", "alice", "30.00", pb::FundingSource::Card).await.unwrap();
     assert_eq!(paid.status, pb::PaymentStatus::Settled as i32);
-    app.send(&alice, "spend", "carol", "20.00", pb::FundingSource::Balance).await.unwrap();
+    app.add_card(&alice, "4000056655665556", true).await.unwrap();
+    let cashed = app
+        .payments()
+        .create_payout(authed(
+            pb::CreatePayoutRequest { idempotency_key: "cash-out".into(), amount: usd("20.00"), ..Default::default() },
+            &alice,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cashed.status, pb::PayoutStatus::Paid as i32);
 
     // The processor reported the dispute at the capture; the resolver applies it.
     assert_eq!(app.payments_service.apply_processor_notifications().await.unwrap(), 1);
@@ -104,7 +114,9 @@ async fn a_dispute_is_recovered_from_the_recipient_and_won_back(app: TestApp) {
     assert_eq!(payment(&app, &bob, &paid.payment_id).await.dispute_status, pb::DisputeStatus::Open as i32);
     assert_eq!(amt(&app.wallet("alice").await.available), "0.00");
     assert_eq!(posted(&app, "user:alice:receivable:USD").await, "20.00");
-    assert_eq!(posted(&app, "processor:sandbox:clearing:USD").await, "0.00", "30.00 captured, 30.00 taken back");
+    // 30.00 captured, 20.00 paid out to Alice's card, 30.00 taken back.
+    assert_eq!(posted(&app, "processor:sandbox:clearing:USD").await, "-20.00");
+    assert_books_balance(&app).await;
     assert_eq!(receivables(&app).await, vec![("alice".to_string(), "20.00".to_string())]);
     let open = disputes(&app, true).await;
     assert_eq!(open.disputes.len(), 1);
@@ -118,16 +130,15 @@ async fn a_dispute_is_recovered_from_the_recipient_and_won_back(app: TestApp) {
 
     // Both parties hear of it.
     let disputed = pb::PaymentEventType::PaymentDisputed as i32;
-    // Bob: created, settled, disputed; Alice: those and her own send.
+    // Bob: created, settled, disputed; Alice: those and her payout's created and paid.
     assert_eq!(event_types(&app, &bob, 3).await[2], disputed);
-    assert_eq!(event_types(&app, &alice, 4).await[3], disputed);
+    assert_eq!(event_types(&app, &alice, 5).await[4], disputed);
 
     // While she owes, Alice can neither send nor cash out.
     let svc = app.token("svc", LEDGER_SCOPES);
     fund(&app, &svc, "alice", "15.00").await;
     let err = app.send(&alice, "blocked", "carol", "1.00", pb::FundingSource::Balance).await.unwrap_err();
     assert_eq!((err.code(), reason(&err)), (Code::FailedPrecondition, "RECEIVABLE_OUTSTANDING".to_string()));
-    app.add_card(&alice, "4000056655665556", true).await.unwrap();
     let err = app
         .payments()
         .create_payout(authed(
@@ -156,7 +167,7 @@ async fn a_dispute_is_recovered_from_the_recipient_and_won_back(app: TestApp) {
     // No longer owing, she can send again.
     app.payments_service.collect_receivables().await.unwrap();
     app.send(&alice, "free-again", "carol", "1.00", pb::FundingSource::Balance).await.unwrap();
-    assert!(app.verify().await.ok());
+    assert_books_balance(&app).await;
 }
 
 /// With `DMPAY_DISPUTE_RECOVERY=platform` the platform bears the dispute; a lost
@@ -183,7 +194,7 @@ async fn the_platform_can_bear_a_lost_dispute(backend: Backend) {
     assert_eq!(payment(&app, &alice, &paid.payment_id).await.dispute_status, pb::DisputeStatus::Lost as i32);
     assert_eq!(posted(&app, "platform:dispute_losses:USD").await, "12.00");
     assert!(disputes(&app, true).await.at_risk.is_empty());
-    assert!(app.verify().await.ok());
+    assert_books_balance(&app).await;
     app.stop().await;
 }
 
@@ -220,7 +231,7 @@ async fn disputes_reconcile_against_the_settlement_report(app: TestApp) {
     // The dispute fee is a processor fee: with the capture's 1.17, 16.17 in all.
     assert_eq!(posted(&app, "platform:processor_fees:USD").await, "16.17");
     assert_eq!(posted(&app, "processor:sandbox:clearing:USD").await, "0.00");
-    assert!(app.verify().await.ok());
+    assert_books_balance(&app).await;
 }
 
 /// Finance's reads check their input, and need the finance scope.
@@ -286,10 +297,91 @@ async fn the_cli_opens_decides_and_lists_disputes(app: TestApp) {
     assert_eq!(app.payments_service.apply_processor_notifications().await.unwrap(), 1);
     let alice = app.token("alice", PAY_SCOPES);
     assert_eq!(payment(&app, &alice, &paid.payment_id).await.dispute_status, pb::DisputeStatus::Lost as i32);
-    assert!(app.verify().await.ok());
+    assert_books_balance(&app).await;
+}
+
+/// A dispute on a partially refunded payment recovers from the recipient only what was
+/// not refunded (the platform bears the refunded part); on a fully refunded payment,
+/// and on a capture dmpay never made, dmpay books nothing and reconciliation shows the
+/// report's dispute row as an exception.
+async fn refunded_and_unknown_charges(app: TestApp) {
+    app.users(CAST).await;
+    let (alice, bob) = (app.token("alice", PAY_SCOPES), app.token("bob", PAY_SCOPES));
+    app.add_card(&bob, "4242424242424242", true).await.unwrap();
+    let partly = app.send(&bob, "partly", "alice", "30.00", pb::FundingSource::Card).await.unwrap();
+    let fully = app.send(&bob, "fully", "alice", "8.00", pb::FundingSource::Card).await.unwrap();
+    let refund = |id: String, key: &'static str, amount: Option<pb::Money>| {
+        let mut c = app.payments();
+        let alice = alice.clone();
+        async move {
+            c.refund_payment(authed(
+                pb::RefundPaymentRequest { payment_id: id, idempotency_key: key.into(), amount, reason: String::new() },
+                &alice,
+            ))
+            .await
+            .unwrap()
+        }
+    };
+    refund(partly.payment_id.clone(), "r1", usd("10.00")).await;
+    refund(fully.payment_id.clone(), "r2", None).await;
+    let sb = sandbox(&app);
+    sb.open_dispute(&capture_ref(&app, &partly.payment_id).await).await.unwrap();
+    sb.open_dispute(&capture_ref(&app, &fully.payment_id).await).await.unwrap();
+    // A capture the sandbox made for someone else: dmpay never saw it.
+    let card = dmpay::vault::card::validate("4242424242424242", 12, 2034, "123", (2026, 1)).unwrap();
+    let details = dmpay::processor::CardDetails { pan: &card.pan, exp_month: 12, exp_year: 2034, cvc: None };
+    let usd10 =
+        dmpay::kernel::money::Money::from_minor(dmpay::kernel::money::Currency::from_code("USD").unwrap(), 1_000);
+    use dmpay::processor::CardProcessor;
+    let auth = sb.authorize("elsewhere:auth", details, usd10).await.unwrap();
+    let stranger = sb.capture("elsewhere:capture", &auth, usd10).await.unwrap();
+    sb.open_dispute(&stranger).await.unwrap();
+    assert_eq!(app.payments_service.apply_processor_notifications().await.unwrap(), 3);
+
+    // Partly refunded: 20.00 from Alice (her wallet holds 20.00 + 0.00), 10.00 the platform's.
+    let listed = disputes(&app, false).await.disputes;
+    assert_eq!(listed.len(), 1, "only the partly refunded payment's dispute is booked");
+    let d = &listed[0];
+    assert_eq!(d.payment_id, partly.payment_id);
+    assert_eq!((amt(&d.from_wallet), amt(&d.to_receivable), amt(&d.platform_share)), ("20.00", "0.00", "10.00"));
+    assert_eq!(posted(&app, "platform:dispute_losses:USD").await, "10.00");
+    assert_eq!(amt(&app.wallet("alice").await.available), "0.00");
+    let alice_fully = payment(&app, &alice, &fully.payment_id).await;
+    assert_eq!(alice_fully.dispute_status, pb::DisputeStatus::Unspecified as i32);
+    assert_books_balance(&app).await;
+
+    // Reconciliation: the booked dispute matches; the fully refunded payment's dispute and
+    // the stranger's capture and dispute are exceptions.
+    let today = dmpay::kernel::dates::ymd(app.clock.now_us());
+    let date = format!("{:04}-{:02}-{:02}", today.0, today.1, today.2);
+    let report = dmpay::processor::CardProcessor::settlement_report(&sb, &date).await.unwrap();
+    let (mut f, t) = finance(&app);
+    let run = f
+        .import_settlement_report(authed(
+            pb::ImportSettlementReportRequest { processor: "sandbox".into(), report_date: date, csv: report },
+            &t,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    // Rows: two captures of dmpay's and the stranger's, three disputes.
+    assert_eq!((run.rows, run.matched, run.missing_in_ledger, run.missing_in_report), (6, 3, 3, 0));
+    let items = f
+        .list_reconciliation_items(authed(
+            pb::ListReconciliationItemsRequest { run_id: run.run_id.clone(), open: true, ..Default::default() },
+            &t,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    let refs: Vec<&str> = items.iter().map(|i| i.processor_reference.as_str()).collect();
+    assert!(refs.contains(&stranger.as_str()), "{refs:?}");
+    assert_books_balance(&app).await;
 }
 
 backend_tests!(
+    refunded_and_unknown_charges,
     the_cli_opens_decides_and_lists_disputes,
     a_dispute_is_recovered_from_the_recipient_and_won_back,
     disputes_reconcile_against_the_settlement_report,

@@ -545,3 +545,17 @@ impl TestApp {
             .into_inner()
     }
 }
+
+/// The books after a step: the ledger verifies (every balance equals its postings, every
+/// entry balances) and the trial balance balances in every currency.
+pub async fn assert_books_balance(app: &TestApp) {
+    let report = app.verify().await;
+    assert!(report.ok(), "{:?}", report.problems);
+    let fin = app.token("finance-staff", "finance");
+    let trial = pb::finance_client::FinanceClient::new(app.channel.clone())
+        .get_trial_balance(authed(pb::GetTrialBalanceRequest::default(), &fin))
+        .await
+        .expect("trial balance")
+        .into_inner();
+    assert!(trial.balanced, "the trial balance does not balance: {:?}", trial.totals);
+}

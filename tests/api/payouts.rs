@@ -154,7 +154,7 @@ async fn a_standard_payout_pays_the_card_and_books_it(app: TestApp) {
     let created = seen[0].payout.as_ref().expect("the payout on its event");
     assert_eq!((created.status, created.payout_id.as_str()), (pb::PayoutStatus::Pending as i32, p.payout_id.as_str()));
     assert_eq!(seen[1].payout.as_ref().unwrap().status, pb::PayoutStatus::Paid as i32);
-    assert!(app.verify().await.ok());
+    assert_books_balance(&app).await;
 }
 
 async fn an_instant_payout_takes_its_fee(app: TestApp) {
@@ -173,7 +173,7 @@ async fn an_instant_payout_takes_its_fee(app: TestApp) {
     let err = payout(&app, &alice, "po-tiny", "0.25", pb::PayoutSpeed::Instant).await.unwrap_err();
     assert_eq!((err.code(), field(&err)), (Code::InvalidArgument, "amount".to_string()));
     assert_eq!(app.count("payouts").await, 2);
-    assert!(app.verify().await.ok());
+    assert_books_balance(&app).await;
 }
 
 async fn a_credit_card_takes_only_standard_payouts(app: TestApp) {
@@ -201,7 +201,7 @@ async fn a_declined_payout_fails_and_moves_nothing(app: TestApp) {
     assert_eq!(posted(&app, "processor:sandbox:clearing:USD").await, "0.00");
     let types: Vec<i32> = events(&app, &alice, 2).await.iter().map(|e| e.r#type).collect();
     assert_eq!(types, vec![pb::PaymentEventType::PayoutCreated as i32, pb::PaymentEventType::PayoutFailed as i32]);
-    assert!(app.verify().await.ok());
+    assert_books_balance(&app).await;
 }
 
 async fn a_returned_payout_credits_the_wallet_back(app: TestApp) {
@@ -222,7 +222,7 @@ async fn a_returned_payout_credits_the_wallet_back(app: TestApp) {
     let seen = events(&app, &alice, 3).await;
     assert_eq!(seen[2].r#type, pb::PaymentEventType::PayoutReturned as i32);
     assert_eq!(seen[2].payout.as_ref().unwrap().status, pb::PayoutStatus::Returned as i32);
-    assert!(app.verify().await.ok());
+    assert_books_balance(&app).await;
 }
 
 /// 50 parallel payouts of 5.00 from a wallet of 100.00: exactly 20 are paid, the rest
@@ -238,7 +238,7 @@ async fn payouts_never_overdraw_under_parallel_calls(app: TestApp) {
     let wallet = app.wallet("alice").await;
     assert_eq!((amt(&wallet.posted), amt(&wallet.available)), ("0.00", "0.00"));
     assert_eq!(app.count("payouts").await, 20, "refused payouts write nothing");
-    assert!(app.verify().await.ok());
+    assert_books_balance(&app).await;
 }
 
 /// 50 parallel payouts of 20.00 against the unverified tier's 500.00 a day: exactly 25
@@ -254,7 +254,7 @@ async fn the_daily_payout_limit_holds_under_parallel_calls(app: TestApp) {
     // Over the per-payout limit (250.00 unverified).
     let err = payout(&app, &alice, "big", "250.01", pb::PayoutSpeed::Standard).await.unwrap_err();
     assert_eq!((err.code(), reason(&err)), (Code::ResourceExhausted, "PAYOUT_LIMIT".to_string()));
-    assert!(app.verify().await.ok());
+    assert_books_balance(&app).await;
 }
 
 async fn payout_calls_are_idempotent_and_checked(app: TestApp) {
@@ -307,6 +307,92 @@ async fn payout_calls_are_idempotent_and_checked(app: TestApp) {
     let reader = app.token("alice", "payments:read");
     let err = payout(&app, &reader, "ro", "1.00", pb::PayoutSpeed::Standard).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+/// What a payout cannot be paid to or from is refused with its reason, writing nothing.
+async fn payouts_refuse_what_they_cannot_pay(app: TestApp) {
+    let alice = alice_with(&app, "100.00", DEBIT).await;
+    let with_token = |key: &str, amount: Option<pb::Money>, token: &str| pb::CreatePayoutRequest {
+        idempotency_key: key.into(),
+        amount,
+        speed: pb::PayoutSpeed::Standard as i32,
+        payment_method_token: token.into(),
+    };
+    // Another user's card is not found, as a missing one.
+    let bob = app.token("bob", PAY_SCOPES);
+    let bobs = app.add_card(&bob, &visa(7), true).await.unwrap();
+    let err =
+        app.payments().create_payout(authed(with_token("a", usd("1.00"), &bobs.token), &alice)).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // A removed card.
+    let second = app.add_card(&alice, &visa(8), false).await.unwrap();
+    app.methods()
+        .remove_payment_method(authed(pb::RemovePaymentMethodRequest { token: second.token.clone() }, &alice))
+        .await
+        .unwrap();
+    let err =
+        app.payments().create_payout(authed(with_token("b", usd("1.00"), &second.token), &alice)).await.unwrap_err();
+    assert_eq!((err.code(), reason(&err)), (Code::FailedPrecondition, "PAYMENT_METHOD_NOT_ACTIVE".to_string()));
+    // More than the wallet holds.
+    let err = payout(&app, &alice, "c", "100.01", pb::PayoutSpeed::Standard).await.unwrap_err();
+    assert_eq!((err.code(), reason(&err)), (Code::FailedPrecondition, "INSUFFICIENT_FUNDS".to_string()));
+    // Another currency: a wallet in it holds nothing; one not enabled is bad input.
+    let eur = Some(pb::Money { currency: "EUR".into(), amount: "1.00".into() });
+    let err = app.payments().create_payout(authed(with_token("d", eur, ""), &alice)).await.unwrap_err();
+    assert!(
+        (err.code(), reason(&err)) == (Code::FailedPrecondition, "INSUFFICIENT_FUNDS".to_string())
+            || (err.code(), field(&err)) == (Code::InvalidArgument, "amount.currency".to_string()),
+        "{err:?}"
+    );
+    let xxx = Some(pb::Money { currency: "XXX".into(), amount: "1.00".into() });
+    let err = app.payments().create_payout(authed(with_token("e", xxx, ""), &alice)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(app.count("payouts").await, 0);
+    assert_eq!(amt(&app.wallet("alice").await.available), "100.00");
+    assert_books_balance(&app).await;
+}
+
+/// 25 payouts and 25 wallet sends of 4.00 at once from a wallet of 100.00: exactly 25
+/// go through, whichever they are, and the wallet ends at zero, never below.
+async fn payouts_and_sends_together_never_overdraw(app: TestApp) {
+    let alice = alice_with(&app, "100.00", DEBIT).await;
+    let mut tasks = Vec::new();
+    for i in 0..25 {
+        let mut c = app.payments();
+        let req = authed(
+            pb::CreatePayoutRequest {
+                idempotency_key: format!("mix-po-{i}"),
+                amount: usd("4.00"),
+                speed: pb::PayoutSpeed::Standard as i32,
+                payment_method_token: String::new(),
+            },
+            &alice,
+        );
+        tasks.push(tokio::spawn(async move { c.create_payout(req).await.map(|_| ()) }));
+        let mut c = app.payments();
+        let req = authed(
+            pb::SendPaymentRequest {
+                idempotency_key: format!("mix-send-{i}"),
+                recipient_id: "bob".into(),
+                amount: usd("4.00"),
+                funding_source: pb::FundingSource::Balance as i32,
+                ..Default::default()
+            },
+            &alice,
+        );
+        tasks.push(tokio::spawn(async move { c.send_payment(req).await.map(|_| ()) }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(e) => assert_eq!(reason(&e), "INSUFFICIENT_FUNDS", "{e:?}"),
+        }
+    }
+    assert_eq!(ok, 25);
+    let wallet = app.wallet("alice").await;
+    assert_eq!((amt(&wallet.posted), amt(&wallet.available)), ("0.00", "0.00"));
+    assert_books_balance(&app).await;
 }
 
 async fn payouts_page_newest_first(app: TestApp) {
@@ -391,7 +477,7 @@ async fn a_payout_with_an_unknown_outcome_is_finished_once(app: TestApp) {
     // A retry of the call answers the finished payout.
     let again = resolver.create_payout(&user, input()).await.unwrap();
     assert_eq!(again.status, dmpay::payments::payouts::PayoutStatus::Paid);
-    assert!(app.verify().await.ok());
+    assert_books_balance(&app).await;
 }
 
 /// A payout to the returning card whose push's answer was lost: the processor's return
@@ -431,7 +517,7 @@ async fn a_return_before_the_payout_knows_its_reference_waits(app: TestApp) {
     let p = get(&app, &alice, pending.payout_id.as_str()).await.unwrap();
     assert_eq!(p.status, pb::PayoutStatus::Returned as i32);
     assert_eq!(amt(&app.wallet("alice").await.available), "100.00");
-    assert!(app.verify().await.ok());
+    assert_books_balance(&app).await;
 }
 
 /// The payouts service of `app`'s database and ledger over another sandbox, its
@@ -489,7 +575,7 @@ async fn payouts_reconcile_against_the_settlement_report(app: TestApp) {
         (run.rows, run.matched, run.amount_mismatch, run.missing_in_ledger, run.missing_in_report),
         (3, 3, 0, 0, 0)
     );
-    assert!(app.verify().await.ok());
+    assert_books_balance(&app).await;
 }
 
 backend_tests!(
@@ -502,6 +588,8 @@ backend_tests!(
     the_daily_payout_limit_holds_under_parallel_calls,
     payout_calls_are_idempotent_and_checked,
     payouts_page_newest_first,
+    payouts_refuse_what_they_cannot_pay,
+    payouts_and_sends_together_never_overdraw,
     a_payout_with_an_unknown_outcome_is_finished_once,
     a_return_before_the_payout_knows_its_reference_waits,
     payouts_reconcile_against_the_settlement_report,

@@ -24,6 +24,9 @@ pub struct DisputeRow {
     pub from_wallet: i64,
     pub to_receivable: i64,
     pub fee_charged: i64,
+    /// What the platform bears: all of it by policy, or the part the recipient no
+    /// longer holds (refunded, or the card-funding fee).
+    pub platform_share: i64,
     pub status: String,
     pub reversal_ref: Option<String>,
     pub opened_at_us: i64,
@@ -43,7 +46,8 @@ impl DisputeRow {
 }
 
 pub(crate) const DISPUTE_COLUMNS: &str = "dispute_id, payment_id, processor_ref, capture_ref, currency, amount, fee, \
-     recovered_from, from_wallet, to_receivable, fee_charged, status, reversal_ref, opened_at_us, decided_at_us";
+     recovered_from, from_wallet, to_receivable, fee_charged, platform_share, status, reversal_ref, opened_at_us, \
+     decided_at_us";
 
 fn decode(e: Error) -> sqlx::Error {
     sqlx::Error::Protocol(e.to_string())
@@ -68,8 +72,8 @@ impl PaymentStore {
     pub(crate) async fn insert_dispute(&self, d: &DisputeRow) -> Result<DisputeRow> {
         with_db!(&self.writer, pool => sqlx::query(
             "INSERT INTO disputes (dispute_id, payment_id, processor_ref, capture_ref, currency, amount, fee, recovered_from, \
-             from_wallet, to_receivable, fee_charged, status, opened_at_us) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'open', $12) ON CONFLICT (processor_ref) DO NOTHING",
+             from_wallet, to_receivable, fee_charged, platform_share, status, opened_at_us) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'open', $13) ON CONFLICT (processor_ref) DO NOTHING",
         )
         .bind(&d.dispute_id)
         .bind(&d.payment_id)
@@ -82,6 +86,7 @@ impl PaymentStore {
         .bind(d.from_wallet)
         .bind(d.to_receivable)
         .bind(d.fee_charged)
+        .bind(d.platform_share)
         .bind(d.opened_at_us)
         .execute(pool)
         .await

@@ -35,8 +35,9 @@ CREATE TABLE disputes (
     CHECK ((status = 'open') = (decided_at_us IS NULL))
 ) STRICT;
 CREATE INDEX disputes_open ON disputes (opened_at_us) WHERE status = 'open';
--- Users who may owe: the debtors' list is read from here.
-CREATE INDEX disputes_receivable ON disputes (recovered_from) WHERE to_receivable > 0;
+-- Users who may owe: the debtors' list is read from here (every user a dispute was
+-- recovered from, whatever split its row records: the ledger's receivable decides).
+CREATE INDEX disputes_recovered ON disputes (recovered_from, currency) WHERE recovered_from <> '';
 
 -- A processor notification names a capture; card payments are found by it. Partial:
 -- wallet payments, which have none, add no index entry.

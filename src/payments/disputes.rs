@@ -64,17 +64,28 @@ fn posting(code: AccountCode, direction: Direction, amount: Money) -> PostingInp
     PostingInput { account_code: code, direction, amount }
 }
 
+/// The refusal of a debtor's send, bill payment, refund or payout.
+pub(crate) fn owing() -> Error {
+    Error::FailedPrecondition {
+        reason: Reason::ReceivableOutstanding,
+        message: "you owe the platform for a disputed payment; money you receive repays it first".into(),
+    }
+}
+
 /// A dispute as finance reads it.
 pub type Dispute = DisputeRow;
 
 impl Payments {
-    /// Refuses a caller who owes the platform (sends, request payments, payouts).
+    /// Whether `user` owes the platform, as this process knows it.
+    pub(crate) fn owes(&self, user: &UserId) -> bool {
+        self.debtors.contains(user)
+    }
+
+    /// Refuses a caller who owes the platform (sends, request payments, refunds,
+    /// payouts); call it after a retry has had its replay.
     pub(crate) fn check_not_owing(&self, user: &UserId) -> Result<()> {
         if self.debtors.contains(user) {
-            return Err(Error::FailedPrecondition {
-                reason: Reason::ReceivableOutstanding,
-                message: "you owe the platform for a disputed payment; money you receive repays it first".into(),
-            });
+            return Err(owing());
         }
         Ok(())
     }
@@ -190,8 +201,10 @@ impl Payments {
             (DisputeRecovery::Recipient, DisputeFeePayer::Recipient) => n.fee.minor(),
             _ => 0,
         };
+        // The recipient bears at most the card-funded part they received (the card
+        // charge's fee was the platform's), less what they refunded.
         let recipient_part = match policy.recovery {
-            DisputeRecovery::Recipient => n.amount.minor().min(held),
+            DisputeRecovery::Recipient => n.amount.minor().min(held).min(payment.card_amount.minor()),
             DisputeRecovery::Platform => 0,
         };
         let owed = recipient_part + fee_charged;
@@ -344,7 +357,9 @@ impl Payments {
         } else {
             page_token
                 .split_once('/')
-                .filter(|(u, c)| UserId::parse("page_token", u).is_ok() && c.len() == 3)
+                .filter(|(u, c)| {
+                    UserId::parse("page_token", u).is_ok() && crate::kernel::money::Currency::from_code(c).is_some()
+                })
                 .map(|(u, c)| (u.to_owned(), c.to_owned()))
                 .ok_or_else(|| Error::invalid("page_token", "not a token from a previous page"))?
         };

@@ -178,7 +178,14 @@ impl Payments {
         if &input.recipient == sender {
             return Err(Error::invalid("recipient_id", "you cannot pay yourself"));
         }
-        self.check_not_owing(sender)?;
+        if self.owes(sender) {
+            // A retry of a send made before the debt still gets its answer.
+            return match self.store.by_key(sender, &input.idempotency_key).await? {
+                Some((existing, hash)) if hash == request_hash => Self::replay(existing),
+                Some(_) => Err(key_reused(&input.idempotency_key)),
+                None => Err(disputes::owing()),
+            };
+        }
         // From the wallet (BALANCE, and AUTO while the wallet covers the amount): one
         // command in the posting engine's batch, payment row and events included.
         if input.request_id.is_none() && input.payment_method_token.is_none() && input.funding != FundingSource::Card {
@@ -379,6 +386,13 @@ impl Payments {
         let mut last_purge: Option<std::time::Instant> = None;
         loop {
             tick.tick().await;
+            // First, so a restarted process knows its debtors at once (the first tick is
+            // immediate), and other replicas' debts within a tick.
+            match self.collect_receivables().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(repaid = n, "repaid receivables from incoming money"),
+                Err(e) => tracing::warn!(error = %e, "receivable collection failed; will retry"),
+            }
             // Old daily-limit buckets go every few minutes: a purge is a write, and on
             // SQLite every write takes the lock the posting engine commits under.
             if last_purge.is_none_or(|t| t.elapsed() >= SPEND_PURGE_INTERVAL) {
@@ -413,11 +427,6 @@ impl Payments {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(applied = n, "applied processor notifications"),
                 Err(e) => tracing::warn!(error = %e, "processor notifications not applied yet; will retry"),
-            }
-            match self.collect_receivables().await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(repaid = n, "repaid receivables from incoming money"),
-                Err(e) => tracing::warn!(error = %e, "receivable collection failed; will retry"),
             }
         }
     }

@@ -57,6 +57,7 @@ impl Payments {
         if let Some(answer) = self.replay_refund(recipient, payment_id, idempotency_key, &request_hash).await? {
             return answer;
         }
+        self.check_not_owing(recipient)?;
         match self.reserve_refund(recipient, &payment, idempotency_key, amount, reason, &request_hash).await {
             // A concurrent call with this key may have refunded what was left, or moved
             // the payment on, between the lookup above and the refusal: answer as it did.

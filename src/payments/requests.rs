@@ -209,7 +209,6 @@ impl Payments {
         if req.payer_id != *payer {
             return Err(Error::PermissionDenied("only the payer can pay a request".into()));
         }
-        self.check_not_owing(payer)?;
         let input = SendInput {
             idempotency_key,
             recipient: req.requester_id.clone(),
@@ -234,6 +233,7 @@ impl Payments {
         if let Some(found) = self.store.by_key(payer, &input.idempotency_key).await? {
             return replay(found);
         }
+        self.check_not_owing(payer)?;
         let refusal = match req.status {
             RequestStatus::Open if req.expires_at_us > self.now_us() => None,
             RequestStatus::Open => Some(Error::FailedPrecondition {

@@ -148,6 +148,32 @@ async fn a_dispute_is_recovered_from_the_recipient_and_won_back(app: TestApp) {
         .await
         .unwrap_err();
     assert_eq!(reason(&err), "RECEIVABLE_OUTSTANDING");
+    // A retry of what she did before the debt still gets its answer.
+    let again = app
+        .payments()
+        .create_payout(authed(
+            pb::CreatePayoutRequest { idempotency_key: "cash-out".into(), amount: usd("20.00"), ..Default::default() },
+            &alice,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.payout_id, cashed.payout_id);
+    // Nor can she move money out by refunding.
+    let err = app
+        .payments()
+        .refund_payment(authed(
+            pb::RefundPaymentRequest {
+                payment_id: paid.payment_id.clone(),
+                idempotency_key: "refund".into(),
+                amount: usd("1.00"),
+                reason: String::new(),
+            },
+            &alice,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "RECEIVABLE_OUTSTANDING");
     // Incoming money repays the debt first.
     assert_eq!(app.payments_service.collect_receivables().await.unwrap(), 1);
     assert_eq!(posted(&app, "user:alice:receivable:USD").await, "5.00");

@@ -159,12 +159,16 @@ impl PaymentStore {
                 None => 1,
             };
             if changed == 1 {
+                // Opening moves only an undisputed payment (a late replay of the opening
+                // never reopens a decided dispute); a decision moves only an open one.
+                let from = if decided.is_some() { DisputeStatus::Open } else { DisputeStatus::Undisputed };
                 let updated = sqlx::query(
-                    "UPDATE payments SET dispute_status = $2, updated_at_us = $3 WHERE payment_id = $1 AND dispute_status <> $2",
+                    "UPDATE payments SET dispute_status = $2, updated_at_us = $3 WHERE payment_id = $1 AND dispute_status = $4",
                 )
                 .bind(payment_id)
                 .bind(status.as_str())
                 .bind(now)
+                .bind(from.as_str())
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
@@ -218,7 +222,7 @@ impl PaymentStore {
     pub(crate) async fn debts(&self, after: (&str, &str), limit: i64) -> Result<Vec<(UserId, String, i64)>> {
         let rows: Vec<(String, String, i64)> = with_db!(&self.db, pool => sqlx::query_as(
             "SELECT u.recovered_from, a.currency, a.posted_debits - a.posted_credits FROM \
-             (SELECT DISTINCT recovered_from, currency FROM disputes WHERE to_receivable > 0) u \
+             (SELECT DISTINCT recovered_from, currency FROM disputes WHERE recovered_from <> '') u \
              JOIN ledger_accounts a ON a.code = 'user:' || u.recovered_from || ':receivable:' || u.currency \
              WHERE a.posted_debits > a.posted_credits \
              AND (u.recovered_from > $1 OR (u.recovered_from = $1 AND a.currency > $2)) \

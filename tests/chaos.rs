@@ -1,8 +1,9 @@
 //! The crash test (`make chaos`; docs/testing.md "Crash test"). For each backend, a fresh
 //! PostgreSQL database and a fresh SQLite file, the server binary runs as a child
 //! process while concurrent clients send money (from the wallet, a card, or both), pay
-//! requests with one tap, refund payments and top wallets up through the Ledger API,
-//! every call with an idempotency key. The server is SIGKILLed at random moments and
+//! requests with one tap, refund payments, cash wallet money out to cards (payouts,
+//! standard and instant) and top wallets up through the Ledger API, every call with an
+//! idempotency key. The server is SIGKILLed at random moments and
 //! restarted on the same database; a call that got no answer (transport error,
 //! UNAVAILABLE, deadline) is retried with the same key and the same request until it
 //! gets one. A tenth of the calls are sent again once answered, and one in twenty as two
@@ -18,7 +19,10 @@
 //! - every settled payment is in the ledger exactly once (its recipient credited with
 //!   its amount, its sender debited with its wallet part, its card part booked by one
 //!   card entry), a failed one moved nothing, every completed refund is one entry and a
-//!   failed one none, every acknowledged top-up is one entry;
+//!   failed one none, every acknowledged top-up is one entry; every payout row belongs to
+//!   one call and none is pending, a paid one took its amount from the wallet (its fee to
+//!   fee income, its net to the processor) and a failed one moved nothing, and the
+//!   sandbox pushed exactly as many payouts to cards as are paid;
 //! - every wallet equals what the acknowledged calls say it should hold, and none is
 //!   negative or left with a reservation;
 //! - the ledger verifies (`dmpay::ledger::verify` and `dmpay finance verify`);
@@ -79,6 +83,7 @@ const TOPUP_KIND: &str = "chaos_topup";
 const TREASURY: &str = "platform:treasury:USD";
 const CLEARING: &str = "processor:sandbox:clearing:USD";
 const FEES: &str = "platform:fees:USD";
+const IN_TRANSIT: &str = "platform:payouts_in_transit:USD";
 /// The deadline of one attempt; the server's own is 10 s.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a call may go without an answer before the test gives up on the server.
@@ -313,6 +318,7 @@ enum CallReq {
     Pay(pb::PayBillRequest),
     Refund(pb::RefundPaymentRequest),
     Topup(pb::PostEntryRequest),
+    Payout(pb::CreatePayoutRequest),
 }
 
 impl CallReq {
@@ -323,6 +329,7 @@ impl CallReq {
             CallReq::Pay(r) => &r.idempotency_key,
             CallReq::Refund(r) => &r.idempotency_key,
             CallReq::Topup(r) => &r.idempotency_key,
+            CallReq::Payout(r) => &r.idempotency_key,
         }
     }
 
@@ -333,6 +340,7 @@ impl CallReq {
             CallReq::Pay(_) => "PayRequest",
             CallReq::Refund(_) => "RefundPayment",
             CallReq::Topup(_) => "PostEntry",
+            CallReq::Payout(_) => "CreatePayout",
         }
     }
 }
@@ -342,6 +350,7 @@ enum Outcome {
     Payment { id: String, status: i32, amount: i64, card: i64, fee: i64 },
     Request { id: String },
     Entry { id: String },
+    Payout { id: String, status: i32 },
     Error { code: Code, reason: String, message: String },
 }
 
@@ -369,6 +378,10 @@ impl Outcome {
             }
             Outcome::Request { id } => format!("request {id}"),
             Outcome::Entry { id } => format!("entry {id}"),
+            Outcome::Payout { id, status } => {
+                let status = pb::PayoutStatus::try_from(*status).map(|s| s.as_str_name()).unwrap_or("?");
+                format!("payout {id} {status}")
+            }
             Outcome::Error { code, reason, message } => format!("{code:?} {reason} ({message})"),
         }
     }
@@ -447,6 +460,10 @@ async fn execute(channel: &Channel, token: &str, req: &CallReq) -> Result<Outcom
             .post_entry(authed(m.clone(), token))
             .await
             .map(|r| Outcome::Entry { id: r.into_inner().entry_id }),
+        CallReq::Payout(m) => payments.create_payout(authed(m.clone(), token)).await.map(|r| {
+            let p = r.into_inner();
+            Outcome::Payout { id: p.payout_id, status: p.status }
+        }),
     }
 }
 
@@ -603,6 +620,12 @@ fn same_outcome(original: &Outcome, again: &Outcome, final_failure: Option<&str>
         (Outcome::Payment { id: a, .. }, Outcome::Payment { id: b, .. }) => a == b,
         (Outcome::Request { id: a }, Outcome::Request { id: b }) => a == b,
         (Outcome::Entry { id: a }, Outcome::Entry { id: b }) => a == b,
+        (Outcome::Payout { id: a, .. }, Outcome::Payout { id: b, .. }) => a == b,
+        // A payout answered PENDING (its push's answer lost with a killed server) may
+        // since have failed; the payout rows' check holds it to its row.
+        (Outcome::Payout { status, .. }, Outcome::Error { code: Code::FailedPrecondition, .. }) => {
+            *status == pb::PayoutStatus::Pending as i32
+        }
         (Outcome::Error { code: c1, reason: r1, .. }, Outcome::Error { code: c2, reason: r2, .. }) => {
             c1 == c2 && r1 == r2
         }
@@ -745,6 +768,18 @@ async fn client(ctx: Arc<Ctx>, w: usize, seed: u64, until: Instant) {
                         _ => {}
                     }
                 }
+                // A cash-out of wallet money to the user's card, standard or instant.
+                90..=94 => {
+                    let user = rng.gen_range(0..n_users);
+                    let req = pb::CreatePayoutRequest {
+                        idempotency_key: format!("o-{w}-{n}"),
+                        amount: usd(rng.gen_range(100..=2_500)),
+                        speed: if rng.gen_bool(0.5) { pb::PayoutSpeed::Standard } else { pb::PayoutSpeed::Instant }
+                            as i32,
+                        payment_method_token: String::new(),
+                    };
+                    ctx.call(&mut rng, &channel, Caller::User(user), CallReq::Payout(req)).await?;
+                }
                 // A top-up from the treasury through the Ledger API.
                 _ => {
                     let user = rng.gen_range(0..n_users);
@@ -861,6 +896,27 @@ async fn payment_rows(db: &Db) -> Vec<PaymentRow> {
     .fetch_all(pool)
     .await)
     .expect("payments")
+}
+
+#[derive(sqlx::FromRow)]
+struct PayoutRow {
+    payout_id: String,
+    user_id: String,
+    amount: i64,
+    fee: i64,
+    status: String,
+    failure_reason: String,
+    idempotency_key: String,
+    processor_ref: Option<String>,
+}
+
+async fn payout_rows(db: &Db) -> Vec<PayoutRow> {
+    dmpay::with_db!(db, pool => sqlx::query_as::<_, PayoutRow>(
+        "SELECT payout_id, user_id, amount, fee, status, failure_reason, idempotency_key, processor_ref FROM payouts",
+    )
+    .fetch_all(pool)
+    .await)
+    .expect("payouts")
 }
 
 async fn refund_rows(db: &Db) -> Vec<RefundRow> {
@@ -1270,14 +1326,24 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
     // payment failures for want of funds or of a card.
     for c in calls {
         if let Outcome::Error { code, reason, message } = &c.outcome {
-            let expected = *code == Code::FailedPrecondition
-                && match &c.req {
-                    CallReq::Send(_) | CallReq::Pay(_) => {
-                        matches!(reason.as_str(), "INSUFFICIENT_FUNDS" | "NO_PAYMENT_METHOD")
-                    }
-                    CallReq::Refund(_) => reason == "INSUFFICIENT_FUNDS",
-                    _ => false,
-                };
+            let expected = match &c.req {
+                // A payout may also run into the day's payout limit.
+                CallReq::Payout(_) => {
+                    (*code == Code::FailedPrecondition
+                        && matches!(reason.as_str(), "INSUFFICIENT_FUNDS" | "NO_PAYMENT_METHOD"))
+                        || (*code == Code::ResourceExhausted && reason == "PAYOUT_DAILY_LIMIT")
+                }
+                _ => {
+                    *code == Code::FailedPrecondition
+                        && match &c.req {
+                            CallReq::Send(_) | CallReq::Pay(_) => {
+                                matches!(reason.as_str(), "INSUFFICIENT_FUNDS" | "NO_PAYMENT_METHOD")
+                            }
+                            CallReq::Refund(_) => reason == "INSUFFICIENT_FUNDS",
+                            _ => false,
+                        }
+                }
+            };
             if !expected {
                 problem(
                     "unexpected answer",
@@ -1500,6 +1566,44 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
         }
     }
 
+    // 4b. Payouts: each row belongs to one call, answered with it (or its failure), and
+    // none is left pending.
+    let payouts = payout_rows(db).await;
+    let payout_by_key: HashMap<(&str, &str), &PayoutRow> =
+        payouts.iter().map(|r| ((r.user_id.as_str(), r.idempotency_key.as_str()), r)).collect();
+    let mut payout_calls = HashSet::new();
+    for c in calls {
+        let (Caller::User(u), CallReq::Payout(req)) = (c.caller, &c.req) else { continue };
+        let user = ctx.users[u].name.as_str();
+        payout_calls.insert((user.to_owned(), req.idempotency_key.clone()));
+        let row = payout_by_key.get(&(user, req.idempotency_key.as_str()));
+        let ok = match (&c.outcome, row) {
+            (Outcome::Payout { id, .. }, Some(r)) => r.payout_id == *id && r.status != "failed",
+            (Outcome::Error { reason, .. }, Some(r)) => r.status == "failed" && r.failure_reason == *reason,
+            (Outcome::Error { .. }, None) => true,
+            _ => false,
+        };
+        if !ok {
+            problem(
+                "payout answer vs row",
+                format!(
+                    "CreatePayout {} by {user} answered {} but stored {:?}",
+                    req.idempotency_key,
+                    c.outcome.short(),
+                    row.map(|r| (&r.payout_id, &r.status, &r.failure_reason))
+                ),
+            );
+        }
+    }
+    for r in &payouts {
+        if !payout_calls.contains(&(r.user_id.clone(), r.idempotency_key.clone())) {
+            problem("payout without a call", format!("payout {} belongs to no call: a duplicate", r.payout_id));
+        }
+        if r.status == "pending" {
+            problem("resolver left work", format!("payout {} is still pending", r.payout_id));
+        }
+    }
+
     // 5. The ledger: every entry that touched a wallet, the clearing account or the
     // treasury.
     let mut entries: BTreeMap<String, pb::Entry> = BTreeMap::new();
@@ -1513,8 +1617,11 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
     let mut per_payment: HashMap<&str, Vec<&pb::Entry>> = HashMap::new();
     let mut per_refund: HashMap<&str, Vec<&pb::Entry>> = HashMap::new();
     let mut topup_entries: HashMap<&str, &pb::Entry> = HashMap::new();
+    let mut per_payout: HashMap<&str, Vec<&pb::Entry>> = HashMap::new();
     for e in entries.values().filter(|e| moved_money(e)) {
-        if let Some(rid) = e.metadata.get("refund_id") {
+        if let Some(po) = e.metadata.get("payout_id") {
+            per_payout.entry(po.as_str()).or_default().push(e);
+        } else if let Some(rid) = e.metadata.get("refund_id") {
             per_refund.entry(rid.as_str()).or_default().push(e);
         } else if let Some(pid) = e.metadata.get("payment_id") {
             per_payment.entry(pid.as_str()).or_default().push(e);
@@ -1617,6 +1724,36 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
             );
         }
     }
+    // A paid payout moved its amount out of the wallet, its fee to fee income and its
+    // net to the processor (in-transit and back); a failed one moved nothing.
+    for r in &payouts {
+        let booked = per_payout.get(r.payout_id.as_str()).cloned().unwrap_or_default();
+        let nets = net(&booked);
+        let get = |code: &str| nets.get(code).copied().unwrap_or(0);
+        let ok = match r.status.as_str() {
+            "paid" => {
+                get(&wallet(&r.user_id)) == -r.amount
+                    && get(FEES) == r.fee
+                    && get(CLEARING) == r.amount - r.fee
+                    && get(IN_TRANSIT) == 0
+                    && r.processor_ref.is_some()
+            }
+            _ => nets.values().all(|v| *v == 0),
+        };
+        if !ok {
+            problem(
+                "ledger booking",
+                format!(
+                    "{} payout {} ({}, fee {}) is booked as {nets:?} in entries {:?}",
+                    r.status,
+                    r.payout_id,
+                    r.amount,
+                    r.fee,
+                    booked.iter().map(|e| (&e.entry_id, &e.kind)).collect::<Vec<_>>()
+                ),
+            );
+        }
+    }
     let mut acked_topups = 0;
     let mut expected: HashMap<String, i64> = HashMap::new();
     for c in calls {
@@ -1650,6 +1787,9 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
     for p in rows.iter().filter(|p| p.settled()) {
         *expected.entry(wallet(&p.recipient_id)).or_default() += p.amount;
         *expected.entry(wallet(&p.sender_id)).or_default() -= p.wallet_amount;
+    }
+    for r in payouts.iter().filter(|r| r.status == "paid") {
+        *expected.entry(wallet(&r.user_id)).or_default() -= r.amount;
     }
     for r in refunds.iter().filter(|r| r.status == "completed") {
         if let Some(p) = by_id.get(r.payment_id.as_str()) {
@@ -1746,6 +1886,11 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
             );
         }
     }
+    let pushed = processor.iter().filter(|c| c.kind == "payout" && c.status == "succeeded").count();
+    let paid_payouts = payouts.iter().filter(|r| r.status == "paid").count();
+    if pushed != paid_payouts {
+        problem("processor vs ledger", format!("{pushed} payouts pushed to cards for {paid_payouts} paid payouts"));
+    }
     if card_entries != captures {
         problem("processor vs ledger", format!("{captures} captures for {card_entries} card entries of payments"));
     }
@@ -1784,9 +1929,10 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
     let completed_refunds = refunds.iter().filter(|r| r.status == "completed").count();
     format!(
         "payments {settled} settled ({card} with a card) and {failed} failed, {acked_pending} answered PENDING; \
-         {captures} captures; {completed_refunds} of {} refunds completed; {} requests; {acked_topups} top-ups; \
+         {captures} captures; {completed_refunds} of {} refunds completed; {paid_payouts} of {} payouts paid; {} requests; {acked_topups} top-ups; \
          {} ledger entries; wallets hold {total_wallets} cents",
         refunds.len(),
+        payouts.len(),
         requests.len(),
         entries.len()
     )

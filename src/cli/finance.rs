@@ -433,6 +433,7 @@ pub async fn disputes(config: &Config, conn: &Connection, open_only: bool) -> an
             let status = pb::DisputeStatus::try_from(d.status).map(|s| s.as_str_name()).unwrap_or("?");
             rows.push(vec![
                 d.dispute_id,
+                d.processor_reference,
                 d.payment_id,
                 status.trim_start_matches("DISPUTE_STATUS_").to_lowercase(),
                 d.amount.as_ref().map(|m| m.currency.clone()).unwrap_or_default(),
@@ -451,7 +452,18 @@ pub async fn disputes(config: &Config, conn: &Connection, open_only: bool) -> an
     print!(
         "{}",
         table(
-            &["dispute", "payment", "status", "currency", "amount", "fee", "recovered from", "from wallet", "owed"],
+            &[
+                "dispute",
+                "processor reference",
+                "payment",
+                "status",
+                "currency",
+                "amount",
+                "fee",
+                "recovered from",
+                "from wallet",
+                "owed",
+            ],
             &rows
         )
     );

@@ -73,6 +73,9 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_types::StatusExt;
 
 const CARD: &str = "4242424242424242";
+const DISPUTED_CARD: &str = "4000000000000259";
+/// The refusal of a user who owes for a disputed payment.
+const OWING: &str = "RECEIVABLE_OUTSTANDING";
 /// What each user's wallet starts with, in cents: small enough that wallets run dry and
 /// AUTO sends fall back to the card, and BALANCE sends fail for want of funds.
 const FUNDING_CENTS: i64 = 10_000;
@@ -474,6 +477,9 @@ struct User {
     name: String,
     token: String,
     has_card: bool,
+    /// Pays with the sandbox's dispute test card: every capture is disputed, and the
+    /// recipient bears it (their wallet, then a debt that blocks their sends).
+    disputes: bool,
 }
 
 /// A settled payment that may still be refunded, by its recipient.
@@ -594,7 +600,7 @@ impl Ctx {
             (self.until_answered(channel, caller, &req).await?, None)
         };
         if let Some((again, what)) = again {
-            if !same_outcome(&outcome, &again, None) {
+            if !wrote_nothing(&req, &outcome) && !same_outcome(&outcome, &again, None) {
                 self.problem(
                     "duplicate answered differently",
                     format!(
@@ -615,6 +621,20 @@ impl Ctx {
 /// Whether a retry's answer is the original one: the same payment, request or entry, or
 /// the same error. A payment acknowledged PENDING may since have failed: its replay is
 /// that failure (`final_failure`, the failed row's reason).
+/// A refusal that wrote nothing (as a refusal for a limit does): a later attempt with
+/// the same key may go through. A payout refused before its row (no funds, no card, its
+/// limit) and any call refused for a debt are such refusals.
+fn wrote_nothing(req: &CallReq, outcome: &Outcome) -> bool {
+    match outcome {
+        Outcome::Error { reason, .. } => {
+            reason == OWING
+                || (matches!(req, CallReq::Payout(_))
+                    && matches!(reason.as_str(), "INSUFFICIENT_FUNDS" | "PAYOUT_DAILY_LIMIT" | "NO_PAYMENT_METHOD"))
+        }
+        _ => false,
+    }
+}
+
 fn same_outcome(original: &Outcome, again: &Outcome, final_failure: Option<&str>) -> bool {
     match (original, again) {
         (Outcome::Payment { id: a, .. }, Outcome::Payment { id: b, .. }) => a == b,
@@ -899,6 +919,25 @@ async fn payment_rows(db: &Db) -> Vec<PaymentRow> {
 }
 
 #[derive(sqlx::FromRow)]
+struct DisputeRow {
+    dispute_id: String,
+    payment_id: String,
+    amount: i64,
+    recovered_from: String,
+    from_wallet: i64,
+    to_receivable: i64,
+}
+
+async fn dispute_rows(db: &Db) -> Vec<DisputeRow> {
+    dmpay::with_db!(db, pool => sqlx::query_as::<_, DisputeRow>(
+        "SELECT dispute_id, payment_id, amount, recovered_from, from_wallet, to_receivable FROM disputes",
+    )
+    .fetch_all(pool)
+    .await)
+    .expect("disputes")
+}
+
+#[derive(sqlx::FromRow)]
 struct PayoutRow {
     payout_id: String,
     user_id: String,
@@ -964,11 +1003,15 @@ async fn row_counts(db: &Db) -> Vec<(&'static str, i64)> {
     out
 }
 
-/// Payments and refunds still pending, and ledger reservations not yet posted or voided.
+/// Payments and payouts, and refunds and the processor's notifications not yet applied,
+/// still pending, and ledger reservations not yet posted or voided.
 async fn unfinished(db: &Db) -> (i64, i64, i64) {
     dmpay::with_db!(db, pool => sqlx::query_as::<_, (i64, i64, i64)>(
-        "SELECT (SELECT COUNT(*) FROM payments WHERE status = 'pending'), \
-                (SELECT COUNT(*) FROM payment_refunds WHERE status = 'pending'), \
+        "SELECT (SELECT COUNT(*) FROM payments WHERE status = 'pending') \
+                  + (SELECT COUNT(*) FROM payouts WHERE status = 'pending'), \
+                (SELECT COUNT(*) FROM payment_refunds WHERE status = 'pending') \
+                  + (SELECT COUNT(*) FROM sandbox_processor_notifications \
+                     WHERE sequence > COALESCE((SELECT MAX(last_sequence) FROM processor_cursors), 0)), \
                 (SELECT COUNT(*) FROM ledger_entries e WHERE e.status = 'pending' \
                    AND NOT EXISTS (SELECT 1 FROM ledger_entries r WHERE r.pending_entry_id = e.id))",
     )
@@ -1093,7 +1136,7 @@ async fn run(backend: Backend) {
         .map(|i| {
             let name = format!("chaos-{run_id}-u{i}");
             let token = dmpay::auth::mint_dev_token(&config.jwt(), &name, PAY_SCOPES, ttl).expect("mint");
-            User { name, token, has_card: i % 8 != 7 }
+            User { name, token, has_card: i % 8 != 7, disputes: i % 8 == 3 }
         })
         .collect();
     let service_token = dmpay::auth::mint_dev_token(&config.jwt(), SERVICE, SERVICE_SCOPES, ttl).expect("mint");
@@ -1143,7 +1186,7 @@ async fn run(backend: Backend) {
             let pm = methods
                 .tokenize_card(authed(
                     pb::TokenizeCardRequest {
-                        card_number: CARD.into(),
+                        card_number: if u.disputes { DISPUTED_CARD } else { CARD }.into(),
                         exp_month: 12,
                         exp_year: 2034,
                         cvc: "123".into(),
@@ -1195,10 +1238,14 @@ async fn run(backend: Backend) {
         left = unfinished(&db).await;
     }
     if left != (0, 0, 0) {
-        ctx.problem("resolver left work", format!(
-            "after {RESOLVE_WAIT_MAX:?} the resolver left {} payments and {} refunds pending and {} ledger reservations open",
-            left.0, left.1, left.2
-        ));
+        ctx.problem(
+            "resolver left work",
+            format!(
+                "after {RESOLVE_WAIT_MAX:?} the resolver left {} payments and payouts pending, {} refunds pending and \
+             processor notifications unapplied, and {} ledger reservations open",
+                left.0, left.1, left.2
+            ),
+        );
     }
     let resolve_s = resolve_started.elapsed().as_secs_f64();
 
@@ -1219,6 +1266,11 @@ async fn run(backend: Backend) {
             let (ctx, sem) = (ctx.clone(), sem.clone());
             let channel = ctx.channels[i % ctx.channels.len()].clone();
             set.spawn(async move {
+                // A refusal that wrote nothing has nothing to replay: sent again now, it
+                // would be a new request (and write).
+                if wrote_nothing(&call.req, &call.outcome) {
+                    return (i, Ok(call.outcome.clone()));
+                }
                 let _permit = sem.acquire_owned().await.expect("semaphore");
                 (i, ctx.until_answered(&channel, call.caller, &call.req).await)
             });
@@ -1237,7 +1289,7 @@ async fn run(backend: Backend) {
                     Outcome::Payment { id, .. } => failure_of.get(id.as_str()).copied(),
                     _ => None,
                 };
-                if !same_outcome(&call.outcome, again, final_failure) {
+                if !wrote_nothing(&call.req, &call.outcome) && !same_outcome(&call.outcome, again, final_failure) {
                     ctx.problem(
                         "replay answered differently",
                         format!(
@@ -1328,9 +1380,15 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
         if let Outcome::Error { code, reason, message } = &c.outcome {
             let expected = match &c.req {
                 // A payout may also run into the day's payout limit.
+                // A recipient of a disputed payment may owe: they cannot move money out.
+                CallReq::Send(_) | CallReq::Pay(_) | CallReq::Refund(_)
+                    if *code == Code::FailedPrecondition && reason == OWING =>
+                {
+                    true
+                }
                 CallReq::Payout(_) => {
                     (*code == Code::FailedPrecondition
-                        && matches!(reason.as_str(), "INSUFFICIENT_FUNDS" | "NO_PAYMENT_METHOD"))
+                        && matches!(reason.as_str(), "INSUFFICIENT_FUNDS" | "NO_PAYMENT_METHOD" | OWING))
                         || (*code == Code::ResourceExhausted && reason == "PAYOUT_DAILY_LIMIT")
                 }
                 _ => {
@@ -1414,7 +1472,9 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
                 format!("{} {} by {sender} answered payment {id}, which is not stored", c.req.name(), c.req.key()),
             ),
             (Outcome::Error { reason, .. }, Some(row)) => {
-                if row.status != "failed" || row.failure_reason != *reason {
+                // A refusal for a debt wrote nothing; a later attempt of the call, once
+                // the debt was repaid, made the row.
+                if reason != OWING && (row.status != "failed" || row.failure_reason != *reason) {
                     problem(
                         "payment answer vs row",
                         format!(
@@ -1527,7 +1587,7 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
                     && r.payment_id == *id
                     && req.amount.as_ref().is_none_or(|_| cents(&req.amount) == r.amount)
             }
-            (Outcome::Error { .. }, Some(r)) => r.status == "failed",
+            (Outcome::Error { reason, .. }, Some(r)) => r.status == "failed" || reason == OWING,
             (Outcome::Error { .. }, None) => true,
             _ => false,
         };
@@ -1579,7 +1639,10 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
         let row = payout_by_key.get(&(user, req.idempotency_key.as_str()));
         let ok = match (&c.outcome, row) {
             (Outcome::Payout { id, .. }, Some(r)) => r.payout_id == *id && r.status != "failed",
-            (Outcome::Error { reason, .. }, Some(r)) => r.status == "failed" && r.failure_reason == *reason,
+            // A refusal before the row: a later attempt of the call made the row.
+            (outcome @ Outcome::Error { reason, .. }, Some(r)) => {
+                wrote_nothing(&c.req, outcome) || (r.status == "failed" && r.failure_reason == *reason)
+            }
             (Outcome::Error { .. }, None) => true,
             _ => false,
         };
@@ -1618,8 +1681,14 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
     let mut per_refund: HashMap<&str, Vec<&pb::Entry>> = HashMap::new();
     let mut topup_entries: HashMap<&str, &pb::Entry> = HashMap::new();
     let mut per_payout: HashMap<&str, Vec<&pb::Entry>> = HashMap::new();
+    let mut per_dispute: HashMap<&str, Vec<&pb::Entry>> = HashMap::new();
+    let mut repayments: Vec<&pb::Entry> = Vec::new();
     for e in entries.values().filter(|e| moved_money(e)) {
-        if let Some(po) = e.metadata.get("payout_id") {
+        if let Some(d) = e.metadata.get("dispute_id") {
+            per_dispute.entry(d.as_str()).or_default().push(e);
+        } else if e.kind == "receivable_repayment" {
+            repayments.push(e);
+        } else if let Some(po) = e.metadata.get("payout_id") {
             per_payout.entry(po.as_str()).or_default().push(e);
         } else if let Some(rid) = e.metadata.get("refund_id") {
             per_refund.entry(rid.as_str()).or_default().push(e);
@@ -1754,8 +1823,47 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
             );
         }
     }
+    // Each dispute is booked once, as its row says: the amount taken back through
+    // clearing, from the recipient's wallet and receivable (and the platform's share).
+    let disputes = dispute_rows(db).await;
+    for d in &disputes {
+        let booked: Vec<&pb::Entry> = per_dispute
+            .get(d.dispute_id.as_str())
+            .map(|v| v.iter().copied().filter(|e| e.kind == "dispute").collect())
+            .unwrap_or_default();
+        let nets = net(&booked);
+        let get = |code: &str| nets.get(code).copied().unwrap_or(0);
+        let receivable = format!("user:{}:receivable:USD", d.recovered_from);
+        let ok = booked.len() == 1
+            && get(CLEARING) == d.amount
+            && get(&wallet(&d.recovered_from)) == -d.from_wallet
+            && get(&receivable) == -d.to_receivable;
+        if !ok {
+            problem(
+                "ledger booking",
+                format!(
+                    "dispute {} of payment {} ({}: wallet {}, receivable {}) is booked as {nets:?} in {} entries",
+                    d.dispute_id,
+                    d.payment_id,
+                    d.amount,
+                    d.from_wallet,
+                    d.to_receivable,
+                    booked.len()
+                ),
+            );
+        }
+    }
     let mut acked_topups = 0;
     let mut expected: HashMap<String, i64> = HashMap::new();
+    // Disputes and the repayments of debts move wallet money without a call of their
+    // own: what they booked (checked above) is expected.
+    for e in per_dispute.values().flatten().chain(repayments.iter()) {
+        for (code, v) in net(&[*e]) {
+            if code.ends_with(":wallet:USD") {
+                *expected.entry(code).or_default() += v;
+            }
+        }
+    }
     for c in calls {
         let CallReq::Topup(req) = &c.req else { continue };
         if let Outcome::Entry { id } = &c.outcome {
@@ -1929,10 +2037,12 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
     let completed_refunds = refunds.iter().filter(|r| r.status == "completed").count();
     format!(
         "payments {settled} settled ({card} with a card) and {failed} failed, {acked_pending} answered PENDING; \
-         {captures} captures; {completed_refunds} of {} refunds completed; {paid_payouts} of {} payouts paid; {} requests; {acked_topups} top-ups; \
+         {captures} captures; {completed_refunds} of {} refunds completed; {paid_payouts} of {} payouts paid; {} disputes ({} with a debt); {} requests; {acked_topups} top-ups; \
          {} ledger entries; wallets hold {total_wallets} cents",
         refunds.len(),
         payouts.len(),
+        disputes.len(),
+        disputes.iter().filter(|d| d.to_receivable > 0).count(),
         requests.len(),
         entries.len()
     )

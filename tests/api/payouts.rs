@@ -520,6 +520,67 @@ async fn a_return_before_the_payout_knows_its_reference_waits(app: TestApp) {
     assert_books_balance(&app).await;
 }
 
+/// The resolver gives up on a payout whose card was removed while the attempt it took
+/// over still waits for its push, and the push then succeeds: the card was paid, so the
+/// payout ends PAID (after a FAILED), its money moved once.
+async fn a_push_that_lands_after_the_resolver_gave_up_is_paid(app: TestApp) {
+    let alice = alice_with(&app, "100.00", DEBIT).await;
+    let slow = Arc::new(Sandbox::new(
+        app.db.clone(),
+        SandboxConfig { latency: std::time::Duration::from_secs(2), ..Default::default() },
+        app.clock.clone(),
+    ));
+    let working = Arc::new(Sandbox::new(app.db.clone(), SandboxConfig::default(), app.clock.clone()));
+    let user = dmpay::kernel::ids::UserId::parse("user", "alice").unwrap();
+    let input = dmpay::payments::payouts::PayoutInput {
+        idempotency_key: "slow-push".into(),
+        amount: dmpay::kernel::money::Money::from_minor(
+            dmpay::kernel::money::Currency::from_code("USD").unwrap(),
+            4_000,
+        ),
+        speed: dmpay::payments::payouts::PayoutSpeed::Standard,
+        payment_method_token: None,
+    };
+    let live = payments_over(&app, slow);
+    let attempt = tokio::spawn(async move { live.create_payout(&user, input).await });
+    // The push is under way once the payout's row and hold exist.
+    for _ in 0..50 {
+        if app.count("payouts WHERE hold_entry_id IS NOT NULL").await == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Meanwhile the card is removed, and the resolver (whose claims run out at once)
+    // takes the payout over and gives up on it.
+    let cards = app
+        .methods()
+        .list_payment_methods(authed(pb::ListPaymentMethodsRequest { include_removed: false }, &alice))
+        .await
+        .unwrap()
+        .into_inner()
+        .payment_methods;
+    app.methods()
+        .remove_payment_method(authed(pb::RemovePaymentMethodRequest { token: cards[0].token.clone() }, &alice))
+        .await
+        .unwrap();
+    assert_eq!(payments_over(&app, working).resolve_payouts().await.unwrap(), 1);
+    let failed = list(&app, &alice, 1, "").await.payouts.remove(0);
+    assert_eq!(
+        (failed.status, failed.failure_reason.as_str()),
+        (pb::PayoutStatus::Failed as i32, "PAYMENT_METHOD_NOT_ACTIVE")
+    );
+    // The push lands: the attempt books it and the payout is PAID.
+    let paid = attempt.await.unwrap().unwrap();
+    assert_eq!(paid.status, dmpay::payments::payouts::PayoutStatus::Paid);
+    assert_eq!(get(&app, &alice, paid.payout_id.as_str()).await.unwrap().status, pb::PayoutStatus::Paid as i32);
+    assert_eq!(app.count("sandbox_processor_calls WHERE kind = 'payout'").await, 1, "the card was paid once");
+    let wallet = app.wallet("alice").await;
+    assert_eq!((amt(&wallet.posted), amt(&wallet.pending), amt(&wallet.available)), ("60.00", "0.00", "60.00"));
+    assert_eq!(posted(&app, "processor:sandbox:clearing:USD").await, "-40.00");
+    assert_books_balance(&app).await;
+}
+
 /// The payouts service of `app`'s database and ledger over another sandbox, its
 /// resolver picking up any pending payout at once.
 fn payments_over(app: &TestApp, processor: Arc<Sandbox>) -> Payments {
@@ -592,6 +653,7 @@ backend_tests!(
     payouts_and_sends_together_never_overdraw,
     a_payout_with_an_unknown_outcome_is_finished_once,
     a_return_before_the_payout_knows_its_reference_waits,
+    a_push_that_lands_after_the_resolver_gave_up_is_paid,
     payouts_reconcile_against_the_settlement_report,
 );
 

@@ -288,7 +288,10 @@ impl PaymentStore {
 
     /// Moves a pending payout to PAID or FAILED with its event; a payout already
     /// finished is returned as it is. A failure is recorded only by the holder of
-    /// `claim` (`None`: anyone), as for payments.
+    /// `claim` (`None`: anyone), as for payments. A FAILED payout may still become PAID:
+    /// the resolver can give up on a payout (its card removed) while the attempt it took
+    /// over still waits for a push that then succeeds; the card was paid and the money
+    /// booked, so PAID is the truth, announced by a `payout.paid` after the failure.
     pub(crate) async fn finish_payout(
         &self,
         payout_id: &PayoutId,
@@ -306,7 +309,8 @@ impl PaymentStore {
             let done = sqlx::query(
                 "UPDATE payouts SET status = $2, failure_reason = $3, failure_message = $4, paid_at_us = $5, \
                  updated_at_us = $6, claim = NULL, claimed_until_us = NULL \
-                 WHERE payout_id = $1 AND status = 'pending' AND ($7 IS NULL OR claim = $7)",
+                 WHERE payout_id = $1 AND ($7 IS NULL OR claim = $7) \
+                 AND (status = 'pending' OR (status = 'failed' AND $2 = 'paid'))",
             )
             .bind(payout_id)
             .bind(status.as_str())

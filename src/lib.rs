@@ -21,7 +21,7 @@
 //! infra   telemetry  logs, Prometheus metrics, the per-call log line
 //!         store      the SQLite and PostgreSQL backends, migrations
 //! kernel  kernel     errors, money, ids, text, dates, the clock, stored enums, card
-//!                    data in memory
+//!                    data in memory, list pages
 //! ```
 
 pub mod accounts;

@@ -9,6 +9,7 @@
 //! - `reason`    the catalogue of machine-readable reasons (`Reason`)
 //! - `stored`    `stored_enum!`: closed sets of values kept as text in the database
 //! - `card_data` card numbers and CVCs in memory, masked and zeroized
+//! - `page`      keyset pages of lists newest first, and their tokens
 
 pub mod card_data;
 pub mod clock;
@@ -16,6 +17,7 @@ pub mod dates;
 pub mod error;
 pub mod ids;
 pub mod money;
+pub mod page;
 pub mod reason;
 pub mod stored;
 pub mod text;

@@ -23,6 +23,7 @@ use super::{Payments, ACTOR};
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::{DisputeId, UserId};
 use crate::kernel::money::Money;
+use crate::kernel::page::Page;
 use crate::kernel::reason::Reason;
 use crate::ledger::{
     AccountCode, Direction, PostEntryInput, PostingInput, SYSTEM_CLEARING, SYSTEM_DISPUTE_LOSSES, SYSTEM_PROCESSOR_FEES,
@@ -451,27 +452,9 @@ impl Payments {
         page_size: u32,
         page_token: &str,
     ) -> Result<(Vec<Dispute>, Option<String>)> {
-        let size = match page_size {
-            0 => 50,
-            n if n > 200 => return Err(Error::invalid("page_size", "at most 200")),
-            n => n,
-        };
-        let before = if page_token.is_empty() {
-            (i64::MAX, String::new())
-        } else {
-            page_token
-                .split_once('/')
-                .and_then(|(t, id)| Some((t.parse::<i64>().ok()?, id.to_owned())))
-                .filter(|(_, id)| id.starts_with("dp_") && crate::kernel::ids::check_shape("page_token", id).is_ok())
-                .ok_or_else(|| Error::invalid("page_token", "not a token from a previous page"))?
-        };
-        let mut rows = self.store.list_disputes(open_only, before, i64::from(size) + 1).await?;
-        let next = if rows.len() > size as usize {
-            rows.truncate(size as usize);
-            rows.last().map(|d| format!("{}/{}", d.opened_at_us, d.dispute_id))
-        } else {
-            None
-        };
+        let page = Page::parse(page_size, 50, 200, page_token, "dp_")?;
+        let mut rows = self.store.list_disputes(open_only, page.before.clone(), page.limit()).await?;
+        let next = page.finish(&mut rows, |d| (d.opened_at_us, d.dispute_id.to_string()));
         Ok((rows, next))
     }
 

@@ -47,6 +47,7 @@ use crate::accounts::Accounts;
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::{PaymentId, RequestId, UserId};
 use crate::kernel::money::Money;
+use crate::kernel::page::Page;
 use crate::kernel::reason::Reason;
 use crate::ledger::{Direction, Ledger, NewEntry, Op, Outcome, Posting};
 use crate::store::Db;
@@ -355,27 +356,9 @@ impl Payments {
         page_token: &str,
     ) -> Result<(Vec<Payment>, Option<String>)> {
         model::check_opaque("conversation_id", conversation)?;
-        let size = match page_size {
-            0 => 50,
-            n if n > 200 => return Err(Error::invalid("page_size", "at most 200")),
-            n => n,
-        };
-        let before = if page_token.is_empty() {
-            (i64::MAX, String::new())
-        } else {
-            page_token
-                .split_once('/')
-                .and_then(|(t, id)| Some((t.parse::<i64>().ok()?, id.to_owned())))
-                .filter(|(_, id)| id.starts_with("pay_") && crate::kernel::ids::check_shape("page_token", id).is_ok())
-                .ok_or_else(|| Error::invalid("page_token", "not a token from a previous page"))?
-        };
-        let mut rows = self.store.list(user.as_str(), conversation, before, i64::from(size) + 1).await?;
-        let next = if rows.len() > size as usize {
-            rows.truncate(size as usize);
-            rows.last().map(|p| format!("{}/{}", p.created_at_us, p.payment_id))
-        } else {
-            None
-        };
+        let page = Page::parse(page_size, 50, 200, page_token, "pay_")?;
+        let mut rows = self.store.list(user.as_str(), conversation, page.before.clone(), page.limit()).await?;
+        let next = page.finish(&mut rows, |p| (p.created_at_us, p.payment_id.to_string()));
         Ok((rows, next))
     }
 

@@ -559,3 +559,28 @@ pub async fn assert_books_balance(app: &TestApp) {
         .into_inner();
     assert!(trial.balanced, "the trial balance does not balance: {:?}", trial.totals);
 }
+
+/// The payments service of `app`'s database and ledger over another sandbox (its own
+/// faults), its resolver picking up any pending payment or payout at once.
+pub fn payments_over(
+    app: &TestApp,
+    processor: std::sync::Arc<dmpay::processor::sandbox::Sandbox>,
+) -> dmpay::payments::Payments {
+    use std::sync::Arc;
+    let keys = Arc::new(app.config.key_ring().expect("key ring"));
+    let vault = Arc::new(dmpay::vault::Vault::new(
+        app.db.clone(),
+        keys,
+        processor,
+        dmpay::accounts::Accounts::new(app.db.clone(), app.clock.clone()),
+        dmpay::vault::VaultConfig::default(),
+    ));
+    dmpay::payments::Payments::new(
+        app.db.clone(),
+        app.ledger_handle.clone(),
+        vault,
+        dmpay::accounts::Accounts::new(app.db.clone(), app.clock.clone()),
+        Arc::new(dmpay::payments::PaymentsConfig { resolve_after_s: 0, ..Default::default() }),
+        app.payments_service.hook().clone(),
+    )
+}

@@ -4,10 +4,7 @@
 
 use std::sync::Arc;
 
-use dmpay::accounts::Accounts;
-use dmpay::payments::{Payments, PaymentsConfig};
 use dmpay::processor::sandbox::{Sandbox, SandboxConfig};
-use dmpay::vault::{Vault, VaultConfig};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -579,27 +576,6 @@ async fn a_push_that_lands_after_the_resolver_gave_up_is_paid(app: TestApp) {
     assert_eq!((amt(&wallet.posted), amt(&wallet.pending), amt(&wallet.available)), ("60.00", "0.00", "60.00"));
     assert_eq!(posted(&app, "processor:sandbox:clearing:USD").await, "-40.00");
     assert_books_balance(&app).await;
-}
-
-/// The payouts service of `app`'s database and ledger over another sandbox, its
-/// resolver picking up any pending payout at once.
-fn payments_over(app: &TestApp, processor: Arc<Sandbox>) -> Payments {
-    let keys = Arc::new(app.config.key_ring().expect("key ring"));
-    let vault = Arc::new(Vault::new(
-        app.db.clone(),
-        keys,
-        processor,
-        Accounts::new(app.db.clone(), app.clock.clone()),
-        VaultConfig::default(),
-    ));
-    Payments::new(
-        app.db.clone(),
-        app.ledger_handle.clone(),
-        vault,
-        Accounts::new(app.db.clone(), app.clock.clone()),
-        Arc::new(PaymentsConfig { resolve_after_s: 0, ..Default::default() }),
-        app.payments_service.hook().clone(),
-    )
 }
 
 /// The sandbox's settlement report carries payout and payout-return rows, and

@@ -12,12 +12,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dmpay::accounts::Accounts;
 use dmpay::kernel::ids::UserId;
 use dmpay::kernel::money::{Currency, Money};
-use dmpay::payments::{FundingSource, Payments, PaymentsConfig, SendInput};
+use dmpay::payments::{FundingSource, SendInput};
 use dmpay::processor::sandbox::{Sandbox, SandboxConfig};
-use dmpay::vault::{Vault, VaultConfig};
 
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -367,27 +365,6 @@ mod postgres {
     async fn processor_faults_under_load() {
         super::faults_end_settled_or_failed_once(super::Backend::Postgres).await;
     }
-}
-
-/// The payments service of `app`'s database and ledger over another sandbox, with the
-/// resolver picking up any pending payment at once.
-fn payments_over(app: &TestApp, processor: Arc<Sandbox>) -> Payments {
-    let keys = Arc::new(app.config.key_ring().expect("key ring"));
-    let vault = Arc::new(Vault::new(
-        app.db.clone(),
-        keys,
-        processor,
-        Accounts::new(app.db.clone(), app.clock.clone()),
-        VaultConfig::default(),
-    ));
-    Payments::new(
-        app.db.clone(),
-        app.ledger_handle.clone(),
-        vault,
-        Accounts::new(app.db.clone(), app.clock.clone()),
-        Arc::new(PaymentsConfig { resolve_after_s: 0, ..Default::default() }),
-        app.payments_service.hook().clone(),
-    )
 }
 
 /// The resolver picks up a payment whose own request is still waiting for the

@@ -32,6 +32,7 @@ use super::Payments;
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::{PayoutId, UserId};
 use crate::kernel::money::Money;
+use crate::kernel::page::Page;
 use crate::kernel::reason::Reason;
 use crate::ledger::AccountCode;
 
@@ -195,27 +196,9 @@ impl Payments {
         page_size: u32,
         page_token: &str,
     ) -> Result<(Vec<Payout>, Option<String>)> {
-        let size = match page_size {
-            0 => PAGE_DEFAULT,
-            n if n > PAGE_MAX => return Err(Error::invalid("page_size", format!("at most {PAGE_MAX}"))),
-            n => n,
-        };
-        let before = if page_token.is_empty() {
-            (i64::MAX, String::new())
-        } else {
-            page_token
-                .split_once('/')
-                .and_then(|(t, id)| Some((t.parse::<i64>().ok()?, id.to_owned())))
-                .filter(|(_, id)| id.starts_with("po_") && crate::kernel::ids::check_shape("page_token", id).is_ok())
-                .ok_or_else(|| Error::invalid("page_token", "not a token from a previous page"))?
-        };
-        let mut rows = self.store.list_payouts(user, before, i64::from(size) + 1).await?;
-        let next = if rows.len() > size as usize {
-            rows.truncate(size as usize);
-            rows.last().map(|p| format!("{}/{}", p.created_at_us, p.payout_id))
-        } else {
-            None
-        };
+        let page = Page::parse(page_size, PAGE_DEFAULT, PAGE_MAX, page_token, "po_")?;
+        let mut rows = self.store.list_payouts(user, page.before.clone(), page.limit()).await?;
+        let next = page.finish(&mut rows, |p| (p.created_at_us, p.payout_id.to_string()));
         Ok((rows, next))
     }
 }

@@ -66,6 +66,10 @@ pub struct Account {
     pub tier: Tier,
     pub status: Status,
     pub created_at_us: i64,
+    /// Sells in live streams (set by the platform, `set_seller`).
+    pub seller: bool,
+    /// The seller's own commission in basis points; `None` is the configured default.
+    pub commission_bps: Option<u32>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -75,6 +79,8 @@ struct AccountRow {
     tier: String,
     status: String,
     created_at_us: i64,
+    seller: bool,
+    commission_bps: Option<i32>,
 }
 
 impl TryFrom<AccountRow> for Account {
@@ -86,12 +92,23 @@ impl TryFrom<AccountRow> for Account {
             tier: Tier::from_db(&row.tier)?,
             status: Status::from_db(&row.status)?,
             created_at_us: row.created_at_us,
+            seller: row.seller,
+            commission_bps: row.commission_bps.and_then(|b| u32::try_from(b).ok()),
         })
     }
 }
 
-const SELECT_ACCOUNT: &str =
-    "SELECT user_id, display_name, tier, status, created_at_us FROM accounts WHERE user_id = $1";
+/// The columns an `AccountRow` reads.
+macro_rules! ACCOUNT_COLUMNS {
+    () => {
+        "user_id, display_name, tier, status, created_at_us, seller, commission_bps"
+    };
+}
+
+const SELECT_ACCOUNT: &str = concat!("SELECT ", ACCOUNT_COLUMNS!(), " FROM accounts WHERE user_id = $1");
+
+/// The largest commission: the whole price.
+pub const COMMISSION_BPS_MAX: u32 = 10_000;
 
 /// The account store.
 #[derive(Clone, Debug)]
@@ -159,7 +176,7 @@ impl Accounts {
         let tier_new = tier.map(Tier::as_str);
         let row: AccountRow = with_db!(&self.writer, pool => {
             let mut tx = pool.begin().await?;
-            let row = sqlx::query_as(
+            let row = sqlx::query_as(concat!(
                 "INSERT INTO accounts (user_id, display_name, tier, status, created_at_us, updated_at_us) \
                  VALUES ($1, $2, COALESCE($3, 'unverified'), 'active', $4, $4) \
                  ON CONFLICT (user_id) DO UPDATE SET \
@@ -167,8 +184,8 @@ impl Accounts {
                                        ELSE excluded.display_name END, \
                    tier = COALESCE($3, accounts.tier), \
                    updated_at_us = excluded.updated_at_us \
-                 RETURNING user_id, display_name, tier, status, created_at_us",
-            )
+                 RETURNING ", ACCOUNT_COLUMNS!()
+            ))
             .bind(user_id.as_str())
             .bind(display_name)
             .bind(tier_new)
@@ -195,10 +212,10 @@ impl Accounts {
         };
         let row: AccountRow = with_db!(&self.writer, pool => {
             let mut tx = pool.begin().await?;
-            let row = sqlx::query_as(
+            let row = sqlx::query_as(concat!(
                 "UPDATE accounts SET status = $2, updated_at_us = $3 WHERE user_id = $1 \
-                 RETURNING user_id, display_name, tier, status, created_at_us",
-            )
+                 RETURNING ", ACCOUNT_COLUMNS!()
+            ))
             .bind(user_id.as_str())
             .bind(status.as_str())
             .bind(now)
@@ -209,6 +226,47 @@ impl Accounts {
             Ok::<_, sqlx::Error>(row)
         })?;
         Account::try_from(row)
+    }
+
+    /// Makes `user_id` a seller or not, with a commission override (`None`: the
+    /// default), and writes the audit record in one transaction. The account must exist.
+    pub async fn set_seller(
+        &self,
+        actor: &str,
+        user_id: &UserId,
+        seller: bool,
+        commission_bps: Option<u32>,
+        reason: &str,
+    ) -> Result<Account> {
+        if commission_bps.is_some_and(|b| b > COMMISSION_BPS_MAX) {
+            return Err(Error::invalid("commission_bps", format!("0 to {COMMISSION_BPS_MAX} basis points")));
+        }
+        let now = self.clock.now_us();
+        let bps = commission_bps.map(|b| b as i32);
+        let row: Option<AccountRow> = with_db!(&self.writer, pool => {
+            let mut tx = pool.begin().await?;
+            let row: Option<AccountRow> = sqlx::query_as(concat!(
+                "UPDATE accounts SET seller = $2, commission_bps = $3, updated_at_us = $4 WHERE user_id = $1 \
+                 RETURNING ", ACCOUNT_COLUMNS!()
+            ))
+            .bind(user_id.as_str())
+            .bind(seller)
+            .bind(bps)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if row.is_some() {
+                let detail = format!(
+                    "seller={seller} commission_bps={}; {reason}",
+                    bps.map_or_else(|| "default".to_owned(), |b| b.to_string())
+                );
+                audit::insert_audit!(&mut *tx, actor, "account.set_seller", format!("account:{user_id}"), detail, "ok", now)
+                    .await?;
+                tx.commit().await?;
+            }
+            Ok::<_, sqlx::Error>(row)
+        })?;
+        row.map(Account::try_from).transpose()?.ok_or_else(|| Error::not_found(format!("account {user_id}")))
     }
 }
 

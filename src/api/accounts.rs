@@ -13,11 +13,17 @@ use crate::kernel::text::parse_text;
 
 pub struct AccountsApi {
     accounts: Accounts,
+    /// The platform's commission on sales when a seller has no override.
+    commission_bps_default: u32,
 }
 
 impl AccountsApi {
-    pub fn new(accounts: Accounts) -> Self {
-        AccountsApi { accounts }
+    pub fn new(accounts: Accounts, commission_bps_default: u32) -> Self {
+        AccountsApi { accounts, commission_bps_default }
+    }
+
+    fn to_wire(&self, a: Account) -> pb::Account {
+        account_to_wire(a, self.commission_bps_default)
     }
 }
 
@@ -30,8 +36,11 @@ fn tier_from_wire(raw: i32) -> Result<Option<Tier>, Error> {
     }
 }
 
-pub(crate) fn account_to_wire(a: Account) -> pb::Account {
+pub(crate) fn account_to_wire(a: Account, commission_bps_default: u32) -> pb::Account {
     pb::Account {
+        seller: a.seller,
+        commission_bps: a.commission_bps.unwrap_or(commission_bps_default) as i32,
+        commission_override: a.commission_bps.is_some(),
         user_id: a.user_id.to_string(),
         display_name: a.display_name,
         tier: match a.tier {
@@ -57,7 +66,7 @@ impl AccountsApi {
         let user_id = UserId::parse("user_id", user_id)?;
         let reason = parse_text("reason", reason, accounts::REASON_LEN_MAX, true)?;
         let account = self.accounts.set_status(actor, &user_id, status, &reason).await?;
-        Ok(account_to_wire(account))
+        Ok(self.to_wire(account))
     }
 }
 
@@ -74,7 +83,7 @@ impl pb::accounts_server::Accounts for AccountsApi {
             self.accounts.upsert(&caller.sub, &user_id, &name, tier).await
         }
         .await;
-        result.map(|a| Response::new(account_to_wire(a))).map_err(to_status)
+        result.map(|a| Response::new(self.to_wire(a))).map_err(to_status)
     }
 
     async fn get_account(&self, req: Request<pb::GetAccountRequest>) -> ApiResult<pb::Account> {
@@ -94,7 +103,30 @@ impl pb::accounts_server::Accounts for AccountsApi {
                 .await
                 .and_then(|a| a.ok_or_else(|| Error::not_found(format!("account {user_id}"))))
         };
-        account.map(|a| Response::new(account_to_wire(a))).map_err(to_status)
+        account.map(|a| Response::new(self.to_wire(a))).map_err(to_status)
+    }
+
+    async fn set_seller(&self, req: Request<pb::SetSellerRequest>) -> ApiResult<pb::Account> {
+        let caller = principal(&req)?;
+        caller.require(scope::ACCOUNTS_ADMIN).map_err(to_status)?;
+        let r = req.get_ref();
+        let result = async {
+            let user_id = UserId::parse("user_id", &r.user_id)?;
+            let reason = parse_text("reason", &r.reason, accounts::REASON_LEN_MAX, true)?;
+            let bps = match r.commission_bps {
+                None => None,
+                Some(b) if (0..=accounts::COMMISSION_BPS_MAX as i32).contains(&b) => Some(b as u32),
+                Some(_) => {
+                    return Err(Error::invalid(
+                        "commission_bps",
+                        format!("0 to {} basis points", accounts::COMMISSION_BPS_MAX),
+                    ))
+                }
+            };
+            self.accounts.set_seller(&caller.sub, &user_id, r.seller, bps, &reason).await
+        }
+        .await;
+        result.map(|a| Response::new(self.to_wire(a))).map_err(to_status)
     }
 
     async fn freeze_account(&self, req: Request<pb::FreezeAccountRequest>) -> ApiResult<pb::Account> {

@@ -11,6 +11,7 @@ mod payment_methods;
 mod payment_wire;
 mod payments;
 pub mod rate;
+mod shopping;
 pub mod status;
 pub mod watch;
 pub mod wire;
@@ -20,6 +21,7 @@ pub use finance::FinanceApi;
 pub use ledger::LedgerApi;
 pub use payment_methods::PaymentMethodsApi;
 pub use payments::PaymentsApi;
+pub use shopping::ShoppingApi;
 pub use status::to_status;
 
 use tonic::{Request, Status};

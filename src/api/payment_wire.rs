@@ -15,6 +15,7 @@ pub(super) fn event_to_wire(e: events::Event) -> pb::PaymentEvent {
         payment: e.payment.map(payment_to_wire),
         bill: e.request.map(bill_to_wire),
         payout: e.payout.map(payout_to_wire),
+        purchase: e.purchase.map(|(p, sold)| super::shopping::purchase_to_wire(p, sold)),
         occurred_at: Some(timestamp(e.occurred_at_us)),
     }
 }
@@ -42,6 +43,8 @@ fn event_type_to_wire(stored: &str) -> pb::PaymentEventType {
         "payment.disputed" => T::PaymentDisputed,
         "payment.dispute_won" => T::PaymentDisputeWon,
         "payment.dispute_lost" => T::PaymentDisputeLost,
+        "purchase.completed" => T::PurchaseCompleted,
+        "purchase.refunded" => T::PurchaseRefunded,
         _ => T::Unspecified,
     }
 }

@@ -224,6 +224,17 @@ impl pb::payments_server::Payments for PaymentsApi {
             Some(user(caller, scope::PAYMENTS_READ).map_err(to_status)?.to_string())
         };
         model::check_opaque("conversation_id", &r.conversation_id).map_err(to_status)?;
+        // A stream's events are kept under its channel in the conversation column.
+        let conversation = match (r.conversation_id.is_empty(), r.stream_id.is_empty()) {
+            (_, true) => r.conversation_id.clone(),
+            (true, false) => {
+                crate::payments::listing::check_stream_id("stream_id", &r.stream_id).map_err(to_status)?;
+                crate::payments::listing::stream_channel(&r.stream_id)
+            }
+            (false, false) => {
+                return Err(to_status(Error::invalid("stream_id", "give conversation_id or stream_id, not both")))
+            }
+        };
         if r.after_sequence < 0 {
             return Err(to_status(Error::invalid("after_sequence", "must not be negative")));
         }
@@ -233,7 +244,7 @@ impl pb::payments_server::Payments for PaymentsApi {
             self.watchers.metrics().clone(),
             &self.feed,
             user,
-            r.conversation_id.clone(),
+            conversation,
             r.after_sequence,
             permit,
         );

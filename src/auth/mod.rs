@@ -41,6 +41,9 @@ pub mod scope {
     pub const PAYMENTS_WATCH_ALL: &str = "payments:watch_all";
     pub const METHODS_WRITE: &str = "methods:write";
     pub const ACCOUNTS_ADMIN: &str = "accounts:admin";
+    /// The platform service that runs live streams: manages any seller's listings,
+    /// marks orders delivered, refunds on a seller's behalf.
+    pub const SHOPPING_ADMIN: &str = "shopping:admin";
     pub const LEDGER_WRITE: &str = "ledger:write";
     /// With `ledger:write`: `PostEntry` may debit a user's wallet.
     pub const LEDGER_WALLET_DEBIT: &str = "ledger:wallet_debit";

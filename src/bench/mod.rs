@@ -6,6 +6,7 @@
 //! - `cpu`      where a benchmark's CPU goes (server, PostgreSQL, load, idle), from /proc
 
 pub mod cpu;
+pub mod flashsale;
 pub mod ledger;
 pub mod payments;
 pub mod report;

@@ -28,6 +28,9 @@ pub enum Scenario {
     Livestream,
     /// Half the clients pay the seller, half send at random.
     Mixed,
+    /// A live-stream flash sale: many buyers, one listing with few units
+    /// (`bench::flashsale`).
+    Flashsale,
 }
 
 impl Scenario {
@@ -36,7 +39,8 @@ impl Scenario {
             "uniform" => Scenario::Uniform,
             "livestream" => Scenario::Livestream,
             "mixed" => Scenario::Mixed,
-            other => anyhow::bail!("--scenario: uniform, livestream or mixed, not {other:?}"),
+            "flashsale" => Scenario::Flashsale,
+            other => anyhow::bail!("--scenario: uniform, livestream, mixed or flashsale, not {other:?}"),
         })
     }
 
@@ -45,6 +49,7 @@ impl Scenario {
             Scenario::Uniform => "uniform",
             Scenario::Livestream => "livestream",
             Scenario::Mixed => "mixed",
+            Scenario::Flashsale => "flashsale",
         }
     }
 }
@@ -239,7 +244,7 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
                     let mut rng = rand::thread_rng();
                     let from = rng.gen_range(0..users);
                     let livestream = match scenario {
-                        Scenario::Livestream => true,
+                        Scenario::Livestream | Scenario::Flashsale => true,
                         Scenario::Uniform => false,
                         Scenario::Mixed => client % 2 == 0,
                     };

@@ -216,11 +216,15 @@ pub(super) enum BenchCommand {
         clients: usize,
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         duration: Duration,
-        /// uniform, livestream or mixed.
+        /// uniform, livestream, mixed or flashsale.
         #[arg(long, default_value = "uniform")]
         scenario: String,
-        #[arg(long, default_value_t = 1000)]
-        users: usize,
+        /// Users (flashsale: buyers, each tapping once). Default 1000; flashsale 5000.
+        #[arg(long)]
+        users: Option<usize>,
+        /// flashsale: units on sale.
+        #[arg(long, default_value_t = 500)]
+        units: usize,
         /// Also write the figures as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,

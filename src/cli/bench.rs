@@ -8,10 +8,24 @@ use crate::store::Db;
 
 pub(super) async fn run(config: Config, command: BenchCommand) -> anyhow::Result<()> {
     match command {
-        BenchCommand::Payments { addr, clients, duration, scenario, users, json, server_pid } => {
+        BenchCommand::Payments { addr, clients, duration, scenario, users, units, json, server_pid } => {
             anyhow::ensure!((1..=4096).contains(&clients), "--clients must be 1 to 4096");
-            anyhow::ensure!((2..=100_000).contains(&users), "--users must be 2 to 100000");
             let scenario = crate::bench::payments::Scenario::parse(&scenario)?;
+            if scenario == crate::bench::payments::Scenario::Flashsale {
+                let buyers = users.unwrap_or(5000);
+                anyhow::ensure!((2..=100_000).contains(&buyers), "--users must be 2 to 100000");
+                anyhow::ensure!((1..buyers).contains(&units), "--units must be 1 to fewer than --users");
+                let options = crate::bench::flashsale::Options { addr, clients, buyers, units, server_pid };
+                let report = crate::bench::flashsale::run(&config, options).await?;
+                print!("{}", report.table());
+                if let Some(path) = json {
+                    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+                }
+                anyhow::ensure!(report.ok(), "the flash sale's outcome is wrong (see the checks above)");
+                return Ok(());
+            }
+            let users = users.unwrap_or(1000);
+            anyhow::ensure!((2..=100_000).contains(&users), "--users must be 2 to 100000");
             let options = crate::bench::payments::Options { addr, clients, duration, scenario, users, server_pid };
             let report = crate::bench::payments::run(&config, options).await?;
             print!("{}", report.table());

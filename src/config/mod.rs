@@ -161,6 +161,7 @@ impl Config {
         let vault = VaultConfig::default();
         let payments = PaymentsConfig::default();
         let payouts = payments.payouts.clone();
+        let shop = payments.shop.clone();
         let limit = |name: &'static str, default: i64| s.num(name, default, 1..=1_000_000_000);
 
         let config = Config {
@@ -291,6 +292,25 @@ impl Config {
                         &[("platform", DisputeFeePayer::Platform), ("recipient", DisputeFeePayer::Recipient)],
                     )?,
                 },
+                shop: crate::payments::model::ShopConfig {
+                    commission_bps: s.num("DMPAY_SHOP_COMMISSION_BPS", shop.commission_bps, 0..=10_000)?,
+                    hold_s: s.duration("DMPAY_SHOP_HOLD", Duration::from_secs(shop.hold_s as u64))?.as_secs() as i64,
+                    per_buyer_max_default: s.num(
+                        "DMPAY_SHOP_PER_BUYER_MAX",
+                        shop.per_buyer_max_default,
+                        1..=crate::payments::shop::QUANTITY_MAX,
+                    )?,
+                    open_listings_per_seller_max: s.num(
+                        "DMPAY_SHOP_OPEN_LISTINGS_PER_SELLER_MAX",
+                        shop.open_listings_per_seller_max,
+                        1..=100_000,
+                    )?,
+                    refunds_per_purchase_max: s.num(
+                        "DMPAY_SHOP_REFUNDS_PER_PURCHASE_MAX",
+                        shop.refunds_per_purchase_max,
+                        1..=1_000,
+                    )?,
+                },
             },
             recon_time_tolerance: s.duration("DMPAY_RECON_TIME_TOLERANCE", Duration::from_secs(3600))?,
             payments_resolve_interval: s.duration("DMPAY_PAYMENTS_RESOLVE_INTERVAL", Duration::from_secs(2))?,
@@ -302,6 +322,9 @@ impl Config {
                 name: "DMPAY_PAYOUT_INSTANT_FEE_MAX_MINOR",
                 detail: "at least DMPAY_PAYOUT_INSTANT_FEE_MIN_MINOR".into(),
             });
+        }
+        if config.payments.shop.hold_s > 90 * 86_400 {
+            return Err(ConfigError::Invalid { name: "DMPAY_SHOP_HOLD", detail: "at most 90 days".into() });
         }
         if payouts.instant_hold_s > 30 * 86_400 {
             return Err(ConfigError::Invalid { name: "DMPAY_PAYOUT_INSTANT_HOLD", detail: "at most 30 days".into() });

@@ -146,6 +146,18 @@ id_type!(
     DisputeId, minted = "dp_"
 );
 id_type!(
+    /// A live-stream listing, `lst_` and a UUIDv7.
+    ListingId, minted = "lst_"
+);
+id_type!(
+    /// A purchase from a listing, `pur_` and a UUIDv7.
+    PurchaseId, minted = "pur_"
+);
+id_type!(
+    /// A seller's refund of a purchase, `prf_` and a UUIDv7.
+    PurchaseRefundId, minted = "prf_"
+);
+id_type!(
     /// A reconciliation run, `run_` and a UUIDv7.
     RunId, minted = "run_"
 );

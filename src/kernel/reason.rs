@@ -48,10 +48,20 @@ crate::stored_enum! {
         ItemSuperseded = "ITEM_SUPERSEDED",
         /// The posting engine's queue is full; retry with the same key.
         LedgerQueueFull = "LEDGER_QUEUE_FULL",
+        /// The listing is closed, or past its end time.
+        ListingClosed = "LISTING_CLOSED",
+        /// The listing's sale has not started yet.
+        ListingNotStarted = "LISTING_NOT_STARTED",
         /// The card was reported lost.
         LostCard = "LOST_CARD",
+        /// The account is not a seller (the platform sets sellers through `Accounts.SetSeller`).
+        NotASeller = "NOT_A_SELLER",
         /// No card to charge: none given and no default.
         NoPaymentMethod = "NO_PAYMENT_METHOD",
+        /// The seller has as many open listings as allowed; close one first.
+        OpenListings = "OPEN_LISTINGS",
+        /// A seller cannot buy from their own listing.
+        OwnListing = "OWN_LISTING",
         /// A payment failed for a reason this build does not know (a stored reason
         /// written by a newer one).
         PaymentFailed = "PAYMENT_FAILED",
@@ -69,6 +79,8 @@ crate::stored_enum! {
         PayoutDailyLimit = "PAYOUT_DAILY_LIMIT",
         /// Over the tier's per-payout limit.
         PayoutLimit = "PAYOUT_LIMIT",
+        /// Over the listing's per-buyer maximum.
+        PerBuyerLimit = "PER_BUYER_LIMIT",
         /// The card processor could not process the charge.
         ProcessingError = "PROCESSING_ERROR",
         /// Over the caller's write rate; `RetryInfo` says when to retry.
@@ -89,6 +101,8 @@ crate::stored_enum! {
         RequestNotOpen = "REQUEST_NOT_OPEN",
         /// A payment of the bill is being charged; it cannot close meanwhile.
         RequestPaymentInProgress = "REQUEST_PAYMENT_IN_PROGRESS",
+        /// The listing has no units left for this purchase.
+        SoldOut = "SOLD_OUT",
         /// The statement's period has too many movements; ask for a shorter one.
         StatementTooLong = "STATEMENT_TOO_LONG",
         /// The card was reported stolen.

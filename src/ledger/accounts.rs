@@ -25,6 +25,8 @@ pub const SYSTEM_FEES: &str = "platform:fees";
 pub const SYSTEM_DISPUTE_LOSSES: &str = "platform:dispute_losses";
 /// The processor's fees, an expense (reconciliation books them from the report).
 pub const SYSTEM_PROCESSOR_FEES: &str = "platform:processor_fees";
+/// The platform's commission on live-shopping sales.
+pub const SYSTEM_COMMISSIONS: &str = "platform:commissions";
 /// Where payouts wait between the wallet and the processor.
 pub const SYSTEM_PAYOUTS_IN_TRANSIT: &str = "platform:payouts_in_transit";
 
@@ -37,6 +39,7 @@ pub const SYSTEM_ACCOUNTS: &[(&str, AccountType)] = &[
     // Cash put into the platform from outside (top-ups, test funding).
     ("platform:treasury", AccountType::Asset),
     (SYSTEM_FEES, AccountType::Income),
+    (SYSTEM_COMMISSIONS, AccountType::Income),
     (SYSTEM_PROCESSOR_FEES, AccountType::Expense),
     // Payouts on their way to users' cards: owed to the card network until the
     // processor has paid them.
@@ -214,6 +217,16 @@ impl AccountStore {
         }
         self.insert_if_missing(&code, AccountType::Asset, currency, false).await?;
         self.resolve("receivable", &code, false).await
+    }
+
+    /// The held sale proceeds of seller `user` in `currency`, created on first use.
+    pub async fn sales_pending(&self, user: &UserId, currency: Currency) -> Result<LedgerAccount> {
+        let code = AccountCode::sales_pending(user, currency);
+        if let Ok(a) = self.resolve("sales_pending", &code, false).await {
+            return Ok(a);
+        }
+        self.insert_if_missing(&code, AccountType::Liability, currency, false).await?;
+        self.resolve("sales_pending", &code, false).await
     }
 
     /// A system account of `currency`.

@@ -27,7 +27,8 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 pub use accounts::{
-    AccountStore, SYSTEM_CLEARING, SYSTEM_DISPUTE_LOSSES, SYSTEM_FEES, SYSTEM_PAYOUTS_IN_TRANSIT, SYSTEM_PROCESSOR_FEES,
+    AccountStore, SYSTEM_CLEARING, SYSTEM_COMMISSIONS, SYSTEM_DISPUTE_LOSSES, SYSTEM_FEES, SYSTEM_PAYOUTS_IN_TRANSIT,
+    SYSTEM_PROCESSOR_FEES,
 };
 pub use engine::{DatabaseState, Engine, EngineConfig, EngineHandle, Idem, NewEntry, Op, Outcome, Resolution};
 pub use model::*;

@@ -160,6 +160,12 @@ impl AccountCode {
         (!user.is_empty() && !user.contains(':') && ccy.len() == 3).then_some((user, ccy))
     }
 
+    /// A seller's sale proceeds still held (live shopping): a liability, never
+    /// negative, released to their wallet after the hold.
+    pub fn sales_pending(user: &UserId, currency: Currency) -> Self {
+        AccountCode(format!("user:{user}:sales_pending:{currency}"))
+    }
+
     pub fn system(name: &str, currency: Currency) -> Self {
         AccountCode(format!("{name}:{currency}"))
     }

@@ -23,6 +23,7 @@ use async_trait::async_trait;
 
 use super::model::{Payment, PaymentStatus, PaymentsConfig};
 use super::repo::rows::EventFields;
+use super::shop::batch::{PurchaseAttachment, Purchases};
 use crate::accounts::{Status as AccountStatus, Tier};
 use crate::kernel::error::{Error, Result};
 use crate::ledger::engine::hook::{Admit, BatchHook, Conn, HookBatch, Ticket};
@@ -40,12 +41,19 @@ pub(crate) struct SendAttachment {
     pub fallback_on_insufficient: bool,
 }
 
-/// Registered with the engine at startup. Keeps the sends whose transfers are in the
-/// engine's hands, by ticket: at most one per command queued or in a batch, so as many
-/// as the engine's queue and batches hold.
+/// What a ledger command carries for this hook: a wallet send or a live-stream purchase.
+#[derive(Clone)]
+pub(crate) enum Attachment {
+    Send(SendAttachment),
+    Purchase(PurchaseAttachment),
+}
+
+/// Registered with the engine at startup. Keeps the sends and purchases whose entries
+/// are in the engine's hands, by ticket: at most one per command queued or in a batch,
+/// so as many as the engine's queue and batches hold.
 pub struct PaymentsHook {
     config: Arc<PaymentsConfig>,
-    sends: Mutex<HashMap<u64, SendAttachment>>,
+    sends: Mutex<HashMap<u64, Attachment>>,
     next_ticket: AtomicU64,
 }
 
@@ -56,8 +64,17 @@ impl PaymentsHook {
 
     /// Keeps `send` until the engine releases its ticket.
     pub(crate) fn register(&self, send: SendAttachment) -> Ticket {
+        self.keep(Attachment::Send(send))
+    }
+
+    /// Keeps `purchase` until the engine releases its ticket.
+    pub(crate) fn register_purchase(&self, purchase: PurchaseAttachment) -> Ticket {
+        self.keep(Attachment::Purchase(purchase))
+    }
+
+    fn keep(&self, attachment: Attachment) -> Ticket {
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
-        self.sends.lock().unwrap_or_else(|e| e.into_inner()).insert(ticket, send);
+        self.sends.lock().unwrap_or_else(|e| e.into_inner()).insert(ticket, attachment);
         Ticket(ticket)
     }
 
@@ -94,6 +111,10 @@ struct Batch {
     firsts: HashMap<(String, String), (String, First)>,
     /// The payments to write: the command they belong to, and the row as decided.
     rows: Vec<(usize, Payment)>,
+    /// The batch's live-stream purchases.
+    purchases: Purchases,
+    /// The batch's clock reading, for the listings' start and end times.
+    now_us: i64,
 }
 
 fn key_reused(key: &str) -> Error {
@@ -109,27 +130,36 @@ impl BatchHook for PaymentsHook {
         now_us: i64,
     ) -> std::result::Result<Box<dyn HookBatch>, sqlx::Error> {
         let mut sends = HashMap::with_capacity(attached.len());
+        let mut purchases = HashMap::new();
         let mut lost = Vec::new();
         {
             let held = self.sends.lock().unwrap_or_else(|e| e.into_inner());
             for (i, Ticket(t)) in attached {
                 match held.get(t) {
-                    Some(s) => {
+                    Some(Attachment::Send(s)) => {
                         sends.insert(*i, s.clone());
+                    }
+                    Some(Attachment::Purchase(p)) => {
+                        purchases.insert(*i, p.clone());
                     }
                     None => lost.push(*i),
                 }
             }
         }
+        let mut purchases = Purchases::new(purchases);
         let mut keys: Vec<(&str, &str)> =
             sends.values().map(|s| (s.payment.sender_id.as_str(), s.idempotency_key.as_str())).collect();
         keys.sort_unstable();
         keys.dedup();
-        let mut users: Vec<&str> =
-            sends.values().flat_map(|s| [s.payment.sender_id.as_str(), s.payment.recipient_id.as_str()]).collect();
+        let mut users: Vec<&str> = sends
+            .values()
+            .flat_map(|s| [s.payment.sender_id.as_str(), s.payment.recipient_id.as_str()])
+            .chain(purchases.buyers_and_sellers())
+            .collect();
         users.sort_unstable();
         users.dedup();
-        let mut senders: Vec<&str> = sends.values().map(|s| s.payment.sender_id.as_str()).collect();
+        let mut senders: Vec<&str> =
+            sends.values().map(|s| s.payment.sender_id.as_str()).chain(purchases.buyers()).collect();
         senders.sort_unstable();
         senders.dedup();
         let since = super::spend::window_start(now_us);
@@ -149,6 +179,16 @@ impl BatchHook for PaymentsHook {
             })
             .collect();
         let sent = sums.into_iter().map(|(s, c, n)| ((s, c), n)).collect();
+        if !purchases.is_empty() {
+            let prepared = super::repo::shop::prepare_purchases(
+                conn,
+                &purchases.keys(),
+                &purchases.listing_ids(),
+                &purchases.pairs(),
+            )
+            .await?;
+            purchases.prepared(prepared);
+        }
         Ok(Box::new(Batch {
             config: self.config.clone(),
             sends,
@@ -158,6 +198,8 @@ impl BatchHook for PaymentsHook {
             sent,
             firsts: HashMap::new(),
             rows: Vec::new(),
+            purchases,
+            now_us,
         }))
     }
 
@@ -203,6 +245,12 @@ impl HookBatch for Batch {
                 "the send of this transfer is no longer held"
             )))));
         }
+        if self.purchases.contains(cmd) {
+            return match self.purchases.admit(cmd, &self.config, &self.users, &self.sent, self.now_us) {
+                None => Admit::Proceed,
+                Some(answer) => Admit::Answer(Box::new(answer)),
+            };
+        }
         let Some(s) = self.sends.get(&cmd) else { return Admit::Proceed };
         let id = (s.payment.sender_id.to_string(), s.idempotency_key.clone());
         if let Some((hash, first)) = self.firsts.get(&id) {
@@ -229,6 +277,10 @@ impl HookBatch for Batch {
     }
 
     fn decided(&mut self, cmd: usize, result: std::result::Result<(), &Error>) {
+        if self.purchases.contains(cmd) {
+            self.purchases.decided(cmd, result, &mut self.sent);
+            return;
+        }
         let Some(s) = self.sends.get(&cmd) else { return };
         let id = (s.payment.sender_id.to_string(), s.idempotency_key.clone());
         let first = match result {
@@ -260,24 +312,31 @@ impl HookBatch for Batch {
     async fn write_rows(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error> {
         self.settle(now_us);
         let (rows, spent) = self.rows_and_spend();
-        if rows.is_empty() {
-            return Ok(());
+        if !rows.is_empty() || !spent.is_empty() {
+            match conn {
+                Conn::Postgres(c) => pg::write_rows(c, &rows, &spent, now_us).await?,
+                // One writer holds the whole database, so nothing is gained by numbering
+                // the events later: they go with the rows.
+                Conn::Sqlite(c) => sqlite::write_all(c, &rows, &spent, &self.events(), now_us).await?,
+            }
         }
-        match conn {
-            Conn::Postgres(c) => pg::write_rows(c, &rows, &spent, now_us).await,
-            // One writer holds the whole database, so nothing is gained by numbering the
-            // events later: they go with the rows.
-            Conn::Sqlite(c) => sqlite::write_all(c, &rows, &spent, &self.events(), now_us).await,
+        let (purchases, sold) = self.purchases.rows();
+        if !purchases.is_empty() {
+            super::repo::shop::write_purchases(conn, &purchases, &sold, now_us).await?;
         }
+        Ok(())
     }
 
     async fn write_numbered(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error> {
-        let Conn::Postgres(c) = conn else { return Ok(()) };
         let events = self.events();
-        if events.is_empty() {
-            return Ok(());
+        if let (Conn::Postgres(c), false) = (&mut *conn, events.is_empty()) {
+            pg::write_events(c, &events, now_us).await?;
         }
-        pg::write_events(c, &events, now_us).await
+        let (purchases, _) = self.purchases.rows();
+        if !purchases.is_empty() {
+            super::repo::shop::write_purchase_events(conn, &purchases, now_us).await?;
+        }
+        Ok(())
     }
 }
 
@@ -305,6 +364,10 @@ impl Batch {
         for (p, _, _) in rows.iter().filter(|(p, _, _)| p.status == PaymentStatus::Settled) {
             let bucket = (p.sender_id.as_str(), p.currency().code(), super::spend::hour_of(p.created_at_us));
             *spent.entry(bucket).or_insert(0) += p.amount.minor();
+        }
+        // Purchases count toward the buyer's rolling limit as sends do.
+        for (buyer, currency, hour, amount) in self.purchases.spend() {
+            *spent.entry((buyer, currency, hour)).or_insert(0) += amount;
         }
         let mut spent: Vec<BatchSpend<'_>> = spent.into_iter().collect();
         spent.sort_unstable();
@@ -349,6 +412,8 @@ mod tests {
             sent: HashMap::new(),
             firsts: HashMap::new(),
             rows: Vec::new(),
+            purchases: Purchases::default(),
+            now_us: 0,
         }
     }
 

@@ -34,6 +34,9 @@ pub struct Event {
     pub request: Option<PaymentRequest>,
     /// The payout, on `payout.*` events.
     pub payout: Option<Payout>,
+    /// The purchase and its listing's units sold right after the change, on
+    /// `purchase.*` events.
+    pub purchase: Option<(super::shop::Purchase, i64)>,
     pub occurred_at_us: i64,
 }
 
@@ -57,6 +60,8 @@ struct EventRow {
     capture_ref: Option<String>,
     settled_at_us: Option<i64>,
     payout_id: Option<String>,
+    purchase_id: Option<String>,
+    units_sold: Option<i64>,
     occurred_at_us: i64,
 }
 
@@ -79,7 +84,8 @@ pub async fn read(db: &Db, user: Option<&str>, conversation: &str, after: i64) -
     // the cursor: `party_a = $2 OR party_b = $2` in one query reads the whole table's
     // range after the cursor instead (150 ms a poll at a million events on SQLite).
     const COLUMNS: &str = "sequence, event_type, party_a, party_b, conversation_id, payment_id, request_id, snapshot, status, refunded_amount, \
-         failure_reason, failure_message, authorization_ref, capture_ref, settled_at_us, payout_id, occurred_at_us";
+         failure_reason, failure_message, authorization_ref, capture_ref, settled_at_us, payout_id, purchase_id, \
+         units_sold, occurred_at_us";
     let sql = match user {
         None => format!(
             "SELECT {COLUMNS} FROM payment_events WHERE sequence > $1 AND ($3 = '' OR conversation_id = $3) \
@@ -112,10 +118,13 @@ pub async fn read(db: &Db, user: Option<&str>, conversation: &str, after: i64) -
         .filter_map(|r| r.request_id.as_deref())
         .collect();
     let payout_ids: Vec<&str> =
-        typed.filter(|r| r.event_type.starts_with("payout.")).filter_map(|r| r.payout_id.as_deref()).collect();
+        typed.clone().filter(|r| r.event_type.starts_with("payout.")).filter_map(|r| r.payout_id.as_deref()).collect();
+    let purchase_ids: Vec<&str> =
+        typed.filter(|r| r.event_type.starts_with("purchase.")).filter_map(|r| r.purchase_id.as_deref()).collect();
     let payments = load_payments(db, &payment_ids).await?;
     let requests = load_requests(db, &request_ids).await?;
     let payouts = load_payouts(db, &payout_ids).await?;
+    let purchases = super::repo::shop::purchases_by_id(db, &purchase_ids).await?;
     Ok(rows
         .into_iter()
         .map(|r| {
@@ -134,6 +143,16 @@ pub async fn read(db: &Db, user: Option<&str>, conversation: &str, after: i64) -
                     return_ref: if r.event_type == "payout.returned" { p.return_ref.clone() } else { None },
                     returned_at_us: if r.event_type == "payout.returned" { p.returned_at_us } else { None },
                     ..p.clone()
+                });
+            // A purchase's row as it is now, with the refunds the event recorded.
+            let purchase = r
+                .event_type
+                .starts_with("purchase.")
+                .then(|| r.purchase_id.as_deref().and_then(|id| purchases.get(id)))
+                .flatten()
+                .map(|p| {
+                    let refunded = Money::from_minor(p.amount.currency(), r.refunded_amount);
+                    (super::shop::Purchase { refunded_amount: refunded, ..p.clone() }, r.units_sold.unwrap_or(0))
                 });
             let (payment, request) = if !r.snapshot.is_empty() {
                 // A copy that no longer decodes still delivers its event, without the
@@ -161,7 +180,7 @@ pub async fn read(db: &Db, user: Option<&str>, conversation: &str, after: i64) -
                     ..p.clone()
                 });
                 (payment, None)
-            } else if r.event_type.starts_with("payout.") {
+            } else if r.event_type.starts_with("payout.") || r.event_type.starts_with("purchase.") {
                 (None, None)
             } else {
                 let request = r.request_id.as_deref().and_then(|id| requests.get(id)).map(|q| PaymentRequest {
@@ -180,6 +199,7 @@ pub async fn read(db: &Db, user: Option<&str>, conversation: &str, after: i64) -
                 payment,
                 request,
                 payout,
+                purchase,
                 occurred_at_us: r.occurred_at_us,
             }
         })

@@ -14,6 +14,9 @@
 //! - `notifications` the processor's reports after its calls, applied in order
 //! - `payout`  payouts, their statuses, limits and the instant fee
 //! - `payouts` cash-out of wallet money to the user's card, and returns
+//! - `listing` live shopping's listings and purchases, validated
+//! - `shop`    live shopping: listings, purchases with exact stock in the engine's
+//!   batch, the sellers' held proceeds, refunds
 //! - `events` reading the outbox; `feed` the process's one reader that fans new events
 //!   out to its watchers
 //!
@@ -27,6 +30,7 @@ mod card;
 pub mod disputes;
 pub mod events;
 pub mod feed;
+pub mod listing;
 pub mod model;
 mod notifications;
 pub mod payout;
@@ -34,6 +38,7 @@ pub mod payouts;
 pub mod refunds;
 pub(crate) mod repo;
 pub mod requests;
+pub mod shop;
 pub mod spend;
 
 use std::collections::{BTreeMap, HashSet};
@@ -406,6 +411,11 @@ impl Payments {
                 Ok(n) => tracing::info!(resolved = n, "resolved pending payouts"),
                 Err(e) => tracing::warn!(error = %e, "payout resolver failed; will retry"),
             }
+            match self.resolve_shop().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(finished = n, "released sale proceeds and finished purchase refunds"),
+                Err(e) => tracing::warn!(error = %e, "live-shopping resolver failed; will retry"),
+            }
             match self.apply_processor_notifications().await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(applied = n, "applied processor notifications"),
@@ -419,7 +429,7 @@ impl Payments {
     }
 
     /// Now, by the clock the payments' rows are stamped with.
-    fn now_us(&self) -> i64 {
+    pub(crate) fn now_us(&self) -> i64 {
         self.store.clock().now_us()
     }
 

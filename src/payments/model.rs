@@ -163,6 +163,44 @@ pub struct PaymentsConfig {
     pub resolve_after_s: i64,
     pub payouts: PayoutsConfig,
     pub disputes: DisputesConfig,
+    pub shop: ShopConfig,
+}
+
+/// Live shopping's settings (`DMPAY_SHOP_*`).
+#[derive(Debug, Clone)]
+pub struct ShopConfig {
+    /// The platform's commission on a sale, in basis points, unless the seller has an
+    /// override (`Accounts.SetSeller`).
+    pub commission_bps: u32,
+    /// How long a sale's proceeds stay pending before they become available.
+    pub hold_s: i64,
+    /// A listing's per-buyer maximum when its creator gives none.
+    pub per_buyer_max_default: i64,
+    /// Listings a seller may have open (not closed, not past their end) at once.
+    pub open_listings_per_seller_max: i64,
+    /// Refunds one purchase may have.
+    pub refunds_per_purchase_max: i64,
+}
+
+impl Default for ShopConfig {
+    fn default() -> Self {
+        ShopConfig {
+            commission_bps: 500,
+            hold_s: 3 * 86_400,
+            per_buyer_max_default: 10,
+            open_listings_per_seller_max: 1_000,
+            refunds_per_purchase_max: 20,
+        }
+    }
+}
+
+impl ShopConfig {
+    /// The commission on `amount` at `bps`, rounded down (the seller keeps the odd minor
+    /// unit), never more than the amount.
+    pub fn commission(amount_minor: i64, bps: u32) -> i64 {
+        let c = i128::from(amount_minor) * i128::from(bps.min(10_000)) / 10_000;
+        i64::try_from(c).unwrap_or(amount_minor).clamp(0, amount_minor.max(0))
+    }
 }
 
 /// Who bears a disputed payment's amount (`DMPAY_DISPUTE_RECOVERY`).
@@ -204,6 +242,7 @@ impl Default for PaymentsConfig {
             resolve_after_s: 10,
             payouts: Default::default(),
             disputes: Default::default(),
+            shop: Default::default(),
         }
     }
 }

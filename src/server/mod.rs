@@ -18,8 +18,11 @@ use crate::api::pb::finance_server::FinanceServer;
 use crate::api::pb::ledger_server::LedgerServer;
 use crate::api::pb::payment_methods_server::PaymentMethodsServer;
 use crate::api::pb::payments_server::PaymentsServer;
+use crate::api::pb::shopping_server::ShoppingServer;
 use crate::api::wire::UnreadableRequestLayer;
-use crate::api::{AccountsApi, FinanceApi, LedgerApi, PaymentMethodsApi, PaymentsApi, FILE_DESCRIPTOR_SET};
+use crate::api::{
+    AccountsApi, FinanceApi, LedgerApi, PaymentMethodsApi, PaymentsApi, ShoppingApi, FILE_DESCRIPTOR_SET,
+};
 use crate::auth::{AuthInterceptor, Verifier};
 use crate::config::Config;
 use crate::kernel::clock::Clock;
@@ -64,6 +67,7 @@ const SERVICE_NAMES: &[&str] = &[
     <PaymentMethodsServer<PaymentMethodsApi> as tonic::server::NamedService>::NAME,
     <PaymentsServer<PaymentsApi> as tonic::server::NamedService>::NAME,
     <FinanceServer<FinanceApi> as tonic::server::NamedService>::NAME,
+    <ShoppingServer<ShoppingApi> as tonic::server::NamedService>::NAME,
 ];
 
 impl Application {
@@ -195,7 +199,7 @@ impl Application {
             metrics.clone(),
         ));
         let size_max = config.grpc_message_size_max;
-        let accounts = AccountsServer::new(AccountsApi::new(accounts))
+        let accounts = AccountsServer::new(AccountsApi::new(accounts, config.payments.shop.commission_bps))
             .max_decoding_message_size(size_max)
             .max_encoding_message_size(size_max);
         let ledger_api = LedgerServer::new(LedgerApi::new(ledger.clone()))
@@ -213,6 +217,9 @@ impl Application {
             crate::payments::feed::Feed::start(db.clone(), payments.events_hub().clone(), metrics.clone()).await?;
         let watchers = crate::api::watch::Watchers::new(config.watch, metrics.clone());
         let payments_api = PaymentsServer::new(PaymentsApi::new(payments.clone(), feed, watchers))
+            .max_decoding_message_size(size_max)
+            .max_encoding_message_size(size_max);
+        let shopping_api = ShoppingServer::new(ShoppingApi::new(payments.clone()))
             .max_decoding_message_size(size_max)
             .max_encoding_message_size(size_max);
         let finance_api = FinanceServer::new(FinanceApi::new(
@@ -259,6 +266,7 @@ impl Application {
             .add_service(InterceptedService::new(rate.layer(methods_api), auth.clone()))
             .add_service(InterceptedService::new(rate.layer(payments_api), auth.clone()))
             .add_service(InterceptedService::new(rate.layer(finance_api), auth.clone()))
+            .add_service(InterceptedService::new(rate.layer(shopping_api), auth.clone()))
             .serve_with_incoming_shutdown(
                 crate::api::connections::incoming(listener, config.connections, metrics.clone()),
                 async move {

@@ -338,6 +338,12 @@ mod every_rpc {
     fn admitting(rpc: &Rpc) -> Vec<&'static str> {
         match (rpc.path, rpc.scope) {
             ("/dmpay.v1.Payments/WatchPayments", Some(s)) => vec![s, "payments:watch_all"],
+            // The platform's stream service acts for any seller; a buyer's tap is theirs.
+            (p, Some(s))
+                if p.starts_with("/dmpay.v1.Shopping/") && s != "shopping:admin" && !p.ends_with("/Purchase") =>
+            {
+                vec![s, "shopping:admin"]
+            }
             (_, Some(s)) => vec![s],
             (_, None) => vec![],
         }

@@ -71,7 +71,7 @@ fn sandbox(app: &TestApp) -> Sandbox {
 async fn event_types(app: &TestApp, token: &str, n: usize) -> Vec<i32> {
     let mut stream = app
         .payments()
-        .watch_payments(authed(pb::WatchPaymentsRequest { conversation_id: String::new(), after_sequence: 0 }, token))
+        .watch_payments(authed(pb::WatchPaymentsRequest { after_sequence: 0, ..Default::default() }, token))
         .await
         .expect("watch")
         .into_inner();

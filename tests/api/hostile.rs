@@ -409,7 +409,7 @@ fn fields(path: &str, fx: &Fixture) -> BoxedStrategy<Encoded> {
             .boxed(),
         "/dmpay.v1.Payments/WatchPayments" => (conv(), i64v())
             .prop_map(|(conversation_id, after_sequence)| {
-                enc(pb::WatchPaymentsRequest { conversation_id, after_sequence })
+                enc(pb::WatchPaymentsRequest { conversation_id, after_sequence, stream_id: String::new() })
             })
             .boxed(),
         "/dmpay.v1.Finance/GetTrialBalance" => (time(), currency())
@@ -423,6 +423,74 @@ fn fields(path: &str, fx: &Fixture) -> BoxedStrategy<Encoded> {
             .boxed(),
         "/dmpay.v1.Finance/ListReceivables" => (u32v(), page_token())
             .prop_map(|(page_size, page_token)| enc(pb::ListReceivablesRequest { page_size, page_token }))
+            .boxed(),
+        "/dmpay.v1.Accounts/SetSeller" => (user(), any::<bool>(), proptest::option::of(any::<i32>()), text())
+            .prop_map(|(user_id, seller, commission_bps, reason)| {
+                enc(pb::SetSellerRequest { user_id, seller, commission_bps, reason })
+            })
+            .boxed(),
+        "/dmpay.v1.Shopping/CreateListing" => {
+            ((key(), user(), text(), text(), money()), (i64v(), any::<bool>(), i64v(), time(), time()))
+                .prop_map(
+                    |(
+                        (idempotency_key, seller_id, stream_id, title, unit_price),
+                        (quantity, unlimited, per_buyer_max, starts_at, ends_at),
+                    )| {
+                        enc(pb::CreateListingRequest {
+                            idempotency_key,
+                            seller_id,
+                            stream_id,
+                            title,
+                            unit_price,
+                            quantity,
+                            unlimited,
+                            per_buyer_max,
+                            starts_at,
+                            ends_at,
+                        })
+                    },
+                )
+                .boxed()
+        }
+        "/dmpay.v1.Shopping/AddStock" => (id(&fx.payments), i64v(), key())
+            .prop_map(|(listing_id, quantity, idempotency_key)| {
+                enc(pb::AddStockRequest { listing_id, quantity, idempotency_key })
+            })
+            .boxed(),
+        "/dmpay.v1.Shopping/CloseListing" => {
+            id(&fx.payments).prop_map(|listing_id| enc(pb::CloseListingRequest { listing_id })).boxed()
+        }
+        "/dmpay.v1.Shopping/GetListing" => {
+            id(&fx.payments).prop_map(|listing_id| enc(pb::GetListingRequest { listing_id })).boxed()
+        }
+        "/dmpay.v1.Shopping/ListListings" => (text(), u32v(), page_token())
+            .prop_map(|(stream_id, page_size, page_token)| {
+                enc(pb::ListListingsRequest { stream_id, page_size, page_token })
+            })
+            .boxed(),
+        "/dmpay.v1.Shopping/Purchase" => (key(), id(&fx.payments), i64v(), money())
+            .prop_map(|(idempotency_key, listing_id, quantity, unit_price)| {
+                enc(pb::PurchaseRequest { idempotency_key, listing_id, quantity, unit_price })
+            })
+            .boxed(),
+        "/dmpay.v1.Shopping/GetPurchase" => {
+            id(&fx.payments).prop_map(|purchase_id| enc(pb::GetPurchaseRequest { purchase_id })).boxed()
+        }
+        "/dmpay.v1.Shopping/ListSales" => (user(), u32v(), page_token())
+            .prop_map(|(seller_id, page_size, page_token)| {
+                enc(pb::ListSalesRequest { seller_id, page_size, page_token })
+            })
+            .boxed(),
+        "/dmpay.v1.Shopping/RefundPurchase" => (id(&fx.payments), money(), i64v(), key())
+            .prop_map(|(purchase_id, amount, restock_quantity, idempotency_key)| {
+                enc(pb::RefundPurchaseRequest { purchase_id, amount, restock_quantity, idempotency_key })
+            })
+            .boxed(),
+        "/dmpay.v1.Shopping/MarkDelivered" => {
+            id(&fx.payments).prop_map(|purchase_id| enc(pb::MarkDeliveredRequest { purchase_id })).boxed()
+        }
+        "/dmpay.v1.Shopping/GetSellerBalance" => (currency(), user())
+            .prop_map(|(currency, seller_id)| enc(pb::GetSellerBalanceRequest { currency, seller_id }))
             .boxed(),
         "/dmpay.v1.Finance/ExportEntries" => (time(), time(), enum_v())
             .prop_map(|(from_time, to_time, format)| enc(pb::ExportEntriesRequest { from_time, to_time, format }))
@@ -511,6 +579,18 @@ fn decodes(path: &str, bytes: &[u8]) -> bool {
         "/dmpay.v1.Finance/GetStatement" => pb::GetStatementRequest,
         "/dmpay.v1.Finance/ListDisputes" => pb::ListDisputesRequest,
         "/dmpay.v1.Finance/ListReceivables" => pb::ListReceivablesRequest,
+        "/dmpay.v1.Accounts/SetSeller" => pb::SetSellerRequest,
+        "/dmpay.v1.Shopping/CreateListing" => pb::CreateListingRequest,
+        "/dmpay.v1.Shopping/AddStock" => pb::AddStockRequest,
+        "/dmpay.v1.Shopping/CloseListing" => pb::CloseListingRequest,
+        "/dmpay.v1.Shopping/GetListing" => pb::GetListingRequest,
+        "/dmpay.v1.Shopping/ListListings" => pb::ListListingsRequest,
+        "/dmpay.v1.Shopping/Purchase" => pb::PurchaseRequest,
+        "/dmpay.v1.Shopping/GetPurchase" => pb::GetPurchaseRequest,
+        "/dmpay.v1.Shopping/ListSales" => pb::ListSalesRequest,
+        "/dmpay.v1.Shopping/RefundPurchase" => pb::RefundPurchaseRequest,
+        "/dmpay.v1.Shopping/MarkDelivered" => pb::MarkDeliveredRequest,
+        "/dmpay.v1.Shopping/GetSellerBalance" => pb::GetSellerBalanceRequest,
     }
 }
 

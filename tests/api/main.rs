@@ -29,5 +29,6 @@ mod production;
 mod races;
 mod raw;
 mod secrets;
+mod shopping;
 mod vault;
 mod watchers;

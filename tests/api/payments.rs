@@ -1068,7 +1068,11 @@ async fn next_events(stream: &mut tonic::Streaming<pb::PaymentEvent>, n: usize) 
 async fn watch(app: &TestApp, token: &str, after: i64, conversation: &str) -> tonic::Streaming<pb::PaymentEvent> {
     app.payments()
         .watch_payments(authed(
-            pb::WatchPaymentsRequest { conversation_id: conversation.into(), after_sequence: after },
+            pb::WatchPaymentsRequest {
+                conversation_id: conversation.into(),
+                after_sequence: after,
+                ..Default::default()
+            },
             token,
         ))
         .await

@@ -113,7 +113,7 @@ async fn posted(app: &TestApp, code: &str) -> String {
 async fn events(app: &TestApp, token: &str, n: usize) -> Vec<pb::PaymentEvent> {
     let mut stream = app
         .payments()
-        .watch_payments(authed(pb::WatchPaymentsRequest { conversation_id: String::new(), after_sequence: 0 }, token))
+        .watch_payments(authed(pb::WatchPaymentsRequest { after_sequence: 0, ..Default::default() }, token))
         .await
         .expect("watch")
         .into_inner();

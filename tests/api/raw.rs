@@ -32,6 +32,7 @@ pub const RPCS: &[Rpc] = &[
     Rpc { path: "/dmpay.v1.Accounts/GetAccount", streaming: false, scope: None },
     rpc("/dmpay.v1.Accounts/FreezeAccount", "accounts:admin"),
     rpc("/dmpay.v1.Accounts/UnfreezeAccount", "accounts:admin"),
+    rpc("/dmpay.v1.Accounts/SetSeller", "accounts:admin"),
     rpc("/dmpay.v1.Ledger/CreateLedgerAccount", "ledger:write"),
     rpc("/dmpay.v1.Ledger/PostEntry", "ledger:write"),
     rpc("/dmpay.v1.Ledger/PostPending", "ledger:write"),
@@ -68,6 +69,17 @@ pub const RPCS: &[Rpc] = &[
     rpc("/dmpay.v1.Finance/GetStatement", "finance"),
     rpc("/dmpay.v1.Finance/ListDisputes", "finance"),
     rpc("/dmpay.v1.Finance/ListReceivables", "finance"),
+    rpc("/dmpay.v1.Shopping/CreateListing", "payments:write"),
+    rpc("/dmpay.v1.Shopping/AddStock", "payments:write"),
+    rpc("/dmpay.v1.Shopping/CloseListing", "payments:write"),
+    rpc("/dmpay.v1.Shopping/GetListing", "payments:read"),
+    rpc("/dmpay.v1.Shopping/ListListings", "payments:read"),
+    rpc("/dmpay.v1.Shopping/Purchase", "payments:write"),
+    rpc("/dmpay.v1.Shopping/GetPurchase", "payments:read"),
+    rpc("/dmpay.v1.Shopping/ListSales", "payments:read"),
+    rpc("/dmpay.v1.Shopping/RefundPurchase", "payments:write"),
+    rpc("/dmpay.v1.Shopping/MarkDelivered", "shopping:admin"),
+    rpc("/dmpay.v1.Shopping/GetSellerBalance", "payments:read"),
 ];
 
 pub const ALL_SCOPES: &[&str] = &[
@@ -80,6 +92,7 @@ pub const ALL_SCOPES: &[&str] = &[
     "payments:read",
     "payments:watch_all",
     "finance",
+    "shopping:admin",
 ];
 
 pub fn find(path: &str) -> Rpc {

@@ -12,10 +12,7 @@ use crate::helpers::*;
 
 async fn watch(app: &TestApp, token: &str, after: i64) -> Result<tonic::Streaming<pb::PaymentEvent>, tonic::Status> {
     app.payments()
-        .watch_payments(authed(
-            pb::WatchPaymentsRequest { after_sequence: after, conversation_id: String::new() },
-            token,
-        ))
+        .watch_payments(authed(pb::WatchPaymentsRequest { after_sequence: after, ..Default::default() }, token))
         .await
         .map(|r| r.into_inner())
 }

@@ -54,6 +54,8 @@ struct Section {
     version: String,
     naive: Vec<BenchRow>,
     runs: Vec<Run>,
+    /// The flash sale at each client count.
+    flash: Vec<crate::bench::flashsale::Report>,
     rss_peak_mib: f64,
     grown: Option<grown::Grown>,
 }
@@ -147,6 +149,16 @@ async fn backend_section(config: &Config, options: &ReportOptions, backend: Back
             runs.push(run);
         }
     }
+    let mut flash = Vec::new();
+    for &clients in &options.clients {
+        eprintln!("== {name}: flash sale with {clients} clients");
+        let mut scratch = Scratch::create(&backend).await?;
+        let run = flash_run(config, &scratch.url, clients).await;
+        scratch.drop_database().await;
+        let (run, rss) = run?;
+        rss_peak_mib = rss_peak_mib.max(rss);
+        flash.push(run);
+    }
     let grown = match &backend {
         Backend::Postgres(_) if options.grown_payments > 0 => {
             eprintln!("== {name}: the grown database ({} payments)", options.grown_payments);
@@ -157,7 +169,7 @@ async fn backend_section(config: &Config, options: &ReportOptions, backend: Back
         }
         _ => None,
     };
-    Ok(Section { backend: name, version, naive, runs, rss_peak_mib, grown })
+    Ok(Section { backend: name, version, naive, runs, flash, rss_peak_mib, grown })
 }
 
 async fn naive_baseline(
@@ -221,6 +233,36 @@ async fn payments_run(
         Ok::<_, anyhow::Error>(Run { scenario, clients, report, batch_mean })
     }
     .await;
+    let rss = server.rss_peak_mib();
+    server.stop().await;
+    Ok((outcome?, rss))
+}
+
+/// Units and buyers of the report's flash sale: 500 units, ten buyers for each.
+pub(super) const FLASH_UNITS: usize = 500;
+pub(super) const FLASH_BUYERS: usize = 5_000;
+
+/// The flash sale at one client count against a server started for it.
+async fn flash_run(
+    config: &Config,
+    url: &str,
+    clients: usize,
+) -> anyhow::Result<(crate::bench::flashsale::Report, f64)> {
+    let server = Server::start(url).await?;
+    let outcome = crate::bench::flashsale::run(
+        config,
+        crate::bench::flashsale::Options {
+            addr: server.addr.clone(),
+            clients,
+            buyers: FLASH_BUYERS,
+            units: FLASH_UNITS,
+            server_pid: server.child.id(),
+        },
+    )
+    .await;
+    if let Ok(r) = &outcome {
+        eprint!("{}", r.table());
+    }
     let rss = server.rss_peak_mib();
     server.stop().await;
     Ok((outcome?, rss))

@@ -12,6 +12,8 @@ use crate::bench::payments::Scenario;
 
 /// The targets of issue 21, checked in the report.
 const TARGET_LIVESTREAM_OVER_UNIFORM: f64 = 0.95;
+/// Issue 23: the flash sale sells out at no less than this share of uniform sends.
+const TARGET_FLASH_OVER_UNIFORM: f64 = 0.9;
 const TARGET_P99_MS_AT_256: f64 = 40.0;
 const TARGET_RSS_MIB: f64 = 200.0;
 const TARGET_BYTES_PER_PAYMENT_MAX: i64 = 1_000;
@@ -193,6 +195,16 @@ pub(super) fn render(options: &ReportOptions, sections: &[Section]) -> String {
                 );
             }
         }
+        for f in &s.flash {
+            let Some(u) = find(Scenario::Uniform, f.clients) else { continue };
+            let ratio = f.purchases_per_s / u.payments_per_s.max(1e-9);
+            let _ = writeln!(
+                md,
+                "| flash sale at {} clients sells out >= {TARGET_FLASH_OVER_UNIFORM} x uniform | {ratio:.2} | {} |",
+                f.clients,
+                verdict(ratio >= TARGET_FLASH_OVER_UNIFORM)
+            );
+        }
         if s.backend == "postgres" {
             if let Some(p99) =
                 s.runs.iter().filter(|r| r.clients == 256).map(|r| r.report.latency_ms_p99).reduce(f64::max)
@@ -218,19 +230,75 @@ pub(super) fn render(options: &ReportOptions, sections: &[Section]) -> String {
             .runs
             .iter()
             .chain(grown_runs)
-            .all(|r| r.report.ledger_verified && r.report.seller_balance_ok != Some(false));
+            .all(|r| r.report.ledger_verified && r.report.seller_balance_ok != Some(false))
+            && s.flash.iter().all(|f| f.ok());
         let _ = writeln!(
             md,
             "| ledger check after every run | {} | {} |\n",
             if all_checked { "passed" } else { "failed" },
             verdict(all_checked)
         );
+        flash_section(&mut md, s);
         if let Some(g) = &s.grown {
             grown_section(&mut md, g);
         }
         cpu_section(&mut md, options, s);
     }
     md
+}
+
+/// The flash sale: K units, ten buyers per unit each tapping Buy once (`Purchase`),
+/// and what the outcome was checked against.
+fn flash_section(md: &mut String, s: &Section) {
+    if s.flash.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "### Flash sale
+"
+    );
+    let _ = writeln!(
+        md,
+        "`dmpay bench payments --scenario flashsale`: one listing of {} units, {} funded buyers each \
+         tapping Buy once (`Shopping.Purchase`, from the wallet), the clients taking the next buyer as \
+         soon as they are answered. Purchases/s counts the units sold from the first tap until the \
+         listing sold out; taps/s counts every answer, purchases and SOLD_OUT refusals.\n",
+        super::FLASH_UNITS,
+        super::FLASH_BUYERS
+    );
+    let _ = writeln!(
+        md,
+        "| clients | sold out after ms | purchases/s | purchase p50 ms | purchase p99 ms | taps/s | SOLD_OUT p50 ms | SOLD_OUT p99 ms | outcome |"
+    );
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    for f in &s.flash {
+        let outcome = if f.ok() {
+            format!(
+                "{} sold, {} SOLD_OUT, paid once, refused charged nothing, verify OK",
+                f.purchases, f.sold_out_refusals
+            )
+        } else {
+            format!(
+                "**wrong**: {} sold (listing {}), {} SOLD_OUT, errors {:?}, money {}, buyers {}, verify {}",
+                f.purchases, f.listing_sold, f.sold_out_refusals, f.errors, f.money_ok, f.buyers_ok, f.ledger_verified
+            )
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {} |",
+            f.clients,
+            f.sold_out_s * 1000.0,
+            f.purchases_per_s,
+            f.purchase_ms_p50,
+            f.purchase_ms_p99,
+            f.taps_per_s,
+            f.sold_out_ms_p50,
+            f.sold_out_ms_p99,
+            outcome
+        );
+    }
+    let _ = writeln!(md);
 }
 
 /// Where each run's CPU went, and what that bounds: with every core of the machine
@@ -409,6 +477,7 @@ mod tests {
             version: "PostgreSQL".into(),
             naive: Vec::new(),
             runs: vec![run(256, 6_000.0)],
+            flash: Vec::new(),
             rss_peak_mib: 100.0,
             grown: Some(Grown {
                 payments: 1_000_000,

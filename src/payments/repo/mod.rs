@@ -14,6 +14,7 @@ pub(crate) mod pg;
 pub(crate) mod refunds;
 pub(crate) mod requests;
 pub(crate) mod rows;
+pub(crate) mod shop;
 pub(crate) mod spend;
 pub(crate) mod sqlite;
 

@@ -1,0 +1,902 @@
+//! Live shopping's rows: `listings`, `purchases` and `purchase_refunds`, the purchase
+//! part of the posting engine's batch (reads under the batch's locks, rows and events
+//! with the batch), and the purchase events written on their own.
+
+use std::collections::HashMap;
+
+use super::PaymentStore;
+use crate::kernel::error::{Error, Result};
+use crate::kernel::ids::{ListingId, PurchaseId, PurchaseRefundId, UserId};
+use crate::kernel::money::{Currency, Money};
+use crate::payments::listing::{Hold, Listing, NewListing, Purchase};
+use crate::store::{json_rows, Db};
+use crate::with_db;
+
+/// Appends the outbox event of a purchase's change, for its buyer, its seller and its
+/// stream, in the caller's transaction (`$tx`), numbered from the event counter.
+macro_rules! purchase_event {
+    ($tx:expr, $event_type:expr, $p:expr, $sold:expr, $now:expr) => {{
+        let p: &Purchase = $p;
+        let seq: i64 = sqlx::query_scalar(
+            "UPDATE payment_event_sequence SET last_value = last_value + 1 WHERE id = 1 RETURNING last_value",
+        )
+        .fetch_one(&mut *$tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO payment_events (sequence, event_type, party_a, party_b, conversation_id, status, \
+             refunded_amount, failure_reason, failure_message, purchase_id, units_sold, snapshot, occurred_at_us) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, '', '', $8, $9, '', $10)",
+        )
+        .bind(seq)
+        .bind($event_type)
+        .bind(p.buyer_id.as_str())
+        .bind(p.seller_id.as_str())
+        .bind(crate::payments::listing::stream_channel(&p.stream_id))
+        .bind(status_of(p))
+        .bind(p.refunded_amount.minor())
+        .bind(p.purchase_id.as_str())
+        .bind($sold)
+        .bind($now)
+        .execute(&mut *$tx)
+        .await?;
+    }};
+}
+
+fn currency(code: &str) -> Result<Currency> {
+    Currency::from_code(code).ok_or_else(|| Error::internal(anyhow::anyhow!("unknown currency {code:?} in a row")))
+}
+
+pub(crate) const LISTING_COLUMNS: &str = "listing_id, seller_id, stream_id, title, currency, price, quantity, sold, \
+     per_buyer_max, starts_at_us, ends_at_us, closed_at_us, created_at_us";
+
+#[derive(sqlx::FromRow, serde::Deserialize)]
+pub(crate) struct ListingRow {
+    listing_id: String,
+    seller_id: String,
+    stream_id: String,
+    title: String,
+    currency: String,
+    price: i64,
+    quantity: Option<i64>,
+    sold: i64,
+    per_buyer_max: i64,
+    starts_at_us: Option<i64>,
+    ends_at_us: Option<i64>,
+    closed_at_us: Option<i64>,
+    created_at_us: i64,
+}
+
+impl TryFrom<ListingRow> for Listing {
+    type Error = Error;
+    fn try_from(r: ListingRow) -> Result<Self> {
+        Ok(Listing {
+            unit_price: Money::from_minor(currency(&r.currency)?, r.price),
+            listing_id: ListingId::from_db(r.listing_id),
+            seller_id: UserId::from_db(r.seller_id),
+            stream_id: r.stream_id,
+            title: r.title,
+            quantity: r.quantity,
+            sold: r.sold,
+            per_buyer_max: r.per_buyer_max,
+            starts_at_us: r.starts_at_us,
+            ends_at_us: r.ends_at_us,
+            closed_at_us: r.closed_at_us,
+            created_at_us: r.created_at_us,
+        })
+    }
+}
+
+pub(crate) const PURCHASE_COLUMNS: &str = "purchase_id, listing_id, buyer_id, seller_id, stream_id, currency, \
+     quantity, unit_price, amount, commission, refunded_amount, commission_refunded, restocked, hold, \
+     available_at_us, released_amount, created_at_us";
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct PurchaseRow {
+    purchase_id: String,
+    listing_id: String,
+    buyer_id: String,
+    seller_id: String,
+    stream_id: String,
+    currency: String,
+    quantity: i64,
+    unit_price: i64,
+    amount: i64,
+    commission: i64,
+    refunded_amount: i64,
+    commission_refunded: i64,
+    restocked: i64,
+    hold: String,
+    available_at_us: i64,
+    released_amount: Option<i64>,
+    created_at_us: i64,
+}
+
+impl TryFrom<PurchaseRow> for Purchase {
+    type Error = Error;
+    fn try_from(r: PurchaseRow) -> Result<Self> {
+        let c = currency(&r.currency)?;
+        Ok(Purchase {
+            purchase_id: PurchaseId::from_db(r.purchase_id),
+            listing_id: ListingId::from_db(r.listing_id),
+            buyer_id: UserId::from_db(r.buyer_id),
+            seller_id: UserId::from_db(r.seller_id),
+            stream_id: r.stream_id,
+            quantity: r.quantity,
+            unit_price: Money::from_minor(c, r.unit_price),
+            amount: Money::from_minor(c, r.amount),
+            commission: Money::from_minor(c, r.commission),
+            refunded_amount: Money::from_minor(c, r.refunded_amount),
+            commission_refunded: r.commission_refunded,
+            restocked: r.restocked,
+            hold: Hold::from_db(&r.hold)?,
+            available_at_us: r.available_at_us,
+            released_amount: r.released_amount,
+            created_at_us: r.created_at_us,
+        })
+    }
+}
+
+/// How `insert_listing` ended.
+pub(crate) enum ListingInserted {
+    New(Listing),
+    /// The key was used before: the listing it made, and that request's hash.
+    Existing(Listing, String),
+}
+
+/// A seller's refund as recorded before its money moves.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct RefundRow {
+    pub refund_id: String,
+    pub purchase_id: String,
+    pub amount: i64,
+    pub commission: i64,
+    pub restock: i64,
+    pub source: String,
+    pub status: String,
+    pub request_hash: String,
+}
+
+const REFUND_COLUMNS: &str = "refund_id, purchase_id, amount, commission, restock, source, status, request_hash";
+
+impl PaymentStore {
+    pub(crate) async fn listing(&self, id: &ListingId) -> Result<Option<Listing>> {
+        let row: Option<ListingRow> = with_db!(&self.db, pool => sqlx::query_as(&format!(
+            "SELECT {LISTING_COLUMNS} FROM listings WHERE listing_id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(pool)
+        .await)?;
+        row.map(Listing::try_from).transpose()
+    }
+
+    /// A listing and its seller's commission override, for a purchase's price.
+    pub(crate) async fn listing_for_sale(&self, id: &ListingId) -> Result<Option<(Listing, Option<i32>, bool)>> {
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            #[sqlx(flatten)]
+            listing: ListingRow,
+            commission_bps: Option<i32>,
+            seller: bool,
+        }
+        let cols = LISTING_COLUMNS.split(", ").map(|c| format!("l.{c}")).collect::<Vec<_>>().join(", ");
+        let row: Option<Row> = with_db!(&self.db, pool => sqlx::query_as(&format!(
+            "SELECT {cols}, a.commission_bps, a.seller FROM listings l JOIN accounts a ON a.user_id = l.seller_id \
+             WHERE l.listing_id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(pool)
+        .await)?;
+        row.map(|r| Ok((Listing::try_from(r.listing)?, r.commission_bps, r.seller))).transpose()
+    }
+
+    /// Inserts a listing unless the seller has used the key, and unless the seller has
+    /// `open_max` open listings already (counted in the same transaction).
+    pub(crate) async fn insert_listing(
+        &self,
+        input: &NewListing,
+        per_buyer_max: i64,
+        open_max: i64,
+    ) -> Result<ListingInserted> {
+        let now = self.clock.now_us();
+        let id = ListingId::generate();
+        let hash = input.request_hash();
+        #[derive(sqlx::FromRow)]
+        struct WithHash {
+            #[sqlx(flatten)]
+            listing: ListingRow,
+            request_hash: String,
+        }
+        let by_key = format!(
+            "SELECT {LISTING_COLUMNS}, request_hash FROM listings WHERE seller_id = $1 AND idempotency_key = $2"
+        );
+        let lock_seller = match &self.writer {
+            Db::Postgres(_) => "SELECT 1 FROM accounts WHERE user_id = $1 FOR UPDATE",
+            Db::Sqlite(_) => "SELECT 1 FROM accounts WHERE user_id = $1",
+        };
+        let inserted: Option<ListingRow> = with_db!(&self.writer, pool => {
+            let mut tx = pool.begin().await?;
+            // The seller's account row is the lock that serializes their listing
+            // creations on PostgreSQL, so the count below cannot be raced past the
+            // limit; on SQLite the transaction's writes already run one at a time.
+            sqlx::query(lock_seller).bind(input.seller_id.as_str()).execute(&mut *tx).await?;
+            let open: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM listings WHERE seller_id = $1 AND closed_at_us IS NULL \
+                 AND (ends_at_us IS NULL OR ends_at_us > $2)",
+            )
+            .bind(input.seller_id.as_str())
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            if open >= open_max {
+                // A retry of a creation that committed still gets its listing.
+                let found: Option<WithHash> = sqlx::query_as(&by_key)
+                    .bind(input.seller_id.as_str())
+                    .bind(&input.idempotency_key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if let Some(f) = found {
+                    return Ok(ListingInserted::Existing(Listing::try_from(f.listing)?, f.request_hash));
+                }
+                return Err(Error::ResourceExhausted {
+                    reason: crate::kernel::reason::Reason::OpenListings,
+                    message: format!("at most {open_max} open listings per seller; close one first"),
+                });
+            }
+            let row: Option<ListingRow> = sqlx::query_as(&format!(
+                "INSERT INTO listings (listing_id, seller_id, stream_id, title, currency, price, quantity, \
+                 per_buyer_max, starts_at_us, ends_at_us, idempotency_key, request_hash, created_at_us, \
+                 updated_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13) \
+                 ON CONFLICT (seller_id, idempotency_key) DO NOTHING RETURNING {LISTING_COLUMNS}"
+            ))
+            .bind(id.as_str())
+            .bind(input.seller_id.as_str())
+            .bind(&input.stream_id)
+            .bind(&input.title)
+            .bind(input.unit_price.currency().code())
+            .bind(input.unit_price.minor())
+            .bind(input.quantity)
+            .bind(per_buyer_max)
+            .bind(input.starts_at_us)
+            .bind(input.ends_at_us)
+            .bind(&input.idempotency_key)
+            .bind(&hash)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok::<_, Error>(row)
+        })?;
+        if let Some(row) = inserted {
+            return Ok(ListingInserted::New(Listing::try_from(row)?));
+        }
+        let f: Option<WithHash> = with_db!(&self.db, pool => sqlx::query_as(&by_key)
+            .bind(input.seller_id.as_str())
+            .bind(&input.idempotency_key)
+            .fetch_optional(pool)
+            .await)?;
+        let f = f.ok_or_else(|| Error::internal(anyhow::anyhow!("listing key conflict without a row")))?;
+        Ok(ListingInserted::Existing(Listing::try_from(f.listing)?, f.request_hash))
+    }
+
+    /// Adds `quantity` units to a limited, unclosed listing, unless `key` is the key of
+    /// the last add (a retry). `None` when no such listing exists.
+    pub(crate) async fn add_stock(&self, id: &ListingId, quantity: i64, key: &str) -> Result<Option<Listing>> {
+        let now = self.clock.now_us();
+        let row: Option<ListingRow> = with_db!(&self.writer, pool => sqlx::query_as(&format!(
+            "UPDATE listings SET quantity = quantity + CASE WHEN stock_key = $3 THEN 0 ELSE $2 END, \
+             stock_key = $3, updated_at_us = $4 \
+             WHERE listing_id = $1 AND quantity IS NOT NULL AND closed_at_us IS NULL \
+             AND quantity + $2 <= $5 RETURNING {LISTING_COLUMNS}"
+        ))
+        .bind(id.as_str())
+        .bind(quantity)
+        .bind(key)
+        .bind(now)
+        .bind(crate::payments::listing::QUANTITY_MAX)
+        .fetch_optional(pool)
+        .await)?;
+        row.map(Listing::try_from).transpose()
+    }
+
+    /// Closes a listing (idempotent: a closed one keeps its first closing time).
+    pub(crate) async fn close_listing(&self, id: &ListingId) -> Result<Option<Listing>> {
+        let now = self.clock.now_us();
+        let row: Option<ListingRow> = with_db!(&self.writer, pool => sqlx::query_as(&format!(
+            "UPDATE listings SET closed_at_us = COALESCE(closed_at_us, $2), updated_at_us = $2 \
+             WHERE listing_id = $1 RETURNING {LISTING_COLUMNS}"
+        ))
+        .bind(id.as_str())
+        .bind(now)
+        .fetch_optional(pool)
+        .await)?;
+        row.map(Listing::try_from).transpose()
+    }
+
+    /// A stream's listings before the keyset `before`, newest first.
+    pub(crate) async fn listings(&self, stream_id: &str, before: (i64, String), limit: i64) -> Result<Vec<Listing>> {
+        let rows: Vec<ListingRow> = with_db!(&self.db, pool => sqlx::query_as(&format!(
+            "SELECT {LISTING_COLUMNS} FROM listings WHERE stream_id = $1 \
+             AND (created_at_us < $2 OR (created_at_us = $2 AND listing_id < $3)) \
+             ORDER BY created_at_us DESC, listing_id DESC LIMIT $4"
+        ))
+        .bind(stream_id)
+        .bind(before.0)
+        .bind(&before.1)
+        .bind(limit)
+        .fetch_all(pool)
+        .await)?;
+        rows.into_iter().map(Listing::try_from).collect()
+    }
+
+    pub(crate) async fn purchase(&self, id: &PurchaseId) -> Result<Option<Purchase>> {
+        let row: Option<PurchaseRow> = with_db!(&self.db, pool => sqlx::query_as(&format!(
+            "SELECT {PURCHASE_COLUMNS} FROM purchases WHERE purchase_id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(pool)
+        .await)?;
+        row.map(Purchase::try_from).transpose()
+    }
+
+    /// The buyer's purchase under `key`, with its request's hash.
+    pub(crate) async fn purchase_by_key(&self, buyer: &UserId, key: &str) -> Result<Option<(Purchase, String)>> {
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            #[sqlx(flatten)]
+            row: PurchaseRow,
+            request_hash: String,
+        }
+        let row: Option<Row> = with_db!(&self.db, pool => sqlx::query_as(&format!(
+            "SELECT {PURCHASE_COLUMNS}, request_hash FROM purchases WHERE buyer_id = $1 AND idempotency_key = $2"
+        ))
+        .bind(buyer.as_str())
+        .bind(key)
+        .fetch_optional(pool)
+        .await)?;
+        row.map(|r| Ok((Purchase::try_from(r.row)?, r.request_hash))).transpose()
+    }
+
+    /// A seller's sales before the keyset `before`, newest first.
+    pub(crate) async fn sales(&self, seller: &UserId, before: (i64, String), limit: i64) -> Result<Vec<Purchase>> {
+        let rows: Vec<PurchaseRow> = with_db!(&self.db, pool => sqlx::query_as(&format!(
+            "SELECT {PURCHASE_COLUMNS} FROM purchases WHERE seller_id = $1 \
+             AND (created_at_us < $2 OR (created_at_us = $2 AND purchase_id < $3)) \
+             ORDER BY created_at_us DESC, purchase_id DESC LIMIT $4"
+        ))
+        .bind(seller.as_str())
+        .bind(before.0)
+        .bind(&before.1)
+        .bind(limit)
+        .fetch_all(pool)
+        .await)?;
+        rows.into_iter().map(Purchase::try_from).collect()
+    }
+
+    /// Held purchases whose hold has ended, or releases a crash interrupted: at most
+    /// `limit`, oldest first.
+    pub(crate) async fn due_releases(&self, limit: i64) -> Result<Vec<Purchase>> {
+        let now = self.clock.now_us();
+        let rows: Vec<PurchaseRow> = with_db!(&self.db, pool => sqlx::query_as(&format!(
+            "SELECT {PURCHASE_COLUMNS} FROM purchases WHERE hold <> 'released' AND available_at_us <= $1 \
+             ORDER BY available_at_us LIMIT $2"
+        ))
+        .bind(now)
+        .bind(limit)
+        .fetch_all(pool)
+        .await)?;
+        rows.into_iter().map(Purchase::try_from).collect()
+    }
+
+    /// Fixes what a held purchase releases (its seller share less what refunds took
+    /// from pending) and marks it releasing; a purchase already releasing keeps its
+    /// amount. `None` when it is released already.
+    pub(crate) async fn start_release(&self, id: &PurchaseId) -> Result<Option<i64>> {
+        let now = self.clock.now_us();
+        let amount: Option<Option<i64>> = with_db!(&self.writer, pool => sqlx::query_scalar(
+            "UPDATE purchases SET hold = 'releasing', updated_at_us = $2, released_amount = COALESCE(released_amount, \
+             (amount - commission) - (refunded_amount - commission_refunded)) \
+             WHERE purchase_id = $1 AND hold <> 'released' RETURNING released_amount"
+        )
+        .bind(id.as_str())
+        .bind(now)
+        .fetch_optional(pool)
+        .await)?;
+        Ok(amount.flatten())
+    }
+
+    pub(crate) async fn finish_release(&self, id: &PurchaseId) -> Result<()> {
+        let now = self.clock.now_us();
+        with_db!(&self.writer, pool => sqlx::query(
+            "UPDATE purchases SET hold = 'released', updated_at_us = $2 WHERE purchase_id = $1 AND hold = 'releasing'"
+        )
+        .bind(id.as_str())
+        .bind(now)
+        .execute(pool)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Makes a held purchase's money due now (the order was delivered).
+    pub(crate) async fn release_now(&self, id: &PurchaseId) -> Result<()> {
+        let now = self.clock.now_us();
+        with_db!(&self.writer, pool => sqlx::query(
+            "UPDATE purchases SET available_at_us = $2, updated_at_us = $2 \
+             WHERE purchase_id = $1 AND hold = 'held' AND available_at_us > $2"
+        )
+        .bind(id.as_str())
+        .bind(now)
+        .execute(pool)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// The refund under `key` of a purchase, if any.
+    pub(crate) async fn refund_by_key(&self, purchase: &PurchaseId, key: &str) -> Result<Option<RefundRow>> {
+        let row: Option<RefundRow> = with_db!(&self.db, pool => sqlx::query_as(&format!(
+            "SELECT {REFUND_COLUMNS} FROM purchase_refunds WHERE purchase_id = $1 AND idempotency_key = $2"
+        ))
+        .bind(purchase.as_str())
+        .bind(key)
+        .fetch_optional(pool)
+        .await)?;
+        Ok(row)
+    }
+
+    /// Records a refund of `amount` and counts it on the purchase, in one transaction:
+    /// the purchase row's checks (never more than its amount) and its lock make
+    /// parallel refunds exact. The source is the purchase's pending money while it is
+    /// held, else the seller's wallet. `Err` with the refusal when it does not fit.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn insert_refund(
+        &self,
+        purchase_id: &PurchaseId,
+        amount: Option<i64>,
+        restock: i64,
+        key: &str,
+        hash: &str,
+        refunds_max: i64,
+    ) -> Result<RefundRow> {
+        let now = self.clock.now_us();
+        let id = PurchaseRefundId::generate();
+        with_db!(&self.writer, pool => {
+            let mut tx = pool.begin().await?;
+            // Takes the purchase row's lock first (on both backends a write), so
+            // that the checks below read what no concurrent refund can change.
+            let p: Option<PurchaseRow> = sqlx::query_as(&format!(
+                "UPDATE purchases SET updated_at_us = $2 WHERE purchase_id = $1 RETURNING {PURCHASE_COLUMNS}"
+            ))
+            .bind(purchase_id.as_str())
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let p = Purchase::try_from(p.ok_or_else(|| Error::not_found(format!("purchase {purchase_id}")))?)?;
+            let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM purchase_refunds WHERE purchase_id = $1")
+                .bind(purchase_id.as_str())
+                .fetch_one(&mut *tx)
+                .await?;
+            if count >= refunds_max {
+                return Err(Error::ResourceExhausted {
+                    reason: crate::kernel::reason::Reason::RefundExceedsPayment,
+                    message: format!("at most {refunds_max} refunds per purchase"),
+                });
+            }
+            let left = p.amount.minor() - p.refunded_amount.minor();
+            let amount = amount.unwrap_or(left);
+            if amount <= 0 || amount > left {
+                return Err(Error::FailedPrecondition {
+                    reason: crate::kernel::reason::Reason::RefundExceedsPayment,
+                    message: format!(
+                        "at most {} is left to refund",
+                        Money::from_minor(p.amount.currency(), left)
+                    ),
+                });
+            }
+            if restock > p.quantity - p.restocked {
+                return Err(Error::invalid(
+                    "restock_quantity",
+                    format!("at most {} units of this purchase are not back on sale", p.quantity - p.restocked),
+                ));
+            }
+            let refunded = p.refunded_amount.minor() + amount;
+            let commission = p.commission_refunded_at(refunded) - p.commission_refunded;
+            let source = if p.hold == Hold::Held { "pending" } else { "available" };
+            sqlx::query(
+                "UPDATE purchases SET refunded_amount = refunded_amount + $2, \
+                 commission_refunded = commission_refunded + $3, restocked = restocked + $4 WHERE purchase_id = $1",
+            )
+            .bind(purchase_id.as_str())
+            .bind(amount)
+            .bind(commission)
+            .bind(restock)
+            .execute(&mut *tx)
+            .await?;
+            let row: RefundRow = sqlx::query_as(&format!(
+                "INSERT INTO purchase_refunds (refund_id, purchase_id, amount, commission, restock, source, status, \
+                 idempotency_key, request_hash, created_at_us, updated_at_us) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8, $9, $9) RETURNING {REFUND_COLUMNS}"
+            ))
+            .bind(id.as_str())
+            .bind(purchase_id.as_str())
+            .bind(amount)
+            .bind(commission)
+            .bind(restock)
+            .bind(source)
+            .bind(key)
+            .bind(hash)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(row)
+        })
+    }
+
+    /// Refunds recorded but not yet finished, older than `before_us` (a crash, or an
+    /// attempt still running): at most `limit`.
+    pub(crate) async fn pending_refunds(&self, before_us: i64, limit: i64) -> Result<Vec<RefundRow>> {
+        let rows: Vec<RefundRow> = with_db!(&self.db, pool => sqlx::query_as(&format!(
+            "SELECT {REFUND_COLUMNS} FROM purchase_refunds WHERE status = 'pending' AND created_at_us < $1 \
+             ORDER BY created_at_us LIMIT $2"
+        ))
+        .bind(before_us)
+        .bind(limit)
+        .fetch_all(pool)
+        .await)?;
+        Ok(rows)
+    }
+
+    /// Finishes a refund whose money moved: marks it posted, puts its units back on
+    /// sale and appends its event, in one transaction. `None` when another attempt
+    /// finished it first.
+    pub(crate) async fn finish_refund(&self, refund: &RefundRow) -> Result<Option<Purchase>> {
+        let now = self.clock.now_us();
+        with_db!(&self.writer, pool => {
+            let mut tx = pool.begin().await?;
+            let done = sqlx::query(
+                "UPDATE purchase_refunds SET status = 'posted', updated_at_us = $2 \
+                 WHERE refund_id = $1 AND status = 'pending'",
+            )
+            .bind(&refund.refund_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if done == 0 {
+                return Ok(None);
+            }
+            let p: PurchaseRow = sqlx::query_as(&format!(
+                "SELECT {PURCHASE_COLUMNS} FROM purchases WHERE purchase_id = $1"
+            ))
+            .bind(&refund.purchase_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            let p = Purchase::try_from(p)?;
+            let sold: i64 = sqlx::query_scalar(
+                "UPDATE listings SET sold = sold - $2, updated_at_us = $3 WHERE listing_id = $1 RETURNING sold",
+            )
+            .bind(p.listing_id.as_str())
+            .bind(refund.restock)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            purchase_event!(tx, "purchase.refunded", &p, sold, now);
+            tx.commit().await?;
+            Ok(Some(p))
+        })
+    }
+
+    /// Undoes a refund whose money could not move (the seller's wallet could not cover
+    /// it): the purchase's counts go back, the refund is failed.
+    pub(crate) async fn fail_refund(&self, refund: &RefundRow, reason: &str) -> Result<()> {
+        let now = self.clock.now_us();
+        with_db!(&self.writer, pool => {
+            let mut tx = pool.begin().await?;
+            let done = sqlx::query(
+                "UPDATE purchase_refunds SET status = 'failed', failure_reason = $3, updated_at_us = $2 \
+                 WHERE refund_id = $1 AND status = 'pending'",
+            )
+            .bind(&refund.refund_id)
+            .bind(now)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if done == 1 {
+                sqlx::query(
+                    "UPDATE purchases SET refunded_amount = refunded_amount - $2, \
+                     commission_refunded = commission_refunded - $3, restocked = restocked - $4, updated_at_us = $5 \
+                     WHERE purchase_id = $1",
+                )
+                .bind(&refund.purchase_id)
+                .bind(refund.amount)
+                .bind(refund.commission)
+                .bind(refund.restock)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok::<_, Error>(())
+        })
+    }
+}
+
+/// The purchases with these ids, by id.
+pub(crate) async fn purchases_by_id(db: &Db, ids: &[&str]) -> Result<HashMap<String, Purchase>> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<PurchaseRow> = match db {
+        Db::Postgres(pool) => {
+            sqlx::query_as(&format!("SELECT {PURCHASE_COLUMNS} FROM purchases WHERE purchase_id = ANY($1)"))
+                .bind(ids)
+                .fetch_all(pool)
+                .await?
+        }
+        Db::Sqlite(pool) => {
+            sqlx::query_as(&format!(
+                "SELECT {PURCHASE_COLUMNS} FROM purchases WHERE purchase_id IN (SELECT value FROM json_each($1))"
+            ))
+            .bind(json_rows(ids)?)
+            .fetch_all(pool)
+            .await?
+        }
+    };
+    rows.into_iter().map(|r| Purchase::try_from(r).map(|p| (p.purchase_id.to_string(), p))).collect()
+}
+
+fn status_of(p: &Purchase) -> &'static str {
+    match p.status() {
+        crate::payments::listing::PurchaseStatus::Paid => "paid",
+        crate::payments::listing::PurchaseStatus::PartiallyRefunded => "partially_refunded",
+        crate::payments::listing::PurchaseStatus::Refunded => "refunded",
+    }
+}
+
+// ---- The purchase part of the posting engine's batch ----
+
+/// What the batch's purchase rules read, under the batch's locks.
+pub(crate) struct PurchasesPrepared {
+    /// (buyer, key) -> (purchase id, request hash).
+    pub existing: HashMap<(String, String), (String, String)>,
+    pub listings: HashMap<String, Listing>,
+    /// (listing, buyer) -> units bought before this batch.
+    pub bought: HashMap<(String, String), i64>,
+}
+
+/// A purchase the batch writes, and its event's units sold.
+pub(crate) struct BatchPurchase<'a> {
+    pub purchase: &'a Purchase,
+    pub key: &'a str,
+    pub hash: &'a str,
+    pub units_sold: i64,
+}
+
+pub(crate) async fn prepare_purchases(
+    conn: &mut crate::ledger::engine::hook::Conn<'_>,
+    keys: &[(&str, &str)],
+    listings: &[&str],
+    pairs: &[(&str, &str)],
+) -> std::result::Result<PurchasesPrepared, sqlx::Error> {
+    use crate::ledger::engine::hook::Conn;
+    let (existing, listing_rows, bought): (
+        Vec<(String, String, String, String)>,
+        Vec<ListingRow>,
+        Vec<(String, String, i64)>,
+    ) = match conn {
+        Conn::Postgres(c) => {
+            let (kb, kk): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+            let existing = sqlx::query_as(
+                "SELECT p.buyer_id, p.idempotency_key, p.purchase_id, p.request_hash \
+                     FROM UNNEST($1::text[], $2::text[]) AS t(b, k) \
+                     JOIN purchases p ON p.buyer_id = t.b AND p.idempotency_key = t.k",
+            )
+            .bind(&kb)
+            .bind(&kk)
+            .fetch_all(&mut **c)
+            .await?;
+            // The listing rows are the hook's rows of the lock order: after the
+            // balance rows the engine locked, before the journal's sequence row. A
+            // concurrent batch of another process selling the same listing waits
+            // here and then reads the count this batch committed.
+            let rows = sqlx::query_as(&format!(
+                "SELECT {LISTING_COLUMNS} FROM listings WHERE listing_id = ANY($1) ORDER BY listing_id FOR UPDATE"
+            ))
+            .bind(listings)
+            .fetch_all(&mut **c)
+            .await?;
+            let (pl, pb): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
+            let bought = sqlx::query_as(
+                "SELECT p.listing_id, p.buyer_id, CAST(SUM(p.quantity) AS BIGINT) \
+                     FROM UNNEST($1::text[], $2::text[]) AS t(l, b) \
+                     JOIN purchases p ON p.listing_id = t.l AND p.buyer_id = t.b GROUP BY p.listing_id, p.buyer_id",
+            )
+            .bind(&pl)
+            .bind(&pb)
+            .fetch_all(&mut **c)
+            .await?;
+            (existing, rows, bought)
+        }
+        Conn::Sqlite(c) => {
+            let existing = sqlx::query_as(
+                "SELECT p.buyer_id, p.idempotency_key, p.purchase_id, p.request_hash FROM json_each(?1) AS j \
+                     JOIN purchases p ON p.buyer_id = j.value ->> 0 AND p.idempotency_key = j.value ->> 1",
+            )
+            .bind(json_rows(keys)?)
+            .fetch_all(&mut **c)
+            .await?;
+            let rows = sqlx::query_as(&format!(
+                "SELECT {LISTING_COLUMNS} FROM listings WHERE listing_id IN (SELECT value FROM json_each(?1))"
+            ))
+            .bind(json_rows(listings)?)
+            .fetch_all(&mut **c)
+            .await?;
+            let bought = sqlx::query_as(
+                "SELECT p.listing_id, p.buyer_id, CAST(SUM(p.quantity) AS INTEGER) FROM json_each(?1) AS j \
+                     JOIN purchases p ON p.listing_id = j.value ->> 0 AND p.buyer_id = j.value ->> 1 \
+                     GROUP BY p.listing_id, p.buyer_id",
+            )
+            .bind(json_rows(pairs)?)
+            .fetch_all(&mut **c)
+            .await?;
+            (existing, rows, bought)
+        }
+    };
+    let listings = listing_rows
+        .into_iter()
+        .map(|r| Listing::try_from(r).map(|l| (l.listing_id.to_string(), l)))
+        .collect::<Result<HashMap<_, _>>>()
+        .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+    Ok(PurchasesPrepared {
+        existing: existing.into_iter().map(|(b, k, id, h)| ((b, k), (id, h))).collect(),
+        listings,
+        bought: bought.into_iter().map(|(l, b, n)| ((l, b), n)).collect(),
+    })
+}
+
+/// The batch's purchases and the listings' new counts (`HookBatch::write_rows`); on
+/// SQLite their events too (`write_purchase_events` on PostgreSQL, after the journal).
+pub(crate) async fn write_purchases(
+    conn: &mut crate::ledger::engine::hook::Conn<'_>,
+    rows: &[BatchPurchase<'_>],
+    sold: &[(&str, i64)],
+    now_us: i64,
+) -> std::result::Result<(), sqlx::Error> {
+    use crate::ledger::engine::hook::Conn;
+    type Row<'a> =
+        (&'a str, &'a str, &'a str, &'a str, &'a str, &'a str, i64, i64, i64, i64, i64, &'a str, &'a str, i64);
+    let json: Vec<Row<'_>> = rows
+        .iter()
+        .map(|r| {
+            let p = r.purchase;
+            (
+                p.purchase_id.as_str(),
+                p.listing_id.as_str(),
+                p.buyer_id.as_str(),
+                p.seller_id.as_str(),
+                p.stream_id.as_str(),
+                p.amount.currency().code(),
+                p.quantity,
+                p.unit_price.minor(),
+                p.amount.minor(),
+                p.commission.minor(),
+                p.available_at_us,
+                r.key,
+                r.hash,
+                p.created_at_us,
+            )
+        })
+        .collect();
+    // One JSON parameter on both backends: a flash sale's batch is a few hundred rows,
+    // and one statement with one parameter is one round trip either way.
+    let insert_pg = "INSERT INTO purchases (purchase_id, listing_id, buyer_id, seller_id, stream_id, currency, \
+         quantity, unit_price, amount, commission, hold, available_at_us, idempotency_key, request_hash, \
+         created_at_us, updated_at_us) \
+         SELECT r ->> 0, r ->> 1, r ->> 2, r ->> 3, r ->> 4, r ->> 5, (r ->> 6)::int8, (r ->> 7)::int8, \
+         (r ->> 8)::int8, (r ->> 9)::int8, 'held', (r ->> 10)::int8, r ->> 11, r ->> 12, (r ->> 13)::int8, $2 \
+         FROM jsonb_array_elements($1::jsonb) AS r";
+    let sold_pg = "UPDATE listings l SET sold = l.sold + t.n, updated_at_us = $3 \
+         FROM UNNEST($1::text[], $2::int8[]) AS t(id, n) WHERE l.listing_id = t.id";
+    let (ids, counts): (Vec<&str>, Vec<i64>) = sold.iter().copied().unzip();
+    match conn {
+        Conn::Postgres(c) => {
+            sqlx::query(insert_pg).bind(json_rows(&json)?).bind(now_us).execute(&mut **c).await?;
+            sqlx::query(sold_pg).bind(&ids).bind(&counts).bind(now_us).execute(&mut **c).await?;
+        }
+        Conn::Sqlite(c) => {
+            sqlx::query(
+                "INSERT INTO purchases (purchase_id, listing_id, buyer_id, seller_id, stream_id, currency, \
+                 quantity, unit_price, amount, commission, hold, available_at_us, idempotency_key, request_hash, \
+                 created_at_us, updated_at_us) \
+                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, \
+                 value ->> 7, value ->> 8, value ->> 9, 'held', value ->> 10, value ->> 11, value ->> 12, \
+                 value ->> 13, ?2 FROM json_each(?1)",
+            )
+            .bind(json_rows(&json)?)
+            .bind(now_us)
+            .execute(&mut **c)
+            .await?;
+            let pairs: Vec<(&str, i64)> = sold.to_vec();
+            sqlx::query(
+                "UPDATE listings SET sold = sold + (SELECT j.value ->> 1 FROM json_each(?1) AS j \
+                 WHERE j.value ->> 0 = listings.listing_id), updated_at_us = ?2 \
+                 WHERE listing_id IN (SELECT j.value ->> 0 FROM json_each(?1) AS j)",
+            )
+            .bind(json_rows(&pairs)?)
+            .bind(now_us)
+            .execute(&mut **c)
+            .await?;
+            write_events_sqlite(c, rows, now_us).await?;
+        }
+    }
+    Ok(())
+}
+
+type EventJson<'a> = (i64, &'a str, &'a str, &'a str, String, &'a str, i64, i64);
+
+fn events_json<'a>(rows: &'a [BatchPurchase<'a>]) -> Vec<EventJson<'a>> {
+    rows.iter()
+        .enumerate()
+        .map(|(k, r)| {
+            let p = r.purchase;
+            (
+                k as i64 + 1,
+                p.buyer_id.as_str(),
+                p.seller_id.as_str(),
+                p.purchase_id.as_str(),
+                crate::payments::listing::stream_channel(&p.stream_id),
+                "paid",
+                r.units_sold,
+                p.created_at_us,
+            )
+        })
+        .collect()
+}
+
+async fn write_events_sqlite(
+    c: &mut sqlx::SqliteConnection,
+    rows: &[BatchPurchase<'_>],
+    now_us: i64,
+) -> std::result::Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO payment_events (sequence, event_type, party_a, party_b, purchase_id, conversation_id, status, \
+         refunded_amount, failure_reason, failure_message, units_sold, settled_at_us, snapshot, occurred_at_us) \
+         SELECT (SELECT last_value FROM payment_event_sequence WHERE id = 1) + (value ->> 0), 'purchase.completed', \
+         value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, 0, '', '', value ->> 6, value ->> 7, '', ?2 \
+         FROM json_each(?1); \
+         UPDATE payment_event_sequence SET last_value = last_value + ?3 WHERE id = 1",
+    )
+    .bind(json_rows(&events_json(rows))?)
+    .bind(now_us)
+    .bind(rows.len() as i64)
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+/// PostgreSQL: the batch's purchase events, right after the engine's journal statement
+/// (`HookBatch::write_numbered`), numbered from the event counter in one statement.
+pub(crate) async fn write_purchase_events(
+    conn: &mut crate::ledger::engine::hook::Conn<'_>,
+    rows: &[BatchPurchase<'_>],
+    now_us: i64,
+) -> std::result::Result<(), sqlx::Error> {
+    let crate::ledger::engine::hook::Conn::Postgres(c) = conn else { return Ok(()) };
+    sqlx::query(
+        "WITH seq AS ( \
+           UPDATE payment_event_sequence SET last_value = last_value + $3 WHERE id = 1 \
+           RETURNING last_value - $3 AS base) \
+         INSERT INTO payment_events (sequence, event_type, party_a, party_b, purchase_id, conversation_id, status, \
+           refunded_amount, failure_reason, failure_message, units_sold, settled_at_us, snapshot, occurred_at_us) \
+         SELECT s.base + (r ->> 0)::int8, 'purchase.completed', r ->> 1, r ->> 2, r ->> 3, r ->> 4, r ->> 5, 0, '', '', \
+           (r ->> 6)::int8, (r ->> 7)::int8, '', $2 FROM jsonb_array_elements($1::jsonb) AS r, seq s",
+    )
+    .bind(json_rows(&events_json(rows))?)
+    .bind(now_us)
+    .bind(rows.len() as i64)
+    .execute(&mut **c)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,541 @@
+//! Live shopping: sellers' listings in a live stream, one-tap purchases settled in the
+//! posting engine's batch with the listing's stock (`batch`), the seller's pending money
+//! released to their wallet after a hold, and the seller's refunds. The types are in
+//! `payments::listing`, where the payments' store can reach them.
+//!
+//! - `batch`  a purchase's rules and stock under the engine's batch locks
+//!
+//! Money flow of a purchase of amount A with commission C, one ledger entry: debit the
+//! buyer's wallet A, credit the seller's `sales_pending` A - C and `platform:commissions`
+//! C. After the hold (`DMPAY_SHOP_HOLD`) or delivery, the seller's share less what
+//! refunds took moves from `sales_pending` to the seller's wallet (`release`). A refund
+//! of R moves R back to the buyer's wallet: its commission part from the platform, the
+//! rest from the sale's pending money while it is held, else from the seller's wallet.
+
+pub mod batch;
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use super::listing as model;
+pub use super::listing::{Listing, ListingStatus, NewListing, Purchase, PurchaseStatus, QUANTITY_MAX};
+
+use super::repo::shop::{ListingInserted, RefundRow};
+use super::{Payments, ACTOR};
+use crate::kernel::error::{Error, Result};
+use crate::kernel::ids::{ListingId, PurchaseId, UserId};
+use crate::kernel::money::Money;
+use crate::kernel::page::Page;
+use crate::kernel::reason::Reason;
+use crate::ledger::{
+    AccountCode, Direction, NewEntry, Op, Outcome, PostEntryInput, Posting, PostingInput, SYSTEM_COMMISSIONS,
+};
+
+/// Releases and refunds the resolver finishes per tick, each.
+const RESOLVE_BATCH_MAX: i64 = 200;
+/// A refund left pending this long (a crash mid-way) is finished by the resolver.
+const REFUND_RESUME_AFTER_US: i64 = 30_000_000;
+
+pub(crate) fn key_reused(key: &str) -> Error {
+    Error::AlreadyExists(format!("idempotency_key {key:?} was already used for a different purchase"))
+}
+
+fn not_a_seller(user: &UserId) -> Error {
+    Error::FailedPrecondition { reason: Reason::NotASeller, message: format!("{user} is not a seller") }
+}
+
+/// `Purchase` after wire parsing.
+pub struct PurchaseInput {
+    pub idempotency_key: String,
+    pub listing_id: ListingId,
+    pub quantity: i64,
+    /// The unit price the buyer saw, when the client sends it: a listing priced
+    /// otherwise (another currency) is refused.
+    pub unit_price: Option<Money>,
+}
+
+impl PurchaseInput {
+    fn request_hash(&self) -> String {
+        crate::ledger::hash_request(&serde_json::json!({
+            "listing": self.listing_id.as_str(),
+            "quantity": self.quantity,
+        }))
+    }
+}
+
+/// `RefundPurchase` after wire parsing.
+pub struct RefundInput {
+    pub purchase_id: PurchaseId,
+    /// `None`: what is left.
+    pub amount: Option<Money>,
+    pub restock: i64,
+    pub idempotency_key: String,
+}
+
+/// A seller's money in one currency.
+pub struct SellerBalance {
+    pub pending: Money,
+    pub available: Money,
+}
+
+/// Who acts on a seller's behalf: the seller, or the platform (`shopping:admin`).
+pub enum Actor<'a> {
+    Seller(&'a UserId),
+    Platform,
+}
+
+impl Actor<'_> {
+    fn may_act_for(&self, seller: &UserId) -> bool {
+        match self {
+            Actor::Seller(me) => *me == seller,
+            Actor::Platform => true,
+        }
+    }
+}
+
+impl Payments {
+    /// `CreateListing`. The seller must be one (`Accounts.SetSeller`).
+    pub async fn create_listing(&self, input: NewListing) -> Result<Listing> {
+        crate::ledger::check_idempotency_key("idempotency_key", &input.idempotency_key)?;
+        model::check_stream_id("stream_id", &input.stream_id)?;
+        if let Some(q) = input.quantity {
+            model::check_quantity("quantity", q)?;
+        }
+        if input.per_buyer_max != 0 {
+            model::check_quantity("per_buyer_max", input.per_buyer_max)?;
+        }
+        if let (Some(s), Some(e)) = (input.starts_at_us, input.ends_at_us) {
+            if e <= s {
+                return Err(Error::invalid("ends_at", "must be after starts_at"));
+            }
+        }
+        if input.ends_at_us.is_some_and(|e| e <= self.now_us()) {
+            return Err(Error::invalid("ends_at", "must be in the future"));
+        }
+        let seller = self
+            .accounts
+            .get(&input.seller_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("seller_id: no user {}", input.seller_id)))?;
+        if !seller.seller {
+            return Err(not_a_seller(&input.seller_id));
+        }
+        let per_buyer_max =
+            if input.per_buyer_max == 0 { self.config.shop.per_buyer_max_default } else { input.per_buyer_max };
+        let hash = input.request_hash();
+        match self.store.insert_listing(&input, per_buyer_max, self.config.shop.open_listings_per_seller_max).await? {
+            ListingInserted::New(l) => Ok(l),
+            ListingInserted::Existing(l, h) if h == hash => Ok(l),
+            ListingInserted::Existing(..) => Err(Error::AlreadyExists(format!(
+                "idempotency_key {:?} was already used for a different listing",
+                input.idempotency_key
+            ))),
+        }
+    }
+
+    async fn listing_for(&self, actor: &Actor<'_>, id: &ListingId) -> Result<Listing> {
+        match self.store.listing(id).await? {
+            Some(l) if actor.may_act_for(&l.seller_id) => Ok(l),
+            _ => Err(Error::NotFound(format!("listing {id} not found"))),
+        }
+    }
+
+    /// `AddStock`.
+    pub async fn add_stock(&self, actor: &Actor<'_>, id: &ListingId, quantity: i64, key: &str) -> Result<Listing> {
+        model::check_quantity("quantity", quantity)?;
+        crate::ledger::check_idempotency_key("idempotency_key", key)?;
+        let listing = self.listing_for(actor, id).await?;
+        if listing.quantity.is_none() {
+            return Err(Error::invalid("listing_id", "the listing has unlimited stock"));
+        }
+        if listing.closed_at_us.is_some() {
+            return Err(Error::FailedPrecondition {
+                reason: Reason::ListingClosed,
+                message: format!("listing {id} is closed"),
+            });
+        }
+        match self.store.add_stock(id, quantity, key).await? {
+            Some(l) => Ok(l),
+            None => Err(Error::invalid("quantity", format!("a listing holds at most {QUANTITY_MAX} units"))),
+        }
+    }
+
+    /// `CloseListing` (idempotent).
+    pub async fn close_listing(&self, actor: &Actor<'_>, id: &ListingId) -> Result<Listing> {
+        self.listing_for(actor, id).await?;
+        self.store.close_listing(id).await?.ok_or_else(|| Error::NotFound(format!("listing {id} not found")))
+    }
+
+    /// `GetListing`: listings are public to everyone watching the stream.
+    pub async fn listing(&self, id: &ListingId) -> Result<Listing> {
+        self.store.listing(id).await?.ok_or_else(|| Error::NotFound(format!("listing {id} not found")))
+    }
+
+    /// `ListListings`: a stream's listings, newest first.
+    pub async fn listings(
+        &self,
+        stream_id: &str,
+        page_size: u32,
+        token: &str,
+    ) -> Result<(Vec<Listing>, Option<String>)> {
+        model::check_stream_id("stream_id", stream_id)?;
+        let page = Page::parse(page_size, 50, 200, token, "lst_")?;
+        let mut rows = self.store.listings(stream_id, page.before.clone(), page.limit()).await?;
+        let next = page.finish(&mut rows, |l| (l.created_at_us, l.listing_id.to_string()));
+        Ok((rows, next))
+    }
+
+    /// `Purchase`: one tap, paid from the buyer's wallet, decided with the listing's
+    /// stock in the posting engine's batch. Answers the purchase and the listing's
+    /// units sold after it.
+    pub async fn purchase(&self, buyer: &UserId, input: PurchaseInput) -> Result<(Purchase, i64)> {
+        crate::ledger::check_idempotency_key("idempotency_key", &input.idempotency_key)?;
+        model::check_quantity("quantity", input.quantity)?;
+        let hash = input.request_hash();
+        let (listing, bps, is_seller) = self
+            .store
+            .listing_for_sale(&input.listing_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("listing_id: listing {} not found", input.listing_id)))?;
+        if let Some(seen) = input.unit_price {
+            if seen != listing.unit_price {
+                return Err(Error::invalid("unit_price", format!("the listing's price is {}", listing.unit_price)));
+            }
+        }
+        let now = self.now_us();
+        // Refusals that need no batch: answered at once, so a sold-out burst never
+        // queues in the posting engine. A retry of a purchase made before the listing
+        // closed or sold out still gets its purchase.
+        let early = if listing.seller_id == *buyer {
+            Some(Error::FailedPrecondition {
+                reason: Reason::OwnListing,
+                message: "you cannot buy from your own listing".into(),
+            })
+        } else if !is_seller {
+            Some(not_a_seller(&listing.seller_id))
+        } else if input.quantity > listing.per_buyer_max {
+            Some(model::per_buyer_limit(listing.per_buyer_max, 0))
+        } else if let Err(e) = listing.check_open(now) {
+            Some(e)
+        } else if listing.quantity.is_some_and(|q| listing.sold + input.quantity > q) {
+            Some(model::sold_out(&listing.listing_id, listing.quantity.map_or(0, |q| (q - listing.sold).max(0))))
+        } else if self.owes(buyer) {
+            Some(super::disputes::owing())
+        } else {
+            None
+        };
+        if let Some(refusal) = early {
+            return match self.store.purchase_by_key(buyer, &input.idempotency_key).await? {
+                Some((p, h)) if h == hash => Ok((p, listing.sold)),
+                Some(_) => Err(key_reused(&input.idempotency_key)),
+                None => Err(refusal),
+            };
+        }
+        self.ensure_user(buyer).await?;
+        let currency = listing.unit_price.currency();
+        let amount = listing
+            .unit_price
+            .minor()
+            .checked_mul(input.quantity)
+            .filter(|a| *a <= crate::kernel::money::AMOUNT_MINOR_MAX)
+            .ok_or_else(|| Error::invalid("quantity", "the total is too large"))?;
+        let commission = crate::payments::model::ShopConfig::commission(
+            amount,
+            bps.and_then(|b| u32::try_from(b).ok()).unwrap_or(self.config.shop.commission_bps),
+        );
+        let accounts = self.ledger.accounts();
+        let wallet = accounts.wallet(buyer, currency).await?;
+        let pending = accounts.sales_pending(&listing.seller_id, currency).await?;
+        let mut postings = vec![
+            Posting {
+                account_id: wallet.id,
+                account_code: wallet.code,
+                direction: Direction::Debit,
+                amount: Money::from_minor(currency, amount),
+            },
+            Posting {
+                account_id: pending.id,
+                account_code: pending.code,
+                direction: Direction::Credit,
+                amount: Money::from_minor(currency, amount - commission),
+            },
+        ];
+        if commission > 0 {
+            let revenue = accounts.system(SYSTEM_COMMISSIONS, currency).await?;
+            postings.push(Posting {
+                account_id: revenue.id,
+                account_code: revenue.code,
+                direction: Direction::Credit,
+                amount: Money::from_minor(currency, commission),
+            });
+        }
+        postings.retain(|p| p.amount.minor() > 0);
+        crate::ledger::check_balanced("postings", &postings)?;
+        let purchase = Purchase {
+            purchase_id: PurchaseId::generate(),
+            listing_id: listing.listing_id.clone(),
+            buyer_id: buyer.clone(),
+            seller_id: listing.seller_id.clone(),
+            stream_id: listing.stream_id.clone(),
+            quantity: input.quantity,
+            unit_price: listing.unit_price,
+            amount: Money::from_minor(currency, amount),
+            commission: Money::from_minor(currency, commission),
+            refunded_amount: Money::zero(currency),
+            commission_refunded: 0,
+            restocked: 0,
+            hold: model::Hold::Held,
+            available_at_us: now.saturating_add(self.config.shop.hold_s.saturating_mul(1_000_000)),
+            released_amount: None,
+            created_at_us: now,
+        };
+        let entry = NewEntry {
+            kind: "shop_purchase".into(),
+            description: listing.title.chars().take(crate::ledger::DESCRIPTION_LEN_MAX).collect(),
+            metadata: [
+                ("purchase_id".to_string(), purchase.purchase_id.to_string()),
+                ("listing_id".to_string(), listing.listing_id.to_string()),
+                ("stream_id".to_string(), listing.stream_id.clone()),
+            ]
+            .into_iter()
+            .collect(),
+            postings,
+            pending_timeout_s: None,
+        };
+        let units_sold = Arc::new(AtomicI64::new(0));
+        let ticket = self.hook.register_purchase(batch::PurchaseAttachment {
+            purchase: purchase.clone(),
+            idempotency_key: input.idempotency_key.clone(),
+            request_hash: hash,
+            units_sold: units_sold.clone(),
+        });
+        match self.ledger.engine().submit_attached(ACTOR, None, Op::Post(entry), Some(ticket)).await? {
+            Outcome::Created { .. } => {
+                self.store.notify();
+                Ok((purchase, units_sold.load(Ordering::Relaxed)))
+            }
+            Outcome::Replayed(id) => {
+                let p =
+                    self.store.purchase(&PurchaseId::from_db(id)).await?.ok_or_else(|| Error::not_found("purchase"))?;
+                let sold = self.store.listing(&p.listing_id).await?.map_or(0, |l| l.sold);
+                Ok((p, sold))
+            }
+        }
+    }
+
+    /// `GetPurchase`: for its buyer, its seller, or the platform.
+    pub async fn get_purchase(&self, caller: &UserId, platform: bool, id: &PurchaseId) -> Result<Purchase> {
+        match self.store.purchase(id).await? {
+            Some(p) if platform || p.buyer_id == *caller || p.seller_id == *caller => Ok(p),
+            _ => Err(Error::NotFound(format!("purchase {id} not found"))),
+        }
+    }
+
+    /// `ListSales`: the seller's sales, newest first.
+    pub async fn sales(&self, seller: &UserId, page_size: u32, token: &str) -> Result<(Vec<Purchase>, Option<String>)> {
+        let page = Page::parse(page_size, 50, 200, token, "pur_")?;
+        let mut rows = self.store.sales(seller, page.before.clone(), page.limit()).await?;
+        let next = page.finish(&mut rows, |p| (p.created_at_us, p.purchase_id.to_string()));
+        Ok((rows, next))
+    }
+
+    /// `GetSellerBalance`: held proceeds and the wallet.
+    pub async fn seller_balance(
+        &self,
+        seller: &UserId,
+        currency: crate::kernel::money::Currency,
+    ) -> Result<SellerBalance> {
+        let accounts = self.ledger.accounts();
+        let read = |code: AccountCode| async move {
+            match accounts.resolve("currency", &code, false).await {
+                Ok(a) => Ok(accounts.balance(a.id).await?.available(true).unwrap_or(0)),
+                Err(Error::NotFound(_)) => Ok(0),
+                Err(e) => Err(e),
+            }
+        };
+        Ok(SellerBalance {
+            pending: Money::from_minor(currency, read(AccountCode::sales_pending(seller, currency)).await?),
+            available: Money::from_minor(currency, read(AccountCode::wallet(seller, currency)).await?),
+        })
+    }
+
+    /// `RefundPurchase`, by the seller (or the platform): money back to the buyer and,
+    /// optionally, units back on sale. Retry-safe under the key.
+    pub async fn refund_purchase(&self, actor: &Actor<'_>, input: RefundInput) -> Result<Purchase> {
+        crate::ledger::check_idempotency_key("idempotency_key", &input.idempotency_key)?;
+        if input.restock < 0 {
+            return Err(Error::invalid("restock_quantity", "must not be negative"));
+        }
+        let p = match self.store.purchase(&input.purchase_id).await? {
+            Some(p) if actor.may_act_for(&p.seller_id) => p,
+            _ => return Err(Error::NotFound(format!("purchase {} not found", input.purchase_id))),
+        };
+        if let Some(a) = input.amount {
+            if a.currency() != p.amount.currency() {
+                return Err(Error::invalid("amount", format!("the purchase was paid in {}", p.amount.currency())));
+            }
+        }
+        let hash = crate::ledger::hash_request(&serde_json::json!({
+            "amount": input.amount.map(|a| a.minor()),
+            "restock": input.restock,
+        }));
+        let refund = match self.store.refund_by_key(&input.purchase_id, &input.idempotency_key).await? {
+            Some(r) if r.request_hash != hash => return Err(key_reused(&input.idempotency_key)),
+            Some(r) => r,
+            None => {
+                self.store
+                    .insert_refund(
+                        &input.purchase_id,
+                        input.amount.map(|a| a.minor()),
+                        input.restock,
+                        &input.idempotency_key,
+                        &hash,
+                        self.config.shop.refunds_per_purchase_max,
+                    )
+                    .await?
+            }
+        };
+        match refund.status.as_str() {
+            "pending" => self.finish_purchase_refund(&refund, &p).await,
+            "failed" => Err(Error::FailedPrecondition {
+                reason: Reason::InsufficientFunds,
+                message: "this refund failed: the seller's wallet could not cover it".into(),
+            }),
+            _ => self.store.purchase(&input.purchase_id).await?.ok_or_else(|| Error::not_found("purchase")),
+        }
+    }
+
+    /// Moves a recorded refund's money (idempotent under the refund's id) and finishes it.
+    async fn finish_purchase_refund(&self, r: &RefundRow, p: &Purchase) -> Result<Purchase> {
+        let currency = p.amount.currency();
+        let money = |m| Money::from_minor(currency, m);
+        let seller_part = r.amount - r.commission;
+        let from = if r.source == "pending" {
+            AccountCode::sales_pending(&p.seller_id, currency)
+        } else {
+            AccountCode::wallet(&p.seller_id, currency)
+        };
+        let mut postings = vec![PostingInput {
+            account_code: AccountCode::wallet(&p.buyer_id, currency),
+            direction: Direction::Credit,
+            amount: money(r.amount),
+        }];
+        if seller_part > 0 {
+            postings.push(PostingInput { account_code: from, direction: Direction::Debit, amount: money(seller_part) });
+        }
+        if r.commission > 0 {
+            postings.push(PostingInput {
+                account_code: AccountCode::system(SYSTEM_COMMISSIONS, currency),
+                direction: Direction::Debit,
+                amount: money(r.commission),
+            });
+        }
+        let posted = self
+            .ledger
+            .post_entry(
+                ACTOR,
+                PostEntryInput {
+                    idempotency_key: format!("shop:{}:refund", r.refund_id),
+                    kind: "shop_refund".into(),
+                    description: String::new(),
+                    postings,
+                    metadata: [
+                        ("purchase_id".to_string(), p.purchase_id.to_string()),
+                        ("refund_id".to_string(), r.refund_id.clone()),
+                    ]
+                    .into_iter()
+                    .collect(),
+                    pending: false,
+                    pending_timeout_s: 0,
+                },
+            )
+            .await;
+        match posted {
+            Ok(_) => {
+                let done = self.store.finish_refund(r).await?;
+                self.store.notify();
+                match done {
+                    Some(p) => Ok(p),
+                    None => self.store.purchase(&p.purchase_id).await?.ok_or_else(|| Error::not_found("purchase")),
+                }
+            }
+            Err(e @ Error::FailedPrecondition { reason: Reason::InsufficientFunds, .. }) => {
+                self.store.fail_refund(r, Reason::InsufficientFunds.as_str()).await?;
+                Err(Error::FailedPrecondition {
+                    reason: Reason::InsufficientFunds,
+                    message: format!("the seller's wallet cannot cover the refund ({e})"),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `MarkDelivered`: the order arrived; its money is released now.
+    pub async fn mark_delivered(&self, id: &PurchaseId) -> Result<Purchase> {
+        let p = self.store.purchase(id).await?.ok_or_else(|| Error::NotFound(format!("purchase {id} not found")))?;
+        self.store.release_now(id).await?;
+        self.release_sale(&p).await?;
+        self.store.purchase(id).await?.ok_or_else(|| Error::not_found("purchase"))
+    }
+
+    /// Moves a purchase's released share from the seller's pending account to their
+    /// wallet: the amount is fixed first (`releasing`), then posted under a key derived
+    /// from the purchase, then marked released; a crash between is resumed from the
+    /// start and posts nothing twice.
+    async fn release_sale(&self, p: &Purchase) -> Result<bool> {
+        let Some(amount) = self.store.start_release(&p.purchase_id).await? else { return Ok(false) };
+        let currency = p.amount.currency();
+        if amount > 0 {
+            self.ledger
+                .post_entry(
+                    ACTOR,
+                    PostEntryInput {
+                        idempotency_key: format!("shop:{}:release", p.purchase_id),
+                        kind: "shop_release".into(),
+                        description: String::new(),
+                        postings: vec![
+                            PostingInput {
+                                account_code: AccountCode::sales_pending(&p.seller_id, currency),
+                                direction: Direction::Debit,
+                                amount: Money::from_minor(currency, amount),
+                            },
+                            PostingInput {
+                                account_code: AccountCode::wallet(&p.seller_id, currency),
+                                direction: Direction::Credit,
+                                amount: Money::from_minor(currency, amount),
+                            },
+                        ],
+                        metadata: [("purchase_id".to_string(), p.purchase_id.to_string())].into_iter().collect(),
+                        pending: false,
+                        pending_timeout_s: 0,
+                    },
+                )
+                .await?;
+        }
+        self.store.finish_release(&p.purchase_id).await?;
+        Ok(true)
+    }
+
+    /// The resolver's part: releases whose hold ended, and refunds a crash left
+    /// pending. Answers how many it finished.
+    pub(crate) async fn resolve_shop(&self) -> Result<usize> {
+        let mut n = 0;
+        for p in self.store.due_releases(RESOLVE_BATCH_MAX).await? {
+            if self.release_sale(&p).await? {
+                n += 1;
+            }
+        }
+        let before = self.now_us().saturating_sub(REFUND_RESUME_AFTER_US);
+        for r in self.store.pending_refunds(before, RESOLVE_BATCH_MAX).await? {
+            let Some(p) = self.store.purchase(&PurchaseId::from_db(r.purchase_id.clone())).await? else { continue };
+            match self.finish_purchase_refund(&r, &p).await {
+                Ok(_) => n += 1,
+                Err(e @ Error::FailedPrecondition { .. }) => {
+                    tracing::info!(refund = %r.refund_id, error = %e, "purchase refund failed");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,542 @@
+//! Live shopping through the real server: sellers, listings, a flash sale that never
+//! oversells under parallel buyers, a failed payment giving its unit back, held proceeds
+//! released after the hold or on delivery, refunds, commission, events and bad input.
+
+use std::sync::Arc;
+
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::helpers::*;
+use crate::{backend_fn_tests, backend_tests};
+
+const SHOP: &str = "payments:read payments:write";
+
+fn reason(status: &tonic::Status) -> String {
+    status.get_error_details().error_info().map(|i| i.reason.clone()).unwrap_or_default()
+}
+
+fn field(status: &tonic::Status) -> String {
+    status.get_error_details().bad_request().map(|b| b.field_violations[0].field.clone()).unwrap_or_default()
+}
+
+fn amt(m: &Option<pb::Money>) -> String {
+    m.as_ref().map(|m| m.amount.clone()).unwrap_or_default()
+}
+
+fn shopping(app: &TestApp) -> pb::shopping_client::ShoppingClient<tonic::transport::Channel> {
+    pb::shopping_client::ShoppingClient::new(app.channel.clone())
+}
+
+/// Makes `user` a seller (with a commission override when given).
+async fn make_seller(app: &TestApp, user: &str, commission_bps: Option<i32>) -> pb::Account {
+    app.users(&[user]).await;
+    let admin = app.token("platform", "accounts:admin");
+    app.accounts()
+        .set_seller(authed(
+            pb::SetSellerRequest { user_id: user.into(), seller: true, commission_bps, reason: "onboarded".into() },
+            &admin,
+        ))
+        .await
+        .expect("set seller")
+        .into_inner()
+}
+
+fn listing_req(key: &str, stream: &str, price: &str, quantity: i64, per_buyer_max: i64) -> pb::CreateListingRequest {
+    pb::CreateListingRequest {
+        idempotency_key: key.into(),
+        stream_id: stream.into(),
+        title: "Ceramic mug".into(),
+        unit_price: usd(price),
+        quantity,
+        unlimited: quantity == 0,
+        per_buyer_max,
+        ..Default::default()
+    }
+}
+
+async fn create_listing(
+    app: &TestApp,
+    seller: &str,
+    req: pb::CreateListingRequest,
+) -> Result<pb::Listing, tonic::Status> {
+    let t = app.token(seller, SHOP);
+    shopping(app).create_listing(authed(req, &t)).await.map(|r| r.into_inner())
+}
+
+async fn buy(
+    app: &TestApp,
+    buyer: &str,
+    key: &str,
+    listing: &str,
+    quantity: i64,
+) -> Result<pb::PurchaseReceipt, tonic::Status> {
+    let t = app.token(buyer, SHOP);
+    shopping(app)
+        .purchase(authed(
+            pb::PurchaseRequest { idempotency_key: key.into(), listing_id: listing.into(), quantity, unit_price: None },
+            &t,
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn seller_balance(app: &TestApp, seller: &str) -> pb::SellerBalance {
+    let t = app.token(seller, SHOP);
+    shopping(app)
+        .get_seller_balance(authed(
+            pb::GetSellerBalanceRequest { currency: "USD".into(), seller_id: String::new() },
+            &t,
+        ))
+        .await
+        .expect("seller balance")
+        .into_inner()
+}
+
+async fn get_listing(app: &TestApp, id: &str) -> pb::Listing {
+    let t = app.token("viewer", SHOP);
+    shopping(app).get_listing(authed(pb::GetListingRequest { listing_id: id.into() }, &t)).await.unwrap().into_inner()
+}
+
+async fn refund(
+    app: &TestApp,
+    seller: &str,
+    purchase: &str,
+    amount: Option<&str>,
+    restock: i64,
+    key: &str,
+) -> Result<pb::PurchaseReceipt, tonic::Status> {
+    let t = app.token(seller, SHOP);
+    shopping(app)
+        .refund_purchase(authed(
+            pb::RefundPurchaseRequest {
+                purchase_id: purchase.into(),
+                amount: amount.and_then(usd),
+                restock_quantity: restock,
+                idempotency_key: key.into(),
+            },
+            &t,
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Funds `n` buyers named `{prefix}{i}` with `amount` each, a few at a time.
+async fn fund_buyers(app: &TestApp, prefix: &str, n: usize, amount: &str) -> Vec<String> {
+    let t = app.token("svc", LEDGER_SCOPES);
+    let names: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
+    for name in &names {
+        fund(app, &t, name, amount).await;
+    }
+    names
+}
+
+/// Waits for every task, in order.
+async fn join_all<T>(tasks: impl IntoIterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("task"));
+    }
+    out
+}
+
+/// A flash sale of K units with 10 x K parallel buyers sells exactly K: every other
+/// buyer gets SOLD_OUT and is charged nothing, the seller's pending balance and the
+/// platform's commission are exactly K sales' worth, and the books balance.
+async fn flash_sale_sells_exactly_k(app: TestApp) {
+    const K: usize = 25;
+    make_seller(&app, "seller", None).await;
+    let listing = create_listing(&app, "seller", listing_req("fs-1", "live-1", "10.00", K as i64, 1)).await.unwrap();
+    assert_eq!(listing.status, pb::ListingStatus::Open as i32);
+    let buyers = fund_buyers(&app, "fan", 10 * K, "20.00").await;
+    let app = Arc::new(app);
+    let calls = buyers.iter().map(|b| {
+        let (app, b, id) = (app.clone(), b.clone(), listing.listing_id.clone());
+        tokio::spawn(async move { (b.clone(), buy(&app, &b, "tap", &id, 1).await) })
+    });
+    let results: Vec<(String, Result<pb::PurchaseReceipt, tonic::Status>)> = join_all(calls).await;
+    let mut sold_counts = Vec::new();
+    let mut winners = Vec::new();
+    for (buyer, r) in &results {
+        match r {
+            Ok(p) => {
+                assert_eq!(amt(&p.amount), "10.00");
+                assert_eq!(amt(&p.commission), "0.50", "the default commission is 5%");
+                sold_counts.push(p.listing_sold);
+                winners.push(buyer.clone());
+            }
+            Err(s) => {
+                assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+                assert_eq!(reason(s), "SOLD_OUT", "{s:?}");
+            }
+        }
+    }
+    assert_eq!(winners.len(), K, "exactly K purchases");
+    sold_counts.sort_unstable();
+    assert_eq!(sold_counts, (1..=K as i64).collect::<Vec<_>>(), "each sale saw the count after it, once");
+    let l = get_listing(&app, &listing.listing_id).await;
+    assert_eq!((l.sold, l.status), (K as i64, pb::ListingStatus::SoldOut as i32));
+    assert_eq!(app.count("purchases").await, K as i64);
+    for (buyer, r) in &results {
+        let w = app.wallet(buyer).await;
+        let expected = if r.is_ok() { "10.00" } else { "20.00" };
+        assert_eq!(amt(&w.available), expected, "{buyer}");
+    }
+    let b = seller_balance(&app, "seller").await;
+    assert_eq!((amt(&b.pending), amt(&b.available)), (format!("{:.2}", K as f64 * 9.5), "0.00".into()));
+    let t = app.token("svc", LEDGER_SCOPES);
+    let commissions = balance(&app, &t, "platform:commissions:USD").await;
+    assert_eq!(amt(&commissions.posted), format!("{:.2}", K as f64 * 0.5));
+    // Another tap after the sale: SOLD_OUT at once, nothing written.
+    let late = buy(&app, &buyers[0], "late", &listing.listing_id, 1).await.unwrap_err();
+    assert_eq!(reason(&late), "SOLD_OUT");
+    assert_eq!(app.count("purchases").await, K as i64);
+    assert_books_balance(&app).await;
+}
+
+/// A purchase whose payment fails (the wallet cannot cover it) takes no unit: the
+/// listing's two units still go to the next two buyers.
+async fn a_failed_payment_gives_its_unit_back(app: TestApp) {
+    make_seller(&app, "seller", None).await;
+    let l = create_listing(&app, "seller", listing_req("two", "live-2", "30.00", 2, 1)).await.unwrap();
+    fund_buyers(&app, "rich", 2, "50.00").await;
+    fund_buyers(&app, "poor", 1, "5.00").await;
+    let refused = buy(&app, "poor0", "p", &l.listing_id, 1).await.unwrap_err();
+    assert_eq!((refused.code(), reason(&refused)), (Code::FailedPrecondition, "INSUFFICIENT_FUNDS".into()));
+    assert_eq!(get_listing(&app, &l.listing_id).await.sold, 0, "the failed payment holds no unit");
+    assert_eq!(app.count("purchases").await, 0, "a refused tap writes nothing");
+    // In one parallel burst with the poor buyer again: both units sell to the others.
+    let (a, b, c) = tokio::join!(
+        buy(&app, "rich0", "r", &l.listing_id, 1),
+        buy(&app, "poor0", "p2", &l.listing_id, 1),
+        buy(&app, "rich1", "r", &l.listing_id, 1)
+    );
+    assert!(a.is_ok() && c.is_ok(), "{a:?} {c:?}");
+    assert_eq!(reason(&b.unwrap_err()), "INSUFFICIENT_FUNDS");
+    assert_eq!(get_listing(&app, &l.listing_id).await.sold, 2);
+    assert_eq!(amt(&app.wallet("poor0").await.available), "5.00");
+    assert_books_balance(&app).await;
+}
+
+/// Proceeds stay pending for the hold, then become available (by the background
+/// task); an order marked delivered is available at once.
+async fn pending_becomes_available_after_the_hold(backend: Backend) {
+    let Some(app) = TestApp::spawn_with(
+        backend,
+        &[
+            ("DMPAY_SHOP_HOLD", "1h"),
+            ("DMPAY_PAYMENTS_RESOLVE_INTERVAL", "200ms"),
+            ("DMPAY_SHOP_COMMISSION_BPS", "1000"),
+        ],
+    )
+    .await
+    else {
+        return;
+    };
+    make_seller(&app, "seller", None).await;
+    let l = create_listing(&app, "seller", listing_req("h", "live-3", "20.00", 0, 5)).await.unwrap();
+    assert!(l.unlimited);
+    fund_buyers(&app, "b", 2, "100.00").await;
+    let p1 = buy(&app, "b0", "k", &l.listing_id, 2).await.unwrap();
+    assert_eq!((amt(&p1.amount), amt(&p1.commission)), ("40.00".into(), "4.00".into()), "10% commission");
+    let p2 = buy(&app, "b1", "k", &l.listing_id, 1).await.unwrap();
+    let b = seller_balance(&app, "seller").await;
+    assert_eq!((amt(&b.pending), amt(&b.available)), ("54.00".into(), "0.00".into()));
+    // The seller cannot send held money.
+    let seller = app.token("seller", PAY_SCOPES);
+    let sent = app.send(&seller, "early", "b0", "1.00", pb::FundingSource::Balance).await.unwrap_err();
+    assert_eq!(reason(&sent), "INSUFFICIENT_FUNDS");
+    // Delivered: p2's share (18.00) is available at once.
+    let admin = app.token("stream-service", "shopping:admin");
+    let delivered = shopping(&app)
+        .mark_delivered(authed(pb::MarkDeliveredRequest { purchase_id: p2.purchase_id.clone() }, &admin))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(delivered.released);
+    let b = seller_balance(&app, "seller").await;
+    assert_eq!((amt(&b.pending), amt(&b.available)), ("36.00".into(), "18.00".into()));
+    // After the hold, the background task releases the rest.
+    app.clock.set_offset_us(2 * 3_600_000_000);
+    let mut released = false;
+    for _ in 0..100 {
+        let b = seller_balance(&app, "seller").await;
+        if amt(&b.pending) == "0.00" {
+            assert_eq!(amt(&b.available), "54.00");
+            released = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(released, "the hold ended and nothing was released");
+    let t = app.token("seller", SHOP);
+    let sales = shopping(&app)
+        .list_sales(authed(pb::ListSalesRequest { page_size: 1, ..Default::default() }, &t))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sales.sales.len(), 1);
+    assert_eq!(sales.sales[0].purchase_id, p2.purchase_id, "newest first");
+    let next = shopping(&app)
+        .list_sales(authed(
+            pb::ListSalesRequest { page_size: 5, page_token: sales.next_page_token, ..Default::default() },
+            &t,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next.sales.iter().map(|s| s.purchase_id.clone()).collect::<Vec<_>>(), vec![p1.purchase_id]);
+    assert!(next.sales.iter().all(|s| s.released));
+    assert_books_balance(&app).await;
+    app.stop().await;
+}
+
+/// Refunds: partial from pending with units back on sale, the rest in full, the
+/// commission returned in proportion, retries answered once; after the release a
+/// refund comes from the wallet, and one the wallet cannot cover changes nothing.
+async fn seller_refunds(app: TestApp) {
+    make_seller(&app, "seller", Some(1000)).await;
+    let l = create_listing(&app, "seller", listing_req("r", "live-4", "25.00", 10, 4)).await.unwrap();
+    fund_buyers(&app, "b", 1, "200.00").await;
+    let p = buy(&app, "b0", "k", &l.listing_id, 4).await.unwrap();
+    assert_eq!((amt(&p.amount), amt(&p.commission)), ("100.00".into(), "10.00".into()));
+    assert_eq!(get_listing(&app, &l.listing_id).await.sold, 4);
+
+    let r1 = refund(&app, "seller", &p.purchase_id, Some("30.00"), 1, "rf-1").await.unwrap();
+    assert_eq!(
+        (amt(&r1.refunded_amount), r1.restocked, r1.status),
+        ("30.00".into(), 1, pb::PurchaseStatus::PartiallyRefunded as i32)
+    );
+    assert_eq!(get_listing(&app, &l.listing_id).await.sold, 3, "the unit is back on sale");
+    let again = refund(&app, "seller", &p.purchase_id, Some("30.00"), 1, "rf-1").await.unwrap();
+    assert_eq!(amt(&again.refunded_amount), "30.00", "a retry refunds nothing more");
+    let reused = refund(&app, "seller", &p.purchase_id, Some("31.00"), 1, "rf-1").await.unwrap_err();
+    assert_eq!(reused.code(), Code::AlreadyExists);
+    let over = refund(&app, "seller", &p.purchase_id, Some("70.01"), 0, "rf-x").await.unwrap_err();
+    assert_eq!(reason(&over), "REFUND_EXCEEDS_PAYMENT");
+    let restock = refund(&app, "seller", &p.purchase_id, Some("1.00"), 4, "rf-y").await.unwrap_err();
+    assert_eq!(field(&restock), "restock_quantity");
+    // Only the seller (or the platform) refunds; the buyer cannot.
+    let by_buyer = refund(&app, "b0", &p.purchase_id, None, 0, "rf-b").await.unwrap_err();
+    assert_eq!(by_buyer.code(), Code::NotFound);
+
+    assert_eq!(amt(&app.wallet("b0").await.available), "130.00");
+    let b = seller_balance(&app, "seller").await;
+    assert_eq!(amt(&b.pending), "63.00", "90.00 share less 27.00 of the refund");
+    let t = app.token("svc", LEDGER_SCOPES);
+    assert_eq!(amt(&balance(&app, &t, "platform:commissions:USD").await.posted), "7.00");
+
+    // The rest, in full: the whole commission comes back.
+    let r2 = refund(&app, "seller", &p.purchase_id, None, 0, "rf-2").await.unwrap();
+    assert_eq!((amt(&r2.refunded_amount), r2.status), ("100.00".into(), pb::PurchaseStatus::Refunded as i32));
+    assert_eq!(amt(&app.wallet("b0").await.available), "200.00");
+    assert_eq!(amt(&seller_balance(&app, "seller").await.pending), "0.00");
+    assert_eq!(amt(&balance(&app, &t, "platform:commissions:USD").await.posted), "0.00");
+
+    // After delivery the share is in the wallet: a refund comes from there.
+    let p2 = buy(&app, "b0", "k2", &l.listing_id, 1).await.unwrap_err();
+    assert_eq!(reason(&p2), "PER_BUYER_LIMIT", "4 bought already (refunds do not reset the count)");
+    fund_buyers(&app, "c", 1, "50.00").await;
+    let p2 = buy(&app, "c0", "k", &l.listing_id, 1).await.unwrap();
+    let admin = app.token("stream-service", "shopping:admin");
+    shopping(&app)
+        .mark_delivered(authed(pb::MarkDeliveredRequest { purchase_id: p2.purchase_id.clone() }, &admin))
+        .await
+        .unwrap();
+    assert_eq!(amt(&seller_balance(&app, "seller").await.available), "22.50");
+    // The seller spends most of it: a full refund no longer fits and changes nothing.
+    let seller = app.token("seller", PAY_SCOPES);
+    app.send(&seller, "spend", "b0", "20.00", pb::FundingSource::Balance).await.unwrap();
+    let short = refund(&app, "seller", &p2.purchase_id, None, 0, "rf-3").await.unwrap_err();
+    assert_eq!(reason(&short), "INSUFFICIENT_FUNDS");
+    let t2 = app.token("c0", SHOP);
+    let after = shopping(&app)
+        .get_purchase(authed(pb::GetPurchaseRequest { purchase_id: p2.purchase_id.clone() }, &t2))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(amt(&after.refunded_amount), "0.00", "a failed refund is undone");
+    let small = refund(&app, "seller", &p2.purchase_id, Some("2.00"), 0, "rf-4").await.unwrap();
+    assert_eq!(amt(&small.refunded_amount), "2.00");
+    assert_eq!(amt(&app.wallet("c0").await.available), "27.00");
+    assert_books_balance(&app).await;
+}
+
+/// Refused purchases and listings, each with a clear reason, writing nothing.
+async fn bad_purchases_are_refused_and_write_nothing(app: TestApp) {
+    make_seller(&app, "seller", None).await;
+    app.users(&["nobody"]).await;
+    let not_seller = create_listing(&app, "nobody", listing_req("x", "live-5", "1.00", 1, 1)).await.unwrap_err();
+    assert_eq!(reason(&not_seller), "NOT_A_SELLER");
+    for (req, f) in [
+        (listing_req("x", "bad stream", "1.00", 1, 1), "stream_id"),
+        (listing_req("x", "s", "1.00", 1_000_001, 1), "quantity"),
+        (listing_req("x", "s", "-1.00", 1, 1), "unit_price.amount"),
+        (listing_req("x", "s", "1.00", 1, -1), "per_buyer_max"),
+        (pb::CreateListingRequest { title: String::new(), ..listing_req("x", "s", "1.00", 1, 1) }, "title"),
+        (pb::CreateListingRequest { unlimited: true, ..listing_req("x", "s", "1.00", 1, 1) }, "quantity"),
+    ] {
+        let e = create_listing(&app, "seller", req).await.unwrap_err();
+        assert_eq!((e.code(), field(&e)), (Code::InvalidArgument, f.to_owned()), "{e:?}");
+    }
+    let mallory = app.token("mallory", SHOP);
+    let for_other = shopping(&app)
+        .create_listing(authed(
+            pb::CreateListingRequest { seller_id: "seller".into(), ..listing_req("x", "s", "1.00", 1, 1) },
+            &mallory,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(for_other.code(), Code::PermissionDenied);
+    assert_eq!(app.count("listings").await, 0);
+
+    let l = create_listing(&app, "seller", listing_req("ok", "live-5", "5.00", 10, 2)).await.unwrap();
+    let soon = prost_types::Timestamp { seconds: 4_000_000_000, nanos: 0 };
+    let later = create_listing(
+        &app,
+        "seller",
+        pb::CreateListingRequest { starts_at: Some(soon), ..listing_req("later", "live-5", "5.00", 10, 2) },
+    )
+    .await
+    .unwrap();
+    assert_eq!(later.status, pb::ListingStatus::Scheduled as i32);
+    fund_buyers(&app, "b", 1, "100.00").await;
+    let closed = create_listing(&app, "seller", listing_req("closed", "live-5", "5.00", 10, 2)).await.unwrap();
+    let t = app.token("seller", SHOP);
+    shopping(&app)
+        .close_listing(authed(pb::CloseListingRequest { listing_id: closed.listing_id.clone() }, &t))
+        .await
+        .unwrap();
+
+    let cases: Vec<(&str, &str, i64, Option<&str>, Code, &str)> = vec![
+        ("b0", closed.listing_id.as_str(), 1, None, Code::FailedPrecondition, "LISTING_CLOSED"),
+        ("b0", later.listing_id.as_str(), 1, None, Code::FailedPrecondition, "LISTING_NOT_STARTED"),
+        ("b0", l.listing_id.as_str(), 3, None, Code::ResourceExhausted, "PER_BUYER_LIMIT"),
+        ("seller", l.listing_id.as_str(), 1, None, Code::FailedPrecondition, "OWN_LISTING"),
+        ("b0", l.listing_id.as_str(), 0, Some("quantity"), Code::InvalidArgument, ""),
+        ("b0", "lst_nothing", 1, None, Code::NotFound, ""),
+    ];
+    for (buyer, listing, q, f, code, r) in cases {
+        let e = buy(&app, buyer, "bad", listing, q).await.unwrap_err();
+        assert_eq!(e.code(), code, "{buyer} {listing} {q}: {e:?}");
+        assert_eq!(reason(&e), r, "{e:?}");
+        if let Some(f) = f {
+            assert_eq!(field(&e), f);
+        }
+    }
+    // In another currency than the buyer was shown.
+    let eur = shopping(&app)
+        .purchase(authed(
+            pb::PurchaseRequest {
+                idempotency_key: "eur".into(),
+                listing_id: l.listing_id.clone(),
+                quantity: 1,
+                unit_price: Some(pb::Money { currency: "EUR".into(), amount: "5.00".into() }),
+            },
+            &app.token("b0", SHOP),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!((eur.code(), field(&eur)), (Code::InvalidArgument, "unit_price".to_owned()), "{eur:?}");
+    // A frozen buyer.
+    let admin = app.token("platform", "accounts:admin");
+    app.accounts()
+        .freeze_account(authed(pb::FreezeAccountRequest { user_id: "b0".into(), reason: "review".into() }, &admin))
+        .await
+        .unwrap();
+    let frozen = buy(&app, "b0", "frozen", &l.listing_id, 1).await.unwrap_err();
+    assert_eq!(reason(&frozen), "ACCOUNT_FROZEN");
+    assert_eq!(app.count("purchases").await, 0);
+    assert_eq!(get_listing(&app, &l.listing_id).await.sold, 0);
+    assert_eq!(amt(&app.wallet("b0").await.available), "100.00");
+    assert_books_balance(&app).await;
+}
+
+/// The per-buyer maximum holds across parallel taps of one buyer with different keys,
+/// and parallel retries with one key make one purchase.
+async fn per_buyer_limit_and_retries_hold_in_parallel(app: TestApp) {
+    make_seller(&app, "seller", None).await;
+    let l = create_listing(&app, "seller", listing_req("pb", "live-6", "2.00", 100, 3)).await.unwrap();
+    fund_buyers(&app, "b", 2, "100.00").await;
+    let app = Arc::new(app);
+    let taps = (0..20).map(|i| {
+        let (app, id) = (app.clone(), l.listing_id.clone());
+        tokio::spawn(async move { buy(&app, "b0", &format!("tap-{i}"), &id, 1).await })
+    });
+    let ok = join_all(taps).await.into_iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 3, "at most 3 per buyer");
+    let same = (0..20).map(|_| {
+        let (app, id) = (app.clone(), l.listing_id.clone());
+        tokio::spawn(async move { buy(&app, "b1", "once", &id, 2).await })
+    });
+    let ids: std::collections::HashSet<String> =
+        join_all(same).await.into_iter().map(|r| r.unwrap().purchase_id).collect();
+    assert_eq!(ids.len(), 1, "one purchase for one key");
+    assert_eq!(get_listing(&app, &l.listing_id).await.sold, 5);
+    assert_eq!(amt(&app.wallet("b1").await.available), "96.00");
+    let other = buy(&app, "b1", "once", &l.listing_id, 1).await.unwrap_err();
+    assert_eq!(other.code(), Code::AlreadyExists, "the key with another quantity");
+    // AddStock: a retry with the last key adds nothing.
+    let t = app.token("seller", SHOP);
+    for _ in 0..2 {
+        let s = shopping(&app)
+            .add_stock(authed(
+                pb::AddStockRequest { listing_id: l.listing_id.clone(), quantity: 50, idempotency_key: "more".into() },
+                &t,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(s.quantity, 150);
+    }
+    assert_books_balance(&app).await;
+}
+
+/// The stream's overlay sees each purchase with the units sold after it.
+async fn purchase_events_reach_the_stream(app: TestApp) {
+    use tokio_stream::StreamExt;
+    make_seller(&app, "seller", None).await;
+    let l = create_listing(&app, "seller", listing_req("ev", "live-7", "3.00", 3, 1)).await.unwrap();
+    fund_buyers(&app, "b", 3, "10.00").await;
+    for i in 0..3 {
+        buy(&app, &format!("b{i}"), "k", &l.listing_id, 1).await.unwrap();
+    }
+    let overlay = app.token("stream-service", "payments:watch_all");
+    let mut stream = app
+        .payments()
+        .watch_payments(authed(pb::WatchPaymentsRequest { stream_id: "live-7".into(), ..Default::default() }, &overlay))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut sold = Vec::new();
+    while sold.len() < 3 {
+        let e =
+            tokio::time::timeout(std::time::Duration::from_secs(10), stream.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(e.r#type, pb::PaymentEventType::PurchaseCompleted as i32);
+        let p = e.purchase.unwrap();
+        assert_eq!(p.listing_id, l.listing_id);
+        sold.push(p.listing_sold);
+    }
+    assert_eq!(sold, vec![1, 2, 3]);
+    // The seller sees their sales in their own feed; a stream filter with a
+    // conversation is refused.
+    let both = app
+        .payments()
+        .watch_payments(authed(
+            pb::WatchPaymentsRequest { stream_id: "live-7".into(), conversation_id: "c".into(), ..Default::default() },
+            &overlay,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(field(&both), "stream_id");
+}
+
+backend_tests!(
+    flash_sale_sells_exactly_k,
+    a_failed_payment_gives_its_unit_back,
+    seller_refunds,
+    bad_purchases_are_refused_and_write_nothing,
+    per_buyer_limit_and_retries_hold_in_parallel,
+    purchase_events_reach_the_stream,
+);
+backend_fn_tests!(pending_becomes_available_after_the_hold);

@@ -10,7 +10,7 @@ use super::status::ApiResult;
 use super::{principal, timestamp, timestamp_us, to_status};
 use crate::auth::{scope, Principal};
 use crate::kernel::error::{Error, Result};
-use crate::kernel::ids::{ListingId, PurchaseId, UserId};
+use crate::kernel::ids::{ListingId, PurchaseId, TabId, UserId};
 use crate::payments::shop::{self, Actor, Listing, ListingStatus, NewListing, Purchase, PurchaseStatus};
 use crate::payments::Payments;
 
@@ -110,6 +110,33 @@ pub(crate) fn purchase_to_wire(p: Purchase, listing_sold: i64) -> pb::PurchaseRe
         released: p.hold == crate::payments::listing::Hold::Released,
         created_at: Some(timestamp(p.created_at_us)),
         listing_sold,
+        tab_id: p.tab_id.map(|t| t.into_string()).unwrap_or_default(),
+    }
+}
+
+pub(crate) fn tab_to_wire(t: crate::payments::listing::Tab) -> pb::Tab {
+    use crate::payments::listing::TabStatus as S;
+    let status = match t.status {
+        S::Opening => pb::TabStatus::Opening,
+        S::Open => pb::TabStatus::Open,
+        S::Closing => pb::TabStatus::Closing,
+        S::Closed => pb::TabStatus::Closed,
+        S::Failed => pb::TabStatus::Failed,
+    };
+    let currency = t.cap.currency();
+    pb::Tab {
+        tab_id: t.tab_id.into_string(),
+        buyer_id: t.buyer_id.into_string(),
+        stream_id: t.stream_id,
+        cap: Some(to_wire(t.cap)),
+        spent: Some(to_wire(t.spent)),
+        status: status as i32,
+        captured: t.captured.map(|c| to_wire(crate::kernel::money::Money::from_minor(currency, c))),
+        failure_reason: t.failure_reason,
+        failure_message: t.failure_message,
+        expires_at: Some(timestamp(t.expires_at_us)),
+        created_at: Some(timestamp(t.created_at_us)),
+        closed_at: t.closed_at_us.map(timestamp),
     }
 }
 
@@ -216,6 +243,7 @@ impl pb::shopping_server::Shopping for ShoppingApi {
                     r.unit_price.as_ref(),
                     self.payments.ledger().accounts().currencies(),
                 )?,
+                tab_id: (!r.tab_id.is_empty()).then(|| TabId::parse("tab_id", &r.tab_id)).transpose()?,
             };
             let (p, sold) = self.payments.purchase(&buyer, input).await?;
             Ok(purchase_to_wire(p, sold))
@@ -292,6 +320,57 @@ impl pb::shopping_server::Shopping for ShoppingApi {
                 pending: Some(to_wire(b.pending)),
                 available: Some(to_wire(b.available)),
             })
+        }
+        .await;
+        result.map(Response::new).map_err(to_status)
+    }
+
+    async fn open_tab(&self, req: Request<pb::OpenTabRequest>) -> ApiResult<pb::Tab> {
+        let caller = principal(&req)?;
+        let r = req.get_ref();
+        let result = async {
+            let buyer = me(caller, scope::PAYMENTS_WRITE)?;
+            super::id("payment_method_token", &r.payment_method_token)?;
+            let input = shop::tabs::OpenTabInput {
+                idempotency_key: r.idempotency_key.clone(),
+                stream_id: r.stream_id.clone(),
+                cap: positive("cap", r.cap.as_ref(), self.payments.ledger().accounts().currencies())?,
+                payment_method_token: (!r.payment_method_token.is_empty()).then(|| r.payment_method_token.clone()),
+            };
+            Ok(tab_to_wire(self.payments.open_tab(&buyer, input).await?))
+        }
+        .await;
+        result.map(Response::new).map_err(to_status)
+    }
+
+    async fn get_tab(&self, req: Request<pb::GetTabRequest>) -> ApiResult<pb::Tab> {
+        let caller = principal(&req)?;
+        let result = async {
+            let (me, _) = actor(caller, scope::PAYMENTS_READ)?;
+            let id = TabId::parse("tab_id", &req.get_ref().tab_id)?;
+            Ok(tab_to_wire(self.payments.get_tab(me.as_ref(), &id).await?))
+        }
+        .await;
+        result.map(Response::new).map_err(to_status)
+    }
+
+    async fn close_tab(&self, req: Request<pb::CloseTabRequest>) -> ApiResult<pb::Tab> {
+        let caller = principal(&req)?;
+        let result = async {
+            let (me, _) = actor(caller, scope::PAYMENTS_WRITE)?;
+            let id = TabId::parse("tab_id", &req.get_ref().tab_id)?;
+            Ok(tab_to_wire(self.payments.close_stream_tab(me.as_ref(), &id).await?))
+        }
+        .await;
+        result.map(Response::new).map_err(to_status)
+    }
+
+    async fn end_stream(&self, req: Request<pb::EndStreamRequest>) -> ApiResult<pb::EndStreamResponse> {
+        let caller = principal(&req)?;
+        let result = async {
+            caller.require(scope::SHOPPING_ADMIN)?;
+            let (listings, tabs) = self.payments.end_stream(&req.get_ref().stream_id).await?;
+            Ok(pb::EndStreamResponse { listings_closed: listings as i64, tabs_closed: tabs as i64 })
         }
         .await;
         result.map(Response::new).map_err(to_status)

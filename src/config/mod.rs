@@ -310,6 +310,8 @@ impl Config {
                         shop.refunds_per_purchase_max,
                         1..=1_000,
                     )?,
+                    tab_ttl_s: s.duration("DMPAY_SHOP_TAB_TTL", Duration::from_secs(shop.tab_ttl_s as u64))?.as_secs()
+                        as i64,
                 },
             },
             recon_time_tolerance: s.duration("DMPAY_RECON_TIME_TOLERANCE", Duration::from_secs(3600))?,
@@ -321,6 +323,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 name: "DMPAY_PAYOUT_INSTANT_FEE_MAX_MINOR",
                 detail: "at least DMPAY_PAYOUT_INSTANT_FEE_MIN_MINOR".into(),
+            });
+        }
+        if !(60..=7 * 86_400).contains(&config.payments.shop.tab_ttl_s) {
+            return Err(ConfigError::Invalid {
+                name: "DMPAY_SHOP_TAB_TTL",
+                detail: "1 minute to 7 days: a card authorization does not last longer".into(),
             });
         }
         if config.payments.shop.hold_s > 90 * 86_400 {

@@ -158,6 +158,10 @@ id_type!(
     PurchaseRefundId, minted = "prf_"
 );
 id_type!(
+    /// A viewer's tab for a live stream, `tab_` and a UUIDv7.
+    TabId, minted = "tab_"
+);
+id_type!(
     /// A reconciliation run, `run_` and a UUIDv7.
     RunId, minted = "run_"
 );

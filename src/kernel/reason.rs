@@ -107,6 +107,10 @@ crate::stored_enum! {
         StatementTooLong = "STATEMENT_TOO_LONG",
         /// The card was reported stolen.
         StolenCard = "STOLEN_CARD",
+        /// The purchase is more than what is left of the tab's cap.
+        TabCap = "TAB_CAP",
+        /// The tab is not open (still authorizing, closing or closed).
+        TabNotOpen = "TAB_NOT_OPEN",
         /// Over the caller's card tokenizations per hour.
         TokenizeRateLimit = "TOKENIZE_RATE_LIMIT",
         /// The server has as many watch streams open as allowed.

@@ -229,6 +229,16 @@ impl AccountStore {
         self.resolve("sales_pending", &code, false).await
     }
 
+    /// The stream-tab account of `user` in `currency`, created on first use.
+    pub async fn tab(&self, user: &UserId, currency: Currency) -> Result<LedgerAccount> {
+        let code = AccountCode::tab(user, currency);
+        if let Ok(a) = self.resolve("tab", &code, false).await {
+            return Ok(a);
+        }
+        self.insert_if_missing(&code, AccountType::Asset, currency, false).await?;
+        self.resolve("tab", &code, false).await
+    }
+
     /// A system account of `currency`.
     pub async fn system(&self, name: &str, currency: Currency) -> Result<LedgerAccount> {
         self.resolve("account", &AccountCode::system(name, currency), false).await

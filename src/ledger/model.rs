@@ -166,6 +166,12 @@ impl AccountCode {
         AccountCode(format!("user:{user}:sales_pending:{currency}"))
     }
 
+    /// What a viewer's stream tabs have spent and not yet captured from their card: an
+    /// asset (the card owes it), never negative, back to zero when the tabs close.
+    pub fn tab(user: &UserId, currency: Currency) -> Self {
+        AccountCode(format!("user:{user}:tab:{currency}"))
+    }
+
     pub fn system(name: &str, currency: Currency) -> Self {
         AccountCode(format!("{name}:{currency}"))
     }

@@ -187,7 +187,13 @@ impl BatchHook for PaymentsHook {
                 &purchases.pairs(),
             )
             .await?;
-            purchases.prepared(prepared);
+            let tab_ids = purchases.tab_ids();
+            let tabs = if tab_ids.is_empty() {
+                HashMap::new()
+            } else {
+                super::repo::tabs::prepare_tabs(conn, &tab_ids).await?
+            };
+            purchases.prepared(prepared, tabs);
         }
         Ok(Box::new(Batch {
             config: self.config.clone(),
@@ -323,6 +329,7 @@ impl HookBatch for Batch {
         let (purchases, sold) = self.purchases.rows();
         if !purchases.is_empty() {
             super::repo::shop::write_purchases(conn, &purchases, &sold, now_us).await?;
+            super::repo::tabs::write_tab_spend(conn, &self.purchases.tab_spend()).await?;
         }
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! validated once where they enter.
 
 use crate::kernel::error::{Error, Result};
-use crate::kernel::ids::{ListingId, PurchaseId, UserId};
+use crate::kernel::ids::{ListingId, PurchaseId, TabId, UserId};
 use crate::kernel::money::Money;
 use crate::kernel::reason::Reason;
 
@@ -136,6 +136,8 @@ pub struct Purchase {
     pub available_at_us: i64,
     pub released_amount: Option<i64>,
     pub created_at_us: i64,
+    /// The stream tab it was drawn on; `None`: paid from the wallet.
+    pub tab_id: Option<TabId>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +169,54 @@ impl Purchase {
             return 0;
         }
         i64::try_from(commission * i128::from(refunded) / amount).unwrap_or(self.commission.minor())
+    }
+}
+
+/// A viewer's tab for one stream: one card authorization up to `cap`, purchases drawn
+/// on it, one capture of `spent` when it closes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tab {
+    pub tab_id: TabId,
+    pub buyer_id: UserId,
+    pub stream_id: String,
+    pub cap: Money,
+    pub spent: Money,
+    pub status: TabStatus,
+    pub payment_method_token: Option<String>,
+    pub authorization_ref: Option<String>,
+    pub capture_ref: Option<String>,
+    /// What the closing captures (fixed when closing begins).
+    pub captured: Option<i64>,
+    pub failure_reason: String,
+    pub failure_message: String,
+    pub expires_at_us: i64,
+    pub created_at_us: i64,
+    pub closed_at_us: Option<i64>,
+}
+
+crate::stored_enum! {
+    /// Where a tab stands.
+    pub enum TabStatus {
+        /// Recorded; the card is being authorized.
+        Opening = "opening",
+        /// Authorized: purchases in the stream may draw on it.
+        Open = "open",
+        /// No more purchases; its spend is being captured (or the authorization voided).
+        Closing = "closing",
+        Closed = "closed",
+        /// The authorization was declined (nothing was spent), or the capture failed.
+        Failed = "failed",
+    }
+}
+
+pub fn tab_not_open(tab: &TabId) -> Error {
+    Error::FailedPrecondition { reason: Reason::TabNotOpen, message: format!("tab {tab} is not open") }
+}
+
+pub fn tab_cap(tab: &TabId, left: Money) -> Error {
+    Error::FailedPrecondition {
+        reason: Reason::TabCap,
+        message: format!("tab {tab} has {left} left of its cap; close it and open another with a higher cap"),
     }
 }
 
@@ -252,6 +302,7 @@ mod tests {
             available_at_us: 0,
             released_amount: None,
             created_at_us: 0,
+            tab_id: None,
         }
     }
 

@@ -180,6 +180,8 @@ pub struct ShopConfig {
     pub open_listings_per_seller_max: i64,
     /// Refunds one purchase may have.
     pub refunds_per_purchase_max: i64,
+    /// How long a stream tab stays open before it closes by itself.
+    pub tab_ttl_s: i64,
 }
 
 impl Default for ShopConfig {
@@ -190,6 +192,7 @@ impl Default for ShopConfig {
             per_buyer_max_default: 10,
             open_listings_per_seller_max: 1_000,
             refunds_per_purchase_max: 20,
+            tab_ttl_s: 6 * 3_600,
         }
     }
 }

@@ -340,7 +340,10 @@ mod every_rpc {
             ("/dmpay.v1.Payments/WatchPayments", Some(s)) => vec![s, "payments:watch_all"],
             // The platform's stream service acts for any seller; a buyer's tap is theirs.
             (p, Some(s))
-                if p.starts_with("/dmpay.v1.Shopping/") && s != "shopping:admin" && !p.ends_with("/Purchase") =>
+                if p.starts_with("/dmpay.v1.Shopping/")
+                    && s != "shopping:admin"
+                    && !p.ends_with("/Purchase")
+                    && !p.ends_with("/OpenTab") =>
             {
                 vec![s, "shopping:admin"]
             }

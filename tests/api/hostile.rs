@@ -470,7 +470,7 @@ fn fields(path: &str, fx: &Fixture) -> BoxedStrategy<Encoded> {
             .boxed(),
         "/dmpay.v1.Shopping/Purchase" => (key(), id(&fx.payments), i64v(), money())
             .prop_map(|(idempotency_key, listing_id, quantity, unit_price)| {
-                enc(pb::PurchaseRequest { idempotency_key, listing_id, quantity, unit_price })
+                enc(pb::PurchaseRequest { idempotency_key, listing_id, quantity, unit_price, tab_id: String::new() })
             })
             .boxed(),
         "/dmpay.v1.Shopping/GetPurchase" => {
@@ -489,6 +489,16 @@ fn fields(path: &str, fx: &Fixture) -> BoxedStrategy<Encoded> {
         "/dmpay.v1.Shopping/MarkDelivered" => {
             id(&fx.payments).prop_map(|purchase_id| enc(pb::MarkDeliveredRequest { purchase_id })).boxed()
         }
+        "/dmpay.v1.Shopping/OpenTab" => (key(), text(), money(), id(&fx.cards))
+            .prop_map(|(idempotency_key, stream_id, cap, payment_method_token)| {
+                enc(pb::OpenTabRequest { idempotency_key, stream_id, cap, payment_method_token })
+            })
+            .boxed(),
+        "/dmpay.v1.Shopping/GetTab" => id(&fx.payments).prop_map(|tab_id| enc(pb::GetTabRequest { tab_id })).boxed(),
+        "/dmpay.v1.Shopping/CloseTab" => {
+            id(&fx.payments).prop_map(|tab_id| enc(pb::CloseTabRequest { tab_id })).boxed()
+        }
+        "/dmpay.v1.Shopping/EndStream" => text().prop_map(|stream_id| enc(pb::EndStreamRequest { stream_id })).boxed(),
         "/dmpay.v1.Shopping/GetSellerBalance" => (currency(), user())
             .prop_map(|(currency, seller_id)| enc(pb::GetSellerBalanceRequest { currency, seller_id }))
             .boxed(),
@@ -591,6 +601,10 @@ fn decodes(path: &str, bytes: &[u8]) -> bool {
         "/dmpay.v1.Shopping/RefundPurchase" => pb::RefundPurchaseRequest,
         "/dmpay.v1.Shopping/MarkDelivered" => pb::MarkDeliveredRequest,
         "/dmpay.v1.Shopping/GetSellerBalance" => pb::GetSellerBalanceRequest,
+        "/dmpay.v1.Shopping/OpenTab" => pb::OpenTabRequest,
+        "/dmpay.v1.Shopping/GetTab" => pb::GetTabRequest,
+        "/dmpay.v1.Shopping/CloseTab" => pb::CloseTabRequest,
+        "/dmpay.v1.Shopping/EndStream" => pb::EndStreamRequest,
     }
 }
 

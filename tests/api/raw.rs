@@ -80,6 +80,10 @@ pub const RPCS: &[Rpc] = &[
     rpc("/dmpay.v1.Shopping/RefundPurchase", "payments:write"),
     rpc("/dmpay.v1.Shopping/MarkDelivered", "shopping:admin"),
     rpc("/dmpay.v1.Shopping/GetSellerBalance", "payments:read"),
+    rpc("/dmpay.v1.Shopping/OpenTab", "payments:write"),
+    rpc("/dmpay.v1.Shopping/GetTab", "payments:read"),
+    rpc("/dmpay.v1.Shopping/CloseTab", "payments:write"),
+    rpc("/dmpay.v1.Shopping/EndStream", "shopping:admin"),
 ];
 
 pub const ALL_SCOPES: &[&str] = &[

@@ -206,6 +206,7 @@ async fn ledger_charges(db: &Db, day_start: i64) -> Result<Vec<LedgerCharge>> {
     let mut out = Vec::new();
     for (ledger_kind, direction, report_kind, sign) in [
         ("dm_payment_card", Direction::Debit, "capture", 1),
+        ("tab_capture", Direction::Debit, "capture", 1),
         ("payout", Direction::Credit, "payout", -1),
         ("payout_return", Direction::Debit, "payout_return", 1),
         ("dispute", Direction::Credit, "dispute", -1),

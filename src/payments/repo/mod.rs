@@ -17,6 +17,7 @@ pub(crate) mod rows;
 pub(crate) mod shop;
 pub(crate) mod spend;
 pub(crate) mod sqlite;
+pub(crate) mod tabs;
 
 use super::model::{Payment, PaymentRequest, PaymentStatus};
 use crate::kernel::clock::Clock;

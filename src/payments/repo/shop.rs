@@ -88,7 +88,7 @@ impl TryFrom<ListingRow> for Listing {
 
 pub(crate) const PURCHASE_COLUMNS: &str = "purchase_id, listing_id, buyer_id, seller_id, stream_id, currency, \
      quantity, unit_price, amount, commission, refunded_amount, commission_refunded, restocked, hold, \
-     available_at_us, released_amount, created_at_us";
+     available_at_us, released_amount, created_at_us, tab_id";
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct PurchaseRow {
@@ -109,6 +109,7 @@ pub(crate) struct PurchaseRow {
     available_at_us: i64,
     released_amount: Option<i64>,
     created_at_us: i64,
+    tab_id: Option<String>,
 }
 
 impl TryFrom<PurchaseRow> for Purchase {
@@ -132,6 +133,7 @@ impl TryFrom<PurchaseRow> for Purchase {
             available_at_us: r.available_at_us,
             released_amount: r.released_amount,
             created_at_us: r.created_at_us,
+            tab_id: r.tab_id.map(crate::kernel::ids::TabId::from_db),
         })
     }
 }
@@ -310,6 +312,20 @@ impl PaymentStore {
         .fetch_optional(pool)
         .await)?;
         row.map(Listing::try_from).transpose()
+    }
+
+    /// Closes every open listing of a stream (the stream ended). Answers how many.
+    pub(crate) async fn close_stream_listings(&self, stream_id: &str) -> Result<u64> {
+        let now = self.clock.now_us();
+        let n = with_db!(&self.writer, pool => sqlx::query(
+            "UPDATE listings SET closed_at_us = $2, updated_at_us = $2 WHERE stream_id = $1 AND closed_at_us IS NULL"
+        )
+        .bind(stream_id)
+        .bind(now)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected()))?;
+        Ok(n)
     }
 
     /// A stream's listings before the keyset `before`, newest first.
@@ -681,11 +697,10 @@ pub(crate) async fn prepare_purchases(
     pairs: &[(&str, &str)],
 ) -> std::result::Result<PurchasesPrepared, sqlx::Error> {
     use crate::ledger::engine::hook::Conn;
-    let (existing, listing_rows, bought): (
-        Vec<(String, String, String, String)>,
-        Vec<ListingRow>,
-        Vec<(String, String, i64)>,
-    ) = match conn {
+    /// Keys used (buyer, key, purchase, hash), the listings, and units bought (listing,
+    /// buyer, units).
+    type Read = (Vec<(String, String, String, String)>, Vec<ListingRow>, Vec<(String, String, i64)>);
+    let (existing, listing_rows, bought): Read = match conn {
         Conn::Postgres(c) => {
             let (kb, kk): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
             let existing = sqlx::query_as(
@@ -765,8 +780,23 @@ pub(crate) async fn write_purchases(
     now_us: i64,
 ) -> std::result::Result<(), sqlx::Error> {
     use crate::ledger::engine::hook::Conn;
-    type Row<'a> =
-        (&'a str, &'a str, &'a str, &'a str, &'a str, &'a str, i64, i64, i64, i64, i64, &'a str, &'a str, i64);
+    type Row<'a> = (
+        &'a str,
+        &'a str,
+        &'a str,
+        &'a str,
+        &'a str,
+        &'a str,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        &'a str,
+        &'a str,
+        i64,
+        Option<&'a str>,
+    );
     let json: Vec<Row<'_>> = rows
         .iter()
         .map(|r| {
@@ -786,6 +816,7 @@ pub(crate) async fn write_purchases(
                 r.key,
                 r.hash,
                 p.created_at_us,
+                p.tab_id.as_ref().map(|t| t.as_str()),
             )
         })
         .collect();
@@ -793,9 +824,9 @@ pub(crate) async fn write_purchases(
     // and one statement with one parameter is one round trip either way.
     let insert_pg = "INSERT INTO purchases (purchase_id, listing_id, buyer_id, seller_id, stream_id, currency, \
          quantity, unit_price, amount, commission, hold, available_at_us, idempotency_key, request_hash, \
-         created_at_us, updated_at_us) \
+         created_at_us, updated_at_us, tab_id) \
          SELECT r ->> 0, r ->> 1, r ->> 2, r ->> 3, r ->> 4, r ->> 5, (r ->> 6)::int8, (r ->> 7)::int8, \
-         (r ->> 8)::int8, (r ->> 9)::int8, 'held', (r ->> 10)::int8, r ->> 11, r ->> 12, (r ->> 13)::int8, $2 \
+         (r ->> 8)::int8, (r ->> 9)::int8, 'held', (r ->> 10)::int8, r ->> 11, r ->> 12, (r ->> 13)::int8, $2, r ->> 14 \
          FROM jsonb_array_elements($1::jsonb) AS r";
     let sold_pg = "UPDATE listings l SET sold = l.sold + t.n, updated_at_us = $3 \
          FROM UNNEST($1::text[], $2::int8[]) AS t(id, n) WHERE l.listing_id = t.id";
@@ -809,10 +840,10 @@ pub(crate) async fn write_purchases(
             sqlx::query(
                 "INSERT INTO purchases (purchase_id, listing_id, buyer_id, seller_id, stream_id, currency, \
                  quantity, unit_price, amount, commission, hold, available_at_us, idempotency_key, request_hash, \
-                 created_at_us, updated_at_us) \
+                 created_at_us, updated_at_us, tab_id) \
                  SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, \
                  value ->> 7, value ->> 8, value ->> 9, 'held', value ->> 10, value ->> 11, value ->> 12, \
-                 value ->> 13, ?2 FROM json_each(?1)",
+                 value ->> 13, ?2, value ->> 14 FROM json_each(?1)",
             )
             .bind(json_rows(&json)?)
             .bind(now_us)

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::accounts::{Status as AccountStatus, Tier};
 use crate::kernel::error::{Error, Result};
 use crate::ledger::Outcome;
-use crate::payments::listing::{per_buyer_limit, sold_out, Listing, Purchase};
+use crate::payments::listing::{per_buyer_limit, sold_out, tab_cap, tab_not_open, Listing, Purchase, Tab, TabStatus};
 use crate::payments::model::PaymentsConfig;
 use crate::payments::repo::shop::{BatchPurchase, PurchasesPrepared};
 
@@ -42,6 +42,8 @@ enum First {
 pub(crate) struct Purchases {
     pub items: HashMap<usize, PurchaseAttachment>,
     prepared: Option<PurchasesPrepared>,
+    /// The stream tabs purchases draw on, by id, with their spend so far in the batch.
+    tabs: HashMap<String, Tab>,
     firsts: HashMap<(String, String), (String, First)>,
     /// Commands admitted and not yet decided: the units they took.
     taken: HashMap<usize, i64>,
@@ -62,8 +64,18 @@ impl Purchases {
         self.items.contains_key(&cmd)
     }
 
-    pub fn prepared(&mut self, p: PurchasesPrepared) {
+    pub fn prepared(&mut self, p: PurchasesPrepared, tabs: HashMap<String, Tab>) {
         self.prepared = Some(p);
+        self.tabs = tabs;
+    }
+
+    /// The tabs the batch's purchases draw on, sorted and deduplicated.
+    pub fn tab_ids(&self) -> Vec<&str> {
+        let mut ids: Vec<&str> =
+            self.items.values().filter_map(|a| a.purchase.tab_id.as_ref().map(|t| t.as_str())).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 
     /// (buyer, key) of every purchase, sorted and deduplicated.
@@ -154,6 +166,20 @@ impl Purchases {
                     return Err(sold_out(&p.listing_id, left));
                 }
             }
+            if let Some(tab_id) = &p.tab_id {
+                // The tab was checked to be the buyer's and this stream's when the
+                // purchase was made; its state and spend are checked here, under its lock.
+                let tab = self.tabs.get_mut(tab_id.as_str()).ok_or_else(|| tab_not_open(tab_id))?;
+                if tab.status != TabStatus::Open || tab.expires_at_us <= now_us {
+                    return Err(tab_not_open(tab_id));
+                }
+                let left = tab.cap.minor() - tab.spent.minor();
+                if p.amount.minor() > left {
+                    return Err(tab_cap(tab_id, crate::kernel::money::Money::from_minor(tab.cap.currency(), left)));
+                }
+                tab.spent =
+                    crate::kernel::money::Money::from_minor(tab.cap.currency(), tab.spent.minor() + p.amount.minor());
+            }
             // Taken now; given back in `decided` if the ledger refuses the money.
             listing.sold += p.quantity;
             *prepared.bought.entry((p.listing_id.to_string(), p.buyer_id.to_string())).or_insert(0) += p.quantity;
@@ -196,6 +222,10 @@ impl Purchases {
                 if let Some(l) = prepared.listings.get_mut(p.listing_id.as_str()) {
                     l.sold -= units;
                 }
+                if let Some(t) = p.tab_id.as_ref().and_then(|t| self.tabs.get_mut(t.as_str())) {
+                    t.spent =
+                        crate::kernel::money::Money::from_minor(t.cap.currency(), t.spent.minor() - p.amount.minor());
+                }
                 if let Some(b) = prepared.bought.get_mut(&(p.listing_id.to_string(), p.buyer_id.to_string())) {
                     *b -= units;
                 }
@@ -226,6 +256,21 @@ impl Purchases {
         let mut delta: Vec<(&str, i64)> = delta.into_iter().collect();
         delta.sort_unstable();
         (rows, delta)
+    }
+
+    /// What each tab's purchases in the batch added to its spend.
+    pub fn tab_spend(&self) -> Vec<(&str, i64)> {
+        let mut spend: HashMap<&str, i64> = HashMap::new();
+        for (cmd, _) in &self.rows {
+            if let Some(a) = self.items.get(cmd) {
+                if let Some(t) = &a.purchase.tab_id {
+                    *spend.entry(t.as_str()).or_insert(0) += a.purchase.amount.minor();
+                }
+            }
+        }
+        let mut spend: Vec<(&str, i64)> = spend.into_iter().collect();
+        spend.sort_unstable();
+        spend
     }
 
     /// The spend of the purchases written: (buyer, currency, hour) -> amount.

@@ -3,6 +3,7 @@
 //! released to their wallet after a hold, and the seller's refunds. The types are in
 //! `payments::listing`, where the payments' store can reach them.
 //!
+//! - `tabs`   stream tabs: one card authorization, purchases drawn on it, one capture
 //! - `batch`  a purchase's rules and stock under the engine's batch locks
 //!
 //! Money flow of a purchase of amount A with commission C, one ledger entry: debit the
@@ -13,6 +14,7 @@
 //! rest from the sale's pending money while it is held, else from the seller's wallet.
 
 pub mod batch;
+pub mod tabs;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -52,6 +54,8 @@ pub struct PurchaseInput {
     /// The unit price the buyer saw, when the client sends it: a listing priced
     /// otherwise (another currency) is refused.
     pub unit_price: Option<Money>,
+    /// Draw on this stream tab instead of the wallet.
+    pub tab_id: Option<crate::kernel::ids::TabId>,
 }
 
 impl PurchaseInput {
@@ -59,6 +63,7 @@ impl PurchaseInput {
         crate::ledger::hash_request(&serde_json::json!({
             "listing": self.listing_id.as_str(),
             "quantity": self.quantity,
+            "tab": self.tab_id.as_ref().map(|t| t.as_str()),
         }))
     }
 }
@@ -233,6 +238,18 @@ impl Payments {
         }
         self.ensure_user(buyer).await?;
         let currency = listing.unit_price.currency();
+        if let Some(tab_id) = &input.tab_id {
+            // The tab's state and spend are checked in the batch, under its lock; whose
+            // and which stream's it is never changes.
+            match self.store.tab(tab_id).await? {
+                Some(t) if t.buyer_id == *buyer => {
+                    if t.stream_id != listing.stream_id || t.cap.currency() != currency {
+                        return Err(Error::invalid("tab_id", "the tab is for another stream or currency"));
+                    }
+                }
+                _ => return Err(Error::NotFound(format!("tab_id: tab {tab_id} not found"))),
+            }
+        }
         let amount = listing
             .unit_price
             .minor()
@@ -244,7 +261,11 @@ impl Payments {
             bps.and_then(|b| u32::try_from(b).ok()).unwrap_or(self.config.shop.commission_bps),
         );
         let accounts = self.ledger.accounts();
-        let wallet = accounts.wallet(buyer, currency).await?;
+        // From the wallet, or from the viewer's tab account (what the card owes).
+        let wallet = match &input.tab_id {
+            None => accounts.wallet(buyer, currency).await?,
+            Some(_) => accounts.tab(buyer, currency).await?,
+        };
         let pending = accounts.sales_pending(&listing.seller_id, currency).await?;
         let mut postings = vec![
             Posting {
@@ -288,6 +309,7 @@ impl Payments {
             available_at_us: now.saturating_add(self.config.shop.hold_s.saturating_mul(1_000_000)),
             released_amount: None,
             created_at_us: now,
+            tab_id: input.tab_id.clone(),
         };
         let entry = NewEntry {
             kind: "shop_purchase".into(),
@@ -519,7 +541,7 @@ impl Payments {
     /// The resolver's part: releases whose hold ended, and refunds a crash left
     /// pending. Answers how many it finished.
     pub(crate) async fn resolve_shop(&self) -> Result<usize> {
-        let mut n = 0;
+        let mut n = self.resolve_tabs().await?;
         for p in self.store.due_releases(RESOLVE_BATCH_MAX).await? {
             if self.release_sale(&p).await? {
                 n += 1;

@@ -1,4 +1,6 @@
 -- Live shopping (issue 23): sellers, listings with stock, purchases and their refunds.
+-- Ids, keys and codes compare byte by byte (COLLATE "C"), as since 0007: every index on
+-- them is extended on each purchase.
 
 -- A seller is an account the platform marked so; its commission override, in basis
 -- points, is NULL when the configured default applies.
@@ -9,11 +11,11 @@ ALTER TABLE accounts ADD COLUMN commission_bps INTEGER CHECK (commission_bps BET
 -- transaction together with the purchases' money; the CHECK is the database's half of
 -- "never oversell" (the batch's in-memory count is the other).
 CREATE TABLE listings (
-    listing_id      TEXT PRIMARY KEY,
-    seller_id       TEXT NOT NULL REFERENCES accounts (user_id),
-    stream_id       TEXT NOT NULL,
+    listing_id      TEXT COLLATE "C" PRIMARY KEY,
+    seller_id       TEXT COLLATE "C" NOT NULL REFERENCES accounts (user_id),
+    stream_id       TEXT COLLATE "C" NOT NULL,
     title           TEXT NOT NULL,
-    currency        TEXT NOT NULL,
+    currency        TEXT COLLATE "C" NOT NULL,
     price           BIGINT NOT NULL CHECK (price > 0),
     -- NULL: unlimited stock.
     quantity        BIGINT CHECK (quantity >= 0),
@@ -22,7 +24,7 @@ CREATE TABLE listings (
     starts_at_us    BIGINT,
     ends_at_us      BIGINT,
     closed_at_us    BIGINT,
-    idempotency_key TEXT NOT NULL,
+    idempotency_key TEXT COLLATE "C" NOT NULL,
     request_hash    TEXT NOT NULL,
     -- The key of the last AddStock, so that its retry adds nothing.
     stock_key       TEXT NOT NULL DEFAULT '',
@@ -38,12 +40,12 @@ CREATE INDEX listings_stream ON listings (stream_id, created_at_us, listing_id);
 -- `hold` is where the seller's share stands: held in the seller's pending account until
 -- `available_at_us`, then releasing (the amount is fixed) and released to the wallet.
 CREATE TABLE purchases (
-    purchase_id         TEXT PRIMARY KEY,
-    listing_id          TEXT NOT NULL REFERENCES listings (listing_id),
-    buyer_id            TEXT NOT NULL,
-    seller_id           TEXT NOT NULL,
-    stream_id           TEXT NOT NULL,
-    currency            TEXT NOT NULL,
+    purchase_id         TEXT COLLATE "C" PRIMARY KEY,
+    listing_id          TEXT COLLATE "C" NOT NULL REFERENCES listings (listing_id),
+    buyer_id            TEXT COLLATE "C" NOT NULL,
+    seller_id           TEXT COLLATE "C" NOT NULL,
+    stream_id           TEXT COLLATE "C" NOT NULL,
+    currency            TEXT COLLATE "C" NOT NULL,
     quantity            BIGINT NOT NULL CHECK (quantity > 0),
     unit_price          BIGINT NOT NULL CHECK (unit_price > 0),
     amount              BIGINT NOT NULL CHECK (amount > 0),
@@ -55,7 +57,7 @@ CREATE TABLE purchases (
     available_at_us     BIGINT NOT NULL,
     released_amount     BIGINT CHECK (released_amount >= 0),
     entry_id            TEXT,
-    idempotency_key     TEXT NOT NULL,
+    idempotency_key     TEXT COLLATE "C" NOT NULL,
     request_hash        TEXT NOT NULL,
     created_at_us       BIGINT NOT NULL,
     updated_at_us       BIGINT NOT NULL,
@@ -71,15 +73,15 @@ CREATE INDEX purchases_holds ON purchases (available_at_us) WHERE hold <> 'relea
 -- ledger under a key derived from its id, so a crash between the two is finished by the
 -- resolver and never posts twice.
 CREATE TABLE purchase_refunds (
-    refund_id       TEXT PRIMARY KEY,
-    purchase_id     TEXT NOT NULL REFERENCES purchases (purchase_id),
+    refund_id       TEXT COLLATE "C" PRIMARY KEY,
+    purchase_id     TEXT COLLATE "C" NOT NULL REFERENCES purchases (purchase_id),
     amount          BIGINT NOT NULL CHECK (amount > 0),
     commission      BIGINT NOT NULL CHECK (commission >= 0 AND commission <= amount),
     restock         BIGINT NOT NULL CHECK (restock >= 0),
     source          TEXT NOT NULL CHECK (source IN ('pending', 'available')),
     status          TEXT NOT NULL CHECK (status IN ('pending', 'posted', 'failed')),
     failure_reason  TEXT NOT NULL DEFAULT '',
-    idempotency_key TEXT NOT NULL,
+    idempotency_key TEXT COLLATE "C" NOT NULL,
     request_hash    TEXT NOT NULL,
     created_at_us   BIGINT NOT NULL,
     updated_at_us   BIGINT NOT NULL,

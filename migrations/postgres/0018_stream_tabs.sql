@@ -2,10 +2,10 @@
 -- purchases in the stream draw on it in the posting engine's batch without another card
 -- call; one capture of what was spent when the tab closes.
 CREATE TABLE stream_tabs (
-    tab_id               TEXT PRIMARY KEY,
-    buyer_id             TEXT NOT NULL REFERENCES accounts (user_id),
-    stream_id            TEXT NOT NULL,
-    currency             TEXT NOT NULL,
+    tab_id               TEXT COLLATE "C" PRIMARY KEY,
+    buyer_id             TEXT COLLATE "C" NOT NULL REFERENCES accounts (user_id),
+    stream_id            TEXT COLLATE "C" NOT NULL,
+    currency             TEXT COLLATE "C" NOT NULL,
     cap                  BIGINT NOT NULL CHECK (cap > 0),
     -- Advanced with each purchase in the batch that commits it; the CHECK is the
     -- database's half of "never past the cap".
@@ -18,7 +18,7 @@ CREATE TABLE stream_tabs (
     captured             BIGINT,
     failure_reason       TEXT NOT NULL DEFAULT '',
     failure_message      TEXT NOT NULL DEFAULT '',
-    idempotency_key      TEXT NOT NULL,
+    idempotency_key      TEXT COLLATE "C" NOT NULL,
     request_hash         TEXT NOT NULL,
     expires_at_us        BIGINT NOT NULL,
     created_at_us        BIGINT NOT NULL,
@@ -35,4 +35,4 @@ CREATE UNIQUE INDEX stream_tabs_one_open ON stream_tabs (buyer_id, stream_id) WH
 CREATE INDEX stream_tabs_stream ON stream_tabs (stream_id) WHERE status IN ('opening', 'open');
 CREATE INDEX stream_tabs_due ON stream_tabs (expires_at_us) WHERE status IN ('opening', 'open', 'closing');
 
-ALTER TABLE purchases ADD COLUMN tab_id TEXT REFERENCES stream_tabs (tab_id);
+ALTER TABLE purchases ADD COLUMN tab_id TEXT COLLATE "C" REFERENCES stream_tabs (tab_id);

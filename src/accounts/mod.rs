@@ -121,18 +121,54 @@ pub struct Accounts {
     /// during a burst (the new viewers of a live stream are all first payments).
     writer: Db,
     clock: Clock,
+    /// Users whose account this process has seen, shared by every clone: accounts are
+    /// never deleted, so once seen an account exists for good. A live stream's viewers
+    /// are mostly first callers, and the rate limiter's read of their tier then also
+    /// answers whether their account exists (`known`), instead of a second read.
+    known: std::sync::Arc<Known>,
+}
+
+/// A set of user ids, bounded: past `KNOWN_MAX` it starts over.
+#[derive(Debug, Default)]
+struct Known(std::sync::Mutex<std::collections::HashSet<String>>);
+
+/// Users remembered as existing.
+const KNOWN_MAX: usize = 200_000;
+
+impl Known {
+    fn contains(&self, user: &str) -> bool {
+        self.0.lock().map(|s| s.contains(user)).unwrap_or(false)
+    }
+
+    fn insert(&self, user: &str) {
+        if let Ok(mut s) = self.0.lock() {
+            if s.len() >= KNOWN_MAX {
+                s.clear();
+            }
+            s.insert(user.to_owned());
+        }
+    }
 }
 
 impl Accounts {
     /// Reads and writes on `db`.
     pub fn new(db: Db, clock: Clock) -> Self {
-        Accounts { writer: db.clone(), db, clock }
+        Accounts { writer: db.clone(), db, clock, known: Default::default() }
     }
 
     /// Reads on `db`, writes on `writer`. No write holds its connection while it waits
     /// for anything but the database, so sharing the engine's pool cannot deadlock.
     pub fn with_writer(db: Db, writer: Db, clock: Clock) -> Self {
-        Accounts { db, writer, clock }
+        Accounts { db, writer, clock, known: Default::default() }
+    }
+
+    /// Whether `user`'s account exists, from memory when this process has seen it
+    /// (accounts are never deleted), else read.
+    pub async fn exists(&self, user: &UserId) -> Result<bool> {
+        if self.known.contains(user.as_str()) {
+            return Ok(true);
+        }
+        Ok(self.get(user).await?.is_some())
     }
 
     /// The clock account rows are stamped with.
@@ -145,7 +181,11 @@ impl Accounts {
             .bind(user_id.as_str())
             .fetch_optional(pool)
             .await)?;
-        row.map(Account::try_from).transpose()
+        let account = row.map(Account::try_from).transpose()?;
+        if account.is_some() {
+            self.known.insert(user_id.as_str());
+        }
+        Ok(account)
     }
 
     /// Returns the account, creating it unverified and active on first use.

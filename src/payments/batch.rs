@@ -164,9 +164,10 @@ impl BatchHook for PaymentsHook {
         senders.dedup();
         let since = super::spend::window_start(now_us);
 
-        let (existing, accounts, sums) = match conn {
-            Conn::Postgres(c) => pg::prepare(c, &keys, &users, &senders, since).await?,
-            Conn::Sqlite(c) => sqlite::prepare(c, &keys, &users, &senders, since).await?,
+        let shop_keys = purchases.shop_keys();
+        let (existing, accounts, sums, shop_rows) = match conn {
+            Conn::Postgres(c) => pg::prepare(c, &keys, &users, &senders, since, &shop_keys).await?,
+            Conn::Sqlite(c) => sqlite::prepare(c, &keys, &users, &senders, since, &shop_keys).await?,
         };
         let existing = existing
             .into_iter()
@@ -180,13 +181,7 @@ impl BatchHook for PaymentsHook {
             .collect();
         let sent = sums.into_iter().map(|(s, c, n)| ((s, c), n)).collect();
         if !purchases.is_empty() {
-            let prepared = super::repo::shop::prepare_purchases(
-                conn,
-                &purchases.keys(),
-                &purchases.listing_ids(),
-                &purchases.pairs(),
-            )
-            .await?;
+            let prepared = super::repo::shop::PurchasesPrepared::from_rows(shop_rows)?;
             let tab_ids = purchases.tab_ids();
             let tabs = if tab_ids.is_empty() {
                 HashMap::new()
@@ -318,32 +313,29 @@ impl HookBatch for Batch {
     async fn write_rows(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error> {
         self.settle(now_us);
         let (rows, spent) = self.rows_and_spend();
-        if !rows.is_empty() || !spent.is_empty() {
+        let shop = self.purchases.rows();
+        if !rows.is_empty() || !spent.is_empty() || !shop.purchases.is_empty() {
             match conn {
-                Conn::Postgres(c) => pg::write_rows(c, &rows, &spent, now_us).await?,
+                Conn::Postgres(c) => pg::write_rows(c, &rows, &spent, &shop, now_us).await?,
                 // One writer holds the whole database, so nothing is gained by numbering
                 // the events later: they go with the rows.
-                Conn::Sqlite(c) => sqlite::write_all(c, &rows, &spent, &self.events(), now_us).await?,
+                Conn::Sqlite(c) => sqlite::write_all(c, &rows, &spent, &self.events(), &shop, now_us).await?,
             }
         }
-        let (purchases, sold) = self.purchases.rows();
-        if !purchases.is_empty() {
-            super::repo::shop::write_purchases(conn, &purchases, &sold, now_us).await?;
-            super::repo::tabs::write_tab_spend(conn, &self.purchases.tab_spend()).await?;
+        let tab_spend = self.purchases.tab_spend();
+        if !tab_spend.is_empty() {
+            super::repo::tabs::write_tab_spend(conn, &tab_spend).await?;
         }
         Ok(())
     }
 
     async fn write_numbered(&mut self, conn: &mut Conn<'_>, now_us: i64) -> std::result::Result<(), sqlx::Error> {
+        let Conn::Postgres(c) = conn else { return Ok(()) };
         let events = self.events();
-        if let (Conn::Postgres(c), false) = (&mut *conn, events.is_empty()) {
-            pg::write_events(c, &events, now_us).await?;
+        if events.is_empty() {
+            return Ok(());
         }
-        let (purchases, _) = self.purchases.rows();
-        if !purchases.is_empty() {
-            super::repo::shop::write_purchase_events(conn, &purchases, now_us).await?;
-        }
-        Ok(())
+        pg::write_events(c, &events, now_us).await
     }
 }
 
@@ -399,6 +391,7 @@ impl Batch {
                 p,
             ));
         }
+        events.extend(self.purchases.events());
         events
     }
 }

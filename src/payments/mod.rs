@@ -41,8 +41,8 @@ pub mod requests;
 pub mod shop;
 pub mod spend;
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 pub use model::{FundingSource, Payment, PaymentStatus, PaymentsConfig};
 pub use repo::Claim;
@@ -106,33 +106,10 @@ pub struct Payments {
     vault: Arc<Vault>,
     accounts: Accounts,
     config: Arc<PaymentsConfig>,
-    known_users: Arc<KnownUsers>,
     hook: Arc<batch::PaymentsHook>,
     debtors: Arc<disputes::Debtors>,
-}
-
-/// Users whose platform account is known to exist, so a send does not insert-or-read
-/// both parties on every call. Accounts are never deleted, so an entry never goes
-/// stale; their status and tier are read in the batch transaction, not from here.
-#[derive(Default)]
-struct KnownUsers(Mutex<HashSet<String>>);
-
-/// Users remembered; past this the set starts over, so memory stays bounded.
-const KNOWN_USERS_MAX: usize = 200_000;
-
-impl KnownUsers {
-    fn contains(&self, user: &UserId) -> bool {
-        self.0.lock().map(|s| s.contains(user.as_str())).unwrap_or(false)
-    }
-
-    fn insert(&self, user: &UserId) {
-        if let Ok(mut s) = self.0.lock() {
-            if s.len() >= KNOWN_USERS_MAX {
-                s.clear();
-            }
-            s.insert(user.as_str().to_owned());
-        }
-    }
+    /// What a purchase needs of its listing before the batch, kept briefly.
+    listings: Arc<shop::ListingCache>,
 }
 
 impl Payments {
@@ -156,9 +133,9 @@ impl Payments {
             vault,
             accounts,
             config,
-            known_users: Arc::new(KnownUsers::default()),
             hook,
             debtors: Arc::new(disputes::Debtors::default()),
+            listings: Arc::new(shop::ListingCache::default()),
         }
     }
 
@@ -217,11 +194,8 @@ impl Payments {
     /// A read first: accounts usually exist, and on SQLite a write would take the
     /// database's one write lock from the posting engine.
     async fn ensure_user(&self, user: &UserId) -> Result<()> {
-        if !self.known_users.contains(user) {
-            if self.accounts.get(user).await?.is_none() {
-                self.accounts.ensure(user).await?;
-            }
-            self.known_users.insert(user);
+        if !self.accounts.exists(user).await? {
+            self.accounts.ensure(user).await?;
         }
         Ok(())
     }
@@ -231,11 +205,8 @@ impl Payments {
     /// signs up) or from the user's own first call; a payment to a made-up name must not
     /// create an account, a wallet, a payment row or an event.
     pub(crate) async fn require_user(&self, field: &str, user: &UserId) -> Result<()> {
-        if !self.known_users.contains(user) {
-            if self.accounts.get(user).await?.is_none() {
-                return Err(Error::NotFound(format!("{field}: no user {user}")));
-            }
-            self.known_users.insert(user);
+        if !self.accounts.exists(user).await? {
+            return Err(Error::NotFound(format!("{field}: no user {user}")));
         }
         Ok(())
     }

@@ -445,21 +445,37 @@ pub(crate) type BatchPayment<'a> = (&'a Payment, &'a str, &'a str);
 pub(crate) type BatchSpend<'a> = ((&'a str, &'a str, i64), i64);
 
 /// What the batch hook's `prepare` reads on either backend: keys already used (sender,
-/// key, payment id, request hash), the parties' accounts (user, tier, status) and the
-/// senders' spend in the window (sender, currency, amount).
-pub(crate) type Prepared =
-    (Vec<(String, String, String, String)>, Vec<(String, String, String)>, Vec<(String, String, i64)>);
+/// key, payment id, request hash), the parties' accounts (user, tier, status), the
+/// senders' spend in the window (sender, currency, amount), and the purchases' reads
+/// (`shop::PreparedRow`s, kinds 4 to 6).
+pub(crate) type Prepared = (
+    Vec<(String, String, String, String)>,
+    Vec<(String, String, String)>,
+    Vec<(String, String, i64)>,
+    Vec<shop::PreparedRow>,
+);
 
-/// Splits `prepare`'s one result set, whose first column tells the three reads apart
-/// (1: a key already used, 2: an account, 3: a sender's spend), into `Prepared`.
+/// The purchases' part of `prepare`: (buyer, key) pairs used, the listings, and the
+/// (listing, buyer) pairs whose units bought are counted.
+#[derive(Default)]
+pub(crate) struct ShopKeys<'a> {
+    pub keys: Vec<(&'a str, &'a str)>,
+    pub listings: Vec<&'a str>,
+    pub pairs: Vec<(&'a str, &'a str)>,
+}
+
+/// Splits `prepare`'s one result set, whose first column tells the reads apart (1: a
+/// key already used, 2: an account, 3: a sender's spend, 4 to 6: the purchases'), into
+/// `Prepared`.
 fn split_prepared<K: Into<i64>>(rows: Vec<(K, String, String, String, String, i64)>) -> Prepared {
-    let (mut existing, mut accounts, mut sums) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut existing, mut accounts, mut sums, mut shop) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (kind, a, b, c, d, n) in rows {
         match kind.into() {
             1 => existing.push((a, b, c, d)),
             2 => accounts.push((a, b, c)),
-            _ => sums.push((a, b, n)),
+            3 => sums.push((a, b, n)),
+            k => shop.push((k, a, b, c, d, n)),
         }
     }
-    (existing, accounts, sums)
+    (existing, accounts, sums, shop)
 }

@@ -38,8 +38,12 @@ fn prepare_sql() -> &'static str {
     &spellings[plan_generation(BATCHES.fetch_add(1, Ordering::Relaxed).wrapping_add(1))]
 }
 
-/// Keys already used, the parties' accounts and the senders' spend in the window: three
-/// keyed reads in one round trip, told apart by the first column.
+/// Keys already used, the parties' accounts and the senders' spend in the window, and
+/// for purchases the keys used, the units each buyer bought of a listing and the
+/// listings (each as JSON): keyed reads in one round trip, told apart by the first
+/// column. (The listings are not locked: every purchase of a listing locks its seller's
+/// pending account or the commission account, which serializes them, and the
+/// listing's CHECK refuses any oversell that got past that.)
 const RULES_READ: &str = "SELECT 1::int2, p.sender_id, p.idempotency_key, p.payment_id, p.request_hash, 0::int8 \
      FROM UNNEST($1::text[], $2::text[]) AS t(s, k) \
      JOIN payments p ON p.sender_id = t.s AND p.idempotency_key = t.k \
@@ -47,7 +51,18 @@ const RULES_READ: &str = "SELECT 1::int2, p.sender_id, p.idempotency_key, p.paym
      SELECT 2::int2, user_id, tier, status, '', 0::int8 FROM accounts WHERE user_id = ANY($3) \
      UNION ALL \
      SELECT 3::int2, sender_id, currency, '', '', CAST(SUM(amount) AS BIGINT) FROM payment_spend \
-     WHERE sender_id = ANY($4) AND hour >= $5 GROUP BY sender_id, currency";
+     WHERE sender_id = ANY($4) AND hour >= $5 GROUP BY sender_id, currency \
+     UNION ALL \
+     SELECT 4::int2, p.buyer_id, p.idempotency_key, p.purchase_id, p.request_hash, 0::int8 \
+     FROM UNNEST($6::text[], $7::text[]) AS t(b, k) \
+     JOIN purchases p ON p.buyer_id = t.b AND p.idempotency_key = t.k \
+     UNION ALL \
+     SELECT 5::int2, p.listing_id, p.buyer_id, '', '', CAST(SUM(p.quantity) AS BIGINT) \
+     FROM UNNEST($8::text[], $9::text[]) AS t(l, b) \
+     JOIN purchases p ON p.listing_id = t.l AND p.buyer_id = t.b GROUP BY p.listing_id, p.buyer_id \
+     UNION ALL \
+     SELECT 6::int2, l.listing_id, row_to_json(l)::text, '', '', 0::int8 FROM listings l \
+     WHERE l.listing_id = ANY($10)";
 
 /// The spelling for the `n`th batch (from 1): the base-2 logarithm of `n`, so the
 /// spelling changes at 2, 4, 8, ... batches, capped at the last one.
@@ -65,8 +80,11 @@ pub(crate) async fn prepare(
     users: &[&str],
     senders: &[&str],
     since_hour: i64,
+    shop: &super::ShopKeys<'_>,
 ) -> std::result::Result<Prepared, sqlx::Error> {
     let (ks, kk): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+    let (pb, pk): (Vec<&str>, Vec<&str>) = shop.keys.iter().copied().unzip();
+    let (ll, lb): (Vec<&str>, Vec<&str>) = shop.pairs.iter().copied().unzip();
     // `RULES_READ`; `users` and `senders` come deduplicated.
     let rows: Vec<(i16, String, String, String, String, i64)> = sqlx::query_as(prepare_sql())
         .bind(&ks)
@@ -74,6 +92,11 @@ pub(crate) async fn prepare(
         .bind(users)
         .bind(senders)
         .bind(since_hour)
+        .bind(&pb)
+        .bind(&pk)
+        .bind(&ll)
+        .bind(&lb)
+        .bind(&shop.listings)
         .fetch_all(&mut *c)
         .await?;
     Ok(split_prepared(rows))
@@ -88,10 +111,16 @@ pub(crate) async fn write_rows(
     c: &mut sqlx::PgConnection,
     rows: &[BatchPayment<'_>],
     spent: &[BatchSpend<'_>],
+    shop: &super::shop::BatchShop<'_>,
     now_us: i64,
 ) -> std::result::Result<(), sqlx::Error> {
     let mut args = PgArguments::default();
-    let sql = rows_statement(&mut args, rows, spent, now_us).map_err(sqlx::Error::Encode)?;
+    let mut sql = rows_statement(&mut args, rows, spent, now_us).map_err(sqlx::Error::Encode)?;
+    if !shop.purchases.is_empty() {
+        // The purchases and the listings' counts join the same statement.
+        let ctes = super::shop::pg_ctes(&mut args, shop, now_us).map_err(sqlx::Error::Encode)?;
+        sql = sql.replacen(") SELECT 1", &format!("), {ctes} SELECT 1"), 1);
+    }
     sqlx::query_with(&sql, args).execute(&mut *c).await?;
     Ok(())
 }
@@ -175,17 +204,20 @@ fn events_statement(
     let fr = bind_step(args, column(|e| &e.failure_reason))?;
     let fm = bind_step(args, column(|e| &e.failure_message))?;
     let sa = bind_step(args, events.iter().map(|e| e.settled_at_us).collect::<Vec<Option<i64>>>())?;
+    let pu = bind_step(args, events.iter().map(|e| e.purchase_id.as_deref()).collect::<Vec<Option<&str>>>())?;
+    let us = bind_step(args, events.iter().map(|e| e.units_sold).collect::<Vec<Option<i64>>>())?;
     Ok(format!(
         "WITH hook_event_seq AS ( \
            UPDATE payment_event_sequence SET last_value = last_value + {n} WHERE id = 1 \
            RETURNING last_value - {n} AS base \
          ), hook_events AS ( \
            INSERT INTO payment_events (sequence, event_type, payment_id, request_id, party_a, party_b, \
-             conversation_id, status, failure_reason, failure_message, settled_at_us, snapshot, occurred_at_us) \
-           SELECT s.base + t.o, t.ty, t.p, NULL, t.a, t.b, t.cv, t.st, t.fr, t.fm, t.sa, '', {now} \
+             conversation_id, status, failure_reason, failure_message, settled_at_us, purchase_id, units_sold, \
+             snapshot, occurred_at_us) \
+           SELECT s.base + t.o, t.ty, t.p, NULL, t.a, t.b, t.cv, t.st, t.fr, t.fm, t.sa, t.pu, t.us, '', {now} \
            FROM UNNEST({o}::int8[], {ty}::text[], {pay}::text[], {a}::text[], {b}::text[], {cv}::text[], \
-             {st}::text[], {fr}::text[], {fm}::text[], {sa}::int8[]) AS t(o, ty, p, a, b, cv, st, fr, fm, sa), \
-             hook_event_seq s \
+             {st}::text[], {fr}::text[], {fm}::text[], {sa}::int8[], {pu}::text[], {us}::int8[]) \
+             AS t(o, ty, p, a, b, cv, st, fr, fm, sa, pu, us), hook_event_seq s \
          ) SELECT 1"
     ))
 }

@@ -93,7 +93,8 @@ macro_rules! append_event {
         sqlx::query(concat!(
             "INSERT INTO payment_events (sequence, ",
             $crate::payments::repo::rows::EVENT_COLUMNS!(),
-            ", payout_id, snapshot, occurred_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, '', $16)"
+            ", payout_id, purchase_id, units_sold, snapshot, occurred_at_us) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, '', $18)"
         ))
         .bind(seq)
         .bind(e.event_type)
@@ -110,6 +111,8 @@ macro_rules! append_event {
         .bind(&e.capture_ref)
         .bind(e.settled_at_us)
         .bind(&e.payout_id)
+        .bind(&e.purchase_id)
+        .bind(e.units_sold)
         .bind($now_us)
         .execute(&mut *$tx)
         .await?;
@@ -147,6 +150,9 @@ pub struct EventFields {
     pub settled_at_us: Option<i64>,
     /// Set on `payout.*` events (the payment and request ids are then empty).
     pub payout_id: Option<String>,
+    /// Set on `purchase.*` events, with the listing's units sold after the change.
+    pub purchase_id: Option<String>,
+    pub units_sold: Option<i64>,
 }
 
 impl EventFields {
@@ -167,6 +173,8 @@ impl EventFields {
             capture_ref: None,
             settled_at_us: None,
             payout_id: None,
+            purchase_id: None,
+            units_sold: None,
         }
     }
 
@@ -187,6 +195,36 @@ impl EventFields {
             capture_ref: p.processor_ref.clone(),
             settled_at_us: p.paid_at_us,
             payout_id: Some(p.payout_id.as_str().to_owned()),
+            purchase_id: None,
+            units_sold: None,
+        }
+    }
+
+    /// The event of a purchase's change: to its buyer (party a), its seller (party b)
+    /// and its stream (the conversation column holds the stream's channel).
+    pub fn purchase(event_type: &'static str, p: &crate::payments::listing::Purchase, units_sold: i64) -> Self {
+        use crate::payments::listing::PurchaseStatus;
+        EventFields {
+            event_type,
+            payment_id: None,
+            request_id: None,
+            party_a: p.buyer_id.as_str().to_owned(),
+            party_b: p.seller_id.as_str().to_owned(),
+            conversation_id: crate::payments::listing::stream_channel(&p.stream_id),
+            status: match p.status() {
+                PurchaseStatus::Paid => "paid",
+                PurchaseStatus::PartiallyRefunded => "partially_refunded",
+                PurchaseStatus::Refunded => "refunded",
+            },
+            refunded_amount: p.refunded_amount.minor(),
+            failure_reason: String::new(),
+            failure_message: String::new(),
+            authorization_ref: None,
+            capture_ref: None,
+            settled_at_us: Some(p.created_at_us),
+            payout_id: None,
+            purchase_id: Some(p.purchase_id.as_str().to_owned()),
+            units_sold: Some(units_sold),
         }
     }
 
@@ -206,6 +244,8 @@ impl EventFields {
             capture_ref: p.capture_ref.clone(),
             settled_at_us: p.settled_at_us,
             payout_id: None,
+            purchase_id: None,
+            units_sold: None,
         }
     }
 }

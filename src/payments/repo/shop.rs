@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use super::rows::{append_event, EventFields};
 use super::PaymentStore;
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::{ListingId, PurchaseId, PurchaseRefundId, UserId};
@@ -11,36 +12,6 @@ use crate::kernel::money::{Currency, Money};
 use crate::payments::listing::{Hold, Listing, NewListing, Purchase};
 use crate::store::{json_rows, Db};
 use crate::with_db;
-
-/// Appends the outbox event of a purchase's change, for its buyer, its seller and its
-/// stream, in the caller's transaction (`$tx`), numbered from the event counter.
-macro_rules! purchase_event {
-    ($tx:expr, $event_type:expr, $p:expr, $sold:expr, $now:expr) => {{
-        let p: &Purchase = $p;
-        let seq: i64 = sqlx::query_scalar(
-            "UPDATE payment_event_sequence SET last_value = last_value + 1 WHERE id = 1 RETURNING last_value",
-        )
-        .fetch_one(&mut *$tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO payment_events (sequence, event_type, party_a, party_b, conversation_id, status, \
-             refunded_amount, failure_reason, failure_message, purchase_id, units_sold, snapshot, occurred_at_us) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, '', '', $8, $9, '', $10)",
-        )
-        .bind(seq)
-        .bind($event_type)
-        .bind(p.buyer_id.as_str())
-        .bind(p.seller_id.as_str())
-        .bind(crate::payments::listing::stream_channel(&p.stream_id))
-        .bind(status_of(p))
-        .bind(p.refunded_amount.minor())
-        .bind(p.purchase_id.as_str())
-        .bind($sold)
-        .bind($now)
-        .execute(&mut *$tx)
-        .await?;
-    }};
-}
 
 fn currency(code: &str) -> Result<Currency> {
     Currency::from_code(code).ok_or_else(|| Error::internal(anyhow::anyhow!("unknown currency {code:?} in a row")))
@@ -597,7 +568,7 @@ impl PaymentStore {
             .bind(now)
             .fetch_one(&mut *tx)
             .await?;
-            purchase_event!(tx, "purchase.refunded", &p, sold, now);
+            append_event!(tx, now, &EventFields::purchase("purchase.refunded", &p, sold));
             tx.commit().await?;
             Ok(Some(p))
         })
@@ -663,14 +634,6 @@ pub(crate) async fn purchases_by_id(db: &Db, ids: &[&str]) -> Result<HashMap<Str
     rows.into_iter().map(|r| Purchase::try_from(r).map(|p| (p.purchase_id.to_string(), p))).collect()
 }
 
-fn status_of(p: &Purchase) -> &'static str {
-    match p.status() {
-        crate::payments::listing::PurchaseStatus::Paid => "paid",
-        crate::payments::listing::PurchaseStatus::PartiallyRefunded => "partially_refunded",
-        crate::payments::listing::PurchaseStatus::Refunded => "refunded",
-    }
-}
-
 // ---- The purchase part of the posting engine's batch ----
 
 /// What the batch's purchase rules read, under the batch's locks.
@@ -682,123 +645,67 @@ pub(crate) struct PurchasesPrepared {
     pub bought: HashMap<(String, String), i64>,
 }
 
-/// A purchase the batch writes, and its event's units sold.
+/// A purchase the batch writes, with its idempotency key and request hash.
 pub(crate) struct BatchPurchase<'a> {
     pub purchase: &'a Purchase,
     pub key: &'a str,
     pub hash: &'a str,
-    pub units_sold: i64,
 }
 
-pub(crate) async fn prepare_purchases(
-    conn: &mut crate::ledger::engine::hook::Conn<'_>,
-    keys: &[(&str, &str)],
-    listings: &[&str],
-    pairs: &[(&str, &str)],
-) -> std::result::Result<PurchasesPrepared, sqlx::Error> {
-    use crate::ledger::engine::hook::Conn;
-    /// Keys used (buyer, key, purchase, hash), the listings, and units bought (listing,
-    /// buyer, units).
-    type Read = (Vec<(String, String, String, String)>, Vec<ListingRow>, Vec<(String, String, i64)>);
-    let (existing, listing_rows, bought): Read = match conn {
-        Conn::Postgres(c) => {
-            let (kb, kk): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
-            let existing = sqlx::query_as(
-                "SELECT p.buyer_id, p.idempotency_key, p.purchase_id, p.request_hash \
-                     FROM UNNEST($1::text[], $2::text[]) AS t(b, k) \
-                     JOIN purchases p ON p.buyer_id = t.b AND p.idempotency_key = t.k",
-            )
-            .bind(&kb)
-            .bind(&kk)
-            .fetch_all(&mut **c)
-            .await?;
-            // The listing rows are the hook's rows of the lock order: after the
-            // balance rows the engine locked, before the journal's sequence row. A
-            // concurrent batch of another process selling the same listing waits
-            // here and then reads the count this batch committed.
-            let rows = sqlx::query_as(&format!(
-                "SELECT {LISTING_COLUMNS} FROM listings WHERE listing_id = ANY($1) ORDER BY listing_id FOR UPDATE"
-            ))
-            .bind(listings)
-            .fetch_all(&mut **c)
-            .await?;
-            let (pl, pb): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
-            let bought = sqlx::query_as(
-                "SELECT p.listing_id, p.buyer_id, CAST(SUM(p.quantity) AS BIGINT) \
-                     FROM UNNEST($1::text[], $2::text[]) AS t(l, b) \
-                     JOIN purchases p ON p.listing_id = t.l AND p.buyer_id = t.b GROUP BY p.listing_id, p.buyer_id",
-            )
-            .bind(&pl)
-            .bind(&pb)
-            .fetch_all(&mut **c)
-            .await?;
-            (existing, rows, bought)
+/// One row of the batch hook's rules read (`pg::prepare`, `sqlite::prepare`) that
+/// concerns purchases: kind 4, a key used (buyer, key, purchase, hash); 5, units bought
+/// (listing, buyer, -, -, units); 6, a listing (id, the row as JSON).
+pub(crate) type PreparedRow = (i64, String, String, String, String, i64);
+
+impl PurchasesPrepared {
+    pub(crate) fn from_rows(rows: Vec<PreparedRow>) -> std::result::Result<Self, sqlx::Error> {
+        let mut out = PurchasesPrepared { existing: HashMap::new(), listings: HashMap::new(), bought: HashMap::new() };
+        for (kind, a, b, c, d, n) in rows {
+            match kind {
+                4 => {
+                    out.existing.insert((a, b), (c, d));
+                }
+                5 => {
+                    out.bought.insert((a, b), n);
+                }
+                _ => {
+                    let row: ListingRow = serde_json::from_str(&b).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+                    let listing = Listing::try_from(row).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+                    out.listings.insert(a, listing);
+                }
+            }
         }
-        Conn::Sqlite(c) => {
-            let existing = sqlx::query_as(
-                "SELECT p.buyer_id, p.idempotency_key, p.purchase_id, p.request_hash FROM json_each(?1) AS j \
-                     JOIN purchases p ON p.buyer_id = j.value ->> 0 AND p.idempotency_key = j.value ->> 1",
-            )
-            .bind(json_rows(keys)?)
-            .fetch_all(&mut **c)
-            .await?;
-            let rows = sqlx::query_as(&format!(
-                "SELECT {LISTING_COLUMNS} FROM listings WHERE listing_id IN (SELECT value FROM json_each(?1))"
-            ))
-            .bind(json_rows(listings)?)
-            .fetch_all(&mut **c)
-            .await?;
-            let bought = sqlx::query_as(
-                "SELECT p.listing_id, p.buyer_id, CAST(SUM(p.quantity) AS INTEGER) FROM json_each(?1) AS j \
-                     JOIN purchases p ON p.listing_id = j.value ->> 0 AND p.buyer_id = j.value ->> 1 \
-                     GROUP BY p.listing_id, p.buyer_id",
-            )
-            .bind(json_rows(pairs)?)
-            .fetch_all(&mut **c)
-            .await?;
-            (existing, rows, bought)
-        }
-    };
-    let listings = listing_rows
-        .into_iter()
-        .map(|r| Listing::try_from(r).map(|l| (l.listing_id.to_string(), l)))
-        .collect::<Result<HashMap<_, _>>>()
-        .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-    Ok(PurchasesPrepared {
-        existing: existing.into_iter().map(|(b, k, id, h)| ((b, k), (id, h))).collect(),
-        listings,
-        bought: bought.into_iter().map(|(l, b, n)| ((l, b), n)).collect(),
-    })
+        Ok(out)
+    }
 }
 
-/// The batch's purchases and the listings' new counts (`HookBatch::write_rows`); on
-/// SQLite their events too (`write_purchase_events` on PostgreSQL, after the journal).
-pub(crate) async fn write_purchases(
-    conn: &mut crate::ledger::engine::hook::Conn<'_>,
-    rows: &[BatchPurchase<'_>],
-    sold: &[(&str, i64)],
-    now_us: i64,
-) -> std::result::Result<(), sqlx::Error> {
-    use crate::ledger::engine::hook::Conn;
-    type Row<'a> = (
-        &'a str,
-        &'a str,
-        &'a str,
-        &'a str,
-        &'a str,
-        &'a str,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        &'a str,
-        &'a str,
-        i64,
-        Option<&'a str>,
-    );
-    let json: Vec<Row<'_>> = rows
-        .iter()
+/// The batch's purchases to write: the rows and each listing's count increase.
+pub(crate) struct BatchShop<'a> {
+    pub purchases: Vec<BatchPurchase<'a>>,
+    pub sold: Vec<(&'a str, i64)>,
+}
+
+/// A purchase row as one JSON array, in the order of the inserts' columns.
+type PurchaseJson<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a str,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    &'a str,
+    &'a str,
+    i64,
+    Option<&'a str>,
+);
+
+fn purchases_json<'a>(rows: &'a [BatchPurchase<'a>]) -> Vec<PurchaseJson<'a>> {
+    rows.iter()
         .map(|r| {
             let p = r.purchase;
             (
@@ -819,115 +726,55 @@ pub(crate) async fn write_purchases(
                 p.tab_id.as_ref().map(|t| t.as_str()),
             )
         })
-        .collect();
-    // One JSON parameter on both backends: a flash sale's batch is a few hundred rows,
-    // and one statement with one parameter is one round trip either way.
-    let insert_pg = "INSERT INTO purchases (purchase_id, listing_id, buyer_id, seller_id, stream_id, currency, \
-         quantity, unit_price, amount, commission, hold, available_at_us, idempotency_key, request_hash, \
-         created_at_us, updated_at_us, tab_id) \
-         SELECT r ->> 0, r ->> 1, r ->> 2, r ->> 3, r ->> 4, r ->> 5, (r ->> 6)::int8, (r ->> 7)::int8, \
-         (r ->> 8)::int8, (r ->> 9)::int8, 'held', (r ->> 10)::int8, r ->> 11, r ->> 12, (r ->> 13)::int8, $2, r ->> 14 \
-         FROM jsonb_array_elements($1::jsonb) AS r";
-    let sold_pg = "UPDATE listings l SET sold = l.sold + t.n, updated_at_us = $3 \
-         FROM UNNEST($1::text[], $2::int8[]) AS t(id, n) WHERE l.listing_id = t.id";
-    let (ids, counts): (Vec<&str>, Vec<i64>) = sold.iter().copied().unzip();
-    match conn {
-        Conn::Postgres(c) => {
-            sqlx::query(insert_pg).bind(json_rows(&json)?).bind(now_us).execute(&mut **c).await?;
-            sqlx::query(sold_pg).bind(&ids).bind(&counts).bind(now_us).execute(&mut **c).await?;
-        }
-        Conn::Sqlite(c) => {
-            sqlx::query(
-                "INSERT INTO purchases (purchase_id, listing_id, buyer_id, seller_id, stream_id, currency, \
-                 quantity, unit_price, amount, commission, hold, available_at_us, idempotency_key, request_hash, \
-                 created_at_us, updated_at_us, tab_id) \
-                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, \
-                 value ->> 7, value ->> 8, value ->> 9, 'held', value ->> 10, value ->> 11, value ->> 12, \
-                 value ->> 13, ?2, value ->> 14 FROM json_each(?1)",
-            )
-            .bind(json_rows(&json)?)
-            .bind(now_us)
-            .execute(&mut **c)
-            .await?;
-            let pairs: Vec<(&str, i64)> = sold.to_vec();
-            sqlx::query(
-                "UPDATE listings SET sold = sold + (SELECT j.value ->> 1 FROM json_each(?1) AS j \
-                 WHERE j.value ->> 0 = listings.listing_id), updated_at_us = ?2 \
-                 WHERE listing_id IN (SELECT j.value ->> 0 FROM json_each(?1) AS j)",
-            )
-            .bind(json_rows(&pairs)?)
-            .bind(now_us)
-            .execute(&mut **c)
-            .await?;
-            write_events_sqlite(c, rows, now_us).await?;
-        }
-    }
-    Ok(())
-}
-
-type EventJson<'a> = (i64, &'a str, &'a str, &'a str, String, &'a str, i64, i64);
-
-fn events_json<'a>(rows: &'a [BatchPurchase<'a>]) -> Vec<EventJson<'a>> {
-    rows.iter()
-        .enumerate()
-        .map(|(k, r)| {
-            let p = r.purchase;
-            (
-                k as i64 + 1,
-                p.buyer_id.as_str(),
-                p.seller_id.as_str(),
-                p.purchase_id.as_str(),
-                crate::payments::listing::stream_channel(&p.stream_id),
-                "paid",
-                r.units_sold,
-                p.created_at_us,
-            )
-        })
         .collect()
 }
 
-async fn write_events_sqlite(
-    c: &mut sqlx::SqliteConnection,
-    rows: &[BatchPurchase<'_>],
+/// PostgreSQL: the purchases and the listings' new counts as two more CTEs of the batch
+/// hook's rows statement (`pg::write_rows`), so they cost the batch no round trip of
+/// their own. The purchases travel as one JSON parameter.
+pub(crate) fn pg_ctes(
+    args: &mut sqlx::postgres::PgArguments,
+    shop: &BatchShop<'_>,
     now_us: i64,
-) -> std::result::Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO payment_events (sequence, event_type, party_a, party_b, purchase_id, conversation_id, status, \
-         refunded_amount, failure_reason, failure_message, units_sold, settled_at_us, snapshot, occurred_at_us) \
-         SELECT (SELECT last_value FROM payment_event_sequence WHERE id = 1) + (value ->> 0), 'purchase.completed', \
-         value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, 0, '', '', value ->> 6, value ->> 7, '', ?2 \
-         FROM json_each(?1); \
-         UPDATE payment_event_sequence SET last_value = last_value + ?3 WHERE id = 1",
-    )
-    .bind(json_rows(&events_json(rows))?)
-    .bind(now_us)
-    .bind(rows.len() as i64)
-    .execute(c)
-    .await?;
-    Ok(())
+) -> std::result::Result<String, sqlx::error::BoxDynError> {
+    use crate::store::bind_pg as bind;
+    let rows = bind(args, serde_json::to_string(&purchases_json(&shop.purchases))?)?;
+    let now = bind(args, now_us)?;
+    let ids = bind(args, shop.sold.iter().map(|(id, _)| *id).collect::<Vec<&str>>())?;
+    let counts = bind(args, shop.sold.iter().map(|(_, n)| *n).collect::<Vec<i64>>())?;
+    Ok(format!(
+        "shop_rows AS (INSERT INTO purchases (purchase_id, listing_id, buyer_id, seller_id, stream_id, currency, \
+         quantity, unit_price, amount, commission, hold, available_at_us, idempotency_key, request_hash, \
+         created_at_us, updated_at_us, tab_id) \
+         SELECT r ->> 0, r ->> 1, r ->> 2, r ->> 3, r ->> 4, r ->> 5, (r ->> 6)::int8, (r ->> 7)::int8, \
+         (r ->> 8)::int8, (r ->> 9)::int8, 'held', (r ->> 10)::int8, r ->> 11, r ->> 12, (r ->> 13)::int8, {now}, \
+         r ->> 14 FROM jsonb_array_elements({rows}::jsonb) AS r), \
+         shop_sold AS (UPDATE listings l SET sold = l.sold + t.n, updated_at_us = {now} \
+         FROM UNNEST({ids}::text[], {counts}::int8[]) AS t(id, n) WHERE l.listing_id = t.id)"
+    ))
 }
 
-/// PostgreSQL: the batch's purchase events, right after the engine's journal statement
-/// (`HookBatch::write_numbered`), numbered from the event counter in one statement.
-pub(crate) async fn write_purchase_events(
-    conn: &mut crate::ledger::engine::hook::Conn<'_>,
-    rows: &[BatchPurchase<'_>],
+/// SQLite: the purchases and the listings' new counts as two more statements of the
+/// batch hook's one call (`sqlite::write_all`); positional parameters, in order.
+pub(crate) fn sqlite_statements(
+    args: &mut sqlx::sqlite::SqliteArguments<'static>,
+    shop: &BatchShop<'_>,
     now_us: i64,
-) -> std::result::Result<(), sqlx::Error> {
-    let crate::ledger::engine::hook::Conn::Postgres(c) = conn else { return Ok(()) };
-    sqlx::query(
-        "WITH seq AS ( \
-           UPDATE payment_event_sequence SET last_value = last_value + $3 WHERE id = 1 \
-           RETURNING last_value - $3 AS base) \
-         INSERT INTO payment_events (sequence, event_type, party_a, party_b, purchase_id, conversation_id, status, \
-           refunded_amount, failure_reason, failure_message, units_sold, settled_at_us, snapshot, occurred_at_us) \
-         SELECT s.base + (r ->> 0)::int8, 'purchase.completed', r ->> 1, r ->> 2, r ->> 3, r ->> 4, r ->> 5, 0, '', '', \
-           (r ->> 6)::int8, (r ->> 7)::int8, '', $2 FROM jsonb_array_elements($1::jsonb) AS r, seq s",
-    )
-    .bind(json_rows(&events_json(rows))?)
-    .bind(now_us)
-    .bind(rows.len() as i64)
-    .execute(&mut **c)
-    .await?;
-    Ok(())
+) -> std::result::Result<&'static str, sqlx::error::BoxDynError> {
+    use sqlx::Arguments;
+    let pairs = serde_json::to_string(&shop.sold)?;
+    args.add(now_us)?;
+    args.add(serde_json::to_string(&purchases_json(&shop.purchases))?)?;
+    args.add(pairs.clone())?;
+    args.add(now_us)?;
+    args.add(pairs)?;
+    Ok("INSERT INTO purchases (purchase_id, listing_id, buyer_id, seller_id, stream_id, currency, \
+         quantity, unit_price, amount, commission, hold, available_at_us, idempotency_key, request_hash, \
+         created_at_us, updated_at_us, tab_id) \
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, \
+         value ->> 7, value ->> 8, value ->> 9, 'held', value ->> 10, value ->> 11, value ->> 12, \
+         value ->> 13, ?, value ->> 14 FROM json_each(?); \
+         UPDATE listings SET sold = sold + (SELECT j.value ->> 1 FROM json_each(?) AS j \
+         WHERE j.value ->> 0 = listings.listing_id), updated_at_us = ? \
+         WHERE listing_id IN (SELECT j.value ->> 0 FROM json_each(?) AS j)")
 }

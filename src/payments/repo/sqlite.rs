@@ -14,6 +14,7 @@ pub(crate) async fn prepare(
     users: &[&str],
     senders: &[&str],
     since_hour: i64,
+    shop: &super::ShopKeys<'_>,
 ) -> std::result::Result<Prepared, sqlx::Error> {
     // Each list travels as one JSON parameter (see `store::json_rows`). Keys already
     // used, the parties' accounts and the senders' spend in the window: three keyed reads
@@ -29,12 +30,26 @@ pub(crate) async fn prepare(
          SELECT 2, user_id, tier, status, '', 0 FROM accounts WHERE user_id IN (SELECT value FROM json_each(?2)) \
          UNION ALL \
          SELECT 3, sender_id, currency, '', '', CAST(SUM(amount) AS BIGINT) FROM payment_spend \
-         WHERE sender_id IN (SELECT value FROM json_each(?3)) AND hour >= ?4 GROUP BY sender_id, currency)",
+         WHERE sender_id IN (SELECT value FROM json_each(?3)) AND hour >= ?4 GROUP BY sender_id, currency \
+         UNION ALL \
+         SELECT 4, p.buyer_id, p.idempotency_key, p.purchase_id, p.request_hash, 0 FROM json_each(?5) AS j \
+         JOIN purchases p ON p.buyer_id = j.value ->> 0 AND p.idempotency_key = j.value ->> 1 \
+         UNION ALL \
+         SELECT 5, p.listing_id, p.buyer_id, '', '', SUM(p.quantity) FROM json_each(?6) AS j \
+         JOIN purchases p ON p.listing_id = j.value ->> 0 AND p.buyer_id = j.value ->> 1 \
+         GROUP BY p.listing_id, p.buyer_id \
+         UNION ALL \
+         SELECT 6, listing_id, json_array(listing_id, seller_id, stream_id, title, currency, price, quantity, sold, \
+         per_buyer_max, starts_at_us, ends_at_us, closed_at_us, created_at_us), '', '', 0 FROM listings \
+         WHERE listing_id IN (SELECT value FROM json_each(?7)))",
     )
     .bind(json_rows(keys)?)
     .bind(json_rows(users)?)
     .bind(json_rows(senders)?)
     .bind(since_hour)
+    .bind(json_rows(&shop.keys)?)
+    .bind(json_rows(&shop.pairs)?)
+    .bind(json_rows(&shop.listings)?)
     .fetch_one(&mut *c)
     .await?;
     let rows: Vec<(i64, String, String, String, String, i64)> = from_json_rows(&rows)?;
@@ -48,11 +63,18 @@ pub(crate) async fn write_all(
     rows: &[BatchPayment<'_>],
     spent: &[BatchSpend<'_>],
     events: &[EventFields],
+    shop: &super::shop::BatchShop<'_>,
     now_us: i64,
 ) -> std::result::Result<(), sqlx::Error> {
     let mut args = SqliteArguments::default();
     let sql = statements(&mut args, rows, spent, events, now_us).map_err(sqlx::Error::Encode)?;
-    sqlx::query_with(sql, args).execute(&mut *c).await?;
+    if shop.purchases.is_empty() {
+        sqlx::query_with(sql, args).execute(&mut *c).await?;
+    } else {
+        // The purchases and the listings' counts in the same call, after the rest.
+        let more = super::shop::sqlite_statements(&mut args, shop, now_us).map_err(sqlx::Error::Encode)?;
+        sqlx::query_with(&format!("{sql}; {more}"), args).execute(&mut *c).await?;
+    }
     Ok(())
 }
 
@@ -120,6 +142,8 @@ fn statements(
         Option<&'a str>,
         Option<&'a str>,
         Option<i64>,
+        Option<&'a str>,
+        Option<i64>,
     );
     let events: Vec<EventRow<'_>> = events
         .iter()
@@ -140,6 +164,8 @@ fn statements(
                 e.authorization_ref.as_deref(),
                 e.capture_ref.as_deref(),
                 e.settled_at_us,
+                e.purchase_id.as_deref(),
+                e.units_sold,
             )
         })
         .collect();
@@ -168,10 +194,10 @@ fn statements(
          r.v ->> 11, r.v ->> 12, r.v ->> 13, r.v ->> 14, ?, r.v ->> 15 FROM r; \
          WITH r(v) AS MATERIALIZED (SELECT value FROM json_each(?)) INSERT INTO payment_events (sequence, ",
         crate::payments::repo::rows::EVENT_COLUMNS!(),
-        ", snapshot, occurred_at_us) \
+        ", purchase_id, units_sold, snapshot, occurred_at_us) \
          SELECT (SELECT last_value FROM payment_event_sequence WHERE id = 1) + (r.v ->> 0), r.v ->> 1, r.v ->> 2, \
          r.v ->> 3, r.v ->> 4, r.v ->> 5, r.v ->> 6, r.v ->> 7, r.v ->> 8, r.v ->> 9, r.v ->> 10, r.v ->> 11, \
-         r.v ->> 12, r.v ->> 13, '', ? FROM r; \
+         r.v ->> 12, r.v ->> 13, r.v ->> 14, r.v ->> 15, '', ? FROM r; \
          UPDATE payment_event_sequence SET last_value = last_value + ? WHERE id = 1"
     ))
 }

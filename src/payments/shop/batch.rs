@@ -17,7 +17,9 @@ use crate::kernel::error::{Error, Result};
 use crate::ledger::Outcome;
 use crate::payments::listing::{per_buyer_limit, sold_out, tab_cap, tab_not_open, Listing, Purchase, Tab, TabStatus};
 use crate::payments::model::PaymentsConfig;
-use crate::payments::repo::shop::{BatchPurchase, PurchasesPrepared};
+use crate::payments::repo::rows::EventFields;
+use crate::payments::repo::shop::{BatchPurchase, BatchShop, PurchasesPrepared};
+use crate::payments::repo::ShopKeys;
 
 /// A purchase, attached to its ledger entry.
 #[derive(Clone)]
@@ -163,6 +165,8 @@ impl Purchases {
             if let Some(q) = listing.quantity {
                 let left = (q - listing.sold).max(0);
                 if p.quantity > left {
+                    // The count it saw, for the caller's cache of the listing.
+                    a.units_sold.store(listing.sold, Ordering::Relaxed);
                     return Err(sold_out(&p.listing_id, left));
                 }
             }
@@ -234,18 +238,31 @@ impl Purchases {
         }
     }
 
-    /// The purchases to write, and each written listing's new sold count less its
-    /// count before the batch.
-    pub fn rows(&self) -> (Vec<BatchPurchase<'_>>, Vec<(&str, i64)>) {
+    /// What the rules read needs for the batch's purchases.
+    pub fn shop_keys(&self) -> ShopKeys<'_> {
+        ShopKeys { keys: self.keys(), listings: self.listing_ids(), pairs: self.pairs() }
+    }
+
+    /// The outbox events of the purchases written, one each.
+    pub fn events(&self) -> Vec<EventFields> {
+        self.rows
+            .iter()
+            .filter_map(|(cmd, sold)| {
+                self.items.get(cmd).map(|a| EventFields::purchase("purchase.completed", &a.purchase, *sold))
+            })
+            .collect()
+    }
+
+    /// The purchases to write, and each written listing's count increase.
+    pub fn rows(&self) -> BatchShop<'_> {
         let rows: Vec<BatchPurchase<'_>> = self
             .rows
             .iter()
-            .filter_map(|(cmd, sold)| {
+            .filter_map(|(cmd, _)| {
                 self.items.get(cmd).map(|a| BatchPurchase {
                     purchase: &a.purchase,
                     key: &a.idempotency_key,
                     hash: &a.request_hash,
-                    units_sold: *sold,
                 })
             })
             .collect();
@@ -255,7 +272,7 @@ impl Purchases {
         }
         let mut delta: Vec<(&str, i64)> = delta.into_iter().collect();
         delta.sort_unstable();
-        (rows, delta)
+        BatchShop { purchases: rows, sold: delta }
     }
 
     /// What each tab's purchases in the batch added to its spend.

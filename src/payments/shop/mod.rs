@@ -33,6 +33,63 @@ use crate::ledger::{
     AccountCode, Direction, NewEntry, Op, Outcome, PostEntryInput, Posting, PostingInput, SYSTEM_COMMISSIONS,
 };
 
+/// How long a listing read for a purchase is reused. The batch checks the listing
+/// again under its lock (open, stock, per-buyer count); what the cache decides is only
+/// the price and the refusals answered before the batch (a sold-out listing, one not
+/// open yet or any more), so a stale entry costs at most a refusal in the batch instead
+/// of before it, or a commission override changed this long ago not yet applied.
+const LISTING_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Listings the cache holds; past this it starts over.
+const LISTING_CACHE_MAX: usize = 10_000;
+
+/// Listings recently read for purchases, with their seller's commission override and
+/// whether the seller is one: a flash sale's taps read their listing from memory
+/// instead of the database.
+#[derive(Default)]
+pub struct ListingCache(std::sync::Mutex<std::collections::HashMap<ListingId, (std::time::Instant, ForSale)>>);
+
+/// A listing as a purchase sees it.
+#[derive(Clone)]
+pub(crate) struct ForSale {
+    listing: Listing,
+    commission_bps: Option<i32>,
+    is_seller: bool,
+}
+
+impl ListingCache {
+    fn get(&self, id: &ListingId) -> Option<ForSale> {
+        let map = self.0.lock().ok()?;
+        map.get(id).filter(|(at, _)| at.elapsed() < LISTING_CACHE_TTL).map(|(_, f)| f.clone())
+    }
+
+    fn put(&self, f: ForSale) {
+        if let Ok(mut map) = self.0.lock() {
+            if map.len() >= LISTING_CACHE_MAX {
+                map.clear();
+            }
+            map.insert(f.listing.listing_id.clone(), (std::time::Instant::now(), f));
+        }
+    }
+
+    /// Drops a listing changed here (stock added or put back, closed), so this process's
+    /// next taps read it again; other processes' entries expire.
+    fn forget(&self, id: &ListingId) {
+        if let Ok(mut map) = self.0.lock() {
+            map.remove(id);
+        }
+    }
+
+    /// What a batch learnt of the listing's count: it only grows the cached one (a
+    /// restock shows once the entry expires).
+    fn saw_sold(&self, id: &ListingId, sold: i64) {
+        if let Ok(mut map) = self.0.lock() {
+            if let Some((_, f)) = map.get_mut(id) {
+                f.listing.sold = f.listing.sold.max(sold);
+            }
+        }
+    }
+}
+
 /// Releases and refunds the resolver finishes per tick, each.
 const RESOLVE_BATCH_MAX: i64 = 200;
 /// A refund left pending this long (a crash mid-way) is finished by the resolver.
@@ -159,6 +216,7 @@ impl Payments {
                 message: format!("listing {id} is closed"),
             });
         }
+        self.listings.forget(id);
         match self.store.add_stock(id, quantity, key).await? {
             Some(l) => Ok(l),
             None => Err(Error::invalid("quantity", format!("a listing holds at most {QUANTITY_MAX} units"))),
@@ -168,6 +226,7 @@ impl Payments {
     /// `CloseListing` (idempotent).
     pub async fn close_listing(&self, actor: &Actor<'_>, id: &ListingId) -> Result<Listing> {
         self.listing_for(actor, id).await?;
+        self.listings.forget(id);
         self.store.close_listing(id).await?.ok_or_else(|| Error::NotFound(format!("listing {id} not found")))
     }
 
@@ -197,11 +256,19 @@ impl Payments {
         crate::ledger::check_idempotency_key("idempotency_key", &input.idempotency_key)?;
         model::check_quantity("quantity", input.quantity)?;
         let hash = input.request_hash();
-        let (listing, bps, is_seller) = self
-            .store
-            .listing_for_sale(&input.listing_id)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("listing_id: listing {} not found", input.listing_id)))?;
+        let for_sale = match self.listings.get(&input.listing_id) {
+            Some(f) => f,
+            None => {
+                let (listing, commission_bps, is_seller) =
+                    self.store.listing_for_sale(&input.listing_id).await?.ok_or_else(|| {
+                        Error::NotFound(format!("listing_id: listing {} not found", input.listing_id))
+                    })?;
+                let f = ForSale { listing, commission_bps, is_seller };
+                self.listings.put(f.clone());
+                f
+            }
+        };
+        let ForSale { listing, commission_bps: bps, is_seller } = for_sale;
         if let Some(seen) = input.unit_price {
             if seen != listing.unit_price {
                 return Err(Error::invalid("unit_price", format!("the listing's price is {}", listing.unit_price)));
@@ -331,12 +398,22 @@ impl Payments {
             request_hash: hash,
             units_sold: units_sold.clone(),
         });
-        match self.ledger.engine().submit_attached(ACTOR, None, Op::Post(entry), Some(ticket)).await? {
-            Outcome::Created { .. } => {
-                self.store.notify();
-                Ok((purchase, units_sold.load(Ordering::Relaxed)))
+        let outcome = self.ledger.engine().submit_attached(ACTOR, None, Op::Post(entry), Some(ticket)).await;
+        match outcome {
+            Err(e @ Error::FailedPrecondition { reason: Reason::SoldOut, .. }) => {
+                // Sold out in the batch, which said what it counted: the next taps
+                // are answered before it.
+                self.listings.saw_sold(&listing.listing_id, units_sold.load(Ordering::Relaxed));
+                Err(e)
             }
-            Outcome::Replayed(id) => {
+            Err(e) => Err(e),
+            Ok(Outcome::Created { .. }) => {
+                self.store.notify();
+                let sold = units_sold.load(Ordering::Relaxed);
+                self.listings.saw_sold(&listing.listing_id, sold);
+                Ok((purchase, sold))
+            }
+            Ok(Outcome::Replayed(id)) => {
                 let p =
                     self.store.purchase(&PurchaseId::from_db(id)).await?.ok_or_else(|| Error::not_found("purchase"))?;
                 let sold = self.store.listing(&p.listing_id).await?.map_or(0, |l| l.sold);
@@ -475,6 +552,7 @@ impl Payments {
         match posted {
             Ok(_) => {
                 let done = self.store.finish_refund(r).await?;
+                self.listings.forget(&p.listing_id);
                 self.store.notify();
                 match done {
                     Some(p) => Ok(p),

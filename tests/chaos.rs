@@ -28,7 +28,12 @@
 //! - the ledger verifies (`dmpay::ledger::verify` and `dmpay finance verify`);
 //! - the sandbox processor's captures and the ledger's card entries match one to one
 //!   (each capture reference in exactly one card entry's `processor_reference`, of the
-//!   same amount, on a settled payment; no card entry without its capture).
+//!   same amount, on a settled payment; no card entry without its capture);
+//! - stream tabs (viewers open a tab for a live stream, buy on it, close it, while the
+//!   server is killed): every tab is closed, its spend is the sum of the purchases drawn
+//!   on it, captured exactly once at the processor (a tab that spent nothing is voided,
+//!   never captured) and booked once against the viewer's tab account, which is back to
+//!   zero; every purchase row belongs to one acknowledged purchase.
 //!
 //! The tests are `#[ignore]`d: they need the release binary, which `make chaos` builds
 //! before running them with `cargo test --test chaos -- --ignored`. Knobs, from the
@@ -87,6 +92,9 @@ const TREASURY: &str = "platform:treasury:USD";
 const CLEARING: &str = "processor:sandbox:clearing:USD";
 const FEES: &str = "platform:fees:USD";
 const IN_TRANSIT: &str = "platform:payouts_in_transit:USD";
+/// The live stream the tab workload buys in, and its listing's unit price in cents.
+const STREAM: &str = "chaos-live";
+const UNIT_CENTS: i64 = 250;
 /// The deadline of one attempt; the server's own is 10 s.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a call may go without an answer before the test gives up on the server.
@@ -322,6 +330,9 @@ enum CallReq {
     Refund(pb::RefundPaymentRequest),
     Topup(pb::PostEntryRequest),
     Payout(pb::CreatePayoutRequest),
+    OpenTab(pb::OpenTabRequest),
+    Buy(pb::PurchaseRequest),
+    CloseTab(pb::CloseTabRequest),
 }
 
 impl CallReq {
@@ -333,6 +344,9 @@ impl CallReq {
             CallReq::Refund(r) => &r.idempotency_key,
             CallReq::Topup(r) => &r.idempotency_key,
             CallReq::Payout(r) => &r.idempotency_key,
+            CallReq::OpenTab(r) => &r.idempotency_key,
+            CallReq::Buy(r) => &r.idempotency_key,
+            CallReq::CloseTab(r) => &r.tab_id,
         }
     }
 
@@ -344,6 +358,9 @@ impl CallReq {
             CallReq::Refund(_) => "RefundPayment",
             CallReq::Topup(_) => "PostEntry",
             CallReq::Payout(_) => "CreatePayout",
+            CallReq::OpenTab(_) => "OpenTab",
+            CallReq::Buy(_) => "Purchase",
+            CallReq::CloseTab(_) => "CloseTab",
         }
     }
 }
@@ -354,6 +371,8 @@ enum Outcome {
     Request { id: String },
     Entry { id: String },
     Payout { id: String, status: i32 },
+    Tab { id: String, status: i32 },
+    Purchase { id: String },
     Error { code: Code, reason: String, message: String },
 }
 
@@ -385,6 +404,11 @@ impl Outcome {
                 let status = pb::PayoutStatus::try_from(*status).map(|s| s.as_str_name()).unwrap_or("?");
                 format!("payout {id} {status}")
             }
+            Outcome::Tab { id, status } => {
+                let status = pb::TabStatus::try_from(*status).map(|s| s.as_str_name()).unwrap_or("?");
+                format!("tab {id} {status}")
+            }
+            Outcome::Purchase { id } => format!("purchase {id}"),
             Outcome::Error { code, reason, message } => format!("{code:?} {reason} ({message})"),
         }
     }
@@ -467,6 +491,24 @@ async fn execute(channel: &Channel, token: &str, req: &CallReq) -> Result<Outcom
             let p = r.into_inner();
             Outcome::Payout { id: p.payout_id, status: p.status }
         }),
+        CallReq::OpenTab(m) => pb::shopping_client::ShoppingClient::new(channel.clone())
+            .open_tab(authed(m.clone(), token))
+            .await
+            .map(|r| {
+                let t = r.into_inner();
+                Outcome::Tab { id: t.tab_id, status: t.status }
+            }),
+        CallReq::Buy(m) => pb::shopping_client::ShoppingClient::new(channel.clone())
+            .purchase(authed(m.clone(), token))
+            .await
+            .map(|r| Outcome::Purchase { id: r.into_inner().purchase_id }),
+        CallReq::CloseTab(m) => pb::shopping_client::ShoppingClient::new(channel.clone())
+            .close_tab(authed(m.clone(), token))
+            .await
+            .map(|r| {
+                let t = r.into_inner();
+                Outcome::Tab { id: t.tab_id, status: t.status }
+            }),
     }
 }
 
@@ -492,6 +534,8 @@ struct Refundable {
 
 struct Ctx {
     users: Vec<User>,
+    /// The live-stream listing the tab workload buys from.
+    listing_id: Mutex<String>,
     service_token: String,
     channels: Vec<Channel>,
     calls: Mutex<Vec<Call>>,
@@ -626,8 +670,12 @@ impl Ctx {
 /// limit) and any call refused for a debt are such refusals.
 fn wrote_nothing(req: &CallReq, outcome: &Outcome) -> bool {
     match outcome {
-        Outcome::Error { reason, .. } => {
+        Outcome::Error { reason, code, .. } => {
             reason == OWING
+                // A purchase refused writes nothing, and so does a tab refused because
+                // the viewer has one open already.
+                || matches!(req, CallReq::Buy(_))
+                || (matches!(req, CallReq::OpenTab(_)) && *code == Code::AlreadyExists)
                 || (matches!(req, CallReq::Payout(_))
                     && matches!(reason.as_str(), "INSUFFICIENT_FUNDS" | "PAYOUT_DAILY_LIMIT" | "NO_PAYMENT_METHOD"))
         }
@@ -641,6 +689,8 @@ fn same_outcome(original: &Outcome, again: &Outcome, final_failure: Option<&str>
         (Outcome::Request { id: a }, Outcome::Request { id: b }) => a == b,
         (Outcome::Entry { id: a }, Outcome::Entry { id: b }) => a == b,
         (Outcome::Payout { id: a, .. }, Outcome::Payout { id: b, .. }) => a == b,
+        (Outcome::Tab { id: a, .. }, Outcome::Tab { id: b, .. }) => a == b,
+        (Outcome::Purchase { id: a }, Outcome::Purchase { id: b }) => a == b,
         // A payout answered PENDING (its push's answer lost with a killed server) may
         // since have failed; the payout rows' check holds it to its row.
         (Outcome::Payout { status, .. }, Outcome::Error { code: Code::FailedPrecondition, .. }) => {
@@ -691,6 +741,12 @@ fn note_settled(ctx: &Ctx, outcome: &Outcome, recipient: usize) {
             ctx.refundable.lock().expect("lock").push(Refundable { payment_id: id.clone(), recipient, left: *amount });
         }
     }
+}
+
+/// Client `w`'s viewer for the tab workload: the `w`th user with a card that is not the
+/// dispute test card (a disputed tab capture is not part of this workload), if any.
+fn viewer_of(ctx: &Ctx, w: usize) -> Option<usize> {
+    ctx.users.iter().enumerate().filter(|(_, u)| u.has_card && !u.disputes).map(|(i, _)| i).nth(w)
 }
 
 /// One client: random operations until `until`.
@@ -789,7 +845,7 @@ async fn client(ctx: Arc<Ctx>, w: usize, seed: u64, until: Instant) {
                     }
                 }
                 // A cash-out of wallet money to the user's card, standard or instant.
-                90..=94 => {
+                90..=92 => {
                     let user = rng.gen_range(0..n_users);
                     let req = pb::CreatePayoutRequest {
                         idempotency_key: format!("o-{w}-{n}"),
@@ -799,6 +855,35 @@ async fn client(ctx: Arc<Ctx>, w: usize, seed: u64, until: Instant) {
                         payment_method_token: String::new(),
                     };
                     ctx.call(&mut rng, &channel, Caller::User(user), CallReq::Payout(req)).await?;
+                }
+                // A viewer's stream tab: open it (one authorization), buy on it a few
+                // times, close it (one capture). Each client has its own viewer, so no
+                // two clients' tabs meet on the one-tab-per-stream rule.
+                93..=95 if viewer_of(&ctx, w).is_some() => {
+                    let Some(user) = viewer_of(&ctx, w) else { return Ok(()) };
+                    let open = pb::OpenTabRequest {
+                        idempotency_key: format!("tab-{w}-{n}"),
+                        stream_id: STREAM.into(),
+                        cap: usd(rng.gen_range(3 * UNIT_CENTS..=4_000)),
+                        payment_method_token: String::new(),
+                    };
+                    let opened = ctx.call(&mut rng, &channel, Caller::User(user), CallReq::OpenTab(open)).await?;
+                    let Outcome::Tab { id, status } = opened else { return Ok(()) };
+                    if status == pb::TabStatus::Open as i32 {
+                        let listing_id = ctx.listing_id.lock().expect("lock").clone();
+                        for k in 0..rng.gen_range(0..=3) {
+                            let buy = pb::PurchaseRequest {
+                                idempotency_key: format!("tb-{w}-{n}-{k}"),
+                                listing_id: listing_id.clone(),
+                                quantity: 1,
+                                unit_price: None,
+                                tab_id: id.clone(),
+                            };
+                            ctx.call(&mut rng, &channel, Caller::User(user), CallReq::Buy(buy)).await?;
+                        }
+                    }
+                    let close = pb::CloseTabRequest { tab_id: id };
+                    ctx.call(&mut rng, &channel, Caller::User(user), CallReq::CloseTab(close)).await?;
                 }
                 // A top-up from the treasury through the Ledger API.
                 _ => {
@@ -995,6 +1080,8 @@ async fn row_counts(db: &Db) -> Vec<(&'static str, i64)> {
         "ledger_entries",
         "ledger_postings",
         "sandbox_processor_calls",
+        "purchases",
+        "stream_tabs",
     ] {
         let sql = format!("SELECT COUNT(*) FROM {table}");
         let n = dmpay::with_db!(db, pool => sqlx::query_scalar::<_, i64>(&sql).fetch_one(pool).await).expect("count");
@@ -1008,7 +1095,8 @@ async fn row_counts(db: &Db) -> Vec<(&'static str, i64)> {
 async fn unfinished(db: &Db) -> (i64, i64, i64) {
     dmpay::with_db!(db, pool => sqlx::query_as::<_, (i64, i64, i64)>(
         "SELECT (SELECT COUNT(*) FROM payments WHERE status = 'pending') \
-                  + (SELECT COUNT(*) FROM payouts WHERE status = 'pending'), \
+                  + (SELECT COUNT(*) FROM payouts WHERE status = 'pending') \
+                  + (SELECT COUNT(*) FROM stream_tabs WHERE status IN ('opening', 'closing')), \
                 (SELECT COUNT(*) FROM payment_refunds WHERE status = 'pending') \
                   + (SELECT COUNT(*) FROM sandbox_processor_notifications \
                      WHERE sequence > COALESCE((SELECT MAX(last_sequence) FROM processor_cursors), 0)), \
@@ -1151,6 +1239,7 @@ async fn run(backend: Backend) {
     }
     let ctx = Arc::new(Ctx {
         users,
+        listing_id: Mutex::new(String::new()),
         service_token,
         channels,
         calls: Mutex::new(Vec::new()),
@@ -1207,6 +1296,46 @@ async fn run(backend: Backend) {
                 .expect("link card");
         }
     }
+    // The live stream's seller and listing (unlimited units) for the tab workload.
+    let seller = format!("chaos-{run_id}-seller");
+    let seller_token = dmpay::auth::mint_dev_token(&config.jwt(), &seller, PAY_SCOPES, ttl).expect("mint");
+    let mut accounts = pb::accounts_client::AccountsClient::new(channel.clone());
+    accounts
+        .upsert_account(authed(
+            pb::UpsertAccountRequest { user_id: seller.clone(), display_name: "seller".into(), tier: 0 },
+            &ctx.service_token,
+        ))
+        .await
+        .expect("seller account");
+    accounts
+        .set_seller(authed(
+            pb::SetSellerRequest {
+                user_id: seller.clone(),
+                seller: true,
+                commission_bps: None,
+                reason: "chaos".into(),
+            },
+            &ctx.service_token,
+        ))
+        .await
+        .expect("set seller");
+    let listing = pb::shopping_client::ShoppingClient::new(channel.clone())
+        .create_listing(authed(
+            pb::CreateListingRequest {
+                idempotency_key: "chaos-listing".into(),
+                stream_id: STREAM.into(),
+                title: "Chaos mug".into(),
+                unit_price: usd(UNIT_CENTS),
+                unlimited: true,
+                per_buyer_max: 1_000_000,
+                ..Default::default()
+            },
+            &seller_token,
+        ))
+        .await
+        .expect("create listing")
+        .into_inner();
+    *ctx.listing_id.lock().expect("lock") = listing.listing_id;
     let setup_s = t0.elapsed().as_secs_f64();
 
     // The load, with crashes.
@@ -1391,6 +1520,8 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
                         && matches!(reason.as_str(), "INSUFFICIENT_FUNDS" | "NO_PAYMENT_METHOD" | OWING))
                         || (*code == Code::ResourceExhausted && reason == "PAYOUT_DAILY_LIMIT")
                 }
+                // A viewer who owes for a disputed payment cannot open a tab or buy.
+                CallReq::OpenTab(_) | CallReq::Buy(_) => *code == Code::FailedPrecondition && reason == OWING,
                 _ => {
                     *code == Code::FailedPrecondition
                         && match &c.req {
@@ -1702,6 +1833,8 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
             }
         } else if e.kind == TOPUP_KIND {
             topup_entries.insert(e.entry_id.as_str(), e);
+        } else if e.kind == "tab_capture" && e.metadata.contains_key("tab_id") {
+            // Checked with the tabs (`check_tabs`).
         } else {
             problem(
                 "ledger booking",
@@ -1946,7 +2079,7 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
             )
         })
         .collect();
-    for call in &processor {
+    for call in processor.iter().filter(|c| !c.idempotency_key.starts_with("tab:")) {
         match call.kind.as_str() {
             "capture" if call.status == "succeeded" => {
                 captures += 1;
@@ -2006,6 +2139,9 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
         problem("processor vs ledger", format!("{auths_without_capture} card authorizations were never captured"));
     }
 
+    // 7b. Stream tabs: closed, their spend the sum of their purchases, captured once.
+    let tabs_summary = check_tabs(ctx, db, calls, &processor, &entries).await;
+
     // 8. The ledger verifies, in the library and through `dmpay finance verify`.
     match dmpay::ledger::verify::verify(db).await {
         Ok(report) if report.ok() => {}
@@ -2038,7 +2174,7 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
     format!(
         "payments {settled} settled ({card} with a card) and {failed} failed, {acked_pending} answered PENDING; \
          {captures} captures; {completed_refunds} of {} refunds completed; {paid_payouts} of {} payouts paid; {} disputes ({} with a debt); {} requests; {acked_topups} top-ups; \
-         {} ledger entries; wallets hold {total_wallets} cents",
+         {tabs_summary}; {} ledger entries; wallets hold {total_wallets} cents",
         refunds.len(),
         payouts.len(),
         disputes.len(),
@@ -2046,4 +2182,100 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
         requests.len(),
         entries.len()
     )
+}
+
+/// The stream tabs against their purchases, the processor and the ledger.
+async fn check_tabs(
+    ctx: &Ctx,
+    db: &Db,
+    calls: &[Call],
+    processor: &[ProcessorCall],
+    entries: &BTreeMap<String, pb::Entry>,
+) -> String {
+    let problem = |p: String| ctx.problem("stream tabs", p);
+    type TabRow = (String, String, i64, Option<i64>, Option<String>);
+    let tabs: Vec<TabRow> = dmpay::with_db!(db, pool => sqlx::query_as(
+        "SELECT tab_id, status, spent, captured, capture_ref FROM stream_tabs"
+    )
+    .fetch_all(pool)
+    .await)
+    .expect("tabs");
+    let purchases: Vec<(String, Option<String>, i64)> = dmpay::with_db!(db, pool => sqlx::query_as(
+        "SELECT purchase_id, tab_id, amount FROM purchases"
+    )
+    .fetch_all(pool)
+    .await)
+    .expect("purchases");
+    // Every purchase row belongs to one acknowledged purchase, and every acknowledged
+    // purchase has its row.
+    let acked: HashSet<&str> = calls
+        .iter()
+        .filter_map(|c| match (&c.req, &c.outcome) {
+            (CallReq::Buy(_), Outcome::Purchase { id }) => Some(id.as_str()),
+            _ => None,
+        })
+        .collect();
+    let rows: HashSet<&str> = purchases.iter().map(|(id, _, _)| id.as_str()).collect();
+    for id in acked.difference(&rows) {
+        problem(format!("acknowledged purchase {id} has no row"));
+    }
+    for id in rows.difference(&acked) {
+        problem(format!("purchase row {id} belongs to no acknowledged call"));
+    }
+    let mut on_tab: HashMap<&str, i64> = HashMap::new();
+    for (_, tab, amount) in &purchases {
+        match tab {
+            Some(t) => *on_tab.entry(t.as_str()).or_default() += amount,
+            None => problem("a purchase not drawn on a tab".into()),
+        }
+    }
+    let mut captured_total = 0;
+    for (id, status, spent, captured, capture_ref) in &tabs {
+        let drawn = on_tab.get(id.as_str()).copied().unwrap_or(0);
+        if *spent != drawn {
+            problem(format!("tab {id}: spent {spent} but its purchases drew {drawn}"));
+        }
+        if status != "closed" {
+            problem(format!("tab {id} is {status}, not closed"));
+            continue;
+        }
+        if *captured != Some(*spent) {
+            problem(format!("tab {id}: captured {captured:?} for {spent} spent"));
+        }
+        let key = format!("tab:{id}:capture");
+        let captures: Vec<&ProcessorCall> =
+            processor.iter().filter(|c| c.kind == "capture" && c.idempotency_key == key).collect();
+        let booked: Vec<&pb::Entry> =
+            entries.values().filter(|e| e.kind == "tab_capture" && e.metadata.get("tab_id") == Some(id)).collect();
+        if *spent == 0 {
+            if !captures.is_empty() || !booked.is_empty() {
+                problem(format!("tab {id} spent nothing but was captured {} times", captures.len()));
+            }
+            continue;
+        }
+        captured_total += spent;
+        let once = captures.len() == 1
+            && captures[0].status == "succeeded"
+            && captures[0].amount == Some(*spent)
+            && capture_ref.as_deref() == Some(captures[0].reference.as_str());
+        if !once {
+            problem(format!("tab {id}: {} captures for {spent} spent", captures.len()));
+        }
+        let clearing: i64 = booked.iter().map(|e| -net(&[e]).get(CLEARING).copied().unwrap_or(0)).sum();
+        if booked.len() != 1 || clearing != *spent {
+            problem(format!("tab {id}: booked {} times, {clearing} to clearing, for {spent} spent", booked.len()));
+        }
+    }
+    let owed: Vec<(String, i64)> = dmpay::with_db!(db, pool => sqlx::query_as(
+        "SELECT code, posted_debits - posted_credits FROM ledger_accounts WHERE code LIKE 'user:%:tab:%'"
+    )
+    .fetch_all(pool)
+    .await)
+    .expect("tab accounts");
+    for (code, balance) in owed {
+        if balance != 0 {
+            problem(format!("{code} is left at {balance} with every tab closed"));
+        }
+    }
+    format!("{} tabs, {} purchases on them, {captured_total} cents captured", tabs.len(), purchases.len())
 }

@@ -12,7 +12,8 @@
 //! edge    api        tonic services: protobuf <-> domain, errors -> gRPC status,
 //!                    rate limits, watch streams, the listener's connections
 //!         auth       bearer-JWT verification, scopes, dev token minting
-//! domain  payments   one-click DM payments: sends, requests, refunds, limits, outbox
+//! domain  payments   one-click DM payments: sends, requests, refunds, limits, outbox;
+//!                    live shopping: listings, purchases, stream tabs, sellers' holds
 //!         finance    trial balance, verification, reconciliation, exports, statements
 //!         vault      card validation, envelope encryption, fingerprints, methods
 //!         ledger     the double-entry ledger and its batching posting engine

@@ -238,9 +238,10 @@ async fn payments_run(
     Ok((outcome?, rss))
 }
 
-/// Units and buyers of the report's flash sale: 500 units, ten buyers for each.
-pub(super) const FLASH_UNITS: usize = 500;
-pub(super) const FLASH_BUYERS: usize = 5_000;
+/// Units and buyers of the report's flash sale: 2,000 units, five buyers for each, so the
+/// sale lasts long enough (about half a second) for its rate not to be its ramp-up.
+pub(super) const FLASH_UNITS: usize = 2_000;
+pub(super) const FLASH_BUYERS: usize = 10_000;
 
 /// The flash sale at one client count against a server started for it.
 async fn flash_run(

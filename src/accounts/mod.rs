@@ -3,6 +3,7 @@
 //! transaction.
 
 pub mod audit;
+mod lookup;
 
 use crate::kernel::clock::Clock;
 use crate::kernel::error::{Error, Result};
@@ -126,6 +127,8 @@ pub struct Accounts {
     /// are mostly first callers, and the rate limiter's read of their tier then also
     /// answers whether their account exists (`known`), instead of a second read.
     known: std::sync::Arc<Known>,
+    /// Tier lookups waiting to be read together (`lookup`), shared by every clone.
+    lookups: std::sync::Arc<lookup::Lookups>,
 }
 
 /// A set of user ids, bounded: past `KNOWN_MAX` it starts over.
@@ -153,13 +156,13 @@ impl Known {
 impl Accounts {
     /// Reads and writes on `db`.
     pub fn new(db: Db, clock: Clock) -> Self {
-        Accounts { writer: db.clone(), db, clock, known: Default::default() }
+        Accounts { writer: db.clone(), db, clock, known: Default::default(), lookups: Default::default() }
     }
 
     /// Reads on `db`, writes on `writer`. No write holds its connection while it waits
     /// for anything but the database, so sharing the engine's pool cannot deadlock.
     pub fn with_writer(db: Db, writer: Db, clock: Clock) -> Self {
-        Accounts { db, writer, clock, known: Default::default() }
+        Accounts { db, writer, clock, known: Default::default(), lookups: Default::default() }
     }
 
     /// Whether `user`'s account exists, from memory when this process has seen it

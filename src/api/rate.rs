@@ -126,9 +126,8 @@ impl Limiter {
                 // A sub that is not a user id, or a lookup that fails, counts as the
                 // lowest tier: the limit must hold when the database does not answer.
                 let tier = match UserId::parse("sub", &caller.sub) {
-                    Ok(user) => {
-                        self.accounts.get(&user).await.ok().flatten().map(|a| a.tier).unwrap_or(Tier::Unverified)
-                    }
+                    // Read together with the other first callers of the moment.
+                    Ok(user) => self.accounts.tier_of(&user).await.ok().flatten().unwrap_or(Tier::Unverified),
                     Err(_) => Tier::Unverified,
                 };
                 if let Ok(mut tiers) = self.tiers.lock() {

@@ -419,10 +419,13 @@ async fn unknown_card_outcome_resolves_to_one_charge(app: TestApp) {
     };
     let pending = payments_with(flaky.clone()).send(&sender, input()).await.unwrap();
     assert_eq!(pending.status, dmpay::payments::PaymentStatus::Pending);
-    // The resolver finishes it against a processor that answers again.
+    // The resolver finishes it against a processor that answers again. (The server's
+    // own resolver makes one pass when it starts; under a loaded machine that pass can
+    // come late enough to finish this payment first, against the same calm processor:
+    // then this pass finds nothing, and the outcome checked below is the same.)
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     let resolver = payments_with(calm);
-    assert_eq!(resolver.resolve_pending().await.unwrap(), 1);
+    assert!(resolver.resolve_pending().await.unwrap() <= 1);
     let done = resolver.get(&sender, &pending.payment_id).await.unwrap();
     assert_eq!(done.status, dmpay::payments::PaymentStatus::Settled);
     let captures: i64 = dmpay::with_db!(&app.db, pool => sqlx::query_scalar(

@@ -79,24 +79,29 @@ impl PaymentStore {
         row.map(Tab::try_from).transpose()
     }
 
-    /// Records a tab as opening unless the buyer used the key. A second tab for the
-    /// same stream while one is open is refused (the partial unique index).
-    pub(crate) async fn insert_tab(&self, tab: &Tab, key: &str, hash: &str) -> Result<TabInserted> {
+    /// The buyer's tab under `key`, with its request's hash.
+    async fn tab_by_key(&self, buyer: &UserId, key: &str) -> Result<Option<(Tab, String)>> {
         #[derive(sqlx::FromRow)]
         struct WithHash {
             #[sqlx(flatten)]
             row: TabRow,
             request_hash: String,
         }
-        let by_key =
-            format!("SELECT {TAB_COLUMNS}, request_hash FROM stream_tabs WHERE buyer_id = $1 AND idempotency_key = $2");
-        let found: Option<WithHash> = with_db!(&self.db, pool => sqlx::query_as(&by_key)
-            .bind(tab.buyer_id.as_str())
-            .bind(key)
-            .fetch_optional(pool)
-            .await)?;
-        if let Some(f) = found {
-            return Ok(TabInserted::Existing(Tab::try_from(f.row)?, f.request_hash));
+        let found: Option<WithHash> = with_db!(&self.db, pool => sqlx::query_as(&format!(
+            "SELECT {TAB_COLUMNS}, request_hash FROM stream_tabs WHERE buyer_id = $1 AND idempotency_key = $2"
+        ))
+        .bind(buyer.as_str())
+        .bind(key)
+        .fetch_optional(pool)
+        .await)?;
+        found.map(|f| Ok((Tab::try_from(f.row)?, f.request_hash))).transpose()
+    }
+
+    /// Records a tab as opening unless the buyer used the key. A second tab for the
+    /// same stream while one is open is refused (the partial unique index).
+    pub(crate) async fn insert_tab(&self, tab: &Tab, key: &str, hash: &str) -> Result<TabInserted> {
+        if let Some((t, h)) = self.tab_by_key(&tab.buyer_id, key).await? {
+            return Ok(TabInserted::Existing(t, h));
         }
         let inserted = with_db!(&self.writer, pool => sqlx::query(
             "INSERT INTO stream_tabs (tab_id, buyer_id, stream_id, currency, cap, status, payment_method_token, \
@@ -117,21 +122,16 @@ impl PaymentStore {
         .await
         .map(|_| ()));
         match inserted {
-            Ok(_) => Ok(TabInserted::New(tab.clone())),
-            Err(e) if crate::store::is_unique_violation(&e) => {
-                let found: Option<WithHash> = with_db!(&self.db, pool => sqlx::query_as(&by_key)
-                    .bind(tab.buyer_id.as_str())
-                    .bind(key)
-                    .fetch_optional(pool)
-                    .await)?;
-                match found {
-                    Some(f) => Ok(TabInserted::Existing(Tab::try_from(f.row)?, f.request_hash)),
-                    None => Err(Error::AlreadyExists(format!(
-                        "you have an open tab for stream {} already; close it first",
-                        tab.stream_id
-                    ))),
-                }
-            }
+            Ok(()) => Ok(TabInserted::New(tab.clone())),
+            // A concurrent retry with the key committed first, or another tab for the
+            // stream is open.
+            Err(e) if crate::store::is_unique_violation(&e) => match self.tab_by_key(&tab.buyer_id, key).await? {
+                Some((t, h)) => Ok(TabInserted::Existing(t, h)),
+                None => Err(Error::AlreadyExists(format!(
+                    "you have an open tab for stream {} already; close it first",
+                    tab.stream_id
+                ))),
+            },
             Err(e) => Err(e.into()),
         }
     }

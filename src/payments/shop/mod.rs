@@ -156,6 +156,43 @@ impl Actor<'_> {
 }
 
 impl Payments {
+    /// Posts one of live shopping's own entries (a refund, a release, a tab's capture)
+    /// under `key`, derived from what it books, so a step resumed after a crash books
+    /// it once.
+    pub(super) async fn post_shop_entry(
+        &self,
+        key: String,
+        kind: &str,
+        postings: Vec<PostingInput>,
+        metadata: &[(&str, &str)],
+    ) -> Result<crate::ledger::Entry> {
+        let input = PostEntryInput {
+            idempotency_key: key,
+            kind: kind.into(),
+            description: String::new(),
+            postings,
+            metadata: metadata.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            pending: false,
+            pending_timeout_s: 0,
+        };
+        self.ledger.post_entry(ACTOR, input).await
+    }
+
+    /// Posts a two-leg shopping entry: `amount` from `from` to `to`.
+    pub(super) async fn post_shop_transfer(
+        &self,
+        key: String,
+        kind: &str,
+        (from, to, amount): (AccountCode, AccountCode, Money),
+        metadata: &[(&str, &str)],
+    ) -> Result<crate::ledger::Entry> {
+        let postings = vec![
+            PostingInput { account_code: from, direction: Direction::Debit, amount },
+            PostingInput { account_code: to, direction: Direction::Credit, amount },
+        ];
+        self.post_shop_entry(key, kind, postings, metadata).await
+    }
+
     /// `CreateListing`. The seller must be one (`Accounts.SetSeller`).
     pub async fn create_listing(&self, input: NewListing) -> Result<Listing> {
         crate::ledger::check_idempotency_key("idempotency_key", &input.idempotency_key)?;
@@ -530,23 +567,11 @@ impl Payments {
             });
         }
         let posted = self
-            .ledger
-            .post_entry(
-                ACTOR,
-                PostEntryInput {
-                    idempotency_key: format!("shop:{}:refund", r.refund_id),
-                    kind: "shop_refund".into(),
-                    description: String::new(),
-                    postings,
-                    metadata: [
-                        ("purchase_id".to_string(), p.purchase_id.to_string()),
-                        ("refund_id".to_string(), r.refund_id.clone()),
-                    ]
-                    .into_iter()
-                    .collect(),
-                    pending: false,
-                    pending_timeout_s: 0,
-                },
+            .post_shop_entry(
+                format!("shop:{}:refund", r.refund_id),
+                "shop_refund",
+                postings,
+                &[("purchase_id", p.purchase_id.as_str()), ("refund_id", &r.refund_id)],
             )
             .await;
         match posted {
@@ -586,31 +611,18 @@ impl Payments {
         let Some(amount) = self.store.start_release(&p.purchase_id).await? else { return Ok(false) };
         let currency = p.amount.currency();
         if amount > 0 {
-            self.ledger
-                .post_entry(
-                    ACTOR,
-                    PostEntryInput {
-                        idempotency_key: format!("shop:{}:release", p.purchase_id),
-                        kind: "shop_release".into(),
-                        description: String::new(),
-                        postings: vec![
-                            PostingInput {
-                                account_code: AccountCode::sales_pending(&p.seller_id, currency),
-                                direction: Direction::Debit,
-                                amount: Money::from_minor(currency, amount),
-                            },
-                            PostingInput {
-                                account_code: AccountCode::wallet(&p.seller_id, currency),
-                                direction: Direction::Credit,
-                                amount: Money::from_minor(currency, amount),
-                            },
-                        ],
-                        metadata: [("purchase_id".to_string(), p.purchase_id.to_string())].into_iter().collect(),
-                        pending: false,
-                        pending_timeout_s: 0,
-                    },
-                )
-                .await?;
+            let money = Money::from_minor(currency, amount);
+            self.post_shop_transfer(
+                format!("shop:{}:release", p.purchase_id),
+                "shop_release",
+                (
+                    AccountCode::sales_pending(&p.seller_id, currency),
+                    AccountCode::wallet(&p.seller_id, currency),
+                    money,
+                ),
+                &[("purchase_id", p.purchase_id.as_str())],
+            )
+            .await?;
         }
         self.store.finish_release(&p.purchase_id).await?;
         Ok(true)

@@ -16,12 +16,12 @@
 //! account against it, back to zero.
 
 use super::super::repo::tabs::TabInserted;
-use super::super::{Payments, ACTOR};
+use super::super::Payments;
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::{TabId, UserId};
 use crate::kernel::money::Money;
 use crate::kernel::reason::Reason;
-use crate::ledger::{AccountCode, Direction, PostEntryInput, PostingInput, SYSTEM_CLEARING};
+use crate::ledger::{AccountCode, SYSTEM_CLEARING};
 use crate::payments::listing::{check_stream_id, Tab, TabStatus};
 use crate::processor::ProcessorError;
 
@@ -218,36 +218,18 @@ impl Payments {
         match outcome {
             Card::Done(reference) => {
                 if captured > 0 {
-                    self.ledger
-                        .post_entry(
-                            ACTOR,
-                            PostEntryInput {
-                                idempotency_key: key(&tab.tab_id, "settle"),
-                                kind: "tab_capture".into(),
-                                description: String::new(),
-                                postings: vec![
-                                    PostingInput {
-                                        account_code: AccountCode::system(SYSTEM_CLEARING, currency),
-                                        direction: Direction::Debit,
-                                        amount: Money::from_minor(currency, captured),
-                                    },
-                                    PostingInput {
-                                        account_code: AccountCode::tab(&tab.buyer_id, currency),
-                                        direction: Direction::Credit,
-                                        amount: Money::from_minor(currency, captured),
-                                    },
-                                ],
-                                metadata: [
-                                    ("tab_id".to_string(), tab.tab_id.to_string()),
-                                    ("processor_reference".to_string(), reference.clone()),
-                                ]
-                                .into_iter()
-                                .collect(),
-                                pending: false,
-                                pending_timeout_s: 0,
-                            },
-                        )
-                        .await?;
+                    let money = Money::from_minor(currency, captured);
+                    self.post_shop_transfer(
+                        key(&tab.tab_id, "settle"),
+                        "tab_capture",
+                        (
+                            AccountCode::system(SYSTEM_CLEARING, currency),
+                            AccountCode::tab(&tab.buyer_id, currency),
+                            money,
+                        ),
+                        &[("tab_id", tab.tab_id.as_str()), ("processor_reference", &reference)],
+                    )
+                    .await?;
                 }
                 let r = (captured > 0).then_some(reference.as_str());
                 match self.store.close_tab(&tab.tab_id, r).await? {

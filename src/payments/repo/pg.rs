@@ -119,12 +119,16 @@ pub(crate) async fn write_rows(
     if !shop.purchases.is_empty() {
         // The purchases and the listings' counts join the same statement.
         let ctes = super::shop::pg_ctes(&mut args, shop, now_us).map_err(sqlx::Error::Encode)?;
-        sql = sql.replacen(") SELECT 1", &format!("), {ctes} SELECT 1"), 1);
+        sql.push_str(", ");
+        sql.push_str(&ctes);
     }
+    sql.push_str(" SELECT 1");
     sqlx::query_with(&sql, args).execute(&mut *c).await?;
     Ok(())
 }
 
+/// The `WITH` list of the rows statement (spend buckets, payments); the caller adds
+/// any more CTEs and the final `SELECT`.
 fn rows_statement(
     args: &mut PgArguments,
     rows: &[BatchPayment<'_>],
@@ -167,7 +171,7 @@ fn rows_statement(
              {status}::text[], {funding}::text[], {note}::text[], {conversation}::text[], {message}::text[], \
              {reason}::text[], {failure}::text[], {key}::text[], {hash}::text[], {created}::int8[], {settled}::int8[]) \
              AS t(id, s, r, c, a, st, f, n, cv, m, fr, fm, k, h, ca, sa) \
-         ) SELECT 1"
+         )"
     ))
 }
 

@@ -796,7 +796,95 @@ async fn a_crash_mid_tab_is_finished_once(backend: Backend) {
     app.stop().await;
 }
 
+/// A refund left pending by an attempt that stopped (a crash) is taken over by one
+/// retry at a time: 20 parallel retries while the seller's wallet goes from short to
+/// covered never move the money without the purchase showing it, nor show a refund
+/// whose money did not move.
+async fn a_stalled_refund_is_finished_by_one_attempt(app: TestApp) {
+    make_seller(&app, "seller", Some(1000)).await;
+    app.users(&["other"]).await;
+    let l = create_listing(&app, "seller", listing_req("r", "live-9", "25.00", 10, 4)).await.unwrap();
+    fund_buyers(&app, "b", 1, "100.00").await;
+    let p = buy(&app, "b0", "k", &l.listing_id, 1).await.unwrap();
+    let admin = app.token("stream-service", "shopping:admin");
+    shopping(&app)
+        .mark_delivered(authed(pb::MarkDeliveredRequest { purchase_id: p.purchase_id.clone() }, &admin))
+        .await
+        .unwrap();
+    let seller = app.token("seller", PAY_SCOPES);
+    app.send(&seller, "spend", "other", "20.00", pb::FundingSource::Balance).await.unwrap();
+    assert_eq!(amt(&app.wallet("seller").await.available), "2.50", "short of the 22.50 share");
+
+    // What `insert_refund` writes before the money moves, left by an attempt that
+    // stopped a minute ago (its lease has run out).
+    let hash = dmpay::ledger::hash_request(&serde_json::json!({"amount": null, "restock": 0}));
+    let then = app.clock.now_us() - 60_000_000;
+    let stmts = [
+        format!(
+            "UPDATE purchases SET refunded_amount = 2500, commission_refunded = 250 WHERE purchase_id = '{}'",
+            p.purchase_id
+        ),
+        format!(
+            "INSERT INTO purchase_refunds (refund_id, purchase_id, amount, commission, restock, source, status, \
+             idempotency_key, request_hash, created_at_us, updated_at_us) VALUES ('prf_stalled', '{}', 2500, 250, 0, \
+             'available', 'pending', 'rf-stalled', '{hash}', {then}, {then})",
+            p.purchase_id
+        ),
+    ];
+    for sql in stmts {
+        dmpay::with_db!(&app.db, pool => sqlx::query(&sql).execute(pool).await.map(|_| ())).expect("stall a refund");
+    }
+
+    let app = Arc::new(app);
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let app = app.clone();
+        let pid = p.purchase_id.clone();
+        tasks.push(tokio::spawn(async move {
+            if i == 10 {
+                // The seller is paid meanwhile: later attempts could cover the refund.
+                let t = app.token("svc", LEDGER_SCOPES);
+                fund(&app, &t, "seller", "30.00").await;
+            }
+            refund(&app, "seller", &pid, None, 0, "rf-stalled").await
+        }));
+    }
+    let answers = join_all(tasks).await;
+    // Every attempt has returned, so the refund has its final state: a retry says it.
+    let last = refund(&app, "seller", &p.purchase_id, None, 0, "rf-stalled").await;
+    let t = app.token("b0", SHOP);
+    let after = shopping(&app)
+        .get_purchase(authed(pb::GetPurchaseRequest { purchase_id: p.purchase_id.clone() }, &t))
+        .await
+        .unwrap()
+        .into_inner();
+    let buyer = amt(&app.wallet("b0").await.available);
+    match &last {
+        Ok(r) => {
+            assert_eq!(amt(&r.refunded_amount), "25.00");
+            assert_eq!((amt(&after.refunded_amount), buyer.as_str()), ("25.00".into(), "100.00"), "paid once");
+        }
+        Err(e) => {
+            assert_eq!(reason(e), "INSUFFICIENT_FUNDS", "{e:?}");
+            assert_eq!((amt(&after.refunded_amount), buyer.as_str()), ("0.00".into(), "75.00"), "nothing moved");
+        }
+    }
+    for a in &answers {
+        match a {
+            Ok(_) => assert!(last.is_ok(), "an attempt answered refunded but the refund failed"),
+            Err(e) if e.code() == Code::Aborted => {}
+            Err(e) => {
+                assert_eq!(reason(e), "INSUFFICIENT_FUNDS", "{e:?}");
+                assert!(last.is_err(), "an attempt answered failed but the refund was paid");
+            }
+        }
+    }
+    assert_eq!(app.count("ledger_entries WHERE kind = 'shop_refund'").await, i64::from(last.is_ok()));
+    assert_books_balance(&app).await;
+}
+
 backend_tests!(
+    a_stalled_refund_is_finished_by_one_attempt,
     stream_tab_draws_then_captures_once,
     tabs_refuse_bad_input_and_declines,
     ending_a_stream_closes_listings_and_tabs,

@@ -127,9 +127,13 @@ pub(crate) struct RefundRow {
     pub source: String,
     pub status: String,
     pub request_hash: String,
+    /// When the refund was recorded or last claimed: the attempt working on it holds
+    /// this value as its fence (see `claim_refund`).
+    pub updated_at_us: i64,
 }
 
-const REFUND_COLUMNS: &str = "refund_id, purchase_id, amount, commission, restock, source, status, request_hash";
+const REFUND_COLUMNS: &str =
+    "refund_id, purchase_id, amount, commission, restock, source, status, request_hash, updated_at_us";
 
 impl PaymentStore {
     pub(crate) async fn listing(&self, id: &ListingId) -> Result<Option<Listing>> {
@@ -435,6 +439,8 @@ impl PaymentStore {
     /// the purchase row's checks (never more than its amount) and its lock make
     /// parallel refunds exact. The source is the purchase's pending money while it is
     /// held, else the seller's wallet. `Err` with the refusal when it does not fit.
+    /// Answers the refund and whether this call recorded it (and so holds its fence);
+    /// `false` when a concurrent call with the same key recorded it first.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn insert_refund(
         &self,
@@ -444,7 +450,7 @@ impl PaymentStore {
         key: &str,
         hash: &str,
         refunds_max: i64,
-    ) -> Result<RefundRow> {
+    ) -> Result<(RefundRow, bool)> {
         let now = self.clock.now_us();
         let id = PurchaseRefundId::generate();
         with_db!(&self.writer, pool => {
@@ -459,6 +465,18 @@ impl PaymentStore {
             .fetch_optional(&mut *tx)
             .await?;
             let p = Purchase::try_from(p.ok_or_else(|| Error::not_found(format!("purchase {purchase_id}")))?)?;
+            // A concurrent call with the same key may have recorded it while this one
+            // waited for the lock: answer that refund rather than collide on the key.
+            let existing: Option<RefundRow> = sqlx::query_as(&format!(
+                "SELECT {REFUND_COLUMNS} FROM purchase_refunds WHERE purchase_id = $1 AND idempotency_key = $2"
+            ))
+            .bind(purchase_id.as_str())
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(r) = existing {
+                return Ok((r, false));
+            }
             let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM purchase_refunds WHERE purchase_id = $1")
                 .bind(purchase_id.as_str())
                 .fetch_one(&mut *tx)
@@ -516,15 +534,15 @@ impl PaymentStore {
             .fetch_one(&mut *tx)
             .await?;
             tx.commit().await?;
-            Ok(row)
+            Ok((row, true))
         })
     }
 
-    /// Refunds recorded but not yet finished, older than `before_us` (a crash, or an
-    /// attempt still running): at most `limit`.
+    /// Refunds recorded but not yet finished whose attempt is older than `before_us`
+    /// (a crash, or an attempt that ran out of its lease): at most `limit`.
     pub(crate) async fn pending_refunds(&self, before_us: i64, limit: i64) -> Result<Vec<RefundRow>> {
         let rows: Vec<RefundRow> = with_db!(&self.db, pool => sqlx::query_as(&format!(
-            "SELECT {REFUND_COLUMNS} FROM purchase_refunds WHERE status = 'pending' AND created_at_us < $1 \
+            "SELECT {REFUND_COLUMNS} FROM purchase_refunds WHERE status = 'pending' AND updated_at_us < $1 \
              ORDER BY created_at_us LIMIT $2"
         ))
         .bind(before_us)
@@ -574,19 +592,56 @@ impl PaymentStore {
         })
     }
 
+    /// Takes over a pending refund whose attempt is older than `stale_before_us` (its
+    /// caller crashed or stalled). The row's `updated_at_us` is the fence: the claim
+    /// only succeeds while it still holds the value `refund` was read with, and it sets
+    /// a newer one, so of two attempts only the latest may fail the refund. Answers the
+    /// refund with its new fence, or `None` when another attempt holds it or it ended.
+    pub(crate) async fn claim_refund(&self, refund: &RefundRow, stale_before_us: i64) -> Result<Option<RefundRow>> {
+        // The new fence is strictly newer than the old one even on a clock that stands
+        // still: the old one is older than `stale_before_us`, which is before now.
+        let now = self.clock.now_us().max(refund.updated_at_us + 1);
+        let row: Option<RefundRow> = with_db!(&self.writer, pool => sqlx::query_as(&format!(
+            "UPDATE purchase_refunds SET updated_at_us = $2 \
+             WHERE refund_id = $1 AND status = 'pending' AND updated_at_us = $3 AND updated_at_us < $4 \
+             RETURNING {REFUND_COLUMNS}"
+        ))
+        .bind(&refund.refund_id)
+        .bind(now)
+        .bind(refund.updated_at_us)
+        .bind(stale_before_us)
+        .fetch_optional(pool)
+        .await)?;
+        Ok(row)
+    }
+
+    /// The refund `refund_id`, as it stands.
+    pub(crate) async fn refund(&self, refund_id: &str) -> Result<Option<RefundRow>> {
+        let row: Option<RefundRow> = with_db!(&self.db, pool => sqlx::query_as(&format!(
+            "SELECT {REFUND_COLUMNS} FROM purchase_refunds WHERE refund_id = $1"
+        ))
+        .bind(refund_id)
+        .fetch_optional(pool)
+        .await)?;
+        Ok(row)
+    }
+
     /// Undoes a refund whose money could not move (the seller's wallet could not cover
-    /// it): the purchase's counts go back, the refund is failed.
-    pub(crate) async fn fail_refund(&self, refund: &RefundRow, reason: &str) -> Result<()> {
-        let now = self.clock.now_us();
+    /// it): the purchase's counts go back, the refund is failed. Only the attempt that
+    /// holds the refund's fence may do it (a later attempt may have moved the money
+    /// since); answers whether it did.
+    pub(crate) async fn fail_refund(&self, refund: &RefundRow, reason: &str) -> Result<bool> {
+        let now = self.clock.now_us().max(refund.updated_at_us);
         with_db!(&self.writer, pool => {
             let mut tx = pool.begin().await?;
             let done = sqlx::query(
                 "UPDATE purchase_refunds SET status = 'failed', failure_reason = $3, updated_at_us = $2 \
-                 WHERE refund_id = $1 AND status = 'pending'",
+                 WHERE refund_id = $1 AND status = 'pending' AND updated_at_us = $4",
             )
             .bind(&refund.refund_id)
             .bind(now)
             .bind(reason)
+            .bind(refund.updated_at_us)
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -605,7 +660,7 @@ impl PaymentStore {
                 .await?;
             }
             tx.commit().await?;
-            Ok::<_, Error>(())
+            Ok::<_, Error>(done == 1)
         })
     }
 }

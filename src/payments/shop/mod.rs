@@ -515,9 +515,8 @@ impl Payments {
             "amount": input.amount.map(|a| a.minor()),
             "restock": input.restock,
         }));
-        let refund = match self.store.refund_by_key(&input.purchase_id, &input.idempotency_key).await? {
-            Some(r) if r.request_hash != hash => return Err(key_reused(&input.idempotency_key)),
-            Some(r) => r,
+        let (refund, ours) = match self.store.refund_by_key(&input.purchase_id, &input.idempotency_key).await? {
+            Some(r) => (r, false),
             None => {
                 self.store
                     .insert_refund(
@@ -531,13 +530,37 @@ impl Payments {
                     .await?
             }
         };
+        if refund.request_hash != hash {
+            return Err(key_reused(&input.idempotency_key));
+        }
         match refund.status.as_str() {
-            "pending" => self.finish_purchase_refund(&refund, &p).await,
-            "failed" => Err(Error::FailedPrecondition {
+            "pending" if ours => self.finish_purchase_refund(&refund, &p).await,
+            "pending" => {
+                // Another attempt is working on it; take it over only when that one
+                // has outlived its lease (it crashed or stalled), so that one attempt
+                // at a time moves the money and only it may fail the refund.
+                let stale_before = self.now_us().saturating_sub(REFUND_RESUME_AFTER_US);
+                match self.store.claim_refund(&refund, stale_before).await? {
+                    Some(claimed) => self.finish_purchase_refund(&claimed, &p).await,
+                    None => self.refund_outcome(&refund.refund_id, &p).await,
+                }
+            }
+            _ => self.refund_outcome(&refund.refund_id, &p).await,
+        }
+    }
+
+    /// What a refund came to, for a caller that did not (or no longer) drive it: the
+    /// purchase once posted, the refusal once failed, ABORTED while another attempt
+    /// still works on it (a retry with the same key then answers).
+    async fn refund_outcome(&self, refund_id: &str, p: &Purchase) -> Result<Purchase> {
+        let status = self.store.refund(refund_id).await?.map(|r| r.status);
+        match status.as_deref() {
+            Some("posted") => self.store.purchase(&p.purchase_id).await?.ok_or_else(|| Error::not_found("purchase")),
+            Some("failed") => Err(Error::FailedPrecondition {
                 reason: Reason::InsufficientFunds,
                 message: "this refund failed: the seller's wallet could not cover it".into(),
             }),
-            _ => self.store.purchase(&input.purchase_id).await?.ok_or_else(|| Error::not_found("purchase")),
+            _ => Err(Error::Aborted),
         }
     }
 
@@ -585,11 +608,16 @@ impl Payments {
                 }
             }
             Err(e @ Error::FailedPrecondition { reason: Reason::InsufficientFunds, .. }) => {
-                self.store.fail_refund(r, Reason::InsufficientFunds.as_str()).await?;
-                Err(Error::FailedPrecondition {
-                    reason: Reason::InsufficientFunds,
-                    message: format!("the seller's wallet cannot cover the refund ({e})"),
-                })
+                if self.store.fail_refund(r, Reason::InsufficientFunds.as_str()).await? {
+                    Err(Error::FailedPrecondition {
+                        reason: Reason::InsufficientFunds,
+                        message: format!("the seller's wallet cannot cover the refund ({e})"),
+                    })
+                } else {
+                    // A later attempt took the refund over (this one outlived its
+                    // lease) and may have moved the money: it decides, not this one.
+                    self.refund_outcome(&r.refund_id, p).await
+                }
             }
             Err(e) => Err(e),
         }
@@ -639,12 +667,15 @@ impl Payments {
         }
         let before = self.now_us().saturating_sub(REFUND_RESUME_AFTER_US);
         for r in self.store.pending_refunds(before, RESOLVE_BATCH_MAX).await? {
+            let Some(r) = self.store.claim_refund(&r, before).await? else { continue };
             let Some(p) = self.store.purchase(&PurchaseId::from_db(r.purchase_id.clone())).await? else { continue };
             match self.finish_purchase_refund(&r, &p).await {
                 Ok(_) => n += 1,
                 Err(e @ Error::FailedPrecondition { .. }) => {
                     tracing::info!(refund = %r.refund_id, error = %e, "purchase refund failed");
                 }
+                // Another attempt took the refund over meanwhile; it finishes it.
+                Err(Error::Aborted) => {}
                 Err(e) => return Err(e),
             }
         }

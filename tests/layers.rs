@@ -52,6 +52,7 @@ const TABLE_HOMES: &[(&str, &str)] = &[
     ("listings", "payments/repo/shop.rs"),
     ("purchase_refunds", "payments/repo/shop.rs"),
     ("purchases", "payments/repo/shop.rs"),
+    ("listing_stock_adds", "payments/repo/shop.rs"),
     ("stream_tabs", "payments/repo/tabs.rs"),
     ("payments", "payments/repo"),
     ("payouts", "payments/repo/payouts.rs"),

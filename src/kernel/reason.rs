@@ -105,6 +105,8 @@ crate::stored_enum! {
         SoldOut = "SOLD_OUT",
         /// The statement's period has too many movements; ask for a shorter one.
         StatementTooLong = "STATEMENT_TOO_LONG",
+        /// The listing has had as many stock additions as allowed; create a new listing.
+        StockAdds = "STOCK_ADDS",
         /// The card was reported stolen.
         StolenCard = "STOLEN_CARD",
         /// The purchase is more than what is left of the tab's cap.

@@ -487,19 +487,27 @@ async fn per_buyer_limit_and_retries_hold_in_parallel(app: TestApp) {
     assert_eq!(amt(&app.wallet("b1").await.available), "96.00");
     let other = buy(&app, "b1", "once", &l.listing_id, 1).await.unwrap_err();
     assert_eq!(other.code(), Code::AlreadyExists, "the key with another quantity");
-    // AddStock: a retry with the last key adds nothing.
+    // AddStock: a retry of any earlier add (not only the last) adds nothing.
     let t = app.token("seller", SHOP);
-    for _ in 0..2 {
-        let s = shopping(&app)
-            .add_stock(authed(
-                pb::AddStockRequest { listing_id: l.listing_id.clone(), quantity: 50, idempotency_key: "more".into() },
-                &t,
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(s.quantity, 150);
+    let add = |key: &'static str, quantity: i64| {
+        let (app, t, id) = (app.clone(), t.clone(), l.listing_id.clone());
+        async move {
+            shopping(&app)
+                .add_stock(authed(pb::AddStockRequest { listing_id: id, quantity, idempotency_key: key.into() }, &t))
+                .await
+                .map(|r| r.into_inner().quantity)
+        }
+    };
+    assert_eq!(add("more", 50).await.unwrap(), 150);
+    assert_eq!(add("more", 50).await.unwrap(), 150);
+    assert_eq!(add("again", 5).await.unwrap(), 155);
+    assert_eq!(add("more", 50).await.unwrap(), 155, "a retry of an earlier add, after a later one");
+    assert_eq!(add("more", 51).await.unwrap_err().code(), Code::AlreadyExists, "the key with another quantity");
+    let parallel = (0..20).map(|_| tokio::spawn(add("burst", 10)));
+    for q in join_all(parallel).await {
+        q.unwrap();
     }
+    assert_eq!(get_listing(&app, &l.listing_id).await.quantity, 165, "20 parallel retries add once");
     assert_books_balance(&app).await;
 }
 

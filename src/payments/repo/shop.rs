@@ -116,6 +116,24 @@ pub(crate) enum ListingInserted {
     Existing(Listing, String),
 }
 
+/// Stock additions one listing may have: each is a row kept for retries.
+pub(crate) const STOCK_ADDS_PER_LISTING_MAX: i64 = 1_000;
+
+/// What `add_stock` did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum StockAdded {
+    /// Added now, or by an earlier call with the same key and quantity.
+    Added,
+    /// No limited, unclosed listing with that id.
+    NoListing,
+    /// The key was used for another quantity.
+    KeyReused,
+    /// The listing would hold more than `QUANTITY_MAX` units.
+    TooMuch,
+    /// The listing had `STOCK_ADDS_PER_LISTING_MAX` additions already.
+    TooManyAdds,
+}
+
 /// A seller's refund as recorded before its money moves.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub(crate) struct RefundRow {
@@ -255,24 +273,65 @@ impl PaymentStore {
         Ok(ListingInserted::Existing(Listing::try_from(f.listing)?, f.request_hash))
     }
 
-    /// Adds `quantity` units to a limited, unclosed listing, unless `key` is the key of
-    /// the last add (a retry). `None` when no such listing exists.
-    pub(crate) async fn add_stock(&self, id: &ListingId, quantity: i64, key: &str) -> Result<Option<Listing>> {
+    /// Adds `quantity` units to a limited, unclosed listing under `key`, in one
+    /// transaction with the listing's row locked first (so the key check, the count of
+    /// adds and the quantity bound read what no concurrent add can change). A retry of
+    /// any earlier add answers the listing as it is now and adds nothing.
+    pub(crate) async fn add_stock(&self, id: &ListingId, quantity: i64, key: &str) -> Result<StockAdded> {
         let now = self.clock.now_us();
-        let row: Option<ListingRow> = with_db!(&self.writer, pool => sqlx::query_as(&format!(
-            "UPDATE listings SET quantity = quantity + CASE WHEN stock_key = $3 THEN 0 ELSE $2 END, \
-             stock_key = $3, updated_at_us = $4 \
-             WHERE listing_id = $1 AND quantity IS NOT NULL AND closed_at_us IS NULL \
-             AND quantity + $2 <= $5 RETURNING {LISTING_COLUMNS}"
-        ))
-        .bind(id.as_str())
-        .bind(quantity)
-        .bind(key)
-        .bind(now)
-        .bind(crate::payments::listing::QUANTITY_MAX)
-        .fetch_optional(pool)
-        .await)?;
-        row.map(Listing::try_from).transpose()
+        with_db!(&self.writer, pool => {
+            let mut tx = pool.begin().await?;
+            let current: Option<i64> = sqlx::query_scalar(
+                "UPDATE listings SET updated_at_us = $2 \
+                 WHERE listing_id = $1 AND quantity IS NOT NULL AND closed_at_us IS NULL RETURNING quantity",
+            )
+            .bind(id.as_str())
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(current) = current else { return Ok(StockAdded::NoListing) };
+            let earlier: Option<i64> = sqlx::query_scalar(
+                "SELECT quantity FROM listing_stock_adds WHERE listing_id = $1 AND idempotency_key = $2",
+            )
+            .bind(id.as_str())
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let outcome = match earlier {
+                Some(q) if q != quantity => return Ok(StockAdded::KeyReused),
+                Some(_) => StockAdded::Added,
+                None => {
+                    let adds: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM listing_stock_adds WHERE listing_id = $1")
+                        .bind(id.as_str())
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    if adds >= STOCK_ADDS_PER_LISTING_MAX {
+                        return Ok(StockAdded::TooManyAdds);
+                    }
+                    if current + quantity > crate::payments::listing::QUANTITY_MAX {
+                        return Ok(StockAdded::TooMuch);
+                    }
+                    sqlx::query(
+                        "INSERT INTO listing_stock_adds (listing_id, idempotency_key, quantity, created_at_us) \
+                         VALUES ($1, $2, $3, $4)",
+                    )
+                    .bind(id.as_str())
+                    .bind(key)
+                    .bind(quantity)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query("UPDATE listings SET quantity = quantity + $2 WHERE listing_id = $1")
+                        .bind(id.as_str())
+                        .bind(quantity)
+                        .execute(&mut *tx)
+                        .await?;
+                    StockAdded::Added
+                }
+            };
+            tx.commit().await?;
+            Ok(outcome)
+        })
     }
 
     /// Closes a listing (idempotent: a closed one keeps its first closing time).

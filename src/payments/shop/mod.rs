@@ -22,7 +22,7 @@ use std::sync::Arc;
 use super::listing as model;
 pub use super::listing::{Listing, ListingStatus, NewListing, Purchase, PurchaseStatus, QUANTITY_MAX};
 
-use super::repo::shop::{ListingInserted, RefundRow};
+use super::repo::shop::{ListingInserted, RefundRow, StockAdded, STOCK_ADDS_PER_LISTING_MAX};
 use super::{Payments, ACTOR};
 use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::{ListingId, PurchaseId, UserId};
@@ -255,8 +255,22 @@ impl Payments {
         }
         self.listings.forget(id);
         match self.store.add_stock(id, quantity, key).await? {
-            Some(l) => Ok(l),
-            None => Err(Error::invalid("quantity", format!("a listing holds at most {QUANTITY_MAX} units"))),
+            StockAdded::Added => self.listing(id).await,
+            // Closed (or gone) since it was read above.
+            StockAdded::NoListing => Err(Error::FailedPrecondition {
+                reason: Reason::ListingClosed,
+                message: format!("listing {id} is closed"),
+            }),
+            StockAdded::KeyReused => Err(key_reused(key)),
+            StockAdded::TooMuch => {
+                Err(Error::invalid("quantity", format!("a listing holds at most {QUANTITY_MAX} units")))
+            }
+            StockAdded::TooManyAdds => Err(Error::ResourceExhausted {
+                reason: Reason::StockAdds,
+                message: format!(
+                    "listing {id} has had {STOCK_ADDS_PER_LISTING_MAX} stock additions; create a new listing"
+                ),
+            }),
         }
     }
 

@@ -186,6 +186,7 @@ impl Ledger {
             metadata: input.metadata,
             postings,
             pending_timeout_s: timeout,
+            locks: Vec::new(),
         });
         let outcome = self.engine.submit(caller, Some(idem), op).await?;
         self.finish(outcome).await

@@ -260,6 +260,7 @@ impl Payments {
             metadata: Self::entry_metadata(&payment),
             postings,
             pending_timeout_s: None,
+            locks: Vec::new(),
         };
         let attachment = batch::SendAttachment {
             payment: payment.clone(),

@@ -891,7 +891,50 @@ async fn a_stalled_refund_is_finished_by_one_attempt(app: TestApp) {
     assert_books_balance(&app).await;
 }
 
+/// Tab purchases share the buyer's rolling daily limit with their sends: 60 parallel
+/// calls of 20.00 (tab purchases, wallet sends and card sends) from an unverified buyer
+/// (500.00 a day) let exactly 500.00 through, whatever the interleaving.
+async fn tab_purchases_and_sends_share_the_daily_limit(app: TestApp) {
+    make_seller(&app, "seller", None).await;
+    app.users(&["alice", "friend"]).await;
+    let alice = app.token("alice", PAY_SCOPES);
+    app.add_card(&alice, &visa(3), true).await.unwrap();
+    let t = app.token("svc", LEDGER_SCOPES);
+    fund(&app, &t, "alice", "500.00").await;
+    let l = create_listing(&app, "seller", listing_req("d", "live-d", "20.00", 0, 100)).await.unwrap();
+    let tab = open_tab(&app, "alice", "tab-d", "live-d", "500.00").await.unwrap();
+
+    let app = Arc::new(app);
+    let calls = (0..60).map(|i| {
+        let (app, l, tab, alice) = (app.clone(), l.listing_id.clone(), tab.tab_id.clone(), alice.clone());
+        tokio::spawn(async move {
+            let funding = if i % 3 == 1 { pb::FundingSource::Balance } else { pb::FundingSource::Card };
+            match i % 3 {
+                0 => buy_on_tab(&app, "alice", &format!("tap-{i}"), &l, &tab).await.map(|_| ()),
+                _ => app.send(&alice, &format!("send-{i}"), "friend", "20.00", funding).await.map(|_| ()),
+            }
+        })
+    });
+    let results = join_all(calls).await;
+    let through = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(through, 25, "500.00 a day in calls of 20.00");
+    for e in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(reason(e), "DAILY_LIMIT", "{e:?}");
+    }
+    let spend: Option<i64> = dmpay::with_db!(&app.db, pool => sqlx::query_scalar(
+        "SELECT CAST(SUM(amount) AS BIGINT) FROM payment_spend WHERE sender_id = 'alice'"
+    )
+    .fetch_one(pool)
+    .await)
+    .unwrap();
+    assert_eq!(spend, Some(50_000), "the limit's buckets count each accepted call once");
+    let tapped = app.count("purchases WHERE buyer_id = 'alice'").await;
+    assert_eq!(amt(&get_tab(&app, "alice", &tab.tab_id).await.spent), format!("{}.00", tapped * 20));
+    assert_books_balance(&app).await;
+}
+
 backend_tests!(
+    tab_purchases_and_sends_share_the_daily_limit,
     a_stalled_refund_is_finished_by_one_attempt,
     stream_tab_draws_then_captures_once,
     tabs_refuse_bad_input_and_declines,

@@ -16,6 +16,7 @@ fn cmd(caller: &str, key: Option<(&str, &str)>) -> Command {
         metadata: Default::default(),
         postings: Vec::new(),
         pending_timeout_s: None,
+        locks: Vec::new(),
     });
     Command::new(caller.into(), idem, op, None, oneshot::channel().0)
 }

@@ -20,6 +20,10 @@ pub struct NewEntry {
     pub postings: Vec<Posting>,
     /// `Some(seconds)` reserves the entry as pending with that timeout.
     pub pending_timeout_s: Option<u32>,
+    /// Accounts the entry's batch locks without posting to them: a rule another
+    /// module checks in the batch reads state those locks guard (a tab purchase's
+    /// daily limit is guarded by the buyer's wallet, which the entry does not touch).
+    pub locks: Vec<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,11 +96,11 @@ impl Command {
 
     /// The accounts whose balance rows the command's batch locks.
     pub(crate) fn account_ids(&self) -> impl Iterator<Item = i64> + '_ {
-        let postings = match &self.op {
-            Op::Post(e) => &e.postings,
-            Op::Resolve { pending, .. } => &pending.postings,
-            Op::Reverse { original, .. } => &original.postings,
+        let (postings, locks): (&[Posting], &[i64]) = match &self.op {
+            Op::Post(e) => (&e.postings, &e.locks),
+            Op::Resolve { pending, .. } => (&pending.postings, &[]),
+            Op::Reverse { original, .. } => (&original.postings, &[]),
         };
-        postings.iter().map(|p| p.account_id)
+        postings.iter().map(|p| p.account_id).chain(locks.iter().copied())
     }
 }

@@ -75,6 +75,7 @@ fn post(postings: Vec<Posting>) -> Command {
         metadata: Default::default(),
         postings,
         pending_timeout_s: None,
+        locks: Vec::new(),
     }))
 }
 
@@ -85,6 +86,7 @@ fn hold(postings: Vec<Posting>, timeout_s: u32) -> Command {
         metadata: Default::default(),
         postings,
         pending_timeout_s: Some(timeout_s),
+        locks: Vec::new(),
     }))
 }
 

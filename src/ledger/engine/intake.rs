@@ -150,6 +150,7 @@ mod tests {
             metadata: Metadata::new(),
             postings: vec![posting(from, Direction::Debit), posting(to, Direction::Credit)],
             pending_timeout_s: None,
+            locks: Vec::new(),
         });
         (Command::new("test".into(), None, op, None, reply), rx)
     }

@@ -380,9 +380,15 @@ impl Payments {
         );
         let accounts = self.ledger.accounts();
         // From the wallet, or from the viewer's tab account (what the card owes).
-        let wallet = match &input.tab_id {
-            None => accounts.wallet(buyer, currency).await?,
-            Some(_) => accounts.tab(buyer, currency).await?,
+        let (wallet, locks) = match &input.tab_id {
+            None => (accounts.wallet(buyer, currency).await?, Vec::new()),
+            Some(_) => {
+                // The batch checks the buyer's daily limit against their spend, which
+                // sends and card payments change under the wallet's lock; an entry on
+                // the tab account does not touch the wallet, so it takes that lock too.
+                let w = accounts.wallet(buyer, currency).await?;
+                (accounts.tab(buyer, currency).await?, vec![w.id])
+            }
         };
         let pending = accounts.sales_pending(&listing.seller_id, currency).await?;
         let mut postings = vec![
@@ -441,6 +447,7 @@ impl Payments {
             .collect(),
             postings,
             pending_timeout_s: None,
+            locks,
         };
         let units_sold = Arc::new(AtomicI64::new(0));
         let ticket = self.hook.register_purchase(batch::PurchaseAttachment {

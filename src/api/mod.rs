@@ -2,7 +2,9 @@
 //! This is the only module that knows tonic and protobuf; domain modules never see them.
 
 mod accounts;
+pub mod connect;
 pub mod connections;
+pub mod descriptors;
 mod finance;
 pub mod gate;
 mod ledger;

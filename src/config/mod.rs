@@ -58,6 +58,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Largest gRPC message accepted or sent.
     pub grpc_message_size_max: usize,
+    /// Web origins (`https://chat.example.com`) whose pages may call the API from a
+    /// browser (gRPC-Web or Connect); none by default.
+    pub cors_origins: Vec<String>,
     /// Concurrent HTTP/2 streams per connection.
     pub grpc_concurrent_streams_max: u32,
     /// Deadline for one unary call on the server side.
@@ -108,6 +111,30 @@ pub enum ConfigError {
     File { path: String, detail: String },
     #[error("DMPAY_ENV=production (the default; DMPAY_ENV=development for a development server) refuses {0}")]
     Production(String),
+}
+
+/// Browser origins allowed to call: a comma-separated list of `scheme://host[:port]`.
+/// `*` is refused: any page on the web could then drive a signed-in user's client.
+fn cors_origins(raw: &str) -> Result<Vec<String>, ConfigError> {
+    const NAME: &str = "DMPAY_CORS_ORIGINS";
+    const ORIGINS_MAX: usize = 100;
+    let origins: Vec<String> = raw.split(',').map(str::trim).filter(|o| !o.is_empty()).map(str::to_owned).collect();
+    if origins.len() > ORIGINS_MAX {
+        return Err(ConfigError::Invalid { name: NAME, detail: format!("at most {ORIGINS_MAX} origins") });
+    }
+    for o in &origins {
+        let rest = o.strip_prefix("https://").or_else(|| o.strip_prefix("http://"));
+        let ok = rest.is_some_and(|host| {
+            !host.is_empty() && !host.contains('/') && host.bytes().all(|b| b.is_ascii_graphic() && b != b'*')
+        });
+        if !ok {
+            return Err(ConfigError::Invalid {
+                name: NAME,
+                detail: format!("{o:?} is not an origin like https://chat.example.com (no path, no wildcard)"),
+            });
+        }
+    }
+    Ok(origins)
 }
 
 impl Config {
@@ -187,6 +214,7 @@ impl Config {
                 &[("pretty", LogFormat::Pretty), ("json", LogFormat::Json)],
             )?,
             grpc_message_size_max: s.num("DMPAY_GRPC_MESSAGE_SIZE_MAX", 1024 * 1024, 1024..=64 * 1024 * 1024)?,
+            cors_origins: cors_origins(&s.string_or("DMPAY_CORS_ORIGINS", ""))?,
             grpc_concurrent_streams_max: s.num("DMPAY_GRPC_CONCURRENT_STREAMS_MAX", 256, 1..=10_000)?,
             grpc_call_timeout: s.duration("DMPAY_GRPC_CALL_TIMEOUT", Duration::from_secs(10))?,
             grpc_keepalive_interval: s.duration("DMPAY_GRPC_KEEPALIVE_INTERVAL", Duration::from_secs(30))?,

@@ -20,9 +20,7 @@ use crate::api::pb::payment_methods_server::PaymentMethodsServer;
 use crate::api::pb::payments_server::PaymentsServer;
 use crate::api::pb::shopping_server::ShoppingServer;
 use crate::api::wire::UnreadableRequestLayer;
-use crate::api::{
-    AccountsApi, FinanceApi, LedgerApi, PaymentMethodsApi, PaymentsApi, ShoppingApi, FILE_DESCRIPTOR_SET,
-};
+use crate::api::{AccountsApi, FinanceApi, LedgerApi, PaymentMethodsApi, PaymentsApi, ShoppingApi};
 use crate::auth::{AuthInterceptor, Verifier};
 use crate::config::Config;
 use crate::kernel::clock::Clock;
@@ -237,9 +235,19 @@ impl Application {
             config.ledger_expiry_interval,
             config.idempotency_retention,
         )));
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .build_v1()?;
+        // Both reflection versions: grpcurl before 1.9 and Python's grpcio-reflection
+        // speak v1alpha. The google.rpc and health descriptors let tools decode error
+        // details and call health.
+        let reflection = crate::api::descriptors::encoded_sets()
+            .into_iter()
+            .fold(tonic_reflection::server::Builder::configure(), |b, set| b.register_encoded_file_descriptor_set(set));
+        let reflection_v1alpha = crate::api::descriptors::encoded_sets()
+            .into_iter()
+            .fold(tonic_reflection::server::Builder::configure(), |b, set| b.register_encoded_file_descriptor_set(set))
+            .build_v1alpha()?;
+        let reflection = reflection.build_v1()?;
+        // The demo page and its tokens, in development mode only.
+        let demo = (config.env == crate::config::Environment::Development).then(|| config.jwt());
 
         set_serving(&health, true).await;
         // The probe pings through the posting engine's pool: its spare connection is free
@@ -256,11 +264,19 @@ impl Application {
             .http2_keepalive_interval(Some(config.grpc_keepalive_interval))
             .http2_keepalive_timeout(Some(config.grpc_keepalive_timeout))
             .tcp_nodelay(true)
+            // HTTP/1.1 too, for browsers (gRPC-Web) and curl (Connect).
+            .accept_http1(true)
+            .layer(cors_layer(&config.cors_origins))
+            // Connect before gRPC-Web: the gRPC-Web layer refuses any other HTTP/1 call,
+            // and the gRPC request Connect makes of one passes through it.
+            .layer(crate::api::connect::ConnectLayer::new(size_max, demo))
+            .layer(tonic_web::GrpcWebLayer::new())
             .layer(CallLogLayer::new(metrics.clone()))
             .layer(UnreadableRequestLayer)
             .layer(crate::api::gate::DatabaseGateLayer::new(&db, ledger.engine().database().clone()))
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(InterceptedService::new(rate.layer(accounts), auth.clone()))
             .add_service(InterceptedService::new(rate.layer(ledger_api), auth.clone()))
             .add_service(InterceptedService::new(rate.layer(methods_api), auth.clone()))
@@ -311,6 +327,28 @@ impl Application {
         tracing::info!("dmpay stopped");
         Ok(())
     }
+}
+
+/// CORS for the configured browser origins (`DMPAY_CORS_ORIGINS`): with none, no
+/// preflight is answered with an allowed origin, so browsers refuse every page.
+fn cors_layer(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use http::header::{HeaderName, AUTHORIZATION, CONTENT_TYPE};
+    let origins: Vec<http::HeaderValue> = origins.iter().filter_map(|o| http::HeaderValue::from_str(o).ok()).collect();
+    let h = HeaderName::from_static;
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(tower_http::cors::AllowOrigin::list(origins))
+        .allow_methods([http::Method::POST, http::Method::GET, http::Method::OPTIONS])
+        .allow_headers([
+            AUTHORIZATION,
+            CONTENT_TYPE,
+            h("x-grpc-web"),
+            h("x-user-agent"),
+            h("grpc-timeout"),
+            h("connect-protocol-version"),
+            h("connect-timeout-ms"),
+        ])
+        .expose_headers([h("grpc-status"), h("grpc-message"), h("grpc-status-details-bin")])
+        .max_age(std::time::Duration::from_secs(3600))
 }
 
 async fn set_serving(health: &HealthReporter, serving: bool) {

@@ -1,0 +1,603 @@
+//! The Connect protocol (<https://connectrpc.com/docs/protocol>) on the gRPC port, so a
+//! browser or `curl` calls dmpay with a plain HTTP POST:
+//!
+//! ```sh
+//! curl -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+//!   -d '{"recipient_id":"bob","amount":{"currency":"USD","amount":"12.50"}}' \
+//!   http://127.0.0.1:50051/dmpay.v1.Payments/SendPayment
+//! ```
+//!
+//! A unary call (`application/json` or `application/proto`) and a server stream
+//! (`application/connect+json` or `application/connect+proto`) become the gRPC call they
+//! mean, served by the same services behind the same layers (authentication, rate
+//! limits, call logs, metrics), and the answer is turned back: the message (as JSON in
+//! the proto3 mapping, with the fields' proto names), or Connect's error object whose
+//! `details` carry the `google.rpc` error details, both encoded and decoded (`debug`).
+//! Everything else passes through untouched (gRPC, and gRPC-Web after `tonic_web`).
+//!
+//! In development mode the same layer serves the demo page (`GET /demo`) and the
+//! development tokens it acts with (`GET /demo/token?user=alice`), signed with the
+//! development secret the server already trusts; neither exists in production.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use base64::Engine as _;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody};
+use prost::Message as _;
+use prost_reflect::{DynamicMessage, MessageDescriptor, MethodDescriptor, SerializeOptions};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt as _;
+use tonic::body::Body;
+use tonic::{Code, Status};
+use tower::{Layer, Service};
+
+/// The page `GET /demo` answers in development mode.
+const DEMO_PAGE: &str = include_str!("demo.html");
+
+/// Stream messages converted ahead of a slow client: the channel between the task that
+/// reads the gRPC stream and the response the client reads.
+const STREAM_BUFFER_MAX: usize = 16;
+
+/// What the demo page's tokens may do: act as the user, and set up the story (create
+/// accounts, fund a wallet) as the demo's operator.
+const DEMO_SCOPES: &str = "payments:read payments:write methods:write accounts:admin ledger:write";
+
+/// How long a demo token lives.
+const DEMO_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The Connect layer: `size_max` bounds a request's body (as `DMPAY_GRPC_MESSAGE_SIZE_MAX`
+/// bounds a gRPC message); `demo` (development mode only) serves the demo page and its
+/// tokens, signed with these settings.
+#[derive(Clone)]
+pub struct ConnectLayer {
+    size_max: usize,
+    demo: Option<std::sync::Arc<crate::auth::JwtSettings>>,
+}
+
+impl ConnectLayer {
+    pub fn new(size_max: usize, demo: Option<crate::auth::JwtSettings>) -> Self {
+        ConnectLayer { size_max, demo: demo.filter(|j| j.development).map(std::sync::Arc::new) }
+    }
+}
+
+impl<S> Layer<S> for ConnectLayer {
+    type Service = Connect<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Connect { inner, size_max: self.size_max, demo: self.demo.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Connect<S> {
+    inner: S,
+    size_max: usize,
+    demo: Option<std::sync::Arc<crate::auth::JwtSettings>>,
+}
+
+/// How a request's messages are encoded.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Codec {
+    Json,
+    Proto,
+}
+
+/// What a request is, from its method, path and content type.
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    Unary(Codec),
+    Stream(Codec),
+    Demo,
+    DemoToken,
+    /// A gRPC-Web call over HTTP/1.1, whose body is read whole before it is served.
+    WebBuffered,
+    Pass,
+}
+
+fn kind_of<B>(req: &Request<B>, demo: bool) -> Kind {
+    if req.method() == Method::GET && demo {
+        match req.uri().path() {
+            "/demo" | "/demo/" => return Kind::Demo,
+            "/demo/token" => return Kind::DemoToken,
+            _ => {}
+        }
+    }
+    if req.method() != Method::POST {
+        return Kind::Pass;
+    }
+    let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    // Parameters (`; charset=utf-8`) do not change the codec.
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    match essence.as_str() {
+        "application/json" => Kind::Unary(Codec::Json),
+        "application/proto" => Kind::Unary(Codec::Proto),
+        "application/connect+json" => Kind::Stream(Codec::Json),
+        "application/connect+proto" => Kind::Stream(Codec::Proto),
+        // Over HTTP/1.1 a call refused from its headers alone (a bad token) is answered
+        // before the client has sent its body; the connection then closes under the
+        // client's next write, which reports a broken pipe instead of the refusal.
+        // Reading the body first (gRPC-Web requests are one small message) avoids it.
+        t if t.starts_with("application/grpc-web") && req.version() < http::Version::HTTP_2 => Kind::WebBuffered,
+        _ => Kind::Pass,
+    }
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S> Service<Request<Body>> for Connect<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Response<Body>, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let kind = kind_of(&req, self.demo.is_some());
+        if kind == Kind::Pass {
+            return Box::pin(self.inner.call(req));
+        }
+        // The clone is ready only if polled; the one polled ready goes with this call.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let size_max = self.size_max;
+        let demo = self.demo.clone();
+        Box::pin(async move {
+            match kind {
+                Kind::Demo => Ok(demo_page()),
+                Kind::DemoToken => Ok(demo_token(demo.as_deref(), req.uri().query().unwrap_or(""))),
+                Kind::WebBuffered => web_buffered(inner, req, size_max).await,
+                Kind::Unary(codec) => unary(inner, req, codec, size_max).await,
+                Kind::Stream(codec) => stream(inner, req, codec, size_max).await,
+                Kind::Pass => unreachable_pass(),
+            }
+        })
+    }
+}
+
+/// `Kind::Pass` is answered before the future is built.
+fn unreachable_pass<E>() -> Result<Response<Body>, E> {
+    Ok(error_response(&Status::internal("request routing")))
+}
+
+fn demo_page() -> Response<Body> {
+    let mut resp = Response::new(Body::new(Full::new(Bytes::from_static(DEMO_PAGE.as_bytes()))));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// `GET /demo/token?user=alice`: `{"token": ...}` for the demo page to act as `user`.
+fn demo_token(jwt: Option<&crate::auth::JwtSettings>, query: &str) -> Response<Body> {
+    let user = query.split('&').find_map(|kv| kv.strip_prefix("user=")).unwrap_or("");
+    let valid = !user.is_empty()
+        && user.len() <= 64
+        && user.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !valid {
+        return error_response(&Status::invalid_argument("user: 1 to 64 of a-z, 0-9, - and _"));
+    }
+    let minted = jwt
+        .ok_or_else(|| anyhow::anyhow!("the demo is off"))
+        .and_then(|j| crate::auth::mint_dev_token(j, user, DEMO_SCOPES, DEMO_TOKEN_TTL));
+    match minted {
+        Ok(token) => {
+            let body = serde_json::json!({ "user": user, "token": token }).to_string();
+            let mut resp = Response::new(Body::new(Full::new(Bytes::from(body))));
+            resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            resp
+        }
+        Err(e) => error_response(&Status::failed_precondition(e.to_string())),
+    }
+}
+
+/// A gRPC-Web call with its body read first (see `Kind::WebBuffered`). The text variant
+/// is base64, a third larger than the message it carries; twice the message bound
+/// leaves room for that and the frames.
+async fn web_buffered<S>(mut inner: S, req: Request<Body>, size_max: usize) -> Result<Response<Body>, S::Error>
+where
+    S: Service<Request<Body>, Response = Response<Body>>,
+{
+    let (parts, body) = req.into_parts();
+    match read_body(body, size_max.saturating_mul(2)).await {
+        Ok(bytes) => inner.call(Request::from_parts(parts, Body::new(Full::new(bytes)))).await,
+        Err(_) => {
+            let mut resp = Response::new(Body::empty());
+            *resp.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+            Ok(resp)
+        }
+    }
+}
+
+/// The method a path names (`/dmpay.v1.Payments/SendPayment`), or the status to answer.
+fn method_of(path: &str) -> Result<MethodDescriptor, Status> {
+    let unknown = || Status::unimplemented(format!("no method {path}"));
+    let (service, method) = path.trim_start_matches('/').rsplit_once('/').ok_or_else(unknown)?;
+    let service = super::descriptors::pool().get_service_by_name(service).ok_or_else(unknown)?;
+    let found = service.methods().find(|m| m.name() == method).ok_or_else(unknown)?;
+    Ok(found)
+}
+
+/// A request's body, up to `size_max` bytes.
+async fn read_body(body: Body, size_max: usize) -> Result<Bytes, Status> {
+    let limited = http_body_util::Limited::new(body, size_max);
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(Status::resource_exhausted(format!("the request body is over {size_max} bytes")))
+        }
+        Err(e) => Err(Status::invalid_argument(format!("the request body could not be read: {e}"))),
+    }
+}
+
+/// A message of `desc` from the request's encoding, as protobuf bytes.
+fn to_proto(desc: &MessageDescriptor, codec: Codec, bytes: &[u8]) -> Result<Bytes, Status> {
+    match codec {
+        Codec::Proto => Ok(Bytes::copy_from_slice(bytes)),
+        Codec::Json => {
+            let mut de = serde_json::Deserializer::from_slice(bytes);
+            let msg = DynamicMessage::deserialize(desc.clone(), &mut de)
+                .and_then(|m| de.end().map(|()| m))
+                .map_err(|e| Status::invalid_argument(format!("the request is not a JSON {}: {e}", desc.name())))?;
+            Ok(Bytes::from(msg.encode_to_vec()))
+        }
+    }
+}
+
+/// A message of `desc` in the client's encoding.
+fn from_proto(desc: &MessageDescriptor, codec: Codec, bytes: Bytes) -> Result<Bytes, Status> {
+    match codec {
+        Codec::Proto => Ok(bytes),
+        Codec::Json => {
+            let msg = DynamicMessage::decode(desc.clone(), bytes)
+                .map_err(|e| Status::internal(format!("an answer did not decode: {e}")))?;
+            to_json(&msg).map(Bytes::from)
+        }
+    }
+}
+
+fn to_json(msg: &DynamicMessage) -> Result<Vec<u8>, Status> {
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::new(&mut out);
+    msg.serialize_with_options(&mut ser, &SerializeOptions::new().use_proto_field_name(true))
+        .map_err(|e| Status::internal(format!("an answer did not encode as JSON: {e}")))?;
+    Ok(out)
+}
+
+/// A length-prefixed message (gRPC's frame and Connect's envelope share the layout).
+fn envelope(flags: u8, message: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(5 + message.len());
+    buf.put_u8(flags);
+    buf.put_u32(u32::try_from(message.len()).unwrap_or(u32::MAX));
+    buf.put_slice(message);
+    buf.freeze()
+}
+
+/// The gRPC request a Connect call means: the caller's headers (its token), extensions
+/// (its address, for the rate limits) and the message framed.
+fn grpc_request(parts: http::request::Parts, message: Bytes) -> Request<Body> {
+    let timeout_ms =
+        parts.headers.get("connect-timeout-ms").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let mut req = Request::new(Body::new(Full::new(envelope(0, &message))));
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = parts.uri;
+    *req.version_mut() = http::Version::HTTP_2;
+    *req.extensions_mut() = parts.extensions;
+    let headers = req.headers_mut();
+    for (name, value) in &parts.headers {
+        let n = name.as_str();
+        if n == "content-type" || n == "content-length" || n == "transfer-encoding" || n.starts_with("connect-") {
+            continue;
+        }
+        headers.append(name.clone(), value.clone());
+    }
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    if let Some(ms) = timeout_ms {
+        if let Ok(v) = HeaderValue::from_str(&format!("{}m", ms.min(99_999_999))) {
+            headers.insert("grpc-timeout", v);
+        }
+    }
+    req
+}
+
+/// The gRPC status of an answer: in its headers (a trailers-only answer) or trailers.
+fn status_of(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> Option<Status> {
+    Status::from_header_map(headers).or_else(|| trailers.and_then(Status::from_header_map))
+}
+
+/// Splits whole gRPC frames off the front of `buf`.
+fn next_frame(buf: &mut BytesMut) -> Option<Bytes> {
+    if buf.len() < 5 {
+        return None;
+    }
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    if buf.len() < 5 + len {
+        return None;
+    }
+    buf.advance(5);
+    Some(buf.split_to(len).freeze())
+}
+
+async fn unary<S>(mut inner: S, req: Request<Body>, codec: Codec, size_max: usize) -> Result<Response<Body>, S::Error>
+where
+    S: Service<Request<Body>, Response = Response<Body>>,
+{
+    let method = match method_of(req.uri().path()) {
+        Ok(m) if m.is_client_streaming() || m.is_server_streaming() => {
+            return Ok(error_response(&Status::unimplemented(format!(
+                "{} is a stream: call it with gRPC, gRPC-Web or Connect's streaming content types \
+                 (application/connect+json)",
+                m.name()
+            ))))
+        }
+        Ok(m) => m,
+        Err(s) => return Ok(error_response(&s)),
+    };
+    let (parts, body) = req.into_parts();
+    let message = match read_body(body, size_max).await.and_then(|b| to_proto(&method.input(), codec, &b)) {
+        Ok(m) => m,
+        Err(s) => return Ok(error_response(&s)),
+    };
+    let answer = inner.call(grpc_request(parts, message)).await?;
+    let (head, body) = answer.into_parts();
+    let collected = match body.collect().await {
+        Ok(c) => c,
+        Err(s) => return Ok(error_response(&s)),
+    };
+    let trailers = collected.trailers().cloned();
+    let mut data = BytesMut::from(collected.to_bytes().as_ref());
+    match status_of(&head.headers, trailers.as_ref()) {
+        Some(s) if s.code() != Code::Ok => return Ok(error_response(&s)),
+        _ => {}
+    }
+    let Some(message) = next_frame(&mut data) else {
+        return Ok(error_response(&Status::internal("the answer had no message")));
+    };
+    match from_proto(&method.output(), codec, message) {
+        Ok(body) => {
+            let mut resp = Response::new(Body::new(Full::new(body)));
+            let content_type = match codec {
+                Codec::Json => "application/json",
+                Codec::Proto => "application/proto",
+            };
+            resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+            Ok(resp)
+        }
+        Err(s) => Ok(error_response(&s)),
+    }
+}
+
+/// A server stream: the request's one envelope in, each answer as an envelope out, and
+/// Connect's end-of-stream envelope (with the error, if any) last.
+async fn stream<S>(mut inner: S, req: Request<Body>, codec: Codec, size_max: usize) -> Result<Response<Body>, S::Error>
+where
+    S: Service<Request<Body>, Response = Response<Body>>,
+{
+    let content_type = match codec {
+        Codec::Json => "application/connect+json",
+        Codec::Proto => "application/connect+proto",
+    };
+    let method = match method_of(req.uri().path()) {
+        Ok(m) if m.is_client_streaming() => {
+            return Ok(error_response(&Status::unimplemented(format!("{} is a client stream", m.name()))))
+        }
+        Ok(m) => m,
+        Err(s) => return Ok(error_response(&s)),
+    };
+    let (parts, body) = req.into_parts();
+    let message = read_body(body, size_max).await.and_then(|b| {
+        let mut b = BytesMut::from(b.as_ref());
+        match (b.first().copied(), next_frame(&mut b)) {
+            (Some(0), Some(m)) if b.is_empty() => to_proto(&method.input(), codec, &m),
+            (Some(flags), Some(_)) if flags != 0 => {
+                Err(Status::unimplemented("compressed or flagged request envelopes are not supported"))
+            }
+            _ => Err(Status::invalid_argument("the request must be exactly one envelope")),
+        }
+    });
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(STREAM_BUFFER_MAX);
+    let mut resp =
+        Response::new(Body::new(StreamBody::new(ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b))))));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    let message = match message {
+        Ok(m) => m,
+        Err(s) => {
+            let _ = tx.try_send(end_of_stream(Some(&s)));
+            return Ok(resp);
+        }
+    };
+    let answer = inner.call(grpc_request(parts, message)).await?;
+    let output = method.output();
+    tokio::spawn(async move {
+        let (head, mut body) = answer.into_parts();
+        let mut buf = BytesMut::new();
+        let mut status = Status::from_header_map(&head.headers);
+        while status.is_none() {
+            match body.frame().await {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        buf.extend_from_slice(&data);
+                        while let Some(m) = next_frame(&mut buf) {
+                            let out = match from_proto(&output, codec, m) {
+                                Ok(out) => out,
+                                Err(s) => {
+                                    status = Some(s);
+                                    break;
+                                }
+                            };
+                            // A client that went away ends the call (dropping `body`).
+                            if tx.send(envelope(0, &out)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(frame) => {
+                        status = Some(
+                            frame.trailers_ref().and_then(Status::from_header_map).unwrap_or_else(|| Status::ok("")),
+                        )
+                    }
+                },
+                Some(Err(s)) => status = Some(s),
+                None => status = Some(Status::ok("")),
+            }
+        }
+        let status = status.filter(|s| s.code() != Code::Ok);
+        let _ = tx.send(end_of_stream(status.as_ref())).await;
+    });
+    Ok(resp)
+}
+
+/// Connect's end-of-stream envelope (flag 2): `{}`, or `{"error": ...}`.
+fn end_of_stream(status: Option<&Status>) -> Bytes {
+    let body = match status {
+        Some(s) => serde_json::json!({ "error": error_json(s) }),
+        None => serde_json::json!({}),
+    };
+    envelope(2, body.to_string().as_bytes())
+}
+
+/// Connect's name of a gRPC code.
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "canceled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out_of_range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data_loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+/// The HTTP status of a unary error, as the Connect protocol maps codes.
+fn http_status(code: Code) -> StatusCode {
+    match code {
+        Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// Connect's error object: code, message and each `google.rpc` detail, both as Connect
+/// sends it (type and base64 value) and decoded (`debug`) for people reading JSON.
+fn error_json(status: &Status) -> serde_json::Value {
+    let mut out = serde_json::json!({ "code": code_name(status.code()), "message": status.message() });
+    let details = tonic_types::pb::Status::decode(status.details()).map(|s| s.details).unwrap_or_default();
+    if !details.is_empty() {
+        let pool = super::descriptors::pool();
+        let items: Vec<serde_json::Value> = details
+            .iter()
+            .map(|any| {
+                let type_name = any.type_url.rsplit('/').next().unwrap_or(&any.type_url).to_owned();
+                let mut item = serde_json::json!({
+                    "type": type_name,
+                    "value": base64::engine::general_purpose::STANDARD_NO_PAD.encode(&any.value),
+                });
+                let debug = pool
+                    .get_message_by_name(&type_name)
+                    .and_then(|d| DynamicMessage::decode(d, any.value.as_slice()).ok())
+                    .and_then(|m| to_json(&m).ok())
+                    .and_then(|j| serde_json::from_slice::<serde_json::Value>(&j).ok());
+                if let Some(debug) = debug {
+                    item["debug"] = debug;
+                }
+                item
+            })
+            .collect();
+        out["details"] = serde_json::Value::Array(items);
+    }
+    out
+}
+
+/// A unary error: its HTTP status and Connect's error object.
+fn error_response(status: &Status) -> Response<Body> {
+    let body = error_json(status).to_string();
+    let mut resp = Response::new(Body::new(Full::new(Bytes::from(body))));
+    *resp.status_mut() = http_status(status.code());
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: Method, path: &str, content_type: &str) -> Request<()> {
+        let mut r = Request::new(());
+        *r.method_mut() = method;
+        *r.uri_mut() = path.parse().expect("uri");
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_str(content_type).expect("value"));
+        r
+    }
+
+    #[test]
+    fn content_types_choose_the_protocol() {
+        let p = "/dmpay.v1.Payments/SendPayment";
+        assert_eq!(kind_of(&req(Method::POST, p, "application/json; charset=utf-8"), false), Kind::Unary(Codec::Json));
+        assert_eq!(kind_of(&req(Method::POST, p, "application/proto"), false), Kind::Unary(Codec::Proto));
+        assert_eq!(kind_of(&req(Method::POST, p, "application/connect+json"), false), Kind::Stream(Codec::Json));
+        assert_eq!(kind_of(&req(Method::POST, p, "application/grpc"), false), Kind::Pass);
+        let mut web = req(Method::POST, p, "application/grpc-web+proto");
+        *web.version_mut() = http::Version::HTTP_2;
+        assert_eq!(kind_of(&web, false), Kind::Pass);
+        *web.version_mut() = http::Version::HTTP_11;
+        assert_eq!(kind_of(&web, false), Kind::WebBuffered);
+        assert_eq!(kind_of(&req(Method::GET, "/demo", ""), true), Kind::Demo);
+        assert_eq!(kind_of(&req(Method::GET, "/demo/token?user=a", ""), true), Kind::DemoToken);
+        assert_eq!(kind_of(&req(Method::GET, "/demo", ""), false), Kind::Pass, "no demo outside development");
+    }
+
+    #[test]
+    fn frames_split_only_when_whole() {
+        let mut buf = BytesMut::new();
+        let e = envelope(0, b"hello");
+        buf.extend_from_slice(&e[..4]);
+        assert_eq!(next_frame(&mut buf), None);
+        buf.extend_from_slice(&e[4..]);
+        buf.extend_from_slice(&envelope(0, b"")[..]);
+        assert_eq!(next_frame(&mut buf).as_deref(), Some(&b"hello"[..]));
+        assert_eq!(next_frame(&mut buf).as_deref(), Some(&b""[..]));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn errors_map_as_connect_says() {
+        assert_eq!(http_status(Code::NotFound), StatusCode::NOT_FOUND);
+        assert_eq!(http_status(Code::Unimplemented), StatusCode::NOT_IMPLEMENTED);
+        assert_eq!(http_status(Code::ResourceExhausted), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(code_name(Code::Cancelled), "canceled");
+        let j = error_json(&Status::invalid_argument("amount: must be positive"));
+        assert_eq!(j, serde_json::json!({"code": "invalid_argument", "message": "amount: must be positive"}));
+    }
+}

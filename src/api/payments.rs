@@ -196,6 +196,27 @@ impl pb::payments_server::Payments for PaymentsApi {
         result.map(Response::new).map_err(to_status)
     }
 
+    async fn list_bills(&self, req: Request<pb::ListBillsRequest>) -> ApiResult<pb::ListBillsResponse> {
+        let caller = principal(&req)?;
+        let r = req.get_ref();
+        let result = async {
+            let me = user(caller, scope::PAYMENTS_READ)?;
+            let as_requester = match pb::BillRole::try_from(r.role) {
+                Ok(pb::BillRole::Unspecified | pb::BillRole::Payer) => false,
+                Ok(pb::BillRole::Requester) => true,
+                Err(_) => return Err(Error::invalid("role", "unknown role")),
+            };
+            let (rows, next) =
+                self.payments.list_requests(&me, as_requester, r.open_only, r.page_size, &r.page_token).await?;
+            Ok(pb::ListBillsResponse {
+                bills: rows.into_iter().map(bill_to_wire).collect(),
+                next_page_token: next.unwrap_or_default(),
+            })
+        }
+        .await;
+        result.map(Response::new).map_err(to_status)
+    }
+
     async fn refund_payment(&self, req: Request<pb::RefundPaymentRequest>) -> ApiResult<pb::Payment> {
         let caller = principal(&req)?;
         let r = req.get_ref();

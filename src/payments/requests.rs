@@ -50,6 +50,37 @@ impl Payments {
         }
     }
 
+    /// `ListBills`: the user's bills as payer (or as requester), newest first.
+    pub async fn list_requests(
+        &self,
+        user: &UserId,
+        as_requester: bool,
+        open_only: bool,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<(Vec<PaymentRequest>, Option<String>)> {
+        let page = crate::kernel::page::Page::parse(page_size, 50, 200, page_token, "req_")?;
+        // Two spellings rather than a column chosen by a parameter, so that each reads
+        // its own index ((payer_id | requester_id, created_at_us)).
+        let who = if as_requester { "requester_id" } else { "payer_id" };
+        let sql = format!(
+            "SELECT {REQUEST_COLUMNS} FROM payment_requests WHERE {who} = $1 AND ($2 = 0 OR status = 'open') \
+             AND (created_at_us < $3 OR (created_at_us = $3 AND request_id < $4)) \
+             ORDER BY created_at_us DESC, request_id DESC LIMIT $5"
+        );
+        let rows: Vec<RequestRow> = with_db!(self.store.db(), pool => sqlx::query_as(&sql)
+            .bind(user.as_str())
+            .bind(i32::from(open_only))
+            .bind(page.before.0)
+            .bind(&page.before.1)
+            .bind(page.limit())
+            .fetch_all(pool)
+            .await)?;
+        let mut rows: Vec<PaymentRequest> = rows.into_iter().map(PaymentRequest::try_from).collect::<Result<_>>()?;
+        let next = page.finish(&mut rows, |r| (r.created_at_us, r.request_id.to_string()));
+        Ok((rows, next))
+    }
+
     pub async fn request(&self, requester: &UserId, input: RequestInput) -> Result<PaymentRequest> {
         crate::ledger::check_idempotency_key("idempotency_key", &input.idempotency_key)?;
         model::check_note("note", &input.note)?;

@@ -404,6 +404,11 @@ fn fields(path: &str, fx: &Fixture) -> BoxedStrategy<Encoded> {
         "/dmpay.v1.Payments/GetPayout" => {
             id(&fx.payments).prop_map(|payout_id| enc(pb::GetPayoutRequest { payout_id })).boxed()
         }
+        "/dmpay.v1.Payments/ListBills" => (enum_v(), any::<bool>(), u32v(), page_token())
+            .prop_map(|(role, open_only, page_size, page_token)| {
+                enc(pb::ListBillsRequest { role, open_only, page_size, page_token })
+            })
+            .boxed(),
         "/dmpay.v1.Payments/ListPayouts" => (u32v(), page_token())
             .prop_map(|(page_size, page_token)| enc(pb::ListPayoutsRequest { page_size, page_token }))
             .boxed(),
@@ -580,6 +585,7 @@ fn decodes(path: &str, bytes: &[u8]) -> bool {
         "/dmpay.v1.Payments/CreatePayout" => pb::CreatePayoutRequest,
         "/dmpay.v1.Payments/GetPayout" => pb::GetPayoutRequest,
         "/dmpay.v1.Payments/ListPayouts" => pb::ListPayoutsRequest,
+        "/dmpay.v1.Payments/ListBills" => pb::ListBillsRequest,
         "/dmpay.v1.Finance/GetTrialBalance" => pb::GetTrialBalanceRequest,
         "/dmpay.v1.Finance/VerifyLedger" => pb::VerifyLedgerRequest,
         "/dmpay.v1.Finance/ExportEntries" => pb::ExportEntriesRequest,

@@ -55,6 +55,7 @@ pub const RPCS: &[Rpc] = &[
     rpc("/dmpay.v1.Payments/DeclineBill", "payments:write"),
     rpc("/dmpay.v1.Payments/CancelBill", "payments:write"),
     rpc("/dmpay.v1.Payments/GetBill", "payments:read"),
+    rpc("/dmpay.v1.Payments/ListBills", "payments:read"),
     rpc("/dmpay.v1.Payments/RefundPayment", "payments:write"),
     rpc("/dmpay.v1.Payments/CreatePayout", "payments:write"),
     rpc("/dmpay.v1.Payments/GetPayout", "payments:read"),

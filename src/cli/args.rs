@@ -26,10 +26,31 @@ pub(super) enum Command {
         #[command(subcommand)]
         command: LedgerCommand,
     },
+    /// Payments as a user: send, request, pay, refund, balance, watch (talks to a running server).
+    Pay {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: PayCommand,
+    },
+    /// A user's saved cards (talks to a running server).
+    Cards {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: CardsCommand,
+    },
+    /// Platform accounts, as the platform's account service sets them (talks to a running server).
+    Accounts {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: AccountsCommand,
+    },
     /// Books for finance staff (talks to a running server).
     Finance {
-        /// Server address.
-        #[arg(long, global = true, env = "DMPAY_ADDR", default_value = "http://127.0.0.1:50051")]
+        /// Server address: host:port or a URL.
+        #[arg(long, global = true, env = "DMPAY_ADDR", default_value = "127.0.0.1:50051")]
         addr: String,
         /// Bearer token with scope `finance` (in development a dev token is minted).
         #[arg(long, global = true, env = "DMPAY_TOKEN", hide_env_values = true)]
@@ -52,6 +73,13 @@ pub(super) enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+    /// Write the API's descriptors (dmpay's, google.rpc's, health's) as a protoset file,
+    /// for tools without server reflection.
+    Protoset {
+        /// Where to write it.
+        #[arg(long, short, default_value = "dmpay.protoset")]
+        out: PathBuf,
+    },
     /// Print a development token signed with the configured HS256 secret.
     Token {
         /// Subject: the user or service id.
@@ -64,6 +92,171 @@ pub(super) enum Command {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
+}
+
+/// Where the server is and who calls it: shared by every client command.
+#[derive(clap::Args)]
+pub(super) struct ClientArgs {
+    /// Server address: host:port or a URL.
+    #[arg(long, global = true, env = "DMPAY_ADDR", default_value = "127.0.0.1:50051")]
+    pub addr: String,
+    /// Bearer token (in development, omit it and name the user with --user).
+    #[arg(long, global = true, env = "DMPAY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Development only: act as this user with a token minted with the dev secret.
+    #[arg(long, global = true, env = "DMPAY_USER")]
+    pub user: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub(super) enum PayCommand {
+    /// Send money to a user, e.g. `dmpay pay send --to bob 12.50 --note lunch`.
+    Send {
+        /// The recipient's user id.
+        #[arg(long)]
+        to: String,
+        /// The amount in major units, e.g. 12.50.
+        amount: String,
+        #[arg(long, default_value = "USD")]
+        currency: String,
+        #[arg(long, default_value = "")]
+        note: String,
+        /// Wallet first and the card for the rest (auto), the wallet only, or the card only.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "balance", "card"])]
+        funding: String,
+        /// A card token (default: the default card).
+        #[arg(long)]
+        card: Option<String>,
+        /// The DM conversation it belongs to.
+        #[arg(long)]
+        conversation: Option<String>,
+        /// Idempotency key: reuse it to retry safely (default: a new one, printed).
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Ask a user for money, e.g. `dmpay pay request --from alice 7.25 --note tickets`.
+    Request {
+        /// Who is asked to pay.
+        #[arg(long)]
+        from: String,
+        amount: String,
+        #[arg(long, default_value = "USD")]
+        currency: String,
+        #[arg(long, default_value = "")]
+        note: String,
+        #[arg(long)]
+        conversation: Option<String>,
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Requests for money to you (or, with --asked, the ones you made), newest first.
+    Requests {
+        /// The requests you made instead.
+        #[arg(long)]
+        asked: bool,
+        /// Only the open ones.
+        #[arg(long)]
+        open: bool,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Pay a request for money with one tap.
+    Accept {
+        /// The request's id (`req_...`).
+        request: String,
+        #[arg(long, default_value = "auto", value_parser = ["auto", "balance", "card"])]
+        funding: String,
+        #[arg(long)]
+        card: Option<String>,
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Decline a request for money.
+    Decline { request: String },
+    /// Refund a payment you received, in full or in part.
+    Refund {
+        /// The payment's id (`pay_...`).
+        payment: String,
+        /// The amount to refund (default: all that is left).
+        amount: Option<String>,
+        #[arg(long, default_value = "USD")]
+        currency: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Your wallet's balance.
+    Balance {
+        #[arg(long, default_value = "USD")]
+        currency: String,
+    },
+    /// Your payments, newest first.
+    List {
+        #[arg(long)]
+        conversation: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// One payment.
+    Get { payment: String },
+    /// Your payment events as they happen (earlier ones first, after --after).
+    Watch {
+        #[arg(long)]
+        conversation: Option<String>,
+        /// Resume after this event sequence (0: from the oldest kept).
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// Stop after this many events (default: until interrupted).
+        #[arg(long)]
+        count: Option<usize>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(super) enum CardsCommand {
+    /// Save a card (tokenized and linked), e.g. `--number 4242424242424242 --exp 12/34 --cvc 123`.
+    Add {
+        #[arg(long)]
+        number: String,
+        /// MM/YY or MM/YYYY.
+        #[arg(long)]
+        exp: String,
+        #[arg(long)]
+        cvc: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        #[arg(long, default_value = "")]
+        postal_code: String,
+        /// Make it the default card.
+        #[arg(long)]
+        default: bool,
+    },
+    /// Your saved cards.
+    List {
+        /// Removed ones too.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Remove a card.
+    Remove { card: String },
+    /// Make a card the default.
+    Default { card: String },
+}
+
+#[derive(Subcommand)]
+pub(super) enum AccountsCommand {
+    /// Create or update an account (scope accounts:admin).
+    Upsert {
+        user: String,
+        /// The display name.
+        #[arg(long, default_value = "")]
+        name: String,
+        #[arg(long, default_value = "unverified", value_parser = ["unverified", "verified"])]
+        tier: String,
+    },
+    /// Read an account.
+    Get { user: String },
 }
 
 #[derive(Subcommand)]

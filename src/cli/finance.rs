@@ -18,7 +18,7 @@ pub struct Connection {
 
 impl Connection {
     async fn channel(&self) -> anyhow::Result<Channel> {
-        Ok(Channel::from_shared(self.addr.clone())?.connect_timeout(Duration::from_secs(5)).connect().await?)
+        super::client::connect(&self.addr).await
     }
 
     /// The given token, or in development a short-lived `finance` token minted with the

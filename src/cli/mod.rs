@@ -3,12 +3,16 @@
 //! - `args`     the arguments (clap)
 //! - `ops`      `serve`, `migrate`, `token`, `ledger verify`, `processor report`, `vault rotate`
 //! - `bench`    `bench payments`, `bench report`, `bench ledger`
+//! - `client`   what the client commands share: address, token, readable errors
+//! - `pay`      `pay ...`, `cards ...`, `accounts ...`: a chat client's calls from the shell
 //! - `finance`  `finance ...`: a gRPC client of a running server, with readable tables
 
 mod args;
 mod bench;
+pub mod client;
 pub mod finance;
 mod ops;
+mod pay;
 
 use std::process::ExitCode;
 
@@ -54,6 +58,12 @@ pub fn main() -> ExitCode {
             run_async(ops::vault_rotate(config)).map(|()| Outcome::Done)
         }
         Command::Bench { command } => run_async(bench::run(config, command)).map(|()| Outcome::Done),
+        Command::Pay { client, command } => run_async(pay::pay(&config, client, command)).map(|()| Outcome::Done),
+        Command::Cards { client, command } => run_async(pay::cards(&config, client, command)).map(|()| Outcome::Done),
+        Command::Accounts { client, command } => {
+            run_async(pay::accounts(&config, client, command)).map(|()| Outcome::Done)
+        }
+        Command::Protoset { out } => ops::protoset(&out).map(|()| Outcome::Done),
         Command::Finance { addr, token, command } => {
             let conn = finance::Connection { addr, token };
             run_async(finance::run(config, conn, command)).map(Outcome::Check)

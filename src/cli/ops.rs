@@ -17,6 +17,14 @@ pub(super) fn token(config: &Config, sub: &str, scope: &str, ttl: Duration) -> a
     Ok(())
 }
 
+/// `dmpay protoset`: the descriptors reflection serves, as a file.
+pub(super) fn protoset(out: &std::path::Path) -> anyhow::Result<()> {
+    let bytes = crate::api::descriptors::protoset();
+    std::fs::write(out, &bytes).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    println!("wrote {} ({} bytes)", out.display(), bytes.len());
+    Ok(())
+}
+
 /// `dmpay serve`: until SIGINT or SIGTERM.
 pub(super) async fn serve(config: Config) -> anyhow::Result<()> {
     init_logging(config.log_format);

@@ -11,6 +11,7 @@ mod at_rest;
 mod auth;
 mod bench;
 mod callers;
+mod clients;
 mod disputes;
 mod finance;
 mod hostile;

@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: run build release test test-one-process test-sqlite check proto-check fmt migrate token clean bench fuzz fuzz-build secrets-scan chaos
+.PHONY: run build release install protoset test test-one-process test-clients test-sqlite check proto-check fmt migrate token clean bench fuzz fuzz-build secrets-scan chaos
 
 ## Start the server on the embedded SQLite default (./var/dmpay.db), no setup. dmpay runs
 ## in production mode unless told otherwise; this is a development server, so it says so.
@@ -14,6 +14,16 @@ build:
 
 release:
 	$(CARGO) build --release
+
+## The `dmpay` binary (server and client commands) into cargo's bin directory
+## (~/.cargo/bin), as `cargo install --path .` does.
+install:
+	$(CARGO) install --path . --locked --bin dmpay
+
+## The API's descriptors (dmpay's, google.rpc's error details, health) as a protoset
+## file, for tools without server reflection: grpcurl -protoset dmpay.protoset ...
+protoset:
+	$(CARGO) run -q --bin dmpay -- protoset --out dmpay.protoset
 
 ## The whole test suite, every integration test on both backends: SQLite, and
 ## PostgreSQL at DMPAY_TEST_POSTGRES_URL (the local server by default, started when it
@@ -27,6 +37,13 @@ test:
 	@pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null || pg_ctlcluster --skip-systemctl-redirect "$$(ls /etc/postgresql)" main start || true
 	DMPAY_TEST_POSTGRES_URL="$(DMPAY_TEST_POSTGRES_URL)" DMPAY_TEST_REQUIRE_POSTGRES=1 \
 		$(CARGO) nextest run --workspace --all-targets --no-fail-fast
+
+## The clients other teams write, against a real server: the Python (grpcio) and
+## TypeScript (gRPC-Web) examples, then the demo page in Debian's chromium (installed
+## when missing). See .ci/clients.
+test-clients:
+	$(CARGO) build --bin dmpay
+	.ci/clients
 
 ## The same suite under plain `cargo test`: every test of a binary in one process, as
 ## an IDE runs them. Nothing in dmpay is process-global (each server has its own clock),

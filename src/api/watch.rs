@@ -7,6 +7,9 @@
 //! does not take an event for `WATCH_SEND_TIMEOUT`, or (watching every user's events)
 //! falls more than `WATCH_LAG_MAX` events behind, is disconnected with
 //! RESOURCE_EXHAUSTED and resumes from its last sequence.
+//!
+//! Shutdown ends every stream at once (`WatchStop`) with UNAVAILABLE and the sequence to
+//! resume from, so that draining calls never waits on a stream that would not end.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -53,6 +56,17 @@ pub struct Watchers {
     /// `total_max` callers.
     per_user: Arc<Mutex<HashMap<String, usize>>>,
     metrics: Metrics,
+    stop: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+/// Ends every open stream, and refuses new ones: the server is stopping.
+#[derive(Clone)]
+pub struct WatchStop(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl WatchStop {
+    pub fn stop(&self) {
+        self.0.send_replace(true);
+    }
 }
 
 /// One open watcher's place; gives it back when dropped.
@@ -61,6 +75,7 @@ pub struct WatcherPermit {
     caller: String,
     per_user: Arc<Mutex<HashMap<String, usize>>>,
     metrics: Metrics,
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Drop for WatcherPermit {
@@ -79,7 +94,19 @@ impl Drop for WatcherPermit {
 
 impl Watchers {
     pub fn new(limits: WatchLimits, metrics: Metrics) -> Self {
-        Watchers { limits, slots: Arc::new(Semaphore::new(limits.total_max)), per_user: Arc::default(), metrics }
+        let (stop, _) = tokio::sync::watch::channel(false);
+        Watchers {
+            limits,
+            slots: Arc::new(Semaphore::new(limits.total_max)),
+            per_user: Arc::default(),
+            metrics,
+            stop: Arc::new(stop),
+        }
+    }
+
+    /// The handle shutdown ends the streams with.
+    pub fn stopper(&self) -> WatchStop {
+        WatchStop(self.stop.clone())
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -88,6 +115,9 @@ impl Watchers {
 
     /// A place for one more stream of `caller`, or RESOURCE_EXHAUSTED.
     pub fn admit(&self, caller: &str) -> Result<WatcherPermit> {
+        if *self.stop.borrow() {
+            return Err(Error::Unavailable("the server is stopping; watch again on another server".into()));
+        }
         let mut map = self.per_user.lock().map_err(|_| Error::internal(anyhow::anyhow!("watchers lock poisoned")))?;
         let open = map.get(caller).copied().unwrap_or(0);
         if open >= self.limits.per_user_max {
@@ -110,6 +140,7 @@ impl Watchers {
             caller: caller.to_owned(),
             per_user: self.per_user.clone(),
             metrics: self.metrics.clone(),
+            stop: self.stop.subscribe(),
         })
     }
 }
@@ -169,8 +200,9 @@ pub fn start(
     let live = feed.subscribe();
     let filter = Filter { user, conversation };
     tokio::spawn(async move {
+        let mut stop = permit.stop.clone();
         let _permit = permit;
-        if let Err(status) = watch_loop(&payments, &metrics, &filter, after, live, &tx).await {
+        if let Err(status) = watch_loop(&payments, &metrics, &filter, after, live, &tx, &mut stop).await {
             let _ = end_tx.send(status);
         }
     });
@@ -203,8 +235,14 @@ async fn watch_loop(
     mut cursor: i64,
     mut live: tokio::sync::broadcast::Receiver<Arc<Event>>,
     tx: &Sender,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> std::result::Result<(), Status> {
+    let stopping =
+        |cursor: i64| Status::unavailable(format!("the server is stopping; resume with after_sequence={cursor}"));
     loop {
+        if *stop.borrow() {
+            return Err(stopping(cursor));
+        }
         // Catch up from the table: the stored events after the cursor, a page at a time,
         // until a short page says there are no more.
         loop {
@@ -239,6 +277,7 @@ async fn watch_loop(
             let event = tokio::select! {
                 received = live.recv() => received,
                 () = tx.closed() => return Ok(()),
+                _ = stop.wait_for(|stopped| *stopped) => return Err(stopping(cursor)),
             };
             match event {
                 Ok(event) => {
@@ -251,11 +290,7 @@ async fn watch_loop(
                 }
                 // Missed events: read them from the table, as at the start.
                 Err(RecvError::Lagged(_)) => break,
-                Err(RecvError::Closed) => {
-                    return Err(Status::unavailable(format!(
-                        "the server is stopping; resume with after_sequence={cursor}"
-                    )))
-                }
+                Err(RecvError::Closed) => return Err(stopping(cursor)),
             }
         }
     }

@@ -10,7 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 mod security;
 mod settings;
 
-pub use security::{ProcessorKind, HS256_SECRET_LEN_MIN};
+pub use security::{url_for_logs, ProcessorKind, HS256_SECRET_LEN_MIN};
 use settings::Settings;
 pub use settings::{ProcessEnv, Source};
 

@@ -43,7 +43,53 @@ pub(super) fn check_hs256_spelling(secret: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// A database URL fit for a log line: the password and the query (which may carry
+/// one) left out.
+pub fn url_for_logs(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return "(unparsable URL)".into() };
+    let rest = rest.split('?').next().unwrap_or("");
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}@{host}")
+        }
+        None => format!("{scheme}://{rest}"),
+    }
+}
+
 impl Config {
+    /// What a starting server warns about: the published development secrets in use
+    /// (development mode accepts them; production refuses them before this).
+    pub fn startup_warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.env == Environment::Development {
+            out.push(
+                "DEVELOPMENT MODE (DMPAY_ENV=development): the /demo page and its tokens are served; never expose                  this server"
+                    .to_owned(),
+            );
+        }
+        if self.hs256_enabled() && self.jwt_hs256_secret.expose_secret() == DEV_JWT_SECRET {
+            out.push(
+                "the PUBLISHED development JWT secret signs and verifies tokens: anyone can mint any token                  (set DMPAY_JWT_HS256_SECRET)"
+                    .to_owned(),
+            );
+        }
+        if self.key_ring().is_ok_and(|ring| ring.uses_dev_keys()) {
+            out.push(
+                "the PUBLISHED development vault keys encrypt card data (set DMPAY_VAULT_KEKS and                  DMPAY_VAULT_FINGERPRINT_KEY)"
+                    .to_owned(),
+            );
+        }
+        if self.sandbox_in_production() {
+            out.push(
+                "the SANDBOX card processor serves in production (DMPAY_ALLOW_SANDBOX_PROCESSOR_IN_PRODUCTION=true): \
+                 no real card is charged"
+                    .to_owned(),
+            );
+        }
+        out
+    }
+
     /// Whether the sandbox processor serves in production, by the operator's explicit
     /// choice (`DMPAY_ALLOW_SANDBOX_PROCESSOR_IN_PRODUCTION`): the server warns at start
     /// and exports `dmpay_sandbox_processor_in_production 1`.
@@ -103,6 +149,15 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logged_urls_hold_no_password() {
+        assert_eq!(url_for_logs("postgres://app:s3cret@db:5432/pay?sslmode=require"), "postgres://app@db:5432/pay");
+        assert_eq!(url_for_logs("postgres://db/pay?password=s3cret"), "postgres://db/pay");
+        assert_eq!(url_for_logs("sqlite://var/dmpay.db"), "sqlite://var/dmpay.db");
+        assert_eq!(url_for_logs("p@ss://"), "p@ss://");
+        assert!(!url_for_logs("nonsense").contains("nonsense"));
+    }
 
     #[test]
     fn only_the_documented_off_switches_hs256_off() {

@@ -78,24 +78,25 @@ impl Application {
     /// another day).
     pub async fn build_with_clock(config: Config, clock: Clock) -> anyhow::Result<Application> {
         config.check_for_serving()?;
-        if config.env == crate::config::Environment::Development {
-            tracing::warn!(
-                "DEVELOPMENT MODE (DMPAY_ENV=development): tokens signed with the published development secret \
-                 and the development vault keys are accepted; never expose this server"
+        {
+            use secrecy::ExposeSecret;
+            tracing::info!(
+                mode = ?config.env,
+                database = %crate::config::url_for_logs(config.database_url.expose_secret()),
+                processor = ?config.processor,
+                "dmpay starting"
             );
         }
-        if config.sandbox_in_production() {
-            tracing::warn!(
-                "the SANDBOX card processor serves in production (DMPAY_ALLOW_SANDBOX_PROCESSOR_IN_PRODUCTION=true): \
-                 no real card is charged"
-            );
+        for warning in config.startup_warnings() {
+            tracing::warn!("{warning}");
         }
         let verifier = Verifier::new(&config.jwt())?;
         let db = Db::connect(&config.store()).await?;
         db.migrate().await?;
-        let listener = crate::api::connections::bind(config.grpc_addr)?;
+        let listener = crate::api::connections::bind(config.grpc_addr)
+            .map_err(|e| listen_error(config.grpc_addr, "DMPAY_GRPC_ADDR", e))?;
         let metrics_listener = match config.metrics_addr {
-            Some(addr) => Some(TcpListener::bind(addr).await?),
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| listen_error(addr, "DMPAY_METRICS_ADDR", e))?),
             None => None,
         };
         let metrics = Metrics::new(crate::api::known_methods());
@@ -214,6 +215,7 @@ impl Application {
         let feed =
             crate::payments::feed::Feed::start(db.clone(), payments.events_hub().clone(), metrics.clone()).await?;
         let watchers = crate::api::watch::Watchers::new(config.watch, metrics.clone());
+        let watch_stop = watchers.stopper();
         let payments_api = PaymentsServer::new(PaymentsApi::new(payments.clone(), feed, watchers))
             .max_decoding_message_size(size_max)
             .max_encoding_message_size(size_max);
@@ -301,6 +303,9 @@ impl Application {
             None => {
                 tracing::info!("shutdown requested: draining in-flight calls");
                 set_serving(&health, false).await;
+                // Open watch streams never end on their own: end them now, each with
+                // the sequence to resume from, so that draining waits for calls only.
+                watch_stop.stop();
                 let _ = stop_tx.send(());
                 match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
                     Ok(result) => result,
@@ -326,6 +331,18 @@ impl Application {
         served??;
         tracing::info!("dmpay stopped");
         Ok(())
+    }
+}
+
+/// A listener that could not be opened, with the address and the setting that chose it.
+fn listen_error(addr: std::net::SocketAddr, setting: &str, e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        anyhow::anyhow!(
+            "{addr} is already in use (another dmpay, or another program, listens there): stop it or set {setting} \
+             to a free address"
+        )
+    } else {
+        anyhow::anyhow!("cannot listen on {addr} ({setting}): {e}")
     }
 }
 

@@ -152,3 +152,39 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
     let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("exit in time").unwrap();
     assert!(status.success(), "exit status {status:?}");
 }
+
+/// A port already taken stops the server with the address and the setting named, and
+/// the startup log says which mode and database it runs on and warns about the
+/// published development secrets (without printing any secret).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_names_the_mode_the_database_and_a_taken_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_dmpay"))
+        .arg("serve")
+        .env("DMPAY_ENV", "development")
+        .env("DMPAY_GRPC_ADDR", &addr)
+        .env("DMPAY_METRICS_ADDR", "off")
+        .env("DMPAY_DATABASE_URL", format!("sqlite://{}", dir.path().join("d.db").display()))
+        .env("DMPAY_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("{addr} is already in use")) && stderr.contains("DMPAY_GRPC_ADDR"), "{stderr}");
+    let log = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = log.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let start =
+        lines.iter().find(|l| l["message"] == "dmpay starting").unwrap_or_else(|| panic!("no start line in {log}"));
+    assert_eq!(start["mode"], "Development");
+    assert!(start["database"].as_str().unwrap().starts_with("sqlite://"), "{start}");
+    let warnings: Vec<&str> =
+        lines.iter().filter(|l| l["level"] == "WARN").filter_map(|l| l["message"].as_str()).collect();
+    assert!(warnings.iter().any(|w| w.contains("development JWT secret")), "{warnings:?}");
+    assert!(warnings.iter().any(|w| w.contains("development vault keys")), "{warnings:?}");
+    assert!(!log.contains(dmpay::config::DEV_JWT_SECRET), "the secret itself is never logged");
+    drop(taken);
+}

@@ -134,7 +134,39 @@ async fn a_watcher_sees_another_replicas_commits(app: TestApp) {
     replica.stop().await;
 }
 
+/// Shutdown ends open watch streams at once, each with UNAVAILABLE and the sequence to
+/// resume from, rather than keeping the drain waiting for its whole grace period.
+async fn shutdown_ends_watch_streams_with_a_resume_point(app: TestApp) {
+    app.users(&["alice", "bob"]).await;
+    fund_user(&app, "alice", "10.00").await;
+    let alice = app.token("alice", PAY_SCOPES);
+    app.send(&alice, "one", "bob", "1.00", pb::FundingSource::Balance).await.unwrap();
+    let bob = app.token("bob", PAY_SCOPES);
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut s = watch(&app, &bob, 0).await.unwrap();
+        let first = s.message().await.unwrap().unwrap();
+        streams.push((s, first.sequence));
+    }
+    let started = std::time::Instant::now();
+    app.stop().await;
+    for (mut s, seen) in streams {
+        let end = loop {
+            match s.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+        assert!(end.message().contains(&format!("after_sequence={seen}")), "{end:?}");
+    }
+    // The drain's grace is 10 s; a stream that kept it waiting would take all of it.
+    assert!(started.elapsed() < Duration::from_secs(9), "shutdown waited for the streams: {:?}", started.elapsed());
+}
+
 backend_tests!(
+    shutdown_ends_watch_streams_with_a_resume_point,
     one_caller_cannot_take_every_watcher_slot,
     idle_watchers_read_nothing,
     a_watcher_sees_another_replicas_commits,

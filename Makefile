@@ -31,12 +31,19 @@ protoset:
 ## runs under cargo-nextest (each test in its own process, in parallel); plain `cargo
 ## test` runs it too, in one process per test binary. cargo-nextest is installed from
 ## crates.io when missing.
+## The NATS tests (events on JetStream) run against the local NATS at
+## DMPAY_TEST_NATS_URL, started when it is down, and fail rather than skip without it.
 DMPAY_TEST_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/postgres
+DMPAY_TEST_NATS_URL ?= nats://127.0.0.1:4222
+NATS_UP = (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null || start-stop-daemon --start --oknodo --background \
+	--exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log || true
+TEST_ENV = DMPAY_TEST_POSTGRES_URL="$(DMPAY_TEST_POSTGRES_URL)" DMPAY_TEST_REQUIRE_POSTGRES=1 \
+	DMPAY_TEST_NATS_URL="$(DMPAY_TEST_NATS_URL)" DMPAY_TEST_REQUIRE_NATS=1
 test:
 	@$(CARGO) nextest --version >/dev/null 2>&1 || $(CARGO) install cargo-nextest --locked
 	@pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null || pg_ctlcluster --skip-systemctl-redirect "$$(ls /etc/postgresql)" main start || true
-	DMPAY_TEST_POSTGRES_URL="$(DMPAY_TEST_POSTGRES_URL)" DMPAY_TEST_REQUIRE_POSTGRES=1 \
-		$(CARGO) nextest run --workspace --all-targets --no-fail-fast
+	@$(NATS_UP)
+	$(TEST_ENV) $(CARGO) nextest run --workspace --all-targets --no-fail-fast
 
 ## The clients other teams write, against a real server: the Python (grpcio) and
 ## TypeScript (gRPC-Web) examples, then the demo page in Debian's chromium (installed
@@ -50,8 +57,8 @@ test-clients:
 ## so the tests must not need a process of their own; CI runs this too.
 test-one-process:
 	@pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null || pg_ctlcluster --skip-systemctl-redirect "$$(ls /etc/postgresql)" main start || true
-	DMPAY_TEST_POSTGRES_URL="$(DMPAY_TEST_POSTGRES_URL)" DMPAY_TEST_REQUIRE_POSTGRES=1 \
-		$(CARGO) test --workspace --all-targets
+	@$(NATS_UP)
+	$(TEST_ENV) $(CARGO) test --workspace --all-targets
 
 ## Formatting and lints, warnings as errors; the module graph's layers (tests/layers.rs);
 ## the proto's lint and breaking-change check.

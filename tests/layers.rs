@@ -53,6 +53,7 @@ const TABLE_HOMES: &[(&str, &str)] = &[
     ("purchase_refunds", "payments/repo/shop.rs"),
     ("purchases", "payments/repo/shop.rs"),
     ("listing_stock_adds", "payments/repo/shop.rs"),
+    ("outbox_cursors", "payments/outbox.rs"),
     ("stream_tabs", "payments/repo/tabs.rs"),
     ("payments", "payments/repo"),
     ("payouts", "payments/repo/payouts.rs"),

@@ -268,7 +268,7 @@ fn from_proto(desc: &MessageDescriptor, codec: Codec, bytes: Bytes) -> Result<By
     }
 }
 
-fn to_json(msg: &DynamicMessage) -> Result<Vec<u8>, Status> {
+pub(crate) fn to_json(msg: &DynamicMessage) -> Result<Vec<u8>, Status> {
     let mut out = Vec::new();
     let mut ser = serde_json::Serializer::new(&mut out);
     msg.serialize_with_options(&mut ser, &SerializeOptions::new().use_proto_field_name(true))

@@ -2,6 +2,7 @@
 //! This is the only module that knows tonic and protobuf; domain modules never see them.
 
 mod accounts;
+pub mod bus;
 pub mod connect;
 pub mod connections;
 pub mod descriptors;

@@ -61,6 +61,8 @@ pub struct Config {
     /// Web origins (`https://chat.example.com`) whose pages may call the API from a
     /// browser (gRPC-Web or Connect); none by default.
     pub cors_origins: Vec<String>,
+    /// Where outbox events are published (NATS JetStream); `None` when off (default).
+    pub nats: Option<crate::api::bus::NatsSettings>,
     /// Concurrent HTTP/2 streams per connection.
     pub grpc_concurrent_streams_max: u32,
     /// Deadline for one unary call on the server side.
@@ -111,6 +113,45 @@ pub enum ConfigError {
     File { path: String, detail: String },
     #[error("DMPAY_ENV=production (the default; DMPAY_ENV=development for a development server) refuses {0}")]
     Production(String),
+}
+
+/// `DMPAY_NATS_*`: off unless `DMPAY_NATS_URL` names a server.
+fn nats_settings(s: &Settings<'_>) -> Result<Option<crate::api::bus::NatsSettings>, ConfigError> {
+    let url = s.string_or("DMPAY_NATS_URL", "off");
+    if url == "off" {
+        return Ok(None);
+    }
+    let schemes = ["nats://", "tls://", "ws://", "wss://"];
+    if !url.split(',').all(|u| schemes.iter().any(|p| u.trim().starts_with(p))) {
+        return Err(ConfigError::Invalid {
+            name: "DMPAY_NATS_URL",
+            detail: format!("expected nats://host:port (comma-separated for a cluster) or off, got {url:?}"),
+        });
+    }
+    let stream = s.string_or("DMPAY_NATS_STREAM", "DMPAY_EVENTS");
+    if stream.is_empty()
+        || stream.len() > 64
+        || !stream.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(ConfigError::Invalid {
+            name: "DMPAY_NATS_STREAM",
+            detail: "1 to 64 of A-Z, a-z, 0-9, _ and -".into(),
+        });
+    }
+    let prefix = s.string_or("DMPAY_NATS_SUBJECT_PREFIX", "dmpay");
+    let token_ok = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if prefix.len() > 64 || !prefix.split('.').all(token_ok) {
+        return Err(ConfigError::Invalid {
+            name: "DMPAY_NATS_SUBJECT_PREFIX",
+            detail: "dot-separated tokens of A-Z, a-z, 0-9, _ and - (no wildcards), at most 64 characters".into(),
+        });
+    }
+    Ok(Some(crate::api::bus::NatsSettings {
+        url,
+        stream,
+        subject_prefix: prefix,
+        in_flight_max: s.num("DMPAY_NATS_IN_FLIGHT_MAX", 256, 1..=10_000)?,
+    }))
 }
 
 /// Browser origins allowed to call: a comma-separated list of `scheme://host[:port]`.
@@ -215,6 +256,7 @@ impl Config {
             )?,
             grpc_message_size_max: s.num("DMPAY_GRPC_MESSAGE_SIZE_MAX", 1024 * 1024, 1024..=64 * 1024 * 1024)?,
             cors_origins: cors_origins(&s.string_or("DMPAY_CORS_ORIGINS", ""))?,
+            nats: nats_settings(&s)?,
             grpc_concurrent_streams_max: s.num("DMPAY_GRPC_CONCURRENT_STREAMS_MAX", 256, 1..=10_000)?,
             grpc_call_timeout: s.duration("DMPAY_GRPC_CALL_TIMEOUT", Duration::from_secs(10))?,
             grpc_keepalive_interval: s.duration("DMPAY_GRPC_KEEPALIVE_INTERVAL", Duration::from_secs(30))?,
@@ -479,6 +521,39 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn nats_and_cors_are_off_unless_set_and_checked_when_set() {
+        let c = Config::load_from(&env(&[]), None).unwrap();
+        assert!(c.nats.is_none() && c.cors_origins.is_empty());
+        let c = Config::load_from(
+            &env(&[
+                ("DMPAY_NATS_URL", "nats://127.0.0.1:4222"),
+                ("DMPAY_CORS_ORIGINS", "https://chat.example.com, http://localhost:5173"),
+            ]),
+            None,
+        )
+        .unwrap();
+        let n = c.nats.unwrap();
+        assert_eq!((n.stream.as_str(), n.subject_prefix.as_str(), n.in_flight_max), ("DMPAY_EVENTS", "dmpay", 256));
+        assert_eq!(c.cors_origins, ["https://chat.example.com", "http://localhost:5173"]);
+        for (name, value) in [
+            ("DMPAY_NATS_URL", "127.0.0.1:4222"),
+            ("DMPAY_NATS_STREAM", "a.b"),
+            ("DMPAY_NATS_SUBJECT_PREFIX", "dmpay.*"),
+            ("DMPAY_NATS_SUBJECT_PREFIX", "a..b"),
+            ("DMPAY_CORS_ORIGINS", "*"),
+            ("DMPAY_CORS_ORIGINS", "https://chat.example.com/path"),
+            ("DMPAY_CORS_ORIGINS", "chat.example.com"),
+        ] {
+            let mut pairs = vec![(name, value)];
+            if name != "DMPAY_NATS_URL" && name.starts_with("DMPAY_NATS") {
+                pairs.push(("DMPAY_NATS_URL", "nats://127.0.0.1:4222"));
+            }
+            let e = Config::load_from(&env(&pairs), None).unwrap_err().to_string();
+            assert!(e.starts_with(name), "{name}={value}: {e}");
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@
 //! - `shop`    live shopping: listings, purchases with exact stock in the engine's
 //!   batch, the sellers' held proceeds, refunds
 //! - `events` reading the outbox; `feed` the process's one reader that fans new events
-//!   out to its watchers
+//!   out to its watchers; `outbox` a publisher's cursor and lease (events on a broker)
 //!
 //! A send is a sequence of steps, each idempotent under a key derived from the payment
 //! id (`pay:<id>:hold`, `:auth`, `:capture`, `:settle`, `:post_hold`, `:void_hold`), so
@@ -33,6 +33,7 @@ pub mod feed;
 pub mod listing;
 pub mod model;
 mod notifications;
+pub mod outbox;
 pub mod payout;
 pub mod payouts;
 pub mod refunds;

@@ -214,6 +214,13 @@ impl Application {
         });
         let feed =
             crate::payments::feed::Feed::start(db.clone(), payments.events_hub().clone(), metrics.clone()).await?;
+        // Events on NATS JetStream, when configured; its lease is given up at a clean stop.
+        let publisher = config.nats.clone().map(|settings| {
+            let p = crate::api::bus::Publisher::new(settings, payments.clone(), metrics.clone());
+            let cursor = p.cursor();
+            tasks.push(tokio::spawn(p.run(feed.clone())));
+            cursor
+        });
         let watchers = crate::api::watch::Watchers::new(config.watch, metrics.clone());
         let watch_stop = watchers.stopper();
         let payments_api = PaymentsServer::new(PaymentsApi::new(payments.clone(), feed, watchers))
@@ -322,6 +329,11 @@ impl Application {
         // `ledger`), then close the pools.
         for task in tasks.into_iter().chain(metrics_task) {
             task.abort();
+        }
+        if let Some(cursor) = publisher {
+            if let Err(e) = cursor.release().await {
+                tracing::warn!(error = %e, "could not give up the NATS publishing lease; it expires on its own");
+            }
         }
         drop(payments);
         drop(ledger);

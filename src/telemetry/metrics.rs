@@ -96,6 +96,14 @@ pub struct Counters {
     pub event_feed_reads: AtomicU64,
     /// Reads of the outbox by single watchers catching up (at the start, after lagging).
     pub watch_table_reads: AtomicU64,
+    /// Events the NATS publisher had acknowledged by JetStream.
+    pub nats_published: AtomicU64,
+    /// Publish attempts that failed (broker out of reach, no acknowledgement): each is
+    /// retried from the last acknowledged event.
+    pub nats_publish_failures: AtomicU64,
+    /// Events committed but not yet acknowledged by JetStream, as of the publisher's
+    /// last look.
+    pub nats_lag_events: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -335,6 +343,24 @@ impl Collector for Collect {
             "dmpay_watch_table_reads",
             "Outbox reads by single watchers catching up from their cursor",
             counter(&c.watch_table_reads),
+        )?;
+        Self::single(
+            &mut encoder,
+            "dmpay_nats_published_events",
+            "Outbox events JetStream acknowledged (DMPAY_NATS_URL)",
+            counter(&c.nats_published),
+        )?;
+        Self::single(
+            &mut encoder,
+            "dmpay_nats_publish_failures",
+            "Failed publish attempts, each retried from the last acknowledged event",
+            counter(&c.nats_publish_failures),
+        )?;
+        Self::single(
+            &mut encoder,
+            "dmpay_nats_lag_events",
+            "Committed events not yet acknowledged by JetStream",
+            gauge(&c.nats_lag_events),
         )?;
         Self::single(
             &mut encoder,

@@ -226,6 +226,17 @@ impl TestApp {
         pb::accounts_client::AccountsClient::new(self.channel.clone())
     }
 
+    /// Stops the server gracefully and waits for it, keeping its database (a replica
+    /// made from this app goes on serving).
+    pub async fn stop_server(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("join").expect("server result");
+        }
+    }
+
     /// Stops the server gracefully and waits for it.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {

@@ -10,6 +10,7 @@ mod accounts;
 mod at_rest;
 mod auth;
 mod bench;
+mod bus;
 mod callers;
 mod clients;
 mod disputes;

@@ -70,6 +70,11 @@ impl PaymentStore {
     }
 
     /// The clock payment rows and events are stamped with.
+    /// The connection writes outside the engine's batches go through.
+    pub(crate) fn writer(&self) -> &Db {
+        &self.writer
+    }
+
     pub fn clock(&self) -> &Clock {
         &self.clock
     }

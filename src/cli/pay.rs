@@ -82,7 +82,7 @@ fn funding(raw: &str) -> pb::FundingSource {
 fn key_or_new(key: Option<String>) -> String {
     key.unwrap_or_else(|| {
         let k = format!("cli-{}", uuid::Uuid::new_v4().simple());
-        eprintln!("idempotency key {k} (retry with --key {k})");
+        eprintln!("(to retry this call safely: --key {k})");
         k
     })
 }

@@ -516,6 +516,62 @@ async fn the_cli_walks_a_dm_story(app: TestApp) {
     assert_books_balance(&app).await;
 }
 
+/// The code blocks of the README's "Calling it" in `lang`, in order.
+fn readme_blocks(lang: &str) -> Vec<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme.split("## Calling it").nth(1).unwrap().split("\n## ").next().unwrap();
+    let fence = format!("```{lang}\n");
+    section.split(&fence).skip(1).map(|b| b.split("```").next().unwrap().to_owned()).collect()
+}
+
+/// Runs a README block with bash against the app, `dmpay` on the PATH.
+async fn run_block(app: &TestApp, block: &str) -> String {
+    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_dmpay")).parent().unwrap().display().to_string();
+    // The server the README starts with `make run` is this test's; `make install` is
+    // the test binary's directory on the PATH.
+    let script: String = block
+        .lines()
+        .filter(|l| !l.starts_with("make "))
+        .map(|l| l.replace("127.0.0.1:50051", &app.addr.to_string()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let out = tokio::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .env("PATH", format!("{bin_dir}:{}", std::env::var("PATH").unwrap_or_default()))
+        .env("DMPAY_ADDR", app.addr.to_string())
+        .env_remove("DMPAY_TOKEN")
+        .env_remove("DMPAY_USER")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{script}\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+/// The README's walk-through as printed: the CLI story, then the curl calls.
+async fn the_readme_walk_through_runs_as_printed(app: TestApp) {
+    let sh = readme_blocks("sh");
+    // One shell session, as a reader's terminal: the story's exports hold for the curl
+    // calls.
+    let out = run_block(&app, &format!("{}\necho '--- curl'\n{}", sh[0], sh[1])).await;
+    let (story, curl) = out.split_once("--- curl\n").unwrap();
+    let lines: Vec<&str> = story.lines().collect();
+    assert_eq!(lines.len(), 14, "{story}");
+    assert!(lines[6].starts_with("17.25 USD available"), "{story}");
+    assert!(lines[5].contains("partially_refunded  (refunded 2.50 USD)"), "{story}");
+    assert!(lines[13].contains("payment_settled") && lines[13].contains("7.25 USD"), "{story}");
+    // The printed output is what the commands print, but for the ids.
+    let printed = &readme_blocks("text")[0];
+    let shape =
+        |l: &str| l.split_whitespace().filter(|w| !w.contains('_') || w.len() < 12).collect::<Vec<_>>().join(" ");
+    let want: Vec<String> = printed.lines().map(shape).collect();
+    let got: Vec<String> = lines.iter().map(|l| shape(l)).collect();
+    assert_eq!(got, want);
+    assert!(curl.contains("PAYMENT_STATUS_SETTLED") && curl.contains("\"code\":\"invalid_argument\""), "{curl}");
+    assert!(curl.contains("\"field\":\"amount.amount\""), "{curl}");
+}
+
 fn amt(m: &Option<pb::Money>) -> String {
     m.as_ref().map(|m| m.amount.clone()).unwrap_or_default()
 }
@@ -527,5 +583,6 @@ backend_tests!(
     reflection_speaks_both_versions,
     bills_list_by_role,
     the_cli_walks_a_dm_story,
+    the_readme_walk_through_runs_as_printed,
 );
 backend_fn_tests!(cors_allows_only_the_configured_origins);

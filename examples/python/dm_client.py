@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 import grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from dmpay.v1 import (
     accounts_pb2,
@@ -198,6 +199,10 @@ def main() -> None:
         except grpc.FutureTimeoutError:
             raise CheckFailed(f"no dmpay server answers at {addr}") from None
         print(f"dmpay at {addr}, run {run_id}")
+        # grpcio-reflection speaks reflection v1alpha, which the server serves beside v1.
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+        expect("dmpay.v1.Payments" in services, f"reflection lists dmpay.v1.Payments: {services}")
+        print(f"reflection (v1alpha) lists {len(services)} services, e.g. dmpay.v1.Payments")
         accounts = accounts_pb2_grpc.AccountsStub(channel)
         ledger = ledger_pb2_grpc.LedgerStub(channel)
         payments = payments_pb2_grpc.PaymentsStub(channel)

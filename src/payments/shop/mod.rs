@@ -92,8 +92,16 @@ impl ListingCache {
 
 /// Releases and refunds the resolver finishes per tick, each.
 const RESOLVE_BATCH_MAX: i64 = 200;
-/// A refund left pending this long (a crash mid-way) is finished by the resolver.
+/// A refund whose attempt has not moved for this long may be taken over by a retry with
+/// its key (the attempt crashed or stalled). A takeover posts, but never fails the
+/// refund: the attempt it took over may still have its post in flight, and a refused
+/// takeover followed by that post succeeding would leave money moved under a failed
+/// refund.
 const REFUND_RESUME_AFTER_US: i64 = 30_000_000;
+/// A refund whose attempt has not moved for this long is abandoned: its post, if any,
+/// finished long ago (the posting engine answers within its batch timeout and queue),
+/// so the resolver takes it over and may fail it when the money cannot move.
+const REFUND_ABANDONED_AFTER_US: i64 = 300_000_000;
 
 pub(crate) fn key_reused(key: &str) -> Error {
     Error::AlreadyExists(format!("idempotency_key {key:?} was already used for a different purchase"))
@@ -555,14 +563,14 @@ impl Payments {
             return Err(key_reused(&input.idempotency_key));
         }
         match refund.status.as_str() {
-            "pending" if ours => self.finish_purchase_refund(&refund, &p).await,
+            "pending" if ours => self.finish_purchase_refund(&refund, &p, true).await,
             "pending" => {
                 // Another attempt is working on it; take it over only when that one
                 // has outlived its lease (it crashed or stalled), so that one attempt
                 // at a time moves the money and only it may fail the refund.
                 let stale_before = self.now_us().saturating_sub(REFUND_RESUME_AFTER_US);
                 match self.store.claim_refund(&refund, stale_before).await? {
-                    Some(claimed) => self.finish_purchase_refund(&claimed, &p).await,
+                    Some(claimed) => self.finish_purchase_refund(&claimed, &p, false).await,
                     None => self.refund_outcome(&refund.refund_id, &p).await,
                 }
             }
@@ -586,7 +594,10 @@ impl Payments {
     }
 
     /// Moves a recorded refund's money (idempotent under the refund's id) and finishes it.
-    async fn finish_purchase_refund(&self, r: &RefundRow, p: &Purchase) -> Result<Purchase> {
+    /// When the ledger refuses the money, the refund fails only if `may_fail` (the
+    /// attempt that recorded it, or the takeover of an abandoned one); a takeover of a
+    /// recent attempt leaves it pending and answers UNAVAILABLE.
+    async fn finish_purchase_refund(&self, r: &RefundRow, p: &Purchase, may_fail: bool) -> Result<Purchase> {
         let currency = p.amount.currency();
         let money = |m| Money::from_minor(currency, m);
         let seller_part = r.amount - r.commission;
@@ -628,11 +639,25 @@ impl Payments {
                     None => self.store.purchase(&p.purchase_id).await?.ok_or_else(|| Error::not_found("purchase")),
                 }
             }
-            Err(e @ Error::FailedPrecondition { reason: Reason::InsufficientFunds, .. }) => {
-                if self.store.fail_refund(r, Reason::InsufficientFunds.as_str()).await? {
-                    Err(Error::FailedPrecondition {
-                        reason: Reason::InsufficientFunds,
-                        message: format!("the seller's wallet cannot cover the refund ({e})"),
+            // Refused for good (the wallet cannot cover it, an account is frozen): the
+            // refund fails and its counts go back, if this attempt may decide that.
+            Err(e @ Error::FailedPrecondition { .. }) => {
+                let reason = match &e {
+                    Error::FailedPrecondition { reason, .. } => *reason,
+                    _ => Reason::InsufficientFunds,
+                };
+                if !may_fail {
+                    return Err(Error::Unavailable(format!(
+                        "the refund stays pending: {e}; retry with the same key later"
+                    )));
+                }
+                if self.store.fail_refund(r, reason.as_str()).await? {
+                    Err(match reason {
+                        Reason::InsufficientFunds => Error::FailedPrecondition {
+                            reason,
+                            message: format!("the seller's wallet cannot cover the refund ({e})"),
+                        },
+                        _ => e,
                     })
                 } else {
                     // A later attempt took the refund over (this one outlived its
@@ -686,18 +711,21 @@ impl Payments {
                 n += 1;
             }
         }
-        let before = self.now_us().saturating_sub(REFUND_RESUME_AFTER_US);
+        // Only abandoned refunds: a recent attempt may still have its post in flight
+        // (see REFUND_ABANDONED_AFTER_US), and a caller's retry resumes those sooner.
+        let before = self.now_us().saturating_sub(REFUND_ABANDONED_AFTER_US);
         for r in self.store.pending_refunds(before, RESOLVE_BATCH_MAX).await? {
             let Some(r) = self.store.claim_refund(&r, before).await? else { continue };
             let Some(p) = self.store.purchase(&PurchaseId::from_db(r.purchase_id.clone())).await? else { continue };
-            match self.finish_purchase_refund(&r, &p).await {
+            match self.finish_purchase_refund(&r, &p, true).await {
                 Ok(_) => n += 1,
                 Err(e @ Error::FailedPrecondition { .. }) => {
                     tracing::info!(refund = %r.refund_id, error = %e, "purchase refund failed");
                 }
                 // Another attempt took the refund over meanwhile; it finishes it.
                 Err(Error::Aborted) => {}
-                Err(e) => return Err(e),
+                // One refund's trouble (the database, say) must not hold up the others.
+                Err(e) => tracing::warn!(refund = %r.refund_id, error = %e, "purchase refund not finished; will retry"),
             }
         }
         Ok(n)

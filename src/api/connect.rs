@@ -23,6 +23,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -39,6 +40,11 @@ use tower::{Layer, Service};
 
 /// The page `GET /demo` answers in development mode.
 const DEMO_PAGE: &str = include_str!("demo.html");
+
+/// Bytes of request bodies this layer may hold at once, read before the services (and
+/// so before authentication) see the call: a bound on what unauthenticated callers can
+/// make the server buffer, whatever the number of connections.
+const BODY_BUDGET_BYTES: usize = 64 * 1024 * 1024;
 
 /// Stream messages converted ahead of a slow client: the channel between the task that
 /// reads the gRPC stream and the response the client reads.
@@ -58,18 +64,27 @@ const DEMO_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(3600)
 pub struct ConnectLayer {
     size_max: usize,
     demo: Option<std::sync::Arc<crate::auth::JwtSettings>>,
+    budget: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl ConnectLayer {
     pub fn new(size_max: usize, demo: Option<crate::auth::JwtSettings>) -> Self {
-        ConnectLayer { size_max, demo: demo.filter(|j| j.development).map(std::sync::Arc::new) }
+        ConnectLayer {
+            size_max,
+            demo: demo.filter(|j| j.development).map(std::sync::Arc::new),
+            // Room for a few of the largest bodies (a gRPC-Web one may be twice the
+            // message bound) whatever `size_max` is set to.
+            budget: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                BODY_BUDGET_BYTES.max(size_max.saturating_mul(8)) / 1024,
+            )),
+        }
     }
 }
 
 impl<S> Layer<S> for ConnectLayer {
     type Service = Connect<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Connect { inner, size_max: self.size_max, demo: self.demo.clone() }
+        Connect { inner, size_max: self.size_max, demo: self.demo.clone(), budget: self.budget.clone() }
     }
 }
 
@@ -78,6 +93,7 @@ pub struct Connect<S> {
     inner: S,
     size_max: usize,
     demo: Option<std::sync::Arc<crate::auth::JwtSettings>>,
+    budget: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// How a request's messages are encoded.
@@ -153,13 +169,14 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let size_max = self.size_max;
         let demo = self.demo.clone();
+        let budget = self.budget.clone();
         Box::pin(async move {
             match kind {
                 Kind::Demo => Ok(demo_page()),
                 Kind::DemoToken => Ok(demo_token(demo.as_deref(), req.uri().query().unwrap_or(""))),
-                Kind::WebBuffered => web_buffered(inner, req, size_max).await,
-                Kind::Unary(codec) => unary(inner, req, codec, size_max).await,
-                Kind::Stream(codec) => stream(inner, req, codec, size_max).await,
+                Kind::WebBuffered => web_buffered(inner, req, size_max, &budget).await,
+                Kind::Unary(codec) => unary(inner, req, codec, size_max, &budget).await,
+                Kind::Stream(codec) => stream(inner, req, codec, size_max, &budget).await,
                 Kind::Pass => unreachable_pass(),
             }
         })
@@ -190,7 +207,7 @@ fn demo_token(jwt: Option<&crate::auth::JwtSettings>, query: &str) -> Response<B
     }
     let minted = jwt
         .ok_or_else(|| anyhow::anyhow!("the demo is off"))
-        .and_then(|j| crate::auth::mint_dev_token(j, user, DEMO_SCOPES, DEMO_TOKEN_TTL));
+        .and_then(|j| crate::auth::mint_dev_token(j, user, DEMO_SCOPES, DEMO_TOKEN_TTL.min(j.lifetime_max)));
     match minted {
         Ok(token) => {
             let body = serde_json::json!({ "user": user, "token": token }).to_string();
@@ -206,16 +223,25 @@ fn demo_token(jwt: Option<&crate::auth::JwtSettings>, query: &str) -> Response<B
 /// A gRPC-Web call with its body read first (see `Kind::WebBuffered`). The text variant
 /// is base64, a third larger than the message it carries; twice the message bound
 /// leaves room for that and the frames.
-async fn web_buffered<S>(mut inner: S, req: Request<Body>, size_max: usize) -> Result<Response<Body>, S::Error>
+async fn web_buffered<S>(
+    mut inner: S,
+    req: Request<Body>,
+    size_max: usize,
+    budget: &tokio::sync::Semaphore,
+) -> Result<Response<Body>, S::Error>
 where
     S: Service<Request<Body>, Response = Response<Body>>,
 {
     let (parts, body) = req.into_parts();
-    match read_body(body, size_max.saturating_mul(2)).await {
+    match read_body(body, size_max.saturating_mul(2), budget).await {
         Ok(bytes) => inner.call(Request::from_parts(parts, Body::new(Full::new(bytes)))).await,
-        Err(_) => {
+        Err(s) => {
             let mut resp = Response::new(Body::empty());
-            *resp.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+            *resp.status_mut() = match s.code() {
+                Code::ResourceExhausted if s.message().starts_with("too many") => StatusCode::SERVICE_UNAVAILABLE,
+                Code::ResourceExhausted => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::BAD_REQUEST,
+            };
             Ok(resp)
         }
     }
@@ -230,8 +256,16 @@ fn method_of(path: &str) -> Result<MethodDescriptor, Status> {
     Ok(found)
 }
 
-/// A request's body, up to `size_max` bytes.
-async fn read_body(body: Body, size_max: usize) -> Result<Bytes, Status> {
+/// A request's body, up to `size_max` bytes. While it is read, its size (as announced,
+/// else `size_max`) is taken from the layer's budget; when the budget is spent the call
+/// is refused at once.
+async fn read_body(body: Body, size_max: usize, budget: &tokio::sync::Semaphore) -> Result<Bytes, Status> {
+    use http_body::Body as _;
+    let expected = body.size_hint().upper().map_or(size_max, |n| usize::try_from(n).unwrap_or(size_max)).min(size_max);
+    let kib = u32::try_from(expected / 1024 + 1).unwrap_or(u32::MAX);
+    let _held = budget
+        .try_acquire_many(kib)
+        .map_err(|_| Status::resource_exhausted("too many request bodies in flight on this server; retry shortly"))?;
     let limited = http_body_util::Limited::new(body, size_max);
     match limited.collect().await {
         Ok(c) => Ok(c.to_bytes()),
@@ -285,6 +319,15 @@ fn envelope(flags: u8, message: &[u8]) -> Bytes {
     buf.freeze()
 }
 
+/// The client's `connect-timeout-ms`, at most about a day.
+fn timeout_of(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get("connect-timeout-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|ms| ms.min(99_999_999))
+}
+
 /// The gRPC request a Connect call means: the caller's headers (its token), extensions
 /// (its address, for the rate limits) and the message framed.
 fn grpc_request(parts: http::request::Parts, message: Bytes) -> Request<Body> {
@@ -331,7 +374,13 @@ fn next_frame(buf: &mut BytesMut) -> Option<Bytes> {
     Some(buf.split_to(len).freeze())
 }
 
-async fn unary<S>(mut inner: S, req: Request<Body>, codec: Codec, size_max: usize) -> Result<Response<Body>, S::Error>
+async fn unary<S>(
+    mut inner: S,
+    req: Request<Body>,
+    codec: Codec,
+    size_max: usize,
+    budget: &tokio::sync::Semaphore,
+) -> Result<Response<Body>, S::Error>
 where
     S: Service<Request<Body>, Response = Response<Body>>,
 {
@@ -347,13 +396,26 @@ where
         Err(s) => return Ok(error_response(&s)),
     };
     let (parts, body) = req.into_parts();
-    let message = match read_body(body, size_max).await.and_then(|b| to_proto(&method.input(), codec, &b)) {
+    let message = match read_body(body, size_max, budget).await.and_then(|b| to_proto(&method.input(), codec, &b)) {
         Ok(m) => m,
         Err(s) => return Ok(error_response(&s)),
     };
-    let answer = inner.call(grpc_request(parts, message)).await?;
-    let (head, body) = answer.into_parts();
-    let collected = match body.collect().await {
+    // The client's deadline (`connect-timeout-ms`), answered as Connect's
+    // deadline_exceeded; the server's own call timeout applies besides.
+    let deadline = timeout_of(&parts.headers).map(Duration::from_millis);
+    let call = async {
+        let answer = inner.call(grpc_request(parts, message)).await?;
+        let (head, body) = answer.into_parts();
+        Ok::<_, S::Error>((head, body.collect().await))
+    };
+    let (head, collected) = match deadline {
+        Some(d) => match tokio::time::timeout(d, call).await {
+            Ok(answer) => answer?,
+            Err(_) => return Ok(error_response(&Status::deadline_exceeded("the call's connect-timeout-ms passed"))),
+        },
+        None => call.await?,
+    };
+    let collected = match collected {
         Ok(c) => c,
         Err(s) => return Ok(error_response(&s)),
     };
@@ -382,7 +444,13 @@ where
 
 /// A server stream: the request's one envelope in, each answer as an envelope out, and
 /// Connect's end-of-stream envelope (with the error, if any) last.
-async fn stream<S>(mut inner: S, req: Request<Body>, codec: Codec, size_max: usize) -> Result<Response<Body>, S::Error>
+async fn stream<S>(
+    mut inner: S,
+    req: Request<Body>,
+    codec: Codec,
+    size_max: usize,
+    budget: &tokio::sync::Semaphore,
+) -> Result<Response<Body>, S::Error>
 where
     S: Service<Request<Body>, Response = Response<Body>>,
 {
@@ -398,7 +466,7 @@ where
         Err(s) => return Ok(error_response(&s)),
     };
     let (parts, body) = req.into_parts();
-    let message = read_body(body, size_max).await.and_then(|b| {
+    let message = read_body(body, size_max, budget).await.and_then(|b| {
         let mut b = BytesMut::from(b.as_ref());
         match (b.first().copied(), next_frame(&mut b)) {
             (Some(0), Some(m)) if b.is_empty() => to_proto(&method.input(), codec, &m),
@@ -426,7 +494,13 @@ where
         let mut buf = BytesMut::new();
         let mut status = Status::from_header_map(&head.headers);
         while status.is_none() {
-            match body.frame().await {
+            // A client that went away ends the call, also while no answer comes (a quiet
+            // watch): dropping `body` ends the stream behind it and frees its place.
+            let frame = tokio::select! {
+                frame = body.frame() => frame,
+                () = tx.closed() => return,
+            };
+            match frame {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         buf.extend_from_slice(&data);

@@ -253,6 +253,50 @@ async fn connect_streams_watch_payments(app: TestApp) {
     assert_eq!(j["error"]["code"], "unauthenticated");
 }
 
+/// A Connect stream whose client goes away frees its watcher's place, also when no
+/// event comes: five streams (the per-caller cap) opened and dropped, then a sixth is
+/// admitted.
+async fn a_dropped_connect_stream_frees_its_place(app: TestApp) {
+    app.users(&["carol"]).await;
+    let carol = app.token("carol", PAY_SCOPES);
+    let open = || async {
+        let mut stream = TcpStream::connect(app.addr).await.unwrap();
+        let body = frame(0, b"{}");
+        let head = format!(
+            "POST /dmpay.v1.Payments/WatchPayments HTTP/1.1\r\nhost: x\r\ncontent-type: application/connect+json\r\n\
+             authorization: Bearer {carol}\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&body).await.unwrap();
+        let mut buf = [0u8; 256];
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        stream
+    };
+    let mut streams = Vec::new();
+    for _ in 0..5 {
+        streams.push(open().await);
+    }
+    let watch = || {
+        let mut c = app.payments();
+        let t = carol.clone();
+        async move { c.watch_payments(authed(pb::WatchPaymentsRequest::default(), &t)).await.map(|r| r.into_inner()) }
+    };
+    let refused = watch().await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "the cap holds: {refused:?}");
+    drop(streams);
+    let mut admitted = false;
+    for _ in 0..100 {
+        if watch().await.is_ok() {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(admitted, "the dropped streams still hold their places");
+}
+
 /// gRPC-Web over HTTP/1.1 (what browsers send): a message frame, then the trailers as a
 /// frame of their own; a refusal from the headers alone still reads the body first.
 async fn grpc_web_over_http1(app: TestApp) {
@@ -580,6 +624,7 @@ backend_tests!(
     connect_json_calls_the_services,
     connect_streams_watch_payments,
     grpc_web_over_http1,
+    a_dropped_connect_stream_frees_its_place,
     reflection_speaks_both_versions,
     bills_list_by_role,
     the_cli_walks_a_dm_story,

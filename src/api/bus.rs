@@ -197,6 +197,13 @@ impl Publisher {
                 Ok(Round::Published) => backoff = BACKOFF_MIN,
                 Ok(Round::Idle) => {
                     backoff = BACKOFF_MIN;
+                    // Wake-ups that queued while publishing are stale (the round just read
+                    // past them): drop them, so one burst does not cost one round each.
+                    while !matches!(
+                        live.try_recv(),
+                        Err(tokio::sync::broadcast::error::TryRecvError::Empty
+                            | tokio::sync::broadcast::error::TryRecvError::Closed)
+                    ) {}
                     tokio::select! {
                         _ = live.recv() => {}
                         () = tokio::time::sleep(IDLE_POLL) => {}

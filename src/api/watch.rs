@@ -211,11 +211,23 @@ pub fn start(
 
 type Sender = mpsc::Sender<std::result::Result<pb::PaymentEvent, Status>>;
 
-/// Sends one event; `Ok(false)` when the consumer went away.
-async fn send(tx: &Sender, event: Event, cursor: &mut i64) -> std::result::Result<bool, Status> {
+/// Sends one event; `Ok(false)` when the consumer went away. Waiting for a slow
+/// consumer gives way to shutdown.
+async fn send(
+    tx: &Sender,
+    event: Event,
+    cursor: &mut i64,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> std::result::Result<bool, Status> {
     let sequence = event.sequence;
     let wire = super::payment_wire::event_to_wire(event);
-    match tokio::time::timeout(WATCH_SEND_TIMEOUT, tx.send(Ok(wire))).await {
+    let sent = tokio::select! {
+        sent = tokio::time::timeout(WATCH_SEND_TIMEOUT, tx.send(Ok(wire))) => sent,
+        _ = stop.wait_for(|stopped| *stopped) => {
+            return Err(Status::unavailable(format!("the server is stopping; resume with after_sequence={cursor}")))
+        }
+    };
+    match sent {
         Ok(Ok(())) => {
             *cursor = sequence;
             Ok(true)
@@ -252,9 +264,13 @@ async fn watch_loop(
                 .map_err(to_status)?;
             let full = page.len() as i64 >= events::PAGE_MAX;
             for event in page {
-                if !send(tx, event, &mut cursor).await? {
+                if !send(tx, event, &mut cursor, stop).await? {
                     return Ok(());
                 }
+            }
+            // A long catch-up gives way to shutdown between pages too.
+            if *stop.borrow() {
+                return Err(stopping(cursor));
             }
             if !full {
                 break;
@@ -284,7 +300,7 @@ async fn watch_loop(
                     if event.sequence <= cursor || !filter.wants(&event) {
                         continue;
                     }
-                    if !send(tx, Event::clone(&event), &mut cursor).await? {
+                    if !send(tx, Event::clone(&event), &mut cursor, stop).await? {
                         return Ok(());
                     }
                 }

@@ -217,12 +217,15 @@ pub(super) enum PayCommand {
 pub(super) enum CardsCommand {
     /// Save a card (tokenized and linked), e.g. `--number 4242424242424242 --exp 12/34 --cvc 123`.
     Add {
-        #[arg(long)]
+        /// The card number (also DMPAY_CARD_NUMBER, which keeps it out of the shell's
+        /// history and the process list).
+        #[arg(long, env = "DMPAY_CARD_NUMBER", hide_env_values = true)]
         number: String,
         /// MM/YY or MM/YYYY.
         #[arg(long)]
         exp: String,
-        #[arg(long)]
+        /// The security code (also DMPAY_CARD_CVC).
+        #[arg(long, env = "DMPAY_CARD_CVC", hide_env_values = true)]
         cvc: String,
         #[arg(long, default_value = "")]
         name: String,

@@ -218,8 +218,7 @@ impl Application {
         let publisher = config.nats.clone().map(|settings| {
             let p = crate::api::bus::Publisher::new(settings, payments.clone(), metrics.clone());
             let cursor = p.cursor();
-            tasks.push(tokio::spawn(p.run(feed.clone())));
-            cursor
+            (tokio::spawn(p.run(feed.clone())), cursor)
         });
         let watchers = crate::api::watch::Watchers::new(config.watch, metrics.clone());
         let watch_stop = watchers.stopper();
@@ -330,7 +329,11 @@ impl Application {
         for task in tasks.into_iter().chain(metrics_task) {
             task.abort();
         }
-        if let Some(cursor) = publisher {
+        if let Some((task, cursor)) = publisher {
+            // Stopped for good before the lease is given up, so that an advance still
+            // running cannot renew it after the release.
+            task.abort();
+            let _ = task.await;
             if let Err(e) = cursor.release().await {
                 tracing::warn!(error = %e, "could not give up the NATS publishing lease; it expires on its own");
             }

@@ -2,7 +2,8 @@
 //!
 //! Input: the report (invalid UTF-8 replaced, as a lossy reader would). Oracles: no
 //! panic; an accepted report has at most one row per line, rows in line order, only
-//! `capture`/`refund`, unique non-empty references, amount - fee = net in the row's
+//! the row types the importer knows (card captures and refunds, payouts and their
+//! returns, disputes and their reversals), unique non-empty references, amount - fee = net in the row's
 //! currency, amounts within AMOUNT_MINOR_MAX; with only USD enabled every row is USD
 //! and, if the report was also accepted with every currency, the same rows.
 #![no_main]
@@ -27,7 +28,14 @@ fuzz_target!(|data: &[u8]| {
         for row in rows {
             assert!(row.line > last_line && row.line as usize <= lines, "line {} out of order", row.line);
             last_line = row.line;
-            assert!(matches!(row.kind.as_str(), "capture" | "refund"), "{:?}", row.kind);
+            assert!(
+                matches!(
+                    row.kind.as_str(),
+                    "capture" | "refund" | "payout" | "payout_return" | "dispute" | "dispute_reversal"
+                ),
+                "{:?}",
+                row.kind
+            );
             assert!(row.reference.len() <= 128);
             assert!(row.reference.is_empty() || refs.insert(row.reference.clone()), "duplicate {:?}", row.reference);
             for m in [row.amount, row.fee, row.net] {

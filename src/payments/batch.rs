@@ -117,10 +117,6 @@ struct Batch {
     now_us: i64,
 }
 
-fn key_reused(key: &str) -> Error {
-    Error::AlreadyExists(format!("idempotency_key {key:?} was already used for a different payment"))
-}
-
 #[async_trait]
 impl BatchHook for PaymentsHook {
     async fn prepare(
@@ -256,7 +252,7 @@ impl HookBatch for Batch {
         let id = (s.payment.sender_id.to_string(), s.idempotency_key.clone());
         if let Some((hash, first)) = self.firsts.get(&id) {
             return Admit::Answer(Box::new(match first {
-                _ if *hash != s.request_hash => Err(key_reused(&s.idempotency_key)),
+                _ if *hash != s.request_hash => Err(super::key_reused(&s.idempotency_key)),
                 First::Recorded(payment_id) => Ok(Outcome::Replayed(payment_id.to_string())),
                 First::Refused(e) => Err(e.duplicate()),
             }));
@@ -265,7 +261,7 @@ impl HookBatch for Batch {
             return Admit::Answer(Box::new(if e.request_hash == s.request_hash {
                 Ok(Outcome::Replayed(e.payment_id.clone()))
             } else {
-                Err(key_reused(&s.idempotency_key))
+                Err(super::key_reused(&s.idempotency_key))
             }));
         }
         match self.rules(s) {

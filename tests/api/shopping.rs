@@ -508,6 +508,13 @@ async fn per_buyer_limit_and_retries_hold_in_parallel(app: TestApp) {
         q.unwrap();
     }
     assert_eq!(get_listing(&app, &l.listing_id).await.quantity, 165, "20 parallel retries add once");
+    // Closed since: a retry of an add still answers the listing; a new add is refused.
+    shopping(&app)
+        .close_listing(authed(pb::CloseListingRequest { listing_id: l.listing_id.clone() }, &t))
+        .await
+        .unwrap();
+    assert_eq!(add("again", 5).await.unwrap(), 165);
+    assert_eq!(reason(&add("late", 5).await.unwrap_err()), "LISTING_CLOSED");
     assert_books_balance(&app).await;
 }
 

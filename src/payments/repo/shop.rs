@@ -124,8 +124,10 @@ pub(crate) const STOCK_ADDS_PER_LISTING_MAX: i64 = 1_000;
 pub(crate) enum StockAdded {
     /// Added now, or by an earlier call with the same key and quantity.
     Added,
-    /// No limited, unclosed listing with that id.
+    /// No limited listing with that id.
     NoListing,
+    /// The listing is closed (and the key is new).
+    Closed,
     /// The key was used for another quantity.
     KeyReused,
     /// The listing would hold more than `QUANTITY_MAX` units.
@@ -273,7 +275,8 @@ impl PaymentStore {
         Ok(ListingInserted::Existing(Listing::try_from(f.listing)?, f.request_hash))
     }
 
-    /// Adds `quantity` units to a limited, unclosed listing under `key`, in one
+    /// Adds `quantity` units to a limited, unclosed listing under `key` (a retry of an
+    /// earlier add answers `Added`, closed since or not), in one
     /// transaction with the listing's row locked first (so the key check, the count of
     /// adds and the quantity bound read what no concurrent add can change). A retry of
     /// any earlier add answers the listing as it is now and adds nothing.
@@ -281,15 +284,14 @@ impl PaymentStore {
         let now = self.clock.now_us();
         with_db!(&self.writer, pool => {
             let mut tx = pool.begin().await?;
-            let current: Option<i64> = sqlx::query_scalar(
-                "UPDATE listings SET updated_at_us = $2 \
-                 WHERE listing_id = $1 AND quantity IS NOT NULL AND closed_at_us IS NULL RETURNING quantity",
+            let row: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(
+                "UPDATE listings SET updated_at_us = $2 WHERE listing_id = $1 RETURNING quantity, closed_at_us",
             )
             .bind(id.as_str())
             .bind(now)
             .fetch_optional(&mut *tx)
             .await?;
-            let Some(current) = current else { return Ok(StockAdded::NoListing) };
+            let Some((Some(current), closed_at)) = row else { return Ok(StockAdded::NoListing) };
             let earlier: Option<i64> = sqlx::query_scalar(
                 "SELECT quantity FROM listing_stock_adds WHERE listing_id = $1 AND idempotency_key = $2",
             )
@@ -299,7 +301,9 @@ impl PaymentStore {
             .await?;
             let outcome = match earlier {
                 Some(q) if q != quantity => return Ok(StockAdded::KeyReused),
+                // A retry of an add that was made answers the listing, closed since or not.
                 Some(_) => StockAdded::Added,
+                None if closed_at.is_some() => return Ok(StockAdded::Closed),
                 None => {
                     let adds: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM listing_stock_adds WHERE listing_id = $1")
                         .bind(id.as_str())

@@ -103,8 +103,10 @@ const REFUND_RESUME_AFTER_US: i64 = 30_000_000;
 /// so the resolver takes it over and may fail it when the money cannot move.
 const REFUND_ABANDONED_AFTER_US: i64 = 300_000_000;
 
+/// The answer to a key used before with another request (a purchase, a stock add, a
+/// refund).
 pub(crate) fn key_reused(key: &str) -> Error {
-    Error::AlreadyExists(format!("idempotency_key {key:?} was already used for a different purchase"))
+    Error::AlreadyExists(format!("idempotency_key {key:?} was already used for a different request"))
 }
 
 fn not_a_seller(user: &UserId) -> Error {
@@ -255,20 +257,14 @@ impl Payments {
         if listing.quantity.is_none() {
             return Err(Error::invalid("listing_id", "the listing has unlimited stock"));
         }
-        if listing.closed_at_us.is_some() {
-            return Err(Error::FailedPrecondition {
-                reason: Reason::ListingClosed,
-                message: format!("listing {id} is closed"),
-            });
-        }
         self.listings.forget(id);
         match self.store.add_stock(id, quantity, key).await? {
             StockAdded::Added => self.listing(id).await,
-            // Closed (or gone) since it was read above.
-            StockAdded::NoListing => Err(Error::FailedPrecondition {
+            StockAdded::Closed => Err(Error::FailedPrecondition {
                 reason: Reason::ListingClosed,
                 message: format!("listing {id} is closed"),
             }),
+            StockAdded::NoListing => Err(Error::NotFound(format!("listing {id} not found"))),
             StockAdded::KeyReused => Err(key_reused(key)),
             StockAdded::TooMuch => {
                 Err(Error::invalid("quantity", format!("a listing holds at most {QUANTITY_MAX} units")))

@@ -294,12 +294,14 @@ async fn a_pending_request_payment_blocks_the_close(backend: Backend) {
     let (alice, bob) = (app.token("alice", PAY_SCOPES), app.token("bob", PAY_SCOPES));
     let r = request(&app, "alice", "pending-r", "bob", "3.00").await;
     // The payment in flight, as the card path leaves one whose processor outcome is
-    // unknown: a pending row for the request.
+    // unknown: a pending row for the request, claimed by its (live) attempt, so that the
+    // resolver's first pass, which may run only now on a busy machine, leaves it alone.
     dmpay::with_db!(&app.db, pool => sqlx::query(
         "INSERT INTO payments (payment_id, sender_id, recipient_id, currency, amount, wallet_amount, card_amount, \
          fee_amount, status, funding_source, note, conversation_id, message_id, request_id, failure_reason, \
-         failure_message, idempotency_key, request_hash, created_at_us, updated_at_us) \
-         VALUES ('pay_inflight', 'bob', 'alice', 'USD', 300, 0, 300, 0, 'pending', 'card', '', '', '', $1, '', '', 'k', 'h', 1, 1)"
+         failure_message, idempotency_key, request_hash, created_at_us, updated_at_us, claimed_until_us) \
+         VALUES ('pay_inflight', 'bob', 'alice', 'USD', 300, 0, 300, 0, 'pending', 'card', '', '', '', $1, '', '', 'k', 'h', \
+         1, 1, 9000000000000000)"
     )
     .bind(&r.bill_id)
     .execute(pool)

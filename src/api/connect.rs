@@ -15,9 +15,7 @@
 //! `details` carry the `google.rpc` error details, both encoded and decoded (`debug`).
 //! Everything else passes through untouched (gRPC, and gRPC-Web after `tonic_web`).
 //!
-//! In development mode the same layer serves the demo page (`GET /demo`) and the
-//! development tokens it acts with (`GET /demo/token?user=alice`), signed with the
-//! development secret the server already trusts; neither exists in production.
+//! In development mode the same layer serves the demo page and its tokens (`demo`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -38,9 +36,6 @@ use tonic::body::Body;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
-/// The page `GET /demo` answers in development mode.
-const DEMO_PAGE: &str = include_str!("demo.html");
-
 /// Bytes of request bodies this layer may hold at once, read before the services (and
 /// so before authentication) see the call: a bound on what unauthenticated callers can
 /// make the server buffer, whatever the number of connections.
@@ -49,13 +44,6 @@ const BODY_BUDGET_BYTES: usize = 64 * 1024 * 1024;
 /// Stream messages converted ahead of a slow client: the channel between the task that
 /// reads the gRPC stream and the response the client reads.
 const STREAM_BUFFER_MAX: usize = 16;
-
-/// What the demo page's tokens may do: act as the user, and set up the story (create
-/// accounts, fund a wallet) as the demo's operator.
-const DEMO_SCOPES: &str = "payments:read payments:write methods:write accounts:admin ledger:write";
-
-/// How long a demo token lives.
-const DEMO_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The Connect layer: `size_max` bounds a request's body (as `DMPAY_GRPC_MESSAGE_SIZE_MAX`
 /// bounds a gRPC message); `demo` (development mode only) serves the demo page and its
@@ -84,16 +72,14 @@ impl ConnectLayer {
 impl<S> Layer<S> for ConnectLayer {
     type Service = Connect<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Connect { inner, size_max: self.size_max, demo: self.demo.clone(), budget: self.budget.clone() }
+        Connect { inner, settings: self.clone() }
     }
 }
 
 #[derive(Clone)]
 pub struct Connect<S> {
     inner: S,
-    size_max: usize,
-    demo: Option<std::sync::Arc<crate::auth::JwtSettings>>,
-    budget: std::sync::Arc<tokio::sync::Semaphore>,
+    settings: ConnectLayer,
 }
 
 /// How a request's messages are encoded.
@@ -103,7 +89,8 @@ enum Codec {
     Proto,
 }
 
-/// What a request is, from its method, path and content type.
+/// What a request this layer serves is, from its method, path and content type (every
+/// other request passes through).
 #[derive(Debug, PartialEq, Eq)]
 enum Kind {
     Unary(Codec),
@@ -112,24 +99,23 @@ enum Kind {
     DemoToken,
     /// A gRPC-Web call over HTTP/1.1, whose body is read whole before it is served.
     WebBuffered,
-    Pass,
 }
 
-fn kind_of<B>(req: &Request<B>, demo: bool) -> Kind {
+fn kind_of<B>(req: &Request<B>, demo: bool) -> Option<Kind> {
     if req.method() == Method::GET && demo {
         match req.uri().path() {
-            "/demo" | "/demo/" => return Kind::Demo,
-            "/demo/token" => return Kind::DemoToken,
+            "/demo" | "/demo/" => return Some(Kind::Demo),
+            "/demo/token" => return Some(Kind::DemoToken),
             _ => {}
         }
     }
     if req.method() != Method::POST {
-        return Kind::Pass;
+        return None;
     }
     let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     // Parameters (`; charset=utf-8`) do not change the codec.
     let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    match essence.as_str() {
+    Some(match essence.as_str() {
         "application/json" => Kind::Unary(Codec::Json),
         "application/proto" => Kind::Unary(Codec::Proto),
         "application/connect+json" => Kind::Stream(Codec::Json),
@@ -139,8 +125,8 @@ fn kind_of<B>(req: &Request<B>, demo: bool) -> Kind {
         // client's next write, which reports a broken pipe instead of the refusal.
         // Reading the body first (gRPC-Web requests are one small message) avoids it.
         t if t.starts_with("application/grpc-web") && req.version() < http::Version::HTTP_2 => Kind::WebBuffered,
-        _ => Kind::Pass,
-    }
+        _ => return None,
+    })
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -160,64 +146,39 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let kind = kind_of(&req, self.demo.is_some());
-        if kind == Kind::Pass {
+        let Some(kind) = kind_of(&req, self.settings.demo.is_some()) else {
             return Box::pin(self.inner.call(req));
-        }
+        };
         // The clone is ready only if polled; the one polled ready goes with this call.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let size_max = self.size_max;
-        let demo = self.demo.clone();
-        let budget = self.budget.clone();
+        let settings = self.settings.clone();
         Box::pin(async move {
+            let (size_max, budget) = (settings.size_max, &settings.budget);
             match kind {
-                Kind::Demo => Ok(demo_page()),
-                Kind::DemoToken => Ok(demo_token(demo.as_deref(), req.uri().query().unwrap_or(""))),
-                Kind::WebBuffered => web_buffered(inner, req, size_max, &budget).await,
-                Kind::Unary(codec) => unary(inner, req, codec, size_max, &budget).await,
-                Kind::Stream(codec) => stream(inner, req, codec, size_max, &budget).await,
-                Kind::Pass => unreachable_pass(),
+                Kind::Demo => Ok(respond("text/html; charset=utf-8", super::demo::page(), true)),
+                Kind::DemoToken => Ok(match super::demo::token(settings.demo.as_deref(), req.uri().query()) {
+                    Ok(json) => respond("application/json", Bytes::from(json), true),
+                    Err(s) => error_response(&s),
+                }),
+                Kind::WebBuffered => web_buffered(inner, req, size_max, budget).await,
+                Kind::Unary(codec) => unary(inner, req, codec, size_max, budget).await,
+                Kind::Stream(codec) => stream(inner, req, codec, size_max, budget).await,
             }
         })
     }
 }
 
-/// `Kind::Pass` is answered before the future is built.
-fn unreachable_pass<E>() -> Result<Response<Body>, E> {
-    Ok(error_response(&Status::internal("request routing")))
-}
-
-fn demo_page() -> Response<Body> {
-    let mut resp = Response::new(Body::new(Full::new(Bytes::from_static(DEMO_PAGE.as_bytes()))));
+/// A 200 answer with `body`; `no_store` keeps browsers from caching it (the demo's page
+/// and tokens).
+fn respond(content_type: &'static str, body: Bytes, no_store: bool) -> Response<Body> {
+    let mut resp = Response::new(Body::new(Full::new(body)));
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if no_store {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     resp
-}
-
-/// `GET /demo/token?user=alice`: `{"token": ...}` for the demo page to act as `user`.
-fn demo_token(jwt: Option<&crate::auth::JwtSettings>, query: &str) -> Response<Body> {
-    let user = query.split('&').find_map(|kv| kv.strip_prefix("user=")).unwrap_or("");
-    let valid = !user.is_empty()
-        && user.len() <= 64
-        && user.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-    if !valid {
-        return error_response(&Status::invalid_argument("user: 1 to 64 of a-z, 0-9, - and _"));
-    }
-    let minted = jwt
-        .ok_or_else(|| anyhow::anyhow!("the demo is off"))
-        .and_then(|j| crate::auth::mint_dev_token(j, user, DEMO_SCOPES, DEMO_TOKEN_TTL.min(j.lifetime_max)));
-    match minted {
-        Ok(token) => {
-            let body = serde_json::json!({ "user": user, "token": token }).to_string();
-            let mut resp = Response::new(Body::new(Full::new(Bytes::from(body))));
-            resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            resp
-        }
-        Err(e) => error_response(&Status::failed_precondition(e.to_string())),
-    }
 }
 
 /// A gRPC-Web call with its body read first (see `Kind::WebBuffered`). The text variant
@@ -428,18 +389,14 @@ where
     let Some(message) = next_frame(&mut data) else {
         return Ok(error_response(&Status::internal("the answer had no message")));
     };
-    match from_proto(&method.output(), codec, message) {
-        Ok(body) => {
-            let mut resp = Response::new(Body::new(Full::new(body)));
-            let content_type = match codec {
-                Codec::Json => "application/json",
-                Codec::Proto => "application/proto",
-            };
-            resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-            Ok(resp)
-        }
-        Err(s) => Ok(error_response(&s)),
-    }
+    let content_type = match codec {
+        Codec::Json => "application/json",
+        Codec::Proto => "application/proto",
+    };
+    Ok(match from_proto(&method.output(), codec, message) {
+        Ok(body) => respond(content_type, body, false),
+        Err(s) => error_response(&s),
+    })
 }
 
 /// A server stream: the request's one envelope in, each answer as an envelope out, and
@@ -638,18 +595,21 @@ mod tests {
     #[test]
     fn content_types_choose_the_protocol() {
         let p = "/dmpay.v1.Payments/SendPayment";
-        assert_eq!(kind_of(&req(Method::POST, p, "application/json; charset=utf-8"), false), Kind::Unary(Codec::Json));
-        assert_eq!(kind_of(&req(Method::POST, p, "application/proto"), false), Kind::Unary(Codec::Proto));
-        assert_eq!(kind_of(&req(Method::POST, p, "application/connect+json"), false), Kind::Stream(Codec::Json));
-        assert_eq!(kind_of(&req(Method::POST, p, "application/grpc"), false), Kind::Pass);
+        assert_eq!(
+            kind_of(&req(Method::POST, p, "application/json; charset=utf-8"), false),
+            Some(Kind::Unary(Codec::Json))
+        );
+        assert_eq!(kind_of(&req(Method::POST, p, "application/proto"), false), Some(Kind::Unary(Codec::Proto)));
+        assert_eq!(kind_of(&req(Method::POST, p, "application/connect+json"), false), Some(Kind::Stream(Codec::Json)));
+        assert_eq!(kind_of(&req(Method::POST, p, "application/grpc"), false), None);
         let mut web = req(Method::POST, p, "application/grpc-web+proto");
         *web.version_mut() = http::Version::HTTP_2;
-        assert_eq!(kind_of(&web, false), Kind::Pass);
+        assert_eq!(kind_of(&web, false), None);
         *web.version_mut() = http::Version::HTTP_11;
-        assert_eq!(kind_of(&web, false), Kind::WebBuffered);
-        assert_eq!(kind_of(&req(Method::GET, "/demo", ""), true), Kind::Demo);
-        assert_eq!(kind_of(&req(Method::GET, "/demo/token?user=a", ""), true), Kind::DemoToken);
-        assert_eq!(kind_of(&req(Method::GET, "/demo", ""), false), Kind::Pass, "no demo outside development");
+        assert_eq!(kind_of(&web, false), Some(Kind::WebBuffered));
+        assert_eq!(kind_of(&req(Method::GET, "/demo", ""), true), Some(Kind::Demo));
+        assert_eq!(kind_of(&req(Method::GET, "/demo/token?user=a", ""), true), Some(Kind::DemoToken));
+        assert_eq!(kind_of(&req(Method::GET, "/demo", ""), false), None, "no demo outside development");
     }
 
     #[test]

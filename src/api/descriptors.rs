@@ -17,6 +17,15 @@ pub fn encoded_sets() -> [&'static [u8]; 3] {
     [super::FILE_DESCRIPTOR_SET, tonic_types::pb::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET]
 }
 
+/// Server reflection over every set, for either version (grpcurl before 1.9 and
+/// Python's grpcio-reflection speak v1alpha; the error details and health files let
+/// tools decode `BadRequest` and call health).
+pub fn reflection() -> tonic_reflection::server::Builder<'static> {
+    encoded_sets()
+        .into_iter()
+        .fold(tonic_reflection::server::Builder::configure(), |b, set| b.register_encoded_file_descriptor_set(set))
+}
+
 /// Every file of `encoded_sets`, each once, in one set: the protoset.
 pub fn merged() -> FileDescriptorSet {
     let mut seen = std::collections::HashSet::new();

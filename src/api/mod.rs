@@ -5,6 +5,7 @@ mod accounts;
 pub mod bus;
 pub mod connect;
 pub mod connections;
+mod demo;
 pub mod descriptors;
 mod finance;
 pub mod gate;

@@ -209,6 +209,11 @@ pub fn start(
     WatchStream { events: ReceiverStream::new(rx), end: Some(end_rx) }
 }
 
+/// How a stream ends when the server stops: with the sequence to resume from.
+fn stopping(cursor: i64) -> Status {
+    Status::unavailable(format!("the server is stopping; resume with after_sequence={cursor}"))
+}
+
 type Sender = mpsc::Sender<std::result::Result<pb::PaymentEvent, Status>>;
 
 /// Sends one event; `Ok(false)` when the consumer went away. Waiting for a slow
@@ -224,7 +229,7 @@ async fn send(
     let sent = tokio::select! {
         sent = tokio::time::timeout(WATCH_SEND_TIMEOUT, tx.send(Ok(wire))) => sent,
         _ = stop.wait_for(|stopped| *stopped) => {
-            return Err(Status::unavailable(format!("the server is stopping; resume with after_sequence={cursor}")))
+            return Err(stopping(*cursor))
         }
     };
     match sent {
@@ -249,8 +254,6 @@ async fn watch_loop(
     tx: &Sender,
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> std::result::Result<(), Status> {
-    let stopping =
-        |cursor: i64| Status::unavailable(format!("the server is stopping; resume with after_sequence={cursor}"));
     loop {
         if *stop.borrow() {
             return Err(stopping(cursor));

@@ -69,6 +69,16 @@ fn bill_line(b: &pb::Bill) -> String {
     line
 }
 
+/// One line per item, or `none` when there is none.
+fn print_all<T>(items: &[T], none: &str, line: impl Fn(&T) -> String) {
+    if items.is_empty() {
+        println!("{none}");
+    }
+    for item in items {
+        println!("{}", line(item));
+    }
+}
+
 fn funding(raw: &str) -> pb::FundingSource {
     match raw {
         "balance" => pb::FundingSource::Balance,
@@ -145,12 +155,7 @@ pub async fn pay(config: &Config, c: ClientArgs, command: PayCommand) -> anyhow:
                 page_token: String::new(),
             };
             let page = api.list_bills(authed(msg, t)?).await.map_err(refused)?.into_inner();
-            if page.bills.is_empty() {
-                println!("no requests");
-            }
-            for b in &page.bills {
-                println!("{}", bill_line(b));
-            }
+            print_all(&page.bills, "no requests", bill_line);
         }
         PayCommand::Accept { request, funding: f, card, key } => {
             let msg = pb::PayBillRequest {
@@ -188,12 +193,7 @@ pub async fn pay(config: &Config, c: ClientArgs, command: PayCommand) -> anyhow:
                 page_token: String::new(),
             };
             let page = api.list_payments(authed(msg, t)?).await.map_err(refused)?.into_inner();
-            if page.payments.is_empty() {
-                println!("no payments");
-            }
-            for p in &page.payments {
-                println!("{}", payment_line(p));
-            }
+            print_all(&page.payments, "no payments", payment_line);
         }
         PayCommand::Get { payment } => {
             let p =
@@ -273,12 +273,7 @@ pub async fn cards(config: &Config, c: ClientArgs, command: CardsCommand) -> any
         CardsCommand::List { all } => {
             let msg = pb::ListPaymentMethodsRequest { include_removed: all };
             let list = api.list_payment_methods(authed(msg, t)?).await.map_err(refused)?.into_inner();
-            if list.payment_methods.is_empty() {
-                println!("no cards");
-            }
-            for m in &list.payment_methods {
-                println!("{}", line(m));
-            }
+            print_all(&list.payment_methods, "no cards", line);
         }
         CardsCommand::Remove { card } => {
             let msg = pb::RemovePaymentMethodRequest { token: card };

@@ -38,27 +38,37 @@ impl OutboxCursor {
     /// Takes or renews the lease for `lease_us`; the last acknowledged sequence when
     /// this process holds it, `None` while another does.
     pub async fn claim(&self, lease_us: i64) -> Result<Option<i64>> {
+        if let Some(sequence) = self.take_lease(lease_us).await? {
+            return Ok(Some(sequence));
+        }
+        // No row yet (the deployment's first publisher), or another process holds it:
+        // make the row if it is missing, then try once more.
         let now = self.clock.now_us();
-        let sequence: Option<i64> = with_db!(&self.writer, pool => {
-            sqlx::query(
-                "INSERT INTO outbox_cursors (name, sequence, owner, lease_until_us, updated_at_us) \
-                 VALUES ($1, 0, '', 0, $2) ON CONFLICT (name) DO NOTHING",
-            )
-            .bind(&self.name)
-            .bind(now)
-            .execute(pool)
-            .await?;
-            sqlx::query_scalar(
-                "UPDATE outbox_cursors SET owner = $2, lease_until_us = $3, updated_at_us = $4 \
-                 WHERE name = $1 AND (owner = $2 OR lease_until_us < $4) RETURNING sequence",
-            )
-            .bind(&self.name)
-            .bind(&self.owner)
-            .bind(now.saturating_add(lease_us))
-            .bind(now)
-            .fetch_optional(pool)
-            .await
-        })?;
+        with_db!(&self.writer, pool => sqlx::query(
+            "INSERT INTO outbox_cursors (name, sequence, owner, lease_until_us, updated_at_us) \
+             VALUES ($1, 0, '', 0, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&self.name)
+        .bind(now)
+        .execute(pool)
+        .await
+        .map(|_| ()))?;
+        self.take_lease(lease_us).await
+    }
+
+    /// The lease, if it is this process's or free: the cursor.
+    async fn take_lease(&self, lease_us: i64) -> Result<Option<i64>> {
+        let now = self.clock.now_us();
+        let sequence: Option<i64> = with_db!(&self.writer, pool => sqlx::query_scalar(
+            "UPDATE outbox_cursors SET owner = $2, lease_until_us = $3, updated_at_us = $4 \
+             WHERE name = $1 AND (owner = $2 OR lease_until_us < $4) RETURNING sequence",
+        )
+        .bind(&self.name)
+        .bind(&self.owner)
+        .bind(now.saturating_add(lease_us))
+        .bind(now)
+        .fetch_optional(pool)
+        .await)?;
         Ok(sequence)
     }
 

@@ -246,14 +246,8 @@ impl Application {
         // Both reflection versions: grpcurl before 1.9 and Python's grpcio-reflection
         // speak v1alpha. The google.rpc and health descriptors let tools decode error
         // details and call health.
-        let reflection = crate::api::descriptors::encoded_sets()
-            .into_iter()
-            .fold(tonic_reflection::server::Builder::configure(), |b, set| b.register_encoded_file_descriptor_set(set));
-        let reflection_v1alpha = crate::api::descriptors::encoded_sets()
-            .into_iter()
-            .fold(tonic_reflection::server::Builder::configure(), |b, set| b.register_encoded_file_descriptor_set(set))
-            .build_v1alpha()?;
-        let reflection = reflection.build_v1()?;
+        let reflection = crate::api::descriptors::reflection().build_v1()?;
+        let reflection_v1alpha = crate::api::descriptors::reflection().build_v1alpha()?;
         // The demo page and its tokens, in development mode only.
         let demo = (config.env == crate::config::Environment::Development).then(|| config.jwt());
 

@@ -876,8 +876,8 @@ async fn client(ctx: Arc<Ctx>, w: usize, seed: u64, until: Instant) {
                                 idempotency_key: format!("tb-{w}-{n}-{k}"),
                                 listing_id: listing_id.clone(),
                                 quantity: 1,
-                                unit_price: None,
                                 tab_id: id.clone(),
+                                ..Default::default()
                             };
                             ctx.call(&mut rng, &channel, Caller::User(user), CallReq::Buy(buy)).await?;
                         }

@@ -87,6 +87,16 @@ pub(crate) fn listing_to_wire(l: Listing, now_us: i64) -> pb::Listing {
     }
 }
 
+fn purchase_funding(raw: i32) -> Result<crate::payments::model::FundingSource> {
+    use crate::payments::model::FundingSource;
+    match pb::PurchaseFundingSource::try_from(raw) {
+        Ok(pb::PurchaseFundingSource::Unspecified | pb::PurchaseFundingSource::Auto) => Ok(FundingSource::Auto),
+        Ok(pb::PurchaseFundingSource::Balance) => Ok(FundingSource::Balance),
+        Ok(pb::PurchaseFundingSource::Card) => Ok(FundingSource::Card),
+        Err(_) => Err(Error::invalid("funding_source", format!("unknown funding source {raw}"))),
+    }
+}
+
 pub(crate) fn purchase_to_wire(p: Purchase, listing_sold: i64) -> pb::PurchaseReceipt {
     let status = match p.status() {
         PurchaseStatus::Paid => pb::PurchaseStatus::Paid,
@@ -111,6 +121,9 @@ pub(crate) fn purchase_to_wire(p: Purchase, listing_sold: i64) -> pb::PurchaseRe
         created_at: Some(timestamp(p.created_at_us)),
         listing_sold,
         tab_id: p.tab_id.map(|t| t.into_string()).unwrap_or_default(),
+        wallet_amount: Some(to_wire(p.wallet_amount)),
+        card_amount: Some(to_wire(p.card_amount)),
+        fee_amount: Some(to_wire(p.fee_amount)),
     }
 }
 
@@ -244,6 +257,11 @@ impl pb::shopping_server::Shopping for ShoppingApi {
                     self.payments.ledger().accounts().currencies(),
                 )?,
                 tab_id: (!r.tab_id.is_empty()).then(|| TabId::parse("tab_id", &r.tab_id)).transpose()?,
+                funding: purchase_funding(r.funding_source)?,
+                payment_method_token: {
+                    super::id("payment_method_token", &r.payment_method_token)?;
+                    (!r.payment_method_token.is_empty()).then(|| r.payment_method_token.clone())
+                },
             };
             let (p, sold) = self.payments.purchase(&buyer, input).await?;
             Ok(purchase_to_wire(p, sold))

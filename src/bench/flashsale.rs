@@ -259,8 +259,7 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
                     idempotency_key: "tap".into(),
                     listing_id: listing_id.clone(),
                     quantity: 1,
-                    unit_price: None,
-                    tab_id: String::new(),
+                    ..Default::default()
                 });
                 req.metadata_mut().insert("authorization", tokens[i].clone());
                 let t0 = Instant::now();

@@ -136,8 +136,16 @@ pub struct Purchase {
     pub available_at_us: i64,
     pub released_amount: Option<i64>,
     pub created_at_us: i64,
-    /// The stream tab it was drawn on; `None`: paid from the wallet.
+    /// The tab it was drawn on: a stream tab, or the single-purchase tab holding its
+    /// card authorization; `None`: paid from the wallet alone.
     pub tab_id: Option<TabId>,
+    /// What the wallet paid. With `card_amount` it makes up `amount`; a stream tab's
+    /// purchase has both zero (the tab pays the amount).
+    pub wallet_amount: Money,
+    /// What a card was charged for, the fee aside (a card purchase's single-purchase tab).
+    pub card_amount: Money,
+    /// The card fee, paid by the buyer on top of `amount`.
+    pub fee_amount: Money,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +161,16 @@ impl Purchase {
             0 => PurchaseStatus::Paid,
             r if r >= self.amount.minor() => PurchaseStatus::Refunded,
             _ => PurchaseStatus::PartiallyRefunded,
+        }
+    }
+
+    /// What the purchase draws on its tab: the card part and its fee for a card
+    /// purchase, else the whole amount (a stream tab's purchase); 0 without a tab.
+    pub fn tab_draw(&self) -> i64 {
+        match (&self.tab_id, self.card_amount.minor()) {
+            (None, _) => 0,
+            (Some(_), 0) => self.amount.minor(),
+            (Some(_), card) => card.saturating_add(self.fee_amount.minor()),
         }
     }
 
@@ -192,6 +210,18 @@ pub struct Tab {
     pub expires_at_us: i64,
     pub created_at_us: i64,
     pub closed_at_us: Option<i64>,
+    pub kind: TabKind,
+}
+
+crate::stored_enum! {
+    /// What a tab is for.
+    pub enum TabKind {
+        /// A viewer's tab for a stream, opened with `OpenTab`.
+        Stream = "stream",
+        /// The card authorization of one purchase paid (in part) by card: it opens
+        /// with the purchase and is captured, or voided, as soon as it is decided.
+        Purchase = "purchase",
+    }
 }
 
 crate::stored_enum! {
@@ -303,6 +333,9 @@ mod tests {
             released_amount: None,
             created_at_us: 0,
             tab_id: None,
+            wallet_amount: Money::from_minor(usd, amount),
+            card_amount: Money::zero(usd),
+            fee_amount: Money::zero(usd),
         }
     }
 

@@ -473,9 +473,17 @@ fn fields(path: &str, fx: &Fixture) -> BoxedStrategy<Encoded> {
                 enc(pb::ListListingsRequest { stream_id, page_size, page_token })
             })
             .boxed(),
-        "/dmpay.v1.Shopping/Purchase" => (key(), id(&fx.payments), i64v(), money())
-            .prop_map(|(idempotency_key, listing_id, quantity, unit_price)| {
-                enc(pb::PurchaseRequest { idempotency_key, listing_id, quantity, unit_price, tab_id: String::new() })
+        "/dmpay.v1.Shopping/Purchase" => (key(), id(&fx.payments), i64v(), money(), enum_v(), id(&fx.cards))
+            .prop_map(|(idempotency_key, listing_id, quantity, unit_price, funding_source, payment_method_token)| {
+                enc(pb::PurchaseRequest {
+                    idempotency_key,
+                    listing_id,
+                    quantity,
+                    unit_price,
+                    tab_id: String::new(),
+                    funding_source,
+                    payment_method_token,
+                })
             })
             .boxed(),
         "/dmpay.v1.Shopping/GetPurchase" => {

@@ -12,6 +12,7 @@ mod auth;
 mod bench;
 mod bus;
 mod callers;
+mod card_purchases;
 mod clients;
 mod disputes;
 mod finance;

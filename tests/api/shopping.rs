@@ -10,26 +10,26 @@ use tonic_types::StatusExt;
 use crate::helpers::*;
 use crate::{backend_fn_tests, backend_tests};
 
-const SHOP: &str = "payments:read payments:write";
+pub(crate) const SHOP: &str = "payments:read payments:write";
 
-fn reason(status: &tonic::Status) -> String {
+pub(crate) fn reason(status: &tonic::Status) -> String {
     status.get_error_details().error_info().map(|i| i.reason.clone()).unwrap_or_default()
 }
 
-fn field(status: &tonic::Status) -> String {
+pub(crate) fn field(status: &tonic::Status) -> String {
     status.get_error_details().bad_request().map(|b| b.field_violations[0].field.clone()).unwrap_or_default()
 }
 
-fn amt(m: &Option<pb::Money>) -> String {
+pub(crate) fn amt(m: &Option<pb::Money>) -> String {
     m.as_ref().map(|m| m.amount.clone()).unwrap_or_default()
 }
 
-fn shopping(app: &TestApp) -> pb::shopping_client::ShoppingClient<tonic::transport::Channel> {
+pub(crate) fn shopping(app: &TestApp) -> pb::shopping_client::ShoppingClient<tonic::transport::Channel> {
     pb::shopping_client::ShoppingClient::new(app.channel.clone())
 }
 
 /// Makes `user` a seller (with a commission override when given).
-async fn make_seller(app: &TestApp, user: &str, commission_bps: Option<i32>) -> pb::Account {
+pub(crate) async fn make_seller(app: &TestApp, user: &str, commission_bps: Option<i32>) -> pb::Account {
     app.users(&[user]).await;
     let admin = app.token("platform", "accounts:admin");
     app.accounts()
@@ -42,7 +42,13 @@ async fn make_seller(app: &TestApp, user: &str, commission_bps: Option<i32>) -> 
         .into_inner()
 }
 
-fn listing_req(key: &str, stream: &str, price: &str, quantity: i64, per_buyer_max: i64) -> pb::CreateListingRequest {
+pub(crate) fn listing_req(
+    key: &str,
+    stream: &str,
+    price: &str,
+    quantity: i64,
+    per_buyer_max: i64,
+) -> pb::CreateListingRequest {
     pb::CreateListingRequest {
         idempotency_key: key.into(),
         stream_id: stream.into(),
@@ -55,7 +61,7 @@ fn listing_req(key: &str, stream: &str, price: &str, quantity: i64, per_buyer_ma
     }
 }
 
-async fn create_listing(
+pub(crate) async fn create_listing(
     app: &TestApp,
     seller: &str,
     req: pb::CreateListingRequest,
@@ -64,30 +70,28 @@ async fn create_listing(
     shopping(app).create_listing(authed(req, &t)).await.map(|r| r.into_inner())
 }
 
-async fn buy(
+pub(crate) async fn buy(
     app: &TestApp,
     buyer: &str,
     key: &str,
     listing: &str,
     quantity: i64,
 ) -> Result<pb::PurchaseReceipt, tonic::Status> {
-    let t = app.token(buyer, SHOP);
-    shopping(app)
-        .purchase(authed(
-            pb::PurchaseRequest {
-                idempotency_key: key.into(),
-                listing_id: listing.into(),
-                quantity,
-                unit_price: None,
-                tab_id: String::new(),
-            },
-            &t,
-        ))
-        .await
-        .map(|r| r.into_inner())
+    let req =
+        pb::PurchaseRequest { idempotency_key: key.into(), listing_id: listing.into(), quantity, ..Default::default() };
+    purchase(app, buyer, req).await
 }
 
-async fn seller_balance(app: &TestApp, seller: &str) -> pb::SellerBalance {
+pub(crate) async fn purchase(
+    app: &TestApp,
+    buyer: &str,
+    req: pb::PurchaseRequest,
+) -> Result<pb::PurchaseReceipt, tonic::Status> {
+    let t = app.token(buyer, SHOP);
+    shopping(app).purchase(authed(req, &t)).await.map(|r| r.into_inner())
+}
+
+pub(crate) async fn seller_balance(app: &TestApp, seller: &str) -> pb::SellerBalance {
     let t = app.token(seller, SHOP);
     shopping(app)
         .get_seller_balance(authed(
@@ -99,12 +103,12 @@ async fn seller_balance(app: &TestApp, seller: &str) -> pb::SellerBalance {
         .into_inner()
 }
 
-async fn get_listing(app: &TestApp, id: &str) -> pb::Listing {
+pub(crate) async fn get_listing(app: &TestApp, id: &str) -> pb::Listing {
     let t = app.token("viewer", SHOP);
     shopping(app).get_listing(authed(pb::GetListingRequest { listing_id: id.into() }, &t)).await.unwrap().into_inner()
 }
 
-async fn refund(
+pub(crate) async fn refund(
     app: &TestApp,
     seller: &str,
     purchase: &str,
@@ -128,7 +132,7 @@ async fn refund(
 }
 
 /// Funds `n` buyers named `{prefix}{i}` with `amount` each, a few at a time.
-async fn fund_buyers(app: &TestApp, prefix: &str, n: usize, amount: &str) -> Vec<String> {
+pub(crate) async fn fund_buyers(app: &TestApp, prefix: &str, n: usize, amount: &str) -> Vec<String> {
     let t = app.token("svc", LEDGER_SCOPES);
     let names: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
     for name in &names {
@@ -138,7 +142,7 @@ async fn fund_buyers(app: &TestApp, prefix: &str, n: usize, amount: &str) -> Vec
 }
 
 /// Waits for every task, in order.
-async fn join_all<T>(tasks: impl IntoIterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
+pub(crate) async fn join_all<T>(tasks: impl IntoIterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
     let mut out = Vec::new();
     for t in tasks {
         out.push(t.await.expect("task"));
@@ -200,6 +204,23 @@ async fn flash_sale_sells_exactly_k(app: TestApp) {
     assert_books_balance(&app).await;
 }
 
+/// A purchase from the wallet alone (`BALANCE`), which never charges a card.
+async fn buy_from_wallet(
+    app: &TestApp,
+    buyer: &str,
+    key: &str,
+    listing: &str,
+) -> Result<pb::PurchaseReceipt, tonic::Status> {
+    let req = pb::PurchaseRequest {
+        idempotency_key: key.into(),
+        listing_id: listing.into(),
+        quantity: 1,
+        funding_source: pb::PurchaseFundingSource::Balance as i32,
+        ..Default::default()
+    };
+    purchase(app, buyer, req).await
+}
+
 /// A purchase whose payment fails (the wallet cannot cover it) takes no unit: the
 /// listing's two units still go to the next two buyers.
 async fn a_failed_payment_gives_its_unit_back(app: TestApp) {
@@ -207,14 +228,14 @@ async fn a_failed_payment_gives_its_unit_back(app: TestApp) {
     let l = create_listing(&app, "seller", listing_req("two", "live-2", "30.00", 2, 1)).await.unwrap();
     fund_buyers(&app, "rich", 2, "50.00").await;
     fund_buyers(&app, "poor", 1, "5.00").await;
-    let refused = buy(&app, "poor0", "p", &l.listing_id, 1).await.unwrap_err();
+    let refused = buy_from_wallet(&app, "poor0", "p", &l.listing_id).await.unwrap_err();
     assert_eq!((refused.code(), reason(&refused)), (Code::FailedPrecondition, "INSUFFICIENT_FUNDS".into()));
     assert_eq!(get_listing(&app, &l.listing_id).await.sold, 0, "the failed payment holds no unit");
     assert_eq!(app.count("purchases").await, 0, "a refused tap writes nothing");
     // In one parallel burst with the poor buyer again: both units sell to the others.
     let (a, b, c) = tokio::join!(
         buy(&app, "rich0", "r", &l.listing_id, 1),
-        buy(&app, "poor0", "p2", &l.listing_id, 1),
+        buy_from_wallet(&app, "poor0", "p2", &l.listing_id),
         buy(&app, "rich1", "r", &l.listing_id, 1)
     );
     assert!(a.is_ok() && c.is_ok(), "{a:?} {c:?}");
@@ -442,7 +463,7 @@ async fn bad_purchases_are_refused_and_write_nothing(app: TestApp) {
                 listing_id: l.listing_id.clone(),
                 quantity: 1,
                 unit_price: Some(pb::Money { currency: "EUR".into(), amount: "5.00".into() }),
-                tab_id: String::new(),
+                ..Default::default()
             },
             &app.token("b0", SHOP),
         ))
@@ -557,7 +578,7 @@ async fn purchase_events_reach_the_stream(app: TestApp) {
     assert_eq!(field(&both), "stream_id");
 }
 
-async fn buy_on_tab(
+pub(crate) async fn buy_on_tab(
     app: &TestApp,
     buyer: &str,
     key: &str,
@@ -571,8 +592,8 @@ async fn buy_on_tab(
                 idempotency_key: key.into(),
                 listing_id: listing.into(),
                 quantity: 1,
-                unit_price: None,
                 tab_id: tab.into(),
+                ..Default::default()
             },
             &t,
         ))
@@ -580,7 +601,13 @@ async fn buy_on_tab(
         .map(|r| r.into_inner())
 }
 
-async fn open_tab(app: &TestApp, buyer: &str, key: &str, stream: &str, cap: &str) -> Result<pb::Tab, tonic::Status> {
+pub(crate) async fn open_tab(
+    app: &TestApp,
+    buyer: &str,
+    key: &str,
+    stream: &str,
+    cap: &str,
+) -> Result<pb::Tab, tonic::Status> {
     let t = app.token(buyer, SHOP);
     shopping(app)
         .open_tab(authed(
@@ -596,13 +623,13 @@ async fn open_tab(app: &TestApp, buyer: &str, key: &str, stream: &str, cap: &str
         .map(|r| r.into_inner())
 }
 
-async fn get_tab(app: &TestApp, buyer: &str, id: &str) -> pb::Tab {
+pub(crate) async fn get_tab(app: &TestApp, buyer: &str, id: &str) -> pb::Tab {
     let t = app.token(buyer, SHOP);
     shopping(app).get_tab(authed(pb::GetTabRequest { tab_id: id.into() }, &t)).await.unwrap().into_inner()
 }
 
 /// The sandbox's calls of one kind for a tab.
-async fn tab_calls(app: &TestApp, tab: &str, kind: &str) -> Vec<i64> {
+pub(crate) async fn tab_calls(app: &TestApp, tab: &str, kind: &str) -> Vec<i64> {
     dmpay::with_db!(&app.db, pool => sqlx::query_scalar::<_, i64>(
         "SELECT COALESCE(amount, 0) FROM sandbox_processor_calls WHERE kind = $1 AND idempotency_key LIKE $2"
     )

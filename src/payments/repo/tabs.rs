@@ -8,13 +8,13 @@ use crate::kernel::error::{Error, Result};
 use crate::kernel::ids::{TabId, UserId};
 use crate::kernel::money::{Currency, Money};
 use crate::ledger::engine::hook::Conn;
-use crate::payments::listing::{Tab, TabStatus};
+use crate::payments::listing::{Tab, TabKind, TabStatus};
 use crate::store::json_rows;
 use crate::with_db;
 
 pub(crate) const TAB_COLUMNS: &str = "tab_id, buyer_id, stream_id, currency, cap, spent, status, \
      payment_method_token, authorization_ref, capture_ref, captured, failure_reason, failure_message, expires_at_us, \
-     created_at_us, closed_at_us";
+     created_at_us, closed_at_us, kind";
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct TabRow {
@@ -34,6 +34,7 @@ pub(crate) struct TabRow {
     expires_at_us: i64,
     created_at_us: i64,
     closed_at_us: Option<i64>,
+    kind: String,
 }
 
 impl TryFrom<TabRow> for Tab {
@@ -57,6 +58,7 @@ impl TryFrom<TabRow> for Tab {
             expires_at_us: r.expires_at_us,
             created_at_us: r.created_at_us,
             closed_at_us: r.closed_at_us,
+            kind: TabKind::from_db(&r.kind)?,
         })
     }
 }
@@ -105,8 +107,8 @@ impl PaymentStore {
         }
         let inserted = with_db!(&self.writer, pool => sqlx::query(
             "INSERT INTO stream_tabs (tab_id, buyer_id, stream_id, currency, cap, status, payment_method_token, \
-             idempotency_key, request_hash, expires_at_us, created_at_us, updated_at_us) \
-             VALUES ($1, $2, $3, $4, $5, 'opening', $6, $7, $8, $9, $10, $10)",
+             idempotency_key, request_hash, expires_at_us, created_at_us, updated_at_us, kind) \
+             VALUES ($1, $2, $3, $4, $5, 'opening', $6, $7, $8, $9, $10, $10, $11)",
         )
         .bind(tab.tab_id.as_str())
         .bind(tab.buyer_id.as_str())
@@ -118,6 +120,7 @@ impl PaymentStore {
         .bind(hash)
         .bind(tab.expires_at_us)
         .bind(tab.created_at_us)
+        .bind(tab.kind.as_str())
         .execute(pool)
         .await
         .map(|_| ()));

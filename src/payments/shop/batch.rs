@@ -178,11 +178,11 @@ impl Purchases {
                     return Err(tab_not_open(tab_id));
                 }
                 let left = tab.cap.minor() - tab.spent.minor();
-                if p.amount.minor() > left {
+                if p.tab_draw() > left {
                     return Err(tab_cap(tab_id, crate::kernel::money::Money::from_minor(tab.cap.currency(), left)));
                 }
                 tab.spent =
-                    crate::kernel::money::Money::from_minor(tab.cap.currency(), tab.spent.minor() + p.amount.minor());
+                    crate::kernel::money::Money::from_minor(tab.cap.currency(), tab.spent.minor() + p.tab_draw());
             }
             // Taken now; given back in `decided` if the ledger refuses the money.
             listing.sold += p.quantity;
@@ -227,8 +227,7 @@ impl Purchases {
                     l.sold -= units;
                 }
                 if let Some(t) = p.tab_id.as_ref().and_then(|t| self.tabs.get_mut(t.as_str())) {
-                    t.spent =
-                        crate::kernel::money::Money::from_minor(t.cap.currency(), t.spent.minor() - p.amount.minor());
+                    t.spent = crate::kernel::money::Money::from_minor(t.cap.currency(), t.spent.minor() - p.tab_draw());
                 }
                 if let Some(b) = prepared.bought.get_mut(&(p.listing_id.to_string(), p.buyer_id.to_string())) {
                     *b -= units;
@@ -281,7 +280,7 @@ impl Purchases {
         for (cmd, _) in &self.rows {
             if let Some(a) = self.items.get(cmd) {
                 if let Some(t) = &a.purchase.tab_id {
-                    *spend.entry(t.as_str()).or_insert(0) += a.purchase.amount.minor();
+                    *spend.entry(t.as_str()).or_insert(0) += a.purchase.tab_draw();
                 }
             }
         }

@@ -5,16 +5,19 @@
 //!
 //! - `tabs`    stream tabs: one card authorization, purchases drawn on it, one capture
 //! - `batch`   a purchase's rules and stock under the engine's batch locks
+//! - `card`    purchases paid (in part) by card: one authorization, captured or voided
 //! - `refunds` sellers' refunds, one attempt at a time
 //!
 //! Money flow of a purchase of amount A with commission C, one ledger entry: debit the
-//! buyer's wallet A, credit the seller's `sales_pending` A - C and `platform:commissions`
-//! C. After the hold (`DMPAY_SHOP_HOLD`) or delivery, the seller's share less what
+//! buyer's wallet A (or their tab account: a stream tab's purchase, or the card part and
+//! its fee of a card purchase, `card`), credit the seller's `sales_pending` A - C and
+//! `platform:commissions` C (and `platform:fees` a card purchase's fee). After the hold (`DMPAY_SHOP_HOLD`) or delivery, the seller's share less what
 //! refunds took moves from `sales_pending` to the seller's wallet (`release`). A refund
 //! of R moves R back to the buyer's wallet: its commission part from the platform, the
 //! rest from the sale's pending money while it is held, else from the seller's wallet.
 
 pub mod batch;
+pub mod card;
 pub mod refunds;
 pub mod tabs;
 
@@ -34,7 +37,9 @@ use crate::kernel::page::Page;
 use crate::kernel::reason::Reason;
 use crate::ledger::{
     AccountCode, Direction, NewEntry, Op, Outcome, PostEntryInput, Posting, PostingInput, SYSTEM_COMMISSIONS,
+    SYSTEM_FEES,
 };
+use crate::payments::model::FundingSource;
 
 /// How long a listing read for a purchase is reused. The batch checks the listing
 /// again under its lock (open, stock, per-buyer count); what the cache decides is only
@@ -115,16 +120,37 @@ pub struct PurchaseInput {
     pub unit_price: Option<Money>,
     /// Draw on this stream tab instead of the wallet.
     pub tab_id: Option<crate::kernel::ids::TabId>,
+    /// As for sends: the wallet, a card, or the wallet first and a card for the rest.
+    pub funding: FundingSource,
+    /// The card to charge; `None`: the default card.
+    pub payment_method_token: Option<String>,
 }
 
 impl PurchaseInput {
     fn request_hash(&self) -> String {
-        crate::ledger::hash_request(&serde_json::json!({
+        let mut request = serde_json::json!({
             "listing": self.listing_id.as_str(),
             "quantity": self.quantity,
             "tab": self.tab_id.as_ref().map(|t| t.as_str()),
-        }))
+        });
+        // Only when not the defaults, so purchases recorded before card funding existed
+        // keep their hashes.
+        if self.funding != FundingSource::Auto {
+            request["funding"] = self.funding.as_str().into();
+        }
+        if let Some(token) = &self.payment_method_token {
+            request["token"] = token.as_str().into();
+        }
+        crate::ledger::hash_request(&request)
     }
+}
+
+/// A purchase on its way to the batch, with what its answer needs.
+pub(super) struct Sale<'a> {
+    pub purchase: Purchase,
+    pub key: &'a str,
+    pub hash: &'a str,
+    pub title: &'a str,
 }
 
 /// A seller's money in one currency.
@@ -293,6 +319,15 @@ impl Payments {
     pub async fn purchase(&self, buyer: &UserId, input: PurchaseInput) -> Result<(Purchase, i64)> {
         crate::ledger::check_idempotency_key("idempotency_key", &input.idempotency_key)?;
         model::check_quantity("quantity", input.quantity)?;
+        if input.tab_id.is_some() && input.funding != FundingSource::Auto {
+            return Err(Error::invalid(
+                "funding_source",
+                "a purchase on a tab is paid by the tab; leave funding_source unset",
+            ));
+        }
+        if input.payment_method_token.is_some() && (input.tab_id.is_some() || input.funding == FundingSource::Balance) {
+            return Err(Error::invalid("payment_method_token", "only a purchase that may charge a card takes one"));
+        }
         let hash = input.request_hash();
         let for_sale = match self.listings.get(&input.listing_id) {
             Some(f) => f,
@@ -344,10 +379,10 @@ impl Payments {
         self.ensure_user(buyer).await?;
         let currency = listing.unit_price.currency();
         if let Some(tab_id) = &input.tab_id {
-            // The tab's state and spend are checked in the batch, under its lock; whose
-            // and which stream's it is never changes.
+            // The tab's state and spend are checked in the batch, under its lock; whose,
+            // which stream's and what kind it is never changes.
             match self.store.tab(tab_id).await? {
-                Some(t) if t.buyer_id == *buyer => {
+                Some(t) if t.buyer_id == *buyer && t.kind == model::TabKind::Stream => {
                     if t.stream_id != listing.stream_id || t.cap.currency() != currency {
                         return Err(Error::invalid("tab_id", "the tab is for another stream or currency"));
                     }
@@ -365,44 +400,7 @@ impl Payments {
             amount,
             bps.and_then(|b| u32::try_from(b).ok()).unwrap_or(self.config.shop.commission_bps),
         );
-        let accounts = self.ledger.accounts();
-        // From the wallet, or from the viewer's tab account (what the card owes).
-        let (wallet, locks) = match &input.tab_id {
-            None => (accounts.wallet(buyer, currency).await?, Vec::new()),
-            Some(_) => {
-                // The batch checks the buyer's daily limit against their spend, which
-                // sends and card payments change under the wallet's lock; an entry on
-                // the tab account does not touch the wallet, so it takes that lock too.
-                let w = accounts.wallet(buyer, currency).await?;
-                (accounts.tab(buyer, currency).await?, vec![w.id])
-            }
-        };
-        let pending = accounts.sales_pending(&listing.seller_id, currency).await?;
-        let mut postings = vec![
-            Posting {
-                account_id: wallet.id,
-                account_code: wallet.code,
-                direction: Direction::Debit,
-                amount: Money::from_minor(currency, amount),
-            },
-            Posting {
-                account_id: pending.id,
-                account_code: pending.code,
-                direction: Direction::Credit,
-                amount: Money::from_minor(currency, amount - commission),
-            },
-        ];
-        if commission > 0 {
-            let revenue = accounts.system(SYSTEM_COMMISSIONS, currency).await?;
-            postings.push(Posting {
-                account_id: revenue.id,
-                account_code: revenue.code,
-                direction: Direction::Credit,
-                amount: Money::from_minor(currency, commission),
-            });
-        }
-        postings.retain(|p| p.amount.minor() > 0);
-        crate::ledger::check_balanced("postings", &postings)?;
+        let zero = Money::zero(currency);
         let purchase = Purchase {
             purchase_id: PurchaseId::generate(),
             listing_id: listing.listing_id.clone(),
@@ -413,7 +411,7 @@ impl Payments {
             unit_price: listing.unit_price,
             amount: Money::from_minor(currency, amount),
             commission: Money::from_minor(currency, commission),
-            refunded_amount: Money::zero(currency),
+            refunded_amount: zero,
             commission_refunded: 0,
             restocked: 0,
             hold: model::Hold::Held,
@@ -421,14 +419,70 @@ impl Payments {
             released_amount: None,
             created_at_us: now,
             tab_id: input.tab_id.clone(),
+            // A stream tab pays the whole amount; otherwise the wallet does, unless the
+            // card path below splits it.
+            wallet_amount: if input.tab_id.is_some() { zero } else { Money::from_minor(currency, amount) },
+            card_amount: zero,
+            fee_amount: zero,
         };
+        let sale = Sale { purchase, key: &input.idempotency_key, hash: &hash, title: &listing.title };
+        match (&input.tab_id, input.funding) {
+            (None, FundingSource::Card) => self.purchase_by_card(sale, &input).await,
+            (None, FundingSource::Auto) => match self.submit_purchase(&sale).await {
+                // Wallet first; the card only for what a wallet payment could not be.
+                Err(Error::FailedPrecondition { reason: Reason::InsufficientFunds, .. }) => {
+                    self.purchase_by_card(sale, &input).await
+                }
+                other => other,
+            },
+            _ => self.submit_purchase(&sale).await,
+        }
+    }
+
+    /// Submits a purchase to the posting engine's batch, where its rules and stock are
+    /// decided with the money: the wallet's part, the tab's draw (a stream tab's whole
+    /// amount, or a card purchase's card part and fee) to the seller's pending account,
+    /// the platform's commission and the card fee.
+    pub(super) async fn submit_purchase(&self, sale: &Sale<'_>) -> Result<(Purchase, i64)> {
+        let p = &sale.purchase;
+        let (buyer, currency) = (&p.buyer_id, p.amount.currency());
+        let accounts = self.ledger.accounts();
+        let wallet = accounts.wallet(buyer, currency).await?;
+        let mut postings = Vec::with_capacity(5);
+        let mut leg = |account: &crate::ledger::LedgerAccount, direction, minor: i64| {
+            if minor > 0 {
+                postings.push(Posting {
+                    account_id: account.id,
+                    account_code: account.code.clone(),
+                    direction,
+                    amount: Money::from_minor(currency, minor),
+                });
+            }
+        };
+        leg(&wallet, Direction::Debit, p.wallet_amount.minor());
+        if p.tab_id.is_some() {
+            // The viewer's tab account: what the card owes.
+            leg(&accounts.tab(buyer, currency).await?, Direction::Debit, p.tab_draw());
+        }
+        leg(&accounts.sales_pending(&p.seller_id, currency).await?, Direction::Credit, p.seller_share());
+        if p.commission.minor() > 0 {
+            leg(&accounts.system(SYSTEM_COMMISSIONS, currency).await?, Direction::Credit, p.commission.minor());
+        }
+        if p.fee_amount.minor() > 0 {
+            leg(&accounts.system(SYSTEM_FEES, currency).await?, Direction::Credit, p.fee_amount.minor());
+        }
+        crate::ledger::check_balanced("postings", &postings)?;
+        // The batch checks the buyer's daily limit against their spend, which sends and
+        // card payments change under the wallet's lock; an entry that does not touch the
+        // wallet takes that lock too.
+        let locks = if p.wallet_amount.minor() == 0 { vec![wallet.id] } else { Vec::new() };
         let entry = NewEntry {
             kind: "shop_purchase".into(),
-            description: listing.title.chars().take(crate::ledger::DESCRIPTION_LEN_MAX).collect(),
+            description: sale.title.chars().take(crate::ledger::DESCRIPTION_LEN_MAX).collect(),
             metadata: [
-                ("purchase_id".to_string(), purchase.purchase_id.to_string()),
-                ("listing_id".to_string(), listing.listing_id.to_string()),
-                ("stream_id".to_string(), listing.stream_id.clone()),
+                ("purchase_id".to_string(), p.purchase_id.to_string()),
+                ("listing_id".to_string(), p.listing_id.to_string()),
+                ("stream_id".to_string(), p.stream_id.clone()),
             ]
             .into_iter()
             .collect(),
@@ -438,9 +492,9 @@ impl Payments {
         };
         let units_sold = Arc::new(AtomicI64::new(0));
         let ticket = self.hook.register_purchase(batch::PurchaseAttachment {
-            purchase: purchase.clone(),
-            idempotency_key: input.idempotency_key.clone(),
-            request_hash: hash,
+            purchase: p.clone(),
+            idempotency_key: sale.key.to_owned(),
+            request_hash: sale.hash.to_owned(),
             units_sold: units_sold.clone(),
         });
         let outcome = self.ledger.engine().submit_attached(ACTOR, None, Op::Post(entry), Some(ticket)).await;
@@ -448,23 +502,25 @@ impl Payments {
             Err(e @ Error::FailedPrecondition { reason: Reason::SoldOut, .. }) => {
                 // Sold out in the batch, which said what it counted: the next taps
                 // are answered before it.
-                self.listings.saw_sold(&listing.listing_id, units_sold.load(Ordering::Relaxed));
+                self.listings.saw_sold(&p.listing_id, units_sold.load(Ordering::Relaxed));
                 Err(e)
             }
             Err(e) => Err(e),
             Ok(Outcome::Created { .. }) => {
                 self.store.notify();
                 let sold = units_sold.load(Ordering::Relaxed);
-                self.listings.saw_sold(&listing.listing_id, sold);
-                Ok((purchase, sold))
+                self.listings.saw_sold(&p.listing_id, sold);
+                Ok((p.clone(), sold))
             }
-            Ok(Outcome::Replayed(id)) => {
-                let p =
-                    self.store.purchase(&PurchaseId::from_db(id)).await?.ok_or_else(|| Error::not_found("purchase"))?;
-                let sold = self.store.listing(&p.listing_id).await?.map_or(0, |l| l.sold);
-                Ok((p, sold))
-            }
+            Ok(Outcome::Replayed(id)) => self.purchase_as_recorded(&PurchaseId::from_db(id)).await,
         }
+    }
+
+    /// A purchase made before, with its listing's count now: a retry's answer.
+    pub(super) async fn purchase_as_recorded(&self, id: &PurchaseId) -> Result<(Purchase, i64)> {
+        let p = self.store.purchase(id).await?.ok_or_else(|| Error::not_found("purchase"))?;
+        let sold = self.store.listing(&p.listing_id).await?.map_or(0, |l| l.sold);
+        Ok((p, sold))
     }
 
     /// `GetPurchase`: for its buyer, its seller, or the platform.

@@ -22,7 +22,7 @@ use crate::kernel::ids::{TabId, UserId};
 use crate::kernel::money::Money;
 use crate::kernel::reason::Reason;
 use crate::ledger::{AccountCode, SYSTEM_CLEARING};
-use crate::payments::listing::{check_stream_id, Tab, TabStatus};
+use crate::payments::listing::{check_stream_id, Tab, TabKind, TabStatus};
 use crate::processor::ProcessorError;
 
 /// Tabs the resolver finishes per tick.
@@ -121,6 +121,7 @@ impl Payments {
             expires_at_us: now.saturating_add(self.config.shop.tab_ttl_s.saturating_mul(1_000_000)),
             created_at_us: now,
             closed_at_us: None,
+            kind: TabKind::Stream,
         };
         let tab = match self.store.insert_tab(&tab, &input.idempotency_key, &hash).await? {
             TabInserted::New(t) => t,
@@ -144,7 +145,7 @@ impl Payments {
 
     /// Authorizes an opening tab's card (asking the processor first whether an earlier
     /// attempt did) and opens it, or fails it with the decline.
-    async fn finish_opening(&self, tab: Tab) -> Result<Tab> {
+    pub(super) async fn finish_opening(&self, tab: Tab) -> Result<Tab> {
         let processor = self.vault.processor().clone();
         let auth_key = key(&tab.tab_id, "auth");
         let outcome = match processor.lookup(&auth_key).await {
@@ -198,7 +199,7 @@ impl Payments {
     /// Captures a closing tab's fixed amount (or voids its authorization when nothing
     /// was spent), books the capture, and closes it. Each step asks the processor
     /// first whether an earlier attempt made it.
-    async fn finish_closing(&self, tab: Tab) -> Result<Tab> {
+    pub(super) async fn finish_closing(&self, tab: Tab) -> Result<Tab> {
         if tab.status != TabStatus::Closing {
             return Ok(tab);
         }

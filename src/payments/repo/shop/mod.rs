@@ -60,7 +60,7 @@ impl TryFrom<ListingRow> for Listing {
 
 pub(crate) const PURCHASE_COLUMNS: &str = "purchase_id, listing_id, buyer_id, seller_id, stream_id, currency, \
      quantity, unit_price, amount, commission, refunded_amount, commission_refunded, restocked, hold, \
-     available_at_us, released_amount, created_at_us, tab_id";
+     available_at_us, released_amount, created_at_us, tab_id, wallet_amount, card_amount, fee_amount";
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct PurchaseRow {
@@ -82,6 +82,9 @@ pub(crate) struct PurchaseRow {
     released_amount: Option<i64>,
     created_at_us: i64,
     tab_id: Option<String>,
+    wallet_amount: i64,
+    card_amount: i64,
+    fee_amount: i64,
 }
 
 impl TryFrom<PurchaseRow> for Purchase {
@@ -106,6 +109,9 @@ impl TryFrom<PurchaseRow> for Purchase {
             released_amount: r.released_amount,
             created_at_us: r.created_at_us,
             tab_id: r.tab_id.map(crate::kernel::ids::TabId::from_db),
+            wallet_amount: Money::from_minor(c, r.wallet_amount),
+            card_amount: Money::from_minor(c, r.card_amount),
+            fee_amount: Money::from_minor(c, r.fee_amount),
         })
     }
 }
@@ -564,6 +570,8 @@ type PurchaseJson<'a> = (
     &'a str,
     i64,
     Option<&'a str>,
+    // (wallet_amount, card_amount, fee_amount): serde's tuples stop at 16 elements.
+    (i64, i64, i64),
 );
 
 fn purchases_json<'a>(rows: &'a [BatchPurchase<'a>]) -> Vec<PurchaseJson<'a>> {
@@ -586,6 +594,7 @@ fn purchases_json<'a>(rows: &'a [BatchPurchase<'a>]) -> Vec<PurchaseJson<'a>> {
                 r.hash,
                 p.created_at_us,
                 p.tab_id.as_ref().map(|t| t.as_str()),
+                (p.wallet_amount.minor(), p.card_amount.minor(), p.fee_amount.minor()),
             )
         })
         .collect()
@@ -607,10 +616,10 @@ pub(crate) fn pg_ctes(
     Ok(format!(
         "shop_rows AS (INSERT INTO purchases (purchase_id, listing_id, buyer_id, seller_id, stream_id, currency, \
          quantity, unit_price, amount, commission, hold, available_at_us, idempotency_key, request_hash, \
-         created_at_us, updated_at_us, tab_id) \
+         created_at_us, updated_at_us, tab_id, wallet_amount, card_amount, fee_amount) \
          SELECT r ->> 0, r ->> 1, r ->> 2, r ->> 3, r ->> 4, r ->> 5, (r ->> 6)::int8, (r ->> 7)::int8, \
          (r ->> 8)::int8, (r ->> 9)::int8, 'held', (r ->> 10)::int8, r ->> 11, r ->> 12, (r ->> 13)::int8, {now}, \
-         r ->> 14 FROM jsonb_array_elements({rows}::jsonb) AS r), \
+         r ->> 14, (r -> 15 ->> 0)::int8, (r -> 15 ->> 1)::int8, (r -> 15 ->> 2)::int8 FROM jsonb_array_elements({rows}::jsonb) AS r), \
          shop_sold AS (UPDATE listings l SET sold = l.sold + t.n, updated_at_us = {now} \
          FROM UNNEST({ids}::text[], {counts}::int8[]) AS t(id, n) WHERE l.listing_id = t.id)"
     ))
@@ -632,10 +641,10 @@ pub(crate) fn sqlite_statements(
     args.add(pairs)?;
     Ok("INSERT INTO purchases (purchase_id, listing_id, buyer_id, seller_id, stream_id, currency, \
          quantity, unit_price, amount, commission, hold, available_at_us, idempotency_key, request_hash, \
-         created_at_us, updated_at_us, tab_id) \
+         created_at_us, updated_at_us, tab_id, wallet_amount, card_amount, fee_amount) \
          SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, \
          value ->> 7, value ->> 8, value ->> 9, 'held', value ->> 10, value ->> 11, value ->> 12, \
-         value ->> 13, ?, value ->> 14 FROM json_each(?); \
+         value ->> 13, ?, value ->> 14, value -> 15 ->> 0, value -> 15 ->> 1, value -> 15 ->> 2 FROM json_each(?); \
          UPDATE listings SET sold = sold + (SELECT j.value ->> 1 FROM json_each(?) AS j \
          WHERE j.value ->> 0 = listings.listing_id), updated_at_us = ? \
          WHERE listing_id IN (SELECT j.value ->> 0 FROM json_each(?) AS j)")

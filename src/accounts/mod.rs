@@ -165,6 +165,11 @@ impl Accounts {
         Accounts { db, writer, clock, known: Default::default(), lookups: Default::default() }
     }
 
+    /// Whether this process has seen `user`'s account (so it exists), without a read.
+    pub fn known(&self, user: &UserId) -> bool {
+        self.known.contains(user.as_str())
+    }
+
     /// Whether `user`'s account exists, from memory when this process has seen it
     /// (accounts are never deleted), else read.
     pub async fn exists(&self, user: &UserId) -> Result<bool> {

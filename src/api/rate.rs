@@ -69,6 +69,9 @@ struct Bucket {
     tokens: f64,
     at: Instant,
     rate: Rate,
+    /// Made at the lowest rate before the caller's tier was known: when it is, the
+    /// bucket gets the burst it would have started with.
+    provisional: bool,
 }
 
 impl Bucket {
@@ -85,14 +88,21 @@ impl Bucket {
     }
 }
 
+/// Tier lookups running in the background at most (`Limiter::look_up_later`); past this
+/// a first caller waits for its own, as every caller did before.
+const BACKGROUND_LOOKUPS_MAX: usize = 2_000;
+
+type Tiers = Arc<Mutex<HashMap<String, (Tier, Instant)>>>;
+
 /// The shared state: buckets and cached tiers.
 pub struct Limiter {
     limits: RateLimits,
     /// Std mutexes: each is held for a map operation, never across an await.
     shards: Vec<Mutex<HashMap<String, Bucket>>>,
-    tiers: Mutex<HashMap<String, (Tier, Instant)>>,
+    tiers: Tiers,
     accounts: Accounts,
     metrics: crate::telemetry::Metrics,
+    background: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Limiter {
@@ -100,9 +110,10 @@ impl Limiter {
         Arc::new(Limiter {
             limits,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            tiers: Mutex::new(HashMap::new()),
+            tiers: Default::default(),
             accounts,
             metrics,
+            background: Default::default(),
         })
     }
 
@@ -111,47 +122,99 @@ impl Limiter {
         &self.shards[h % SHARDS]
     }
 
-    /// The rate of `caller`.
-    async fn rate(&self, caller: &Principal) -> Rate {
-        const SERVICE: [&str; 4] =
-            [scope::ACCOUNTS_ADMIN, scope::LEDGER_WRITE, scope::FINANCE, scope::PAYMENTS_WATCH_ALL];
-        if SERVICE.iter().any(|s| caller.has(s)) {
-            return self.limits.service;
-        }
-        let now = Instant::now();
-        let cached = self.tiers.lock().ok().and_then(|t| t.get(&caller.sub).copied());
-        let tier = match cached {
-            Some((tier, at)) if now.saturating_duration_since(at) < TIER_TTL => tier,
-            _ => {
-                // A sub that is not a user id, or a lookup that fails, counts as the
-                // lowest tier: the limit must hold when the database does not answer.
-                let tier = match UserId::parse("sub", &caller.sub) {
-                    // Read together with the other first callers of the moment.
-                    Ok(user) => self.accounts.tier_of(&user).await.ok().flatten().unwrap_or(Tier::Unverified),
-                    Err(_) => Tier::Unverified,
-                };
-                if let Ok(mut tiers) = self.tiers.lock() {
-                    if tiers.len() >= BUCKETS_MAX {
-                        tiers.retain(|_, (_, at)| now.saturating_duration_since(*at) < TIER_TTL);
-                        if tiers.len() >= BUCKETS_MAX {
-                            tiers.clear();
-                        }
-                    }
-                    tiers.insert(caller.sub.clone(), (tier, now));
-                }
-                tier
-            }
-        };
+    /// The lowest rate of any user: what a caller whose tier is not known yet may do.
+    fn lowest(&self) -> Rate {
+        let (u, v) = (self.limits.unverified, self.limits.verified);
+        Rate { per_second: u.per_second.min(v.per_second), burst: u.burst.min(v.burst) }
+    }
+
+    fn rate_of(&self, tier: Tier) -> Rate {
         match tier {
             Tier::Unverified => self.limits.unverified,
             Tier::Verified => self.limits.verified,
         }
     }
 
-    /// Takes one token from `caller`'s bucket, or says how long until there is one.
-    pub async fn take(&self, caller: &Principal) -> Result<(), Duration> {
-        let rate = self.rate(caller).await;
+    /// The rate of `caller` when it is known without a read: a platform service's, or
+    /// a user's whose tier was read less than `TIER_TTL` ago.
+    fn known_rate(&self, caller: &Principal, now: Instant) -> Option<Rate> {
+        const SERVICE: [&str; 4] =
+            [scope::ACCOUNTS_ADMIN, scope::LEDGER_WRITE, scope::FINANCE, scope::PAYMENTS_WATCH_ALL];
+        if SERVICE.iter().any(|s| caller.has(s)) {
+            return Some(self.limits.service);
+        }
+        match self.tiers.lock().ok().and_then(|t| t.get(&caller.sub).copied()) {
+            Some((tier, at)) if now.saturating_duration_since(at) < TIER_TTL => Some(self.rate_of(tier)),
+            _ => None,
+        }
+    }
+
+    /// Reads `caller`'s tier (with the other first callers of the moment) and remembers
+    /// it. A sub that is not a user id, or a lookup that fails, counts as the lowest
+    /// tier: the limit must hold when the database does not answer.
+    async fn read_tier(accounts: &Accounts, tiers: &Tiers, sub: &str) -> Tier {
+        let tier = match UserId::parse("sub", sub) {
+            Ok(user) => accounts.tier_of(&user).await.ok().flatten().unwrap_or(Tier::Unverified),
+            Err(_) => Tier::Unverified,
+        };
         let now = Instant::now();
+        if let Ok(mut tiers) = tiers.lock() {
+            if tiers.len() >= BUCKETS_MAX {
+                tiers.retain(|_, (_, at)| now.saturating_duration_since(*at) < TIER_TTL);
+                if tiers.len() >= BUCKETS_MAX {
+                    tiers.clear();
+                }
+            }
+            tiers.insert(sub.to_owned(), (tier, now));
+        }
+        tier
+    }
+
+    /// Reads `caller`'s tier in a task of its own, unless too many such reads run.
+    fn look_up_later(&self, caller: &Principal) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.background.fetch_add(1, Ordering::Relaxed) >= BACKGROUND_LOOKUPS_MAX {
+            self.background.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        let (accounts, tiers, background, sub) =
+            (self.accounts.clone(), self.tiers.clone(), self.background.clone(), caller.sub.clone());
+        tokio::spawn(async move {
+            Self::read_tier(&accounts, &tiers, &sub).await;
+            background.fetch_sub(1, Ordering::Relaxed);
+        });
+        true
+    }
+
+    /// Takes one token from `caller`'s bucket, or says how long until there is one.
+    ///
+    /// A caller whose tier is not known (its first call, or the tier's `TIER_TTL` has
+    /// passed) does not wait for it to be read when the call is within the lowest rate,
+    /// which every tier allows: the tier is read in the background and applies from
+    /// then on. Only a call the lowest rate would refuse waits for the read. So a live
+    /// stream's first-time buyers spend no read before their tap, and no caller is ever
+    /// let through beyond its tier's rate.
+    pub async fn take(&self, caller: &Principal) -> Result<(), Duration> {
+        let now = Instant::now();
+        if let Some(rate) = self.known_rate(caller, now) {
+            return self.take_at(caller, Some(rate), now);
+        }
+        if self.take_at(caller, None, now).is_ok() {
+            if self.look_up_later(caller) {
+                return Ok(());
+            }
+            // Too many reads in the background: this caller reads its own, as before;
+            // the token it took stands.
+            Self::read_tier(&self.accounts, &self.tiers, &caller.sub).await;
+            return Ok(());
+        }
+        let tier = Self::read_tier(&self.accounts, &self.tiers, &caller.sub).await;
+        self.take_at(caller, Some(self.rate_of(tier)), Instant::now())
+    }
+
+    /// Takes a token at `rate`, the caller's known rate; `None`: at the rate of its
+    /// bucket, or the lowest rate for a new one.
+    fn take_at(&self, caller: &Principal, rate: Option<Rate>, now: Instant) -> Result<(), Duration> {
         // A lock poisoned by a panic elsewhere still holds valid buckets: keep counting
         // (letting every write through would fail open).
         let mut map = self.shard(&caller.sub).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -164,16 +227,33 @@ impl Limiter {
                 }
             }
         }
-        let bucket = map.entry(caller.sub.clone()).or_insert(Bucket { tokens: rate.burst, at: now, rate });
-        // A tier change takes effect at once (the tokens kept, up to the new burst).
-        bucket.rate = rate;
+        let start = rate.unwrap_or_else(|| self.lowest());
+        let bucket = map.entry(caller.sub.clone()).or_insert(Bucket {
+            tokens: start.burst,
+            at: now,
+            rate: start,
+            provisional: rate.is_none(),
+        });
         bucket.refill(now);
+        if let Some(rate) = rate {
+            if bucket.provisional {
+                // Started at the lowest burst: the rest of this tier's burst now.
+                bucket.tokens = (bucket.tokens + (rate.burst - bucket.rate.burst).max(0.0)).min(rate.burst);
+                bucket.provisional = false;
+            }
+            // A tier change takes effect at once (the tokens kept, up to the new burst).
+            bucket.rate = rate;
+            bucket.tokens = bucket.tokens.min(rate.burst);
+        }
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
             return Ok(());
         }
-        self.metrics.counters().rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let wait = (1.0 - bucket.tokens) / rate.per_second.max(f64::MIN_POSITIVE);
+        let per_second = bucket.rate.per_second;
+        let wait = (1.0 - bucket.tokens) / per_second.max(f64::MIN_POSITIVE);
+        if rate.is_some() {
+            self.metrics.counters().rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Err(Duration::from_secs_f64(wait.min(3_600.0)))
     }
 }
@@ -282,7 +362,7 @@ mod tests {
     #[test]
     fn a_bucket_refills_at_its_rate_up_to_its_burst() {
         let now = Instant::now();
-        let mut b = Bucket { tokens: 0.0, at: now, rate: Rate { per_second: 10.0, burst: 5.0 } };
+        let mut b = Bucket { tokens: 0.0, at: now, rate: Rate { per_second: 10.0, burst: 5.0 }, provisional: false };
         b.refill(now + Duration::from_millis(200));
         assert!((b.tokens - 2.0).abs() < 1e-9);
         b.refill(now + Duration::from_secs(60));

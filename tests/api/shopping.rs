@@ -991,6 +991,7 @@ async fn tab_purchases_and_sends_share_the_daily_limit(app: TestApp) {
 }
 
 backend_tests!(
+    a_first_call_purchase_makes_the_account,
     tab_purchases_and_sends_share_the_daily_limit,
     stream_tab_draws_then_captures_once,
     tabs_refuse_bad_input_and_declines,
@@ -1007,3 +1008,22 @@ backend_fn_tests!(
     a_crash_mid_tab_is_finished_once,
     a_stalled_refund_is_finished_by_one_attempt,
 );
+
+/// A buyer whose first call is the purchase: no account is read or made before the
+/// batch, which finds none; it is made then and the purchase goes through once.
+async fn a_first_call_purchase_makes_the_account(app: TestApp) {
+    make_seller(&app, "seller", None).await;
+    let l = create_listing(&app, "seller", listing_req("f", "live-f", "2.00", 5, 1)).await.unwrap();
+    fund_buyers(&app, "fresh", 1, "5.00").await;
+    dmpay::with_db!(&app.db, pool => sqlx::query("DELETE FROM accounts WHERE user_id = 'fresh0'")
+        .execute(pool)
+        .await
+        .map(|_| ()))
+    .unwrap();
+    let p = buy(&app, "fresh0", "k", &l.listing_id, 1).await.unwrap();
+    assert_eq!(app.count("accounts WHERE user_id = 'fresh0'").await, 1, "made by the purchase");
+    assert_eq!(app.count("purchases").await, 1);
+    assert_eq!(buy(&app, "fresh0", "k", &l.listing_id, 1).await.unwrap().purchase_id, p.purchase_id);
+    assert_eq!(get_listing(&app, &l.listing_id).await.sold, 1);
+    assert_books_balance(&app).await;
+}

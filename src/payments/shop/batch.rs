@@ -146,7 +146,7 @@ impl Purchases {
             let (tier, buyer) = users
                 .get(p.buyer_id.as_str())
                 .copied()
-                .ok_or_else(|| Error::internal(anyhow::anyhow!("buyer account {} missing", p.buyer_id)))?;
+                .ok_or_else(|| Error::NotFound(format!("buyer {} has no account", p.buyer_id)))?;
             let (_, seller) = users
                 .get(p.seller_id.as_str())
                 .copied()

@@ -35,6 +35,9 @@ impl Payments {
         input: &super::PurchaseInput,
     ) -> Result<(Purchase, i64)> {
         let buyer = sale.purchase.buyer_id.clone();
+        // The slow path: make sure of the account before a card is touched.
+        self.ensure_user(&buyer).await?;
+        sale.known = true;
         // A retry of a purchase already made answers it, without another card call.
         if let Some((p, h)) = self.store.purchase_by_key(&buyer, sale.key).await? {
             return if h == sale.hash {

@@ -151,6 +151,8 @@ pub(super) struct Sale<'a> {
     pub key: &'a str,
     pub hash: &'a str,
     pub title: &'a str,
+    /// The buyer's account was known to exist before the purchase.
+    pub known: bool,
 }
 
 /// A seller's money in one currency.
@@ -376,7 +378,11 @@ impl Payments {
                 None => Err(refusal),
             };
         }
-        self.ensure_user(buyer).await?;
+        // A buyer seen before has an account; one making their first call may not, and
+        // gets it made here. The others, first-time buyers of a flash sale among them,
+        // spend no read on it: the batch's rules read has every buyer's account, and a
+        // missing one is made then and the purchase submitted again (`submit_purchase`).
+        let known = self.accounts.known(buyer);
         let currency = listing.unit_price.currency();
         if let Some(tab_id) = &input.tab_id {
             // The tab's state and spend are checked in the batch, under its lock; whose,
@@ -425,7 +431,7 @@ impl Payments {
             card_amount: zero,
             fee_amount: zero,
         };
-        let sale = Sale { purchase, key: &input.idempotency_key, hash: &hash, title: &listing.title };
+        let sale = Sale { purchase, key: &input.idempotency_key, hash: &hash, title: &listing.title, known };
         match (&input.tab_id, input.funding) {
             (None, FundingSource::Card) => self.purchase_by_card(sale, &input).await,
             (None, FundingSource::Auto) => match self.submit_purchase(&sale).await {
@@ -444,6 +450,19 @@ impl Payments {
     /// amount, or a card purchase's card part and fee) to the seller's pending account,
     /// the platform's commission and the card fee.
     pub(super) async fn submit_purchase(&self, sale: &Sale<'_>) -> Result<(Purchase, i64)> {
+        match self.submit_purchase_once(sale).await {
+            // The batch found no account for a buyer not known before (their first
+            // call): made now, and submitted again; a refusal wrote nothing. Another
+            // NOT_FOUND (the listing is gone) is answered as it is.
+            Err(Error::NotFound(_)) if !sale.known && !self.accounts.exists(&sale.purchase.buyer_id).await? => {
+                self.ensure_user(&sale.purchase.buyer_id).await?;
+                self.submit_purchase_once(sale).await
+            }
+            other => other,
+        }
+    }
+
+    async fn submit_purchase_once(&self, sale: &Sale<'_>) -> Result<(Purchase, i64)> {
         let p = &sale.purchase;
         let (buyer, currency) = (&p.buyer_id, p.amount.currency());
         let accounts = self.ledger.accounts();

@@ -17,8 +17,10 @@ ALTER TABLE purchases ADD COLUMN wallet_amount BIGINT NOT NULL DEFAULT 0 CHECK (
 ALTER TABLE purchases ADD COLUMN card_amount BIGINT NOT NULL DEFAULT 0 CHECK (card_amount >= 0);
 ALTER TABLE purchases ADD COLUMN fee_amount BIGINT NOT NULL DEFAULT 0 CHECK (fee_amount >= 0);
 UPDATE purchases SET wallet_amount = amount WHERE tab_id IS NULL;
+-- All three zero: a stream tab's purchase, or a wallet purchase written by a binary
+-- from before this migration while replicas are upgraded one at a time.
 ALTER TABLE purchases ADD CONSTRAINT purchases_funding CHECK (
-    (wallet_amount = 0 AND card_amount = 0 AND fee_amount = 0 AND tab_id IS NOT NULL)
+    (wallet_amount = 0 AND card_amount = 0 AND fee_amount = 0)
     OR (wallet_amount + card_amount = amount AND (card_amount > 0) = (tab_id IS NOT NULL)
         AND (card_amount > 0 OR fee_amount = 0))
 );

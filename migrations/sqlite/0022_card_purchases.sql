@@ -11,7 +11,7 @@ ALTER TABLE purchases ADD COLUMN card_amount INTEGER NOT NULL DEFAULT 0 CHECK (c
 UPDATE purchases SET wallet_amount = amount WHERE tab_id IS NULL;
 ALTER TABLE purchases ADD COLUMN fee_amount INTEGER NOT NULL DEFAULT 0 CHECK (
     fee_amount >= 0 AND (
-        (wallet_amount = 0 AND card_amount = 0 AND fee_amount = 0 AND tab_id IS NOT NULL)
+        (wallet_amount = 0 AND card_amount = 0 AND fee_amount = 0)
         OR (wallet_amount + card_amount = amount AND (card_amount > 0) = (tab_id IS NOT NULL)
             AND (card_amount > 0 OR fee_amount = 0))
     )

@@ -176,7 +176,11 @@ async fn card_purchase_input_is_checked(backend: Backend) {
     let mut bad = card_req("x", &l.listing_id, pb::PurchaseFundingSource::Card, "");
     bad.funding_source = 99;
     assert_eq!(field(&purchase(&app, "v", bad).await.unwrap_err()), "funding_source");
-    assert_eq!(app.count("stream_tabs WHERE kind = 'purchase'").await, 0, "nothing written");
+    // Over the tier's per-payment limit: refused before the card is touched.
+    let dear = create_listing(&app, "seller", listing_req("dear", "live-b", "5000.00", 0, 10)).await.unwrap();
+    let over = purchase(&app, "v", card_req("o", &dear.listing_id, pb::PurchaseFundingSource::Card, "")).await;
+    assert_eq!(over.unwrap_err().code(), Code::ResourceExhausted);
+    assert_eq!(app.count("stream_tabs WHERE kind = 'purchase'").await, 0, "nothing written, no card call");
 
     // Beside the open stream tab: a card purchase of its own, and the tab still open.
     let p = purchase(&app, "v", card_req("y", &l.listing_id, pb::PurchaseFundingSource::Card, "")).await.unwrap();

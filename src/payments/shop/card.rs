@@ -57,6 +57,22 @@ impl Payments {
             _ => 0,
         };
         let card_part = amount.minor() - wallet_part;
+        if card_part == 0 {
+            // The wallet was topped up since its attempt: a wallet purchase after all.
+            return self.submit_purchase(&sale).await;
+        }
+        // The rules a card cannot change, checked before it is touched, so a purchase
+        // the batch would refuse for them costs no authorization: the account's status
+        // and the tier's limits (the batch checks them again under its locks).
+        let account = self.accounts.get(&buyer).await?.ok_or_else(|| Error::not_found("buyer account"))?;
+        let sent = crate::payments::repo::spend::sent(self.store.db(), &buyer, currency, self.now_us()).await?;
+        crate::payments::model::check_send_rules(
+            account.status,
+            crate::accounts::Status::Active,
+            self.config.limits(account.tier),
+            amount,
+            sent,
+        )?;
         let fee = self.config.card_fee(card_part);
         let cap = card_part
             .checked_add(fee)

@@ -54,7 +54,13 @@ const LISTING_CACHE_MAX: usize = 10_000;
 /// whether the seller is one: a flash sale's taps read their listing from memory
 /// instead of the database.
 #[derive(Default)]
-pub struct ListingCache(std::sync::Mutex<std::collections::HashMap<ListingId, (std::time::Instant, ForSale)>>);
+pub struct ListingCache {
+    entries: std::sync::Mutex<std::collections::HashMap<ListingId, (std::time::Instant, ForSale)>>,
+    /// One gate per listing being read: the taps that miss a listing together (a
+    /// sale's first wave) wait for one read instead of each making their own. An entry
+    /// lives only while its read does.
+    loading: std::sync::Mutex<std::collections::HashMap<ListingId, Arc<tokio::sync::Mutex<()>>>>,
+}
 
 /// A listing as a purchase sees it.
 #[derive(Clone)]
@@ -66,12 +72,12 @@ pub(crate) struct ForSale {
 
 impl ListingCache {
     fn get(&self, id: &ListingId) -> Option<ForSale> {
-        let map = self.0.lock().ok()?;
+        let map = self.entries.lock().ok()?;
         map.get(id).filter(|(at, _)| at.elapsed() < LISTING_CACHE_TTL).map(|(_, f)| f.clone())
     }
 
     fn put(&self, f: ForSale) {
-        if let Ok(mut map) = self.0.lock() {
+        if let Ok(mut map) = self.entries.lock() {
             if map.len() >= LISTING_CACHE_MAX {
                 map.clear();
             }
@@ -82,7 +88,7 @@ impl ListingCache {
     /// Drops a listing changed here (stock added or put back, closed), so this process's
     /// next taps read it again; other processes' entries expire.
     fn forget(&self, id: &ListingId) {
-        if let Ok(mut map) = self.0.lock() {
+        if let Ok(mut map) = self.entries.lock() {
             map.remove(id);
         }
     }
@@ -90,11 +96,47 @@ impl ListingCache {
     /// What a batch learnt of the listing's count: it only grows the cached one (a
     /// restock shows once the entry expires).
     fn saw_sold(&self, id: &ListingId, sold: i64) {
-        if let Ok(mut map) = self.0.lock() {
+        if let Ok(mut map) = self.entries.lock() {
             if let Some((_, f)) = map.get_mut(id) {
                 f.listing.sold = f.listing.sold.max(sold);
             }
         }
+    }
+}
+
+impl Payments {
+    /// A listing as a purchase sees it: from the cache, else read once for every tap
+    /// that misses it meanwhile.
+    async fn for_sale(&self, id: &ListingId) -> Result<ForSale> {
+        if let Some(f) = self.listings.get(id) {
+            return Ok(f);
+        }
+        let gate = match self.listings.loading.lock() {
+            Ok(mut loading) => loading.entry(id.clone()).or_default().clone(),
+            Err(_) => Arc::default(),
+        };
+        let read = {
+            let _turn = gate.lock().await;
+            match self.listings.get(id) {
+                // Read by the tap that held the gate before this one.
+                Some(f) => Ok(f),
+                None => self.store.listing_for_sale(id).await.and_then(|found| {
+                    let (listing, commission_bps, is_seller) =
+                        found.ok_or_else(|| Error::NotFound(format!("listing_id: listing {id} not found")))?;
+                    let f = ForSale { listing, commission_bps, is_seller };
+                    self.listings.put(f.clone());
+                    Ok(f)
+                }),
+            }
+        };
+        if let Ok(mut loading) = self.listings.loading.lock() {
+            // The last tap through the gate takes it down (the map's own reference and
+            // this one are all that is left).
+            if loading.get(id).is_some_and(|g| Arc::strong_count(g) <= 2) {
+                loading.remove(id);
+            }
+        }
+        read
     }
 }
 
@@ -244,7 +286,14 @@ impl Payments {
             if input.per_buyer_max == 0 { self.config.shop.per_buyer_max_default } else { input.per_buyer_max };
         let hash = input.request_hash();
         match self.store.insert_listing(&input, per_buyer_max, self.config.shop.open_listings_per_seller_max).await? {
-            ListingInserted::New(l) => Ok(l),
+            ListingInserted::New(l) => {
+                // The accounts every purchase credits, made now rather than by the sale's
+                // first wave of taps all at once.
+                let accounts = self.ledger.accounts();
+                accounts.sales_pending(&l.seller_id, l.unit_price.currency()).await?;
+                accounts.system(SYSTEM_COMMISSIONS, l.unit_price.currency()).await?;
+                Ok(l)
+            }
             ListingInserted::Existing(l, h) if h == hash => Ok(l),
             ListingInserted::Existing(..) => Err(Error::AlreadyExists(format!(
                 "idempotency_key {:?} was already used for a different listing",
@@ -331,18 +380,7 @@ impl Payments {
             return Err(Error::invalid("payment_method_token", "only a purchase that may charge a card takes one"));
         }
         let hash = input.request_hash();
-        let for_sale = match self.listings.get(&input.listing_id) {
-            Some(f) => f,
-            None => {
-                let (listing, commission_bps, is_seller) =
-                    self.store.listing_for_sale(&input.listing_id).await?.ok_or_else(|| {
-                        Error::NotFound(format!("listing_id: listing {} not found", input.listing_id))
-                    })?;
-                let f = ForSale { listing, commission_bps, is_seller };
-                self.listings.put(f.clone());
-                f
-            }
-        };
+        let for_sale = self.for_sale(&input.listing_id).await?;
         let ForSale { listing, commission_bps: bps, is_seller } = for_sale;
         if let Some(seen) = input.unit_price {
             if seen != listing.unit_price {
@@ -452,9 +490,10 @@ impl Payments {
     pub(super) async fn submit_purchase(&self, sale: &Sale<'_>) -> Result<(Purchase, i64)> {
         match self.submit_purchase_once(sale).await {
             // The batch found no account for a buyer not known before (their first
-            // call): made now, and submitted again; a refusal wrote nothing. Another
-            // NOT_FOUND (the listing is gone) is answered as it is.
-            Err(Error::NotFound(_)) if !sale.known && !self.accounts.exists(&sale.purchase.buyer_id).await? => {
+            // call), or a twin of this call did: made now (if it is not already), and
+            // submitted again; a refusal wrote nothing. Another NOT_FOUND (the listing
+            // is gone) comes back from the second submission as it is.
+            Err(Error::NotFound(_)) if !sale.known => {
                 self.ensure_user(&sale.purchase.buyer_id).await?;
                 self.submit_purchase_once(sale).await
             }

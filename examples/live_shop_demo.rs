@@ -1,8 +1,9 @@
 //! Drives a running development dmpay through a live-stream flash sale: the platform
 //! makes Sam a seller, Sam lists 5 mugs in stream `live-42`, 20 funded viewers tap Buy at
 //! once (5 are sold, 15 told SOLD_OUT), Vic opens a stream tab with his card and buys
-//! twice on it, Sam refunds one sale with the unit back on sale, the stream ends (the
-//! tab is captured once), and Sam reads his sales and balances.
+//! twice on it, Wes pays for one with his wallet and his card, Sam refunds one sale with
+//! the unit back on sale, the stream ends (the tab is captured once), and Sam reads his
+//! sales and balances.
 //!
 //! ```sh
 //! DMPAY_ENV=development cargo run --example live_shop_demo -- http://127.0.0.1:50051
@@ -198,6 +199,56 @@ async fn main() -> anyhow::Result<()> {
         println!("  vic: bought {} on the tab ({})", p.purchase_id, amount(&p.amount));
     }
 
+    // Wes has no tab and 1.00 in his wallet: one tap pays 1.00 from the wallet and the
+    // rest by his card, authorized, then captured once the purchase is made.
+    let wes_id = format!("wes-{run}");
+    let wes = token(&wes_id, user_scopes)?;
+    let card = pb::TokenizeCardRequest {
+        card_number: "5555555555554444".into(),
+        exp_month: 12,
+        exp_year: 2030,
+        cvc: "123".into(),
+        holder_name: "Wes".into(),
+        postal_code: "10115".into(),
+    };
+    let pm = methods.tokenize_card(authed(card, &wes)).await?.into_inner();
+    methods
+        .link_payment_method(authed(pb::LinkPaymentMethodRequest { token: pm.token, make_default: true }, &wes))
+        .await?;
+    let fund = pb::PostEntryRequest {
+        idempotency_key: format!("fund-{wes_id}"),
+        kind: "deposit".into(),
+        postings: vec![
+            pb::Posting {
+                account_code: "platform:treasury:USD".into(),
+                direction: pb::Direction::Debit as i32,
+                amount: usd("1.00"),
+            },
+            pb::Posting {
+                account_code: format!("user:{wes_id}:wallet:USD"),
+                direction: pb::Direction::Credit as i32,
+                amount: usd("1.00"),
+            },
+        ],
+        ..Default::default()
+    };
+    ledger.post_entry(authed(fund, &platform)).await?;
+    let req = pb::PurchaseRequest {
+        idempotency_key: "sticker".into(),
+        listing_id: stickers.listing_id.clone(),
+        quantity: 1,
+        ..Default::default()
+    };
+    let p = shopping.purchase(authed(req, &wes)).await?.into_inner();
+    println!(
+        "  wes: bought {} for {}: {} from the wallet, {} by card (+{} fee)",
+        p.purchase_id,
+        amount(&p.amount),
+        amount(&p.wallet_amount),
+        amount(&p.card_amount),
+        amount(&p.fee_amount)
+    );
+
     // Sam refunds the first mug sale in full and puts the mug back on sale.
     if let Some(first) = sold.first() {
         let r = shopping
@@ -248,7 +299,11 @@ async fn main() -> anyhow::Result<()> {
             amount(&s.commission),
             amount(&s.refunded_amount),
             pb::PurchaseStatus::try_from(s.status),
-            if s.tab_id.is_empty() { String::new() } else { " on a tab".into() }
+            match (s.tab_id.is_empty(), amount(&s.card_amount).as_str()) {
+                (true, _) => String::new(),
+                (false, "0.00") => " on a tab".to_owned(),
+                (false, card) => format!(" {card} by card"),
+            }
         );
     }
     let b = shopping

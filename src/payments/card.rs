@@ -78,10 +78,7 @@ impl Payments {
         };
         let fee = self.config.card_fee(card_part);
         if let Some(token) = &input.payment_method_token {
-            // A token that is not the sender's is NOT_FOUND, before anything is written.
-            self.vault.list(sender, false).await?.iter().find(|m| &m.token == token).ok_or_else(|| {
-                Error::NotFound("payment method not found (unknown, expired or another account's)".into())
-            })?;
+            self.check_own_card(sender, token).await?;
         }
 
         let now = self.now_us();
@@ -132,7 +129,16 @@ impl Payments {
         self.settle(payment, &claim).await
     }
 
-    async fn has_default_card(&self, user: &UserId) -> Result<bool> {
+    /// A card token that is not `user`'s is NOT_FOUND, before anything is written (a
+    /// send's, a tab's or a card purchase's).
+    pub(super) async fn check_own_card(&self, user: &UserId, token: &str) -> Result<()> {
+        match self.vault.list(user, false).await?.iter().any(|m| m.token == token) {
+            true => Ok(()),
+            false => Err(Error::NotFound("payment method not found (unknown, expired or another account's)".into())),
+        }
+    }
+
+    pub(super) async fn has_default_card(&self, user: &UserId) -> Result<bool> {
         Ok(self.vault.list(user, false).await?.iter().any(|m| m.is_default))
     }
 

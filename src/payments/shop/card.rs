@@ -79,13 +79,8 @@ impl Payments {
             .filter(|c| *c <= crate::kernel::money::AMOUNT_MINOR_MAX)
             .ok_or_else(|| Error::invalid("quantity", "the total with the card fee is too large"))?;
         match &input.payment_method_token {
-            Some(token) => {
-                // A token that is not the buyer's is NOT_FOUND, before anything is written.
-                self.vault.list(&buyer, false).await?.iter().find(|m| &m.token == token).ok_or_else(|| {
-                    Error::NotFound("payment method not found (unknown, expired or another account's)".into())
-                })?;
-            }
-            None if !self.vault.list(&buyer, false).await?.iter().any(|m| m.is_default) => {
+            Some(token) => self.check_own_card(&buyer, token).await?,
+            None if !self.has_default_card(&buyer).await? => {
                 return Err(Error::FailedPrecondition {
                     reason: Reason::NoPaymentMethod,
                     message: if input.funding == FundingSource::Auto {

@@ -95,10 +95,8 @@ impl Payments {
             });
         }
         if let Some(token) = &input.payment_method_token {
-            self.vault.list(buyer, false).await?.iter().find(|m| &m.token == token).ok_or_else(|| {
-                Error::NotFound("payment method not found (unknown, expired or another account's)".into())
-            })?;
-        } else if !self.vault.list(buyer, false).await?.iter().any(|m| m.is_default) {
+            self.check_own_card(buyer, token).await?;
+        } else if !self.has_default_card(buyer).await? {
             return Err(Error::FailedPrecondition {
                 reason: Reason::NoPaymentMethod,
                 message: "no default payment method; link a card first".into(),

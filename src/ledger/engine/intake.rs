@@ -18,9 +18,15 @@ use super::config::EngineConfig;
 /// fills its batch with the others, whose locks it then takes at once; the two batches
 /// then overlap up to the journal's sequence row, which only the last part of each
 /// holds. Set-aside commands go first into the next batch, whatever they touch, so none
-/// waits more than one batch longer; and when the batch's first command touches a busy
-/// account anyway (a live stream, where every payment credits the seller), nothing is
-/// set aside, since the batch queues behind the other in any case.
+/// waits more than one batch longer.
+///
+/// When the batch's first command touches a busy account anyway (a live stream or a
+/// flash sale, where every payment credits the seller), nothing is set aside, and the
+/// batch keeps gathering until the batches holding that account end (`gather_while_busy`).
+/// It would wait for their commit at its lock statement in any case; gathering
+/// meanwhile makes it as large as the load allows, so the work that runs one batch at a
+/// time on a hot account (its lock, the hook's reads and rows, the journal, the commit)
+/// is paid once for more commands.
 pub(crate) struct Intake {
     rx: mpsc::Receiver<Command>,
     /// At most `batch_size_max` commands.
@@ -29,12 +35,16 @@ pub(crate) struct Intake {
 
 /// The accounts of the batches in flight, with the number of batches touching each.
 #[derive(Debug, Default)]
-pub(crate) struct InFlight(Mutex<HashMap<i64, u32>>);
+pub(crate) struct InFlight {
+    busy: Mutex<HashMap<i64, u32>>,
+    /// Told each time a batch ends.
+    ended: tokio::sync::Notify,
+}
 
 impl InFlight {
     /// A batch with these accounts (repeats allowed) starts.
     pub(crate) fn enter(&self, accounts: &[i64]) {
-        let mut busy = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         for id in accounts {
             *busy.entry(*id).or_insert(0) += 1;
         }
@@ -42,7 +52,7 @@ impl InFlight {
 
     /// The batch that `enter`ed with these accounts has ended.
     pub(crate) fn leave(&self, accounts: &[i64]) {
-        let mut busy = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         for id in accounts {
             if let Some(n) = busy.get_mut(id) {
                 *n -= 1;
@@ -51,10 +61,17 @@ impl InFlight {
                 }
             }
         }
+        drop(busy);
+        self.ended.notify_waiters();
     }
 
     fn accounts(&self) -> HashSet<i64> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect()
+        self.busy.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect()
+    }
+
+    fn any_busy(&self, accounts: &[i64]) -> bool {
+        let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        accounts.iter().any(|id| busy.contains_key(id))
     }
 }
 
@@ -97,6 +114,11 @@ impl Intake {
         let busy = in_flight.accounts();
         let touches_busy = |cmd: &Command| cmd.account_ids().any(|id| busy.contains(&id));
         let spread = !busy.is_empty() && !batch.iter().any(touches_busy);
+        let hot: Vec<i64> =
+            batch.first().map(|c| c.account_ids().filter(|id| busy.contains(id)).collect()).unwrap_or_default();
+        if !hot.is_empty() {
+            self.gather_while_busy(&mut batch, max, &hot, in_flight, config.batch_timeout, stop).await;
+        }
         let deadline = tokio::time::Instant::now() + config.commit_wait;
         while batch.len() < max {
             let cmd = match self.rx.try_recv() {
@@ -119,6 +141,41 @@ impl Intake {
             }
         }
         Some(batch)
+    }
+
+    /// Adds what the queue brings to `batch` until no batch in flight holds any of the
+    /// `hot` accounts, the batch is full, `wait_max` has passed (a batch in flight never
+    /// takes longer than its timeout, so this only bounds the wait twice), or the engine
+    /// stops.
+    async fn gather_while_busy(
+        &mut self,
+        batch: &mut Vec<Command>,
+        max: usize,
+        hot: &[i64],
+        in_flight: &InFlight,
+        wait_max: std::time::Duration,
+        stop: &mut watch::Receiver<bool>,
+    ) {
+        let deadline = tokio::time::Instant::now() + wait_max;
+        while batch.len() < max && !*stop.borrow() {
+            // Registered before the check, so a batch that ends between the two still
+            // wakes this wait.
+            let ended = in_flight.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if !in_flight.any_busy(hot) {
+                return;
+            }
+            tokio::select! {
+                cmd = self.rx.recv() => match cmd {
+                    Some(cmd) => batch.push(cmd),
+                    None => return,
+                },
+                _ = &mut ended => {}
+                _ = tokio::time::sleep_until(deadline) => return,
+                _ = stop.changed() => return,
+            }
+        }
     }
 }
 
@@ -207,6 +264,59 @@ mod tests {
         let batch = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
         assert_eq!(pairs(&batch), vec![vec![1, 9], vec![2, 9], vec![3, 4]]);
         assert!(intake.deferred.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_batch_behind_a_busy_account_gathers_until_that_batch_ends() {
+        // A flash sale: the seller (9) is in a batch in flight; the next batch would wait
+        // for it at its lock, so it keeps taking the taps that arrive meanwhile.
+        let (tx, rx) = mpsc::channel(64);
+        let mut answers = Vec::new();
+        let mut send = |from: i64, to: i64| {
+            let (cmd, answer) = transfer(from, to);
+            answers.push(answer);
+            tx.try_send(cmd).expect("queue");
+        };
+        send(1, 9);
+        let in_flight = std::sync::Arc::new(InFlight::default());
+        in_flight.enter(&[9, 7]);
+        let mut intake = Intake::new(rx);
+        let (_stop_tx, mut stop) = watch::channel(false);
+        let gathering = {
+            let in_flight = in_flight.clone();
+            tokio::spawn(async move { intake.gather(&config(), &in_flight, &mut stop).await })
+        };
+        send(2, 9);
+        send(3, 4);
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!gathering.is_finished(), "the batch waits while the seller's batch is in flight");
+        // Another batch ending does not end the wait; the seller's does.
+        in_flight.leave(&[7]);
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!gathering.is_finished());
+        in_flight.leave(&[9]);
+        let batch = gathering.await.expect("gather").expect("a batch");
+        assert_eq!(pairs(&batch), vec![vec![1, 9], vec![2, 9], vec![3, 4]]);
+        drop(answers);
+    }
+
+    #[tokio::test]
+    async fn a_batch_behind_a_busy_account_waits_at_most_the_batch_timeout() {
+        let (tx, rx) = mpsc::channel(64);
+        let (cmd, _answer) = transfer(1, 9);
+        tx.send(cmd).await.expect("queue");
+        let in_flight = InFlight::default();
+        in_flight.enter(&[9]);
+        let mut intake = Intake::new(rx);
+        let (_stop_tx, mut stop) = watch::channel(false);
+        let config = EngineConfig { batch_timeout: Duration::from_millis(20), ..config() };
+        let batch = intake.gather(&config, &in_flight, &mut stop).await.expect("a batch");
+        assert_eq!(pairs(&batch), vec![vec![1, 9]], "the batch goes while the account is still busy");
+        drop(tx);
     }
 
     #[tokio::test]

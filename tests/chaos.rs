@@ -33,7 +33,10 @@
 //!   server is killed): every tab is closed, its spend is the sum of the purchases drawn
 //!   on it, captured exactly once at the processor (a tab that spent nothing is voided,
 //!   never captured) and booked once against the viewer's tab account, which is back to
-//!   zero; every purchase row belongs to one acknowledged purchase.
+//!   zero; every purchase row belongs to one acknowledged purchase. Purchases paid by
+//!   card go through a tab of their own and are held to the same: one capture of the
+//!   card part and fee for a purchase made, a void for one refused or retried, and a tab
+//!   a crash left open closed by the resolver once it expires.
 //!
 //! The tests are `#[ignore]`d: they need the release binary, which `make chaos` builds
 //! before running them with `cargo test --test chaos -- --ignored`. Knobs, from the
@@ -885,6 +888,21 @@ async fn client(ctx: Arc<Ctx>, w: usize, seed: u64, until: Instant) {
                     let close = pb::CloseTabRequest { tab_id: id };
                     ctx.call(&mut rng, &channel, Caller::User(user), CallReq::CloseTab(close)).await?;
                 }
+                // A purchase paid by card: one authorization through a tab of its own,
+                // captured at once (or voided when refused), the wallet untouched. A
+                // crash between the steps leaves the tab to the resolver.
+                96 if viewer_of(&ctx, w).is_some() => {
+                    let Some(user) = viewer_of(&ctx, w) else { return Ok(()) };
+                    let listing_id = ctx.listing_id.lock().expect("lock").clone();
+                    let buy = pb::PurchaseRequest {
+                        idempotency_key: format!("cp-{w}-{n}"),
+                        listing_id,
+                        quantity: rng.gen_range(1..=2),
+                        funding_source: pb::PurchaseFundingSource::Card as i32,
+                        ..Default::default()
+                    };
+                    ctx.call(&mut rng, &channel, Caller::User(user), CallReq::Buy(buy)).await?;
+                }
                 // A top-up from the treasury through the Ledger API.
                 _ => {
                     let user = rng.gen_range(0..n_users);
@@ -1096,7 +1114,8 @@ async fn unfinished(db: &Db) -> (i64, i64, i64) {
     dmpay::with_db!(db, pool => sqlx::query_as::<_, (i64, i64, i64)>(
         "SELECT (SELECT COUNT(*) FROM payments WHERE status = 'pending') \
                   + (SELECT COUNT(*) FROM payouts WHERE status = 'pending') \
-                  + (SELECT COUNT(*) FROM stream_tabs WHERE status IN ('opening', 'closing')), \
+                  + (SELECT COUNT(*) FROM stream_tabs WHERE status IN ('opening', 'closing') \
+                     OR (kind = 'purchase' AND status = 'open')), \
                 (SELECT COUNT(*) FROM payment_refunds WHERE status = 'pending') \
                   + (SELECT COUNT(*) FROM sandbox_processor_notifications \
                      WHERE sequence > COALESCE((SELECT MAX(last_sequence) FROM processor_cursors), 0)), \
@@ -1833,8 +1852,11 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
             }
         } else if e.kind == TOPUP_KIND {
             topup_entries.insert(e.entry_id.as_str(), e);
-        } else if e.kind == "tab_capture" && e.metadata.contains_key("tab_id") {
-            // Checked with the tabs (`check_tabs`).
+        } else if (e.kind == "tab_capture" && e.metadata.contains_key("tab_id"))
+            || (e.kind == "shop_purchase" && e.metadata.contains_key("purchase_id"))
+        {
+            // Checked with the tabs (`check_tabs`): a tab's capture, and a purchase by
+            // card, whose fee reaches fee income.
         } else {
             problem(
                 "ledger booking",
@@ -2193,19 +2215,40 @@ async fn check_tabs(
     entries: &BTreeMap<String, pb::Entry>,
 ) -> String {
     let problem = |p: String| ctx.problem("stream tabs", p);
-    type TabRow = (String, String, i64, Option<i64>, Option<String>);
+    type TabRow = (String, String, i64, Option<i64>, Option<String>, String);
     let tabs: Vec<TabRow> = dmpay::with_db!(db, pool => sqlx::query_as(
-        "SELECT tab_id, status, spent, captured, capture_ref FROM stream_tabs"
+        "SELECT tab_id, status, spent, captured, capture_ref, kind FROM stream_tabs"
     )
     .fetch_all(pool)
     .await)
     .expect("tabs");
-    let purchases: Vec<(String, Option<String>, i64)> = dmpay::with_db!(db, pool => sqlx::query_as(
-        "SELECT purchase_id, tab_id, amount FROM purchases"
+    let rows: Vec<(String, Option<String>, i64, i64, i64)> = dmpay::with_db!(db, pool => sqlx::query_as(
+        "SELECT purchase_id, tab_id, amount, card_amount, fee_amount FROM purchases"
     )
     .fetch_all(pool)
     .await)
     .expect("purchases");
+    // A card purchase's fee is booked once, to fee income, by its own entry (`entries`
+    // holds every entry that touched fee income; the crash test's card fee is never 0).
+    for (id, _, _, card, fee) in rows.iter().filter(|r| r.3 > 0) {
+        let booked: Vec<&pb::Entry> = entries
+            .values()
+            .filter(|e| e.kind == "shop_purchase" && e.metadata.get("purchase_id") == Some(id))
+            .collect();
+        let fees = net(&booked).get(FEES).copied().unwrap_or(0);
+        if booked.len() != 1 || fees != *fee {
+            problem(format!(
+                "card purchase {id} ({card} by card, fee {fee}): {} entries booking {fees} to fee income",
+                booked.len()
+            ));
+        }
+    }
+    // What each purchase drew on its tab: a stream tab pays the whole amount, a card
+    // purchase's own tab its card part and the card fee (`Purchase::tab_draw`).
+    let purchases: Vec<(String, Option<String>, i64)> = rows
+        .into_iter()
+        .map(|(id, tab, amount, card, fee)| (id, tab, if card == 0 { amount } else { card + fee }))
+        .collect();
     // Every purchase row belongs to one acknowledged purchase, and every acknowledged
     // purchase has its row.
     let acked: HashSet<&str> = calls
@@ -2230,7 +2273,7 @@ async fn check_tabs(
         }
     }
     let mut captured_total = 0;
-    for (id, status, spent, captured, capture_ref) in &tabs {
+    for (id, status, spent, captured, capture_ref, _) in &tabs {
         let drawn = on_tab.get(id.as_str()).copied().unwrap_or(0);
         if *spent != drawn {
             problem(format!("tab {id}: spent {spent} but its purchases drew {drawn}"));
@@ -2277,5 +2320,10 @@ async fn check_tabs(
             problem(format!("{code} is left at {balance} with every tab closed"));
         }
     }
-    format!("{} tabs, {} purchases on them, {captured_total} cents captured", tabs.len(), purchases.len())
+    let by_card = tabs.iter().filter(|t| t.5 == "purchase").count();
+    format!(
+        "{} tabs ({by_card} of card purchases), {} purchases on them, {captured_total} cents captured",
+        tabs.len(),
+        purchases.len()
+    )
 }

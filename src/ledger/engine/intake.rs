@@ -240,6 +240,20 @@ mod tests {
         (Intake::new(rx), in_flight, answers)
     }
 
+    /// One call queued and the queue kept open (its sender returned), so `gather` waits
+    /// on it instead of finding it closed; `busy` are the accounts of the calls in flight.
+    async fn setup_open(
+        call: (i64, i64),
+        busy: &[i64],
+    ) -> (Intake, InFlight, mpsc::Sender<Command>, oneshot::Receiver<Result<Outcome>>) {
+        let (tx, rx) = mpsc::channel(64);
+        let (cmd, answer) = transfer(call.0, call.1);
+        tx.send(cmd).await.expect("queue");
+        let in_flight = InFlight::default();
+        in_flight.enter(busy);
+        (Intake::new(rx), in_flight, tx, answer)
+    }
+
     fn config() -> EngineConfig {
         EngineConfig { commit_wait: Duration::ZERO, ..EngineConfig::default() }
     }
@@ -317,12 +331,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_behind_a_busy_account_waits_at_most_the_batch_timeout() {
-        let (tx, rx) = mpsc::channel(64);
-        let (cmd, _answer) = transfer(1, 9);
-        tx.send(cmd).await.expect("queue");
-        let in_flight = InFlight::default();
-        in_flight.enter(&[9; HOT_COMMANDS_MIN as usize]);
-        let mut intake = Intake::new(rx);
+        let (mut intake, in_flight, tx, _answer) = setup_open((1, 9), &[9; HOT_COMMANDS_MIN as usize]).await;
         let (_stop_tx, mut stop) = watch::channel(false);
         let config = EngineConfig { batch_timeout: Duration::from_millis(20), ..config() };
         let batch = intake.gather(&config, &in_flight, &mut stop).await.expect("a batch");
@@ -334,12 +343,7 @@ mod tests {
     async fn a_wallet_one_command_in_flight_touches_holds_no_batch_back() {
         // Uniform sends: the first call shares a wallet (1) with one call in flight; the
         // batch goes at once, with what is queued, and waits at most at its lock.
-        let (tx, rx) = mpsc::channel(64);
-        let (cmd, _answer) = transfer(1, 5);
-        tx.send(cmd).await.expect("queue");
-        let in_flight = InFlight::default();
-        in_flight.enter(&[1, 2]);
-        let mut intake = Intake::new(rx);
+        let (mut intake, in_flight, tx, _answer) = setup_open((1, 5), &[1, 2]).await;
         let (_stop_tx, mut stop) = watch::channel(false);
         let config = EngineConfig { batch_timeout: Duration::from_secs(3600), ..config() };
         // Bounded only so that a regression fails instead of waiting out the hour.

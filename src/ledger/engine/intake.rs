@@ -30,18 +30,18 @@ const HOT_COMMANDS_MIN: u32 = 4;
 /// When the batch's first command touches a busy account anyway, nothing is set aside;
 /// when that account is hot (a live stream or a flash sale, where every payment credits
 /// the seller: `HOT_COMMANDS_MIN`), the batch keeps gathering until the batches holding
-/// it end (`gather_while_busy`).
-/// It would wait for their commit at its lock statement in any case; gathering
-/// meanwhile makes it as large as the load allows, so the work that runs one batch at a
-/// time on a hot account (its lock, the hook's reads and rows, the journal, the commit)
-/// is paid once for more commands.
+/// it end (`gather_while_busy`). It would wait for their commit at its lock statement in
+/// any case; gathering meanwhile makes it as large as the load allows, so the work that
+/// runs one batch at a time on a hot account (its lock, the hook's reads and rows, the
+/// journal, the commit) is paid once for more commands.
 pub(crate) struct Intake {
     rx: mpsc::Receiver<Command>,
     /// At most `batch_size_max` commands.
     deferred: VecDeque<Command>,
 }
 
-/// The accounts of the batches in flight, with the number of batches touching each.
+/// The accounts of the batches in flight, with the number of commands in flight that
+/// touch each (a command counts once per posting or lock it has on the account).
 #[derive(Debug, Default)]
 pub(crate) struct InFlight {
     busy: Mutex<HashMap<i64, u32>>,
@@ -155,9 +155,9 @@ impl Intake {
     }
 
     /// Adds what the queue brings to `batch` until no batch in flight holds any of the
-    /// `hot` accounts, the batch is full, `wait_max` has passed (a batch in flight never
-    /// takes longer than its timeout, so this only bounds the wait twice), or the engine
-    /// stops.
+    /// `hot` accounts, the batch is full, `wait_max` has passed, or the engine stops. A
+    /// batch in flight ends within its own timeout, which `wait_max` is; the bound is
+    /// there so that no slip in this bookkeeping can hold the engine.
     async fn gather_while_busy(
         &mut self,
         batch: &mut Vec<Command>,

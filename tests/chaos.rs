@@ -35,8 +35,9 @@
 //!   never captured) and booked once against the viewer's tab account, which is back to
 //!   zero; every purchase row belongs to one acknowledged purchase. Purchases paid by
 //!   card go through a tab of their own and are held to the same: one capture of the
-//!   card part and fee for a purchase made, a void for one refused or retried, and a tab
-//!   a crash left open closed by the resolver once it expires.
+//!   card part and fee for a purchase made, none for an attempt refused or cut short by
+//!   a crash, every such tab closed (a crash's by the resolver once it expires), and the
+//!   fee booked once to fee income.
 //!
 //! The tests are `#[ignore]`d: they need the release binary, which `make chaos` builds
 //! before running them with `cargo test --test chaos -- --ignored`. Knobs, from the

@@ -421,12 +421,21 @@ async fn unknown_card_outcome_resolves_to_one_charge(app: TestApp) {
     assert_eq!(pending.status, dmpay::payments::PaymentStatus::Pending);
     // The resolver finishes it against a processor that answers again. (The server's
     // own resolver makes one pass when it starts; under a loaded machine that pass can
-    // come late enough to finish this payment first, against the same calm processor:
-    // then this pass finds nothing, and the outcome checked below is the same.)
+    // come late enough to take this payment first, against the same calm processor:
+    // then this pass finds it claimed, and the test waits for that pass to finish it.
+    // The outcome checked below is the same either way.)
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     let resolver = payments_with(calm);
     assert!(resolver.resolve_pending().await.unwrap() <= 1);
-    let done = resolver.get(&sender, &pending.payment_id).await.unwrap();
+    let mut done = resolver.get(&sender, &pending.payment_id).await.unwrap();
+    for _ in 0..100 {
+        if done.status != dmpay::payments::PaymentStatus::Pending {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        resolver.resolve_pending().await.unwrap();
+        done = resolver.get(&sender, &pending.payment_id).await.unwrap();
+    }
     assert_eq!(done.status, dmpay::payments::PaymentStatus::Settled);
     let captures: i64 = dmpay::with_db!(&app.db, pool => sqlx::query_scalar(
         "SELECT COUNT(*) FROM sandbox_processor_calls WHERE kind = 'capture' AND idempotency_key LIKE $1",

@@ -163,6 +163,27 @@ impl Proxy {
         }
     }
 
+    /// Connections being forwarded now.
+    pub fn live_connections(&self) -> usize {
+        let mut all = self.shared.conns.lock().expect("conns");
+        all.retain(|c| c.strong_count() > 0);
+        all.len()
+    }
+
+    /// Drops every connection, as PostgreSQL does to its clients when it restarts or
+    /// fails over, and forwards new ones again at once. Returns how many were dropped.
+    pub async fn drop_connections(&self) -> usize {
+        let live = self.live_connections();
+        self.mode.send_replace(Mode::Refuse);
+        let t0 = Instant::now();
+        while self.live_connections() > 0 {
+            assert!(t0.elapsed() < Duration::from_secs(5), "connections still open after the drop");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.restore();
+        live
+    }
+
     /// Forwards new connections again; connections held open meanwhile are closed.
     pub fn restore(&self) {
         self.mode.send_replace(Mode::Up);
@@ -334,6 +355,11 @@ fn send_request(key: &str, to: &str) -> pb::SendPaymentRequest {
         funding_source: pb::FundingSource::Balance as i32,
         payment_method_token: String::new(),
     }
+}
+
+/// A balance's posted amount in minor units.
+fn minor(b: pb::Balance) -> i64 {
+    b.posted.expect("posted").amount.replace('.', "").parse().expect("minor units")
 }
 
 fn sender(s: usize) -> String {
@@ -647,8 +673,6 @@ async fn outage_under_load(mode: Mode) {
     assert_eq!(in_ledger.len(), ids.len(), "no ledger entry without a payment");
 
     // Balances add up.
-    let minor =
-        |b: pb::Balance| -> i64 { b.posted.expect("posted").amount.replace('.', "").parse().expect("minor units") };
     for (s, keys) in by_sender.iter().enumerate() {
         let sent = keys.len() as i64;
         assert_eq!(minor(app.wallet(&sender(s)).await), FUNDED_MINOR - sent * AMOUNT_MINOR, "{}", sender(s));
@@ -757,4 +781,105 @@ async fn postgres_partition_answers_reads_in_flight() {
         );
     }
     proxy.restore();
+}
+
+/// The pools test a connection before handing it out only when it has sat idle for
+/// `store::CONNECTION_TEST_IDLE_MIN` (500 ms): one PostgreSQL dropped while it sat
+/// there longer is found by the test and replaced, and the caller never sees it; one
+/// used more recently is handed out untested, fails the one statement that meets it
+/// with UNAVAILABLE, and is closed, so the next statement gets a new connection. One
+/// connection in the pool and nothing else using it, so the statements here are the
+/// ones that meet the dropped connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_pools_test_connections_idle_past_the_bound() {
+    let Some(admin_url) = postgres_url() else {
+        assert!(TestApp::spawn(Backend::Postgres).await.is_none());
+        return;
+    };
+    let proxy = Proxy::start(upstream_of(&admin_url)).await;
+    for role in [dmpay::store::PoolRole::Engine, dmpay::store::PoolRole::General] {
+        let db = dmpay::store::Db::connect_role(&via(&admin_url, proxy.addr), 1, Duration::from_secs(2), role)
+            .await
+            .expect("pool");
+        db.ping().await.expect("first statement");
+        // Back in the pool (sqlx returns a connection in a task of its own, after a
+        // ping) before the drop.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(proxy.drop_connections().await, 1, "{role:?}");
+        let met_at_once = db.ping().await;
+        assert!(
+            matches!(met_at_once, Err(dmpay::kernel::error::Error::Unavailable(_))),
+            "{role:?}: a connection used 100 ms ago is handed out untested: {met_at_once:?}"
+        );
+        db.ping().await.unwrap_or_else(|e| panic!("{role:?}: the next statement opens a new connection: {e:?}"));
+
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(proxy.drop_connections().await, 1, "{role:?}");
+        tokio::time::sleep(dmpay::store::CONNECTION_TEST_IDLE_MIN + Duration::from_millis(200)).await;
+        db.ping().await.unwrap_or_else(|e| panic!("{role:?}: a connection dropped while idle reached a caller: {e:?}"));
+        db.close().await;
+    }
+}
+
+/// A connection PostgreSQL dropped and met again at once (see above) costs a call
+/// through the server at most an UNAVAILABLE, which its retry with the same key turns
+/// into one payment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_dropped_connections_cost_a_retry_at_most() {
+    let Some(admin_url) = postgres_url() else {
+        assert!(TestApp::spawn(Backend::Postgres).await.is_none());
+        return;
+    };
+    let proxy = Proxy::start(upstream_of(&admin_url)).await;
+    let app = TestApp::spawn_routed(Backend::Postgres, &[], |url| via(&url, proxy.addr)).await.expect("postgres app");
+    let treasury = app.token("svc-treasury", LEDGER_SCOPES);
+    fund(&app, &treasury, "dropper", FUNDED).await;
+    app.users(&["rcpt0"]).await;
+    let token = app.token("dropper", PAY_SCOPES);
+    let mut client = app.payments();
+    let mut sent = 0i64;
+    for round in 0..3 {
+        // Connections for several calls at once in both pools, back in their pools
+        // (sqlx returns one in a task of its own, after a ping) when they are dropped.
+        let mut warm = tokio::task::JoinSet::new();
+        for i in 0..4 {
+            let mut client = app.payments();
+            let req = authed(send_request(&format!("warm-{round}-{i}"), "rcpt0"), &token);
+            warm.spawn(async move { client.send_payment(req).await });
+        }
+        while let Some(r) = warm.join_next().await {
+            r.expect("join").expect("warm send");
+            sent += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let dropped = proxy.drop_connections().await;
+        assert!(dropped >= 2, "both pools had connections open ({dropped})");
+        // Each dead connection fails at most the one call that takes it (and is then
+        // closed), so the retries end, and each ends in one payment.
+        let mut unavailable = 0;
+        for i in 0..10 {
+            let key = format!("fresh-{round}-{i}");
+            loop {
+                match client.send_payment(authed(send_request(&key, "rcpt0"), &token)).await {
+                    Ok(_) => break,
+                    Err(s) if s.code() == Code::Unavailable => {
+                        unavailable += 1;
+                        assert!(
+                            unavailable <= dropped,
+                            "{unavailable} UNAVAILABLE answers for {dropped} dropped connections"
+                        );
+                    }
+                    Err(s) => panic!("{key}: a dropped connection answered {:?}: {}", s.code(), s.message()),
+                }
+            }
+            sent += 1;
+        }
+    }
+    let balance = client.get_balance(authed(pb::GetBalanceRequest { currency: "USD".into() }, &token)).await;
+    assert!(balance.is_ok(), "a read after the drops: {balance:?}");
+
+    assert_eq!(minor(app.wallet("rcpt0").await), sent * AMOUNT_MINOR, "one payment per key");
+    assert_eq!(minor(app.wallet("dropper").await), FUNDED_MINOR - sent * AMOUNT_MINOR);
+    let report = app.verify().await;
+    assert!(report.ok(), "{:?}", report.problems);
 }

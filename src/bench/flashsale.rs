@@ -27,6 +27,7 @@ const PRICE: &str = "1.00";
 /// Setup calls in flight at once.
 const SETUP_CONCURRENCY: usize = 32;
 
+#[derive(Clone)]
 pub struct Options {
     pub addr: String,
     pub clients: usize,

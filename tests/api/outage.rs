@@ -63,6 +63,17 @@ struct State {
     boundary: bool,
 }
 
+/// The test database's URL and a proxy in front of it. None without a test database:
+/// the test then skips, or fails when CI requires PostgreSQL, exactly as every other.
+async fn postgres_behind_proxy() -> Option<(String, Proxy)> {
+    let Some(admin_url) = postgres_url() else {
+        assert!(TestApp::spawn(Backend::Postgres).await.is_none());
+        return None;
+    };
+    let proxy = Proxy::start(upstream_of(&admin_url)).await;
+    Some((admin_url, proxy))
+}
+
 /// What PostgreSQL sends every client when it is stopped (fast shutdown), before it
 /// closes the connection: ErrorResponse FATAL 57P01.
 fn admin_shutdown() -> Vec<u8> {
@@ -441,14 +452,9 @@ async fn health(app: &TestApp) -> Option<i32> {
 }
 
 async fn outage_under_load(mode: Mode) {
-    let Some(admin_url) = postgres_url() else {
-        // Skips, or fails when CI requires PostgreSQL, exactly as every other test.
-        assert!(TestApp::spawn(Backend::Postgres).await.is_none());
-        return;
-    };
+    let Some((_, proxy)) = postgres_behind_proxy().await else { return };
     raw::panics::watch();
     let panics_before = raw::panics::count();
-    let proxy = Proxy::start(upstream_of(&admin_url)).await;
     let app = TestApp::spawn_routed(
         Backend::Postgres,
         // Calls wait at most this long for a connection, so they fail fast.
@@ -725,11 +731,7 @@ async fn postgres_partitioned_under_load() {
 /// answer CANCELLED (`api::gate` now answers it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_partition_answers_reads_in_flight() {
-    let Some(admin_url) = postgres_url() else {
-        assert!(TestApp::spawn(Backend::Postgres).await.is_none());
-        return;
-    };
-    let proxy = Proxy::start(upstream_of(&admin_url)).await;
+    let Some((_, proxy)) = postgres_behind_proxy().await else { return };
     let app =
         TestApp::spawn_routed(Backend::Postgres, &[("DMPAY_DB_ACQUIRE_TIMEOUT", "1s")], |url| via(&url, proxy.addr))
             .await
@@ -792,11 +794,7 @@ async fn postgres_partition_answers_reads_in_flight() {
 /// ones that meet the dropped connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_pools_test_connections_idle_past_the_bound() {
-    let Some(admin_url) = postgres_url() else {
-        assert!(TestApp::spawn(Backend::Postgres).await.is_none());
-        return;
-    };
-    let proxy = Proxy::start(upstream_of(&admin_url)).await;
+    let Some((admin_url, proxy)) = postgres_behind_proxy().await else { return };
     for role in [dmpay::store::PoolRole::Engine, dmpay::store::PoolRole::General] {
         let db = dmpay::store::Db::connect_role(&via(&admin_url, proxy.addr), 1, Duration::from_secs(2), role)
             .await
@@ -838,11 +836,7 @@ async fn postgres_pools_test_connections_idle_past_the_bound() {
 /// into one payment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_dropped_connections_cost_a_retry_at_most() {
-    let Some(admin_url) = postgres_url() else {
-        assert!(TestApp::spawn(Backend::Postgres).await.is_none());
-        return;
-    };
-    let proxy = Proxy::start(upstream_of(&admin_url)).await;
+    let Some((_, proxy)) = postgres_behind_proxy().await else { return };
     let app = TestApp::spawn_routed(Backend::Postgres, &[], |url| via(&url, proxy.addr)).await.expect("postgres app");
     let treasury = app.token("svc-treasury", LEDGER_SCOPES);
     fund(&app, &treasury, "dropper", FUNDED).await;

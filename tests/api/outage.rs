@@ -154,12 +154,7 @@ impl Proxy {
         assert_ne!(mode, Mode::Up);
         let t0 = Instant::now();
         loop {
-            let conns: Vec<Arc<Conn>> = {
-                let mut all = self.shared.conns.lock().expect("conns");
-                all.retain(|c| c.strong_count() > 0);
-                all.iter().filter_map(|c| c.upgrade()).collect()
-            };
-            for c in conns.iter().filter(|c| c.engine.load(Ordering::SeqCst) == engine) {
+            for c in self.live().iter().filter(|c| c.engine.load(Ordering::SeqCst) == engine) {
                 if let Ok(state) = c.state.try_lock() {
                     if state.awaiting {
                         // Under the connection's lock: the statement's answer is not
@@ -175,19 +170,19 @@ impl Proxy {
     }
 
     /// Connections being forwarded now.
-    pub fn live_connections(&self) -> usize {
+    fn live(&self) -> Vec<Arc<Conn>> {
         let mut all = self.shared.conns.lock().expect("conns");
         all.retain(|c| c.strong_count() > 0);
-        all.len()
+        all.iter().filter_map(|c| c.upgrade()).collect()
     }
 
     /// Drops every connection, as PostgreSQL does to its clients when it restarts or
     /// fails over, and forwards new ones again at once. Returns how many were dropped.
     pub async fn drop_connections(&self) -> usize {
-        let live = self.live_connections();
+        let live = self.live().len();
         self.mode.send_replace(Mode::Refuse);
         let t0 = Instant::now();
-        while self.live_connections() > 0 {
+        while !self.live().is_empty() {
             assert!(t0.elapsed() < Duration::from_secs(5), "connections still open after the drop");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -54,11 +54,11 @@ struct Section {
     version: String,
     naive: Vec<BenchRow>,
     runs: Vec<Run>,
-    /// The flash sale at each client count: the first sale of a freshly started server.
-    flash: Vec<crate::bench::flashsale::Report>,
-    /// A second sale on the same server (a new listing, new buyers), once the first has
-    /// warmed it as a live server is warm when a stream's sale starts.
-    flash_second: Vec<crate::bench::flashsale::Report>,
+    /// The flash sales at each client count (`flash_run`): the first sale of a freshly
+    /// started server, then a second sale on the same server (a new listing, new
+    /// buyers), once the first has warmed it as a live server is warm when a stream's
+    /// sale starts.
+    flash: Vec<[crate::bench::flashsale::Report; 2]>,
     rss_peak_mib: f64,
     grown: Option<grown::Grown>,
 }
@@ -153,16 +153,14 @@ async fn backend_section(config: &Config, options: &ReportOptions, backend: Back
         }
     }
     let mut flash = Vec::new();
-    let mut flash_second = Vec::new();
     for &clients in &options.clients {
         eprintln!("== {name}: flash sale with {clients} clients");
         let mut scratch = Scratch::create(&backend).await?;
         let run = flash_run(config, &scratch.url, clients).await;
         scratch.drop_database().await;
-        let ((first, second), rss) = run?;
+        let (sales, rss) = run?;
         rss_peak_mib = rss_peak_mib.max(rss);
-        flash.push(first);
-        flash_second.push(second);
+        flash.push(sales);
     }
     let grown = match &backend {
         Backend::Postgres(_) if options.grown_payments > 0 => {
@@ -174,7 +172,7 @@ async fn backend_section(config: &Config, options: &ReportOptions, backend: Back
         }
         _ => None,
     };
-    Ok(Section { backend: name, version, naive, runs, flash, flash_second, rss_peak_mib, grown })
+    Ok(Section { backend: name, version, naive, runs, flash, rss_peak_mib, grown })
 }
 
 async fn naive_baseline(
@@ -258,7 +256,7 @@ async fn flash_run(
     config: &Config,
     url: &str,
     clients: usize,
-) -> anyhow::Result<((crate::bench::flashsale::Report, crate::bench::flashsale::Report), f64)> {
+) -> anyhow::Result<([crate::bench::flashsale::Report; 2], f64)> {
     let server = Server::start(url).await?;
     let options = crate::bench::flashsale::Options {
         addr: server.addr.clone(),
@@ -272,7 +270,7 @@ async fn flash_run(
         eprint!("{}", first.table());
         let second = crate::bench::flashsale::run(config, options).await?;
         eprint!("{}", second.table());
-        Ok::<_, anyhow::Error>((first, second))
+        Ok::<_, anyhow::Error>([first, second])
     }
     .await;
     let rss = server.rss_peak_mib();

@@ -195,8 +195,8 @@ pub(super) fn render(options: &ReportOptions, sections: &[Section]) -> String {
                 );
             }
         }
-        for (sale, runs) in [("", &s.flash), (", second sale", &s.flash_second)] {
-            for f in runs {
+        for (i, sale) in ["", ", second sale"].into_iter().enumerate() {
+            for f in s.flash.iter().map(|sales| &sales[i]) {
                 let Some(u) = find(Scenario::Uniform, f.clients) else { continue };
                 let ratio = f.purchases_per_s / u.payments_per_s.max(1e-9);
                 let _ = writeln!(
@@ -233,7 +233,7 @@ pub(super) fn render(options: &ReportOptions, sections: &[Section]) -> String {
             .iter()
             .chain(grown_runs)
             .all(|r| r.report.ledger_verified && r.report.seller_balance_ok != Some(false))
-            && s.flash.iter().chain(&s.flash_second).all(|f| f.ok());
+            && s.flash.iter().flatten().all(|f| f.ok());
         let _ = writeln!(
             md,
             "| ledger check after every run | {} | {} |\n",
@@ -248,6 +248,9 @@ pub(super) fn render(options: &ReportOptions, sections: &[Section]) -> String {
     }
     md
 }
+
+/// The names of each server's two flash sales (`Section::flash`), in order.
+const FLASH_SALES: [&str; 2] = ["first", "second"];
 
 /// The flash sale: K units, ten buyers per unit each tapping Buy once (`Purchase`),
 /// and what the outcome was checked against.
@@ -277,9 +280,7 @@ fn flash_section(md: &mut String, s: &Section) {
         "| clients | sale | sold out after ms | purchases/s | purchase p50 ms | purchase p99 ms | taps/s | SOLD_OUT p50 ms | SOLD_OUT p99 ms | outcome |"
     );
     let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|");
-    // Each client count's two sales together.
-    let sales = s.flash.iter().zip(&s.flash_second).flat_map(|(a, b)| [("first", a), ("second", b)]);
-    for (sale, f) in sales {
+    for (sale, f) in s.flash.iter().flat_map(|sales| FLASH_SALES.iter().zip(sales)) {
         let outcome = if f.ok() {
             format!(
                 "{} sold, {} SOLD_OUT, paid once, refused charged nothing, verify OK",
@@ -485,7 +486,6 @@ mod tests {
             naive: Vec::new(),
             runs: vec![run(256, 6_000.0)],
             flash: Vec::new(),
-            flash_second: Vec::new(),
             rss_peak_mib: 100.0,
             grown: Some(Grown {
                 payments: 1_000_000,
@@ -550,8 +550,7 @@ mod tests {
     #[test]
     fn both_flash_sales_of_each_client_count_are_shown_in_order() {
         let mut s = section(5_500.0, 1_000);
-        s.flash = vec![sale(64, 3_000.0), sale(256, 4_000.0)];
-        s.flash_second = vec![sale(64, 3_500.0), sale(256, 4_500.0)];
+        s.flash = vec![[sale(64, 3_000.0), sale(64, 3_500.0)], [sale(256, 4_000.0), sale(256, 4_500.0)]];
         let mut md = String::new();
         flash_section(&mut md, &s);
         let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| 64 |") || l.starts_with("| 256 |")).collect();

@@ -141,9 +141,11 @@ pub(crate) async fn fund_buyers(app: &TestApp, prefix: &str, n: usize, amount: &
     names
 }
 
-/// Waits for every task, in order.
+/// Waits for every task, in order. Every task is started first: `tasks` is often a lazy
+/// `map` that spawns, which awaited one by one would run the calls one at a time.
 pub(crate) async fn join_all<T>(tasks: impl IntoIterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
-    let mut out = Vec::new();
+    let tasks: Vec<tokio::task::JoinHandle<T>> = tasks.into_iter().collect();
+    let mut out = Vec::with_capacity(tasks.len());
     for t in tasks {
         out.push(t.await.expect("task"));
     }

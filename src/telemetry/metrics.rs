@@ -303,6 +303,13 @@ impl Collector for Collect {
                 "Ledger commands committed or refused in batches",
                 commands,
             )?;
+            let hot = Value(MetricType::Counter, e.hot_batches.load(Relaxed) as f64);
+            Self::single(
+                &mut encoder,
+                "dmpay_ledger_hot_batches",
+                "Batches that ran alone on a hot account (a live stream's seller)",
+                hot,
+            )?;
             let busy = Value(MetricType::Counter, e.busy_us.load(Relaxed) as f64 / 1e6);
             Self::single(&mut encoder, "dmpay_ledger_batch_seconds", "Time spent in batch transactions", busy)?;
         }

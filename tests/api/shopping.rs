@@ -206,6 +206,73 @@ async fn flash_sale_sells_exactly_k(app: TestApp) {
     assert_books_balance(&app).await;
 }
 
+/// A live stream's burst on one seller, purchases and sends to them at once, runs on
+/// PostgreSQL as batches alone on the seller's hot account, which gather while the one
+/// in flight commits. Every purchase and send is booked once, with its one event, and
+/// the outbox sequence has no gap. SQLite's one worker never has a batch in flight while
+/// it gathers, so none of its batches is hot.
+async fn a_burst_on_one_seller_is_booked_exactly(backend: Backend) {
+    // Calls per round, half purchases and half sends; rounds until a batch was hot.
+    const PER_ROUND: usize = 60;
+    const ROUNDS_MAX: usize = 5;
+    let Some(app) = TestApp::spawn(backend).await else { return };
+    make_seller(&app, "seller", None).await;
+    let stock = (PER_ROUND * ROUNDS_MAX) as i64;
+    let listing = create_listing(&app, "seller", listing_req("hot-1", "live-hot", "2.00", stock, 1)).await.unwrap();
+    let fans = fund_buyers(&app, "hot", PER_ROUND * ROUNDS_MAX, "10.00").await;
+    let postgres = matches!(app.db, dmpay::store::Db::Postgres(_));
+    let app = Arc::new(app);
+    let mut calls_made = 0;
+    for round in 0..ROUNDS_MAX {
+        let calls = fans[round * PER_ROUND..(round + 1) * PER_ROUND].iter().enumerate().map(|(i, fan)| {
+            let (app, fan, id) = (app.clone(), fan.clone(), listing.listing_id.clone());
+            tokio::spawn(async move {
+                if i % 2 == 0 {
+                    buy(&app, &fan, "tap", &id, 1).await.map(|_| ())
+                } else {
+                    let t = app.token(&fan, PAY_SCOPES);
+                    app.send(&t, "tip", "seller", "1.00", pb::FundingSource::Balance).await.map(|_| ())
+                }
+            })
+        });
+        for r in join_all(calls).await {
+            r.expect("every call of the burst succeeds");
+        }
+        calls_made += PER_ROUND;
+        if !postgres || app.metric("dmpay_ledger_hot_batches_total").await > 0.0 {
+            break;
+        }
+    }
+    let hot = app.metric("dmpay_ledger_hot_batches_total").await;
+    if postgres {
+        assert!(hot > 0.0, "{calls_made} calls on one seller made no hot batch");
+    } else {
+        assert_eq!(hot, 0.0);
+    }
+    let (purchases, sends) = (calls_made.div_ceil(2) as i64, (calls_made / 2) as i64);
+    assert_eq!(get_listing(&app, &listing.listing_id).await.sold, purchases);
+    assert_eq!(app.count("purchases").await, purchases);
+    let b = seller_balance(&app, "seller").await;
+    assert_eq!(amt(&b.pending), format!("{:.2}", purchases as f64 * 1.90), "price less the 5% commission");
+    assert_eq!(amt(&app.wallet("seller").await.available), format!("{sends}.00"));
+    for (i, fan) in fans[..calls_made].iter().enumerate() {
+        let left = if i % 2 == 0 { "8.00" } else { "9.00" };
+        assert_eq!(amt(&app.wallet(fan).await.available), left, "{fan}");
+    }
+    let count = |sql: &'static str| {
+        let db = app.db.clone();
+        async move { dmpay::with_db!(&db, pool => sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await).unwrap() }
+    };
+    assert_eq!(count("SELECT COUNT(*) FROM payment_events WHERE event_type = 'purchase.completed'").await, purchases);
+    assert_eq!(count("SELECT COUNT(*) FROM payment_events WHERE event_type = 'payment.settled'").await, sends);
+    assert_eq!(
+        count("SELECT MAX(sequence) - MIN(sequence) + 1 - COUNT(*) FROM payment_events").await,
+        0,
+        "the outbox sequence has no gap"
+    );
+    assert_books_balance(&app).await;
+}
+
 /// A purchase from the wallet alone (`BALANCE`), which never charges a card.
 async fn buy_from_wallet(
     app: &TestApp,
@@ -1006,6 +1073,7 @@ backend_tests!(
     purchase_events_reach_the_stream,
 );
 backend_fn_tests!(
+    a_burst_on_one_seller_is_booked_exactly,
     pending_becomes_available_after_the_hold,
     a_crash_mid_tab_is_finished_once,
     a_stalled_refund_is_finished_by_one_attempt,

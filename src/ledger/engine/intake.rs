@@ -84,6 +84,14 @@ impl InFlight {
     }
 }
 
+/// A batch as gathered.
+pub(crate) struct Gathered {
+    pub commands: Vec<Command>,
+    /// The batch's first command touches a hot account: the batch waited for that
+    /// account's batch in flight, and runs alone on it (`gather_while_busy`).
+    pub hot: bool,
+}
+
 impl Intake {
     pub(crate) fn new(rx: mpsc::Receiver<Command>) -> Self {
         Intake { rx, deferred: VecDeque::new() }
@@ -97,7 +105,7 @@ impl Intake {
         config: &EngineConfig,
         in_flight: &InFlight,
         stop: &mut watch::Receiver<bool>,
-    ) -> Option<Vec<Command>> {
+    ) -> Option<Gathered> {
         if *stop.borrow() {
             self.rx.close();
         }
@@ -151,7 +159,7 @@ impl Intake {
                 batch.push(cmd);
             }
         }
-        Some(batch)
+        Some(Gathered { commands: batch, hot: !hot.is_empty() })
     }
 
     /// Adds what the queue brings to `batch` until no batch in flight holds any of the
@@ -262,11 +270,11 @@ mod tests {
     async fn calls_touching_a_busy_wallet_wait_for_the_next_batch_and_lead_it() {
         let (mut intake, busy, _answers) = setup(&[(3, 4), (1, 5), (6, 7), (8, 2)], &[1, 2]).await;
         let (_stop_tx, mut stop) = watch::channel(false);
-        let first = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
+        let first = intake.gather(&config(), &busy, &mut stop).await.expect("a batch").commands;
         assert_eq!(pairs(&first), vec![vec![3, 4], vec![6, 7]], "the batch takes only the calls on idle wallets");
         // The in-flight batch ends; the set-aside calls go first, in their order.
         busy.leave(&[1, 2]);
-        let second = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
+        let second = intake.gather(&config(), &busy, &mut stop).await.expect("a batch").commands;
         assert_eq!(pairs(&second), vec![vec![1, 5], vec![8, 2]]);
     }
 
@@ -274,10 +282,10 @@ mod tests {
     async fn set_aside_calls_are_never_set_aside_twice() {
         let (mut intake, busy, _answers) = setup(&[(3, 4), (1, 5)], &[1]).await;
         let (_stop_tx, mut stop) = watch::channel(false);
-        let first = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
+        let first = intake.gather(&config(), &busy, &mut stop).await.expect("a batch").commands;
         assert_eq!(pairs(&first), vec![vec![3, 4]]);
         // Account 1 is still busy (another batch took it): the call goes anyway.
-        let second = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
+        let second = intake.gather(&config(), &busy, &mut stop).await.expect("a batch").commands;
         assert_eq!(pairs(&second), vec![vec![1, 5]]);
     }
 
@@ -286,7 +294,7 @@ mod tests {
         // A live stream: every payment credits the busy seller (9), including the first.
         let (mut intake, busy, _answers) = setup(&[(1, 9), (2, 9), (3, 4)], &[9]).await;
         let (_stop_tx, mut stop) = watch::channel(false);
-        let batch = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
+        let batch = intake.gather(&config(), &busy, &mut stop).await.expect("a batch").commands;
         assert_eq!(pairs(&batch), vec![vec![1, 9], vec![2, 9], vec![3, 4]]);
         assert!(intake.deferred.is_empty());
     }
@@ -325,7 +333,8 @@ mod tests {
         assert!(!gathering.is_finished());
         in_flight.leave(&[9, 9, 9, 9]);
         let batch = gathering.await.expect("gather").expect("a batch");
-        assert_eq!(pairs(&batch), vec![vec![1, 9], vec![2, 9], vec![3, 4]]);
+        assert!(batch.hot, "the seller's account is hot");
+        assert_eq!(pairs(&batch.commands), vec![vec![1, 9], vec![2, 9], vec![3, 4]]);
         drop(answers);
     }
 
@@ -334,7 +343,7 @@ mod tests {
         let (mut intake, in_flight, tx, _answer) = setup_open((1, 9), &[9; HOT_COMMANDS_MIN as usize]).await;
         let (_stop_tx, mut stop) = watch::channel(false);
         let config = EngineConfig { batch_timeout: Duration::from_millis(20), ..config() };
-        let batch = intake.gather(&config, &in_flight, &mut stop).await.expect("a batch");
+        let batch = intake.gather(&config, &in_flight, &mut stop).await.expect("a batch").commands;
         assert_eq!(pairs(&batch), vec![vec![1, 9]], "the batch goes while the account is still busy");
         drop(tx);
     }
@@ -351,7 +360,8 @@ mod tests {
             .await
             .expect("the batch goes without waiting for the one in flight")
             .expect("a batch");
-        assert_eq!(pairs(&batch), vec![vec![1, 5]]);
+        assert!(!batch.hot, "a wallet one command in flight touches is not hot");
+        assert_eq!(pairs(&batch.commands), vec![vec![1, 5]]);
         drop(tx);
     }
 
@@ -359,7 +369,7 @@ mod tests {
     async fn nothing_is_set_aside_when_no_batch_is_in_flight() {
         let (mut intake, busy, _answers) = setup(&[(1, 2), (2, 3), (3, 4)], &[]).await;
         let (_stop_tx, mut stop) = watch::channel(false);
-        let batch = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
+        let batch = intake.gather(&config(), &busy, &mut stop).await.expect("a batch").commands;
         assert_eq!(batch.len(), 3);
     }
 
@@ -367,10 +377,10 @@ mod tests {
     async fn set_aside_calls_are_drained_at_shutdown() {
         let (mut intake, busy, _answers) = setup(&[(3, 4), (1, 5)], &[1]).await;
         let (stop_tx, mut stop) = watch::channel(false);
-        let first = intake.gather(&config(), &busy, &mut stop).await.expect("a batch");
+        let first = intake.gather(&config(), &busy, &mut stop).await.expect("a batch").commands;
         assert_eq!(first.len(), 1);
         stop_tx.send(true).expect("stop");
-        let second = intake.gather(&config(), &busy, &mut stop).await.expect("the set-aside call");
+        let second = intake.gather(&config(), &busy, &mut stop).await.expect("the set-aside call").commands;
         assert_eq!(pairs(&second), vec![vec![1, 5]]);
         assert!(intake.gather(&config(), &busy, &mut stop).await.is_none(), "then the engine stops");
     }

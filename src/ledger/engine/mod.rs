@@ -236,16 +236,20 @@ struct Worker {
 impl Worker {
     async fn run(mut self) {
         loop {
-            let (batch, accounts) = {
+            let (batch, accounts, hot) = {
                 // One worker gathers at a time, so batches stay as large as the load
                 // allows; the others commit meanwhile.
                 let intake = self.intake.clone();
                 let mut intake = intake.lock().await;
-                let Some(batch) = intake.gather(&self.config, &self.in_flight, &mut self.stop).await else { return };
+                let Some(intake::Gathered { commands: batch, hot }) =
+                    intake.gather(&self.config, &self.in_flight, &mut self.stop).await
+                else {
+                    return;
+                };
                 // Registered while the intake is held, before the next worker gathers.
                 let accounts: Vec<i64> = batch.iter().flat_map(Command::account_ids).collect();
                 self.in_flight.enter(&accounts);
-                (batch, accounts)
+                (batch, accounts, hot)
             };
             let size = batch.len();
             // Handed back to the hook once every command of the batch is answered.
@@ -268,6 +272,9 @@ impl Worker {
             let elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             self.stats.batches.fetch_add(1, Ordering::Relaxed);
             self.stats.commands.fetch_add(size as u64, Ordering::Relaxed);
+            if hot {
+                self.stats.hot_batches.fetch_add(1, Ordering::Relaxed);
+            }
             self.stats.busy_us.fetch_add(elapsed_us, Ordering::Relaxed);
             tracing::trace!(size, elapsed_us, "ledger batch");
             self.in_flight.leave(&accounts);

@@ -23,18 +23,22 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use base64::Engine as _;
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody};
-use prost::Message as _;
-use prost_reflect::{DynamicMessage, MessageDescriptor, MethodDescriptor, SerializeOptions};
+use prost_reflect::MethodDescriptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt as _;
 use tonic::body::Body;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
+
+mod codec;
+mod errors;
+pub(crate) use codec::to_json;
+use codec::{end_of_stream, envelope, from_proto, next_frame, to_proto, Codec};
+use errors::error_response;
 
 /// Bytes of request bodies this layer may hold at once, read before the services (and
 /// so before authentication) see the call: a bound on what unauthenticated callers can
@@ -80,13 +84,6 @@ impl<S> Layer<S> for ConnectLayer {
 pub struct Connect<S> {
     inner: S,
     settings: ConnectLayer,
-}
-
-/// How a request's messages are encoded.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Codec {
-    Json,
-    Proto,
 }
 
 /// What a request this layer serves is, from its method, path and content type (every
@@ -237,49 +234,6 @@ async fn read_body(body: Body, size_max: usize, budget: &tokio::sync::Semaphore)
     }
 }
 
-/// A message of `desc` from the request's encoding, as protobuf bytes.
-fn to_proto(desc: &MessageDescriptor, codec: Codec, bytes: &[u8]) -> Result<Bytes, Status> {
-    match codec {
-        Codec::Proto => Ok(Bytes::copy_from_slice(bytes)),
-        Codec::Json => {
-            let mut de = serde_json::Deserializer::from_slice(bytes);
-            let msg = DynamicMessage::deserialize(desc.clone(), &mut de)
-                .and_then(|m| de.end().map(|()| m))
-                .map_err(|e| Status::invalid_argument(format!("the request is not a JSON {}: {e}", desc.name())))?;
-            Ok(Bytes::from(msg.encode_to_vec()))
-        }
-    }
-}
-
-/// A message of `desc` in the client's encoding.
-fn from_proto(desc: &MessageDescriptor, codec: Codec, bytes: Bytes) -> Result<Bytes, Status> {
-    match codec {
-        Codec::Proto => Ok(bytes),
-        Codec::Json => {
-            let msg = DynamicMessage::decode(desc.clone(), bytes)
-                .map_err(|e| Status::internal(format!("an answer did not decode: {e}")))?;
-            to_json(&msg).map(Bytes::from)
-        }
-    }
-}
-
-pub(crate) fn to_json(msg: &DynamicMessage) -> Result<Vec<u8>, Status> {
-    let mut out = Vec::new();
-    let mut ser = serde_json::Serializer::new(&mut out);
-    msg.serialize_with_options(&mut ser, &SerializeOptions::new().use_proto_field_name(true))
-        .map_err(|e| Status::internal(format!("an answer did not encode as JSON: {e}")))?;
-    Ok(out)
-}
-
-/// A length-prefixed message (gRPC's frame and Connect's envelope share the layout).
-fn envelope(flags: u8, message: &[u8]) -> Bytes {
-    let mut buf = BytesMut::with_capacity(5 + message.len());
-    buf.put_u8(flags);
-    buf.put_u32(u32::try_from(message.len()).unwrap_or(u32::MAX));
-    buf.put_slice(message);
-    buf.freeze()
-}
-
 /// The client's `connect-timeout-ms`, at most about a day.
 fn timeout_of(headers: &HeaderMap) -> Option<u64> {
     headers
@@ -320,19 +274,6 @@ fn grpc_request(parts: http::request::Parts, message: Bytes) -> Request<Body> {
 /// The gRPC status of an answer: in its headers (a trailers-only answer) or trailers.
 fn status_of(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> Option<Status> {
     Status::from_header_map(headers).or_else(|| trailers.and_then(Status::from_header_map))
-}
-
-/// Splits whole gRPC frames off the front of `buf`.
-fn next_frame(buf: &mut BytesMut) -> Option<Bytes> {
-    if buf.len() < 5 {
-        return None;
-    }
-    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-    if buf.len() < 5 + len {
-        return None;
-    }
-    buf.advance(5);
-    Some(buf.split_to(len).freeze())
 }
 
 async fn unary<S>(
@@ -491,95 +432,6 @@ where
     Ok(resp)
 }
 
-/// Connect's end-of-stream envelope (flag 2): `{}`, or `{"error": ...}`.
-fn end_of_stream(status: Option<&Status>) -> Bytes {
-    let body = match status {
-        Some(s) => serde_json::json!({ "error": error_json(s) }),
-        None => serde_json::json!({}),
-    };
-    envelope(2, body.to_string().as_bytes())
-}
-
-/// Connect's name of a gRPC code.
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "ok",
-        Code::Cancelled => "canceled",
-        Code::Unknown => "unknown",
-        Code::InvalidArgument => "invalid_argument",
-        Code::DeadlineExceeded => "deadline_exceeded",
-        Code::NotFound => "not_found",
-        Code::AlreadyExists => "already_exists",
-        Code::PermissionDenied => "permission_denied",
-        Code::ResourceExhausted => "resource_exhausted",
-        Code::FailedPrecondition => "failed_precondition",
-        Code::Aborted => "aborted",
-        Code::OutOfRange => "out_of_range",
-        Code::Unimplemented => "unimplemented",
-        Code::Internal => "internal",
-        Code::Unavailable => "unavailable",
-        Code::DataLoss => "data_loss",
-        Code::Unauthenticated => "unauthenticated",
-    }
-}
-
-/// The HTTP status of a unary error, as the Connect protocol maps codes.
-fn http_status(code: Code) -> StatusCode {
-    match code {
-        Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
-        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => StatusCode::BAD_REQUEST,
-        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        Code::NotFound => StatusCode::NOT_FOUND,
-        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
-        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
-        Code::PermissionDenied => StatusCode::FORBIDDEN,
-        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-/// Connect's error object: code, message and each `google.rpc` detail, both as Connect
-/// sends it (type and base64 value) and decoded (`debug`) for people reading JSON.
-fn error_json(status: &Status) -> serde_json::Value {
-    let mut out = serde_json::json!({ "code": code_name(status.code()), "message": status.message() });
-    let details = tonic_types::pb::Status::decode(status.details()).map(|s| s.details).unwrap_or_default();
-    if !details.is_empty() {
-        let pool = super::descriptors::pool();
-        let items: Vec<serde_json::Value> = details
-            .iter()
-            .map(|any| {
-                let type_name = any.type_url.rsplit('/').next().unwrap_or(&any.type_url).to_owned();
-                let mut item = serde_json::json!({
-                    "type": type_name,
-                    "value": base64::engine::general_purpose::STANDARD_NO_PAD.encode(&any.value),
-                });
-                let debug = pool
-                    .get_message_by_name(&type_name)
-                    .and_then(|d| DynamicMessage::decode(d, any.value.as_slice()).ok())
-                    .and_then(|m| to_json(&m).ok())
-                    .and_then(|j| serde_json::from_slice::<serde_json::Value>(&j).ok());
-                if let Some(debug) = debug {
-                    item["debug"] = debug;
-                }
-                item
-            })
-            .collect();
-        out["details"] = serde_json::Value::Array(items);
-    }
-    out
-}
-
-/// A unary error: its HTTP status and Connect's error object.
-fn error_response(status: &Status) -> Response<Body> {
-    let body = error_json(status).to_string();
-    let mut resp = Response::new(Body::new(Full::new(Bytes::from(body))));
-    *resp.status_mut() = http_status(status.code());
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -610,28 +462,5 @@ mod tests {
         assert_eq!(kind_of(&req(Method::GET, "/demo", ""), true), Some(Kind::Demo));
         assert_eq!(kind_of(&req(Method::GET, "/demo/token?user=a", ""), true), Some(Kind::DemoToken));
         assert_eq!(kind_of(&req(Method::GET, "/demo", ""), false), None, "no demo outside development");
-    }
-
-    #[test]
-    fn frames_split_only_when_whole() {
-        let mut buf = BytesMut::new();
-        let e = envelope(0, b"hello");
-        buf.extend_from_slice(&e[..4]);
-        assert_eq!(next_frame(&mut buf), None);
-        buf.extend_from_slice(&e[4..]);
-        buf.extend_from_slice(&envelope(0, b"")[..]);
-        assert_eq!(next_frame(&mut buf).as_deref(), Some(&b"hello"[..]));
-        assert_eq!(next_frame(&mut buf).as_deref(), Some(&b""[..]));
-        assert!(buf.is_empty());
-    }
-
-    #[test]
-    fn errors_map_as_connect_says() {
-        assert_eq!(http_status(Code::NotFound), StatusCode::NOT_FOUND);
-        assert_eq!(http_status(Code::Unimplemented), StatusCode::NOT_IMPLEMENTED);
-        assert_eq!(http_status(Code::ResourceExhausted), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(code_name(Code::Cancelled), "canceled");
-        let j = error_json(&Status::invalid_argument("amount: must be positive"));
-        assert_eq!(j, serde_json::json!({"code": "invalid_argument", "message": "amount: must be positive"}));
     }
 }

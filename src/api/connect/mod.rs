@@ -276,6 +276,8 @@ fn status_of(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> Option<Status
     Status::from_header_map(headers).or_else(|| trailers.and_then(Status::from_header_map))
 }
 
+/// A unary call: the request's one message in, the answer's message (or Connect's error
+/// object, with the HTTP status its code maps to) out.
 async fn unary<S>(
     mut inner: S,
     req: Request<Body>,

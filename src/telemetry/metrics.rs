@@ -307,7 +307,7 @@ impl Collector for Collect {
             Self::single(
                 &mut encoder,
                 "dmpay_ledger_hot_batches",
-                "Batches that ran alone on a hot account (a live stream's seller)",
+                "Batches that gathered behind a hot account's batch (a live stream's seller)",
                 hot,
             )?;
             let busy = Value(MetricType::Counter, e.busy_us.load(Relaxed) as f64 / 1e6);

@@ -26,8 +26,8 @@ pub struct EngineStats {
     pub batches: std::sync::atomic::AtomicU64,
     /// Commands taken from the queue.
     pub commands: std::sync::atomic::AtomicU64,
-    /// Batches that ran alone on a hot account (a live stream's or a flash sale's
-    /// seller): each gathered calls until that account's batch in flight ended.
+    /// Batches whose first call touched a hot account (a live stream's or a flash
+    /// sale's seller): each gathered calls until that account's batch in flight ended.
     pub hot_batches: std::sync::atomic::AtomicU64,
     /// Time spent committing batches, microseconds, summed over workers.
     pub busy_us: std::sync::atomic::AtomicU64,

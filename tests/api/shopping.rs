@@ -207,8 +207,8 @@ async fn flash_sale_sells_exactly_k(app: TestApp) {
 }
 
 /// A live stream's burst on one seller, purchases and sends to them at once, runs on
-/// PostgreSQL as batches alone on the seller's hot account, which gather while the one
-/// in flight commits. Every purchase and send is booked once, with its one event, and
+/// PostgreSQL as hot-account batches, each gathering calls while the seller's batch in
+/// flight commits. Every purchase and send is booked once, with its one event, and
 /// the outbox sequence has no gap. SQLite's one worker never has a batch in flight while
 /// it gathers, so none of its batches is hot.
 async fn a_burst_on_one_seller_is_booked_exactly(backend: Backend) {

@@ -87,8 +87,8 @@ impl InFlight {
 /// A batch as gathered.
 pub(crate) struct Gathered {
     pub commands: Vec<Command>,
-    /// The batch's first command touches a hot account: the batch waited for that
-    /// account's batch in flight, and runs alone on it (`gather_while_busy`).
+    /// The batch's first command touches a hot account: the batch gathered calls until
+    /// that account's batch in flight ended (`gather_while_busy`), so it runs after it.
     pub hot: bool,
 }
 

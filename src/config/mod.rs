@@ -314,6 +314,7 @@ impl Config {
             payments_resolve_interval: s.duration("DMPAY_PAYMENTS_RESOLVE_INTERVAL", Duration::from_secs(2))?,
         };
         s.finish()?;
+        payments::check(&config.payments)?;
         if !(Duration::from_millis(100)..=Duration::from_secs(86_400)).contains(&config.payments_resolve_interval) {
             return Err(ConfigError::Invalid {
                 name: "DMPAY_PAYMENTS_RESOLVE_INTERVAL",

@@ -8,9 +8,7 @@ use crate::payments::model::{DisputeFeePayer, DisputeRecovery, TierLimits};
 use crate::payments::payouts::{PayoutLimits, PayoutsConfig};
 use crate::payments::PaymentsConfig;
 
-/// Reads the payments settings, each defaulting to `PaymentsConfig::default()`'s, and
-/// checks the bounds a range alone does not say (a fee's maximum above its minimum, a
-/// tab no longer than a card authorization lasts).
+/// Reads the payments settings, each defaulting to `PaymentsConfig::default()`'s.
 pub(super) fn load(s: &Settings<'_>) -> Result<PaymentsConfig, ConfigError> {
     let payments = PaymentsConfig::default();
     let payouts = payments.payouts.clone();
@@ -85,6 +83,13 @@ pub(super) fn load(s: &Settings<'_>) -> Result<PaymentsConfig, ConfigError> {
             tab_ttl_s: s.duration("DMPAY_SHOP_TAB_TTL", Duration::from_secs(shop.tab_ttl_s as u64))?.as_secs() as i64,
         },
     };
+    Ok(config)
+}
+
+/// The bounds a range alone does not say (a fee's maximum above its minimum, a tab no
+/// longer than a card authorization lasts); checked once every setting was read and
+/// none was unknown (`Settings::finish`), as the other settings' bounds are.
+pub(super) fn check(config: &PaymentsConfig) -> Result<(), ConfigError> {
     let payouts = &config.payouts;
     if payouts.instant_fee_max_minor < payouts.instant_fee_min_minor {
         return Err(ConfigError::Invalid {
@@ -104,5 +109,5 @@ pub(super) fn load(s: &Settings<'_>) -> Result<PaymentsConfig, ConfigError> {
     if payouts.instant_hold_s > 30 * 86_400 {
         return Err(ConfigError::Invalid { name: "DMPAY_PAYOUT_INSTANT_HOLD", detail: "at most 30 days".into() });
     }
-    Ok(config)
+    Ok(())
 }

@@ -57,6 +57,7 @@ use crate::kernel::page::Page;
 use crate::kernel::reason::Reason;
 use crate::ledger::{Direction, Ledger, NewEntry, Op, Outcome, Posting};
 use crate::store::Db;
+use crate::telemetry::ResolverStats;
 use crate::vault::Vault;
 
 /// The caller recorded on ledger entries and idempotency keys of payments.
@@ -111,6 +112,7 @@ pub struct Payments {
     debtors: Arc<disputes::Debtors>,
     /// What a purchase needs of its listing before the batch, kept briefly.
     listings: Arc<shop::ListingCache>,
+    resolver: Arc<ResolverStats>,
 }
 
 impl Payments {
@@ -137,7 +139,13 @@ impl Payments {
             hook,
             debtors: Arc::new(disputes::Debtors::default()),
             listings: Arc::new(shop::ListingCache::default()),
+            resolver: Arc::new(ResolverStats::default()),
         }
+    }
+
+    /// What the background resolver (`run_resolver`) has done, for the metrics.
+    pub fn resolver_stats(&self) -> &Arc<ResolverStats> {
+        &self.resolver
     }
 
     /// The hook registered with the engine, which holds the wallet sends in flight.
@@ -394,6 +402,7 @@ impl Payments {
                 Ok(n) => tracing::info!(applied = n, "applied processor notifications"),
                 Err(e) => tracing::warn!(error = %e, "processor notifications not applied yet; will retry"),
             }
+            self.resolver.passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 

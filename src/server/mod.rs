@@ -236,6 +236,7 @@ impl Application {
         ))
         .max_decoding_message_size(size_max)
         .max_encoding_message_size(size_max);
+        metrics.set_resolver(payments.resolver_stats().clone());
         tasks.push(tokio::spawn(payments.as_ref().clone().run_resolver(config.payments_resolve_interval)));
         tasks.push(tokio::spawn(maintenance::run(
             db.clone(),

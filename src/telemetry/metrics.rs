@@ -117,6 +117,7 @@ struct Inner {
     counters: Counters,
     db: OnceLock<Db>,
     engine: OnceLock<Arc<super::EngineStats>>,
+    resolver: OnceLock<Arc<super::ResolverStats>>,
     sandbox_in_production: AtomicBool,
 }
 
@@ -150,6 +151,7 @@ impl Metrics {
             counters: Counters::default(),
             db: OnceLock::new(),
             engine: OnceLock::new(),
+            resolver: OnceLock::new(),
             sandbox_in_production: AtomicBool::new(false),
         });
         let mut registry = Registry::default();
@@ -165,6 +167,11 @@ impl Metrics {
     /// The posting engine whose batches are reported.
     pub fn set_engine(&self, stats: Arc<super::EngineStats>) {
         let _ = self.inner.engine.set(stats);
+    }
+
+    /// The payments resolver's counters, read at each scrape.
+    pub fn set_resolver(&self, stats: Arc<super::ResolverStats>) {
+        let _ = self.inner.resolver.set(stats);
     }
 
     /// Reports that the sandbox processor serves in production.
@@ -312,6 +319,15 @@ impl Collector for Collect {
             )?;
             let busy = Value(MetricType::Counter, e.busy_us.load(Relaxed) as f64 / 1e6);
             Self::single(&mut encoder, "dmpay_ledger_batch_seconds", "Time spent in batch transactions", busy)?;
+        }
+        if let Some(r) = inner.resolver.get() {
+            let passes = Value(MetricType::Counter, r.passes.load(Relaxed) as f64);
+            Self::single(
+                &mut encoder,
+                "dmpay_payments_resolver_passes",
+                "Passes of the payments' background resolver finished",
+                passes,
+            )?;
         }
         if let Some(db) = inner.db.get() {
             let used = Value(MetricType::Gauge, f64::from(db.connections_in_use()));

@@ -33,6 +33,15 @@ pub struct EngineStats {
     pub busy_us: std::sync::atomic::AtomicU64,
 }
 
+/// What the payments' background resolver has done since the server started: the
+/// resolver adds to these, the metrics read them.
+#[derive(Debug, Default)]
+pub struct ResolverStats {
+    /// Passes finished. A pass runs every job once; a job that fails is logged and
+    /// tried again at the next pass, so a pass finishes either way.
+    pub passes: std::sync::atomic::AtomicU64,
+}
+
 /// The filter used when `RUST_LOG` is not set.
 pub const DEFAULT_FILTER: &str = "info,sqlx=warn,h2=warn";
 

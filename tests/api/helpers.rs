@@ -54,6 +54,22 @@ pub fn postgres_url() -> Option<String> {
     std::env::var("DMPAY_TEST_POSTGRES_URL").ok().filter(|s| !s.is_empty())
 }
 
+/// Waits for the server's background resolver to finish its first pass, which runs at
+/// once whatever the interval. Tests set the interval to a day so that the resolver
+/// stays out of the way, and assert what their own calls to its jobs did (say, that one
+/// processor notification was applied); a first pass still running behind a loaded
+/// machine would take that work from them.
+async fn resolver_started(payments: &dmpay::payments::Payments) {
+    let stats = payments.resolver_stats();
+    for _ in 0..3_000 {
+        if stats.passes.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the background resolver did not finish its first pass within 30 s");
+}
+
 impl TestApp {
     pub async fn spawn(backend: Backend) -> Option<TestApp> {
         Self::spawn_with(backend, &[]).await
@@ -132,6 +148,7 @@ impl TestApp {
             .connect()
             .await
             .expect("connect");
+        resolver_started(&payments_service).await;
         Some(TestApp {
             addr,
             metrics_addr,
@@ -167,6 +184,7 @@ impl TestApp {
             let _ = stop_rx.await;
         }));
         let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
+        resolver_started(&payments_service).await;
         TestApp {
             addr,
             metrics_addr,

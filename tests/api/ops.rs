@@ -63,6 +63,9 @@ async fn request_id_is_echoed_and_metrics_count_calls(app: TestApp) {
     assert!(body.contains("code=\"UNAUTHENTICATED\"} 1"), "{body}");
     assert!(body.contains("dmpay_grpc_call_seconds_bucket"), "{body}");
     assert!(body.contains("dmpay_db_connections_in_use"), "{body}");
+    // The resolver's first pass runs at start (the test server waits for it), and the
+    // next only a day later.
+    assert!(body.contains("dmpay_payments_resolver_passes_total 1.0\n"), "{body}");
 }
 
 async fn scrape(addr: std::net::SocketAddr) -> String {

@@ -13,7 +13,7 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
 
 use crate::backend_tests;
-use crate::helpers::{authed, pb, TestApp};
+use crate::helpers::{authed, pb, postgres_url, Backend, TestApp};
 
 async fn health_and_reflection_need_no_token(app: TestApp) {
     let mut health = HealthClient::new(app.channel.clone());
@@ -190,4 +190,29 @@ async fn startup_names_the_mode_the_database_and_a_taken_address() {
     assert!(warnings.iter().any(|w| w.contains("development vault keys")), "{warnings:?}");
     assert!(!log.contains(dmpay::config::DEV_JWT_SECRET), "the secret itself is never logged");
     drop(taken);
+}
+
+/// The session settings each PostgreSQL pool gives its connections (`store::PoolRole`):
+/// the engine's batches plan every statement as index probes, never as a sequential
+/// scan and never as a parallel plan, whose worker processes cost more than the
+/// batch's keyed reads; the other pool plans each execution afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_pools_set_their_planner_settings() {
+    let Some(url) = postgres_url() else {
+        assert!(TestApp::spawn(Backend::Postgres).await.is_none());
+        return;
+    };
+    let show = |db: dmpay::store::Db, setting: &'static str| async move {
+        let dmpay::store::Db::Postgres(pool) = &db else { panic!("a PostgreSQL pool") };
+        let value: String = sqlx::query_scalar(&format!("SHOW {setting}")).fetch_one(pool).await.expect("SHOW");
+        db.close().await;
+        value
+    };
+    let pool = |role| dmpay::store::Db::connect_role(&url, 1, Duration::from_secs(5), role);
+    let engine = || async { pool(dmpay::store::PoolRole::Engine).await.expect("engine pool") };
+    assert_eq!(show(engine().await, "enable_seqscan").await, "off");
+    assert_eq!(show(engine().await, "max_parallel_workers_per_gather").await, "0");
+    assert_eq!(show(engine().await, "plan_cache_mode").await, "auto");
+    let general = pool(dmpay::store::PoolRole::General).await.expect("general pool");
+    assert_eq!(show(general, "plan_cache_mode").await, "force_custom_plan");
 }

@@ -1777,8 +1777,8 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
         }
     }
 
-    // 4b. Payouts: each row belongs to one call, answered with it (or its failure), and
-    // none is left pending.
+    // 4b. Payouts: each row belongs to one call, answered with it (or its failure; a
+    // PENDING answer may end either way), and none is left pending.
     let payouts = payout_rows(db).await;
     let payout_by_key: HashMap<(&str, &str), &PayoutRow> =
         payouts.iter().map(|r| ((r.user_id.as_str(), r.idempotency_key.as_str()), r)).collect();
@@ -1789,7 +1789,13 @@ async fn check(ctx: &Ctx, db: &Db, server: &Server, calls: &[Call]) -> String {
         payout_calls.insert((user.to_owned(), req.idempotency_key.clone()));
         let row = payout_by_key.get(&(user, req.idempotency_key.as_str()));
         let ok = match (&c.outcome, row) {
-            (Outcome::Payout { id, .. }, Some(r)) => r.payout_id == *id && r.status != "failed",
+            // PENDING promises nothing yet: a retry of a call whose first attempt died
+            // with the server answers the row as it stands, before its hold, and the
+            // resolver may then find the wallet spent meanwhile (INSUFFICIENT_FUNDS) or
+            // the push declined.
+            (Outcome::Payout { id, status }, Some(r)) => {
+                r.payout_id == *id && (r.status != "failed" || *status == pb::PayoutStatus::Pending as i32)
+            }
             // A refusal before the row: a later attempt of the call made the row.
             (outcome @ Outcome::Error { reason, .. }, Some(r)) => {
                 wrote_nothing(&c.req, outcome) || (r.status == "failed" && r.failure_reason == *reason)

@@ -202,17 +202,20 @@ async fn postgres_pools_set_their_planner_settings() {
         assert!(TestApp::spawn(Backend::Postgres).await.is_none());
         return;
     };
-    let show = |db: dmpay::store::Db, setting: &'static str| async move {
-        let dmpay::store::Db::Postgres(pool) = &db else { panic!("a PostgreSQL pool") };
-        let value: String = sqlx::query_scalar(&format!("SHOW {setting}")).fetch_one(pool).await.expect("SHOW");
-        db.close().await;
-        value
-    };
     let pool = |role| dmpay::store::Db::connect_role(&url, 1, Duration::from_secs(5), role);
-    let engine = || async { pool(dmpay::store::PoolRole::Engine).await.expect("engine pool") };
-    assert_eq!(show(engine().await, "enable_seqscan").await, "off");
-    assert_eq!(show(engine().await, "max_parallel_workers_per_gather").await, "0");
-    assert_eq!(show(engine().await, "plan_cache_mode").await, "auto");
-    let general = pool(dmpay::store::PoolRole::General).await.expect("general pool");
-    assert_eq!(show(general, "plan_cache_mode").await, "force_custom_plan");
+    let (engine, general) = (
+        pool(dmpay::store::PoolRole::Engine).await.expect("engine pool"),
+        pool(dmpay::store::PoolRole::General).await.expect("general pool"),
+    );
+    let show = |db: &dmpay::store::Db, setting: &'static str| {
+        let dmpay::store::Db::Postgres(pool) = db else { panic!("a PostgreSQL pool") };
+        let pool = pool.clone();
+        async move { sqlx::query_scalar::<_, String>(&format!("SHOW {setting}")).fetch_one(&pool).await.expect("SHOW") }
+    };
+    assert_eq!(show(&engine, "enable_seqscan").await, "off");
+    assert_eq!(show(&engine, "max_parallel_workers_per_gather").await, "0");
+    assert_eq!(show(&engine, "plan_cache_mode").await, "auto");
+    assert_eq!(show(&general, "plan_cache_mode").await, "force_custom_plan");
+    engine.close().await;
+    general.close().await;
 }
